@@ -1,0 +1,36 @@
+"""chatkeep: the data layer of a real-time chat backend.
+
+PostgreSQL is the source of truth (users, rooms, memberships, messages, read state); Redis
+holds what is fast and fleeting (sessions, presence, typing, fan-out, rate limits, caches).
+"""
+
+from __future__ import annotations
+
+from chatkeep.config import Settings
+from chatkeep.errors import (
+    ChatkeepError,
+    ConfigurationError,
+    Conflict,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatkeepError",
+    "ConfigurationError",
+    "Conflict",
+    "InvalidInput",
+    "MigrationError",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "Settings",
+    "Unavailable",
+    "__version__",
+]

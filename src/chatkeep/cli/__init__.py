@@ -1,0 +1,53 @@
+"""The ``chatkeep`` command-line tool.
+
+Every command reads its settings from the environment (``DATABASE_URL``, ``REDIS_URL``,
+``CHATKEEP_*``); with none set it starts the embedded servers and keeps their data in
+``.chatkeep/``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from chatkeep import __version__
+from chatkeep.cli import migrate as migrate_cli
+from chatkeep.cli._common import setup_logging
+from chatkeep.cli.admin import doctor, schema_app, setup
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="chatkeep",
+    help="chatkeep: the data layer of a real-time chat backend (PostgreSQL + Redis).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(migrate_cli.app, name="migrate")
+app.add_typer(schema_app, name="schema")
+app.command()(setup)
+app.command()(doctor)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chatkeep {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    setup_logging(verbose)
+
+
+def main() -> None:
+    """Entry point of the ``chatkeep`` console script."""
+    app()

