@@ -1,0 +1,414 @@
+"""Read-through caches (user profiles, room membership) that degrade, never fail.
+
+:class:`ReadThroughCache` answers from Redis when it can and from its *loader* (an async
+callable reading PostgreSQL) when it cannot: a miss, or Redis being down. A cache outage
+therefore costs latency, never an error; it is logged once per outage, not per call.
+
+Fills are guarded by a *lease* so an invalidation is never undone by a slow reader: on a
+miss the reader puts a lease marker in the key (``SET NX``), loads, and writes the value
+only if its own lease is still there (compare-and-set in Lua). A write path that
+invalidates meanwhile deletes the lease, so the stale value it loaded is not stored.
+Readers that find someone else's lease simply load without filling. Invalidation itself
+never raises either: when Redis is down it returns ``False`` (and whatever was cached
+ages out with its TTL).
+
+The cache knows nothing about storage models: a loader is
+``Callable[[UUID], Awaitable[T | None]]`` and a :class:`Serializer` turns ``T`` into
+bytes and back (:class:`JsonSerializer` does it for any pydantic-compatible type).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Protocol, TypeVar
+from uuid import UUID
+
+from pydantic import TypeAdapter, ValidationError
+
+from chatkeep.errors import ChatkeepError, InvalidInput
+from chatkeep.realtime.client import RedisClient
+from chatkeep.realtime.clock import seconds
+
+__all__ = [
+    "CacheStats",
+    "JsonSerializer",
+    "Loader",
+    "ReadThroughCache",
+    "RoomMembersCache",
+    "Serializer",
+    "UserProfileCache",
+]
+
+logger = logging.getLogger("chatkeep.realtime.cache")
+
+T = TypeVar("T")
+
+_LEASE: Final = b"\x00lease:"
+_ABSENT: Final = b"\x00absent"
+
+# KEYS[1] entry. ARGV: lease value, lease ms. Returns the value, or nil after taking the
+# lease, or the lease marker of someone else (then: load without filling).
+_GET_OR_LEASE: Final = """
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS[1] entry. ARGV: our lease, value, ttl ms. Stores only if our lease survived.
+_FILL: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] entry. ARGV: our lease. Gives the lease up after a failed load.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Serializer(Protocol[T]):
+    """Turns cached values into bytes and back."""
+
+    def dumps(self, value: T) -> bytes:
+        """The bytes stored for ``value``."""
+        ...
+
+    def loads(self, data: bytes) -> T:
+        """The value stored as ``data`` (raise ``ValueError`` if unreadable)."""
+        ...
+
+
+class JsonSerializer(Generic[T]):
+    """JSON via pydantic, for models, dataclasses and containers (``frozenset[UUID]``).
+
+    Args:
+        type_: the type of the cached values.
+    """
+
+    def __init__(self, type_: type[T] | Any) -> None:
+        self._adapter: TypeAdapter[T] = TypeAdapter(type_)
+
+    def dumps(self, value: T) -> bytes:
+        """The JSON bytes of ``value``."""
+        return self._adapter.dump_json(value)
+
+    def loads(self, data: bytes) -> T:
+        """Parse and validate JSON bytes.
+
+        Raises:
+            ValueError: the bytes are not a valid value (for example an old format).
+        """
+        try:
+            return self._adapter.validate_json(data)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+Loader = Callable[[UUID], Awaitable[T | None]]
+"""Loads the current value from the source of truth; ``None`` if there is none."""
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters of one cache since it was made."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    fills: int = 0
+    errors: int = 0
+
+
+class ReadThroughCache(Generic[T]):
+    """A cache of ``T`` by UUID in front of ``loader``, with TTLs and invalidation.
+
+    Args:
+        client: the shared Redis connection.
+        namespace: the key namespace (``"user"`` gives ``cache:user:<id>``).
+        loader: reads the current value from PostgreSQL.
+        serializer: stores values as bytes.
+        ttl: how long a value is kept (bounds staleness if an invalidation is lost).
+        negative_ttl: how long "no such row" is remembered (0, the default: not at all).
+        lease_ttl: how long a miss holds its fill lease (longer than a slow load).
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        namespace: str,
+        *,
+        loader: Loader[T],
+        serializer: Serializer[T],
+        ttl: float = 300.0,
+        negative_ttl: float = 0.0,
+        lease_ttl: float = 5.0,
+    ) -> None:
+        client.keys.cache(namespace, "x")  # validates the namespace
+        if not callable(loader):
+            raise InvalidInput("loader", "must be an async callable")
+        self._client = client
+        self._namespace = namespace
+        self._loader = loader
+        self._serializer = serializer
+        self._ttl_ms = max(1, int(seconds(ttl, "ttl", maximum=7 * 86_400.0) * 1000))
+        self._negative_ms = (
+            0
+            if negative_ttl == 0
+            else int(seconds(negative_ttl, "negative_ttl", maximum=86_400.0) * 1000)
+        )
+        self._lease_ms = max(1, int(seconds(lease_ttl, "lease_ttl", maximum=600.0) * 1000))
+        self._get_or_lease = client.script(_GET_OR_LEASE)
+        self._fill = client.script(_FILL)
+        self._release = client.script(_RELEASE)
+        self._degraded = False
+        self.stats = CacheStats()
+
+    @property
+    def namespace(self) -> str:
+        """The key namespace of this cache."""
+        return self._namespace
+
+    def key(self, ident: UUID) -> str:
+        """The Redis key of ``ident``'s entry."""
+        if not isinstance(ident, UUID):
+            raise InvalidInput("id", "must be a UUID")
+        return self._client.keys.cache(self._namespace, str(ident))
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if not self._degraded:
+            self._degraded = True
+            logger.warning(
+                "cache %s degraded to its loader: %s failed (%s)",
+                self._namespace,
+                operation,
+                exc,
+            )
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            logger.info("cache %s is served by redis again", self._namespace)
+
+    async def get(self, ident: UUID) -> T | None:
+        """The value for ``ident``: from Redis, else from the loader (then cached).
+
+        Raises:
+            InvalidInput: ``ident`` is not a UUID.
+            Whatever the loader raises (a cache failure never raises).
+        """
+        key = self.key(ident)
+        lease = _LEASE + secrets.token_bytes(12)
+        try:
+            with self._client.guard("cache.get"):
+                found = await self._get_or_lease(keys=[key], args=[lease, self._lease_ms])
+        except ChatkeepError as exc:
+            self._failed("get", exc)
+            return await self._load(ident)
+        self._recovered()
+        if found is not None:
+            if found.startswith(_LEASE):
+                # Someone else is filling: answer from the loader, leave the fill to them.
+                self.stats.misses += 1
+                return await self._load(ident)
+            hit, value = self._decode(found)
+            if hit:
+                self.stats.hits += 1
+                return value
+            # An unreadable entry (an older format): replace it under our own lease.
+            if not await self._retake_lease(key, lease):
+                self.stats.misses += 1
+                return await self._load(ident)
+        self.stats.misses += 1
+        try:
+            value = await self._load(ident)
+        except BaseException:
+            await self._give_back(key, lease)
+            raise
+        await self._store(key, lease, value)
+        return value
+
+    def _decode(self, data: bytes) -> tuple[bool, T | None]:
+        if data == _ABSENT:
+            return True, None
+        try:
+            return True, self._serializer.loads(data)
+        except ValueError:
+            logger.warning("cache %s: dropped an unreadable entry", self._namespace)
+            return False, None
+
+    async def _retake_lease(self, key: str, lease: bytes) -> bool:
+        try:
+            with self._client.guard("cache.get"):
+                await self._client.redis.set(key, lease, px=self._lease_ms)
+        except ChatkeepError as exc:
+            self._failed("get", exc)
+            return False
+        return True
+
+    async def _load(self, ident: UUID) -> T | None:
+        self.stats.loads += 1
+        return await self._loader(ident)
+
+    async def _store(self, key: str, lease: bytes, value: T | None) -> None:
+        if value is None:
+            if not self._negative_ms:
+                await self._give_back(key, lease)
+                return
+            data, ttl = _ABSENT, self._negative_ms
+        else:
+            data, ttl = self._serializer.dumps(value), self._ttl_ms
+        try:
+            with self._client.guard("cache.fill"):
+                if await self._fill(keys=[key], args=[lease, data, ttl]):
+                    self.stats.fills += 1
+        except ChatkeepError as exc:
+            self._failed("fill", exc)
+
+    async def _give_back(self, key: str, lease: bytes) -> None:
+        try:
+            with self._client.guard("cache.release"):
+                await asyncio.shield(self._release(keys=[key], args=[lease]))
+        except ChatkeepError as exc:
+            self._failed("release", exc)
+
+    async def get_many(self, idents: Iterable[UUID]) -> dict[UUID, T]:
+        """Values for many ids (one round trip for the hits); absent ids are left out.
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+            Whatever the loader raises.
+        """
+        ids = list(dict.fromkeys(idents))
+        keys = [self.key(ident) for ident in ids]
+        found: list[bytes | None] = [None] * len(ids)
+        if ids:
+            try:
+                with self._client.guard("cache.get_many"):
+                    pipe = self._client.pipeline()
+                    for key in keys:
+                        pipe.get(key)
+                    found = list(await pipe.execute())
+                self._recovered()
+            except ChatkeepError as exc:
+                self._failed("get_many", exc)
+        result: dict[UUID, T] = {}
+        missing: list[UUID] = []
+        for ident, data in zip(ids, found, strict=True):
+            if data is None or data.startswith(_LEASE):
+                missing.append(ident)
+                continue
+            hit, value = self._decode(data)
+            if not hit:
+                missing.append(ident)
+                continue
+            self.stats.hits += 1
+            if value is not None:
+                result[ident] = value
+        loaded = await asyncio.gather(*(self.get(ident) for ident in missing))
+        for ident, value in zip(missing, loaded, strict=True):
+            if value is not None:
+                result[ident] = value
+        return result
+
+    async def invalidate(self, *idents: UUID) -> bool:
+        """Drop the entries of ``idents`` (call after every write that changes them).
+
+        Returns:
+            ``True`` if Redis took the deletion; ``False`` if it is down (entries then
+            expire with their TTL). Never raises for Redis errors.
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+        """
+        keys = [self.key(ident) for ident in idents]
+        if not keys:
+            return True
+        try:
+            with self._client.guard("cache.invalidate"):
+                pipe = self._client.pipeline()
+                for key in keys:
+                    pipe.delete(key)
+                await pipe.execute()
+        except ChatkeepError as exc:
+            self._failed("invalidate", exc)
+            return False
+        self._recovered()
+        return True
+
+
+class RoomMembersCache:
+    """The member ids of each room, cached (``cache:room_members:{roomId}``).
+
+    Args:
+        client: the shared Redis connection.
+        loader: returns the member ids of a room from PostgreSQL (``None`` if no room).
+        ttl: how long a member list is kept (default 60 s).
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        loader: Loader[frozenset[UUID]],
+        *,
+        ttl: float = 60.0,
+    ) -> None:
+        self._cache: ReadThroughCache[frozenset[UUID]] = ReadThroughCache(
+            client,
+            "room_members",
+            loader=loader,
+            serializer=JsonSerializer(frozenset[UUID]),
+            ttl=ttl,
+        )
+
+    @property
+    def cache(self) -> ReadThroughCache[frozenset[UUID]]:
+        """The underlying cache (for stats)."""
+        return self._cache
+
+    async def members(self, room_id: UUID) -> frozenset[UUID]:
+        """The member ids of ``room_id`` (empty if the room does not exist)."""
+        found = await self._cache.get(room_id)
+        return found if found is not None else frozenset()
+
+    async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
+        """Whether ``user_id`` is a member of ``room_id``."""
+        return user_id in await self.members(room_id)
+
+    async def invalidate(self, *room_ids: UUID) -> bool:
+        """Drop the cached member lists (after a join, leave or removal)."""
+        return await self._cache.invalidate(*room_ids)
+
+
+class UserProfileCache(ReadThroughCache[T]):
+    """User profiles by user id, cached (``cache:user:{userId}``).
+
+    Args:
+        client: the shared Redis connection.
+        loader: reads a user's profile from PostgreSQL (``None`` if there is none).
+        serializer: stores profiles as bytes (``JsonSerializer(User)``).
+        ttl: how long a profile is kept (default 5 minutes).
+        negative_ttl: how long "no such user" is remembered (default: not at all).
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        loader: Loader[T],
+        serializer: Serializer[T],
+        *,
+        ttl: float = 300.0,
+        negative_ttl: float = 0.0,
+    ) -> None:
+        super().__init__(
+            client, "user", loader=loader, serializer=serializer, ttl=ttl, negative_ttl=negative_ttl
+        )

@@ -1,0 +1,752 @@
+"""The Redis connection: pooling, retries, timeouts, health, and a self-healing pub/sub.
+
+:class:`RedisClient` owns two things:
+
+* a bounded pool of command connections (redis-py asyncio with the hiredis parser) whose
+  commands are retried by redis-py's own :class:`~redis.asyncio.retry.Retry` with
+  :class:`~redis.backoff.ExponentialWithJitterBackoff`, only on connection and timeout
+  errors; a ``WRONGTYPE`` or script error is a bug, and retrying it would only hide it;
+* one separate pub/sub connection shared by every :class:`ChannelSubscription`. When that
+  connection drops, a background task reconnects with jittered exponential backoff,
+  subscribes every channel again, and then puts a :class:`SubscriptionGap` into each
+  subscription: messages published while it was away are lost (pub/sub does not queue),
+  so the subscriber must catch up from PostgreSQL. The gap is announced only *after* the
+  channels are subscribed again, so a catch-up that starts on the notice cannot miss a
+  message published in between.
+
+Every redis-py error is translated at this boundary (:func:`translate_error`): connection
+and timeout problems become :class:`~chatkeep.errors.Unavailable`, wrong credentials
+:class:`~chatkeep.errors.ConfigurationError`, always chained with ``from exc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, NoReturn, Self
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+
+from chatkeep.config import Settings, redact_url
+from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
+from chatkeep.realtime.keys import KeySpace
+
+__all__ = [
+    "ChannelSubscription",
+    "PubSubMessage",
+    "RedisClient",
+    "RedisHealth",
+    "SubscriptionGap",
+    "translate_error",
+]
+
+logger = logging.getLogger("chatkeep.realtime")
+
+DEFAULT_SOCKET_TIMEOUT: Final = 5.0
+DEFAULT_QUEUE_SIZE: Final = 10_000
+
+# Errors that mean "the store cannot serve now": worth an Unavailable, not a bug report.
+_UNAVAILABLE_RESPONSES: Final = (
+    rex.ReadOnlyError,
+    rex.OutOfMemoryError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+)
+_CREDENTIAL_ERRORS: Final = (
+    rex.AuthenticationError,
+    rex.AuthorizationError,
+    rex.NoPermissionError,
+)
+
+
+def translate_error(exc: BaseException, operation: str) -> ChatkeepError:
+    """Map a redis-py (or socket) error to the chatkeep exception callers see.
+
+    Args:
+        exc: the error raised by redis-py or the socket layer.
+        operation: what was being done (``"sessions.create"``), for the message.
+
+    Returns:
+        ``ConfigurationError`` for rejected credentials, ``Unavailable`` for connection,
+        timeout, loading, read-only and out-of-memory conditions, ``ChatkeepError`` for
+        anything else (a bug or a misconfigured server). The caller raises it ``from exc``.
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, _CREDENTIAL_ERRORS):
+        return ConfigurationError(
+            f"redis refused the credentials during {operation} ({kind}); check REDIS_URL",
+            field="redis_url",
+        )
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        return Unavailable(f"redis unavailable during {operation}: {kind}: {exc}")
+    if isinstance(exc, _UNAVAILABLE_RESPONSES):
+        return Unavailable(f"redis cannot serve {operation}: {kind}: {exc}")
+    return ChatkeepError(f"redis failed {operation}: {kind}: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisHealth:
+    """Result of :meth:`RedisClient.health`.
+
+    Attributes:
+        ok: the server answered ``PING``.
+        latency_ms: round-trip time of the ping, if it answered.
+        error: why it did not answer (no secrets), if it did not.
+    """
+
+    ok: bool
+    latency_ms: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PubSubMessage:
+    """One message received on a subscribed channel."""
+
+    channel: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionGap:
+    """Messages on ``channels`` may have been missed: catch up from the source of truth.
+
+    Attributes:
+        channels: the subscription's channels that the gap concerns.
+        reason: ``"reconnected"`` after the pub/sub connection was lost and restored;
+            ``"overflow"`` when the subscriber fell so far behind that its queue was
+            dropped.
+        since: wall-clock time (seconds since the epoch) when the gap began.
+    """
+
+    channels: frozenset[str]
+    reason: Literal["reconnected", "overflow"]
+    since: float
+
+
+class ChannelSubscription:
+    """A live subscription to some channels; iterate it for messages and gap notices.
+
+    Made by :meth:`RedisClient.subscribe`. Use it as an async context manager (or call
+    :meth:`aclose`) so its channels are released::
+
+        async with client.subscribe("room:1:events") as sub:
+            async for item in sub:
+                if isinstance(item, SubscriptionGap):
+                    ...  # catch up from PostgreSQL
+                else:
+                    handle(item.data)
+    """
+
+    def __init__(self, hub: _PubSubHub, maxsize: int) -> None:
+        self._hub = hub
+        self._queue: asyncio.Queue[PubSubMessage | SubscriptionGap | None] = asyncio.Queue(maxsize)
+        self._channels: set[str] = set()
+        self._closed = False
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """The channels this subscription listens to."""
+        return frozenset(self._channels)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has run."""
+        return self._closed
+
+    async def add(self, *channels: str) -> None:
+        """Listen to more channels; returns once Redis confirmed the subscription.
+
+        Raises:
+            Unavailable: Redis could not be reached (nothing was added).
+        """
+        self._check_open()
+        await self._hub.attach(self, _channel_names(channels))
+
+    async def remove(self, *channels: str) -> None:
+        """Stop listening to ``channels`` (unknown ones are ignored)."""
+        await self._hub.detach(self, _channel_names(channels))
+
+    async def get(self) -> PubSubMessage | SubscriptionGap | None:
+        """The next message or gap notice (waiting for it); ``None`` once closed.
+
+        Bound the wait with ``asyncio.timeout`` if needed.
+        """
+        if self._closed and self._queue.empty():
+            return None
+        return await self._queue.get()
+
+    def __aiter__(self) -> AsyncIterator[PubSubMessage | SubscriptionGap]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[PubSubMessage | SubscriptionGap]:
+        while True:
+            item = await self.get()
+            if item is None:
+                return
+            yield item
+
+    async def aclose(self) -> None:
+        """Unsubscribe every channel and end iteration."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._hub.detach(self, frozenset(self._channels))
+        self._put(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInput("subscription", "is closed")
+
+    def _put(self, item: PubSubMessage | SubscriptionGap | None) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # A subscriber this far behind has lost messages either way: drop the backlog
+            # and tell it to catch up, instead of growing without bound.
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            gap = SubscriptionGap(self.channels, "overflow", time.time())
+            logger.warning("pub/sub subscriber fell behind; dropped its backlog")
+            self._queue.put_nowait(gap)
+            if item is None:
+                self._queue.put_nowait(item)
+
+
+def _channel_names(channels: Iterable[str]) -> frozenset[str]:
+    names = frozenset(channels)
+    if not names:
+        raise InvalidInput("channels", "must name at least one channel")
+    for name in names:
+        if not isinstance(name, str) or not name or len(name) > 512:
+            raise InvalidInput("channels", "each channel must be a string of 1 to 512 chars")
+    return names
+
+
+class _PubSubHub:
+    """The one pub/sub connection of a client, shared by every subscription."""
+
+    def __init__(
+        self,
+        make_pubsub: Any,
+        *,
+        backoff: AbstractBackoff,
+        confirm_timeout: float,
+        ping_interval: float,
+    ) -> None:
+        self._make_pubsub = make_pubsub
+        self._backoff = backoff
+        self._confirm_timeout = confirm_timeout
+        self._ping_interval = ping_interval
+        self._subs: dict[str, set[ChannelSubscription]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._resubscribing: set[str] = set()
+        self._gap_since: float | None = None
+        self._connected = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def attach(self, sub: ChannelSubscription, channels: frozenset[str]) -> None:
+        async with self._lock:
+            new = [name for name in channels if name not in self._subs]
+            for name in channels:
+                self._subs.setdefault(name, set()).add(sub)
+            sub._channels.update(channels)
+            try:
+                if new:
+                    await self._subscribe_confirmed(new)
+            except BaseException:
+                self._forget(sub, channels)
+                raise
+
+    async def detach(self, sub: ChannelSubscription, channels: frozenset[str]) -> None:
+        async with self._lock:
+            gone = self._forget(sub, channels)
+            if gone and self._pubsub is not None and self.connected:
+                try:
+                    await self._pubsub.unsubscribe(*gone)
+                except (rex.RedisError, OSError):
+                    # The reconnect path subscribes only registered channels, so a lost
+                    # UNSUBSCRIBE costs nothing but stray messages that nobody receives.
+                    logger.debug("pub/sub unsubscribe failed; ignored", exc_info=True)
+
+    def _forget(self, sub: ChannelSubscription, channels: Iterable[str]) -> list[str]:
+        gone: list[str] = []
+        for name in channels:
+            sub._channels.discard(name)
+            holders = self._subs.get(name)
+            if holders is None:
+                continue
+            holders.discard(sub)
+            if not holders:
+                del self._subs[name]
+                gone.append(name)
+        return gone
+
+    async def _subscribe_confirmed(self, channels: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for name in channels:
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(name, []).append(future)
+            futures.append(future)
+        try:
+            if self._pubsub is None:
+                # Fresh, or the reader is between reconnect attempts: open now and subscribe
+                # every registered channel (the new ones are registered already), so the
+                # gap notice, if one is owed, still goes out once all are confirmed.
+                self._pubsub = await self._open()
+            else:
+                await self._pubsub.subscribe(*channels)
+            self._ensure_reader()
+            async with asyncio.timeout(self._confirm_timeout):
+                await asyncio.gather(*futures)
+        except (rex.RedisError, OSError) as exc:
+            raise translate_error(exc, "pubsub.subscribe") from exc
+        except TimeoutError as exc:
+            raise Unavailable("redis did not confirm the subscription in time") from exc
+        finally:
+            for name, future in zip(channels, futures, strict=True):
+                if not future.done():
+                    future.cancel()
+                pending = self._waiters.get(name, [])
+                if future in pending:
+                    pending.remove(future)
+                if not pending:
+                    self._waiters.pop(name, None)
+
+    async def _open(self) -> PubSub:
+        pubsub: PubSub = self._make_pubsub()
+        try:
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+            if self._subs:
+                self._resubscribing = set(self._subs)
+                await pubsub.subscribe(*self._subs)
+        except BaseException:
+            self._resubscribing.clear()
+            await _close_quietly(pubsub)
+            raise
+        if self._gap_since is not None:
+            self.reconnects += 1
+        self._connected.set()
+        return pubsub
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._run(), name="chatkeep-pubsub-reader")
+
+    async def _run(self) -> None:
+        failures = 0
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        ping_sent = False
+        while not self._closing:
+            try:
+                if self._pubsub is None:
+                    async with self._lock:
+                        if self._pubsub is None:
+                            self._pubsub = await self._open()
+                    last_heard, ping_sent = loop.time(), False
+                    if not self._resubscribing:
+                        self._announce_gap()
+                pubsub = self._pubsub
+                response = await pubsub.get_message(timeout=min(1.0, self._ping_interval))
+                now = loop.time()
+                if response is not None:
+                    last_heard, ping_sent, failures = now, False, 0
+                    self._handle(response)
+                elif now - last_heard > self._ping_interval + self._confirm_timeout:
+                    _stopped_answering()
+                elif now - last_heard > self._ping_interval and not ping_sent:
+                    await pubsub.ping()
+                    ping_sent = True
+            except asyncio.CancelledError:
+                raise
+            except (rex.RedisError, OSError) as exc:
+                failures += 1
+                await self._lost(exc)
+                await asyncio.sleep(self._backoff.compute(failures))
+            except Exception:  # a bug must not silently end every subscription
+                logger.exception("pub/sub reader failed; reconnecting")
+                failures += 1
+                await self._lost(None)
+                await asyncio.sleep(self._backoff.compute(failures))
+
+    async def _lost(self, exc: BaseException | None) -> None:
+        if self._gap_since is None:
+            self._gap_since = time.time()
+            logger.warning(
+                "pub/sub connection lost (%s); reconnecting",
+                type(exc).__name__ if exc else "error",
+            )
+        self._connected.clear()
+        self._resubscribing.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _close_quietly(pubsub)
+
+    def _handle(self, response: dict[str, Any]) -> None:
+        kind = response.get("type")
+        channel = _text(response.get("channel"))
+        if kind == "message":
+            data = response.get("data")
+            message = PubSubMessage(channel, data if isinstance(data, bytes) else b"")
+            for sub in tuple(self._subs.get(channel, ())):
+                sub._put(message)
+        elif kind == "subscribe":
+            for future in self._waiters.pop(channel, []):
+                if not future.done():
+                    future.set_result(None)
+            if self._resubscribing:
+                self._resubscribing.discard(channel)
+                if not self._resubscribing:
+                    self._announce_gap()
+
+    def _announce_gap(self) -> None:
+        since, self._gap_since = self._gap_since, None
+        if since is None:
+            return
+        logger.info("pub/sub reconnected; subscribers told to catch up")
+        notified: set[int] = set()
+        for holders in self._subs.values():
+            for sub in holders:
+                if id(sub) in notified:
+                    continue
+                notified.add(id(sub))
+                sub._put(SubscriptionGap(sub.channels, "reconnected", since))
+
+    async def aclose(self) -> None:
+        self._closing = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _close_quietly(pubsub)
+        for holders in list(self._subs.values()):
+            for sub in list(holders):
+                sub._closed = True
+                sub._put(None)
+        self._subs.clear()
+
+
+def _stopped_answering() -> NoReturn:
+    raise rex.TimeoutError("pub/sub connection stopped answering pings")
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    with contextlib.suppress(rex.RedisError, OSError):
+        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value) if value is not None else ""
+
+
+def _check_positive(name: str, value: float, *, maximum: float = 3600.0) -> None:
+    if not isinstance(value, int | float) or not 0 < value <= maximum:
+        raise InvalidInput(name, f"must be a number > 0 and <= {maximum:g}")
+
+
+class RedisClient:
+    """The connection to Redis every realtime service shares.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL (may hold a password: it is
+            never logged or shown).
+        key_prefix: namespace put in front of every key (``Settings.redis_key_prefix``).
+        cluster_mode: hash-tag ids in key names (``Settings.redis_cluster_mode``).
+        socket_timeout: seconds a command may wait for its reply.
+        connect_timeout: seconds a new connection may take.
+        retries: how many times a command is retried after a connection or timeout error
+            (0 turns retrying off). Other errors are never retried.
+        backoff_base: first backoff step in seconds; each retry doubles it, with jitter.
+        backoff_cap: longest backoff between two tries, in seconds.
+        max_connections: size of the command connection pool.
+        pool_timeout: seconds a command waits for a free pooled connection before
+            :class:`Unavailable`.
+        health_check_interval: idle seconds after which a pooled connection is pinged
+            before reuse (0 turns it off).
+        pubsub_ping_interval: idle seconds after which the pub/sub connection is pinged,
+            so a silently dead link is noticed.
+        subscription_queue_size: messages a slow subscriber may fall behind before its
+            backlog is replaced by a :class:`SubscriptionGap`.
+        client_name: ``CLIENT SETNAME`` of every connection (visible in ``CLIENT LIST``).
+        connection_class: a redis-py connection class (for TLS tuning or instrumentation).
+
+    Raises:
+        InvalidInput: a numeric option is out of range.
+        ConfigurationError: the URL is not a Redis URL.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "",
+        cluster_mode: bool = False,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        connect_timeout: float = 5.0,
+        retries: int = 3,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 2.0,
+        max_connections: int = 50,
+        pool_timeout: float = 5.0,
+        health_check_interval: float = 30.0,
+        pubsub_ping_interval: float = 15.0,
+        subscription_queue_size: int = DEFAULT_QUEUE_SIZE,
+        client_name: str = "chatkeep",
+        connection_class: type[Connection] | None = None,
+    ) -> None:
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("backoff_base", backoff_base),
+            ("backoff_cap", backoff_cap),
+            ("pool_timeout", pool_timeout),
+            ("pubsub_ping_interval", pubsub_ping_interval),
+        ):
+            _check_positive(name, value)
+        if not isinstance(retries, int) or not 0 <= retries <= 20:
+            raise InvalidInput("retries", "must be an integer from 0 to 20")
+        if not isinstance(max_connections, int) or not 1 <= max_connections <= 10_000:
+            raise InvalidInput("max_connections", "must be an integer from 1 to 10000")
+        if not 0 <= health_check_interval <= 3600:
+            raise InvalidInput("health_check_interval", "must be from 0 to 3600 seconds")
+        if not isinstance(subscription_queue_size, int) or subscription_queue_size < 1:
+            raise InvalidInput("subscription_queue_size", "must be a positive integer")
+        if not url.startswith(("redis://", "rediss://", "unix://", "valkey://", "valkeys://")):
+            raise ConfigurationError(
+                "redis_url: must start with redis://, rediss:// or unix://", field="redis_url"
+            )
+        self._url = url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
+        self._keys = KeySpace(key_prefix, cluster_mode=cluster_mode)
+        self._retry = Retry(
+            ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base), retries
+        )
+        extra: dict[str, Any] = {}
+        if connection_class is not None:
+            extra["connection_class"] = connection_class
+        try:
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=self._retry,
+                # Only the Retry's own (ConnectionError, TimeoutError) are retried.
+                retry_on_error=[],
+                health_check_interval=health_check_interval,
+                client_name=client_name,
+                **extra,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"redis_url: cannot be parsed ({redact_url(url)})", field="redis_url"
+            ) from exc
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._pubsub_pool = aioredis.ConnectionPool.from_url(
+            self._url,
+            max_connections=2,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # The hub reconnects by itself (with backoff, then a gap notice), so the
+            # connection must report a failure at once instead of retrying underneath.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            client_name=f"{client_name}-pubsub",
+            **extra,
+        )
+        self._pubsub_redis = aioredis.Redis(connection_pool=self._pubsub_pool)
+        self._hub = _PubSubHub(
+            self._pubsub_redis.pubsub,
+            backoff=ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base),
+            confirm_timeout=socket_timeout,
+            ping_interval=pubsub_ping_interval,
+        )
+        self._queue_size = subscription_queue_size
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, url: str | None = None, **options: Any) -> Self:
+        """A client configured from :class:`~chatkeep.config.Settings`.
+
+        Args:
+            settings: supplies the URL, key prefix, cluster mode and connect timeout.
+            url: the Redis URL to use instead of ``settings.redis_url`` (for example the
+                embedded server's, from :func:`chatkeep.embedded.resolve_endpoints`).
+            **options: any other constructor argument.
+
+        Raises:
+            ConfigurationError: neither ``url`` nor ``settings.redis_url`` is set.
+        """
+        if url is None:
+            if settings.redis_url is None:
+                raise ConfigurationError(
+                    "redis_url: not set; pass the embedded server's URL or set REDIS_URL",
+                    field="redis_url",
+                )
+            url = settings.redis_url.get_secret_value()
+        options.setdefault("connect_timeout", settings.connect_timeout)
+        return cls(
+            url,
+            key_prefix=settings.redis_key_prefix,
+            cluster_mode=settings.redis_cluster_mode,
+            **options,
+        )
+
+    # -- accessors -------------------------------------------------------------------------
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The underlying redis-py client (commands through it are not translated)."""
+        return self._redis
+
+    @property
+    def keys(self) -> KeySpace:
+        """Builds every key name (prefix and cluster hash tags applied)."""
+        return self._keys
+
+    @property
+    def retry(self) -> Retry:
+        """The retry policy of command connections (redis-py's own object)."""
+        return self._retry
+
+    @property
+    def pubsub_reconnects(self) -> int:
+        """How many times the pub/sub connection has been re-established."""
+        return self._hub.reconnects
+
+    @property
+    def pubsub_connected(self) -> bool:
+        """Whether the shared pub/sub connection is up right now."""
+        return self._hub.connected
+
+    # -- commands --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def guard(self, operation: str) -> Iterator[None]:
+        """Translate redis-py errors raised in the block into chatkeep errors.
+
+        Args:
+            operation: a dotted name (``"presence.heartbeat"``) put in the message.
+        """
+        try:
+            yield
+        except (rex.RedisError, OSError) as exc:
+            raise translate_error(exc, operation) from exc
+
+    def pipeline(self, *, transaction: bool = False) -> Pipeline:
+        """A redis-py pipeline: its commands travel in one round trip on ``execute()``."""
+        return self._redis.pipeline(transaction=transaction)
+
+    def script(self, source: str) -> AsyncScript:
+        """Register a Lua script (sent by SHA, loaded once on first ``NOSCRIPT``)."""
+        return self._redis.register_script(source)
+
+    async def ping(self) -> float:
+        """Ping the server and return the round-trip time in seconds.
+
+        Raises:
+            Unavailable: the server did not answer (after retries).
+        """
+        started = time.perf_counter()
+        with self.guard("ping"):
+            await self._redis.ping()
+        return time.perf_counter() - started
+
+    async def health(self) -> RedisHealth:
+        """Ping once and report; never raises for a down server."""
+        try:
+            latency = await self.ping()
+        except ChatkeepError as exc:
+            return RedisHealth(ok=False, latency_ms=None, error=str(exc))
+        return RedisHealth(ok=True, latency_ms=round(latency * 1000, 3))
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        """Publish ``data`` on ``channel``; returns how many subscribers received it.
+
+        Raises:
+            Unavailable: Redis could not be reached.
+        """
+        with self.guard("publish"):
+            return int(await self._redis.publish(channel, data))
+
+    async def subscribe(self, *channels: str) -> ChannelSubscription:
+        """Subscribe to ``channels`` on the shared pub/sub connection.
+
+        Returns once Redis confirmed the subscription, so anything published afterwards
+        is received. After a lost connection the subscription is restored by itself and
+        yields a :class:`SubscriptionGap`.
+
+        Raises:
+            Unavailable: Redis could not be reached.
+            InvalidInput: no channel, or an invalid name.
+        """
+        if self._closed:
+            raise Unavailable("the redis client is closed")
+        sub = ChannelSubscription(self._hub, self._queue_size)
+        await sub.add(*channels)
+        return sub
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close subscriptions and both connection pools."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._hub.aclose()
+        for client, pool in ((self._pubsub_redis, self._pubsub_pool), (self._redis, self._pool)):
+            with contextlib.suppress(rex.RedisError, OSError):
+                await asyncio.shield(client.aclose())
+            with contextlib.suppress(rex.RedisError, OSError):
+                await asyncio.shield(pool.aclose())
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisClient(url={redact_url(self._url)!r}, keys={self._keys!r})"

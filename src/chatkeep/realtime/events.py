@@ -1,0 +1,386 @@
+"""The event bus: typed room events over Redis pub/sub, one channel per room.
+
+Events are pydantic models, sent as JSON with a version field ``v`` and a discriminator
+``type``::
+
+    {"v": 1, "type": "message.created", "room_id": "...", "event_id": "...",
+     "occurred_at": "...", "origin": "node-a", "message_id": "...", "seq": 42, ...}
+
+They are published *after* the PostgreSQL commit (by the facade) on
+``room:{roomId}:events``, and every node subscribed to the room receives them. Pub/sub is
+a best-effort nudge, not storage: a subscriber that was disconnected receives a
+:class:`RoomGap` once it is subscribed again and catches up from PostgreSQL by ``seq``.
+
+Compatibility: a reader ignores fields it does not know (so fields can be added within
+version 1) and skips, with a warning, events of a newer version or an unknown type
+instead of failing, so nodes can be upgraded one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Annotated, Final, Literal, Self
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from chatkeep.errors import InvalidInput
+from chatkeep.realtime.client import (
+    ChannelSubscription,
+    PubSubMessage,
+    RedisClient,
+    SubscriptionGap,
+)
+from chatkeep.realtime.keys import validate_id
+
+__all__ = [
+    "WIRE_VERSION",
+    "Event",
+    "EventBus",
+    "EventSubscription",
+    "MemberJoined",
+    "MemberLeft",
+    "MessageCreated",
+    "MessageDeleted",
+    "MessageEdited",
+    "MessagesRead",
+    "PresenceChanged",
+    "RoomEvent",
+    "RoomGap",
+    "TypingChanged",
+    "decode_event",
+    "encode_event",
+]
+
+logger = logging.getLogger("chatkeep.realtime.events")
+
+WIRE_VERSION: Final = 1
+"""The version written in ``v``; readers skip events with a higher one."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RoomEvent(BaseModel):
+    """Fields every event has.
+
+    Attributes:
+        v: wire format version.
+        event_id: unique id of this event (for de-duplication by receivers).
+        room_id: the room the event belongs to (and whose channel carries it).
+        occurred_at: when it happened (UTC).
+        origin: node id of the publisher, so a node can skip its own events.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = WIRE_VERSION
+    event_id: UUID = Field(default_factory=uuid4)
+    room_id: UUID
+    occurred_at: datetime = Field(default_factory=_now)
+    origin: str | None = Field(default=None, max_length=200)
+
+
+class MessageCreated(RoomEvent):
+    """A message was stored in the room (``seq`` is its place in the room)."""
+
+    type: Literal["message.created"] = "message.created"
+    message_id: UUID
+    seq: int = Field(ge=1)
+    sender_id: UUID
+    client_message_id: str | None = Field(default=None, max_length=100)
+    body: str | None = None
+
+
+class MessageEdited(RoomEvent):
+    """A message's body changed."""
+
+    type: Literal["message.edited"] = "message.edited"
+    message_id: UUID
+    seq: int = Field(ge=1)
+    editor_id: UUID
+    body: str | None = None
+
+
+class MessageDeleted(RoomEvent):
+    """A message was deleted."""
+
+    type: Literal["message.deleted"] = "message.deleted"
+    message_id: UUID
+    seq: int = Field(ge=1)
+    deleted_by: UUID
+
+
+class MessagesRead(RoomEvent):
+    """A member's read watermark moved forward to ``last_read_seq``."""
+
+    type: Literal["read"] = "read"
+    user_id: UUID
+    last_read_seq: int = Field(ge=0)
+
+
+class TypingChanged(RoomEvent):
+    """A member started or stopped typing."""
+
+    type: Literal["typing"] = "typing"
+    user_id: UUID
+    typing: bool
+
+
+class PresenceChanged(RoomEvent):
+    """A member came online or went offline."""
+
+    type: Literal["presence"] = "presence"
+    user_id: UUID
+    status: Literal["online", "offline"]
+    last_seen: datetime | None = None
+
+
+class MemberJoined(RoomEvent):
+    """A user joined the room."""
+
+    type: Literal["member.joined"] = "member.joined"
+    user_id: UUID
+    role: str | None = Field(default=None, max_length=32)
+
+
+class MemberLeft(RoomEvent):
+    """A user left (or was removed from) the room."""
+
+    type: Literal["member.left"] = "member.left"
+    user_id: UUID
+
+
+Event = Annotated[
+    MessageCreated
+    | MessageEdited
+    | MessageDeleted
+    | MessagesRead
+    | TypingChanged
+    | PresenceChanged
+    | MemberJoined
+    | MemberLeft,
+    Field(discriminator="type"),
+]
+"""Any event, discriminated by its ``type`` field."""
+
+_EVENT_ADAPTER: Final[TypeAdapter[Event]] = TypeAdapter(Event)
+_EVENT_TYPES: Final = (
+    MessageCreated,
+    MessageEdited,
+    MessageDeleted,
+    MessagesRead,
+    TypingChanged,
+    PresenceChanged,
+    MemberJoined,
+    MemberLeft,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomGap:
+    """Events of ``room_ids`` may have been missed: catch up from PostgreSQL.
+
+    Attributes:
+        room_ids: the rooms concerned (every room of the subscription).
+        reason: ``"reconnected"`` or ``"overflow"`` (see
+            :class:`~chatkeep.realtime.client.SubscriptionGap`).
+        since: wall-clock time (Unix seconds) when the gap began.
+    """
+
+    room_ids: frozenset[UUID]
+    reason: Literal["reconnected", "overflow"]
+    since: float
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire form (JSON bytes) of ``event``.
+
+    Raises:
+        InvalidInput: ``event`` is not one of the event models.
+    """
+    if not isinstance(event, _EVENT_TYPES):
+        raise InvalidInput("event", "must be one of the chatkeep.realtime event models")
+    return event.model_dump_json().encode()
+
+
+def decode_event(data: bytes | str) -> Event | None:
+    """Parse the wire form; ``None`` (with a warning) for anything this version can't read.
+
+    Unreadable payloads are skipped rather than raised: one bad publisher must not stop
+    every subscriber.
+    """
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        logger.warning("skipped an event that is not JSON")
+        return None
+    if not isinstance(raw, dict):
+        logger.warning("skipped an event that is not a JSON object")
+        return None
+    version = raw.get("v")
+    if not isinstance(version, int) or version > WIRE_VERSION or version < 1:
+        logger.warning("skipped an event of unsupported version %r", version)
+        return None
+    try:
+        return _EVENT_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        logger.warning(
+            "skipped an unreadable event of type %r (%d errors)", raw.get("type"), exc.error_count()
+        )
+        return None
+
+
+class EventSubscription:
+    """A node's subscription to some rooms' events; iterate it for events and gaps.
+
+    Made by :meth:`EventBus.subscribe`. Yields :data:`Event` models and :class:`RoomGap`
+    notices; undecodable payloads are skipped.
+    """
+
+    def __init__(self, bus: EventBus, inner: ChannelSubscription) -> None:
+        self._bus = bus
+        self._inner = inner
+
+    @property
+    def room_ids(self) -> frozenset[UUID]:
+        """The rooms this subscription listens to."""
+        return frozenset(
+            room for room in map(self._bus.room_of_channel, self._inner.channels) if room
+        )
+
+    async def add_rooms(self, *room_ids: UUID) -> None:
+        """Listen to more rooms; returns once Redis confirmed.
+
+        Raises:
+            InvalidInput: no room, or a room id is not a UUID.
+            Unavailable: Redis could not be reached (nothing was added).
+        """
+        await self._inner.add(*self._bus.channels(room_ids))
+
+    async def remove_rooms(self, *room_ids: UUID) -> None:
+        """Stop listening to rooms (unknown ones are ignored)."""
+        await self._inner.remove(*self._bus.channels(room_ids))
+
+    async def get(self) -> Event | RoomGap | None:
+        """The next event or gap notice (waiting for it); ``None`` once closed.
+
+        Bound the wait with ``asyncio.timeout`` if needed.
+        """
+        while True:
+            item = await self._inner.get()
+            if item is None:
+                return None
+            converted = self._convert(item)
+            if converted is not None:
+                return converted
+
+    def _convert(self, item: PubSubMessage | SubscriptionGap) -> Event | RoomGap | None:
+        if isinstance(item, SubscriptionGap):
+            rooms = frozenset(
+                room for room in map(self._bus.room_of_channel, item.channels) if room
+            )
+            return RoomGap(rooms, item.reason, item.since)
+        return decode_event(item.data)
+
+    def __aiter__(self) -> AsyncIterator[Event | RoomGap]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event | RoomGap]:
+        async for item in self._inner:
+            converted = self._convert(item)
+            if converted is not None:
+                yield converted
+
+    async def aclose(self) -> None:
+        """Unsubscribe from every room and end iteration."""
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class EventBus:
+    """Publishes room events and subscribes to them.
+
+    Args:
+        client: the shared Redis connection.
+        node_id: stamped as ``origin`` on events this node publishes without one.
+    """
+
+    def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
+        self._client = client
+        self._node = validate_id(node_id, "node_id") if node_id is not None else None
+
+    def channels(self, room_ids: Iterable[UUID]) -> list[str]:
+        """The pub/sub channel names of ``room_ids``."""
+        return [self._client.keys.room_events(room) for room in room_ids]
+
+    def room_of_channel(self, channel: str) -> UUID | None:
+        """The room a channel name belongs to, if it is a room event channel."""
+        return self._client.keys.room_of_events_channel(channel)
+
+    def _stamp(self, event: Event) -> Event:
+        if self._node is not None and event.origin is None:
+            return event.model_copy(update={"origin": self._node})
+        return event
+
+    async def publish(self, event: Event) -> int:
+        """Publish ``event`` on its room's channel; returns how many nodes received it.
+
+        Call it after the PostgreSQL commit that made the event true.
+
+        Raises:
+            InvalidInput: ``event`` is not an event model.
+            Unavailable: Redis could not be reached.
+        """
+        data = encode_event(self._stamp(event))
+        channel = self._client.keys.room_events(event.room_id)
+        with self._client.guard("events.publish"):
+            return int(await self._client.redis.publish(channel, data))
+
+    async def publish_many(self, events: Iterable[Event]) -> list[int]:
+        """Publish several events in one round trip, in order.
+
+        Raises:
+            InvalidInput: one is not an event model (nothing is published then).
+            Unavailable: Redis could not be reached.
+        """
+        encoded = [
+            (self._client.keys.room_events(event.room_id), encode_event(self._stamp(event)))
+            for event in events
+        ]
+        if not encoded:
+            return []
+        pipe = self._client.pipeline()
+        for channel, data in encoded:
+            pipe.publish(channel, data)
+        with self._client.guard("events.publish_many"):
+            return [int(n) for n in await pipe.execute()]
+
+    async def subscribe(self, *room_ids: UUID) -> EventSubscription:
+        """Subscribe to the events of ``room_ids`` (at least one).
+
+        Returns once Redis confirmed, so every event published afterwards is received
+        (or covered by a :class:`RoomGap`).
+
+        Raises:
+            InvalidInput: no room, or a room id is not a UUID.
+            Unavailable: Redis could not be reached.
+        """
+        inner = await self._client.subscribe(*self.channels(room_ids))
+        return EventSubscription(self, inner)
