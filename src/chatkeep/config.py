@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
-from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatkeep.errors import ConfigurationError
@@ -29,22 +36,35 @@ _VERIFYING_MODES: Final = frozenset({"verify-ca", "verify-full"})
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
+# Query parameters libpq and asyncpg read a secret from.
+_SECRET_PARAMS: Final = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors).
+
+    Covers the password in the user part (``user:secret@host``) and in the query
+    (``?password=secret``), and works on URLs the standard parser rejects (several hosts,
+    a malformed port) because it never parses the host part.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key.lower() in _SECRET_PARAMS for key, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="/*"
+            )
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _url_ssl_mode(url: str) -> str | None:
@@ -57,7 +77,35 @@ def _is_unix_socket_url(url: str) -> bool:
     if parts.scheme == "unix":
         return True
     host_param = parse_qs(parts.query).get("host")
-    return not parts.hostname and bool(host_param and host_param[-1].startswith("/"))
+    if host_param:
+        return all(host.startswith("/") for host in host_param[-1].split(","))
+    # libpq also takes a percent-encoded socket path as the host: postgresql://%2Frun%2Fpg/db
+    host = parts.netloc.rpartition("@")[2]
+    return unquote(host).startswith("/")
+
+
+def _check_hosts(url: str) -> None:
+    """Refuse a malformed port early, with the field named, instead of deep in the driver."""
+    hostport = urlsplit(url).netloc.rpartition("@")[2]
+    for host in hostport.split(","):
+        port = host.rsplit("]", 1)[-1].partition(":")[2]
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError("the port must be a number from 1 to 65535")
+
+
+def _with_default_database(url: str) -> str:
+    """``url`` naming ``chatapp_db`` when it names no database, as ``chatkeep setup`` does.
+
+    Without this, the driver would connect to the database named like the user, and
+    ``setup`` and ``migrate`` would quietly work on different databases.
+    """
+    parts = urlsplit(url)
+    if parts.path.strip("/") or {"dbname", "database"} & set(parse_qs(parts.query)):
+        return url
+    # Built by hand: urlunsplit drops the empty host of a socket URL (postgresql:///?host=).
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}/{DEFAULT_DATABASE_NAME}{query}{fragment}"
 
 
 class Settings(BaseSettings):
@@ -77,6 +125,8 @@ class Settings(BaseSettings):
         frozen=True,
         populate_by_name=True,
         validate_default=True,
+        # pydantic's own messages would echo the input, URLs with passwords included.
+        hide_input_in_errors=True,
     )
 
     database_url: SecretStr | None = Field(
@@ -148,7 +198,8 @@ class Settings(BaseSettings):
         scheme = urlsplit(url).scheme
         if scheme not in ("postgresql", "postgres"):
             raise ValueError("must start with postgresql:// or postgres://")
-        return value
+        _check_hosts(url)
+        return SecretStr(_with_default_database(url))
 
     @field_validator("redis_url")
     @classmethod
@@ -158,14 +209,22 @@ class Settings(BaseSettings):
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if scheme != "unix":
+            _check_hosts(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        # ConfigurationError, not ValueError: pydantic lets it through as raised, so the
+        # field it names is the one at fault rather than "the settings as a whole".
         if self.pool_min_size > self.pool_max_size:
-            raise ValueError("pool_min_size must not exceed pool_max_size")
+            raise ConfigurationError(
+                "pool_min_size: must not exceed pool_max_size", field="pool_min_size"
+            )
         if self.ssl_ca_file is not None and not self.ssl_ca_file.is_file():
-            raise ValueError(f"ssl_ca_file {self.ssl_ca_file} is not a readable file")
+            raise ConfigurationError(
+                f"ssl_ca_file: {self.ssl_ca_file} is not a readable file", field="ssl_ca_file"
+            )
         if self.env == "production":
             self._check_production_tls()
         return self
@@ -175,8 +234,10 @@ class Settings(BaseSettings):
             secret: SecretStr | None = getattr(self, name)
             if secret is None:
                 if name == "database_url":
-                    raise ValueError(
-                        "production needs DATABASE_URL: the embedded server is for development"
+                    raise ConfigurationError(
+                        "database_url: production needs DATABASE_URL; the embedded server "
+                        "is for development",
+                        field=name,
                     )
                 continue
             url = secret.get_secret_value()
@@ -184,34 +245,55 @@ class Settings(BaseSettings):
                 continue  # a local socket never crosses a network
             mode = self.ssl_mode or _url_ssl_mode(url)
             if mode not in _VERIFYING_MODES:
-                raise ValueError(
-                    f"{name} must use TLS with certificate verification in production "
+                raise ConfigurationError(
+                    f"{name}: must use TLS with certificate verification in production "
                     "(sslmode=verify-full or verify-ca); "
-                    f"got sslmode={mode or 'unset'} for {redact_url(url)}"
+                    f"got sslmode={mode or 'unset'} for {redact_url(url)}",
+                    field=name,
                 )
         if self.redis_url is None:
-            raise ValueError("production needs REDIS_URL: embedded Valkey is for development")
+            raise ConfigurationError(
+                "redis_url: production needs REDIS_URL; embedded Valkey is for development",
+                field="redis_url",
+            )
         redis = self.redis_url.get_secret_value()
         if urlsplit(redis).scheme not in ("rediss", "valkeys", "unix"):
-            raise ValueError(
-                f"REDIS_URL must use rediss:// (TLS) in production; got {redact_url(redis)}"
+            raise ConfigurationError(
+                f"redis_url: must use rediss:// (TLS) in production; got {redact_url(redis)}",
+                field="redis_url",
             )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_configuration_error(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Settings]
+    ) -> Settings:
+        # Callers only ever see chatkeep.errors: a bad value raises ConfigurationError
+        # naming the field and the rule, never the value (it may hold a password).
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False, include_context=False)[0]
+            loc = [str(part) for part in first["loc"]]
+            if loc:
+                loc[0] = _FIELD_BY_ALIAS.get(loc[0].upper(), loc[0])
+            field = ".".join(loc) or "settings"
+            message = str(first["msg"]).removeprefix("Value error, ")
+            count = exc.error_count()
+            more = f" (and {count - 1} more problem(s))" if count > 1 else ""
+            raise ConfigurationError(f"{field}: {message}{more}", field=field) from None
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
         """Read settings from the environment and ``overrides``.
 
+        The same as ``Settings(**overrides)``; kept as the name that says what it does.
+
         Raises:
             ConfigurationError: a value is missing, malformed or unsafe. The message names
                 the field and the rule, never the value (it may hold a password).
         """
-        try:
-            return cls(**overrides)
-        except ValidationError as exc:
-            first = exc.errors(include_input=False, include_url=False)[0]
-            field = ".".join(str(part) for part in first["loc"]) or "settings"
-            message = str(first["msg"]).removeprefix("Value error, ")
-            raise ConfigurationError(f"{field}: {message}", field=field) from None
+        return cls(**overrides)
 
     @property
     def embedded_database(self) -> bool:
@@ -229,3 +311,11 @@ class Settings(BaseSettings):
                 yield name, redact_url(value.get_secret_value())
             else:
                 yield name, value
+
+
+# Environment variable names (upper-cased) to field names, so errors name the field.
+_FIELD_BY_ALIAS: Final = {
+    str(info.validation_alias).upper(): name
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.validation_alias, str)
+}

@@ -45,7 +45,7 @@ class Endpoints:
     """
 
     database_url: str
-    redis_url: str
+    redis_url: str  # empty when only PostgreSQL was asked for and REDIS_URL is unset
     migrate_database_url: str
     embedded_database: bool
     embedded_redis: bool
@@ -118,12 +118,16 @@ _RUNNING_VALKEY: list[Any] = []
 
 
 @contextlib.contextmanager
-def resolve_endpoints(settings: Settings, *, announce: bool = False) -> Iterator[Endpoints]:
+def resolve_endpoints(
+    settings: Settings, *, announce: bool = False, redis: bool = True
+) -> Iterator[Endpoints]:
     """Yield the endpoints of both stores, starting embedded servers where none is set.
 
     Args:
         settings: where the stores are; unset URLs mean "start the embedded server".
         announce: log at INFO where embedded data lives and how to use real servers.
+        redis: False for work that needs PostgreSQL alone (migrations, setup): no embedded
+            Valkey is started, and ``redis_url`` is then ``REDIS_URL`` or empty.
 
     Raises:
         ConfigurationError: an embedded server is needed but the extra is not installed.
@@ -150,6 +154,8 @@ def resolve_endpoints(settings: Settings, *, announce: bool = False) -> Iterator
                 )
         if settings.redis_url is not None:
             redis_url = settings.redis_url.get_secret_value()
+        elif not redis:
+            redis_url = ""
         else:
             data_dir = settings.data_dir.resolve()
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +175,7 @@ def resolve_endpoints(settings: Settings, *, announce: bool = False) -> Iterator
             redis_url=redis_url,
             migrate_database_url=migrate_url,
             embedded_database=settings.database_url is None,
-            embedded_redis=settings.redis_url is None,
+            embedded_redis=bool(redis_url) and settings.redis_url is None,
             data_dir=data_dir,
         )
     finally:

@@ -73,11 +73,17 @@ def load_settings(database_url: str | None = None, **overrides: Any) -> Settings
 
 
 @contextlib.contextmanager
-def endpoints(settings: Settings) -> Iterator[Endpoints]:
-    """Endpoints of both stores; embedded servers are started (and the database created)."""
+def endpoints(
+    settings: Settings, *, redis: bool = True, create_database: bool = True
+) -> Iterator[Endpoints]:
+    """Endpoints of the stores; embedded servers are started (and the database created).
+
+    ``redis=False`` for commands that need PostgreSQL alone, so no Valkey is started;
+    ``create_database=False`` for ``setup``, which creates it itself and says so.
+    """
     try:
-        with resolve_endpoints(settings, announce=True) as found:
-            if found.embedded_database:
+        with resolve_endpoints(settings, announce=True, redis=redis) as found:
+            if found.embedded_database and create_database:
                 from chatkeep.storage.bootstrap import ensure_database
 
                 run(ensure_database(found.migrate_database_url, settings))

@@ -36,7 +36,7 @@ def setup(database_url: DatabaseUrlOption = None) -> None:
     Run once as a superuser, or on the embedded default as its owner.
     """
     settings = load_settings(database_url)
-    with endpoints(settings) as found:
+    with endpoints(settings, redis=False, create_database=False) as found:
         created = run(ensure_database(found.migrate_database_url, settings))
     name = database_name(found.migrate_database_url)
     verb = "created" if created else "already exists:"
@@ -227,7 +227,7 @@ def diagram(
 ) -> None:
     """Print the entity-relationship diagram (Mermaid) read from the live catalog."""
     settings = load_settings(database_url)
-    with endpoints(settings) as found:
+    with endpoints(settings, redis=False) as found:
 
         async def read() -> str:
             conn = await connect(found.database_url, settings, operation="schema diagram")

@@ -68,7 +68,7 @@ def _with_migrator(
     **options: Any,
 ) -> T:
     settings = load_settings(database_url)
-    with endpoints(settings) as found:
+    with endpoints(settings, redis=False) as found:
 
         async def go() -> T:
             async with Migrator.connect(
@@ -120,6 +120,7 @@ def down(
     ] = None,
     database_url: DatabaseUrlOption = None,
     migrations_dir: MigrationsDirOption = None,
+    allow_out_of_order: AllowOutOfOrder = False,
     allow_missing: AllowMissing = False,
 ) -> None:
     """Revert applied migrations, newest-applied first (refuses if a down part is missing)."""
@@ -129,6 +130,7 @@ def down(
         database_url,
         migrations_dir,
         lambda m: m.down(to=to, steps=steps),
+        allow_out_of_order=allow_out_of_order,
         allow_missing=allow_missing,
     )
     _report(done, "revert", "reverted")
@@ -193,14 +195,22 @@ def plan(
     ] = None,
     database_url: DatabaseUrlOption = None,
     migrations_dir: MigrationsDirOption = None,
+    allow_out_of_order: AllowOutOfOrder = False,
+    allow_missing: AllowMissing = False,
 ) -> None:
     """Print the exact SQL and transaction mode that up (or down) would run; runs nothing."""
+    flags: dict[str, Any] = {
+        "allow_out_of_order": allow_out_of_order,
+        "allow_missing": allow_missing,
+    }
+    if not revert and (steps is not None or down_to is not None):
+        fail("-n and --down-to plan a revert: add --down", code=2)
     if revert:
         result = _with_migrator(
-            database_url, migrations_dir, lambda m: m.plan_down(to=down_to, steps=steps)
+            database_url, migrations_dir, lambda m: m.plan_down(to=down_to, steps=steps), **flags
         )
     else:
-        result = _with_migrator(database_url, migrations_dir, lambda m: m.plan_up(to))
+        result = _with_migrator(database_url, migrations_dir, lambda m: m.plan_up(to), **flags)
     if not result.migrations:
         console.print("-- nothing to do")
         return

@@ -21,7 +21,10 @@ SELECT c.relname,
        c.relkind::text,
        c.relrowsecurity,
        c.relforcerowsecurity,
-       coalesce(c.relacl::text, ''),
+       -- NULL means "the owner's default privileges"; after a GRANT and a REVOKE the same
+       -- privileges are spelled out, so compare the effective list, not its spelling.
+       coalesce(c.relacl, acldefault(CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char",
+                                     c.relowner))::text,
        coalesce(obj_description(c.oid, 'pg_class'), '')
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -76,7 +79,7 @@ _FUNCTIONS: Final = """
 SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
        p.prosecdef,
        coalesce(p.proconfig::text, ''),
-       coalesce(p.proacl::text, ''),
+       coalesce(p.proacl, acldefault('f'::"char", p.proowner))::text,
        pg_get_userbyid(p.proowner),
        md5(p.prosrc)
   FROM pg_proc p

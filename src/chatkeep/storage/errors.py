@@ -79,6 +79,11 @@ def translate_error(exc: BaseException, operation: str = "database") -> Chatkeep
             f"{operation}: the server refused the credentials ({exc.sqlstate})",
             field="database_url",
         )
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        # A bad connection option (sslmode=bogus...): the settings are wrong, not the server.
+        return ConfigurationError(
+            f"{operation}: invalid connection settings ({exc})", field="database_url"
+        )
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         if state.startswith("22"):  # data exceptions: bad encoding, too long, out of range
