@@ -1,21 +1,61 @@
-"""PostgreSQL connections: options shared by the pool and by single connections.
+"""PostgreSQL connections: the application's pool, and single connections for maintenance.
 
-The pooled :class:`Database` (storage issue) and the migration runner both open
-connections through :func:`connect_options`, so TLS, timeouts and ``application_name`` are
-set the same way everywhere.
+The pooled :class:`Database` and the migration runner both open connections through
+:func:`connect_options`, so TLS, timeouts and ``application_name`` are set the same way
+everywhere.
+
+:class:`Database` is what repositories run on. Every statement goes through one of its
+named helpers (``await db.fetch("messages.history", SQL, *args)``): the name is logged with
+the duration at DEBUG, counted in :attr:`Database.stats`, logged at WARNING when slower
+than ``slow_query_threshold`` (the name, never the parameters), and driver errors are
+translated to ``chatkeep.errors`` there, ``from`` the original. Inside
+``async with db.transaction():`` every helper call from the same task runs on the
+transaction's connection, so repository methods called in the block join it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
 import ssl
-from typing import Any
+import time
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Literal, Self
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from chatkeep.config import Settings, redact_url
-from chatkeep.storage.errors import translate_errors
+from chatkeep.errors import (
+    ChatkeepError,
+    ConfigurationError,
+    InvalidInput,
+    Unavailable,
+)
+from chatkeep.storage.errors import translate_error, translate_errors
 
-__all__ = ["connect", "connect_options", "ssl_option"]
+__all__ = [
+    "Database",
+    "DatabaseHealth",
+    "OperationStats",
+    "Transaction",
+    "connect",
+    "connect_options",
+    "ssl_option",
+]
 
 
 def ssl_option(settings: Settings) -> ssl.SSLContext | str | None:
@@ -67,3 +107,555 @@ async def connect(
             dsn, **connect_options(settings, application_name=application_name)
         )
     return conn
+
+
+# -- the pool ---------------------------------------------------------------------------
+
+logger = logging.getLogger("chatkeep.storage")
+
+InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
+IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
+
+_DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class OperationStats:
+    """Counters for one named operation (for metrics exporters and tests)."""
+
+    calls: int = 0
+    errors: int = 0
+    total_seconds: float = 0.0
+    max_seconds: float = 0.0
+    slow: int = 0
+
+    @property
+    def mean_seconds(self) -> float:
+        """Average duration of a call, 0 before the first."""
+        return self.total_seconds / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseHealth:
+    """What :meth:`Database.health` saw: a round trip's latency and the pool's state."""
+
+    latency_ms: float
+    server_version: str
+    pool_size: int
+    pool_min_size: int
+    pool_max_size: int
+    idle: int
+    busy: int
+
+
+class Transaction:
+    """An open transaction, as ``async with db.transaction() as tx`` yields it.
+
+    Repository calls made in the block (from the same task) join it on their own; use
+    :attr:`connection` only for SQL of your own.
+    """
+
+    __slots__ = ("_connection", "_exposed", "depth", "name", "task")
+
+    def __init__(
+        self, connection: PoolConnectionProxy, name: str, task: asyncio.Task[Any] | None
+    ) -> None:
+        self._connection = connection
+        self._exposed = False
+        self.name = name
+        self.task = task
+        self.depth = 0
+
+    @property
+    def connection(self) -> PoolConnectionProxy:
+        """The transaction's connection (its session is fully reset when it goes back)."""
+        self._exposed = True
+        return self._connection
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.name!r} depth={self.depth}>"
+
+
+def _new_stats() -> dict[str, OperationStats]:
+    return {}
+
+
+class Database:
+    """An asyncpg pool tuned for chatkeep, with named operations and joinable transactions.
+
+    Example:
+        >>> async def main(settings: Settings) -> None:  # doctest: +SKIP
+        ...     async with Database(settings) as db:
+        ...         async with db.transaction():
+        ...             await db.execute("demo.touch", "SELECT 1")
+
+    Args:
+        settings: pool sizes, timeouts, statement cache size and TLS come from here.
+        dsn: the PostgreSQL URL; defaults to ``settings.database_url`` (pass the embedded
+            server's URL from :func:`chatkeep.embedded.resolve_endpoints` when unset).
+        application_name: ``application_name`` for ``pg_stat_activity``.
+        init: an extra coroutine run once on every new connection, after chatkeep's own.
+        min_size: overrides ``settings.pool_min_size``.
+        max_size: overrides ``settings.pool_max_size``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dsn: str | None = None,
+        application_name: str | None = None,
+        init: InitHook | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+    ) -> None:
+        if dsn is None and settings.database_url is not None:
+            dsn = settings.database_url.get_secret_value()
+        if not dsn:
+            raise ConfigurationError(
+                "Database needs a URL: set DATABASE_URL or pass dsn=", field="database_url"
+            )
+        self._settings = settings
+        self._dsn = dsn
+        self._application_name = application_name or settings.application_name
+        self._init_hook = init
+        self._min_size = settings.pool_min_size if min_size is None else min_size
+        self._max_size = settings.pool_max_size if max_size is None else max_size
+        if not 0 <= self._min_size <= self._max_size or self._max_size < 1:
+            raise InvalidInput("max_size", "need 0 <= min_size <= max_size and max_size >= 1")
+        self._pool: asyncpg.Pool | None = None
+        self._slow = settings.slow_query_threshold
+        # Waiting for a free connection is bounded like connecting: an exhausted pool
+        # becomes Unavailable instead of an unbounded queue of waiters.
+        self._acquire_timeout = settings.connect_timeout
+        self._stats: dict[str, OperationStats] = _new_stats()
+        # One variable per Database, so two databases never share a transaction.
+        self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
+            f"chatkeep_tx_{id(self)}", default=None
+        )
+
+    def __repr__(self) -> str:
+        state = "open" if self._pool is not None else "closed"
+        return f"<Database {redact_url(self._dsn)} {state} max_size={self._max_size}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def pool_options(self) -> dict[str, Any]:
+        """The keyword arguments :meth:`open` passes to ``asyncpg.create_pool``."""
+        settings = self._settings
+        options = connect_options(settings, application_name=self._application_name)
+        server_settings = dict(options["server_settings"])
+        statement_ms = round(settings.statement_timeout * 1000)
+        server_settings["statement_timeout"] = str(statement_ms)
+        # A transaction left open by a crashed task must not hold row locks forever.
+        server_settings["idle_in_transaction_session_timeout"] = str(max(statement_ms * 2, 60_000))
+        options["server_settings"] = server_settings
+        options.update(
+            min_size=self._min_size,
+            max_size=self._max_size,
+            max_inactive_connection_lifetime=settings.pool_idle_timeout,
+            # The server's statement_timeout fires first and cancels cleanly; the client
+            # timeout is the backstop for a server or network that stops answering.
+            command_timeout=settings.statement_timeout + 5.0,
+            init=self._init_connection,
+            reset=_reset_connection,
+        )
+        return options
+
+    async def open(self) -> Self:
+        """Create the pool (``min_size`` connections are opened now).
+
+        Raises:
+            Unavailable: the server cannot be reached within ``connect_timeout``.
+            ConfigurationError: the credentials or database name are wrong.
+        """
+        if self._pool is not None:
+            return self
+        start = time.perf_counter()
+        with translate_errors(f"connect to {redact_url(self._dsn)}"):
+            self._pool = await asyncpg.create_pool(self._dsn, **self.pool_options())
+        logger.debug(
+            "pool open: %s min=%d max=%d in %.1f ms",
+            redact_url(self._dsn),
+            self._min_size,
+            self._max_size,
+            (time.perf_counter() - start) * 1000,
+        )
+        return self
+
+    async def close(self) -> None:
+        """Close every connection, waiting for the ones in use to come back."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with translate_errors("close pool"):
+                await pool.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        # json/jsonb as Python objects instead of strings, for every query.
+        for typename in ("json", "jsonb"):
+            await conn.set_type_codec(
+                typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            )
+        if self._init_hook is not None:
+            await self._init_hook(conn)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this database was made with."""
+        return self._settings
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The asyncpg pool (for tools and benchmarks; repositories use the helpers).
+
+        Raises:
+            Unavailable: the database is not open.
+        """
+        if self._pool is None:
+            raise Unavailable("the database is not open: call `await db.open()` first")
+        return self._pool
+
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close`."""
+        return self._pool is not None
+
+    # -- metrics --------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Mapping[str, OperationStats]:
+        """Per-operation counters since open (a live, read-only view)."""
+        return MappingProxyType(self._stats)
+
+    def reset_stats(self) -> None:
+        """Forget every counter."""
+        self._stats.clear()
+
+    def _record(self, name: str, seconds: float, failed: bool) -> None:
+        stats = self._stats.get(name)
+        if stats is None:
+            stats = self._stats[name] = OperationStats()
+        stats.calls += 1
+        stats.total_seconds += seconds
+        if seconds > stats.max_seconds:
+            stats.max_seconds = seconds
+        if failed:
+            stats.errors += 1
+        if seconds >= self._slow:
+            stats.slow += 1
+            # The name only: parameters may hold message contents or emails.
+            logger.warning("slow database operation %s: %.1f ms", name, seconds * 1000)
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: %.2f ms%s", name, seconds * 1000, " (failed)" if failed else "")
+
+    # -- connections and transactions -----------------------------------------------------
+
+    def in_transaction(self) -> bool:
+        """True when the current task is inside ``db.transaction()``."""
+        tx = self._tx.get()
+        return tx is not None and tx.task is asyncio.current_task()
+
+    def _joined(self) -> Transaction | None:
+        tx = self._tx.get()
+        # A task started inside the block inherits the context variable, but must not
+        # share the connection: asyncpg runs one query at a time per connection.
+        if tx is not None and tx.task is asyncio.current_task():
+            return tx
+        return None
+
+    async def _acquire(self) -> PoolConnectionProxy:
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("the database is not open: call `await db.open()` first")
+        if pool.get_idle_size():
+            # A free connection is waiting: skip the timer wait_for would cost.
+            return await pool.acquire()
+        try:
+            return await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"database pool exhausted: no connection free within {self._acquire_timeout:g} s"
+                f" (pool_max_size={self._max_size})"
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[PoolConnectionProxy]:
+        """A connection for SQL of your own: the transaction's, inside ``transaction()``.
+
+        A connection taken from the pool here has its session fully reset (``RESET ALL``,
+        advisory locks, ``LISTEN``) before it goes back.
+
+        Raises:
+            Unavailable: the pool is closed or exhausted, or the server is unreachable.
+        """
+        tx = self._joined()
+        if tx is not None:
+            yield tx.connection
+            return
+        with translate_errors("acquire"):
+            conn = await self._acquire()
+        try:
+            yield conn
+        finally:
+            await self._release(conn, full_reset=True)
+
+    async def _release(self, conn: PoolConnectionProxy, *, full_reset: bool) -> None:
+        pool = self._pool
+        if full_reset and not conn.is_closed():
+            # Session state set by the caller's own SQL must not leak to the next user.
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await asyncio.shield(conn.reset())
+        if pool is not None:
+            # asyncpg shields the release itself, so a cancelled task still returns it.
+            await pool.release(conn)
+        else:  # pragma: no cover - closed under our feet; the pool terminates it
+            conn.terminate()
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self,
+        name: str = "transaction",
+        *,
+        isolation: IsolationLevel | None = None,
+        readonly: bool = False,
+    ) -> AsyncIterator[Transaction]:
+        """A transaction that repository calls in the block (same task) join.
+
+        Nested blocks become savepoints: an error inside one rolls back only that block.
+        An exception leaving the outermost block rolls everything back; nothing is
+        half-written. Its duration is counted under ``name``.
+
+        Raises:
+            Unavailable: no connection, the server went away, or a serialization failure
+                or deadlock (the whole block may be retried).
+        """
+        outer = self._joined()
+        if outer is not None:
+            outer.depth += 1
+            try:
+                savepoint = outer._connection.transaction()
+                with translate_errors(name):
+                    await savepoint.start()
+                try:
+                    yield outer
+                except BaseException:
+                    with translate_errors(name):
+                        await savepoint.rollback()
+                    raise
+                with translate_errors(name):
+                    await savepoint.commit()
+            finally:
+                outer.depth -= 1
+            return
+
+        start = time.perf_counter()
+        failed = True
+        with translate_errors(name):
+            conn = await self._acquire()
+        tx = Transaction(conn, name, asyncio.current_task())
+        try:
+            inner = conn.transaction(isolation=isolation, readonly=readonly)
+            with translate_errors(name):
+                await inner.start()
+            token = self._tx.set(tx)
+            try:
+                yield tx
+            except BaseException:
+                self._tx.reset(token)
+                if not conn.is_closed():
+                    with translate_errors(name):
+                        await inner.rollback()
+                raise
+            self._tx.reset(token)
+            with translate_errors(name):
+                await inner.commit()
+            failed = False
+        finally:
+            try:
+                await self._release(conn, full_reset=tx._exposed)
+            finally:
+                self._record(name, time.perf_counter() - start, failed)
+
+    # -- named operations -----------------------------------------------------------------
+
+    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run ``query`` and return every row. ``name`` labels it in logs and stats.
+
+        Raises:
+            ChatkeepError: the driver's error, translated (see :mod:`chatkeep.errors`).
+        """
+        start = time.perf_counter()
+        failed = True
+        try:
+            tx = self._joined()
+            if tx is not None:
+                rows = await tx._connection.fetch(query, *args)
+            else:
+                conn = await self._acquire()
+                try:
+                    rows = await conn.fetch(query, *args)
+                finally:
+                    await self._release(conn, full_reset=False)
+        except _DRIVER_ERRORS as exc:
+            raise _translated(exc, name) from exc
+        else:
+            failed = False
+            return rows
+        finally:
+            self._record(name, time.perf_counter() - start, failed)
+
+    async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
+        """Run ``query`` and return its first row, or ``None``.
+
+        Raises:
+            ChatkeepError: the driver's error, translated.
+        """
+        start = time.perf_counter()
+        failed = True
+        try:
+            tx = self._joined()
+            if tx is not None:
+                row = await tx._connection.fetchrow(query, *args)
+            else:
+                conn = await self._acquire()
+                try:
+                    row = await conn.fetchrow(query, *args)
+                finally:
+                    await self._release(conn, full_reset=False)
+        except _DRIVER_ERRORS as exc:
+            raise _translated(exc, name) from exc
+        else:
+            failed = False
+            return row
+        finally:
+            self._record(name, time.perf_counter() - start, failed)
+
+    async def fetchval(self, name: str, query: str, *args: Any) -> Any:
+        """Run ``query`` and return the first column of its first row (``None`` if none).
+
+        Raises:
+            ChatkeepError: the driver's error, translated.
+        """
+        row = await self.fetchrow(name, query, *args)
+        return None if row is None else row[0]
+
+    async def execute(self, name: str, query: str, *args: Any) -> str:
+        """Run ``query`` and return its status tag (``"UPDATE 1"``).
+
+        Raises:
+            ChatkeepError: the driver's error, translated.
+        """
+        start = time.perf_counter()
+        failed = True
+        try:
+            tx = self._joined()
+            if tx is not None:
+                status = await tx._connection.execute(query, *args)
+            else:
+                conn = await self._acquire()
+                try:
+                    status = await conn.execute(query, *args)
+                finally:
+                    await self._release(conn, full_reset=False)
+        except _DRIVER_ERRORS as exc:
+            raise _translated(exc, name) from exc
+        else:
+            failed = False
+            return status
+        finally:
+            self._record(name, time.perf_counter() - start, failed)
+
+    async def executemany(self, name: str, query: str, args: Iterable[Sequence[Any]]) -> None:
+        """Run ``query`` once per argument tuple, pipelined, atomically.
+
+        Raises:
+            ChatkeepError: the driver's error, translated; nothing is written then.
+        """
+        start = time.perf_counter()
+        failed = True
+        try:
+            async with self.acquire() as conn:
+                await conn.executemany(query, args)
+            failed = False
+        except _DRIVER_ERRORS as exc:
+            raise _translated(exc, name) from exc
+        finally:
+            self._record(name, time.perf_counter() - start, failed)
+
+    async def copy_records(
+        self,
+        name: str,
+        table: str,
+        records: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]],
+        *,
+        columns: Sequence[str],
+    ) -> int:
+        """Bulk-load ``records`` into ``table`` with binary COPY; returns the row count.
+
+        ``table`` and ``columns`` are identifiers chosen by code (they are quoted, never
+        taken from users); the values travel as data.
+
+        Raises:
+            ChatkeepError: the driver's error, translated; nothing is written then.
+        """
+        start = time.perf_counter()
+        failed = True
+        try:
+            async with self.acquire() as conn:
+                status = await conn.copy_records_to_table(
+                    table, records=records, columns=list(columns)
+                )
+            failed = False
+            return int(status.rsplit(" ", 1)[-1])
+        except _DRIVER_ERRORS as exc:
+            raise _translated(exc, name) from exc
+        finally:
+            self._record(name, time.perf_counter() - start, failed)
+
+    async def health(self) -> DatabaseHealth:
+        """One round trip to the server, and the pool's counts.
+
+        Raises:
+            Unavailable: the pool is closed or the server does not answer.
+        """
+        pool = self.pool
+        start = time.perf_counter()
+        version = await self.fetchval("database.health", "SELECT current_setting('server_version')")
+        latency = (time.perf_counter() - start) * 1000
+        size = pool.get_size()
+        idle = pool.get_idle_size()
+        return DatabaseHealth(
+            latency_ms=latency,
+            server_version=str(version),
+            pool_size=size,
+            pool_min_size=pool.get_min_size(),
+            pool_max_size=pool.get_max_size(),
+            idle=idle,
+            busy=size - idle,
+        )
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing beyond asyncpg's own rollback and listener cleanup.
+
+    asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` on every release: one extra round trip per operation. chatkeep's own
+    statements change no session state (the acting user is set with ``set_config(...,
+    true)``, local to the transaction), and every connection handed to outside code (via
+    :meth:`Database.acquire` or :attr:`Transaction.connection`) gets the full reset before
+    it goes back, so the round trip is spent only where it is needed.
+    """
+    del conn
+
+
+def _translated(exc: BaseException, operation: str) -> ChatkeepError:
+    translated = translate_error(exc, operation)
+    if translated is None:  # pragma: no cover - every _DRIVER_ERRORS type is mapped
+        return ChatkeepError(f"{operation}: {exc.__class__.__name__}")
+    return translated

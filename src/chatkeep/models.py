@@ -1,0 +1,602 @@
+"""Typed, frozen models of what chatkeep stores, and the DTOs that validate what goes in.
+
+Two kinds of model live here:
+
+* **DTOs** (``CreateUserDto``, ``UpdateUserDto``, ``CreateRoomDto``, ``UpdateRoomDto``,
+  ``CreateMessageDto``) carry caller input. Constructing one validates every rule below
+  and raises :class:`chatkeep.errors.InvalidInput` naming the field and the rule; callers
+  never see pydantic's ``ValidationError``.
+* **Read models** (``User``, ``UserProfile``, ``Room``, ``RoomWithUsers``, ``RoomMember``,
+  ``RoomSummary``, ``Message``, ``MessageWithUser``, ``RoomUser``, ``MessageReadStatus``,
+  ``CursorPage``) describe stored rows. Repositories build them from rows the database has
+  already checked (the CHECK constraints repeat these rules), so they skip validation: a
+  page of 50 messages with authors costs microseconds, not the ~2 us per model full
+  validation would (``docs/performance.md`` has the figures).
+
+Rules (each fails with ``InvalidInput(field, rule)``):
+
+========== ==============================================================================
+email      ``local@domain``, ASCII, at most 254 characters (local part at most 64); stored
+           lower-cased, so ``Ann@X.org`` and ``ann@x.org`` are the same account
+username   NFKC-normalised then lower-cased, 3 to 32 characters from ``a-z 0-9 _ . -``,
+           starting with a letter or digit: case variants and compatibility look-alikes
+           (full-width letters, ligatures) collide, other scripts' look-alikes are refused
+password   at least 8 characters and at most 72 bytes in UTF-8 (bcrypt reads no further;
+           a longer password is refused, never silently truncated); no NUL
+avatar_url ``http://`` or ``https://`` with a host, at most 2048 characters
+content    1 to 10000 characters, not only whitespace, no NUL, valid Unicode
+room name  1 to 100 characters, not only whitespace, no NUL
+========== ==============================================================================
+
+``password_hash`` is not a field of any model here: it never leaves the storage layer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Self, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from chatkeep.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from asyncpg import Record
+
+__all__ = [
+    "CONTENT_MAX_LENGTH",
+    "PASSWORD_MAX_BYTES",
+    "PASSWORD_MIN_LENGTH",
+    "USERNAME_MAX_LENGTH",
+    "USERNAME_MIN_LENGTH",
+    "CreateMessageDto",
+    "CreateRoomDto",
+    "CreateUserDto",
+    "CursorPage",
+    "Message",
+    "MessageReadStatus",
+    "MessageType",
+    "MessageWithUser",
+    "Room",
+    "RoomMember",
+    "RoomRole",
+    "RoomSummary",
+    "RoomType",
+    "RoomUser",
+    "RoomWithUsers",
+    "UpdateRoomDto",
+    "UpdateUserDto",
+    "User",
+    "UserProfile",
+    "canonical_email",
+    "canonical_username",
+    "check_content",
+    "check_password",
+]
+
+RoomType = Literal["public", "private", "direct"]
+RoomRole = Literal["owner", "admin", "member"]
+MessageType = Literal["text", "image", "file", "system"]
+
+USERNAME_MIN_LENGTH: Final = 3
+USERNAME_MAX_LENGTH: Final = 32
+PASSWORD_MIN_LENGTH: Final = 8
+PASSWORD_MAX_BYTES: Final = 72
+EMAIL_MAX_LENGTH: Final = 254
+EMAIL_LOCAL_MAX_LENGTH: Final = 64
+URL_MAX_LENGTH: Final = 2048
+CONTENT_MAX_LENGTH: Final = 10_000
+ROOM_NAME_MAX_LENGTH: Final = 100
+ROOM_DESCRIPTION_MAX_LENGTH: Final = 1000
+CLIENT_MSG_ID_MAX_LENGTH: Final = 64
+
+_USERNAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_EMAIL_ATOM: Final = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_EMAIL_LOCAL_RE: Final = re.compile(rf"{_EMAIL_ATOM}(?:\.{_EMAIL_ATOM})*")
+_EMAIL_LABEL_RE: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_CLIENT_MSG_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,64}")
+# What the database's CHECK trims before testing "not only whitespace".
+_CONTENT_BLANKS: Final = " \t\r\n"
+
+
+def _rule(rule: str) -> PydanticCustomError:
+    # Our validators report the rule itself; _invalid() turns it into InvalidInput.
+    return PydanticCustomError("chatkeep_rule", "{rule}", {"rule": rule})
+
+
+def _rule_text(exc: PydanticCustomError) -> str:
+    return str((exc.context or {}).get("rule", exc.message()))
+
+
+def _check_text(value: str, *, allow_nul: bool = False) -> None:
+    if not allow_nul and "\x00" in value:
+        raise _rule("must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _rule("must be valid Unicode (no lone surrogates)") from None
+
+
+def _invalid(exc: ValidationError) -> InvalidInput:
+    """The first error of a pydantic failure as InvalidInput (never echoing the value)."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or exc.title
+    ctx = first.get("ctx") or {}
+    rule = str(ctx["rule"]) if first["type"] == "chatkeep_rule" else str(first["msg"])
+    return InvalidInput(field, rule)
+
+
+# -- canonical forms, usable without building a DTO (look-ups use them) --------------------
+
+
+def canonical_email(value: str) -> str:
+    """The stored form of an email address: stripped and lower-cased.
+
+    Raises:
+        InvalidInput: ``email`` breaks a rule (see the module docstring).
+    """
+    try:
+        return _canonical_email(value)
+    except PydanticCustomError as exc:
+        raise InvalidInput("email", _rule_text(exc)) from None
+
+
+def _canonical_email(value: str) -> str:
+    if not isinstance(value, str):
+        raise _rule("must be a string")
+    email = value.strip().lower()
+    if len(email) > EMAIL_MAX_LENGTH:
+        raise _rule(f"at most {EMAIL_MAX_LENGTH} characters")
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain:
+        raise _rule("must look like name@example.org")
+    if len(local) > EMAIL_LOCAL_MAX_LENGTH or not _EMAIL_LOCAL_RE.fullmatch(local):
+        raise _rule("local part must be ASCII letters, digits or !#$%&'*+/=?^_`{|}~.-")
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_EMAIL_LABEL_RE.fullmatch(label) for label in labels):
+        raise _rule("domain must be ASCII labels separated by dots")
+    if labels[-1].isdigit():
+        raise _rule("domain must not be an IP address")
+    return email
+
+
+def canonical_username(value: str) -> str:
+    """The stored form of a username: NFKC-normalised and lower-cased.
+
+    Raises:
+        InvalidInput: ``username`` breaks a rule (see the module docstring).
+    """
+    try:
+        return _canonical_username(value)
+    except PydanticCustomError as exc:
+        raise InvalidInput("username", _rule_text(exc)) from None
+
+
+def _canonical_username(value: str) -> str:
+    if not isinstance(value, str):
+        raise _rule("must be a string")
+    if len(value) > 4 * USERNAME_MAX_LENGTH:
+        # Refuse huge input before normalising it (NFKC can expand a string 18-fold).
+        raise _rule(f"{USERNAME_MIN_LENGTH} to {USERNAME_MAX_LENGTH} characters")
+    name = unicodedata.normalize("NFKC", value.strip()).lower()
+    if not USERNAME_MIN_LENGTH <= len(name) <= USERNAME_MAX_LENGTH:
+        raise _rule(f"{USERNAME_MIN_LENGTH} to {USERNAME_MAX_LENGTH} characters")
+    if not _USERNAME_RE.fullmatch(name):
+        raise _rule("only a-z, 0-9, _ . - and starting with a letter or digit")
+    return name
+
+
+def check_password(value: str) -> str:
+    """Return ``value`` if it is an acceptable password.
+
+    Raises:
+        InvalidInput: ``password`` is shorter than 8 characters, longer than 72 bytes in
+            UTF-8 (bcrypt's limit), or contains NUL.
+    """
+    try:
+        return _check_password(value)
+    except PydanticCustomError as exc:
+        raise InvalidInput("password", _rule_text(exc)) from None
+
+
+def _check_password(value: str) -> str:
+    if not isinstance(value, str):
+        raise _rule("must be a string")
+    if len(value) > PASSWORD_MAX_BYTES:  # cheap early exit; bytes >= characters
+        raise _rule(f"at most {PASSWORD_MAX_BYTES} bytes in UTF-8 (bcrypt's limit)")
+    _check_text(value)
+    if len(value.encode("utf-8")) > PASSWORD_MAX_BYTES:
+        raise _rule(f"at most {PASSWORD_MAX_BYTES} bytes in UTF-8 (bcrypt's limit)")
+    if len(value) < PASSWORD_MIN_LENGTH:
+        raise _rule(f"at least {PASSWORD_MIN_LENGTH} characters")
+    return value
+
+
+def _check_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > URL_MAX_LENGTH:
+        raise _rule(f"at most {URL_MAX_LENGTH} characters")
+    _check_text(value)
+    if any(ch.isspace() for ch in value):
+        raise _rule("must not contain whitespace")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise _rule("must be a valid URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise _rule("must be an http:// or https:// URL with a host")
+    return value
+
+
+def _check_content(value: str) -> str:
+    if len(value) > CONTENT_MAX_LENGTH:
+        raise _rule(f"at most {CONTENT_MAX_LENGTH} characters")
+    _check_text(value)
+    if not value.strip(_CONTENT_BLANKS):
+        raise _rule("must not be empty or only whitespace")
+    return value
+
+
+def check_content(value: str) -> str:
+    """Return ``value`` if it is acceptable message content.
+
+    Raises:
+        InvalidInput: ``content`` is empty, only whitespace, over 10000 characters, or
+            contains NUL or lone surrogates.
+    """
+    if not isinstance(value, str):
+        raise InvalidInput("content", "must be a string")
+    try:
+        return _check_content(value)
+    except PydanticCustomError as exc:
+        raise InvalidInput("content", _rule_text(exc)) from None
+
+
+def _check_room_name(value: str) -> str:
+    if len(value) > ROOM_NAME_MAX_LENGTH:
+        raise _rule(f"1 to {ROOM_NAME_MAX_LENGTH} characters")
+    _check_text(value)
+    stripped = value.strip()
+    if not stripped:
+        raise _rule("must not be empty or only whitespace")
+    return stripped
+
+
+def _check_description(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > ROOM_DESCRIPTION_MAX_LENGTH:
+        raise _rule(f"at most {ROOM_DESCRIPTION_MAX_LENGTH} characters")
+    _check_text(value)
+    return value
+
+
+# -- base classes ------------------------------------------------------------------------
+
+
+class _Dto(BaseModel):
+    """Caller input: validated on construction, InvalidInput on failure."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            # from None: pydantic's error would carry the input (maybe a password).
+            raise _invalid(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> Self:
+        """Validate ``obj``; raises :class:`~chatkeep.errors.InvalidInput`, not pydantic's."""
+        try:
+            return super().model_validate(obj, **options)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+
+class _Row(BaseModel):
+    """A stored row. Built by repositories without validation (the database checked it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    __row_fields__: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.__row_fields__ = frozenset(cls.model_fields)
+
+    @classmethod
+    def _from_row(cls, values: Mapping[str, Any] | Record) -> Self:
+        """Build from trusted database values: no validation, every field must be present.
+
+        ``model_construct`` would do, but it costs about twice what validation does on
+        pydantic 2.x; this fills ``__dict__`` directly, as model_construct ends up doing.
+        """
+        return cls._adopt(dict(values))
+
+    @classmethod
+    def _adopt(cls, data: dict[str, Any]) -> Self:
+        """Like :meth:`_from_row`, taking ownership of ``data`` (no copy)."""
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "__dict__", data)
+        object.__setattr__(obj, "__pydantic_fields_set__", cls.__row_fields__)
+        object.__setattr__(obj, "__pydantic_extra__", None)
+        object.__setattr__(obj, "__pydantic_private__", None)
+        return obj
+
+
+# -- users --------------------------------------------------------------------------------
+
+
+class UserProfile(_Row):
+    """What other users may see of a user: no email, no timestamps of activity."""
+
+    id: uuid.UUID
+    username: str
+    avatar_url: str | None = None
+
+
+class User(_Row):
+    """An account as its owner sees it. There is no ``password_hash`` field, by design."""
+
+    id: uuid.UUID
+    email: str
+    username: str
+    avatar_url: str | None = None
+    is_active: bool = True
+    last_seen: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    def profile(self) -> UserProfile:
+        """The public part of this user."""
+        return UserProfile._from_row(
+            {"id": self.id, "username": self.username, "avatar_url": self.avatar_url}
+        )
+
+
+class CreateUserDto(_Dto):
+    """A new account. ``password`` is a :class:`~pydantic.SecretStr`: it never shows in reprs.
+
+    Example:
+        >>> dto = CreateUserDto(email="Ann@Example.org", username="Ann", password="hunter2!!")
+        >>> dto.email, dto.username, str(dto.password)
+        ('ann@example.org', 'ann', '**********')
+    """
+
+    email: str
+    username: str
+    password: SecretStr
+    avatar_url: str | None = None
+
+    @field_validator("email", mode="before")
+    @classmethod
+    def _email(cls, value: Any) -> str:
+        return _canonical_email(value)
+
+    @field_validator("username", mode="before")
+    @classmethod
+    def _username(cls, value: Any) -> str:
+        return _canonical_username(value)
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _password(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return _check_password(value)
+
+    @field_validator("avatar_url")
+    @classmethod
+    def _avatar(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+
+class UpdateUserDto(_Dto):
+    """A profile change: only the fields given are changed; ``avatar_url=None`` clears it."""
+
+    username: str | None = None
+    avatar_url: str | None = None
+
+    @field_validator("username", mode="before")
+    @classmethod
+    def _username(cls, value: Any) -> str:
+        if value is None:
+            raise _rule("must not be null (leave it out to keep the current one)")
+        return _canonical_username(value)
+
+    @field_validator("avatar_url")
+    @classmethod
+    def _avatar(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+
+# -- rooms --------------------------------------------------------------------------------
+
+
+class Room(_Row):
+    """A room. ``last_seq`` is the ``seq`` of its newest message (0 when empty)."""
+
+    id: uuid.UUID
+    name: str
+    description: str | None = None
+    type: RoomType
+    created_by: uuid.UUID
+    is_active: bool = True
+    last_seq: int = 0
+    created_at: datetime
+    updated_at: datetime
+
+
+class RoomUser(_Row):
+    """A membership, with the member's read watermark."""
+
+    room_id: uuid.UUID
+    user_id: uuid.UUID
+    role: RoomRole
+    joined_at: datetime
+    last_read_at: datetime | None = None
+    last_read_seq: int = 0
+
+
+class RoomMember(_Row):
+    """A member of a room as a listing shows it: profile, role and read watermark."""
+
+    user: UserProfile
+    role: RoomRole
+    joined_at: datetime
+    last_read_seq: int = 0
+    last_read_at: datetime | None = None
+
+
+class RoomWithUsers(Room):
+    """A room with all of its members (oldest member first)."""
+
+    members: tuple[RoomMember, ...] = ()
+
+
+class CreateRoomDto(_Dto):
+    """A new public or private room; direct rooms come from ``RoomRepository.open_direct``."""
+
+    name: str
+    description: str | None = None
+    type: Literal["public", "private"] = "public"
+    created_by: uuid.UUID
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_room_name(value)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, value: str | None) -> str | None:
+        return _check_description(value)
+
+
+class UpdateRoomDto(_Dto):
+    """A change of name or description: only the fields given are changed."""
+
+    name: str | None = None
+    description: str | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _rule("must be a string")
+        return _check_room_name(value)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, value: str | None) -> str | None:
+        return _check_description(value)
+
+
+# -- messages -----------------------------------------------------------------------------
+
+
+class Message(_Row):
+    """A stored message; ``seq`` is its gapless, commit-ordered position in the room."""
+
+    id: uuid.UUID
+    room_id: uuid.UUID
+    user_id: uuid.UUID
+    seq: int
+    client_msg_id: str | None = None
+    content: str
+    type: MessageType = "text"
+    is_edited: bool = False
+    edited_at: datetime | None = None
+    created_at: datetime
+
+
+class MessageWithUser(Message):
+    """A message with its author's public profile, as history pages return it."""
+
+    user: UserProfile
+
+
+class CreateMessageDto(_Dto):
+    """A message to send.
+
+    ``client_msg_id`` (1-64 printable ASCII characters, no spaces) makes the send
+    idempotent: sending again with the same id returns the first message.
+    """
+
+    room_id: uuid.UUID
+    user_id: uuid.UUID
+    content: str
+    type: MessageType = "text"
+    client_msg_id: str | None = Field(default=None)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _rule("must be a string")
+        return _check_content(value)
+
+    @field_validator("client_msg_id")
+    @classmethod
+    def _client_msg_id(cls, value: str | None) -> str | None:
+        if value is not None and not _CLIENT_MSG_ID_RE.fullmatch(value):
+            raise _rule("1 to 64 printable ASCII characters without spaces")
+        return value
+
+
+class MessageReadStatus(_Row):
+    """Who has read a message and when: from an explicit receipt or from their watermark."""
+
+    message_id: uuid.UUID
+    user_id: uuid.UUID
+    read_at: datetime | None = None
+
+
+class RoomSummary(_Row):
+    """One room of a user's room list: the room, their role, the last message, unread count."""
+
+    room: Room
+    role: RoomRole
+    last_read_seq: int
+    unread_count: int
+    last_message: MessageWithUser | None = None
+
+
+# -- pages --------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class CursorPage(BaseModel, Generic[T]):
+    """A page of items in ascending order, with opaque cursors to the pages around it.
+
+    ``before`` fetches the page just older than the first item and is ``None`` when there
+    is nothing older; ``after`` fetches the page just newer than the last item and is
+    ``None`` when there was nothing newer when this page was read (``newest`` gives the
+    cursor to poll for new items from there).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    items: tuple[T, ...]
+    before: str | None = None
+    after: str | None = None
+    newest: str | None = None

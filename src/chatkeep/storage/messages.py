@@ -1,0 +1,540 @@
+"""Messages and read state: send, edit, delete, history by cursor, watermarks, receipts.
+
+``seq`` is allocated in the statement that inserts the message (``UPDATE rooms SET
+last_seq = last_seq + 1 ... RETURNING``): the room row lock orders concurrent senders, so
+within a room ``seq`` is gapless and in commit order. Read state is a per-member watermark
+(``room_users.last_read_seq``) that only moves forward; unread counts are a subtraction.
+``docs/design.md`` (Storage) says why each query has the shape it has.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import struct
+import uuid
+from typing import Any, ClassVar, Final, Literal, NoReturn
+
+from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from chatkeep.ids import uuid7
+from chatkeep.models import (
+    CreateMessageDto,
+    CursorPage,
+    Message,
+    MessageReadStatus,
+    MessageWithUser,
+    UserProfile,
+    check_content,
+)
+from chatkeep.storage.base import BaseRepository, check_id
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "MessageRepository", "decode_cursor"]
+
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 200
+_MAX_SEQ: Final = 2**63 - 1
+
+MESSAGE_COLUMNS: Final = (
+    "id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at, created_at"
+)
+_M_COLUMNS: Final = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
+_MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
+
+# One statement, so one round trip and atomic without BEGIN/COMMIT:
+#  - a retried send (same client_msg_id) finds the first message and allocates nothing;
+#  - the room counter moves only for a member of an active room, under the room row lock,
+#    which is what orders concurrent senders and keeps seq gapless;
+#  - the sender's own watermark follows their message (your own message is not unread).
+# Two concurrent first sends with one client_msg_id: the loser's INSERT hits
+# messages_client_msg_id_key and the whole statement (counter included) rolls back, so no
+# seq is burnt; send() then returns the winner's row.
+SEND: Final = f"""
+WITH existing AS (
+    SELECT {MESSAGE_COLUMNS} FROM messages
+     WHERE room_id = $2 AND user_id = $3 AND client_msg_id = $4
+), allocated AS (
+    UPDATE rooms SET last_seq = last_seq + 1
+     WHERE id = $2 AND is_active
+       AND NOT EXISTS (SELECT 1 FROM existing)
+       AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
+    RETURNING last_seq
+), inserted AS (
+    INSERT INTO messages (id, room_id, user_id, seq, client_msg_id, content, type)
+    SELECT $1, $2, $3, allocated.last_seq, $4, $5, $6 FROM allocated
+    RETURNING {MESSAGE_COLUMNS}
+), seen AS (
+    UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
+      FROM inserted
+     WHERE room_users.room_id = $2 AND room_users.user_id = $3
+       AND room_users.last_read_seq < inserted.seq
+)
+SELECT {MESSAGE_COLUMNS} FROM inserted
+UNION ALL
+SELECT {MESSAGE_COLUMNS} FROM existing
+"""
+FIND_BY_CLIENT_ID: Final = f"""
+SELECT {MESSAGE_COLUMNS} FROM messages
+ WHERE room_id = $1 AND user_id = $2 AND client_msg_id = $3
+"""
+WHY_NOT_SENT: Final = """
+SELECT r.is_active,
+       EXISTS (SELECT 1 FROM room_users WHERE room_id = r.id AND user_id = $2) AS member
+  FROM rooms r WHERE r.id = $1
+"""
+EDIT: Final = f"""
+UPDATE messages SET content = $3, is_edited = true, edited_at = now()
+ WHERE id = $1 AND user_id = $2
+RETURNING {MESSAGE_COLUMNS}
+"""
+AUTHOR_OF: Final = "SELECT user_id FROM messages WHERE id = $1"
+# The author, or an owner/admin of the message's room.
+DELETE_AS: Final = """
+DELETE FROM messages m
+ WHERE m.id = $1
+   AND (m.user_id = $2
+        OR EXISTS (SELECT 1 FROM room_users ru
+                    WHERE ru.room_id = m.room_id AND ru.user_id = $2
+                      AND ru.role IN ('owner', 'admin')))
+RETURNING m.id
+"""
+
+# History: keyset over messages (room_id, seq), one index range scan in either direction,
+# authors joined by primary key. The cost of a page does not depend on its depth.
+_HISTORY_SELECT: Final = f"""
+SELECT {_M_COLUMNS}, u.username, u.avatar_url
+  FROM messages m
+  JOIN users u ON u.id = m.user_id
+"""
+HISTORY_BEFORE: Final = f"""{_HISTORY_SELECT}
+ WHERE m.room_id = $1 AND m.seq < $2
+ ORDER BY m.seq DESC
+ LIMIT $3
+"""
+HISTORY_AFTER: Final = f"""{_HISTORY_SELECT}
+ WHERE m.room_id = $1 AND m.seq > $2
+ ORDER BY m.seq
+ LIMIT $3
+"""
+HISTORY_AROUND: Final = f"""
+(SELECT * FROM ({_HISTORY_SELECT}
+  WHERE m.room_id = $1 AND m.seq < $2
+  ORDER BY m.seq DESC
+  LIMIT $3) AS older
+  ORDER BY seq)
+UNION ALL
+(SELECT * FROM ({_HISTORY_SELECT}
+  WHERE m.room_id = $1 AND m.seq >= $2
+  ORDER BY m.seq
+  LIMIT $4) AS newer)
+"""
+SEQ_OF: Final = "SELECT room_id, seq FROM messages WHERE id = $1"
+ROOM_EXISTS: Final = "SELECT 1 FROM rooms WHERE id = $1"
+USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
+
+# The watermark moves forward only (GREATEST), never past the room's newest message, and
+# last_read_at changes only when it moves. rooms is read, not locked: marking read never
+# waits for a sender.
+MARK_READ: Final = """
+UPDATE room_users ru
+   SET last_read_seq = GREATEST(ru.last_read_seq, target.seq),
+       last_read_at = CASE WHEN target.seq > ru.last_read_seq THEN now()
+                           ELSE ru.last_read_at END
+  FROM rooms r,
+       LATERAL (SELECT LEAST(COALESCE($3::bigint, r.last_seq), r.last_seq) AS seq) AS target
+ WHERE ru.room_id = $1 AND ru.user_id = $2 AND r.id = ru.room_id
+RETURNING ru.last_read_seq
+"""
+# A receipt is written only when the watermark does not already say it: the table grows
+# with out-of-order reads, not with members x messages.
+MARK_MESSAGE_READ: Final = """
+WITH m AS (
+    SELECT id, room_id, seq FROM messages WHERE id = $1
+), member AS (
+    SELECT ru.last_read_seq FROM room_users ru, m
+     WHERE ru.room_id = m.room_id AND ru.user_id = $2
+), receipt AS (
+    INSERT INTO message_read_status (message_id, user_id)
+    SELECT m.id, $2 FROM m, member WHERE member.last_read_seq < m.seq
+    ON CONFLICT (message_id, user_id) DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM m) AS found,
+       EXISTS (SELECT 1 FROM member) AS is_member,
+       EXISTS (SELECT 1 FROM receipt) AS written
+"""
+# Readers of a message: every other member whose watermark covers it, plus explicit
+# receipts ahead of the watermark. The receipt's time wins when both exist.
+READ_BY: Final = """
+SELECT m.id AS message_id, ru.user_id, COALESCE(s.read_at, ru.last_read_at) AS read_at
+  FROM messages m
+  JOIN room_users ru ON ru.room_id = m.room_id AND ru.user_id <> m.user_id
+  LEFT JOIN message_read_status s ON s.message_id = m.id AND s.user_id = ru.user_id
+ WHERE m.id = $1 AND (ru.last_read_seq >= m.seq OR s.user_id IS NOT NULL)
+ ORDER BY read_at, ru.user_id
+"""
+MESSAGE_EXISTS: Final = "SELECT 1 FROM messages WHERE id = $1"
+# All of a user's unread counts in one round trip: a subtraction per room, no COUNT.
+UNREAD_COUNTS: Final = """
+SELECT ru.room_id, GREATEST(r.last_seq - ru.last_read_seq, 0) AS unread
+  FROM room_users ru
+  JOIN rooms r ON r.id = ru.room_id
+ WHERE ru.user_id = $1
+"""
+
+# -- cursors ------------------------------------------------------------------------------
+
+_CURSOR_VERSION: Final = 1
+_CURSOR_FORMAT: Final = struct.Struct(">Bc16sq")  # version, direction, room id, seq
+_CURSOR_TAG_BYTES: Final = 4
+Direction = Literal["before", "after"]
+
+
+def _tag(payload: bytes) -> bytes:
+    # Detects edited or truncated cursors. Not a secret: a forged cursor can only name
+    # another position in a room the caller asked for anyway.
+    return hashlib.blake2b(payload, digest_size=_CURSOR_TAG_BYTES, person=b"chatkeep-cur").digest()
+
+
+def encode_cursor(room_id: uuid.UUID, seq: int, direction: Direction) -> str:
+    """An opaque cursor: the page ``direction`` of ``seq`` in ``room_id``."""
+    payload = _CURSOR_FORMAT.pack(
+        _CURSOR_VERSION, b"b" if direction == "before" else b"a", room_id.bytes, seq
+    )
+    return base64.urlsafe_b64encode(payload + _tag(payload)).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[uuid.UUID, int, Direction]:
+    """The room, seq and direction inside a cursor.
+
+    Raises:
+        InvalidInput: ``cursor`` is malformed, tampered with or of an unknown version.
+    """
+    if not isinstance(cursor, str) or len(cursor) > 64:
+        raise InvalidInput("cursor", "malformed")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidInput("cursor", "malformed") from None
+    size = _CURSOR_FORMAT.size
+    if len(raw) != size + _CURSOR_TAG_BYTES:
+        raise InvalidInput("cursor", "malformed")
+    payload, tag = raw[:size], raw[size:]
+    if tag != _tag(payload):
+        raise InvalidInput("cursor", "tampered with or corrupted")
+    version, direction, room, seq = _CURSOR_FORMAT.unpack(payload)
+    if version != _CURSOR_VERSION or direction not in (b"a", b"b") or seq < 0:
+        raise InvalidInput("cursor", "unknown version")
+    return uuid.UUID(bytes=room), seq, "before" if direction == b"b" else "after"
+
+
+def _page_size(limit: object) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInput("limit", f"an integer from 1 to {MAX_PAGE_SIZE}")
+    return limit
+
+
+def _seq(field: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_SEQ:
+        raise InvalidInput(field, "a seq: an integer >= 0")
+    return value
+
+
+class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageDto]):
+    """Messages, history and read state."""
+
+    table: ClassVar[str] = "messages"
+    model: ClassVar[type[Message]] = Message
+    entity: ClassVar[str] = "message"
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def create(self, dto: CreateMessageDto) -> Message:
+        """Same as :meth:`send`."""
+        return await self.send(dto)
+
+    async def send(self, dto: CreateMessageDto) -> Message:
+        """Store a message from a member; a repeated ``client_msg_id`` returns the first.
+
+        Raises:
+            NotFound: the room does not exist.
+            PermissionDenied: the sender is not a member, or the room is archived.
+            InvalidInput: ``dto`` is not a CreateMessageDto.
+        """
+        if not isinstance(dto, CreateMessageDto):
+            raise InvalidInput("dto", "must be a CreateMessageDto")
+        args = (uuid7(), dto.room_id, dto.user_id, dto.client_msg_id, dto.content, dto.type)
+        try:
+            if self.db.in_transaction():
+                # A savepoint, so a lost client_msg_id race does not abort the caller's
+                # transaction.
+                async with self.db.transaction("messages.send_savepoint"):
+                    row = await self.db.fetchrow("messages.send", SEND, *args)
+            else:
+                row = await self.db.fetchrow("messages.send", SEND, *args)
+        except Conflict as exc:
+            if exc.constraint != "messages_client_msg_id_key":
+                raise
+            row = await self.db.fetchrow(
+                "messages.find_by_client_id",
+                FIND_BY_CLIENT_ID,
+                dto.room_id,
+                dto.user_id,
+                dto.client_msg_id,
+            )
+            if row is None:  # pragma: no cover - the winner was deleted in between
+                raise
+        if row is None:
+            await self._why_not_sent(dto.room_id, dto.user_id)
+        return Message._from_row(row)
+
+    async def _why_not_sent(self, room: uuid.UUID, user: uuid.UUID) -> NoReturn:
+        found = await self.db.fetchrow("messages.why_not_sent", WHY_NOT_SENT, room, user)
+        if found is None:
+            raise NotFound(f"room {room} does not exist", entity="room")
+        if not found["member"]:
+            raise PermissionDenied("only members may send to this room")
+        raise PermissionDenied("the room is archived")
+
+    async def edit(self, message_id: uuid.UUID, content: str, *, by: uuid.UUID) -> Message:
+        """Replace the content of the author's own message; sets is_edited and edited_at.
+
+        Raises:
+            NotFound: no such message.
+            PermissionDenied: ``by`` is not the author.
+            InvalidInput: ``content`` breaks a rule.
+        """
+        key = check_id("message_id", message_id)
+        actor = check_id("by", by)
+        text = check_content(content)
+        row = await self.db.fetchrow("messages.edit", EDIT, key, actor, text)
+        if row is None:
+            if await self.db.fetchval("messages.author_of", AUTHOR_OF, key) is None:
+                raise NotFound(f"message {key} does not exist", entity="message")
+            raise PermissionDenied("only the author may edit a message")
+        return Message._from_row(row)
+
+    async def delete(self, id: uuid.UUID, *, by: uuid.UUID | None = None) -> bool:
+        """Delete a message; True if it existed.
+
+        With ``by``, only the author or an owner/admin of the room may delete it. Its
+        ``seq`` is not reused: history simply skips it.
+
+        Raises:
+            PermissionDenied: ``by`` may not delete this message.
+        """
+        if by is None:
+            return await super().delete(id)
+        key = check_id("id", id)
+        actor = check_id("by", by)
+        deleted = await self.db.fetchval("messages.delete", DELETE_AS, key, actor)
+        if deleted is not None:
+            return True
+        if await self.db.fetchval("messages.author_of", AUTHOR_OF, key) is None:
+            return False
+        raise PermissionDenied("only the author or a room owner/admin may delete a message")
+
+    # -- history --------------------------------------------------------------------------
+
+    async def history(
+        self,
+        room_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | uuid.UUID | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """A page of the room's messages in ascending ``seq``, authors joined.
+
+        With no position, the newest page. Otherwise exactly one of: ``cursor`` (from a
+        previous page's ``before``/``after``), ``before_seq`` / ``after_seq`` (strictly
+        older / newer than that seq: ``after_seq=N`` is how a reconnecting client catches
+        up, ``after_seq=0`` starts from the oldest), or ``around`` (a seq or a message id:
+        half the page older than it, the rest from it on).
+
+        Raises:
+            InvalidInput: more than one position, a bad cursor (malformed, tampered with,
+                or of another room), or ``limit`` outside 1..200.
+            NotFound: ``around`` names a message that does not exist in this room.
+        """
+        room = check_id("room_id", room_id)
+        size = _page_size(limit)
+        given = sum(p is not None for p in (cursor, before_seq, after_seq, around))
+        if given > 1:
+            raise InvalidInput(
+                "cursor", "give at most one of cursor, before_seq, after_seq, around"
+            )
+        if cursor is not None:
+            cursor_room, seq, direction = decode_cursor(cursor)
+            if cursor_room != room:
+                raise InvalidInput("cursor", "belongs to another room")
+            if direction == "before":
+                return await self._before(room, seq, size, newest=False)
+            return await self._after(room, seq, size)
+        if before_seq is not None:
+            return await self._before(room, _seq("before_seq", before_seq), size, newest=False)
+        if after_seq is not None:
+            return await self._after(room, _seq("after_seq", after_seq), size)
+        if around is not None:
+            return await self._around(room, around, size)
+        return await self._before(room, _MAX_SEQ, size, newest=True)
+
+    async def _before(
+        self, room: uuid.UUID, seq: int, size: int, *, newest: bool
+    ) -> CursorPage[MessageWithUser]:
+        rows = await self.db.fetch("messages.history", HISTORY_BEFORE, room, seq, size + 1)
+        more = len(rows) > size
+        items = _messages(rows[size - 1 :: -1] if more else rows[::-1])
+        if not items:
+            return CursorPage(
+                items=(), newest=None if newest else encode_cursor(room, seq - 1, "after")
+            )
+        first, last = items[0].seq, items[-1].seq
+        return CursorPage(
+            items=items,
+            before=encode_cursor(room, first, "before") if more else None,
+            after=None if newest else encode_cursor(room, last, "after"),
+            newest=encode_cursor(room, last, "after"),
+        )
+
+    async def _after(self, room: uuid.UUID, seq: int, size: int) -> CursorPage[MessageWithUser]:
+        rows = await self.db.fetch("messages.history_after", HISTORY_AFTER, room, seq, size + 1)
+        more = len(rows) > size
+        items = _messages(rows[:size] if more else rows)
+        if not items:
+            return CursorPage(items=(), newest=encode_cursor(room, seq, "after"))
+        first, last = items[0].seq, items[-1].seq
+        return CursorPage(
+            items=items,
+            before=encode_cursor(room, first, "before") if seq > 0 else None,
+            after=encode_cursor(room, last, "after") if more else None,
+            newest=encode_cursor(room, last, "after"),
+        )
+
+    async def _around(
+        self, room: uuid.UUID, anchor: int | uuid.UUID, size: int
+    ) -> CursorPage[MessageWithUser]:
+        if isinstance(anchor, uuid.UUID):
+            found = await self.db.fetchrow("messages.seq_of", SEQ_OF, anchor)
+            if found is None or found["room_id"] != room:
+                raise NotFound(f"message {anchor} is not in room {room}", entity="message")
+            seq: int = found["seq"]
+        else:
+            seq = _seq("around", anchor)
+        # Half the page on each side of the anchor; a short side lends its room to the
+        # other, so a page near either end of the room is still full.
+        rows = await self.db.fetch(
+            "messages.history_around", HISTORY_AROUND, room, seq, size + 1, size + 1
+        )
+        # UNION ALL keeps branch order in practice; SQL does not promise it, so sort.
+        rows = sorted(rows, key=lambda row: row["seq"])
+        split = sum(1 for row in rows if row["seq"] < seq)
+        found_older, found_newer = split, len(rows) - split
+        take_older = min(found_older, size // 2)
+        take_newer = min(found_newer, size - take_older)
+        take_older = min(found_older, size - take_newer)
+        more_before = found_older > take_older
+        more_after = found_newer > take_newer
+        kept = rows[split - take_older : split + take_newer]
+        items = _messages(kept)
+        if not items:
+            return CursorPage(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
+        first, last = items[0].seq, items[-1].seq
+        return CursorPage(
+            items=items,
+            before=encode_cursor(room, first, "before") if more_before else None,
+            after=encode_cursor(room, last, "after") if more_after else None,
+            newest=encode_cursor(room, last, "after"),
+        )
+
+    # -- read state -----------------------------------------------------------------------
+
+    async def mark_read(
+        self, room_id: uuid.UUID, user_id: uuid.UUID, seq: int | None = None
+    ) -> int:
+        """Move the member's watermark forward to ``seq`` (default: the newest message).
+
+        Never moves it backward and never past the room's newest message; one row update
+        whatever the number of unread messages. Returns the watermark after the call.
+
+        Raises:
+            NotFound: the room does not exist.
+            PermissionDenied: the user is not a member.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        upto = None if seq is None else _seq("seq", seq)
+        value = await self.db.fetchval("messages.mark_read", MARK_READ, room, user, upto)
+        if value is None:
+            if await self.db.fetchval("rooms.exists", ROOM_EXISTS, room) is None:
+                raise NotFound(f"room {room} does not exist", entity="room")
+            raise PermissionDenied("only members have read state in this room")
+        return int(value)
+
+    async def mark_message_read(self, message_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        """Record that the user has seen this message; True if a receipt row was written.
+
+        Nothing is written when the watermark already covers the message (or the receipt
+        exists): receipts only record reads ahead of the watermark.
+
+        Raises:
+            NotFound: no such message.
+            PermissionDenied: the user is not a member of the message's room.
+        """
+        key = check_id("message_id", message_id)
+        user = check_id("user_id", user_id)
+        row = await self.db.fetchrow("messages.mark_message_read", MARK_MESSAGE_READ, key, user)
+        if row is None or not row["found"]:
+            raise NotFound(f"message {key} does not exist", entity="message")
+        if not row["is_member"]:
+            raise PermissionDenied("only members may mark messages read in this room")
+        return bool(row["written"])
+
+    async def read_by(self, message_id: uuid.UUID) -> list[MessageReadStatus]:
+        """Members other than the author who have read the message, earliest first.
+
+        Derived from watermarks (``last_read_seq >= seq``) plus explicit receipts;
+        ``read_at`` is the receipt's time, else when the watermark last moved.
+
+        Raises:
+            NotFound: no such message.
+        """
+        key = check_id("message_id", message_id)
+        rows = await self.db.fetch("messages.read_by", READ_BY, key)
+        if not rows and await self.db.fetchval("messages.exists", MESSAGE_EXISTS, key) is None:
+            raise NotFound(f"message {key} does not exist", entity="message")
+        return [MessageReadStatus._from_row(row) for row in rows]
+
+    async def unread_counts(self, user_id: uuid.UUID) -> dict[uuid.UUID, int]:
+        """Unread messages per room for every room of the user, in one round trip.
+
+        Raises:
+            NotFound: no such user.
+        """
+        user = check_id("user_id", user_id)
+        rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
+        if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
+            raise NotFound(f"user {user} does not exist", entity="user")
+        return {row[0]: row[1] for row in rows}
+
+
+def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
+    """MessageWithUser models from history rows: no validation, one profile per author."""
+    profiles: dict[uuid.UUID, UserProfile] = {}
+    keys = _MESSAGE_KEYS
+    adopt = MessageWithUser._adopt
+    out = []
+    for row in rows:
+        values = tuple(row)
+        data = dict(zip(keys, values, strict=False))
+        author = values[2]
+        profile = profiles.get(author)
+        if profile is None:
+            profile = profiles[author] = UserProfile._adopt(
+                {"id": author, "username": values[10], "avatar_url": values[11]}
+            )
+        data["user"] = profile
+        out.append(adopt(data))
+    return tuple(out)

@@ -1,0 +1,425 @@
+"""Rooms and memberships: create, direct rooms, members, roles, a user's room list.
+
+Races are settled by the database: a room and its owner are one statement; direct rooms
+are get-or-create on the unique pair; joins are ``ON CONFLICT DO NOTHING``; role changes
+and departures lock the room's owner rows (and the actor's and target's) in one
+transaction before deciding, so two owners leaving at once cannot leave a room ownerless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, ClassVar, Final, get_args
+
+from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
+from chatkeep.ids import uuid7
+from chatkeep.models import (
+    CreateRoomDto,
+    MessageWithUser,
+    Room,
+    RoomMember,
+    RoomRole,
+    RoomSummary,
+    RoomUser,
+    RoomWithUsers,
+    UpdateRoomDto,
+    UserProfile,
+)
+from chatkeep.storage.base import BaseRepository, check_id
+
+__all__ = ["RoomRepository"]
+
+_ROLES: Final = frozenset(get_args(RoomRole))
+_MANAGERS: Final = frozenset({"owner", "admin"})
+
+ROOM_COLUMNS: Final = (
+    "id, name, description, type, created_by, is_active, last_seq, created_at, updated_at"
+)
+_R_COLUMNS: Final = ", ".join(f"r.{c.strip()}" for c in ROOM_COLUMNS.split(","))
+MEMBER_COLUMNS: Final = "room_id, user_id, role, joined_at, last_read_at, last_read_seq"
+
+# The room and its owner membership in one statement: atomic without a transaction.
+CREATE_ROOM: Final = f"""
+WITH room AS (
+    INSERT INTO rooms (id, name, description, type, created_by)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING {ROOM_COLUMNS}
+), owner AS (
+    INSERT INTO room_users (room_id, user_id, role)
+    SELECT id, created_by, 'owner' FROM room
+)
+SELECT {ROOM_COLUMNS} FROM room
+"""
+
+# Get-or-create on the unique pair. When another transaction inserted the pair first,
+# ON CONFLICT waits for it and returns nothing; FIND_DIRECT (a new snapshot) then sees it.
+OPEN_DIRECT: Final = f"""
+WITH room AS (
+    INSERT INTO rooms (id, name, type, created_by, direct_user_low, direct_user_high)
+    VALUES ($1, 'direct', 'direct', $2, $3, $4)
+    ON CONFLICT (direct_user_low, direct_user_high) DO NOTHING
+    RETURNING {ROOM_COLUMNS}
+), members AS (
+    INSERT INTO room_users (room_id, user_id, role)
+    SELECT room.id, pair.user_id, 'member'
+      FROM room, (SELECT DISTINCT unnest(ARRAY[$3::uuid, $4::uuid]) AS user_id) AS pair
+)
+SELECT {ROOM_COLUMNS} FROM room
+"""
+FIND_DIRECT: Final = f"""
+SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_user_low = $1 AND direct_user_high = $2
+"""
+
+ROOM_FOR_MEMBERSHIP: Final = "SELECT type, is_active FROM rooms WHERE id = $1"
+JOIN: Final = f"""
+INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, $3)
+ON CONFLICT (room_id, user_id) DO NOTHING
+RETURNING {MEMBER_COLUMNS}
+"""
+FIND_MEMBER: Final = f"SELECT {MEMBER_COLUMNS} FROM room_users WHERE room_id = $1 AND user_id = $2"
+# Lock every owner row plus the actor's and the target's, in a fixed order (no deadlock
+# between two callers), before deciding anything that depends on who owns the room.
+LOCK_ROLES: Final = """
+SELECT user_id, role FROM room_users
+ WHERE room_id = $1 AND (role = 'owner' OR user_id = ANY($2::uuid[]))
+ ORDER BY user_id
+   FOR UPDATE
+"""
+ACTOR_ROLE: Final = """
+SELECT role FROM room_users WHERE room_id = $1 AND user_id = $2 FOR SHARE
+"""
+REMOVE_MEMBER: Final = "DELETE FROM room_users WHERE room_id = $1 AND user_id = $2"
+SET_ROLE: Final = f"""
+UPDATE room_users SET role = $3 WHERE room_id = $1 AND user_id = $2
+RETURNING {MEMBER_COLUMNS}
+"""
+
+MEMBERS: Final = f"""
+SELECT {_R_COLUMNS},
+       u.id AS member_id, u.username, u.avatar_url,
+       ru.role, ru.joined_at, ru.last_read_seq, ru.last_read_at
+  FROM rooms r
+  LEFT JOIN room_users ru ON ru.room_id = r.id
+  LEFT JOIN users u ON u.id = ru.user_id
+ WHERE r.id = $1
+ ORDER BY ru.joined_at, ru.user_id
+"""
+
+# A user's rooms with the newest message and the unread count, in one query: the
+# watermark comes from room_users' covering index, the last message is one backward
+# probe of messages (room_id, seq) per room (robust to a deleted last message).
+ROOMS_OF: Final = f"""
+SELECT {_R_COLUMNS},
+       ru.role, ru.last_read_seq,
+       GREATEST(r.last_seq - ru.last_read_seq, 0) AS unread_count,
+       m.id AS m_id, m.user_id AS m_user_id, m.seq AS m_seq,
+       m.client_msg_id AS m_client_msg_id, m.content AS m_content, m.type AS m_type,
+       m.is_edited AS m_is_edited, m.edited_at AS m_edited_at, m.created_at AS m_created_at,
+       u.username AS m_username, u.avatar_url AS m_avatar_url
+  FROM room_users ru
+  JOIN rooms r ON r.id = ru.room_id
+  LEFT JOIN LATERAL (
+        SELECT mm.id, mm.user_id, mm.seq, mm.client_msg_id, mm.content, mm.type,
+               mm.is_edited, mm.edited_at, mm.created_at
+          FROM messages mm
+         WHERE mm.room_id = r.id
+         ORDER BY mm.seq DESC
+         LIMIT 1
+       ) m ON true
+  LEFT JOIN users u ON u.id = m.user_id
+ WHERE ru.user_id = $1 AND (r.is_active OR $2)
+ ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id
+"""
+USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
+
+_ROOM_FIELDS: Final = tuple(Room.model_fields)
+
+
+def _room(row: Any) -> Room:
+    return Room._from_row({name: row[name] for name in _ROOM_FIELDS})
+
+
+class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
+    """Rooms, direct rooms and memberships.
+
+    Methods that take ``by`` check the acting user's right to do it (``None`` means the
+    system, which may do anything the invariants allow).
+    """
+
+    table: ClassVar[str] = "rooms"
+    model: ClassVar[type[Room]] = Room
+    entity: ClassVar[str] = "room"
+    read_only: ClassVar[frozenset[str]] = frozenset(
+        {"created_at", "updated_at", "last_seq", "direct_user_low", "direct_user_high"}
+    )
+
+    async def create(self, dto: CreateRoomDto) -> Room:
+        """Create a public or private room; its creator becomes its owner (atomically).
+
+        Raises:
+            NotFound: ``created_by`` is not a user.
+            InvalidInput: a value breaks a rule.
+        """
+        if not isinstance(dto, CreateRoomDto):
+            raise InvalidInput("dto", "must be a CreateRoomDto")
+        row = await self.db.fetchrow(
+            "rooms.create",
+            CREATE_ROOM,
+            uuid7(),
+            dto.name,
+            dto.description,
+            dto.type,
+            dto.created_by,
+        )
+        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns
+            raise NotFound("room was not created", entity="room")
+        return self._row(row)
+
+    async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
+        """The direct room of two users, created on first use; both become members.
+
+        Concurrent calls for the same pair (in either order) return the same room. A user
+        may open a direct room with themself (notes to self).
+
+        Raises:
+            NotFound: either user does not exist.
+        """
+        a = check_id("user_a", user_a)
+        b = check_id("user_b", user_b)
+        low, high = sorted((a, b))
+        for _ in range(3):
+            row = await self.db.fetchrow("rooms.open_direct", OPEN_DIRECT, uuid7(), a, low, high)
+            if row is None:
+                row = await self.db.fetchrow("rooms.find_direct", FIND_DIRECT, low, high)
+            if row is not None:
+                return self._row(row)
+        # The winner's room vanished three times in a row (deleted as fast as made).
+        raise NotFound("the direct room keeps disappearing; try again", entity="room")
+
+    async def add_member(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        role: RoomRole = "member",
+        by: uuid.UUID | None = None,
+    ) -> RoomUser:
+        """Add ``user_id`` to the room, or return the existing membership unchanged.
+
+        ``by == user_id`` is a self-join: allowed in active public rooms, as a member.
+        Otherwise ``by`` must be an owner or admin of the room, and only owners may add
+        admins or owners. Two concurrent joins give one membership.
+
+        Raises:
+            NotFound: the room or the user does not exist.
+            PermissionDenied: ``by`` may not add this member with this role.
+            InvalidInput: unknown role, or a direct room (its members are fixed).
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = None if by is None else check_id("by", by)
+        _check_role(role)
+        async with self.db.transaction("rooms.add_member"):
+            found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
+            if found is None:
+                raise NotFound(f"room {room} does not exist", entity="room")
+            if found["type"] == "direct":
+                raise InvalidInput("room_id", "direct rooms have fixed members")
+            if actor is not None:
+                if not found["is_active"]:
+                    raise PermissionDenied("the room is archived")
+                if actor == user:
+                    if found["type"] != "public" or role != "member":
+                        raise PermissionDenied("only public rooms can be joined, as a member")
+                else:
+                    actor_role = await self.db.fetchval("rooms.actor_role", ACTOR_ROLE, room, actor)
+                    if actor_role not in _MANAGERS:
+                        raise PermissionDenied("only owners and admins may add members")
+                    if role != "member" and actor_role != "owner":
+                        raise PermissionDenied("only owners may add admins or owners")
+            row = await self.db.fetchrow("rooms.join", JOIN, room, user, role)
+        if row is None:
+            # Already a member (possibly by a concurrent join that won the race).
+            row = await self.db.fetchrow("rooms.find_member", FIND_MEMBER, room, user)
+            if row is None:  # pragma: no cover - removed again in between
+                raise NotFound(f"user {user} is not a member of room {room}", entity="member")
+        return RoomUser._from_row(row)
+
+    async def remove_member(
+        self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID | None = None
+    ) -> bool:
+        """Remove a member (``by == user_id`` is leaving); False if not a member.
+
+        Owners may remove anyone, admins only members. The last owner cannot leave or be
+        removed: make someone else owner first.
+
+        Raises:
+            PermissionDenied: ``by`` may not remove this member, or it is the last owner.
+            InvalidInput: the room is a direct room.
+            NotFound: the room does not exist.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = None if by is None else check_id("by", by)
+        async with self.db.transaction("rooms.remove_member"):
+            roles, owners = await self._lock_roles(room, user, actor)
+            target = roles.get(user)
+            if target is None:
+                return False
+            if actor is not None and actor != user:
+                _check_manager(roles.get(actor), target)
+            if target == "owner" and owners <= 1:
+                raise PermissionDenied("the last owner cannot leave; make another owner first")
+            await self.db.execute("rooms.remove_member", REMOVE_MEMBER, room, user)
+        return True
+
+    async def change_role(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        role: RoomRole,
+        *,
+        by: uuid.UUID | None = None,
+    ) -> RoomUser:
+        """Give a member another role.
+
+        Owners may set any role; admins may only move non-owners between member and admin.
+        The last owner cannot be demoted.
+
+        Raises:
+            NotFound: the user is not a member (or the room does not exist).
+            PermissionDenied: ``by`` may not make this change, or it would leave no owner.
+            InvalidInput: unknown role, or a direct room.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = None if by is None else check_id("by", by)
+        _check_role(role)
+        async with self.db.transaction("rooms.change_role"):
+            roles, owners = await self._lock_roles(room, user, actor)
+            target = roles.get(user)
+            if target is None:
+                raise NotFound(f"user {user} is not a member of room {room}", entity="member")
+            if actor is not None:
+                actor_role = roles.get(actor)
+                if actor_role not in _MANAGERS:
+                    raise PermissionDenied("only owners and admins may change roles")
+                if actor_role != "owner" and (target == "owner" or role == "owner"):
+                    raise PermissionDenied("only owners may grant or revoke ownership")
+            if target == "owner" and role != "owner" and owners <= 1:
+                raise PermissionDenied("the last owner cannot be demoted; make another first")
+            row = await self.db.fetchrow("rooms.change_role", SET_ROLE, room, user, role)
+        if row is None:  # pragma: no cover - the row is locked above
+            raise NotFound(f"user {user} is not a member of room {room}", entity="member")
+        return RoomUser._from_row(row)
+
+    async def _lock_roles(
+        self, room: uuid.UUID, user: uuid.UUID, actor: uuid.UUID | None
+    ) -> tuple[dict[uuid.UUID, str], int]:
+        found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
+        if found is None:
+            raise NotFound(f"room {room} does not exist", entity="room")
+        if found["type"] == "direct":
+            raise InvalidInput("room_id", "direct rooms have fixed members")
+        ids = [user] if actor is None else [user, actor]
+        rows = await self.db.fetch("rooms.lock_roles", LOCK_ROLES, room, ids)
+        roles = {row["user_id"]: row["role"] for row in rows}
+        owners = sum(1 for row in rows if row["role"] == "owner")
+        return roles, owners
+
+    async def members(self, room_id: uuid.UUID) -> RoomWithUsers:
+        """The room with every member's profile, role and watermark, in one query.
+
+        Raises:
+            NotFound: no such room.
+        """
+        room = check_id("room_id", room_id)
+        rows = await self.db.fetch("rooms.members", MEMBERS, room)
+        if not rows:
+            raise NotFound(f"room {room} does not exist", entity="room")
+        values: dict[str, Any] = {name: rows[0][name] for name in _ROOM_FIELDS}
+        values["members"] = tuple(
+            RoomMember._from_row(
+                {
+                    "user": UserProfile._from_row(
+                        {
+                            "id": row["member_id"],
+                            "username": row["username"],
+                            "avatar_url": row["avatar_url"],
+                        }
+                    ),
+                    "role": row["role"],
+                    "joined_at": row["joined_at"],
+                    "last_read_seq": row["last_read_seq"],
+                    "last_read_at": row["last_read_at"],
+                }
+            )
+            for row in rows
+            if row["member_id"] is not None
+        )
+        return RoomWithUsers._from_row(values)
+
+    async def rooms_of(
+        self, user_id: uuid.UUID, *, include_inactive: bool = False
+    ) -> list[RoomSummary]:
+        """The user's rooms, newest activity first, with last message and unread count.
+
+        One query, whatever the number of rooms.
+
+        Raises:
+            NotFound: no such user.
+        """
+        user = check_id("user_id", user_id)
+        rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, bool(include_inactive))
+        if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
+            raise NotFound(f"user {user} does not exist", entity="user")
+        return [_summary(row) for row in rows]
+
+
+def _summary(row: Any) -> RoomSummary:
+    room = _room(row)
+    last: MessageWithUser | None = None
+    if row["m_id"] is not None:
+        last = MessageWithUser._from_row(
+            {
+                "id": row["m_id"],
+                "room_id": room.id,
+                "user_id": row["m_user_id"],
+                "seq": row["m_seq"],
+                "client_msg_id": row["m_client_msg_id"],
+                "content": row["m_content"],
+                "type": row["m_type"],
+                "is_edited": row["m_is_edited"],
+                "edited_at": row["m_edited_at"],
+                "created_at": row["m_created_at"],
+                "user": UserProfile._from_row(
+                    {
+                        "id": row["m_user_id"],
+                        "username": row["m_username"],
+                        "avatar_url": row["m_avatar_url"],
+                    }
+                ),
+            }
+        )
+    return RoomSummary._from_row(
+        {
+            "room": room,
+            "role": row["role"],
+            "last_read_seq": row["last_read_seq"],
+            "unread_count": row["unread_count"],
+            "last_message": last,
+        }
+    )
+
+
+def _check_role(role: object) -> None:
+    if role not in _ROLES:
+        raise InvalidInput("role", "one of owner, admin, member")
+
+
+def _check_manager(actor_role: str | None, target_role: str) -> None:
+    if actor_role == "owner":
+        return
+    if actor_role == "admin" and target_role == "member":
+        return
+    raise PermissionDenied("only owners may remove admins or owners; admins remove members")

@@ -1,0 +1,275 @@
+"""Accounts: registration, authentication, look-ups, profile and password changes.
+
+Passwords are hashed with bcrypt (12 rounds by default, never fewer than 10) in a worker
+thread, at most ``max_concurrent_hashes`` at a time, so a burst of logins neither blocks
+the event loop nor starves it of threads. ``password_hash`` is read only inside this
+module and never leaves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import uuid
+from typing import Any, ClassVar, Final
+
+import bcrypt
+
+from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from chatkeep.ids import uuid7
+from chatkeep.models import (
+    CreateUserDto,
+    UpdateUserDto,
+    User,
+    canonical_email,
+    canonical_username,
+    check_password,
+)
+from chatkeep.storage.base import BaseRepository, check_id
+from chatkeep.storage.database import Database
+
+__all__ = ["DEFAULT_BCRYPT_ROUNDS", "MIN_BCRYPT_ROUNDS", "UserRepository"]
+
+DEFAULT_BCRYPT_ROUNDS: Final = 12
+MIN_BCRYPT_ROUNDS: Final = 10
+MAX_BCRYPT_ROUNDS: Final = 31
+
+_USER_COLUMNS: Final = (
+    "id, email, username, avatar_url, is_active, last_seen, created_at, updated_at"
+)
+
+FIND_BY_EMAIL: Final = f"SELECT {_USER_COLUMNS} FROM users WHERE lower(email) = $1"
+FIND_BY_USERNAME: Final = f"SELECT {_USER_COLUMNS} FROM users WHERE lower(username) = $1"
+# Authentication reads the hash too; it is the only query that does, with password changes.
+FIND_FOR_LOGIN: Final = f"SELECT {_USER_COLUMNS}, password_hash FROM users WHERE lower(email) = $1"
+FIND_HASH: Final = "SELECT password_hash FROM users WHERE id = $1"
+# Compare-and-swap on the old hash: a concurrent change is never silently overwritten.
+REPLACE_HASH: Final = """
+UPDATE users SET password_hash = $3
+ WHERE id = $1 AND password_hash = $2
+"""
+TOUCH_LAST_SEEN: Final = """
+UPDATE users SET last_seen = now()
+ WHERE id = $1
+   AND (last_seen IS NULL OR last_seen < now() - make_interval(secs => $2))
+"""
+USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
+DEACTIVATE: Final = f"""
+UPDATE users SET is_active = false WHERE id = $1
+RETURNING {_USER_COLUMNS}
+"""
+
+
+@functools.cache
+def _dummy_hash(rounds: int) -> bytes:
+    # Verified against when the account does not exist, so that case costs the same
+    # bcrypt work as a real one and the response time does not reveal who is registered.
+    return bcrypt.hashpw(b"chatkeep-timing-equaliser", bcrypt.gensalt(rounds))
+
+
+class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
+    """Users, with bcrypt passwords.
+
+    Args:
+        db: the database.
+        bcrypt_rounds: the bcrypt cost (log2 of iterations); 12 by default, at least 10.
+        max_concurrent_hashes: bcrypt computations allowed at once (default: CPU count).
+
+    Raises:
+        InvalidInput: ``bcrypt_rounds`` is below 10 or above 31.
+    """
+
+    table: ClassVar[str] = "users"
+    model: ClassVar[type[User]] = User
+    entity: ClassVar[str] = "user"
+    extra_writable: ClassVar[frozenset[str]] = frozenset({"password_hash"})
+    read_only: ClassVar[frozenset[str]] = frozenset({"created_at", "updated_at", "last_seen"})
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
+        max_concurrent_hashes: int | None = None,
+    ) -> None:
+        super().__init__(db)
+        if not isinstance(bcrypt_rounds, int) or not (
+            MIN_BCRYPT_ROUNDS <= bcrypt_rounds <= MAX_BCRYPT_ROUNDS
+        ):
+            raise InvalidInput(
+                "bcrypt_rounds", f"between {MIN_BCRYPT_ROUNDS} and {MAX_BCRYPT_ROUNDS}"
+            )
+        limit = (os.cpu_count() or 2) if max_concurrent_hashes is None else max_concurrent_hashes
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidInput("max_concurrent_hashes", "at least 1")
+        self.bcrypt_rounds = bcrypt_rounds
+        self._hash_slots = asyncio.Semaphore(limit)
+
+    # -- bcrypt, off the event loop -------------------------------------------------------
+
+    async def hash_password(self, password: str) -> str:
+        """A bcrypt hash of ``password`` at this repository's cost.
+
+        Raises:
+            InvalidInput: the password breaks a rule (length in characters and bytes).
+        """
+        secret = check_password(password).encode("utf-8")
+        rounds = self.bcrypt_rounds
+        async with self._hash_slots:
+            hashed = await asyncio.to_thread(bcrypt.hashpw, secret, bcrypt.gensalt(rounds))
+        return hashed.decode("ascii")
+
+    async def _verify(self, password: str, hashed: bytes) -> bool:
+        async with self._hash_slots:
+            return await asyncio.to_thread(bcrypt.checkpw, password.encode("utf-8"), hashed)
+
+    # -- BaseRepository hooks -------------------------------------------------------------
+
+    async def _insert_values(self, dto: CreateUserDto) -> dict[str, Any]:
+        return {
+            "id": uuid7(),
+            "email": dto.email,
+            "username": dto.username,
+            "avatar_url": dto.avatar_url,
+            "password_hash": await self.hash_password(dto.password.get_secret_value()),
+        }
+
+    # -- public API -----------------------------------------------------------------------
+
+    async def register(self, dto: CreateUserDto) -> User:
+        """Create an account; the password is hashed with bcrypt first.
+
+        Raises:
+            Conflict: the email or username is taken (case-insensitively);
+                ``constraint`` is ``users_email_lower_key`` or ``users_username_lower_key``.
+            InvalidInput: a value breaks a rule.
+        """
+        if not isinstance(dto, CreateUserDto):
+            raise InvalidInput("dto", "must be a CreateUserDto")
+        return await self.create(dto)
+
+    async def authenticate(self, email: str, password: str) -> User | None:
+        """The active user with this email and password, else ``None``.
+
+        Takes the same time whether or not the account exists (a dummy hash is checked
+        when it does not), so timing does not reveal registered emails.
+
+        Raises:
+            InvalidInput: ``email`` or ``password`` is not even well-formed.
+        """
+        if not isinstance(password, str):
+            raise InvalidInput("password", "must be a string")
+        if len(password.encode("utf-8", "surrogatepass")) > 72:
+            raise InvalidInput("password", "at most 72 bytes in UTF-8 (bcrypt's limit)")
+        key = canonical_email(email)
+        row = await self.db.fetchrow("users.authenticate", FIND_FOR_LOGIN, key)
+        if row is None:
+            await self._verify(password, _dummy_hash(self.bcrypt_rounds))
+            return None
+        try:
+            matches = await self._verify(password, row["password_hash"].encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            matches = False
+        if not matches or not row["is_active"]:
+            return None
+        return self._user(row)
+
+    async def find_by_email(self, email: str) -> User | None:
+        """The user with this email (any case), or ``None``.
+
+        Raises:
+            InvalidInput: ``email`` is not a valid address.
+        """
+        row = await self.db.fetchrow("users.find_by_email", FIND_BY_EMAIL, canonical_email(email))
+        return None if row is None else self._row(row)
+
+    async def find_by_username(self, username: str) -> User | None:
+        """The user with this username (compared in its canonical form), or ``None``.
+
+        Raises:
+            InvalidInput: ``username`` breaks the username rules.
+        """
+        row = await self.db.fetchrow(
+            "users.find_by_username", FIND_BY_USERNAME, canonical_username(username)
+        )
+        return None if row is None else self._row(row)
+
+    async def update_profile(self, user_id: uuid.UUID, dto: UpdateUserDto) -> User:
+        """Change the username and/or avatar; fields left out of ``dto`` are kept.
+
+        Raises:
+            NotFound: no such user.
+            Conflict: the new username is taken.
+        """
+        if not isinstance(dto, UpdateUserDto):
+            raise InvalidInput("dto", "must be an UpdateUserDto")
+        return await self.update(user_id, dto)
+
+    async def change_password(
+        self, user_id: uuid.UUID, current_password: str, new_password: str
+    ) -> None:
+        """Replace the password after checking the current one.
+
+        Raises:
+            NotFound: no such user.
+            PermissionDenied: ``current_password`` is wrong.
+            InvalidInput: ``new_password`` breaks a rule.
+            Conflict: the password was changed concurrently; nothing was written.
+        """
+        key = check_id("user_id", user_id)
+        check_password(new_password)
+        if not isinstance(current_password, str):
+            raise InvalidInput("current_password", "must be a string")
+        old_hash = await self.db.fetchval("users.find_hash", FIND_HASH, key)
+        if old_hash is None:
+            raise NotFound(f"user {key} does not exist", entity="user")
+        if not await self._verify(current_password, old_hash.encode("ascii")):
+            raise PermissionDenied("the current password is wrong")
+        new_hash = await self.hash_password(new_password)
+        status = await self.db.execute(
+            "users.change_password", REPLACE_HASH, key, old_hash, new_hash
+        )
+        if status == "UPDATE 0":
+            raise Conflict("the password was changed concurrently; try again")
+
+    async def touch_last_seen(self, user_id: uuid.UUID, *, min_interval: float = 0.0) -> bool:
+        """Set ``last_seen`` to now; True if a row was written.
+
+        Args:
+            user_id: the user.
+            min_interval: skip the write when ``last_seen`` is younger than this many
+                seconds (a busy client calling on every request then costs one write a
+                minute, not one per request).
+
+        Raises:
+            NotFound: no such user.
+        """
+        key = check_id("user_id", user_id)
+        if not isinstance(min_interval, int | float) or min_interval < 0:
+            raise InvalidInput("min_interval", "a number of seconds >= 0")
+        status = await self.db.execute(
+            "users.touch_last_seen", TOUCH_LAST_SEEN, key, float(min_interval)
+        )
+        if status != "UPDATE 0":
+            return True
+        if await self.db.fetchval("users.exists", USER_EXISTS, key) is None:
+            raise NotFound(f"user {key} does not exist", entity="user")
+        return False
+
+    async def deactivate(self, user_id: uuid.UUID) -> User:
+        """Mark the account inactive: it can no longer authenticate. Idempotent.
+
+        Raises:
+            NotFound: no such user.
+        """
+        key = check_id("user_id", user_id)
+        row = await self.db.fetchrow("users.deactivate", DEACTIVATE, key)
+        if row is None:
+            raise NotFound(f"user {key} does not exist", entity="user")
+        return self._row(row)
+
+    def _user(self, row: Any) -> User:
+        values = dict(row)
+        values.pop("password_hash", None)
+        return User._from_row(values)

@@ -1,0 +1,311 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from chatkeep.config import Settings
+from chatkeep.errors import (
+    ChatkeepError,
+    ConfigurationError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from chatkeep.storage import Database
+from chatkeep.storage.database import connect_options
+
+from .conftest import MakeUser
+
+
+async def test_pool_options_come_from_settings(database_url: str) -> None:
+    settings = Settings(
+        database_url=database_url,
+        pool_min_size=1,
+        pool_max_size=7,
+        pool_idle_timeout=42,
+        statement_timeout=3,
+        statement_cache_size=0,
+        application_name="ck-test",
+    )
+    db = Database(settings)
+    options = db.pool_options()
+    assert options["min_size"] == 1
+    assert options["max_size"] == 7
+    assert options["max_inactive_connection_lifetime"] == 42
+    assert options["statement_cache_size"] == 0
+    assert options["command_timeout"] > 3
+    assert options["server_settings"]["statement_timeout"] == "3000"
+    assert options["server_settings"]["application_name"] == "ck-test"
+    # The migrator's single connections keep their own options.
+    assert "statement_timeout" not in connect_options(settings)["server_settings"]
+    async with db:
+        assert "open" in repr(db)
+        assert await db.fetchval("t.show", "SHOW statement_timeout") == "3s"
+        assert await db.fetchval("t.app", "SELECT current_setting('application_name')") == (
+            "ck-test"
+        )
+    assert not db.is_open
+    assert "closed" in repr(db)
+
+
+def test_needs_a_url_and_sane_sizes() -> None:
+    with pytest.raises(ConfigurationError):
+        Database(Settings(database_url=None))
+    settings = Settings(database_url="postgresql://u:secret@h/d")
+    with pytest.raises(InvalidInput):
+        Database(settings, min_size=5, max_size=2)
+    assert "secret" not in repr(Database(settings))
+
+
+async def test_closed_database_is_unavailable(database_url: str) -> None:
+    db = Database(Settings(database_url=database_url))
+    with pytest.raises(Unavailable):
+        await db.fetch("t.closed", "SELECT 1")
+    with pytest.raises(Unavailable):
+        _ = db.pool
+    await db.close()  # closing twice is harmless
+
+
+async def test_unreachable_server_is_unavailable() -> None:
+    settings = Settings(database_url="postgresql://nobody@127.0.0.1:1/nothing", connect_timeout=2)
+    with pytest.raises(Unavailable) as info:
+        await Database(settings, min_size=1).open()
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_health(db: Database) -> None:
+    health = await db.health()
+    assert health.latency_ms > 0
+    assert health.server_version[:2].isdigit()
+    assert health.pool_max_size == 20
+    assert health.pool_size >= 1
+    assert health.idle + health.busy == health.pool_size
+
+
+async def test_every_operation_is_named_counted_and_logged(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.reset_stats()
+    with caplog.at_level(logging.DEBUG, logger="chatkeep.storage"):
+        await db.fetch("t.fetch", "SELECT 1")
+        await db.fetchrow("t.fetchrow", "SELECT 1")
+        await db.fetchval("t.fetchval", "SELECT 1")
+        await db.execute("t.execute", "SELECT 1")
+        with pytest.raises(ChatkeepError):
+            await db.execute("t.broken", "SELEKT 1")
+    stats = db.stats
+    assert {"t.fetch", "t.fetchrow", "t.fetchval", "t.execute", "t.broken"} <= set(stats)
+    assert stats["t.broken"].errors == 1
+    assert stats["t.fetch"].calls == 1
+    assert stats["t.fetch"].mean_seconds > 0
+    assert stats["t.fetch"].max_seconds >= stats["t.fetch"].mean_seconds
+    assert any("t.fetchrow" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TypeError):
+        stats["x"] = stats["t.fetch"]  # type: ignore[index]
+
+
+async def test_slow_operations_warn_with_the_name_never_the_parameters(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(database_url=database_url, slow_query_threshold=0.05)
+    async with Database(settings, min_size=1) as db:
+        with caplog.at_level(logging.WARNING, logger="chatkeep.storage"):
+            await db.fetchval("t.sleepy", "SELECT pg_sleep(0.06)::text || $1", "sekrit-param")
+            await db.fetchval("t.quick", "SELECT 1")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "t.sleepy" in warnings[0]
+        assert "sekrit" not in warnings[0]
+        assert db.stats["t.sleepy"].slow == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        (
+            "INSERT INTO users (id, email, username, password_hash) VALUES "
+            "(gen_random_uuid(), 'x', 'abc', 'nope')",
+            InvalidInput,
+        ),
+        (
+            "INSERT INTO rooms (name, type, created_by) VALUES ('r', 'public', gen_random_uuid())",
+            NotFound,
+        ),
+        ("SELECT 1/0", InvalidInput),
+        ("SELECT * FROM no_such_table", ChatkeepError),
+    ],
+)
+async def test_driver_errors_are_translated(db: Database, sql: str, error: type[Exception]) -> None:
+    with pytest.raises(error) as info:
+        await db.execute("t.bad", sql)
+    assert isinstance(info.value.__cause__, asyncpg.PostgresError)
+
+
+async def test_unique_violation_is_conflict_and_statement_timeout_unavailable(
+    db: Database, make_user: MakeUser, database_url: str
+) -> None:
+    user = await make_user("dupe")
+    with pytest.raises(Conflict) as info:
+        await make_user("DUPE", email="other@example.org")
+    assert info.value.constraint == "users_username_lower_key"
+    assert user.username == "dupe"
+    settings = Settings(database_url=database_url, statement_timeout=0.1)
+    async with Database(settings, min_size=1) as quick:
+        with pytest.raises(Unavailable):
+            await quick.execute("t.too_slow", "SELECT pg_sleep(2)")
+        assert await quick.fetchval("t.after", "SELECT 1") == 1
+
+
+async def test_transaction_commits_and_rolls_back(db: Database, make_user: MakeUser) -> None:
+    user = await make_user()
+    async with db.transaction("t.commit") as tx:
+        assert db.in_transaction()
+        await db.execute(
+            "t.rename", "UPDATE users SET avatar_url = 'https://a.b/c' WHERE id = $1", user.id
+        )
+        assert "t.commit" in repr(tx)
+    assert not db.in_transaction()
+    assert await db.fetchval("t.read", "SELECT avatar_url FROM users WHERE id = $1", user.id)
+
+    async def failing() -> None:
+        async with db.transaction("t.rollback"):
+            await db.execute("t.clear", "UPDATE users SET avatar_url = NULL WHERE id = $1", user.id)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await failing()
+    assert await db.fetchval("t.read", "SELECT avatar_url FROM users WHERE id = $1", user.id)
+    assert db.stats["t.rollback"].errors == 1
+
+
+async def test_nested_blocks_are_savepoints(db: Database, make_user: MakeUser) -> None:
+    user = await make_user()
+    set_url = "UPDATE users SET avatar_url = $2 WHERE id = $1"
+    async with db.transaction():
+        await db.execute("t.set", set_url, user.id, "https://a.b/outer")
+
+        async def inner() -> None:
+            async with db.transaction():
+                await db.execute("t.set", set_url, user.id, "https://a.b/inner")
+                await db.execute(
+                    "t.dupe", "INSERT INTO users SELECT * FROM users WHERE id = $1", user.id
+                )
+
+        with pytest.raises(Conflict):
+            await inner()
+        # The outer transaction is still usable and keeps its own change.
+        assert (
+            await db.fetchval("t.get", "SELECT avatar_url FROM users WHERE id = $1", user.id)
+            == "https://a.b/outer"
+        )
+        async with db.transaction():
+            await db.execute("t.set", set_url, user.id, "https://a.b/inner-kept")
+    assert (
+        await db.fetchval("t.get", "SELECT avatar_url FROM users WHERE id = $1", user.id)
+        == "https://a.b/inner-kept"
+    )
+
+
+async def test_calls_in_the_block_join_the_transaction(db: Database) -> None:
+    async with db.transaction() as tx:
+        pid = await db.fetchval("t.pid", "SELECT pg_backend_pid()")
+        assert pid == await tx.connection.fetchval("SELECT pg_backend_pid()")
+        async with db.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+
+        # A task started inside the block does not share the connection.
+        async def other() -> int:
+            value: int = await db.fetchval("t.pid", "SELECT pg_backend_pid()")
+            return value
+
+        assert await asyncio.create_task(other()) != pid
+
+
+async def test_readonly_and_isolation(db: Database) -> None:
+    async with db.transaction(readonly=True, isolation="serializable"):
+        level = await db.fetchval("t.iso", "SHOW transaction_isolation")
+        assert level == "serializable"
+        with pytest.raises(ChatkeepError):
+            await db.execute("t.write", "CREATE TABLE nope (x int)")
+
+
+async def test_acquired_connections_are_reset(database_url: str) -> None:
+    async with Database(Settings(database_url=database_url), min_size=1, max_size=1) as db:
+        async with db.acquire() as conn:
+            await conn.execute("SET search_path TO pg_catalog")
+        assert await db.fetchval("t.path", "SHOW search_path") == '"$user", public'
+        async with db.transaction() as tx:
+            await tx.connection.execute("SET work_mem TO '77MB'")
+        assert await db.fetchval("t.mem", "SHOW work_mem") != "77MB"
+
+
+async def test_exhausted_pool_is_unavailable(database_url: str) -> None:
+    settings = Settings(database_url=database_url, connect_timeout=0.3)
+    async with Database(settings, min_size=1, max_size=1) as db:
+        async with db.acquire():
+            with pytest.raises(Unavailable, match="exhausted"):
+                await db.fetchval("t.starved", "SELECT 1")
+        assert await db.fetchval("t.fed", "SELECT 1") == 1
+
+
+async def test_cancelled_queries_give_their_connection_back(database_url: str) -> None:
+    async with Database(Settings(database_url=database_url), min_size=1, max_size=2) as db:
+        tasks = [asyncio.create_task(db.execute("t.sleep", "SELECT pg_sleep(5)")) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0.1)
+        # Both connections are back and work.
+        results = await asyncio.gather(*(db.fetchval("t.ok", "SELECT 1") for _ in range(4)))
+        assert results == [1, 1, 1, 1]
+        health = await db.health()
+        assert health.pool_size <= 2
+
+
+async def test_init_hook_and_json_codec(database_url: str) -> None:
+    seen: list[Any] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        seen.append(conn)
+
+    async with Database(Settings(database_url=database_url), init=init, min_size=1) as db:
+        assert await db.fetchval("t.json", "SELECT $1::jsonb", {"a": [1, 2]}) == {"a": [1, 2]}
+    assert seen
+
+
+async def test_executemany_and_copy(db: Database, make_user: MakeUser) -> None:
+    user = await make_user()
+    await db.executemany(
+        "t.many",
+        "INSERT INTO rooms (name, type, created_by) VALUES ($1, 'public', $2)",
+        [(f"r{i}", user.id) for i in range(3)],
+    )
+    assert await db.fetchval("t.count", "SELECT count(*) FROM rooms") == 3
+    with pytest.raises(InvalidInput):
+        await db.executemany(
+            "t.many_bad",
+            "INSERT INTO rooms (name, type, created_by) VALUES ($1, 'public', $2)",
+            [("ok", user.id), ("   ", user.id)],
+        )
+    assert await db.fetchval("t.count", "SELECT count(*) FROM rooms") == 3
+    count = await db.copy_records(
+        "t.copy", "rooms", [("c1", "private", user.id)], columns=("name", "type", "created_by")
+    )
+    assert count == 1
+    with pytest.raises(NotFound):
+        await db.copy_records(
+            "t.copy_bad",
+            "rooms",
+            [("c2", "private", user.id), ("c3", "private", uuid.UUID(int=1))],
+            columns=("name", "type", "created_by"),
+        )
+    assert await db.fetchval("t.count", "SELECT count(*) FROM rooms") == 4

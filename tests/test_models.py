@@ -1,0 +1,358 @@
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatkeep.errors import InvalidInput
+from chatkeep.models import (
+    CONTENT_MAX_LENGTH,
+    CreateMessageDto,
+    CreateRoomDto,
+    CreateUserDto,
+    CursorPage,
+    Message,
+    MessageWithUser,
+    UpdateRoomDto,
+    UpdateUserDto,
+    User,
+    UserProfile,
+    canonical_email,
+    canonical_username,
+    check_content,
+    check_password,
+)
+
+ROOM = uuid.uuid4()
+USER = uuid.uuid4()
+
+
+def user_dto(**overrides: Any) -> CreateUserDto:
+    values: dict[str, Any] = {
+        "email": "ann@example.org",
+        "username": "ann",
+        "password": "correct horse",
+    }
+    values.update(overrides)
+    return CreateUserDto(**values)
+
+
+def error_of(call: Any) -> InvalidInput | None:
+    try:
+        call()
+    except InvalidInput as exc:
+        return exc
+    return None
+
+
+def rule_of(call: Any) -> tuple[str, str]:
+    with pytest.raises(InvalidInput) as info:
+        call()
+    return info.value.field, info.value.rule
+
+
+# -- email --------------------------------------------------------------------------------
+
+
+def test_email_is_canonical_lower_case() -> None:
+    assert user_dto(email="  Ann.Lee+chat@Example.ORG ").email == "ann.lee+chat@example.org"
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "",
+        "ann",
+        "@example.org",
+        "ann@",
+        "ann@localhost",
+        "ann@@example.org",
+        "a nn@example.org",
+        "ann@exa mple.org",
+        "ann..lee@example.org",
+        ".ann@example.org",
+        "ann@-example.org",
+        "ann@1.2.3.4",
+        "ännchen@example.org",
+        "ann@" + "a" * 250 + ".org",
+        "a" * 65 + "@example.org",
+        "ann\x00@example.org",
+    ],
+)
+def test_bad_emails_are_refused(email: str) -> None:
+    field, _ = rule_of(lambda: user_dto(email=email))
+    assert field == "email"
+
+
+def test_canonical_email_helper() -> None:
+    assert canonical_email("X@Y.io") == "x@y.io"
+    assert rule_of(lambda: canonical_email("nope"))[0] == "email"
+    assert rule_of(lambda: canonical_email(3))[0] == "email"  # type: ignore[arg-type]
+
+
+# -- username -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("Ann", "ann"),
+        ("ANN_lee.2-b", "ann_lee.2-b"),
+        ("\uff21\uff4e\uff4e", "ann"),  # full-width letters fold to ASCII (NFKC)
+        ("ﬁne", "fine"),  # the fi ligature
+        ("  bob  ", "bob"),
+    ],
+)
+def test_usernames_are_nfkc_lower_case(raw: str, canonical: str) -> None:
+    assert user_dto(username=raw).username == canonical
+    assert canonical_username(raw) == canonical
+
+
+@pytest.mark.parametrize(
+    ("raw", "rule_part"),
+    [
+        ("ab", "3 to 32"),
+        ("a" * 33, "3 to 32"),
+        ("a" * 1000, "3 to 32"),
+        ("\u0430nn", "only a-z"),  # Cyrillic a: a look-alike from another script
+        ("ann lee", "only a-z"),
+        ("_ann", "starting with"),
+        ("ann\x00", "only a-z"),
+        ("ann'; DROP TABLE users;--", "only a-z"),
+    ],
+)
+def test_bad_usernames_are_refused(raw: str, rule_part: str) -> None:
+    field, rule = rule_of(lambda: user_dto(username=raw))
+    assert field == "username"
+    assert rule_part in rule
+
+
+def test_username_type_is_checked() -> None:
+    assert rule_of(lambda: user_dto(username=42)) == ("username", "must be a string")
+    assert rule_of(lambda: canonical_username(None))[0] == "username"  # type: ignore[arg-type]
+
+
+# -- password -----------------------------------------------------------------------------
+
+
+def test_password_is_secret_in_reprs() -> None:
+    dto = user_dto(password="hunter2hunter2")
+    assert "hunter2" not in repr(dto)
+    assert "hunter2" not in str(dto)
+    assert "hunter2" not in str(dto.model_dump())
+    assert dto.password.get_secret_value() == "hunter2hunter2"
+
+
+def test_password_limits_are_in_bytes() -> None:
+    assert check_password("é" * 36) == "é" * 36  # 72 bytes: the most bcrypt reads
+    field, rule = rule_of(lambda: user_dto(password="é" * 37))  # 74 bytes, 37 characters
+    assert field == "password"
+    assert "72 bytes" in rule
+    assert "72 bytes" in rule_of(lambda: check_password("x" * 73))[1]
+    assert "at least 8" in rule_of(lambda: check_password("short"))[1]
+    assert "NUL" in rule_of(lambda: check_password("abcdefgh\x00"))[1]
+    assert "Unicode" in rule_of(lambda: check_password("abcdefgh\ud800"))[1]
+    assert rule_of(lambda: check_password(b"bytes-not-str"))[0] == "password"  # type: ignore[arg-type]
+
+
+def test_password_error_never_echoes_the_password() -> None:
+    with pytest.raises(InvalidInput) as info:
+        user_dto(password="sekrit" * 20)
+    assert "sekrit" not in str(info.value)
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+# -- avatar -------------------------------------------------------------------------------
+
+
+def test_avatar_urls() -> None:
+    assert user_dto(avatar_url="https://cdn.example.org/a.png").avatar_url
+    for bad in (
+        "javascript:alert(1)",
+        "ftp://example.org/a.png",
+        "https://",
+        "//example.org/a.png",
+        "https://example.org/" + "a" * 2048,
+        "https://exa mple.org/",
+        "http://[::1",
+    ):
+        assert rule_of(lambda bad=bad: user_dto(avatar_url=bad))[0] == "avatar_url"
+
+
+def test_update_user_dto_tracks_what_was_given() -> None:
+    assert UpdateUserDto().model_dump(exclude_unset=True) == {}
+    assert UpdateUserDto(avatar_url=None).model_dump(exclude_unset=True) == {"avatar_url": None}
+    assert UpdateUserDto(username="Zed").username == "zed"
+    assert rule_of(lambda: UpdateUserDto(username=None))[0] == "username"
+    extra: dict[str, Any] = {"nickname": "x"}
+    assert rule_of(lambda: UpdateUserDto(**extra))[0] == "nickname"
+
+
+# -- content ------------------------------------------------------------------------------
+
+
+def message_dto(**overrides: Any) -> CreateMessageDto:
+    values: dict[str, Any] = {"room_id": ROOM, "user_id": USER, "content": "hello"}
+    values.update(overrides)
+    return CreateMessageDto(**values)
+
+
+@pytest.mark.parametrize(
+    ("content", "rule_part"),
+    [
+        ("", "empty"),
+        (" \t\r\n", "empty"),
+        ("x" * (CONTENT_MAX_LENGTH + 1), "at most 10000"),
+        ("a\x00b", "NUL"),
+        ("a\udc80b", "Unicode"),
+        (7, "string"),
+    ],
+)
+def test_bad_content_is_refused(content: Any, rule_part: str) -> None:
+    field, rule = rule_of(lambda: message_dto(content=content))
+    assert field == "content"
+    assert rule_part in rule
+
+
+def test_content_at_the_limit_and_helper() -> None:
+    assert len(message_dto(content="é" * CONTENT_MAX_LENGTH).content) == CONTENT_MAX_LENGTH
+    assert check_content("  padded  ") == "  padded  "  # kept verbatim
+    assert rule_of(lambda: check_content(None))[0] == "content"  # type: ignore[arg-type]
+    assert rule_of(lambda: check_content(""))[0] == "content"
+
+
+def test_message_dto_other_fields() -> None:
+    assert message_dto(client_msg_id="0f8c-Ab_1:x").client_msg_id == "0f8c-Ab_1:x"
+    for bad in ("", "has space", "x" * 65, "naïve"):
+        assert rule_of(lambda bad=bad: message_dto(client_msg_id=bad))[0] == "client_msg_id"
+    assert rule_of(lambda: message_dto(type="video"))[0] == "type"
+    assert rule_of(lambda: message_dto(room_id="not-a-uuid"))[0] == "room_id"
+    assert rule_of(lambda: CreateMessageDto.model_validate({"room_id": ROOM}))[0] == "user_id"
+    assert (
+        CreateMessageDto.model_validate(
+            {"room_id": str(ROOM), "user_id": str(USER), "content": "x"}
+        ).room_id
+        == ROOM
+    )
+
+
+# -- rooms --------------------------------------------------------------------------------
+
+
+def test_room_dtos() -> None:
+    dto = CreateRoomDto(name="  general  ", created_by=USER)
+    assert dto.name == "general"
+    assert dto.type == "public"
+    assert rule_of(lambda: CreateRoomDto(name="   ", created_by=USER))[0] == "name"
+    assert rule_of(lambda: CreateRoomDto(name="x" * 101, created_by=USER))[0] == "name"
+    assert rule_of(lambda: CreateRoomDto(name="x\x00", created_by=USER))[0] == "name"
+    assert rule_of(lambda: CreateRoomDto(name="dm", type="direct", created_by=USER))[0] == "type"
+    long_description = "d" * 1001
+    assert (
+        rule_of(lambda: CreateRoomDto(name="a", description=long_description, created_by=USER))[0]
+        == "description"
+    )
+    assert UpdateRoomDto(description=None).model_dump(exclude_unset=True) == {"description": None}
+    assert rule_of(lambda: UpdateRoomDto(name=None))[0] == "name"
+
+
+def test_dtos_are_frozen() -> None:
+    dto = message_dto()
+    with pytest.raises(Exception, match="frozen"):
+        dto.content = "changed"  # type: ignore[misc]
+
+
+# -- read models --------------------------------------------------------------------------
+
+
+def test_user_has_no_password_hash_and_gives_a_profile() -> None:
+    assert "password_hash" not in User.model_fields
+    now = datetime.now(UTC)
+    user = User(
+        id=USER, email="a@b.co", username="abc", created_at=now, updated_at=now, avatar_url=None
+    )
+    assert user.profile() == UserProfile(id=USER, username="abc", avatar_url=None)
+    assert "email" not in UserProfile.model_fields
+
+
+def test_rows_built_without_validation_behave_like_models() -> None:
+    now = datetime.now(UTC)
+    profile = UserProfile._from_row({"id": USER, "username": "abc", "avatar_url": None})
+    message = MessageWithUser._from_row(
+        {
+            "id": uuid.uuid4(),
+            "room_id": ROOM,
+            "user_id": USER,
+            "seq": 1,
+            "client_msg_id": None,
+            "content": "hi",
+            "type": "text",
+            "is_edited": False,
+            "edited_at": None,
+            "created_at": now,
+            "user": profile,
+        }
+    )
+    assert message.model_dump()["user"] == {"id": USER, "username": "abc", "avatar_url": None}
+    assert message == MessageWithUser.model_validate(message.model_dump())
+    assert isinstance(message, Message)
+    with pytest.raises(Exception, match="frozen"):
+        message.seq = 2  # type: ignore[misc]
+
+
+def test_cursor_page_is_generic() -> None:
+    page = CursorPage[int](items=(1, 2), before="b", after=None)
+    assert page.items == (1, 2)
+    assert page.newest is None
+
+
+# -- properties ---------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_either_passes_or_names_the_field(text: str) -> None:
+    for build, field in (
+        (lambda: user_dto(username=text), "username"),
+        (lambda: user_dto(email=text), "email"),
+        (lambda: user_dto(password=text), "password"),
+        (lambda: message_dto(content=text), "content"),
+        (lambda: CreateRoomDto(name=text, created_by=USER), "name"),
+    ):
+        error = error_of(build)
+        if error is not None:
+            assert (error.field, bool(error.rule)) == (field, True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=CONTENT_MAX_LENGTH))
+def test_valid_content_is_kept_verbatim(text: str) -> None:
+    if "\x00" in text or not text.strip(" \t\r\n"):
+        assert rule_of(lambda: message_dto(content=text))[0] == "content"
+    else:
+        assert message_dto(content=text).content == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=3, max_size=32))
+def test_usernames_canonical_form_is_idempotent(text: str) -> None:
+    try:
+        name = canonical_username(text)
+    except InvalidInput:
+        return
+    assert canonical_username(name) == name
+    assert canonical_username(name.upper()) == name
+    assert name.isascii()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=200_000))
+def test_huge_and_binary_input_is_refused_cheaply(blob: bytes) -> None:
+    text = blob.decode("latin-1") * 3
+    error = error_of(lambda: message_dto(content=text))
+    assert error is None or error.field == "content"
