@@ -17,8 +17,11 @@ The model, key by key (all written by one pipelined heartbeat):
 * the socket mappings of :mod:`chatkeep.realtime.sockets`, refreshed in the same pipeline.
 
 A heartbeat of 10,000 users is one pipeline, that is one round trip per batch
-(``batch_size``, 10,000 by default). The commands are plain ones rather than one script
-so the pipeline still works when, in cluster mode, the keys live in different slots.
+(``batch_size``, 10,000 by default): five commands per socket (the presence ``SET``, the
+socket hash and the user's socket set, each with its TTL) plus one variadic ``ZADD`` per
+batch for the deadlines, the node's sockets and each room. The commands are plain ones
+rather than one script so the pipeline still works when, in cluster mode, the keys live in
+different slots.
 Deadlines use the writer's clock (see :mod:`chatkeep.realtime.clock`); ``ZADD GT`` keeps
 the latest deadline when nodes' clocks disagree slightly.
 """
@@ -33,13 +36,11 @@ from datetime import datetime
 from typing import Any, Final
 from uuid import UUID
 
-from redis.asyncio.client import Pipeline
-
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import Clock, from_ms, seconds
 from chatkeep.realtime.keys import validate_id
-from chatkeep.realtime.sockets import SocketRegistry, check_rooms
+from chatkeep.realtime.sockets import SocketRegistry, SocketTouch, check_rooms
 
 __all__ = ["Heartbeat", "OfflineHandler", "OfflineUser", "Presence"]
 
@@ -125,28 +126,6 @@ class Presence:
             return int(self._clock() * 1000)
         return self._sockets.now_ms()
 
-    def _stage(self, pipe: Pipeline, beat: Heartbeat, now: int, *, connecting: bool) -> None:
-        keys = self._client.keys
-        deadline = now + self._timeout_ms
-        # The deadline goes in before the presence key: a sweep that runs between the two
-        # sees the new deadline and leaves the user alone.
-        pipe.zadd(keys.presence_deadlines(), {str(beat.user_id): deadline}, gt=True)
-        pipe.set(keys.presence(beat.user_id), now, px=self._timeout_ms, get=True)
-        self._sockets.stage_touch(
-            pipe,
-            beat.socket_id,
-            beat.user_id,
-            deadline_ms=deadline,
-            ttl_ms=self._timeout_ms,
-            rooms=beat.rooms,
-            connected_at_ms=now if connecting else None,
-        )
-        member = str(beat.user_id)
-        for room in beat.rooms:
-            room_key = keys.room_presence(room)
-            pipe.zadd(room_key, {member: deadline}, gt=True)
-            pipe.pexpire(room_key, self._timeout_ms)
-
     @staticmethod
     def _check(beat: Heartbeat) -> Heartbeat:
         if not isinstance(beat, Heartbeat):
@@ -208,21 +187,36 @@ class Presence:
     async def _send(
         self, beats: list[Heartbeat], operation: str, *, connecting: bool
     ) -> list[UUID]:
+        keys = self._client.keys
         now = self._now_ms()
+        deadline = now + self._timeout_ms
         pipe = self._client.pipeline()
-        positions: list[int] = []
-        index = 0
+        # The deadlines go in first: a sweep running while this pipeline executes sees the
+        # new deadlines and leaves these users alone. One variadic ZADD for the batch.
+        pipe.zadd(keys.presence_deadlines(), {str(b.user_id): deadline for b in beats}, gt=True)
         for beat in beats:
-            positions.append(index + 1)  # the SET ... GET of this beat
-            self._stage(pipe, beat, now, connecting=connecting)
-            index += 8 + 2 * len(beat.rooms)
+            # SET ... GET: the previous value says whether this beat brought the user online.
+            pipe.set(keys.presence(beat.user_id), now, px=self._timeout_ms, get=True)
+        self._sockets.stage_touch(
+            pipe,
+            [
+                SocketTouch(b.socket_id, b.user_id, deadline, b.rooms, now if connecting else None)
+                for b in beats
+            ],
+            ttl_ms=self._timeout_ms,
+        )
+        rooms: dict[UUID, dict[str, int]] = {}
+        for beat in beats:
+            for room in beat.rooms:
+                rooms.setdefault(room, {})[str(beat.user_id)] = deadline
+        for room, members in rooms.items():
+            room_key = keys.room_presence(room)
+            pipe.zadd(room_key, members, gt=True)
+            pipe.pexpire(room_key, self._timeout_ms)
         with self._client.guard(operation):
             results = await pipe.execute()
-        return [
-            beat.user_id
-            for beat, position in zip(beats, positions, strict=True)
-            if results[position] is None
-        ]
+        previous = results[1 : 1 + len(beats)]
+        return [beat.user_id for beat, old in zip(beats, previous, strict=True) if old is None]
 
     async def disconnect(self, socket_id: str) -> OfflineUser | None:
         """Forget a socket; if it was its user's last one, the user goes offline.

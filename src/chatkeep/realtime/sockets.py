@@ -16,10 +16,10 @@ pipeline so a heartbeat stays one round trip.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from redis.asyncio.client import Pipeline
@@ -30,7 +30,7 @@ from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import Clock, from_ms, seconds, wall_clock
 from chatkeep.realtime.keys import validate_id
 
-__all__ = ["SocketInfo", "SocketRegistry"]
+__all__ = ["SocketInfo", "SocketRegistry", "SocketTouch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,16 @@ class SocketInfo:
     node_id: str
     connected_at: datetime | None
     rooms: frozenset[UUID]
+
+
+class SocketTouch(NamedTuple):
+    """One socket's refresh, as staged by :meth:`SocketRegistry.stage_touch`."""
+
+    socket_id: str
+    user_id: UUID
+    deadline_ms: int
+    rooms: frozenset[UUID] | None = None
+    connected_at_ms: int | None = None
 
 
 def _text(value: Any) -> str:
@@ -119,38 +129,31 @@ class SocketRegistry:
         """The registry's clock, in Unix milliseconds."""
         return int(self._clock() * 1000)
 
-    def stage_touch(
-        self,
-        pipe: Pipeline,
-        socket_id: str,
-        user_id: UUID,
-        *,
-        deadline_ms: int,
-        ttl_ms: int,
-        rooms: frozenset[UUID] | None = None,
-        connected_at_ms: int | None = None,
-    ) -> None:
-        """Queue the commands that (re)write a socket's mappings into ``pipe``.
+    def stage_touch(self, pipe: Pipeline, touches: Sequence[SocketTouch], *, ttl_ms: int) -> None:
+        """Queue the commands that (re)write the mappings of ``touches`` into ``pipe``.
 
         Used by :meth:`register` and by presence heartbeats, so that a heartbeat of
-        thousands of sockets is a single round trip. Arguments are not validated here:
-        the public callers do that.
+        thousands of sockets is a single round trip: four commands per socket, and one
+        variadic ``ZADD`` (plus its ``PEXPIRE``) for this node's set however many sockets
+        there are. Arguments are not validated here: the public callers do that.
         """
         keys = self._client.keys
-        socket_key = keys.socket(socket_id)
-        fields: dict[FieldT, EncodableT] = {"u": str(user_id), "n": self._node}
-        if rooms is not None:
-            fields["r"] = _rooms_field(rooms)
-        if connected_at_ms is not None:
-            fields["c"] = connected_at_ms
-        pipe.hset(socket_key, mapping=fields)
-        pipe.pexpire(socket_key, ttl_ms)
-        user_key = keys.user_sockets(user_id)
-        pipe.zadd(user_key, {socket_id: deadline_ms})
-        pipe.pexpire(user_key, ttl_ms)
-        node_key = keys.node_sockets(self._node)
-        pipe.zadd(node_key, {socket_id: deadline_ms})
-        pipe.pexpire(node_key, ttl_ms)
+        for touch in touches:
+            socket_key = keys.socket(touch.socket_id)
+            fields: dict[FieldT, EncodableT] = {"u": str(touch.user_id), "n": self._node}
+            if touch.rooms is not None:
+                fields["r"] = _rooms_field(touch.rooms)
+            if touch.connected_at_ms is not None:
+                fields["c"] = touch.connected_at_ms
+            pipe.hset(socket_key, mapping=fields)
+            pipe.pexpire(socket_key, ttl_ms)
+            user_key = keys.user_sockets(touch.user_id)
+            pipe.zadd(user_key, {touch.socket_id: touch.deadline_ms})
+            pipe.pexpire(user_key, ttl_ms)
+        if touches:
+            node_key = keys.node_sockets(self._node)
+            pipe.zadd(node_key, {t.socket_id: t.deadline_ms for t in touches})
+            pipe.pexpire(node_key, ttl_ms)
 
     async def register(
         self, socket_id: str, user_id: UUID, *, rooms: Iterable[UUID] = ()
@@ -166,15 +169,8 @@ class SocketRegistry:
         room_set = check_rooms(rooms)
         now = self.now_ms()
         pipe = self._client.pipeline(transaction=not self._client.keys.cluster_mode)
-        self.stage_touch(
-            pipe,
-            socket_id,
-            user_id,
-            deadline_ms=now + self._ttl_ms,
-            ttl_ms=self._ttl_ms,
-            rooms=room_set,
-            connected_at_ms=now,
-        )
+        touch = SocketTouch(socket_id, user_id, now + self._ttl_ms, room_set, now)
+        self.stage_touch(pipe, [touch], ttl_ms=self._ttl_ms)
         with self._client.guard("sockets.register"):
             await pipe.execute()
         return SocketInfo(socket_id, user_id, self._node, from_ms(now), room_set)
