@@ -7,6 +7,7 @@ round trip, and ``chatkeep schema diagram`` draws the entity-relationship diagra
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import asyncpg
@@ -22,9 +23,10 @@ SELECT c.relname,
        c.relrowsecurity,
        c.relforcerowsecurity,
        -- NULL means "the owner's default privileges"; after a GRANT and a REVOKE the same
-       -- privileges are spelled out, so compare the effective list, not its spelling.
-       coalesce(c.relacl, acldefault(CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char",
-                                     c.relowner))::text,
+       -- privileges are spelled out, maybe in another order: compare the effective set.
+       (SELECT string_agg(a::text, ',' ORDER BY a::text)
+          FROM unnest(coalesce(c.relacl, acldefault(
+                   CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char", c.relowner))) a),
        coalesce(obj_description(c.oid, 'pg_class'), '')
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -79,7 +81,8 @@ _FUNCTIONS: Final = """
 SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
        p.prosecdef,
        coalesce(p.proconfig::text, ''),
-       coalesce(p.proacl, acldefault('f'::"char", p.proowner))::text,
+       (SELECT string_agg(a::text, ',' ORDER BY a::text)
+          FROM unnest(coalesce(p.proacl, acldefault('f'::"char", p.proowner))) a),
        pg_get_userbyid(p.proowner),
        md5(p.prosrc)
   FROM pg_proc p
@@ -122,6 +125,39 @@ SELECT src.relname, dst.relname, k.conname,
 """
 
 
+# Columns under a primary key, unique constraint or unique index (expression indexes such as
+# lower(email) list their columns through pg_depend, plain ones through indkey).
+_UNIQUE_COLUMNS: Final = """
+SELECT c.relname,
+       i.indisprimary,
+       array(SELECT DISTINCT a.attname::text
+               FROM pg_attribute a
+              WHERE a.attrelid = i.indrelid
+                AND (a.attnum = ANY (i.indkey::int2[])
+                     OR a.attnum IN (SELECT d.refobjsubid FROM pg_depend d
+                                      WHERE d.classid = 'pg_class'::regclass
+                                        AND d.objid = i.indexrelid
+                                        AND d.refclassid = 'pg_class'::regclass
+                                        AND d.refobjid = i.indrelid))
+                AND a.attnum > 0
+              ORDER BY 1)
+  FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = $1 AND i.indisunique AND c.relname NOT LIKE $2
+ ORDER BY 1, 2
+"""
+
+_SHORT_TYPES: Final = {
+    "timestamp with time zone": "timestamptz",
+    "timestamp without time zone": "timestamp",
+    "time with time zone": "timetz",
+    "time without time zone": "time",
+    "double precision": "float8",
+    "character varying": "varchar",
+}
+
+
 def _rows(records: list[asyncpg.Record]) -> list[str]:
     return [" | ".join(str(value) for value in record.values()) for record in records]
 
@@ -158,24 +194,34 @@ def diff_snapshots(before: dict[str, list[str]], after: dict[str, list[str]]) ->
     return changes
 
 
+def _mermaid_type(type_name: str) -> str:
+    """A catalog type name as one Mermaid word: ``timestamp with time zone`` -> ``timestamptz``."""
+    short = _SHORT_TYPES.get(type_name, type_name)
+    return re.sub(r"[^A-Za-z0-9_\[\]]+", "_", short).strip("_")
+
+
 async def mermaid_diagram(conn: asyncpg.Connection, schema: str = "public") -> str:
-    """An entity-relationship diagram of ``schema`` in Mermaid syntax, read from the catalog."""
+    """An entity-relationship diagram of ``schema`` in Mermaid syntax, read from the catalog.
+
+    Tables in name order with their columns in table order; keys marked ``PK``, ``FK`` and
+    ``UK`` (unique constraints and unique indexes, expression ones like ``lower(email)``
+    included); nullable columns say so. Each foreign key is one relationship line, ``|o``
+    on the referenced side when the referencing columns may be NULL. The output depends only
+    on the schema, so it is the same on every supported PostgreSQL version.
+    """
     like = HISTORY_OBJECT_PREFIX + "%"
     columns = await conn.fetch(_COLUMNS, schema, like)
-    constraints = await conn.fetch(_CONSTRAINTS, schema, like)
     foreign_keys = await conn.fetch(_FOREIGN_KEYS, schema, like)
     tables = [r[0] for r in await conn.fetch(_TABLES, schema, like) if r[1] in ("r", "p")]
 
     primary: dict[str, set[str]] = {}
     unique: dict[str, set[str]] = {}
-    for table, _name, kind, definition in constraints:
-        if kind in ("p", "u"):
-            inside = definition[definition.index("(") + 1 : definition.index(")")]
-            cols = {c.strip().strip('"') for c in inside.split(",")}
-            (primary if kind == "p" else unique).setdefault(table, set()).update(cols)
+    for table, is_primary, cols in await conn.fetch(_UNIQUE_COLUMNS, schema, like):
+        (primary if is_primary else unique).setdefault(table, set()).update(cols)
     referencing: dict[str, set[str]] = {}
     for src, _dst, _name, cols in foreign_keys:
         referencing.setdefault(src, set()).update(cols.split(","))
+    nullable = {(r[0], r[2]) for r in columns if not r[4]}
 
     lines = ["erDiagram"]
     for table in tables:
@@ -183,7 +229,7 @@ async def mermaid_diagram(conn: asyncpg.Connection, schema: str = "public") -> s
         for record in columns:
             if record[0] != table:
                 continue
-            name, type_name = record[2], record[3]
+            name = record[2]
             keys = []
             if name in primary.get(table, set()):
                 keys.append("PK")
@@ -191,12 +237,14 @@ async def mermaid_diagram(conn: asyncpg.Connection, schema: str = "public") -> s
                 keys.append("FK")
             if name in unique.get(table, set()) and "PK" not in keys:
                 keys.append("UK")
-            mermaid_type = type_name.replace(" ", "_").replace("(", "_").replace(")", "")
             suffix = f" {','.join(keys)}" if keys else ""
-            null = "" if record[4] else ' "nullable"'
-            lines.append(f"        {mermaid_type} {name}{suffix}{null}")
+            null = ' "nullable"' if (table, name) in nullable else ""
+            lines.append(f"        {_mermaid_type(record[3])} {name}{suffix}{null}")
         lines.append("    }")
     for src, dst, name, cols in foreign_keys:
-        # Mermaid: the referenced side is exactly one; the referencing side zero or more.
-        lines.append(f'    {dst} ||--o{{ {src} : "{cols} ({name})"')
+        # Mermaid: the referencing side is zero or more; the referenced side exactly one,
+        # or zero or one when the referencing columns may be NULL.
+        optional = any((src, col) in nullable for col in cols.split(","))
+        left = "|o" if optional else "||"
+        lines.append(f'    {dst} {left}--o{{ {src} : "{cols} ({name})"')
     return "\n".join(lines) + "\n"
