@@ -1,0 +1,109 @@
+"""``chatkeep setup``'s first step: the database, created once, safely under races."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from chatkeep.config import Settings
+from chatkeep.errors import InvalidInput, Unavailable
+from chatkeep.storage.bootstrap import database_name, ensure_database, maintenance_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_url(admin_url: str) -> AsyncIterator[str]:
+    """A URL naming a database that does not exist yet (dropped after the test if made)."""
+    name = f"chatkeep_setup_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield maintenance_url(admin_url, name)
+    finally:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def exists(admin_url: str, name: str) -> bool:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("postgresql://u@h/chat", "chat"),
+        ("postgresql://u@h:5432/chat?sslmode=require", "chat"),
+        ("postgresql://u@h", "chatapp_db"),
+        ("postgresql://u@h/", "chatapp_db"),
+        ("postgresql:///chat?host=/run/pg", "chat"),
+    ],
+)
+def test_database_name(url: str, name: str) -> None:
+    assert database_name(url) == name
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql://u:p@h:5/chat?sslmode=require",
+            "postgresql://u:p@h:5/postgres?sslmode=require",
+        ),
+        ("postgresql:///chat?host=/run/pg", "postgresql:///postgres?host=/run/pg"),
+        ("postgresql://u@/chat?host=/run/pg", "postgresql://u@/postgres?host=/run/pg"),
+    ],
+)
+def test_maintenance_url_keeps_server_credentials_and_options(url: str, expected: str) -> None:
+    assert maintenance_url(url) == expected
+    assert maintenance_url(url, "other").replace("/other", "/postgres", 1) == expected
+
+
+async def test_creates_the_database_once(
+    fresh_url: str, admin_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    name = database_name(fresh_url)
+    assert not await exists(admin_url, name)
+    assert await ensure_database(fresh_url, settings) is True
+    assert await exists(admin_url, name)
+    # The second run finds it and changes nothing.
+    assert await ensure_database(fresh_url, settings) is False
+    conn = await asyncpg.connect(fresh_url)
+    try:
+        assert await conn.fetchval("SELECT current_database()") == name
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_runs_all_succeed_and_one_creates(
+    fresh_url: str, admin_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    results = await asyncio.gather(*(ensure_database(fresh_url, settings) for _ in range(4)))
+    assert sorted(results) == [False, False, False, True]
+    assert await exists(admin_url, database_name(fresh_url))
+
+
+@pytest.mark.parametrize("name", ["chat-app", 'x"; DROP DATABASE postgres; --', "a" * 64])
+async def test_unsafe_database_names_are_refused(
+    admin_url: str, make_settings: Callable[..., Settings], name: str
+) -> None:
+    with pytest.raises(InvalidInput) as info:
+        await ensure_database(maintenance_url(admin_url, name), make_settings())
+    assert info.value.field == "database_url"
+    assert not await exists(admin_url, name[:63])
+
+
+async def test_unreachable_server_is_unavailable(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(Unavailable):
+        await ensure_database("postgresql://u@127.0.0.1:1/chat", make_settings())
