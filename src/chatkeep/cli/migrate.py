@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,12 @@ def repair(
     console.print(f"[green]repaired[/] version {version}: its current text is accepted")
 
 
+def _renumber(report: str, path: Path, label: str) -> str:
+    """Name the migration file, and count from 1: squawk's gcc reporter counts from 0."""
+    position = re.compile(rf"^{re.escape(str(path))}:(\d+):(\d+): ", re.MULTILINE)
+    return position.sub(lambda m: f"{label}:{int(m[1]) + 1}:{int(m[2]) + 1}: ", report)
+
+
 def _squawk() -> str:
     candidate = Path(sys.executable).with_name("squawk")
     found = str(candidate) if candidate.exists() else shutil.which("squawk")
@@ -284,7 +291,7 @@ def lint_files(migrations: list[Migration]) -> tuple[int, str]:
                     [*args, str(path)], capture_output=True, text=True, check=False
                 )
                 worst = max(worst, proc.returncode)
-                out = proc.stdout.replace(str(path), f"{m.path.name} ({part})")
+                out = _renumber(proc.stdout, path, f"{m.path.name} ({part})")
                 if out.strip():
                     reports.append(out.strip())
     return worst, "\n".join(reports)

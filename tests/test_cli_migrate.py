@@ -1,0 +1,303 @@
+"""``chatkeep migrate ...`` in-process (typer's CliRunner) against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+from typer.testing import CliRunner, Result
+
+from chatkeep.cli import app
+from chatkeep.storage.migrate import load_migrations
+
+Env = Callable[..., dict[str, str]]
+
+
+def table_migration(table: str, *, down: bool = True) -> str:
+    text = f"-- chatkeep:up\nCREATE TABLE {table} (id int PRIMARY KEY);\n"
+    if down:
+        text += f"-- chatkeep:down\nDROP TABLE {table};\n"
+    return text
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Path:
+    directory = tmp_path / "migrations"
+    directory.mkdir()
+    for version, table in ((1, "a"), (2, "b"), (3, "c")):
+        (directory / f"00{version}_create_{table}.sql").write_text(table_migration(table))
+    return directory
+
+
+@pytest.fixture
+def chatkeep(
+    cli_env: Env, empty_database_url: str, three: Path, tmp_path: Path
+) -> Callable[..., Result]:
+    """Run ``chatkeep migrate <args>`` on the empty test database and the three files."""
+    env = cli_env(CHATKEEP_DATA_DIR=str(tmp_path / "data"), COLUMNS="200")
+    runner = CliRunner()
+
+    def invoke(*args: str, directory: Path | None = three) -> Result:
+        argv = ["migrate", *args, "--database-url", empty_database_url]
+        if directory is not None:
+            argv += ["--migrations-dir", str(directory)]
+        result = runner.invoke(app, argv, env=env)
+        # Anything but a clean exit is a bug: errors must be messages with an exit code.
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            result.exception
+        )
+        return result
+
+    return invoke
+
+
+def tables_in(url: str) -> set[str]:
+    import asyncio
+
+    async def read() -> set[str]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                " AND tablename <> 'chatkeep_schema_history'"
+            )
+            return {r[0] for r in rows}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_up_applies_and_reports(chatkeep: Callable[..., Result], empty_database_url: str) -> None:
+    result = chatkeep("up", "--to", "2")
+    assert result.exit_code == 0, result.output
+    assert "apply 001_create_a.sql" in result.stdout
+    assert "apply 002_create_b.sql" in result.stdout
+    assert "2 migration(s) applied" in result.stdout
+    assert tables_in(empty_database_url) == {"a", "b"}
+    result = chatkeep("up")
+    assert "1 migration(s) applied" in result.stdout
+    result = chatkeep("up")
+    assert result.exit_code == 0
+    assert "nothing to apply: the database is up to date" in result.stdout
+
+
+def test_status_json_and_exit_codes(chatkeep: Callable[..., Result], three: Path) -> None:
+    result = chatkeep("status", "--json", "--exit-code")
+    assert result.exit_code == 1  # pending
+    entries = json.loads(result.stdout)
+    assert [(e["version"], e["name"], e["state"]) for e in entries] == [
+        (1, "create_a", "pending"),
+        (2, "create_b", "pending"),
+        (3, "create_c", "pending"),
+    ]
+    assert entries[0]["applied_at"] is None
+    assert chatkeep("status").exit_code == 0  # without --exit-code, just a report
+
+    chatkeep("up")
+    result = chatkeep("status", "--json", "--exit-code")
+    assert result.exit_code == 0
+    entries = json.loads(result.stdout)
+    assert {e["state"] for e in entries} == {"applied"}
+    assert all(e["applied_at"] and e["applied_by"] for e in entries)
+
+    table = chatkeep("status")
+    assert table.exit_code == 0
+    assert "create_b" in table.stdout
+    assert "applied" in table.stdout
+
+    (three / "002_create_b.sql").write_text(table_migration("b") + "-- edited\n")
+    result = chatkeep("status", "--json", "--exit-code")
+    assert result.exit_code == 3  # the history and the files disagree
+    assert [e["state"] for e in json.loads(result.stdout)] == ["applied", "changed", "applied"]
+
+
+def test_status_exit_code_for_missing_and_out_of_order(
+    chatkeep: Callable[..., Result], three: Path
+) -> None:
+    (three / "002_create_b.sql").rename(three / "002_create_b.later")
+    chatkeep("up")
+    (three / "002_create_b.later").rename(three / "002_create_b.sql")
+    result = chatkeep("status", "--exit-code")
+    assert result.exit_code == 3
+    assert "out-of-order" in result.stdout
+    # up refuses, naming the way out; the flag applies it.
+    refused = chatkeep("up")
+    assert refused.exit_code == 1
+    assert "--allow-out-of-order" in refused.stderr
+    assert chatkeep("up", "--allow-out-of-order").exit_code == 0
+    (three / "003_create_c.sql").unlink()
+    result = chatkeep("status", "--exit-code")
+    assert result.exit_code == 3
+    assert "missing" in result.stdout
+    assert chatkeep("down").exit_code == 1
+    # 002 went last, so it reverts first; 003 comes next, and its down part is gone with it.
+    result = chatkeep("down", "-n", "2", "--allow-missing")
+    assert result.exit_code == 1
+    assert "003_create_c: its file is missing" in result.stderr
+    assert chatkeep("down", "--allow-missing").exit_code == 0
+
+
+def test_down_by_steps_and_target(chatkeep: Callable[..., Result], empty_database_url: str) -> None:
+    chatkeep("up")
+    result = chatkeep("down")
+    assert result.exit_code == 0
+    assert "revert 003_create_c.sql" in result.stdout
+    assert tables_in(empty_database_url) == {"a", "b"}
+    chatkeep("up")
+    result = chatkeep("down", "-n", "2")
+    assert "2 migration(s) reverted" in result.stdout
+    chatkeep("up")
+    result = chatkeep("down", "--to", "0")
+    assert "3 migration(s) reverted" in result.stdout
+    assert tables_in(empty_database_url) == set()
+    assert "nothing to revert" in chatkeep("down").stdout
+    both = chatkeep("down", "--to", "1", "-n", "1")
+    assert both.exit_code == 2
+    assert "not both" in both.stderr
+
+
+def test_down_refuses_without_a_down_part(
+    chatkeep: Callable[..., Result], three: Path, empty_database_url: str
+) -> None:
+    (three / "003_create_c.sql").write_text(table_migration("c", down=False))
+    chatkeep("up")
+    result = chatkeep("down")
+    assert result.exit_code == 1
+    assert "003_create_c.sql: it has no down part" in result.stderr
+    assert tables_in(empty_database_url) == {"a", "b", "c"}
+
+
+def test_plan_prints_sql_and_runs_nothing(
+    chatkeep: Callable[..., Result], empty_database_url: str
+) -> None:
+    result = chatkeep("plan", "--to", "2")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("-- 001_create_a.sql (up, transaction)\nBEGIN;\n")
+    assert "CREATE TABLE b (id int PRIMARY KEY);" in result.stdout
+    assert "003_create_c" not in result.stdout
+    assert tables_in(empty_database_url) == set()
+    chatkeep("up")
+    assert chatkeep("plan").stdout.strip() == "-- nothing to do"
+    down = chatkeep("plan", "--down", "-n", "2")
+    assert down.stdout.index("DROP TABLE c;") < down.stdout.index("DROP TABLE b;")
+    assert "DROP TABLE a;" not in down.stdout
+    assert "DROP TABLE a;" in chatkeep("plan", "--down", "--down-to", "0").stdout
+    assert tables_in(empty_database_url) == {"a", "b", "c"}
+    wrong = chatkeep("plan", "-n", "1")
+    assert wrong.exit_code == 2
+    assert "--down" in wrong.stderr
+
+
+def test_repair_accepts_an_edit(chatkeep: Callable[..., Result], three: Path) -> None:
+    chatkeep("up")
+    (three / "001_create_a.sql").write_text("-- reviewed\n" + table_migration("a"))
+    refused = chatkeep("up")
+    assert refused.exit_code == 1
+    assert "001_create_a.sql was edited" in refused.stderr
+    assert "chatkeep migrate repair 1" in refused.stderr
+    result = chatkeep("repair", "1")
+    assert result.exit_code == 0
+    assert "repaired version 1" in result.stdout
+    assert chatkeep("status", "--exit-code").exit_code == 0
+    assert chatkeep("repair", "9").exit_code == 1
+
+
+def test_failed_migration_is_a_clear_error(
+    chatkeep: Callable[..., Result], three: Path, empty_database_url: str
+) -> None:
+    (three / "002_create_b.sql").write_text(
+        "-- chatkeep:up\nCREATE TABLE b (id int);\nSELECT 1/0;\n"
+    )
+    result = chatkeep("up")
+    assert result.exit_code == 1
+    assert "002_create_b.sql, line 3 failed (up): DivisionByZeroError" in result.stderr
+    assert tables_in(empty_database_url) == {"a"}
+
+
+def test_verify_reports_each_file_and_fails_on_a_bad_down(
+    chatkeep: Callable[..., Result], three: Path
+) -> None:
+    result = chatkeep("verify")
+    assert result.exit_code == 0
+    assert "001_create_a: up, down, up ok" in result.stdout
+    assert "3 migration(s) verified" in result.stdout
+    (three / "003_create_c.sql").write_text(
+        "-- chatkeep:up\nCREATE TABLE c (id int);\n-- chatkeep:down\nSELECT 1;\n"
+    )
+    result = chatkeep("verify")
+    assert result.exit_code == 1
+    assert "003_create_c.sql: down does not restore the schema" in result.stderr
+
+
+def test_shipped_migrations_apply_and_report_current(
+    chatkeep: Callable[..., Result], template_database: str
+) -> None:
+    # template_database: the server is prepared as `chatkeep setup` prepares it.
+    result = chatkeep("up", directory=None)
+    assert result.exit_code == 0, result.output
+    count = len(load_migrations())
+    assert f"{count} migration(s) applied" in result.stdout
+    assert chatkeep("status", "--exit-code", directory=None).exit_code == 0
+
+
+def test_lint_passes_on_the_shipped_files(cli_env: Env) -> None:
+    result = CliRunner().invoke(app, ["migrate", "lint"], env=cli_env(COLUMNS="200"))
+    assert result.exit_code == 0, result.output
+    assert f"ok {len(load_migrations())} migration file(s) pass squawk" in result.stdout
+
+
+def test_lint_fails_on_a_dangerous_migration(cli_env: Env, three: Path) -> None:
+    (three / "004_add_column.sql").write_text(
+        "-- chatkeep:up\nALTER TABLE a ADD COLUMN n int NOT NULL;\n"
+        "-- chatkeep:down\nALTER TABLE a DROP COLUMN n;\n"
+    )
+    result = CliRunner().invoke(
+        app, ["migrate", "lint", "--migrations-dir", str(three)], env=cli_env(COLUMNS="200")
+    )
+    assert result.exit_code == 1
+    # Positions count from 1 like an editor's: line 2, column 15 is where "ADD COLUMN" is.
+    assert "004_add_column.sql (up):2:15: warning: adding-required-field" in result.stdout
+    assert "squawk found problems" in result.stderr
+
+
+def test_lint_refuses_malformed_files(cli_env: Env, three: Path) -> None:
+    (three / "004_bad.sql").write_text("CREATE TABLE x (id int);\n")
+    result = CliRunner().invoke(
+        app, ["migrate", "lint", "--migrations-dir", str(three)], env=cli_env()
+    )
+    assert result.exit_code == 1
+    assert "004_bad.sql: needs exactly one '-- chatkeep:up' line" in result.stderr
+
+
+def test_bad_urls_and_missing_databases_are_messages(cli_env: Env, admin_url: str) -> None:
+    runner = CliRunner()
+    env = cli_env(COLUMNS="200")
+    result = runner.invoke(
+        app, ["migrate", "status", "--database-url", "mysql://u:topsecret@h/db"], env=env
+    )
+    assert result.exit_code == 1
+    assert "database_url: must start with postgresql://" in result.stderr
+    assert "topsecret" not in result.output
+    missing = admin_url.rsplit("/", 1)[0] + "/chatkeep_no_such_db"
+    if "?" in admin_url:
+        missing += "?" + admin_url.split("?", 1)[1]
+    result = runner.invoke(app, ["migrate", "status", "--database-url", missing], env=env)
+    assert result.exit_code == 1
+    assert "chatkeep setup" in result.stderr
+    result = runner.invoke(
+        app, ["migrate", "up", "--database-url", "postgresql://u:pw@127.0.0.1:1/db"], env=env
+    )
+    assert result.exit_code == 1
+    assert "unreachable" in result.stderr
+    assert "u:***@127.0.0.1:1" in result.stderr
+
+
+def test_environment_urls_are_used(cli_env: Env, empty_database_url: str, three: Path) -> None:
+    env = cli_env(DATABASE_URL=empty_database_url, COLUMNS="200")
+    result = CliRunner().invoke(app, ["migrate", "up", "--migrations-dir", str(three)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "3 migration(s) applied" in result.stdout
