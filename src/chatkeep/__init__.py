@@ -37,9 +37,12 @@ from chatkeep.models import (
     UserProfile,
 )
 
+from chatkeep.facade import ChatKeep, Health, LoginResult
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatKeep",
     "ChatkeepError",
     "ConfigurationError",
     "Conflict",
@@ -47,7 +50,9 @@ __all__ = [
     "CreateRoomDto",
     "CreateUserDto",
     "CursorPage",
+    "Health",
     "InvalidInput",
+    "LoginResult",
     "Message",
     "MessageReadStatus",
     "MessageWithUser",
