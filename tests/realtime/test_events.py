@@ -1,0 +1,277 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from chatkeep.errors import InvalidInput, Unavailable
+from chatkeep.realtime import (
+    WIRE_VERSION,
+    Event,
+    EventBus,
+    EventSubscription,
+    MemberJoined,
+    MemberLeft,
+    MessageCreated,
+    MessageDeleted,
+    MessageEdited,
+    MessagesRead,
+    PresenceChanged,
+    RedisClient,
+    RoomGap,
+    TypingChanged,
+    decode_event,
+    encode_event,
+)
+from tests.realtime.conftest import ClientFactory, ThrowawayRedis, wait_until
+
+ROOM = uuid4()
+USER = uuid4()
+
+
+def every_kind() -> list[Event]:
+    message = uuid4()
+    return [
+        MessageCreated(
+            room_id=ROOM,
+            message_id=message,
+            seq=1,
+            sender_id=USER,
+            client_message_id="c1",
+            body="hi",
+        ),
+        MessageEdited(room_id=ROOM, message_id=message, seq=1, editor_id=USER, body="hello"),
+        MessageDeleted(room_id=ROOM, message_id=message, seq=1, deleted_by=USER),
+        MessagesRead(room_id=ROOM, user_id=USER, last_read_seq=1),
+        TypingChanged(room_id=ROOM, user_id=USER, typing=True),
+        PresenceChanged(room_id=ROOM, user_id=USER, status="offline", last_seen=datetime.now(UTC)),
+        MemberJoined(room_id=ROOM, user_id=USER, role="member"),
+        MemberLeft(room_id=ROOM, user_id=USER),
+    ]
+
+
+@pytest.mark.parametrize("event", every_kind(), ids=lambda e: e.type)
+def test_every_event_round_trips_with_a_version(event: Event) -> None:
+    wire = encode_event(event)
+    raw = json.loads(wire)
+    assert raw["v"] == WIRE_VERSION == 1
+    assert raw["type"] == event.type
+    assert decode_event(wire) == event
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    raw = json.loads(encode_event(every_kind()[0]))
+    raw["added_in_a_later_minor_release"] = [1, 2]
+    decoded = decode_event(json.dumps(raw))
+    assert isinstance(decoded, MessageCreated)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"v": 2, "type": "message.created"}).encode(),
+        json.dumps({"v": "1", "type": "read"}).encode(),
+        json.dumps({"v": 1, "type": "room.exploded", "room_id": str(ROOM)}).encode(),
+        json.dumps({"v": 1, "type": "read", "room_id": str(ROOM)}).encode(),
+    ],
+)
+def test_unreadable_events_are_skipped_with_a_warning(
+    payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="chatkeep.realtime.events"):
+        assert decode_event(payload) is None
+    assert "skipped" in caplog.text
+
+
+def test_only_event_models_can_be_encoded() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        encode_event({"type": "read"})  # type: ignore[arg-type]
+    assert caught.value.field == "event"
+
+
+def test_models_validate_their_fields() -> None:
+    with pytest.raises(ValueError, match="seq"):
+        MessageCreated(room_id=ROOM, message_id=uuid4(), seq=0, sender_id=USER)
+
+
+async def next_item(sub: EventSubscription, within: float = 5.0) -> Event | RoomGap | None:
+    async with asyncio.timeout(within):
+        return await sub.get()
+
+
+async def test_subscribers_on_other_nodes_receive_published_events(
+    make_client: ClientFactory,
+) -> None:
+    node_a = EventBus(await make_client(), node_id="node-a")
+    node_b = EventBus(await make_client(), node_id="node-b")
+    room, other = uuid4(), uuid4()
+    async with await node_b.subscribe(room) as sub:
+        assert sub.room_ids == {room}
+        event = MessageCreated(room_id=room, message_id=uuid4(), seq=7, sender_id=USER)
+        assert await node_a.publish(event) == 1
+        assert await node_a.publish(MemberLeft(room_id=other, user_id=USER)) == 0
+        received = await next_item(sub)
+        assert isinstance(received, MessageCreated)
+        assert received.message_id == event.message_id
+        assert received.origin == "node-a"
+        assert received.event_id == event.event_id
+
+
+async def test_publish_many_keeps_order_and_rooms(make_client: ClientFactory) -> None:
+    bus = EventBus(await make_client())
+    listener = EventBus(await make_client())
+    first, second = uuid4(), uuid4()
+    async with await listener.subscribe(first, second) as sub:
+        events: list[Event] = [
+            MessagesRead(room_id=first, user_id=USER, last_read_seq=n) for n in range(3)
+        ]
+        events.append(TypingChanged(room_id=second, user_id=USER, typing=False))
+        assert await bus.publish_many(events) == [1, 1, 1, 1]
+        received = [await next_item(sub) for _ in events]
+    assert received == events
+    assert await bus.publish_many([]) == []
+
+
+async def test_add_and_remove_rooms(make_client: ClientFactory) -> None:
+    bus = EventBus(await make_client())
+    listener = EventBus(await make_client())
+    first, second = uuid4(), uuid4()
+    sub = await listener.subscribe(first)
+    await sub.add_rooms(second)
+    assert sub.room_ids == {first, second}
+    await sub.remove_rooms(first)
+    assert sub.room_ids == {second}
+    assert await bus.publish(MemberLeft(room_id=first, user_id=USER)) == 0
+    assert await bus.publish(MemberJoined(room_id=second, user_id=USER)) == 1
+    assert isinstance(await next_item(sub), MemberJoined)
+    await sub.aclose()
+    assert await sub.get() is None
+
+
+async def test_garbage_on_a_room_channel_is_skipped(make_client: ClientFactory) -> None:
+    client = await make_client()
+    bus = EventBus(client)
+    room = uuid4()
+    async with await bus.subscribe(room) as sub:
+        await client.publish(client.keys.room_events(room), b"{broken")
+        await bus.publish(MemberLeft(room_id=room, user_id=USER))
+        assert isinstance(await next_item(sub), MemberLeft)
+        collected: list[Any] = []
+
+        async def drain() -> None:
+            async for item in sub:
+                collected.append(item)
+                break
+
+        await client.publish(client.keys.room_events(room), b"[]")
+        await bus.publish(MemberJoined(room_id=room, user_id=USER))
+        async with asyncio.timeout(5):
+            await drain()
+        assert [type(item) for item in collected] == [MemberJoined]
+
+
+async def test_an_overflowing_subscriber_is_told_to_catch_up(make_client: ClientFactory) -> None:
+    client = await make_client(subscription_queue_size=2)
+    bus = EventBus(client)
+    room = uuid4()
+    async with await bus.subscribe(room) as sub:
+        for n in range(5):
+            await bus.publish(MessagesRead(room_id=room, user_id=USER, last_read_seq=n))
+        marker = MemberJoined(room_id=room, user_id=USER)
+        await bus.publish(marker)
+        items: list[Any] = []
+        async with asyncio.timeout(5):
+            while marker not in items:
+                items.append(await sub.get())
+    assert isinstance(items[0], RoomGap)
+    assert items[0].room_ids == {room}
+    assert items[0].reason == "overflow"
+
+
+async def test_publishing_with_redis_down_is_unavailable(
+    make_client: ClientFactory, dead_url: str
+) -> None:
+    bus = EventBus(await make_client(dead_url))
+    with pytest.raises(Unavailable):
+        await bus.publish(MemberLeft(room_id=ROOM, user_id=USER))
+    with pytest.raises(Unavailable):
+        await bus.publish_many([MemberLeft(room_id=ROOM, user_id=USER)])
+    with pytest.raises(Unavailable):
+        await bus.subscribe(ROOM)
+
+
+async def test_bad_node_id_and_rooms_are_refused(client: RedisClient) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        EventBus(client, node_id="a b")
+    assert caught.value.field == "node_id"
+    with pytest.raises(InvalidInput) as caught:
+        await EventBus(client).subscribe("room-1")  # type: ignore[arg-type]
+    assert caught.value.field == "room_id"
+
+
+async def test_a_real_restart_resubscribes_signals_a_gap_and_delivers_again(
+    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+) -> None:
+    listener_client = await make_client(throwaway_redis.url, pubsub_ping_interval=0.5)
+    publisher = EventBus(await make_client(throwaway_redis.url))
+    listener = EventBus(listener_client, node_id="sub")
+    rooms = [uuid4(), uuid4()]
+    sub = await listener.subscribe(*rooms)
+    before = MessagesRead(room_id=rooms[0], user_id=USER, last_read_seq=1)
+    assert await publisher.publish(before) == 1
+    assert await next_item(sub) == before
+
+    await asyncio.to_thread(throwaway_redis.stop)
+    await wait_until(lambda: not listener_client.pubsub_connected)
+    with pytest.raises(Unavailable):  # publishing during the outage fails loudly
+        await publisher.publish(before)
+    await asyncio.to_thread(throwaway_redis.start)
+
+    gap = await next_item(sub, within=15)
+    assert isinstance(gap, RoomGap)
+    assert gap.reason == "reconnected"
+    assert gap.room_ids == set(rooms)
+    assert gap.since <= datetime.now(UTC).timestamp()
+    assert listener_client.pubsub_reconnects >= 1
+    # The gap is announced only once every channel is subscribed again: whatever is
+    # published from now on arrives (so a catch-up started on the notice misses nothing).
+    after = [MessagesRead(room_id=room, user_id=USER, last_read_seq=2) for room in rooms]
+    assert await publisher.publish_many(after) == [1, 1]
+    assert [await next_item(sub) for _ in after] == after
+    await sub.aclose()
+
+
+async def test_rooms_added_during_an_outage_are_refused_then_work_after(
+    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+) -> None:
+    client = await make_client(throwaway_redis.url)
+    bus = EventBus(client)
+    first, second = uuid4(), uuid4()
+    sub = await bus.subscribe(first)
+    await asyncio.to_thread(throwaway_redis.stop)
+    await wait_until(lambda: not client.pubsub_connected)
+    with pytest.raises(Unavailable):
+        await sub.add_rooms(second)
+    assert sub.room_ids == {first}
+    await asyncio.to_thread(throwaway_redis.start)
+    assert isinstance(await next_item(sub, within=15), RoomGap)
+    await sub.add_rooms(second)
+    assert await bus.publish(MemberJoined(room_id=second, user_id=USER)) == 1
+    received = await next_item(sub)
+    assert isinstance(received, MemberJoined)
+    assert received.room_id == second
+    await sub.aclose()
+
+
+def test_room_ids_of_foreign_channels_are_ignored(client: RedisClient) -> None:
+    bus = EventBus(client)
+    assert bus.room_of_channel("elsewhere") is None
+    room: UUID = uuid4()
+    assert bus.room_of_channel(bus.channels([room])[0]) == room
