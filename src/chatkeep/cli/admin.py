@@ -59,6 +59,16 @@ class Check:
     detail: str
 
 
+_SERVER_FACTS: Final = """
+SELECT current_setting('server_version') AS version,
+       current_user AS role,
+       coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false)
+           AS superuser,
+       coalesce((SELECT rolbypassrls FROM pg_roles WHERE rolname = current_user), false)
+           AS bypassrls
+"""
+
+
 async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
     checks: list[Check] = []
     where = redact_url(found.database_url)
@@ -70,13 +80,8 @@ async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
         started = time.perf_counter()
         await conn.fetchval("SELECT 1")
         latency = (time.perf_counter() - started) * 1000
-        row = await conn.fetchrow(
-            "SELECT current_setting('server_version') AS version, current_user AS role,"
-            " r.rolsuper AS superuser, r.rolbypassrls AS bypassrls"
-            "  FROM pg_roles r WHERE r.rolname = current_user"
-        )
-        if row is None:  # pragma: no cover - current_user always has a pg_roles row
-            raise ChatkeepError("doctor: current_user has no pg_roles row")
+        # A SELECT without FROM always returns exactly one row.
+        (row,) = await conn.fetch(_SERVER_FACTS)
         checks.append(
             Check(
                 "postgresql",
