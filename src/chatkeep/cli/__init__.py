@@ -15,6 +15,7 @@ from chatkeep import __version__
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
+from chatkeep.cli.seed import seed
 
 __all__ = ["app", "main"]
 
@@ -29,6 +30,7 @@ app.add_typer(migrate_cli.app, name="migrate")
 app.add_typer(schema_app, name="schema")
 app.command()(setup)
 app.command()(doctor)
+app.command()(seed)
 
 
 def _version(value: bool) -> None:
