@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -28,9 +28,12 @@ def database_name(dsn: str) -> str:
 
 
 def maintenance_url(dsn: str, database: str = "postgres") -> str:
-    """The same server and credentials, pointed at the maintenance database."""
+    """The same server and credentials, pointed at another database (``postgres``)."""
     parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+    # Built by hand: urlunsplit drops the empty host of a socket URL (postgresql:///db?host=).
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}/{database}{query}{fragment}"
 
 
 async def ensure_database(dsn: str, settings: Settings) -> bool:

@@ -47,7 +47,6 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -60,6 +59,7 @@ from chatkeep.errors import (
     MigrationOrderError,
 )
 from chatkeep.storage import catalog
+from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
 from chatkeep.storage.sqltext import Statement, code_only, split_statements
@@ -72,8 +72,10 @@ __all__ = [
     "MigrationState",
     "Migrator",
     "StatusEntry",
+    "checksum",
     "load_migrations",
     "migrate_up",
+    "normalise",
 ]
 
 logger = logging.getLogger("chatkeep.migrate")
@@ -317,6 +319,18 @@ class MigrationPlan:
 
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
+
+
+def _error_line(statement: Statement, exc: BaseException) -> int:
+    """The file line an error points at: the server's error position, else the statement's."""
+    position = getattr(exc, "position", None)
+    try:
+        offset = int(position) - 1 if position else -1
+    except ValueError:
+        offset = -1
+    if not 0 <= offset < len(statement.sql):
+        return statement.line
+    return statement.line + statement.sql.count("\n", 0, offset)
 
 
 @dataclass
@@ -678,7 +692,7 @@ class Migrator:
                 finally:
                     await conn.execute("RESET lock_timeout; RESET statement_timeout")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            where = f", line {current.line}" if current else ""
+            where = f", line {_error_line(current, exc)}" if current else ""
             what = f": {current.summary(200)}" if current else ""
             detail = f"{exc.__class__.__name__}: {exc}"
             kept = (
@@ -729,15 +743,15 @@ class Migrator:
             MigrationError: a migration's down part does not restore the schema before it,
                 or its up part does not apply the same way twice.
         """
+        if self._dsn is None or self._settings is None:
+            raise MigrationError("verify needs a Migrator opened with Migrator.connect()")
         scratch = f"chatkeep_verify_{int(time.time() * 1000)}_{random.randrange(10**6)}"  # noqa: S311
         with translate_errors("migrate verify"):
             await self._conn.execute(f'CREATE DATABASE "{scratch}"')
         report: list[str] = []
         try:
-            if self._dsn is None or self._settings is None:
-                raise MigrationError("verify needs a Migrator opened with Migrator.connect()")
             scratch_conn = await connect(
-                _with_database(self._dsn, scratch),
+                maintenance_url(self._dsn, scratch),
                 self._settings,
                 application_name="chatkeep-verify",
                 operation="migrate verify",
@@ -783,11 +797,6 @@ class Migrator:
         return report
 
 
-def _with_database(dsn: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
 def _settings_migrate_url(settings: Settings) -> str:
     secret = settings.migrate_database_url or settings.database_url
     if secret is None:
@@ -798,11 +807,32 @@ def _settings_migrate_url(settings: Settings) -> str:
     return secret.get_secret_value()
 
 
-async def migrate_up(settings: Settings, *, database_url: str | None = None) -> list[Migration]:
+async def migrate_up(
+    settings: Settings,
+    *,
+    database_url: str | None = None,
+    directory: Path | None = None,
+) -> list[Migration]:
     """Apply every pending migration; for applications that migrate at startup.
 
     Safe to call from several processes at once: one applies, the others wait and find
     nothing left to do.
+
+    Args:
+        settings: the migrate URL (``migrate_database_url``, else ``database_url``) and the
+            ``migrate_*`` timeouts.
+        database_url: a URL to use instead of the settings' one.
+        directory: a folder of migration files instead of the shipped ones.
+
+    Returns:
+        The migrations this call applied (empty when the schema was already current).
+
+    Raises:
+        MigrationError: the files and the history disagree, the lock was not free in time,
+            or a migration failed (its subclasses say which).
+        Unavailable, ConfigurationError: the database cannot be reached or the URL is wrong.
     """
-    async with Migrator.connect(settings, database_url=database_url) as migrator:
+    async with Migrator.connect(
+        settings, database_url=database_url, directory=directory
+    ) as migrator:
         return await migrator.up()
