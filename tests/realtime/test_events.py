@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from redis.backoff import ConstantBackoff
 
 from chatkeep.errors import InvalidInput, Unavailable
 from chatkeep.realtime import (
@@ -275,3 +276,24 @@ def test_room_ids_of_foreign_channels_are_ignored(client: RedisClient) -> None:
     assert bus.room_of_channel("elsewhere") is None
     room: UUID = uuid4()
     assert bus.room_of_channel(bus.channels([room])[0]) == room
+
+
+async def test_subscribing_is_not_held_up_by_a_reader_backing_off(
+    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+) -> None:
+    client = await make_client(throwaway_redis.url)
+    client._hub._backoff = ConstantBackoff(30.0)  # the reader will sleep long after a loss
+    bus = EventBus(client)
+    first, second = uuid4(), uuid4()
+    sub = await bus.subscribe(first)
+    await asyncio.to_thread(throwaway_redis.stop)
+    await wait_until(lambda: not client.pubsub_connected)
+    await asyncio.to_thread(throwaway_redis.start)
+    async with asyncio.timeout(5):  # far less than the reader's 30 s pause
+        await sub.add_rooms(second)
+        gap = await sub.get()
+    assert isinstance(gap, RoomGap)
+    assert gap.room_ids == {first, second}
+    assert await bus.publish(MemberJoined(room_id=first, user_id=USER)) == 1
+    assert isinstance(await next_item(sub), MemberJoined)
+    await sub.aclose()

@@ -267,6 +267,7 @@ class _PubSubHub:
         self._resubscribing: set[str] = set()
         self._gap_since: float | None = None
         self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing = False
         self.reconnects = 0
@@ -358,6 +359,7 @@ class _PubSubHub:
         if self._gap_since is not None:
             self.reconnects += 1
         self._connected.set()
+        self._wake.set()  # a reader backing off must read the confirmations now
         return pubsub
 
     def _ensure_reader(self) -> None:
@@ -394,14 +396,23 @@ class _PubSubHub:
             except (rex.RedisError, OSError) as exc:
                 failures += 1
                 await self._lost(exc)
-                await asyncio.sleep(self._backoff.compute(failures))
+                await self._pause(self._backoff.compute(failures))
             except Exception:  # a bug must not silently end every subscription
                 logger.exception("pub/sub reader failed; reconnecting")
                 failures += 1
                 await self._lost(None)
-                await asyncio.sleep(self._backoff.compute(failures))
+                await self._pause(self._backoff.compute(failures))
+
+    async def _pause(self, delay: float) -> None:
+        """Back off for ``delay`` seconds, unless a subscriber reconnects first."""
+        if self._pubsub is not None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
 
     async def _lost(self, exc: BaseException | None) -> None:
+        self._wake.clear()
         if self._gap_since is None:
             self._gap_since = time.time()
             logger.warning(
