@@ -3,40 +3,57 @@
 ::
 
     async with ChatKeep.connect(settings) as chat:
-        user = await chat.users.register(CreateUserDto(...))
+        user = await chat.register(CreateUserDto(...))
         message = await chat.send_message(room_id, user.id, "hello", client_msg_id="c-1")
         page = await chat.catch_up(room_id, user.id, after_seq=41)
 
-Each flow lives here once: rate-limit, persist in PostgreSQL, publish on Redis, return.
-PostgreSQL is the truth and goes first; Redis work comes after the commit and is
-best-effort. If Redis is down, sends still succeed (the rate limit fails open, the event
-is not published, and a warning is logged): subscribers learn of missed events through a
-gap notification and catch up from PostgreSQL with :meth:`ChatKeep.catch_up`.
+Each flow lives here once, in this order: validate the input, rate-limit, write
+PostgreSQL (the truth, committed first), then do the Redis work (invalidate caches,
+publish events) after the commit, best-effort. If Redis is down, writes still succeed: the
+send limit fails open, events are not published and caches are not invalidated (a
+warning is logged; cached entries age out with their TTL). Subscribers learn of missed
+events through a :class:`~chatkeep.realtime.RoomGap` and catch up from PostgreSQL with
+:meth:`ChatKeep.catch_up`, by ``seq``.
+
+Two flows are stricter, because a security decision depends on Redis: revoking the
+sessions of a deactivated account or after a password change raises
+:class:`~chatkeep.errors.Unavailable` when Redis is down (the PostgreSQL change is kept;
+calling the flow again, which is idempotent, finishes the revocation).
+
+Write through these methods, not through the repositories' own (``chat.rooms``,
+``chat.users``...): those touch PostgreSQL only, so they neither invalidate caches nor
+publish events.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Self
 
 from chatkeep.config import Settings
 from chatkeep.embedded import resolve_endpoints
-from chatkeep.errors import ChatkeepError, InvalidInput, PermissionDenied, Unavailable
+from chatkeep.errors import ChatkeepError, InvalidInput, NotFound, PermissionDenied, Unavailable
 from chatkeep.models import (
     CreateMessageDto,
+    CreateRoomDto,
+    CreateUserDto,
     CursorPage,
     Message,
     MessageType,
     MessageWithUser,
+    Room,
     RoomRole,
     RoomUser,
+    UpdateUserDto,
     User,
     UserProfile,
+    canonical_email,
 )
 from chatkeep.realtime import (
     Event,
@@ -67,10 +84,14 @@ from chatkeep.realtime import (
     TypingIndicators,
     UserProfileCache,
 )
+from chatkeep.realtime.keys import MAX_ID_LENGTH
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
+from chatkeep.storage.base import check_id
 from chatkeep.storage.database import DatabaseHealth
+from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
+from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 
-__all__ = ["ChatKeep", "Health", "LoginResult"]
+__all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
 
 logger = logging.getLogger("chatkeep.facade")
 
@@ -96,22 +117,57 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        """Both stores answered."""
+        """Both stores answered (a database that did not answer raises instead)."""
         return self.redis.ok
+
+
+def _login_account(email: str) -> str:
+    """The login throttle's account name for ``email`` (canonical form, validated).
+
+    Valid addresses may hold braces or run to 254 characters, which key names refuse;
+    those are throttled under a digest instead.
+    """
+    account = canonical_email(email)
+    if len(account) <= MAX_ID_LENGTH and "{" not in account and "}" not in account:
+        return account
+    return "sha256:" + hashlib.sha256(account.encode("ascii")).hexdigest()
+
+
+def _ids(field: str, values: object) -> frozenset[uuid.UUID]:
+    # A lone id (or its string) is refused rather than iterated character by character.
+    if isinstance(values, str | bytes | uuid.UUID) or not isinstance(values, Iterable):
+        raise InvalidInput(field, "must be a collection of UUIDs")
+    return frozenset(check_id(field, value) for value in values)
 
 
 class ChatKeep:
     """Both stores, their repositories and realtime services, and the flows that span them.
 
-    Build it with :meth:`connect`; the attributes give direct access to each part:
+    Build it with :meth:`connect` (or hand an open :class:`Database` and
+    :class:`RedisClient` to the constructor; they stay the caller's to close). Ids may be
+    given as :class:`uuid.UUID` or as their string form.
+
+    Args:
+        db: an open PostgreSQL pool.
+        redis: a Redis client.
+        node_id: this process's name in socket mappings and events (default: host name).
+        send_limit: the rate limit of :meth:`send_message` per user.
+        presence_timeout: seconds without a heartbeat before a user is offline.
+        typing_ttl: seconds a typing indicator lasts without being renewed.
+        bcrypt_rounds: the bcrypt cost of new password hashes (10 to 31).
 
     Attributes:
         db: the PostgreSQL pool.
-        users, rooms, messages: the repositories (PostgreSQL only).
+        users, rooms, messages: the repositories (PostgreSQL only; their writes neither
+            invalidate caches nor publish events).
         redis: the Redis client.
         sessions, tokens, presence, typing, sockets, events, limiter, login_throttle:
             the realtime services (Redis only).
         profiles, members: the caches of user profiles and room membership.
+        node_id: this node's name.
+
+    Raises:
+        InvalidInput: an option is out of range or ``node_id`` is not a valid id.
     """
 
     def __init__(
@@ -123,11 +179,14 @@ class ChatKeep:
         send_limit: RateLimit = DEFAULT_SEND_LIMIT,
         presence_timeout: float = 60.0,
         typing_ttl: float = 5.0,
+        bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
     ) -> None:
+        if not isinstance(send_limit, RateLimit):
+            raise InvalidInput("send_limit", "must be a RateLimit")
         self.db = db
         self.redis = redis
-        self.node_id = node_id or socket.gethostname()[:100] or "node"
-        self.users = UserRepository(db)
+        self.node_id = node_id if node_id is not None else socket.gethostname()[:100] or "node"
+        self.users = UserRepository(db, bcrypt_rounds=bcrypt_rounds)
         self.rooms = RoomRepository(db)
         self.messages = MessageRepository(db)
         self.sessions = SessionStore(redis)
@@ -155,19 +214,16 @@ class ChatKeep:
         send_limit: RateLimit = DEFAULT_SEND_LIMIT,
         presence_timeout: float = 60.0,
         typing_ttl: float = 5.0,
+        bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
     ) -> AsyncIterator[Self]:
         """Open both stores (starting embedded servers where no URL is set) and yield.
 
-        Args:
-            settings: where the stores are (default: read from the environment).
-            node_id: this process's name in socket mappings and events (default: host).
-            send_limit: the rate limit of :meth:`send_message` per user.
-            presence_timeout: seconds without a heartbeat before a user is offline.
-            typing_ttl: seconds a typing indicator lasts without being renewed.
+        Both are closed when the block ends. The options are those of the constructor.
 
         Raises:
             ConfigurationError: settings are missing or unsafe.
             Unavailable: PostgreSQL cannot be reached (Redis being down is tolerated).
+            InvalidInput: an option is out of range.
         """
         settings = settings if settings is not None else Settings.load()
         with resolve_endpoints(settings) as found:
@@ -182,6 +238,7 @@ class ChatKeep:
                     send_limit=send_limit,
                     presence_timeout=presence_timeout,
                     typing_ttl=typing_ttl,
+                    bcrypt_rounds=bcrypt_rounds,
                 )
 
     # -- loaders for the caches (PostgreSQL reads) -------------------------------------------
@@ -197,60 +254,169 @@ class ChatKeep:
     async def _went_offline(self, users: Sequence[OfflineUser]) -> None:
         # last_seen goes to PostgreSQL when a user goes offline, not on every heartbeat.
         for gone in users:
-            with contextlib.suppress(ChatkeepError):
+            try:
                 await self.users.touch_last_seen(gone.user_id)
+            except ChatkeepError as exc:  # presence must not fail over a missed last_seen
+                logger.warning("last_seen of %s not written: %s", gone.user_id, exc)
 
     # -- best-effort Redis work after a commit ---------------------------------------------
 
     async def _publish(self, *events: Event) -> None:
+        if not events:
+            return
         try:
             await self.events.publish_many(events)
-        except Unavailable as exc:
+        except ChatkeepError as exc:
             # The change is committed; subscribers will see a gap and catch up by seq.
-            logger.warning("event not published (redis unavailable): %s", exc)
+            logger.warning("%d event(s) not published: %s", len(events), exc)
 
-    async def _invalidate_members(self, room_id: uuid.UUID) -> None:
+    async def _invalidate_members(self, *room_ids: uuid.UUID) -> None:
+        if room_ids and not await self.members.invalidate(*room_ids):
+            # Entries expire with their TTL; logged so the staleness is visible.
+            logger.warning("membership cache not invalidated for %d room(s)", len(room_ids))
+
+    async def _invalidate_profile(self, user_id: uuid.UUID) -> None:
+        if not await self.profiles.invalidate(user_id):
+            logger.warning("profile cache not invalidated for %s", user_id)
+
+    async def _quietly(self, operation: str, work: Awaitable[object]) -> None:
+        """Await ``work`` (Redis-only clean-up) and log instead of raising."""
         try:
-            await self.members.invalidate(room_id)
-        except Unavailable as exc:  # entries expire by TTL; log so the lag is visible
-            logger.warning("membership cache not invalidated for %s: %s", room_id, exc)
+            await work
+        except ChatkeepError as exc:
+            logger.warning("%s skipped: %s", operation, exc)
 
     def _outside_transaction(self, flow: str) -> None:
+        # Redis work must follow the commit: inside the caller's transaction an event
+        # could announce, or an invalidation be refilled with, what is then rolled back.
         if self.db.in_transaction():
             raise ChatkeepError(
                 f"{flow} publishes after its commit: call it outside db.transaction()"
             )
 
     async def _require_member(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
-        if not isinstance(room_id, uuid.UUID):
-            raise InvalidInput("room_id", "must be a UUID")
-        if not isinstance(user_id, uuid.UUID):
-            raise InvalidInput("user_id", "must be a UUID")
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
 
-    # -- authentication ---------------------------------------------------------------------
+    async def _revoke_logins(self, user_id: uuid.UUID, why: str) -> None:
+        try:
+            await self.sessions.revoke_all(user_id)
+            await self.tokens.revoke_all(user_id)
+        except ChatkeepError as exc:
+            raise Unavailable(
+                f"{why} is stored, but the user's sessions could not be revoked ({exc}); "
+                "call it again to finish"
+            ) from exc
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    async def register(self, dto: CreateUserDto) -> User:
+        """Create an account (the password is hashed with bcrypt).
+
+        Raises:
+            Conflict: the email or username is taken.
+            InvalidInput: ``dto`` is not a CreateUserDto.
+        """
+        # A profile read of this id before it existed cached nothing (no negative
+        # caching), so there is nothing to invalidate.
+        return await self.users.register(dto)
 
     async def login(self, email: str, password: str) -> LoginResult | None:
         """Check a password (throttled per account) and start a session.
 
-        Returns ``None`` for a wrong email or password, in the same time either way.
+        Returns ``None`` for a wrong email or password, or an inactive account, in the
+        same time either way; each such failure counts toward the account's lockout.
 
         Raises:
-            RateLimited: the account is locked after repeated failures, or tried too fast.
+            RateLimited: the account is locked after repeated failures, or tried too fast
+                (``retry_after`` says how long to wait).
+            InvalidInput: ``email`` is not an email address, or ``password`` not a string.
             Unavailable: Redis is down (logins need sessions, which live there).
         """
-        if not isinstance(email, str):
-            raise InvalidInput("email", "must be a string")
-        await self.login_throttle.check(email)
-        user = await self.users.authenticate(email, password)
+        account = _login_account(email)
+        if not isinstance(password, str):
+            raise InvalidInput("password", "must be a string")
+        await self.login_throttle.check(account)
+        try:
+            user = await self.users.authenticate(email, password)
+        except InvalidInput:
+            user = None  # a password no account can have (too long): a plain failure
         if user is None:
-            await self.login_throttle.record_failure(email)
+            await self.login_throttle.record_failure(account)
             return None
-        await self.login_throttle.record_success(email)
+        await self.login_throttle.record_success(account)
         session = await self.sessions.create(user.id)
         refresh = await self.tokens.issue(user.id, session_id=session.session.session_id)
         return LoginResult(user, session, refresh)
+
+    async def unlock_login(self, email: str) -> None:
+        """Lift a login lockout and forget the account's failures (an administrator's act).
+
+        Raises:
+            InvalidInput: ``email`` is not an email address.
+            Unavailable: Redis could not be reached.
+        """
+        await self.login_throttle.unlock(_login_account(email))
+
+    async def update_profile(self, user_id: uuid.UUID, dto: UpdateUserDto) -> User:
+        """Change a user's username and/or avatar, then invalidate their cached profile.
+
+        Raises:
+            NotFound: no such user.
+            Conflict: the new username is taken.
+            InvalidInput: a bad id, or ``dto`` is not an UpdateUserDto.
+        """
+        self._outside_transaction("update_profile")
+        user = await self.users.update_profile(check_id("user_id", user_id), dto)
+        await self._invalidate_profile(user.id)
+        return user
+
+    async def change_password(
+        self, user_id: uuid.UUID, current_password: str, new_password: str
+    ) -> None:
+        """Replace a password, then end every session and refresh token of the user.
+
+        Whoever knew the old password is logged out everywhere; the user logs in again
+        with the new one. (The cached profile holds no password, so it stays.)
+
+        Raises:
+            NotFound: no such user.
+            PermissionDenied: ``current_password`` is wrong.
+            InvalidInput: ``new_password`` breaks a rule.
+            Conflict: the password was changed concurrently; nothing was written.
+            Unavailable: the password is changed but Redis could not revoke the sessions
+                (call again with the new password as current to finish).
+        """
+        self._outside_transaction("change_password")
+        key = check_id("user_id", user_id)
+        await self.users.change_password(key, current_password, new_password)
+        await self._revoke_logins(key, "the password change")
+
+    async def deactivate_user(self, user_id: uuid.UUID) -> User:
+        """Deactivate an account: it can no longer log in, and its sessions end.
+
+        Persists, invalidates the cached profile, then revokes every session and refresh
+        token. Idempotent.
+
+        Raises:
+            NotFound: no such user.
+            InvalidInput: a bad id.
+            Unavailable: the account is deactivated but Redis could not revoke its
+                sessions (call again to finish).
+        """
+        self._outside_transaction("deactivate_user")
+        user = await self.users.deactivate(check_id("user_id", user_id))
+        await self._invalidate_profile(user.id)
+        await self._revoke_logins(user.id, "the deactivation")
+        return user
+
+    async def profile(self, user_id: uuid.UUID) -> UserProfile | None:
+        """A user's public profile, from the cache (PostgreSQL on a miss or an outage).
+
+        Raises:
+            InvalidInput: a bad id.
+        """
+        return await self.profiles.get(check_id("user_id", user_id))
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -263,13 +429,17 @@ class ChatKeep:
         client_msg_id: str | None = None,
         type: MessageType = "text",
     ) -> Message:
-        """Rate-limit, persist, publish; returns the stored message.
+        """Rate-limit, persist, publish ``message.created``; returns the stored message.
 
-        A repeated ``client_msg_id`` returns the first message and publishes nothing new.
+        A repeated ``client_msg_id`` returns the first message (its ``seq`` unchanged,
+        nothing new stored) and publishes it again, so a retry after a lost publish
+        still reaches subscribers (they de-duplicate by ``message_id``). A retry counts
+        toward the rate limit like any send. With Redis down the limit is not checked
+        (fails open) and nothing is published.
 
         Raises:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).
-            PermissionDenied: the user is not a member of the room.
+            PermissionDenied: the user is not a member of the room, or it is archived.
             NotFound: no such room.
             InvalidInput: the content or ids break a rule.
         """
@@ -294,6 +464,7 @@ class ChatKeep:
                 seq=message.seq,
                 sender_id=message.user_id,
                 client_message_id=message.client_msg_id,
+                body=message.content,
             )
         )
         return message
@@ -301,42 +472,48 @@ class ChatKeep:
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str
     ) -> Message:
-        """Edit the author's own message, then publish the edit.
+        """Edit the author's own message, then publish ``message.edited``.
 
         Raises:
             NotFound: no such message.
             PermissionDenied: the user is not the author.
-            InvalidInput: the content breaks a rule.
+            InvalidInput: the content or ids break a rule.
         """
         self._outside_transaction("edit_message")
-        message = await self.messages.edit(message_id, content, by=user_id)
+        editor = check_id("user_id", user_id)
+        message = await self.messages.edit(check_id("message_id", message_id), content, by=editor)
         await self._publish(
             MessageEdited(
                 room_id=message.room_id,
                 message_id=message.id,
                 seq=message.seq,
-                editor_id=user_id,
+                editor_id=editor,
+                body=message.content,
             )
         )
         return message
 
     async def delete_message(self, message_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-        """Delete a message (the author, or an owner/admin of the room); publish it.
+        """Delete a message (its author, or an owner/admin of its room); publish it.
 
-        Returns False if there was no such message.
+        Its ``seq`` is not reused: history and catch-up skip it.
+
+        Returns:
+            False if there was no such message (nothing is published then).
 
         Raises:
             PermissionDenied: the user may not delete it.
+            InvalidInput: a bad id.
         """
         self._outside_transaction("delete_message")
-        found = await self.messages.find_by_id(message_id)
-        if found is None:
-            return False
-        if not await self.messages.delete(message_id, by=user_id):
+        key = check_id("message_id", message_id)
+        actor = check_id("user_id", user_id)
+        found = await self.messages.find_by_id(key)
+        if found is None or not await self.messages.delete(key, by=actor):
             return False
         await self._publish(
             MessageDeleted(
-                room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=user_id
+                room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
             )
         )
         return True
@@ -346,38 +523,89 @@ class ChatKeep:
     ) -> int:
         """Move the user's read watermark forward (default: to the newest message); publish.
 
-        Returns the watermark after the call (it never moves backward).
+        Returns:
+            The watermark after the call (it never moves backward, nor past the newest
+            message).
+
+        Raises:
+            NotFound: no such room.
+            PermissionDenied: the user is not a member.
+            InvalidInput: a bad id or ``seq``.
         """
         self._outside_transaction("mark_read")
-        watermark = await self.messages.mark_read(room_id, user_id, seq)
-        await self._publish(MessagesRead(room_id=room_id, user_id=user_id, last_read_seq=watermark))
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        watermark = await self.messages.mark_read(room, user, seq)
+        await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> dict[uuid.UUID, int]:
-        """Unread messages per room for every room of the user (one query)."""
-        return await self.messages.unread_counts(user_id)
+        """Unread messages per room for every room of the user (one query).
+
+        Raises:
+            NotFound: no such user.
+            InvalidInput: a bad id.
+        """
+        return await self.messages.unread_counts(check_id("user_id", user_id))
 
     async def catch_up(
         self,
         room_id: uuid.UUID,
         user_id: uuid.UUID,
         *,
-        after_seq: int,
-        limit: int = 100,
+        after_seq: int | None = None,
+        cursor: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
     ) -> CursorPage[MessageWithUser]:
-        """Messages of the room after ``after_seq``, from PostgreSQL, for a member.
+        """Messages of the room after a position, from PostgreSQL, for a member.
 
         This is how a client that reconnects (or whose subscription reported a gap)
-        misses nothing: it asks for everything after the last ``seq`` it saw and follows
-        ``page.after`` until it is ``None``.
+        misses nothing: it asks for everything after the last ``seq`` it saw, then
+        passes each page's ``after`` as ``cursor`` until ``after`` is ``None``. Each
+        message comes exactly once, in ``seq`` order; deleted ones are skipped.
+
+        Args:
+            room_id: the room.
+            user_id: the member asking (membership is checked through the cache).
+            after_seq: the last seq the client has (0: from the beginning).
+            cursor: an ``after`` cursor of a previous page, instead of ``after_seq``.
+            limit: messages per page, 1 to 200.
 
         Raises:
             PermissionDenied: the user is not a member of the room.
+            NotFound: no such room.
+            InvalidInput: not exactly one of ``after_seq`` and ``cursor``, a cursor that
+                does not point forward or belongs to another room, or a bad ``limit``.
         """
-        await self._require_member(room_id, user_id)
-        return await self.messages.history(room_id, after_seq=after_seq, limit=limit)
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        if (after_seq is None) == (cursor is None):
+            raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
+        if cursor is not None and decode_cursor(cursor)[2] != "after":
+            raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
+        await self._require_member(room, user)
+        return await self.messages.history(room, after_seq=after_seq, cursor=cursor, limit=limit)
 
-    # -- membership -------------------------------------------------------------------------
+    # -- rooms and membership ---------------------------------------------------------------
+
+    async def create_room(self, dto: CreateRoomDto) -> Room:
+        """Create a public or private room; its creator becomes its owner.
+
+        Raises:
+            NotFound: ``created_by`` is not a user.
+            InvalidInput: ``dto`` is not a CreateRoomDto.
+        """
+        # A new id: no member list of it can be cached, so there is nothing to invalidate.
+        return await self.rooms.create(dto)
+
+    async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
+        """The direct room of two users, created on first use (both become members).
+
+        Raises:
+            NotFound: either user does not exist.
+            InvalidInput: a bad id.
+        """
+        return await self.rooms.open_direct(user_a, user_b)
 
     async def join(
         self,
@@ -390,88 +618,261 @@ class ChatKeep:
         """Add a member (``by`` defaults to the user: a self-join of a public room).
 
         Persists, invalidates the membership cache, publishes ``member.joined``.
+        Joining again returns the existing membership unchanged.
+
+        Raises:
+            NotFound: the room or the user does not exist.
+            PermissionDenied: ``by`` may not add this member with this role.
+            InvalidInput: a bad id or role, or a direct room.
         """
         self._outside_transaction("join")
-        member = await self.rooms.add_member(
-            room_id, user_id, role=role, by=user_id if by is None else by
-        )
-        await self._invalidate_members(room_id)
-        await self._publish(MemberJoined(room_id=room_id, user_id=user_id, role=member.role))
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = user if by is None else check_id("by", by)
+        member = await self.rooms.add_member(room, user, role=role, by=actor)
+        await self._invalidate_members(room)
+        await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
 
     async def leave(
         self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID | None = None
     ) -> bool:
-        """Remove a member (``by`` defaults to the user: leaving). False if not a member.
+        """Remove a member (``by`` defaults to the user: leaving).
 
-        Persists, invalidates the membership cache, publishes ``member.left``.
+        Persists, invalidates the membership cache, drops the user's presence and
+        typing indicator in the room, publishes ``member.left``.
+
+        Returns:
+            False if the user was not a member (nothing is published then).
+
+        Raises:
+            PermissionDenied: ``by`` may not remove this member, or it is the last owner.
+            NotFound: no such room.
+            InvalidInput: a bad id, or a direct room.
         """
         self._outside_transaction("leave")
-        removed = await self.rooms.remove_member(room_id, user_id, by=user_id if by is None else by)
-        if removed:
-            await self._invalidate_members(room_id)
-            await self._publish(MemberLeft(room_id=room_id, user_id=user_id))
-        return removed
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = user if by is None else check_id("by", by)
+        if not await self.rooms.remove_member(room, user, by=actor):
+            return False
+        await self._invalidate_members(room)
+        await self._quietly("presence.leave_room", self.presence.leave_room(room, user))
+        await self._quietly("typing.stop", self.typing.stop(room, user))
+        await self._publish(MemberLeft(room_id=room, user_id=user))
+        return True
+
+    async def remove_member(self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID) -> bool:
+        """Remove someone else from a room (an owner or admin's act); see :meth:`leave`.
+
+        Raises:
+            PermissionDenied: ``by`` may not remove this member, or it is the last owner.
+            NotFound: no such room.
+            InvalidInput: a bad id, or a direct room.
+        """
+        return await self.leave(room_id, user_id, by=check_id("by", by))
+
+    async def change_role(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        role: RoomRole,
+        *,
+        by: uuid.UUID | None = None,
+    ) -> RoomUser:
+        """Give a member another role; publishes ``member.joined`` with the new role.
+
+        Invalidates the membership cache too, although it holds ids only today, so a
+        cache that grows roles later cannot be left stale by this path.
+
+        Raises:
+            NotFound: the user is not a member (or the room does not exist).
+            PermissionDenied: ``by`` may not make this change, or it would leave no owner.
+            InvalidInput: a bad id or role, or a direct room.
+        """
+        self._outside_transaction("change_role")
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = None if by is None else check_id("by", by)
+        member = await self.rooms.change_role(room, user, role, by=actor)
+        await self._invalidate_members(room)
+        # member.joined carries the role: receivers update the member's entry in place.
+        await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+        return member
+
+    async def delete_room(self, room_id: uuid.UUID, *, by: uuid.UUID | None = None) -> bool:
+        """Delete a room with its messages and memberships (an owner's act).
+
+        Invalidates the membership cache and publishes ``member.left`` for every member
+        who was in it, so each node drops the room.
+
+        Args:
+            room_id: the room.
+            by: the acting user, who must be an owner (``None``: the system).
+
+        Returns:
+            False if there was no such room.
+
+        Raises:
+            PermissionDenied: ``by`` is not an owner of the room.
+            InvalidInput: a bad id.
+            Unavailable: a concurrent membership change won a race; retry.
+        """
+        self._outside_transaction("delete_room")
+        room = check_id("room_id", room_id)
+        actor = None if by is None else check_id("by", by)
+        # Serializable: the owner check and the delete see one snapshot, and a concurrent
+        # role change or join makes one side fail (Unavailable) instead of slipping past.
+        async with self.db.transaction("facade.delete_room", isolation="serializable"):
+            try:
+                found = await self.rooms.members(room)
+            except NotFound:
+                return False
+            roles = {member.user.id: member.role for member in found.members}
+            if actor is not None and roles.get(actor) != "owner":
+                raise PermissionDenied("only an owner may delete the room")
+            deleted = await self.rooms.delete(room)
+        if not deleted:  # pragma: no cover - the snapshot saw the room
+            return False
+        await self._invalidate_members(room)
+        await self._publish(*(MemberLeft(room_id=room, user_id=user) for user in roles))
+        return True
 
     # -- sockets, presence, typing ----------------------------------------------------------
 
     async def connect_socket(
-        self, user_id: uuid.UUID, socket_id: str, *, rooms: Sequence[uuid.UUID] = ()
+        self, user_id: uuid.UUID, socket_id: str, *, rooms: Iterable[uuid.UUID] = ()
     ) -> bool:
-        """Map a new socket to its user and node and mark the user online in ``rooms``.
+        """Map a new socket to its user and this node, and mark the user online in ``rooms``.
 
-        Returns True when the user just came online (their first socket); then a
-        ``presence`` event goes to each of ``rooms``.
+        Returns:
+            True when the user just came online (their first socket); then a
+            ``presence`` event goes to each of ``rooms``.
+
+        Raises:
+            PermissionDenied: the user is not a member of one of ``rooms``.
+            NotFound: one of ``rooms`` does not exist.
+            InvalidInput: a bad id.
+            Unavailable: Redis could not be reached.
         """
-        came_online = await self.presence.connect(user_id, socket_id, rooms=rooms)
+        user = check_id("user_id", user_id)
+        room_set = _ids("rooms", rooms)
+        for room in room_set:
+            await self._require_member(room, user)
+        came_online = await self.presence.connect(user, socket_id, rooms=room_set)
         if came_online:
             await self._publish(
-                *(PresenceChanged(room_id=r, user_id=user_id, status="online") for r in rooms)
+                *(PresenceChanged(room_id=r, user_id=user, status="online") for r in room_set)
             )
         return came_online
 
     async def heartbeat(
-        self, user_id: uuid.UUID, socket_id: str, *, rooms: Sequence[uuid.UUID] = ()
+        self, user_id: uuid.UUID, socket_id: str, *, rooms: Iterable[uuid.UUID] = ()
     ) -> bool:
-        """Keep a socket (and its user) alive; call every ``presence_timeout / 3`` s."""
-        return await self.presence.heartbeat(user_id, socket_id, rooms=rooms)
+        """Keep a socket (and its user) alive; call every ``presence_timeout / 3`` s or so.
+
+        Heartbeats write nothing to PostgreSQL (``last_seen`` is written once, when the
+        user goes offline). Rooms the user is no longer a member of are left out, so a
+        removed member's client cannot keep showing them present.
+
+        Returns:
+            True if the user had been considered offline and is online again (then a
+            ``presence`` event goes to their rooms).
+
+        Raises:
+            InvalidInput: a bad id.
+            Unavailable: Redis could not be reached.
+        """
+        user = check_id("user_id", user_id)
+        room_set = _ids("rooms", rooms)
+        kept: set[uuid.UUID] = set()
+        for room in room_set:
+            with contextlib.suppress(NotFound):
+                if await self.members.is_member(room, user):
+                    kept.add(room)
+        back = await self.presence.heartbeat(user, socket_id, rooms=kept)
+        if back:
+            await self._publish(
+                *(PresenceChanged(room_id=r, user_id=user, status="online") for r in kept)
+            )
+        return back
 
     async def disconnect_socket(
-        self, socket_id: str, *, rooms: Sequence[uuid.UUID] = ()
+        self, socket_id: str, *, rooms: Iterable[uuid.UUID] = ()
     ) -> OfflineUser | None:
-        """Drop a socket; if it was its user's last, write last_seen and publish offline."""
+        """Drop a socket; if it was its user's last, write last_seen and publish offline.
+
+        Args:
+            socket_id: the socket.
+            rooms: rooms to tell of the user going offline, besides the ones the socket
+                was registered in.
+
+        Returns:
+            The user who went offline, or ``None`` if they are still online elsewhere
+            (or the socket was unknown).
+
+        Raises:
+            InvalidInput: a bad id.
+            Unavailable: Redis could not be reached.
+        """
+        room_set = _ids("rooms", rooms)
+        info = await self.sockets.get(socket_id)
         gone = await self.presence.disconnect(socket_id)
         if gone is not None:
+            if info is not None:
+                room_set |= info.rooms
             await self._publish(
                 *(
                     PresenceChanged(
                         room_id=r, user_id=gone.user_id, status="offline", last_seen=gone.last_seen
                     )
-                    for r in rooms
+                    for r in room_set
                 )
             )
         return gone
+
+    async def sweep_presence(self) -> list[OfflineUser]:
+        """Take users whose sockets stopped heartbeating offline (writes their last_seen).
+
+        Call it every few seconds from any node (``chat.presence.run_sweeper()`` does it
+        in a loop); each user is reported by exactly one call.
+
+        Raises:
+            Unavailable: Redis could not be reached.
+        """
+        return await self.presence.sweep()
 
     async def set_typing(self, room_id: uuid.UUID, user_id: uuid.UUID, typing: bool = True) -> None:
         """Start (or stop) a typing indicator of a member; it expires by itself.
 
         Raises:
             PermissionDenied: the user is not a member of the room.
+            NotFound: no such room.
+            InvalidInput: a bad id.
+            Unavailable: Redis could not be reached.
         """
-        await self._require_member(room_id, user_id)
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        if not isinstance(typing, bool):
+            raise InvalidInput("typing", "must be a bool")
+        await self._require_member(room, user)
         if typing:
-            await self.typing.start(room_id, user_id)
+            await self.typing.start(room, user)
         else:
-            await self.typing.stop(room_id, user_id)
-        await self._publish(TypingChanged(room_id=room_id, user_id=user_id, typing=typing))
+            await self.typing.stop(room, user)
+        await self._publish(TypingChanged(room_id=room, user_id=user, typing=typing))
 
     async def subscribe(self, *room_ids: uuid.UUID) -> EventSubscription:
-        """Subscribe to the events of ``room_ids`` (see :class:`~chatkeep.realtime.EventBus`)."""
-        return await self.events.subscribe(*room_ids)
+        """Subscribe to the events of ``room_ids`` (see :class:`~chatkeep.realtime.EventBus`).
 
-    async def profile(self, user_id: uuid.UUID) -> UserProfile | None:
-        """A user's public profile, from the cache (PostgreSQL on a miss or an outage)."""
-        return await self.profiles.get(user_id)
+        On a :class:`~chatkeep.realtime.RoomGap`, call :meth:`catch_up` from the last
+        ``seq`` seen in each room.
+
+        Raises:
+            InvalidInput: no room, or a bad id.
+            Unavailable: Redis could not be reached.
+        """
+        return await self.events.subscribe(*(check_id("room_ids", r) for r in room_ids))
 
     async def health(self) -> Health:
         """Latency and state of both stores.
