@@ -310,6 +310,25 @@ class _Dto(BaseModel):
             raise _invalid(exc) from None
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _slot_setter(name: str) -> Any:
+    # BaseModel keeps these in __slots__; their descriptors set them faster than
+    # object.__setattr__, which looks the name up through the class first.
+    descriptor = BaseModel.__dict__.get(name)
+    if descriptor is not None and hasattr(descriptor, "__set__"):
+        return descriptor.__set__
+    return lambda obj, value: _set(obj, name, value)  # pragma: no cover - other pydantic
+
+
+_set_fields_set = _slot_setter("__pydantic_fields_set__")
+_set_extra = _slot_setter("__pydantic_extra__")
+_set_private = _slot_setter("__pydantic_private__")
+_SLOT_SETTERS: Final = (_set_fields_set, _set_extra, _set_private)
+
+
 class _Row(BaseModel):
     """A stored row. Built by repositories without validation (the database checked it)."""
 
@@ -334,11 +353,11 @@ class _Row(BaseModel):
     @classmethod
     def _adopt(cls, data: dict[str, Any]) -> Self:
         """Like :meth:`_from_row`, taking ownership of ``data`` (no copy)."""
-        obj = cls.__new__(cls)
-        object.__setattr__(obj, "__dict__", data)
-        object.__setattr__(obj, "__pydantic_fields_set__", cls.__row_fields__)
-        object.__setattr__(obj, "__pydantic_extra__", None)
-        object.__setattr__(obj, "__pydantic_private__", None)
+        obj = _new(cls)
+        _set(obj, "__dict__", data)
+        _set_fields_set(obj, cls.__row_fields__)
+        _set_extra(obj, None)
+        _set_private(obj, None)
         return obj
 
 

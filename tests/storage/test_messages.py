@@ -522,3 +522,30 @@ async def test_unread_counts_for_every_room_in_one_query(
     assert await messages.unread_counts(loner.id) == {}
     with pytest.raises(NotFound):
         await messages.unread_counts(uuid.uuid4())
+
+
+async def test_author_profiles_are_shared_and_bounded(
+    messages: MessageRepository,
+    make_user: MakeUser,
+    make_room: MakeRoom,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chatkeep.storage import messages as module
+
+    alice, bob = await make_user("alice"), await make_user("bob")
+    room = await make_room(alice, bob)
+    for user in (alice, bob, alice):
+        await messages.send(msg(room, user))
+    items = (await messages.history(room.id)).items
+    assert items[0].user is items[2].user  # one object per author
+    monkeypatch.setattr(module, "_PROFILES_MAX", 1)
+    module._PROFILES.clear()
+    items = (await messages.history(room.id)).items
+    assert [m.user.username for m in items] == ["alice", "bob", "alice"]
+    assert len(module._PROFILES) == 1
+    # A renamed author shows the new name at once.
+    await messages.db.execute(
+        "t.rename", "UPDATE users SET username = 'alicia' WHERE id = $1", alice.id
+    )
+    items = (await messages.history(room.id)).items
+    assert items[0].user.username == "alicia"

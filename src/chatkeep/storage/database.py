@@ -224,6 +224,8 @@ class Database:
         if not 0 <= self._min_size <= self._max_size or self._max_size < 1:
             raise InvalidInput("max_size", "need 0 <= min_size <= max_size and max_size >= 1")
         self._pool: asyncpg.Pool | None = None
+        # Connections this Database holds right now: below max_size one is free at once.
+        self._in_use = 0
         self._slow = settings.slow_query_threshold
         # Waiting for a free connection is bounded like connecting: an exhausted pool
         # becomes Unavailable instead of an unbounded queue of waiters.
@@ -373,16 +375,19 @@ class Database:
         pool = self._pool
         if pool is None:
             raise Unavailable("the database is not open: call `await db.open()` first")
-        if pool.get_idle_size():
-            # A free connection is waiting: skip the timer wait_for would cost.
-            return await pool.acquire()
-        try:
-            return await pool.acquire(timeout=self._acquire_timeout)
-        except TimeoutError as exc:
-            raise Unavailable(
-                f"database pool exhausted: no connection free within {self._acquire_timeout:g} s"
-                f" (pool_max_size={self._max_size})"
-            ) from exc
+        if self._in_use < self._max_size:
+            # A connection is free (or may be opened): skip the timer wait_for would cost.
+            conn = await pool.acquire()
+        else:
+            try:
+                conn = await pool.acquire(timeout=self._acquire_timeout)
+            except TimeoutError as exc:
+                raise Unavailable(
+                    "database pool exhausted: no connection free within "
+                    f"{self._acquire_timeout:g} s (pool_max_size={self._max_size})"
+                ) from exc
+        self._in_use += 1
+        return conn
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[PoolConnectionProxy]:
@@ -411,11 +416,14 @@ class Database:
             # Session state set by the caller's own SQL must not leak to the next user.
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await asyncio.shield(conn.reset())
-        if pool is not None:
-            # asyncpg shields the release itself, so a cancelled task still returns it.
-            await pool.release(conn)
-        else:  # pragma: no cover - closed under our feet; the pool terminates it
-            conn.terminate()
+        try:
+            if pool is not None:
+                # asyncpg shields the release itself, so a cancelled task still returns it.
+                await pool.release(conn)
+            else:  # pragma: no cover - closed under our feet; the pool terminates it
+                conn.terminate()
+        finally:
+            self._in_use -= 1
 
     @contextlib.asynccontextmanager
     async def transaction(

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Final, Literal, NoReturn
 from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.models import (
+    _SLOT_SETTERS,
     CreateMessageDto,
     CursorPage,
     Message,
@@ -520,21 +521,66 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         return {row[0]: row[1] for row in rows}
 
 
+# Profiles are frozen, so equal ones can be shared: the authors of a room repeat from page
+# to page, and reusing their profile objects saves most of a page's allocations. Bounded:
+# cleared when full, so a renamed user's old profile is never held for long.
+_PROFILES: dict[tuple[uuid.UUID, str, str | None], UserProfile] = {}
+_PROFILES_MAX: Final = 10_000
+
+
+def _profile(user_id: uuid.UUID, username: str, avatar_url: str | None) -> UserProfile:
+    key = (user_id, username, avatar_url)
+    profile = _PROFILES.get(key)
+    if profile is None:
+        if len(_PROFILES) >= _PROFILES_MAX:
+            _PROFILES.clear()
+        profile = _PROFILES[key] = UserProfile._adopt(
+            {"id": user_id, "username": username, "avatar_url": avatar_url}
+        )
+    return profile
+
+
 def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
-    """MessageWithUser models from history rows: no validation, one profile per author."""
-    profiles: dict[uuid.UUID, UserProfile] = {}
-    keys = _MESSAGE_KEYS
-    adopt = MessageWithUser._adopt
+    """MessageWithUser models from history rows, without validation.
+
+    The hot loop of a history page: each row is unpacked once and the model is built in
+    place, the way :meth:`chatkeep.models._Row._adopt` does it, without a call per row
+    (``docs/performance.md`` has what each step costs).
+    """
+    cls = MessageWithUser
+    fields = cls.__row_fields__
+    new = object.__new__
+    set_attr = object.__setattr__
+    set_fields, set_extra, set_private = _SLOT_SETTERS
+    profiles = _PROFILES
     out = []
-    for row in rows:
-        values = tuple(row)
-        data = dict(zip(keys, values, strict=False))
-        author = values[2]
-        profile = profiles.get(author)
+    for (
+        id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
+        created_at, username, avatar_url,
+    ) in rows:  # fmt: skip
+        profile = profiles.get((user_id, username, avatar_url))
         if profile is None:
-            profile = profiles[author] = UserProfile._adopt(
-                {"id": author, "username": values[10], "avatar_url": values[11]}
-            )
-        data["user"] = profile
-        out.append(adopt(data))
+            profile = _profile(user_id, username, avatar_url)
+        message = new(cls)
+        set_attr(
+            message,
+            "__dict__",
+            {
+                "id": id_,
+                "room_id": room_id,
+                "user_id": user_id,
+                "seq": seq,
+                "client_msg_id": client_msg_id,
+                "content": content,
+                "type": type_,
+                "is_edited": is_edited,
+                "edited_at": edited_at,
+                "created_at": created_at,
+                "user": profile,
+            },
+        )
+        set_fields(message, fields)
+        set_extra(message, None)
+        set_private(message, None)
+        out.append(message)
     return tuple(out)
