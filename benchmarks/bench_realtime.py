@@ -7,7 +7,8 @@ the same run in back-to-back pairs; the medians are reported, with the median of
 per-pair ratios chatkeep/raw. Then
 10,000 heartbeats are sent through ``Presence.heartbeat_many`` over a connection that
 counts its writes, to show they travel in one pipelined round trip per batch
-(``INFO commandstats`` gives the commands it held).
+(the ``INFO commandstats`` delta gives the commands the server ran meanwhile: on a shared
+server it includes other clients').
 
 Usage::
 
@@ -273,7 +274,7 @@ async def main() -> None:
             result = await heartbeat_round_trips(args.url, prefix, args.users, batch)
             print(
                 f"heartbeat_many: {result['users']:,} users, batch {result['batch']:,}: "
-                f"{result['round_trips']} round trip(s), {result['commands']:,} commands, "
+                f"{result['round_trips']} round trip(s), {result['commands']:,} server commands, "
                 f"{result['seconds'] * 1000:,.0f} ms, {result['came_online']:,} came online"
             )
     finally:
