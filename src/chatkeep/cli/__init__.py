@@ -15,6 +15,7 @@ from chatkeep import __version__
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
+from chatkeep.cli.ops import backup, restore
 from chatkeep.cli.seed import seed
 
 __all__ = ["app", "main"]
@@ -31,6 +32,8 @@ app.add_typer(schema_app, name="schema")
 app.command()(setup)
 app.command()(doctor)
 app.command()(seed)
+app.command()(backup)
+app.command()(restore)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,218 @@
+"""``chatkeep backup``, ``chatkeep restore`` and ``chatkeep metrics``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Final
+
+import typer
+from pydantic import SecretStr
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from chatkeep.cli._common import (
+    DatabaseUrlOption,
+    console,
+    endpoints,
+    err_console,
+    fail,
+    load_settings,
+    run,
+)
+from chatkeep.config import Settings
+from chatkeep.ops import backup as ops_backup
+from chatkeep.storage.migrate import StatusEntry
+
+# Exit code of `restore` when the restored history disagrees with the migration files
+# (the same code `chatkeep migrate status --exit-code` uses for that).
+EXIT_HISTORY_PROBLEM: Final = 3
+
+PgBinDirOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--pg-bin-dir",
+        help="Folder holding pg_dump/pg_restore/psql to use instead of searching "
+        "(PATH, /usr/lib/postgresql/*/bin, the embedded package). Repeatable.",
+        file_okay=False,
+        dir_okay=True,
+        exists=True,
+        show_default=False,
+    ),
+]
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns at GiB
+
+
+@contextlib.contextmanager
+def _database_only(settings: Settings) -> Iterator[str]:
+    """The URL backup and restore connect to; starts the embedded PostgreSQL if needed.
+
+    Only PostgreSQL is involved: a placeholder Redis URL keeps an embedded Valkey from
+    starting for nothing (it is never connected to).
+    """
+    quiet = settings.model_copy(update={"redis_url": SecretStr("redis://unused")})
+    with endpoints(quiet) as found:
+        yield found.migrate_database_url
+
+
+@contextlib.contextmanager
+def _progress_display() -> Iterator[ops_backup.ProgressCallback]:
+    """A rich progress bar on stderr, fed by backup/restore progress callbacks."""
+    display = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[phase]:<7}[/]"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(progress: ops_backup.Progress) -> None:
+        if progress.phase not in tasks:
+            tasks[progress.phase] = display.add_task(
+                progress.phase, total=max(progress.total, 1), phase=progress.phase, detail=""
+            )
+        detail = progress.item[:60]
+        if progress.written:
+            detail = f"{_human(progress.written)} written  {detail}"
+        display.update(
+            tasks[progress.phase],
+            completed=progress.done,
+            total=max(progress.total, 1),
+            detail=detail,
+        )
+
+    with display:
+        yield update
+
+
+def backup(
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Archive file, or a folder for the default name "
+            "(chatkeep-<db>-<UTC time>-v<schema version>.dump in the current folder).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --output if it exists.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+    pg_bin_dir: PgBinDirOption = None,
+) -> None:
+    """Write a consistent pg_dump archive of the chatkeep schema and its migration history."""
+    settings = load_settings(database_url)
+    with _database_only(settings) as url, _progress_display() as on_progress:
+        result = run(
+            ops_backup.backup(
+                settings,
+                output,
+                database_url=url,
+                overwrite=overwrite,
+                pg_bin_dirs=tuple(pg_bin_dir or ()),
+                progress=on_progress,
+            )
+        )
+    console.print(
+        f"[green]wrote[/] {result.path} ({_human(result.size)}, {result.tables} tables, "
+        f"schema version {result.schema_version:03d}, PostgreSQL {result.server_version}, "
+        f"{result.duration:.1f} s)",
+        highlight=False,
+    )
+    console.print(f"sha256 {result.sha256}", highlight=False)
+    console.print(f"restore with: chatkeep restore {result.path} --database-url URL")
+
+
+def _history_table(entries: tuple[StatusEntry, ...]) -> Table:
+    table = Table("version", "name", "state")
+    style = {"applied": "green", "pending": "yellow"}
+    for e in entries:
+        table.add_row(f"{e.version:03d}", e.name, f"[{style.get(e.state, 'bold red')}]{e.state}[/]")
+    return table
+
+
+def restore(
+    archive: Annotated[
+        Path, typer.Argument(help="The archive written by `chatkeep backup`.", show_default=False)
+    ],
+    database_url: DatabaseUrlOption = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "--allow-non-empty",
+            help="Restore into a database that is not empty, dropping and recreating the "
+            "objects the backup holds.",
+        ),
+    ] = False,
+    create: Annotated[
+        bool, typer.Option("--create", help="Create the target database if it does not exist.")
+    ] = False,
+    no_owner: Annotated[
+        bool,
+        typer.Option(
+            "--no-owner",
+            help="Skip ownership and grants (the restoring role owns everything); for a "
+            "server without the original roles.",
+        ),
+    ] = False,
+    pg_bin_dir: PgBinDirOption = None,
+) -> None:
+    """Restore a backup into an empty database, all or nothing, then check its history."""
+    settings = load_settings(database_url)
+    with _database_only(settings) as url, _progress_display() as on_progress:
+        result = run(
+            ops_backup.restore(
+                settings,
+                archive,
+                database_url=url,
+                allow_non_empty=force,
+                no_owner=no_owner,
+                create=create,
+                pg_bin_dirs=tuple(pg_bin_dir or ()),
+                progress=on_progress,
+            )
+        )
+    console.print(
+        f"[green]restored[/] {archive} into {result.database} "
+        f"(from PostgreSQL {result.dumped_from}, {result.mode} mode with "
+        f"{result.pg_restore.path.name} {result.pg_restore.version}, {result.duration:.1f} s)",
+        highlight=False,
+    )
+    console.print(_history_table(result.history))
+    if result.problems:
+        names = ", ".join(f"{e.version:03d} ({e.state})" for e in result.problems)
+        fail(
+            f"the restored migration history disagrees with the migration files: {names}; "
+            "run `chatkeep migrate status` against it before use",
+            code=EXIT_HISTORY_PROBLEM,
+        )
+    if result.pending:
+        console.print(
+            f"[yellow]schema version {result.schema_version:03d}[/]: "
+            f"{len(result.pending)} newer migration(s) pending; run `chatkeep migrate up`"
+        )
+    else:
+        console.print(f"schema version {result.schema_version:03d}: current")
