@@ -356,3 +356,23 @@ def test_huge_and_binary_input_is_refused_cheaply(blob: bytes) -> None:
     text = blob.decode("latin-1") * 3
     error = error_of(lambda: message_dto(content=text))
     assert error is None or error.field == "content"
+
+
+def test_public_exports_are_complete() -> None:
+    import chatkeep
+    import chatkeep.models
+    import chatkeep.storage
+
+    for module in (chatkeep.models, chatkeep.storage, chatkeep):
+        for name in module.__all__:
+            assert getattr(module, name) is not None
+    classes = {
+        name
+        for name, value in vars(chatkeep.models).items()
+        if isinstance(value, type)
+        and not name.startswith("_")
+        and value.__module__ == "chatkeep.models"
+    }
+    assert classes <= set(chatkeep.models.__all__)
+    # Every model class is also importable from the package root.
+    assert classes <= set(chatkeep.__all__)
