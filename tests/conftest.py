@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints, resolve_endpoints
-from chatkeep.storage.bootstrap import maintenance_url
+from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
 from chatkeep.storage.migrate import Migrator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +59,30 @@ def url_for(base: str, database: str) -> str:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def template_database(admin_url: str) -> AsyncIterator[str]:
-    """A migrated database that every test database is cloned from."""
+async def database_roles(admin_url: str) -> None:
+    """The chatapp_* roles (cluster-wide, made as `chatkeep setup` makes them): migrations
+    from 008 on grant to them, so they must exist before any database is migrated."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await ensure_roles(admin, Settings(), generate_passwords=False)
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database(admin_url: str, database_roles: None) -> AsyncIterator[str]:
+    """A migrated database that every test database is cloned from.
+
+    Prepared as `chatkeep setup` prepares a real one (schema public owned by chatapp_owner)
+    and migrated as chatapp_owner, so every object has its production owner and grants.
+    """
     name = f"chatkeep_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         conn = await asyncpg.connect(url_for(admin_url, name))
         try:
+            await prepare_database(conn)
             await Migrator(conn).up()
         finally:
             await conn.close()
@@ -77,7 +93,7 @@ async def template_database(admin_url: str) -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def empty_database_url(admin_url: str) -> AsyncIterator[str]:
+async def empty_database_url(admin_url: str, database_roles: None) -> AsyncIterator[str]:
     """URL of a new, empty database (no migrations), dropped after the test."""
     name = f"chatkeep_t_{os.getpid()}_{next(_counter)}"
     admin = await asyncpg.connect(admin_url)

@@ -188,6 +188,29 @@ class Settings(BaseSettings):
     migrate_statement_timeout: PositiveSeconds = Field(
         default=600.0, description="statement_timeout for each migration statement."
     )
+    # Passwords `chatkeep setup` gives the login roles; unset means "generate one when the
+    # role is created, print it once, and never change an existing role's password".
+    app_password: SecretStr | None = Field(
+        default=None, description="Password of chatapp_app (CHATKEEP_APP_PASSWORD)."
+    )
+    migrator_password: SecretStr | None = Field(
+        default=None, description="Password of chatapp_migrator (CHATKEEP_MIGRATOR_PASSWORD)."
+    )
+    readonly_password: SecretStr | None = Field(
+        default=None, description="Password of chatapp_readonly (CHATKEEP_READONLY_PASSWORD)."
+    )
+
+    @field_validator("app_password", "migrator_password", "readonly_password")
+    @classmethod
+    def _check_role_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        secret = value.get_secret_value()
+        # Printable ASCII only: PostgreSQL SASLprep-normalises other passwords, and the
+        # SCRAM verifier setup computes client-side must hash exactly what clients send.
+        if not (12 <= len(secret) <= 256 and secret.isascii() and secret.isprintable()):
+            raise ValueError("must be 12 to 256 printable ASCII characters")
+        return value
 
     @field_validator("database_url", "migrate_database_url")
     @classmethod

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import logging
 import random
@@ -59,12 +60,13 @@ from chatkeep.errors import (
     MigrationOrderError,
 )
 from chatkeep.storage import catalog
-from chatkeep.storage.bootstrap import maintenance_url
+from chatkeep.storage.bootstrap import OWNER_ROLE, maintenance_url
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
 from chatkeep.storage.sqltext import Statement, code_only, split_statements
 
 __all__ = [
+    "AUTO_ROLE",
     "DEFAULT_MIGRATIONS_DIR",
     "AppliedMigration",
     "Migration",
@@ -137,9 +139,9 @@ $$;
 _INSERT_HISTORY: Final = f"""
 INSERT INTO {HISTORY_TABLE}
     (version, name, checksum, direction, transactional, started_at, finished_at,
-     duration_ms, outcome, error)
+     duration_ms, outcome, error, db_user)
 VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(),
-        extract(epoch FROM clock_timestamp() - $6) * 1000, $7, $8)
+        extract(epoch FROM clock_timestamp() - $6) * 1000, $7, $8, session_user)
 """
 
 _READ_HISTORY: Final = f"""
@@ -150,6 +152,24 @@ SELECT id, version, name, checksum, direction, finished_at, db_user
 """
 
 MigrationState = Literal["applied", "pending", "changed", "missing", "out-of-order"]
+
+
+class _AutoRole(enum.Enum):
+    AUTO = "auto"
+
+
+AUTO_ROLE: Final = _AutoRole.AUTO
+"""``Migrator(role=AUTO_ROLE)``: run as chatapp_owner when this login may and it may create."""
+
+# Which role to become: the owner role, when it exists, the connected user may become it,
+# and it may create objects in the schema migrations create them in (`chatkeep setup` ran).
+_OWNER_ROLE_USABLE: Final = """
+SELECT r.rolname
+  FROM pg_roles r
+ WHERE r.rolname = $1
+   AND pg_has_role(current_user, r.oid, 'MEMBER')
+   AND has_schema_privilege(r.oid, current_schema(), 'CREATE')
+"""
 
 
 def normalise(text: str) -> str:
@@ -317,6 +337,10 @@ class MigrationPlan:
         return "\n".join(out)
 
 
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
@@ -355,6 +379,10 @@ class Migrator:
         allow_out_of_order: apply an unapplied file older than the newest applied one.
         allow_missing: carry on when an applied file is no longer on disk.
         validate_checksums: refuse to run when an applied file has changed.
+        role: the role migrations run as (``SET ROLE`` while the lock is held), so every
+            object they create is owned by it; ``None`` runs as the connected user, and
+            ``AUTO_ROLE`` (the default) picks ``chatapp_owner`` when ``chatkeep setup`` made
+            it and the connected user is a member, else the connected user.
     """
 
     def __init__(
@@ -369,8 +397,10 @@ class Migrator:
         allow_out_of_order: bool = False,
         allow_missing: bool = False,
         validate_checksums: bool = True,
+        role: str | _AutoRole | None = AUTO_ROLE,
     ) -> None:
         self._conn = conn
+        self.role = role
         self.migrations: tuple[Migration, ...] = tuple(
             migrations if migrations is not None else load_migrations(directory)
         )
@@ -574,14 +604,27 @@ class Migrator:
                 delay = min(delay * 2, 1.0)
         try:
             with translate_errors("migrate"):
+                role = await self._resolve_role()
+                if role is not None:
+                    # Session-wide, not per file: the history table and its rows belong to
+                    # the owner too, so any of its members can migrate next time.
+                    await self._conn.execute(f"SET ROLE {_quote_ident(role)}")
                 await self._conn.execute(_HISTORY_DDL)
             yield
         finally:
             if not self._conn.is_closed():
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await asyncio.shield(self._conn.execute("RESET ROLE"))
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     await asyncio.shield(
                         self._conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
                     )
+
+    async def _resolve_role(self) -> str | None:
+        if self.role is AUTO_ROLE:
+            found: str | None = await self._conn.fetchval(_OWNER_ROLE_USABLE, OWNER_ROLE)
+            return found
+        return self.role
 
     async def up(self, to: int | None = None) -> list[Migration]:
         """Apply pending migrations (up to and including ``to``); returns what was applied.
