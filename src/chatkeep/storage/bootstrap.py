@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
@@ -286,7 +286,11 @@ async def ensure_database(dsn: str, settings: Settings) -> bool:
 
 
 async def ensure_roles(
-    conn: asyncpg.Connection, settings: Settings, *, generate_passwords: bool = True
+    conn: asyncpg.Connection,
+    settings: Settings,
+    *,
+    generate_passwords: bool = True,
+    roles: Sequence[RoleSpec] = ROLES,
 ) -> RolesReport:
     """Create the ``chatapp_*`` roles, or bring existing ones back to their attributes.
 
@@ -301,6 +305,7 @@ async def ensure_roles(
         settings: where the passwords come from (``CHATKEEP_*_PASSWORD``).
         generate_passwords: make passwords for new login roles (false for the embedded
             server, which trusts its private Unix socket).
+        roles: the roles to ensure, parents before members (default: :data:`ROLES`).
 
     Raises:
         PermissionDenied: the connected role may not create roles or grant BYPASSRLS.
@@ -313,7 +318,7 @@ async def ensure_roles(
         async with conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '60s'")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _ROLES_LOCK)
-            for spec in ROLES:
+            for spec in roles:
                 secret: SecretStr | None = (
                     getattr(settings, spec.credential_field) if spec.credential_field else None
                 )

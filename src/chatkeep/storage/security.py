@@ -1,0 +1,210 @@
+"""Row security from the Python side: the acting user, and failed connection attempts.
+
+Row-level security (migration 009) confines the application role to the rows of the
+*acting user*, which each transaction names with ``set_config('app.user_id', <uuid>,
+true)``. The third argument makes it local to the transaction: when the transaction ends,
+commit or rollback, the setting is gone, so a pooled connection never carries one user's
+identity into the next borrower's work.
+
+::
+
+    async with acting_as(pool, user_id) as conn:   # a transaction, acting as user_id
+        rows = await conn.fetch("SELECT ... FROM messages WHERE room_id = $1", room_id)
+
+A write the policies refuse raises :class:`chatkeep.errors.PermissionDenied`; a read of rows
+the user may not see returns nothing, as row security does.
+
+Failed connection attempts are counted here (per host, role and reason, never with the
+password) and logged at WARNING; ``chatkeep doctor`` shows the counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+
+from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
+from chatkeep.storage.errors import translate_errors
+
+__all__ = [
+    "ACTING_USER_SETTING",
+    "ConnectionFailureCount",
+    "acting_as",
+    "connection_failed",
+    "connection_failures",
+    "reset_connection_failures",
+    "set_acting_user_txn",
+]
+
+logger = logging.getLogger("chatkeep.security")
+
+ACTING_USER_SETTING: Final = "app.user_id"
+_SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
+
+
+class _Acquirer(Protocol):
+    """Anything with ``acquire()`` giving a connection: ``asyncpg.Pool``, ``Database``."""
+
+    def acquire(self) -> Any: ...
+
+
+def _user_id(value: uuid.UUID | str) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise InvalidInput("user_id", "must be a UUID")
+
+
+async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str) -> None:
+    """Name the acting user for the rest of the open transaction on ``conn``.
+
+    For code that manages its own transaction (``Database.transaction()``); prefer
+    :func:`acting_as`. Outside a transaction the setting would last only for this one
+    statement's implicit transaction, so that is refused.
+
+    Raises:
+        InvalidInput: ``user_id`` is not a UUID, or ``conn`` is not in a transaction.
+    """
+    value = _user_id(user_id)
+    if not conn.is_in_transaction():
+        raise InvalidInput("conn", "must be inside a transaction to set the acting user")
+    with translate_errors("set acting user"):
+        await conn.execute(_SET_ACTING_USER, value)
+
+
+@contextlib.asynccontextmanager
+async def acting_as(
+    target: asyncpg.Connection | _Acquirer, user_id: uuid.UUID | str
+) -> AsyncIterator[asyncpg.Connection]:
+    """Run a block in a transaction acting as ``user_id``; yields the connection.
+
+    Args:
+        target: a connection outside any transaction, or a pool (anything with
+            ``acquire()``) to borrow one from for the block.
+        user_id: the user whose rows the block may see and write.
+
+    Raises:
+        InvalidInput: ``user_id`` is not a UUID, or the connection is already inside a
+            transaction (the setting would outlive this block, into the caller's).
+        PermissionDenied: the block wrote a row the policies refuse; nothing of the block
+            is kept. Every other driver error is translated too.
+    """
+    value = _user_id(user_id)
+    borrowed: contextlib.AbstractAsyncContextManager[Any]
+    if isinstance(target, asyncpg.Connection):
+        borrowed = contextlib.nullcontext(target)
+    else:
+        borrowed = target.acquire()
+    with translate_errors("acting as a user"):
+        async with borrowed as conn:
+            if conn.is_in_transaction():
+                raise InvalidInput("conn", "acting_as needs a connection outside any transaction")
+            async with conn.transaction():
+                await conn.execute(_SET_ACTING_USER, value)
+                yield conn
+
+
+# -- failed connection attempts ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailureCount:
+    """How often connecting to ``host`` as ``role`` failed for ``reason``, and when last."""
+
+    host: str
+    role: str
+    reason: str
+    count: int
+    last_failed_at: float  # time.time()
+
+
+_lock = threading.Lock()
+_failures: dict[tuple[str, str, str], ConnectionFailureCount] = {}
+
+
+def _host_and_role(dsn: str) -> tuple[str, str]:
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        host = parts.netloc.rpartition("@")[2] or query.get("host", ["local socket"])[-1]
+        role = unquote(parts.username or "") or query.get("user", ["(default)"])[-1]
+    except ValueError:
+        return "<unparseable url>", "?"
+    return host, role
+
+
+def _reason(error: ChatkeepError) -> str:
+    cause = error.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS error: {cause.reason or cause.__class__.__name__}"
+    if isinstance(
+        cause, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"authentication failed ({cause.sqlstate})"
+    if isinstance(cause, asyncpg.InvalidCatalogNameError):
+        return "the database does not exist"
+    if isinstance(cause, TimeoutError):
+        return "timed out"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, asyncpg.PostgresError):
+        return f"server error {cause.sqlstate}"
+    if cause is not None:
+        return cause.__class__.__name__
+    return error.__class__.__name__
+
+
+def connection_failed(dsn: str, error: ChatkeepError) -> ChatkeepError:
+    """Count and log a failed connection attempt; returns the error the caller should raise.
+
+    A certificate that fails verification becomes a :class:`ConfigurationError` naming
+    ``ssl_ca_file``: retrying will not help, the CA or the host name is wrong (or someone
+    is in the middle). The log line names the host, the role and the reason, never the
+    password.
+    """
+    host, role = _host_and_role(dsn)
+    reason = _reason(error)
+    key = (host, role, reason)
+    with _lock:
+        previous = _failures.get(key)
+        count = previous.count + 1 if previous else 1
+        _failures[key] = ConnectionFailureCount(host, role, reason, count, time.time())
+    logger.warning(
+        "connection to %s as %s failed: %s (%d time(s) so far)", host, role, reason, count
+    )
+    if isinstance(error.__cause__, ssl.SSLCertVerificationError):
+        refined = ConfigurationError(
+            f"connect to {host}: {reason}; check ssl_ca_file and the host name in the URL",
+            field="ssl_ca_file",
+        )
+        refined.__cause__ = error.__cause__
+        return refined
+    return error
+
+
+def connection_failures() -> list[ConnectionFailureCount]:
+    """Failed connection attempts of this process, most frequent first."""
+    with _lock:
+        return sorted(_failures.values(), key=lambda f: (-f.count, f.host, f.role, f.reason))
+
+
+def reset_connection_failures() -> None:
+    """Forget the counted failures (tests, or after an incident is dealt with)."""
+    with _lock:
+        _failures.clear()

@@ -1,0 +1,472 @@
+"""Every row-security policy, both ways, as the real application role (chatapp_app).
+
+A denied write raises PermissionDenied (from a policy's WITH CHECK or a guard trigger) and
+leaves nothing behind; a denied read returns nothing. The superuser connection ``conn``
+only checks what really happened.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
+from chatkeep.ids import uuid7
+from chatkeep.storage.security import acting_as, set_acting_user_txn
+from tests.security.conftest import HASH, World
+
+
+async def as_user(app: asyncpg.Connection, user: uuid.UUID, sql: str, *args: Any) -> str:
+    """Run one statement as ``user``; returns its status (``UPDATE 1``...)."""
+    async with acting_as(app, user) as c:
+        status: str = await c.execute(sql, *args)
+        return status
+
+
+async def rows_as(
+    app: asyncpg.Connection, user: uuid.UUID | None, sql: str, *args: Any
+) -> list[Any]:
+    if user is None:
+        return [tuple(r.values()) for r in await app.fetch(sql, *args)]
+    async with acting_as(app, user) as c:
+        return [tuple(r.values()) for r in await c.fetch(sql, *args)]
+
+
+async def denied(app: asyncpg.Connection, user: uuid.UUID, sql: str, *args: Any) -> None:
+    with pytest.raises(PermissionDenied):
+        await as_user(app, user, sql, *args)
+
+
+# -- users ---------------------------------------------------------------------------------
+
+
+async def test_users_are_visible_to_everyone(app_conn: asyncpg.Connection, world: World) -> None:
+    everyone = {world.alice, world.bob, world.carol, world.dave}
+    assert {r[0] for r in await rows_as(app_conn, world.dave, "SELECT id FROM users")} == everyone
+    # Sign-in looks a user up before anyone is acting.
+    assert {r[0] for r in await rows_as(app_conn, None, "SELECT id FROM users")} == everyone
+
+
+async def test_anyone_may_sign_up(app_conn: asyncpg.Connection, conn: asyncpg.Connection) -> None:
+    new = uuid7()
+    await app_conn.execute(
+        "INSERT INTO users (id, email, username, password_hash) VALUES ($1, 'e@x.org', 'eve', $2)",
+        new,
+        HASH,
+    )
+    assert await conn.fetchval("SELECT username FROM users WHERE id = $1", new) == "eve"
+
+
+async def test_a_user_updates_only_themself(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "UPDATE users SET username = $2 WHERE id = $1"
+    assert await as_user(app_conn, world.carol, sql, world.carol, "carol2") == "UPDATE 1"
+    await denied(app_conn, world.carol, sql, world.bob, "bobbed")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # nobody acting: nobody to be
+        await app_conn.execute(sql, world.bob, "bobbed")
+    assert await conn.fetchval("SELECT username FROM users WHERE id = $1", world.bob) == "bob"
+
+
+async def test_a_user_deletes_only_themself(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    await denied(app_conn, world.carol, "DELETE FROM users WHERE id = $1", world.dave)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await app_conn.execute("DELETE FROM users WHERE id = $1", world.dave)
+    assert await conn.fetchval("SELECT count(*) FROM users WHERE id = $1", world.dave) == 1
+    status = await as_user(app_conn, world.dave, "DELETE FROM users WHERE id = $1", world.dave)
+    assert status == "DELETE 1"
+
+
+# -- rooms ---------------------------------------------------------------------------------
+
+
+async def test_rooms_visible_by_type_and_membership(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    def ids(rows: list[Any]) -> set[uuid.UUID]:
+        return {r[0] for r in rows}
+
+    sql = "SELECT id FROM rooms"
+    assert ids(await rows_as(app_conn, world.dave, sql)) == {world.public}
+    assert ids(await rows_as(app_conn, None, sql)) == {world.public}
+    assert ids(await rows_as(app_conn, world.carol, sql)) == {world.public, world.private}
+    assert ids(await rows_as(app_conn, world.bob, sql)) == {
+        world.public,
+        world.private,
+        world.direct,
+    }
+    # Asking by id does not help.
+    byid = "SELECT id FROM rooms WHERE id = $1"
+    assert await rows_as(app_conn, world.dave, byid, world.private) == []
+    assert await rows_as(app_conn, world.carol, byid, world.direct) == []
+
+
+async def test_room_creation_as_yourself_only(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "INSERT INTO rooms (id, name, type, created_by) VALUES ($1, 'mine', 'private', $2)"
+    mine = uuid7()
+    await as_user(app_conn, world.dave, sql, mine, world.dave)
+    # The creator sees a private room before being its member (INSERT ... RETURNING works).
+    assert await rows_as(app_conn, world.dave, "SELECT id FROM rooms WHERE id = $1", mine) == [
+        (mine,)
+    ]
+    await denied(app_conn, world.dave, sql, uuid7(), world.alice)
+    low, high = sorted((world.alice, world.bob))
+    await denied(  # a direct room between two other people
+        app_conn,
+        world.dave,
+        "INSERT INTO rooms (id, name, type, created_by, direct_user_low, direct_user_high)"
+        " VALUES ($1, 'dm', 'direct', $2, $3, $4)",
+        uuid7(),
+        world.dave,
+        low,
+        high,
+    )
+    assert await conn.fetchval("SELECT count(*) FROM rooms") == 4
+
+
+async def test_room_updates(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    # Any member moves the counter (that is how a message is sent).
+    bump = "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1"
+    assert await as_user(app_conn, world.carol, bump, world.private) == "UPDATE 1"
+    # Admins and owners change what the room is; members do not.
+    rename = "UPDATE rooms SET name = $2 WHERE id = $1"
+    assert await as_user(app_conn, world.bob, rename, world.private, "renamed") == "UPDATE 1"
+    await denied(app_conn, world.carol, rename, world.private, "mine now")
+    await denied(
+        app_conn, world.carol, "UPDATE rooms SET type = 'public' WHERE id = $1", world.private
+    )
+    # A public room is visible to outsiders, but not theirs to change.
+    await denied(app_conn, world.dave, bump, world.public)
+    await denied(app_conn, world.dave, rename, world.public, "graffiti")
+    # A private room is invisible to outsiders: nothing to update.
+    assert await as_user(app_conn, world.dave, rename, world.private, "x") == "UPDATE 0"
+    row = await conn.fetchrow("SELECT name, type, last_seq FROM rooms WHERE id = $1", world.private)
+    assert row is not None
+    assert tuple(row.values()) == ("renamed", "private", 4)
+
+
+async def test_only_owners_delete_rooms(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "DELETE FROM rooms WHERE id = $1"
+    await denied(app_conn, world.bob, sql, world.private)  # an admin
+    await denied(app_conn, world.dave, sql, world.public)  # an outsider, room visible
+    assert await as_user(app_conn, world.dave, sql, world.private) == "DELETE 0"  # invisible
+    assert await conn.fetchval("SELECT count(*) FROM rooms WHERE id = $1", world.private) == 1
+    assert await as_user(app_conn, world.alice, sql, world.private) == "DELETE 1"
+    assert (
+        await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1", world.private) == 0
+    )
+
+
+# -- room_users ----------------------------------------------------------------------------
+
+
+async def test_members_see_their_rooms_members(app_conn: asyncpg.Connection, world: World) -> None:
+    sql = "SELECT user_id FROM room_users WHERE room_id = $1"
+    members = {world.alice, world.bob, world.carol}
+    assert {r[0] for r in await rows_as(app_conn, world.carol, sql, world.private)} == members
+    assert await rows_as(app_conn, world.dave, sql, world.private) == []
+    assert await rows_as(app_conn, world.carol, sql, world.direct) == []
+    mine = "SELECT room_id FROM room_users WHERE user_id = $1"
+    assert {r[0] for r in await rows_as(app_conn, world.carol, mine, world.carol)} == {
+        world.private
+    }
+
+
+JOIN = "INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, $3)"
+
+
+async def test_joining_a_public_room(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    await denied(app_conn, world.dave, JOIN, world.public, world.dave, "admin")
+    await denied(app_conn, world.dave, JOIN, world.public, world.carol, "member")
+    await denied(app_conn, world.dave, JOIN, world.private, world.dave, "member")
+    assert await as_user(app_conn, world.dave, JOIN, world.public, world.dave, "member") == (
+        "INSERT 0 1"
+    )
+    roles = await conn.fetch(
+        "SELECT user_id, role FROM room_users WHERE room_id = $1", world.public
+    )
+    assert {(r["user_id"], r["role"]) for r in roles} == {
+        (world.alice, "owner"),
+        (world.bob, "member"),
+        (world.dave, "member"),
+    }
+
+
+async def test_a_creator_owns_their_new_room_once(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    room = uuid7()
+    async with acting_as(app_conn, world.dave) as c:
+        await c.execute(
+            "INSERT INTO rooms (id, name, type, created_by) VALUES ($1, 'd', 'private', $2)",
+            room,
+            world.dave,
+        )
+        await c.execute(JOIN, room, world.dave, "owner")
+        await c.execute(JOIN, room, world.carol, "member")  # now an owner, dave invites
+    # Leaving and coming back as owner is not possible: the room is not empty.
+    await as_user(
+        app_conn,
+        world.dave,
+        "DELETE FROM room_users WHERE room_id = $1 AND user_id = $2",
+        room,
+        world.dave,
+    )
+    await denied(app_conn, world.dave, JOIN, room, world.dave, "owner")
+    # Nobody makes themself owner of someone else's room.
+    await denied(app_conn, world.carol, JOIN, world.private, world.carol, "owner")
+
+
+async def test_invitations_by_rank(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    await denied(app_conn, world.carol, JOIN, world.private, world.dave, "member")  # member
+    await denied(app_conn, world.bob, JOIN, world.private, world.dave, "owner")  # admin
+    assert await as_user(app_conn, world.bob, JOIN, world.private, world.dave, "admin") == (
+        "INSERT 0 1"
+    )
+    await conn.execute(
+        "DELETE FROM room_users WHERE room_id = $1 AND user_id = $2", world.private, world.dave
+    )
+    assert await as_user(app_conn, world.alice, JOIN, world.private, world.dave, "owner") == (
+        "INSERT 0 1"
+    )
+
+
+async def test_direct_rooms_hold_their_pair_only(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    await denied(app_conn, world.alice, JOIN, world.direct, world.carol, "member")
+    low, high = sorted((world.carol, world.dave))
+    dm = uuid7()
+    async with acting_as(app_conn, world.carol) as c:
+        await c.execute(
+            "INSERT INTO rooms (id, name, type, created_by, direct_user_low, direct_user_high)"
+            " VALUES ($1, 'dm', 'direct', $2, $3, $4)",
+            dm,
+            world.carol,
+            low,
+            high,
+        )
+        await c.execute(JOIN, dm, world.carol, "member")
+        await c.execute(JOIN, dm, world.dave, "member")
+    assert await conn.fetchval("SELECT count(*) FROM room_users WHERE room_id = $1", dm) == 2
+
+
+ROLE = "UPDATE room_users SET role = $3 WHERE room_id = $1 AND user_id = $2"
+
+
+async def test_role_changes_only_downwards_from_your_own_rank(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    p = world.private
+    await denied(app_conn, world.carol, ROLE, p, world.carol, "admin")  # self-promotion
+    await denied(app_conn, world.carol, ROLE, p, world.bob, "member")  # a member demoting
+    await denied(app_conn, world.bob, ROLE, p, world.alice, "member")  # admin vs owner
+    await denied(app_conn, world.bob, ROLE, p, world.carol, "owner")  # above your rank
+    assert await as_user(app_conn, world.bob, ROLE, p, world.carol, "admin") == "UPDATE 1"
+    assert await as_user(app_conn, world.alice, ROLE, p, world.bob, "owner") == "UPDATE 1"
+    rows = await conn.fetch("SELECT user_id, role FROM room_users WHERE room_id = $1", p)
+    roles = {r["user_id"]: r["role"] for r in rows}
+    assert roles == {world.alice: "owner", world.bob: "owner", world.carol: "admin"}
+
+
+async def test_read_state_is_your_own(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    mark = (
+        "UPDATE room_users SET last_read_seq = 3, last_read_at = now()"
+        " WHERE room_id = $1 AND user_id = $2"
+    )
+    assert await as_user(app_conn, world.carol, mark, world.private, world.carol) == "UPDATE 1"
+    await denied(app_conn, world.bob, mark, world.private, world.carol)  # even an admin
+    assert await as_user(app_conn, world.dave, mark, world.private, world.carol) == "UPDATE 0"
+    seqs = await conn.fetch(
+        "SELECT user_id, last_read_seq FROM room_users WHERE room_id = $1", world.private
+    )
+    assert {(r[0], r[1]) for r in seqs} == {(world.alice, 0), (world.bob, 0), (world.carol, 3)}
+
+
+async def test_leaving_and_removing_members(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "DELETE FROM room_users WHERE room_id = $1 AND user_id = $2"
+    p = world.private
+    await denied(app_conn, world.carol, sql, p, world.bob)  # a member removing an admin
+    await denied(app_conn, world.bob, sql, p, world.alice)  # an admin removing the owner
+    assert await as_user(app_conn, world.dave, sql, p, world.carol) == "DELETE 0"  # invisible
+    assert await as_user(app_conn, world.bob, sql, p, world.carol) == "DELETE 1"
+    assert await as_user(app_conn, world.alice, sql, p, world.bob) == "DELETE 1"
+    assert await as_user(app_conn, world.alice, sql, p, world.alice) == "DELETE 1"  # leaving
+    assert await conn.fetchval("SELECT count(*) FROM room_users WHERE room_id = $1", p) == 0
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+async def test_messages_are_read_by_members_only(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "SELECT count(*) FROM messages WHERE room_id = $1"
+    assert await rows_as(app_conn, world.carol, sql, world.private) == [(3,)]
+    assert await rows_as(app_conn, world.dave, sql, world.private) == [(0,)]
+    assert await rows_as(app_conn, world.dave, sql, world.public) == [(0,)]  # not a member
+    assert await rows_as(app_conn, None, "SELECT count(*) FROM messages") == [(0,)]
+    by_id = "SELECT content FROM messages WHERE id = $1"
+    assert await rows_as(app_conn, world.carol, by_id, world.msg[("direct", "alice")]) == []
+
+
+SEND = "INSERT INTO messages (id, room_id, user_id, content) VALUES ($1, $2, $3, 'hi')"
+
+
+async def test_members_write_as_themselves(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    assert await as_user(app_conn, world.carol, SEND, uuid7(), world.private, world.carol) == (
+        "INSERT 0 1"
+    )
+    await denied(app_conn, world.dave, SEND, uuid7(), world.public, world.dave)
+    await denied(app_conn, world.carol, SEND, uuid7(), world.private, world.bob)
+    # A room you cannot see is, to you, a room that does not exist.
+    with pytest.raises(NotFound):
+        await as_user(app_conn, world.dave, SEND, uuid7(), world.private, world.dave)
+    counts = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1", world.private)
+    assert counts == 4
+    # The seq trigger moved the room's counter through the members-only update policy.
+    assert await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", world.private) == 4
+
+
+async def test_only_the_author_edits(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "UPDATE messages SET content = $2, is_edited = true, edited_at = now() WHERE id = $1"
+    carols = world.msg[("private", "carol")]
+    assert await as_user(app_conn, world.carol, sql, carols, "edited") == "UPDATE 1"
+    await denied(app_conn, world.alice, sql, carols, "owner's words")  # even the owner
+    assert await as_user(app_conn, world.dave, sql, carols, "x") == "UPDATE 0"
+    assert await conn.fetchval("SELECT content FROM messages WHERE id = $1", carols) == "edited"
+
+
+async def test_message_deletes_by_author_or_room_managers(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    sql = "DELETE FROM messages WHERE id = $1"
+    await denied(app_conn, world.carol, sql, world.msg[("private", "alice")])
+    assert await as_user(app_conn, world.dave, sql, world.msg[("private", "alice")]) == "DELETE 0"
+    assert await as_user(app_conn, world.carol, sql, world.msg[("private", "carol")]) == "DELETE 1"
+    assert await as_user(app_conn, world.bob, sql, world.msg[("private", "alice")]) == "DELETE 1"
+    left = await conn.fetch("SELECT user_id FROM messages WHERE room_id = $1", world.private)
+    assert [r[0] for r in left] == [world.bob]
+
+
+# -- message_read_status -------------------------------------------------------------------
+
+
+RECEIPT = "INSERT INTO message_read_status (message_id, user_id) VALUES ($1, $2)"
+
+
+async def test_receipts(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    alices = world.msg[("private", "alice")]
+    assert await as_user(app_conn, world.carol, RECEIPT, alices, world.carol) == "INSERT 0 1"
+    assert await as_user(app_conn, world.bob, RECEIPT, alices, world.bob) == "INSERT 0 1"
+    await denied(app_conn, world.dave, RECEIPT, alices, world.dave)  # cannot see it
+    await denied(app_conn, world.carol, RECEIPT, world.msg[("private", "bob")], world.bob)
+    # Members see the room's receipts; outsiders none.
+    seen = "SELECT user_id FROM message_read_status WHERE message_id = $1"
+    assert {r[0] for r in await rows_as(app_conn, world.alice, seen, alices)} == {
+        world.bob,
+        world.carol,
+    }
+    assert await rows_as(app_conn, world.dave, seen, alices) == []
+    # Each changes and removes only their own.
+    touch = "UPDATE message_read_status SET read_at = now() WHERE message_id = $1 AND user_id = $2"
+    assert await as_user(app_conn, world.carol, touch, alices, world.carol) == "UPDATE 1"
+    await denied(app_conn, world.carol, touch, alices, world.bob)
+    drop = "DELETE FROM message_read_status WHERE message_id = $1 AND user_id = $2"
+    await denied(app_conn, world.carol, drop, alices, world.bob)
+    assert await as_user(app_conn, world.carol, drop, alices, world.carol) == "DELETE 1"
+    left = await conn.fetch("SELECT user_id FROM message_read_status")
+    assert [r[0] for r in left] == [world.bob]
+
+
+# -- the acting user -----------------------------------------------------------------------
+
+
+async def test_a_denied_write_leaves_nothing_of_the_block(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    async def two_sends() -> None:
+        async with acting_as(app_conn, world.carol) as c:
+            await c.execute(SEND, uuid7(), world.private, world.carol)
+            await c.execute(SEND, uuid7(), world.public, world.carol)
+
+    with pytest.raises(PermissionDenied):
+        await two_sends()
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 7
+    assert not app_conn.is_in_transaction()
+
+
+async def test_acting_as_validates_its_input(app_conn: asyncpg.Connection, world: World) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        async with acting_as(app_conn, "not-a-uuid"):
+            pass
+    assert caught.value.field == "user_id"
+    with pytest.raises(InvalidInput):
+        async with acting_as(app_conn, 42):  # type: ignore[arg-type]
+            pass
+    async with app_conn.transaction():
+        with pytest.raises(InvalidInput, match="outside any transaction"):
+            async with acting_as(app_conn, world.alice):
+                pass
+    # The string form of a UUID is fine too.
+    async with acting_as(app_conn, str(world.alice)) as c:
+        assert await c.fetchval("SELECT chatkeep_acting_user_id()") == world.alice
+
+
+async def test_set_acting_user_txn_needs_a_transaction(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    with pytest.raises(InvalidInput, match="inside a transaction"):
+        await set_acting_user_txn(app_conn, world.alice)
+    async with app_conn.transaction():
+        await set_acting_user_txn(app_conn, world.carol)
+        assert await app_conn.fetchval("SELECT count(*) FROM messages") == 3
+    assert await app_conn.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_the_acting_user_never_leaks_to_the_next_borrower(app_url: str, world: World) -> None:
+    pool = await asyncpg.create_pool(app_url, min_size=1, max_size=1)
+    try:
+        async with acting_as(pool, world.alice) as c:
+            assert await c.fetchval("SELECT count(*) FROM messages") == 7
+        async with pool.acquire() as c:  # the same, only connection
+            assert await c.fetchval("SELECT chatkeep_acting_user_id()") is None
+            assert await c.fetchval("SELECT count(*) FROM messages") == 0
+        with pytest.raises(PermissionDenied):
+            async with acting_as(pool, world.carol) as c:
+                await c.execute(SEND, uuid7(), world.public, world.carol)
+        async with pool.acquire() as c:
+            assert await c.fetchval("SELECT chatkeep_acting_user_id()") is None
+        # Even a buggy session-level setting does not survive the pool's reset.
+        async with pool.acquire() as c:
+            await c.execute("SELECT set_config('app.user_id', $1, false)", str(world.alice))
+        async with pool.acquire() as c:
+            assert await c.fetchval("SELECT chatkeep_acting_user_id()") is None
+            assert await c.fetchval("SELECT count(*) FROM messages") == 0
+    finally:
+        await pool.close()
