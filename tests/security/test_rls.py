@@ -7,6 +7,7 @@ only checks what really happened.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -470,3 +471,41 @@ async def test_the_acting_user_never_leaks_to_the_next_borrower(app_url: str, wo
             assert await c.fetchval("SELECT count(*) FROM messages") == 0
     finally:
         await pool.close()
+
+
+# -- cost ----------------------------------------------------------------------------------
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [node]
+    for child in node.get("Plans", []):
+        found.extend(plan_nodes(child))
+    return found
+
+
+async def test_policies_cost_one_lookup_per_statement(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    await conn.execute(
+        "INSERT INTO messages (room_id, user_id, content)"
+        " SELECT $1, $2, 'm' || g FROM generate_series(1, 300) g",
+        world.private,
+        world.carol,
+    )
+    await conn.execute("ANALYZE messages")
+    history = (
+        "SELECT m.id, m.seq, m.content FROM messages m"
+        " WHERE m.room_id = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT 50"
+    )
+    async with acting_as(app_conn, world.carol) as c:
+        raw = await c.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {history}", world.private, 250)
+    plan = json.loads(raw)[0]["Plan"]
+    nodes = plan_nodes(plan)
+    # The membership function runs in an InitPlan: once for the statement...
+    init_plans = [n for n in nodes if n.get("Parent Relationship") == "InitPlan"]
+    assert init_plans
+    assert all(n["Actual Loops"] == 1 for n in init_plans)
+    # ...while the history page is still one backward range scan of (room_id, seq).
+    scans = [n for n in nodes if n.get("Relation Name") == "messages"]
+    assert [s["Index Name"] for s in scans] == ["messages_room_seq_key"]
+    assert scans[0]["Actual Rows"] == 50

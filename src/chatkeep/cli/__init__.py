@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from chatkeep import __version__
+from chatkeep.cli import audit as audit_cli
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(migrate_cli.app, name="migrate")
 app.add_typer(schema_app, name="schema")
+app.add_typer(audit_cli.app, name="audit")
 app.command()(setup)
 app.command()(doctor)
 app.command()(seed)

@@ -69,9 +69,24 @@ DECLARE
     row_key uuid;
     room    uuid;
     changed jsonb := '{}';
+    gone    boolean := false;
 BEGIN
-    IF pg_trigger_depth() > 1 THEN
-        RETURN NULL;  -- removed by a cascade: the parent's delete is the record
+    -- A row removed by a cascade is not recorded on its own: the parent's delete is the
+    -- record. Cascaded rows' AFTER triggers fire at the end of the outer statement, when
+    -- the parent is already gone, and that is how they are told apart.
+    IF TG_OP = 'DELETE' THEN
+        IF TG_TABLE_NAME = 'messages' THEN
+            gone := NOT EXISTS (SELECT 1 FROM public.rooms r WHERE r.id = OLD.room_id)
+                 OR NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = OLD.user_id);
+        ELSIF TG_TABLE_NAME = 'room_users' THEN
+            gone := NOT EXISTS (SELECT 1 FROM public.rooms r WHERE r.id = OLD.room_id)
+                 OR NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = OLD.user_id);
+        ELSIF TG_TABLE_NAME = 'rooms' THEN
+            gone := NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = OLD.created_by);
+        END IF;
+        IF gone THEN
+            RETURN NULL;
+        END IF;
     END IF;
     CASE TG_TABLE_NAME || '.' || TG_OP
     WHEN 'users.UPDATE' THEN
