@@ -376,3 +376,23 @@ def test_public_exports_are_complete() -> None:
     assert classes <= set(chatkeep.models.__all__)
     # Every model class is also importable from the package root.
     assert classes <= set(chatkeep.__all__)
+
+
+def test_unread_counts_is_a_read_only_mapping() -> None:
+    from chatkeep.models import UnreadCounts
+
+    a, b = uuid.uuid4(), uuid.uuid4()
+    counts = UnreadCounts([(a, 3), (b, 0)])
+    assert list(counts) == [a, b]
+    assert list(counts.items()) == [(a, 3), (b, 0)]
+    assert list(counts.values()) == [3, 0]
+    assert counts._index is None  # iterating needed no index
+    assert counts[a] == 3
+    assert b in counts
+    assert uuid.uuid4() not in counts
+    assert counts.get(uuid.uuid4(), -1) == -1
+    assert counts == {a: 3, b: 0}
+    assert counts.total() == 3
+    assert len(counts) == 2
+    assert repr(counts) == f"UnreadCounts({{{a!r}: 3, {b!r}: 0}})"
+    assert UnreadCounts() == {}

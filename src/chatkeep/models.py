@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Self, TypeVar
 from urllib.parse import urlsplit
@@ -77,6 +77,7 @@ __all__ = [
     "RoomType",
     "RoomUser",
     "RoomWithUsers",
+    "UnreadCounts",
     "UpdateRoomDto",
     "UpdateUserDto",
     "User",
@@ -619,3 +620,73 @@ class CursorPage(BaseModel, Generic[T]):
     before: str | None = None
     after: str | None = None
     newest: str | None = None
+
+
+class UnreadCounts(Mapping[uuid.UUID, int]):
+    """Unread messages per room for one user: a read-only mapping of room id to count.
+
+    It wraps the query's rows as they are. The hash index behind ``counts[room_id]`` is
+    built on the first look-up: hashing a freshly decoded UUID costs about 0.3 us, a
+    noticeable share of the whole call for a user in hundreds of rooms, and iterating,
+    ``len``, ``items()``, ``values()`` or serialising never need it.
+
+    Example:
+        >>> room = uuid.UUID(int=1)
+        >>> counts = UnreadCounts([(room, 3)])
+        >>> counts[room], dict(counts) == {room: 3}, len(counts)
+        (3, True, 1)
+    """
+
+    __slots__ = ("_index", "_pairs")
+
+    def __init__(self, pairs: Sequence[Any] = ()) -> None:
+        # Each element unpacks as (room_id, count): a tuple or an asyncpg Record.
+        self._pairs = pairs
+        self._index: dict[uuid.UUID, int] | None = None
+
+    def _lookup(self) -> dict[uuid.UUID, int]:
+        index = self._index
+        if index is None:
+            index = self._index = {room: count for room, count in self._pairs}  # noqa: C416
+        return index
+
+    def __getitem__(self, room_id: uuid.UUID) -> int:
+        return self._lookup()[room_id]
+
+    def __contains__(self, room_id: object) -> bool:
+        return room_id in self._lookup()
+
+    def __iter__(self) -> Iterator[uuid.UUID]:
+        return (room for room, _ in self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def items(self) -> ItemsView[uuid.UUID, int]:
+        """``(room_id, count)`` pairs, straight from the rows (no index needed)."""
+        return _PairItems(self)
+
+    def values(self) -> ValuesView[int]:
+        """The counts, straight from the rows."""
+        return _PairValues(self)
+
+    def total(self) -> int:
+        """Unread messages over all rooms."""
+        return sum(count for _, count in self._pairs)
+
+    def __repr__(self) -> str:
+        return f"UnreadCounts({dict(self.items())!r})"
+
+
+class _PairItems(ItemsView[uuid.UUID, int]):
+    _mapping: UnreadCounts
+
+    def __iter__(self) -> Iterator[tuple[uuid.UUID, int]]:
+        return ((room, count) for room, count in self._mapping._pairs)
+
+
+class _PairValues(ValuesView[int]):
+    _mapping: UnreadCounts
+
+    def __iter__(self) -> Iterator[int]:
+        return (count for _, count in self._mapping._pairs)

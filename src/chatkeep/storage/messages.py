@@ -25,6 +25,7 @@ from chatkeep.models import (
     Message,
     MessageReadStatus,
     MessageWithUser,
+    UnreadCounts,
     UserProfile,
     check_content,
 )
@@ -508,8 +509,11 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
             raise NotFound(f"message {key} does not exist", entity="message")
         return [MessageReadStatus._from_row(row) for row in rows]
 
-    async def unread_counts(self, user_id: uuid.UUID) -> dict[uuid.UUID, int]:
+    async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
         """Unread messages per room for every room of the user, in one round trip.
+
+        Returns a read-only ``Mapping[UUID, int]`` over the rows (see
+        :class:`~chatkeep.models.UnreadCounts`).
 
         Raises:
             NotFound: no such user.
@@ -518,25 +522,24 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
         if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
             raise NotFound(f"user {user} does not exist", entity="user")
-        return {row[0]: row[1] for row in rows}
+        return UnreadCounts(rows)
 
 
 # Profiles are frozen, so equal ones can be shared: the authors of a room repeat from page
-# to page, and reusing their profile objects saves most of a page's allocations. Bounded:
-# cleared when full, so a renamed user's old profile is never held for long.
-_PROFILES: dict[tuple[uuid.UUID, str, str | None], UserProfile] = {}
+# to page, and reusing their profile objects saves most of a page's allocations. Keyed by
+# username (unique among users at any moment) and checked against the id and avatar, so a
+# rename or a new avatar gets a new profile at once; hashing a freshly decoded asyncpg UUID
+# costs several times more than hashing the name. Bounded: cleared when full.
+_PROFILES: dict[str, UserProfile] = {}
 _PROFILES_MAX: Final = 10_000
 
 
 def _profile(user_id: uuid.UUID, username: str, avatar_url: str | None) -> UserProfile:
-    key = (user_id, username, avatar_url)
-    profile = _PROFILES.get(key)
-    if profile is None:
-        if len(_PROFILES) >= _PROFILES_MAX:
-            _PROFILES.clear()
-        profile = _PROFILES[key] = UserProfile._adopt(
-            {"id": user_id, "username": username, "avatar_url": avatar_url}
-        )
+    if len(_PROFILES) >= _PROFILES_MAX:
+        _PROFILES.clear()
+    profile = _PROFILES[username] = UserProfile._adopt(
+        {"id": user_id, "username": username, "avatar_url": avatar_url}
+    )
     return profile
 
 
@@ -558,8 +561,8 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
         created_at, username, avatar_url,
     ) in rows:  # fmt: skip
-        profile = profiles.get((user_id, username, avatar_url))
-        if profile is None:
+        profile = profiles.get(username)
+        if profile is None or profile.id != user_id or profile.avatar_url != avatar_url:
             profile = _profile(user_id, username, avatar_url)
         message = new(cls)
         set_attr(
