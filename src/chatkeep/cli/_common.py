@@ -84,9 +84,11 @@ def endpoints(
     try:
         with resolve_endpoints(settings, announce=True, redis=redis) as found:
             if found.embedded_database and create_database:
-                from chatkeep.storage.bootstrap import ensure_database
+                from chatkeep.storage.bootstrap import bootstrap
 
-                run(ensure_database(found.migrate_database_url, settings))
+                # The database and its roles, as `chatkeep setup` makes them; no passwords:
+                # the embedded server trusts only its private Unix socket.
+                run(bootstrap(found.migrate_database_url, settings, generate_passwords=False))
             yield found
     except ChatkeepError as exc:
         fail(str(exc))

@@ -20,9 +20,10 @@ from chatkeep.config import Settings, redact_url
 from chatkeep.embedded import Endpoints
 from chatkeep.errors import ChatkeepError
 from chatkeep.storage import catalog
-from chatkeep.storage.bootstrap import database_name, ensure_database
+from chatkeep.storage.bootstrap import bootstrap
 from chatkeep.storage.database import connect
 from chatkeep.storage.migrate import Migrator
+from chatkeep.storage.security import connection_failures
 
 schema_app = typer.Typer(name="schema", help="Look at the live schema.", no_args_is_help=True)
 
@@ -31,16 +32,50 @@ DIAGRAM_END: Final = "<!-- chatkeep:diagram:end -->"
 
 
 def setup(database_url: DatabaseUrlOption = None) -> None:
-    """Create the database (chatapp_db unless the URL names another) if missing; safe to rerun.
+    """Create the database (chatapp_db unless the URL names another), its roles and grants.
 
-    Run once as a superuser, or on the embedded default as its owner.
+    Safe to rerun. Run once as a superuser, or on the embedded default as its owner. The
+    login roles get CHATKEEP_APP_PASSWORD, CHATKEEP_MIGRATOR_PASSWORD and
+    CHATKEEP_READONLY_PASSWORD when set; a role created without one gets a generated
+    password, printed here once and stored nowhere.
     """
     settings = load_settings(database_url)
     with endpoints(settings, redis=False, create_database=False) as found:
-        created = run(ensure_database(found.migrate_database_url, settings))
-    name = database_name(found.migrate_database_url)
-    verb = "created" if created else "already exists:"
-    console.print(f"[green]ok[/] database {verb} {name}")
+        report = run(
+            bootstrap(
+                found.migrate_database_url,
+                settings,
+                generate_passwords=not found.embedded_database,
+            )
+        )
+    verb = "created" if report.database_created else "already exists:"
+    console.print(f"[green]ok[/] database {verb} {report.database}")
+    roles = report.roles
+    if roles.created:
+        console.print(f"[green]ok[/] roles created: {', '.join(roles.created)}")
+    else:
+        console.print("[green]ok[/] roles already exist")
+    if roles.corrected:
+        console.print(
+            f"[yellow]fixed[/] attributes of {', '.join(roles.corrected)} "
+            "(superuser, BYPASSRLS or login had been changed)"
+        )
+    if roles.passwords_set:
+        console.print(
+            f"[green]ok[/] passwords set from the environment: {', '.join(roles.passwords_set)}"
+        )
+    if report.adopted:
+        console.print(
+            f"[green]ok[/] {len(report.adopted)} existing object(s) given to chatapp_owner"
+        )
+    for role, secret in roles.generated.items():
+        console.print(
+            f"[bold]password for {role}:[/] {secret.get_secret_value()}  "
+            "(shown once: store it now, e.g. as "
+            f"CHATKEEP_{role.removeprefix('chatapp_').upper()}_PASSWORD)",
+            highlight=False,
+            markup=True,
+        )
     console.print("next: chatkeep migrate up")
 
 
@@ -90,19 +125,7 @@ async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
                 f"{' (embedded)' if found.embedded_database else ''}",
             )
         )
-        role_detail = f"connected as {row['role']}"
-        if row["superuser"] or row["bypassrls"]:
-            power = "superuser" if row["superuser"] else "BYPASSRLS"
-            checks.append(
-                Check(
-                    "role",
-                    "warn",
-                    f"{role_detail}, a {power}: row-level security does not bind it; "
-                    "connect the application as a role without it",
-                )
-            )
-        else:
-            checks.append(Check("role", "ok", role_detail))
+        checks.extend(await _role_checks(conn, row["role"], row["superuser"], row["bypassrls"]))
         migrator = Migrator(conn)
         entries = await migrator.status()
         counts: dict[str, int] = {}
@@ -126,6 +149,87 @@ async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
     finally:
         await asyncio.shield(conn.close())
     return checks
+
+
+# What the connected role could do beyond the application's grants: own objects (and so
+# alter them, or escape FORCE'd row security by disabling it), or act as a role that can.
+_ROLE_POWERS: Final = """
+SELECT (SELECT count(*) FROM pg_class c
+          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+            AND pg_has_role(current_user, c.relowner, 'USAGE')) AS owned_tables,
+       ARRAY(SELECT r.rolname FROM pg_roles r
+              WHERE r.rolname <> current_user
+                AND (r.rolsuper OR r.rolbypassrls OR r.rolname = 'chatapp_owner')
+                AND pg_has_role(current_user, r.oid, 'MEMBER')
+              ORDER BY 1) AS powerful_roles
+"""
+_SETUP_ROLES: Final = """
+SELECT rolname, rolsuper, rolbypassrls, rolcanlogin
+  FROM pg_roles
+ WHERE rolname IN ('chatapp_owner', 'chatapp_migrator', 'chatapp_app', 'chatapp_readonly',
+                   'chatapp_rls')
+"""
+
+
+async def _role_checks(
+    conn: asyncpg.Connection, role: str, superuser: bool, bypassrls: bool
+) -> list[Check]:
+    """Which role the application connects as, and whether row security binds it."""
+    detail = f"connected as {role}"
+    powers: list[str] = []
+    if superuser:
+        powers.append("is a superuser")
+    elif bypassrls:
+        powers.append("has BYPASSRLS")
+    else:
+        (facts,) = await conn.fetch(_ROLE_POWERS)
+        if facts["owned_tables"]:
+            powers.append(f"owns {facts['owned_tables']} table(s)")
+        if facts["powerful_roles"]:
+            powers.append(f"can act as {', '.join(facts['powerful_roles'])}")
+    checks: list[Check]
+    if powers:
+        checks = [
+            Check(
+                "role",
+                "warn",
+                f"{detail}, which {' and '.join(powers)}: row-level security does not bind "
+                "it; connect the application as chatapp_app",
+            )
+        ]
+    else:
+        checks = [Check("role", "ok", f"{detail}: bound by row-level security")]
+    found = {r["rolname"]: r for r in await conn.fetch(_SETUP_ROLES)}
+    missing = sorted(
+        {"chatapp_owner", "chatapp_migrator", "chatapp_app", "chatapp_readonly", "chatapp_rls"}
+        - set(found)
+    )
+    wrong = sorted(
+        name
+        for name, r in found.items()
+        if r["rolsuper"]
+        or r["rolbypassrls"] != (name == "chatapp_rls")
+        or (name in ("chatapp_owner", "chatapp_rls") and r["rolcanlogin"])
+    )
+    if missing:
+        checks.append(Check("roles", "warn", f"missing {', '.join(missing)}: run `chatkeep setup`"))
+    elif wrong:
+        checks.append(
+            Check(
+                "roles", "warn", f"{', '.join(wrong)} changed since setup: rerun `chatkeep setup`"
+            )
+        )
+    else:
+        checks.append(Check("roles", "ok", "chatapp_* roles as `chatkeep setup` made them"))
+    return checks
+
+
+def _connection_check() -> Check:
+    failures = connection_failures()
+    if not failures:
+        return Check("connections", "ok", "no failed connection attempts")
+    parts = [f"{f.count}x {f.host} as {f.role}: {f.reason}" for f in failures[:5]]
+    return Check("connections", "warn", "failed attempts: " + "; ".join(parts))
 
 
 async def _redis_checks(found: Endpoints, settings: Settings) -> list[Check]:
@@ -172,6 +276,7 @@ def doctor(
                 Check("settings", "ok", f"environment {settings.env}"),
                 *await _postgres_checks(found, settings),
                 *await _redis_checks(found, settings),
+                _connection_check(),
             ]
 
         checks = run(gather())

@@ -46,6 +46,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.storage.errors import translate_error, translate_errors
+from chatkeep.storage.security import connection_failed
 
 __all__ = [
     "Database",
@@ -100,12 +101,17 @@ async def connect(
 
     Raises:
         Unavailable: the server cannot be reached in ``connect_timeout``.
-        ConfigurationError: the credentials or database name are wrong.
+        ConfigurationError: the credentials or database name are wrong, or the server's
+            TLS certificate fails verification (``ssl_ca_file``, the host name).
     """
-    with translate_errors(f"{operation} to {redact_url(dsn)}"):
-        conn: asyncpg.Connection = await asyncpg.connect(
-            dsn, **connect_options(settings, application_name=application_name)
-        )
+    try:
+        with translate_errors(f"{operation} to {redact_url(dsn)}"):
+            conn: asyncpg.Connection = await asyncpg.connect(
+                dsn, **connect_options(settings, application_name=application_name)
+            )
+    except ChatkeepError as exc:
+        # Counted and logged (host, role, reason; never the password) for `chatkeep doctor`.
+        raise connection_failed(dsn, exc) from exc.__cause__
     return conn
 
 
