@@ -621,6 +621,29 @@ class CursorPage(BaseModel, Generic[T]):
     after: str | None = None
     newest: str | None = None
 
+    @classmethod
+    def _of(
+        cls,
+        items: tuple[T, ...],
+        before: str | None = None,
+        after: str | None = None,
+        newest: str | None = None,
+    ) -> CursorPage[T]:
+        """A page from values the repository made itself: no validation."""
+        page: CursorPage[T] = _new(cls)
+        _set(
+            page,
+            "__dict__",
+            {"items": items, "before": before, "after": after, "newest": newest},
+        )
+        _set_fields_set(page, _PAGE_FIELDS)
+        _set_extra(page, None)
+        _set_private(page, None)
+        return page
+
+
+_PAGE_FIELDS: Final = frozenset({"items", "before", "after", "newest"})
+
 
 class UnreadCounts(Mapping[uuid.UUID, int]):
     """Unread messages per room for one user: a read-only mapping of room id to count.

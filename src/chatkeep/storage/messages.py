@@ -390,11 +390,11 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         more = len(rows) > size
         items = _messages(rows[size - 1 :: -1] if more else rows[::-1])
         if not items:
-            return CursorPage(
+            return CursorPage._of(
                 items=(), newest=None if newest else encode_cursor(room, seq - 1, "after")
             )
         first, last = items[0].seq, items[-1].seq
-        return CursorPage(
+        return CursorPage._of(
             items=items,
             before=encode_cursor(room, first, "before") if more else None,
             after=None if newest else encode_cursor(room, last, "after"),
@@ -406,9 +406,9 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         more = len(rows) > size
         items = _messages(rows[:size] if more else rows)
         if not items:
-            return CursorPage(items=(), newest=encode_cursor(room, seq, "after"))
+            return CursorPage._of(items=(), newest=encode_cursor(room, seq, "after"))
         first, last = items[0].seq, items[-1].seq
-        return CursorPage(
+        return CursorPage._of(
             items=items,
             before=encode_cursor(room, first, "before") if seq > 0 else None,
             after=encode_cursor(room, last, "after") if more else None,
@@ -442,9 +442,9 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         kept = rows[split - take_older : split + take_newer]
         items = _messages(kept)
         if not items:
-            return CursorPage(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
+            return CursorPage._of(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
         first, last = items[0].seq, items[-1].seq
-        return CursorPage(
+        return CursorPage._of(
             items=items,
             before=encode_cursor(room, first, "before") if more_before else None,
             after=encode_cursor(room, last, "after") if more_after else None,
@@ -530,16 +530,15 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
 # username (unique among users at any moment) and checked against the id and avatar, so a
 # rename or a new avatar gets a new profile at once; hashing a freshly decoded asyncpg UUID
 # costs several times more than hashing the name. Bounded: cleared when full.
-_PROFILES: dict[str, UserProfile] = {}
+_PROFILES: dict[str, tuple[UserProfile, uuid.UUID, str | None]] = {}
 _PROFILES_MAX: Final = 10_000
 
 
 def _profile(user_id: uuid.UUID, username: str, avatar_url: str | None) -> UserProfile:
     if len(_PROFILES) >= _PROFILES_MAX:
         _PROFILES.clear()
-    profile = _PROFILES[username] = UserProfile._adopt(
-        {"id": user_id, "username": username, "avatar_url": avatar_url}
-    )
+    profile = UserProfile._adopt({"id": user_id, "username": username, "avatar_url": avatar_url})
+    _PROFILES[username] = (profile, user_id, avatar_url)
     return profile
 
 
@@ -561,8 +560,10 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
         created_at, username, avatar_url,
     ) in rows:  # fmt: skip
-        profile = profiles.get(username)
-        if profile is None or profile.id != user_id or profile.avatar_url != avatar_url:
+        known = profiles.get(username)
+        if known is not None and known[1] == user_id and known[2] == avatar_url:
+            profile = known[0]
+        else:
             profile = _profile(user_id, username, avatar_url)
         message = new(cls)
         set_attr(
