@@ -330,7 +330,9 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            if isinstance(value, SecretStr):
+            if isinstance(value, SecretStr) and str(name).endswith("_password"):
+                yield name, value  # SecretStr's own repr: '**********'
+            elif isinstance(value, SecretStr):
                 yield name, redact_url(value.get_secret_value())
             else:
                 yield name, value
