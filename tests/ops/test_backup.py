@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import stat
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import asyncpg
 import pytest
-from typer.testing import CliRunner
 
-from chatkeep.cli import app
 from chatkeep.config import Settings
+from chatkeep.embedded import embedded_postgres_bin_dir
 from chatkeep.errors import (
     ChatkeepError,
     ConfigurationError,
@@ -26,6 +25,7 @@ from chatkeep.ops import backup as ops
 from chatkeep.storage.bootstrap import database_name
 from chatkeep.storage.migrate import Migrator, load_migrations
 from tests.conftest import url_for
+from tests.ops.cli import invoke
 from tests.ops.conftest import MakeDatabase
 from tests.ops.seed import fingerprints, object_count, seed, server_major
 
@@ -41,7 +41,7 @@ def names(folder: Path) -> list[str]:
 
 
 def embedded_bin() -> Path:
-    found = ops._embedded_bin_dir()
+    found = embedded_postgres_bin_dir()
     assert found is not None, "the dev extra installs embedded-postgres"
     return found
 
@@ -60,15 +60,6 @@ async def seeded_backup(
 
 
 CliEnv = Callable[..., dict[str, str]]
-
-
-async def invoke(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run the command line in a thread (it runs its own event loop, as from a shell).
-
-    Returns the exit code and the output with rich's line wrapping undone.
-    """
-    result = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
-    return result.exit_code, " ".join(result.output.split())
 
 
 # -- round trips -----------------------------------------------------------------------------
@@ -232,6 +223,41 @@ async def test_failed_restore_rolls_back_everything(
 
     assert "user_names" in str(caught.value) or "depend" in str(caught.value)
     assert await fingerprints(target) == before
+
+
+async def test_script_restore_commits_nothing_when_pg_restore_stops_part_way(
+    database_url: str, make_database: MakeDatabase, tmp_path: Path
+) -> None:
+    """The second line of defence: a stream that ends early is never committed.
+
+    (restore() reads the whole archive before touching a database, so this calls the
+    pg_restore-to-psql pipe directly with an archive cut inside its data.)
+    """
+    result = await seeded_backup(database_url, tmp_path, pg_bin_dirs=[embedded_bin()])
+    data = result.path.read_bytes()
+    truncated = tmp_path / "cut.dump"
+    truncated.write_bytes(data[: len(data) - 200])
+    info = await ops.read_archive(truncated)  # the table of contents is still whole
+    target = await make_database()
+    (tool,) = ops.find_pg_tools("pg_restore", [embedded_bin()])
+    entries = [e for e in info.entries if not ops._PUBLIC_SCHEMA_ENTRY.match(e)]
+    use_list = tmp_path / "toc.list"
+    use_list.write_text("\n".join(entries) + "\n", encoding="utf-8")
+    lines: deque[str] = deque()
+
+    code = await ops._restore_script(
+        tool,
+        tool.path.with_name("psql"),
+        ["--no-password", f"--use-list={use_list}"],
+        truncated,
+        ops._libpq(target, settings(), "restore"),
+        lines,
+        lambda _line: None,
+    )
+
+    assert code != 0
+    assert any("could not read" in line or "end of file" in line for line in lines), lines
+    assert await object_count(target) == 0
 
 
 async def test_restore_refuses_files_that_are_not_chatkeep_backups(
@@ -447,7 +473,7 @@ async def test_cli_backup_and_restore(
 ) -> None:
     env = cli_env()
     await seed(database_url)
-    made_code, made_out = await invoke(
+    made_code, made_out, _ = await invoke(
         ["backup", "--output", str(tmp_path), "--database-url", database_url], env
     )
     assert made_code == 0, made_out
@@ -457,14 +483,14 @@ async def test_cli_backup_and_restore(
     assert "sha256" in made_out
 
     target = await make_database()
-    restored_code, restored_out = await invoke(
+    restored_code, restored_out, _ = await invoke(
         ["restore", str(archive), "--database-url", target], env
     )
     assert restored_code == 0, restored_out
     assert f"schema version {NEWEST:03d}: current" in restored_out
     assert await fingerprints(target) == await fingerprints(database_url)
 
-    refused_code, refused_out = await invoke(
+    refused_code, refused_out, _ = await invoke(
         ["restore", str(archive), "--database-url", target], env
     )
     assert refused_code == 1
@@ -474,7 +500,7 @@ async def test_cli_backup_and_restore(
     name = f"{database_name(target)}_new"
     created_url = url_for(target, name)
     try:
-        created_code, created_out = await invoke(
+        created_code, created_out, _ = await invoke(
             ["restore", str(archive), "--database-url", created_url, "--create"], env
         )
         assert created_code == 0, created_out
@@ -497,7 +523,7 @@ async def test_cli_restore_reports_pending_migrations(
         await conn.close()
     archive = (await ops.backup(settings(), tmp_path, database_url=database_url)).path
     target = await make_database()
-    result_code, result_out = await invoke(
+    result_code, result_out, _ = await invoke(
         ["restore", str(archive), "--database-url", target], cli_env()
     )
     assert result_code == 0, result_out
@@ -520,7 +546,7 @@ async def test_cli_restore_exits_3_when_the_history_disagrees(
         await conn.close()
     archive = (await ops.backup(settings(), tmp_path, database_url=database_url)).path
     target = await make_database()
-    result_code, result_out = await invoke(
+    result_code, result_out, _ = await invoke(
         ["restore", str(archive), "--database-url", target], cli_env()
     )
     assert result_code == 3, result_out

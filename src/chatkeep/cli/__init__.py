@@ -18,6 +18,7 @@ from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
 from chatkeep.cli.ops import backup, restore
 from chatkeep.cli.seed import seed
+from chatkeep.ops import logging as ops_logging
 
 __all__ = ["app", "main"]
 
@@ -51,8 +52,15 @@ def _root(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines to stderr (for log shippers).")
+    ] = False,
 ) -> None:
     setup_logging(verbose)
+    if log_json:
+        ops_logging.configure(json=True, level="DEBUG" if verbose else "INFO")
+    else:
+        ops_logging.install_redactor()
 
 
 def main() -> None:

