@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 from collections import deque
@@ -434,6 +435,30 @@ def test_tool_errors_become_chatkeep_errors(line: str, kind: type[ChatkeepError]
     error = ops._tool_failure("pg_dump", ["pg_dump: reading schemas", line], "backup")
     assert isinstance(error, kind)
     assert line.split("error: ", 1)[1] in str(error)
+
+
+async def test_backup_as_a_role_that_cannot_read_everything_says_how_to_fix_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The application and read-only roles see only part of the data: pg_dump refuses."""
+    role = f"chatkeep_ops_limited_{os.getpid()}"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+        await conn.execute(
+            f'GRANT CONNECT ON DATABASE "{database_name(database_url)}" TO {role};'
+            f"GRANT USAGE ON SCHEMA public TO {role};"
+            f"GRANT SELECT ON chatkeep_schema_history TO {role}"
+        )
+        # Both asyncpg and pg_dump take the role from the URL's startup options.
+        joiner = "&" if "?" in database_url else "?"
+        limited = f"{database_url}{joiner}options=-crole%3D{role}"
+        with pytest.raises(PermissionDenied, match="back up as a superuser"):
+            await ops.backup(settings(), tmp_path, database_url=limited)
+        assert names(tmp_path) == []
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await conn.close()
 
 
 def test_tool_error_classes() -> None:

@@ -543,8 +543,9 @@ async def backup(
 ) -> BackupResult:
     """Write a consistent custom-format archive of the chatkeep schema and its history.
 
-    Connect as the schema's owner (the migrate URL): row-level security hides rows from
-    other roles, and ``pg_dump`` refuses tables it cannot read completely.
+    Connect as a superuser (or a role with BYPASSRLS that may read every table):
+    ``pg_dump`` refuses tables that row-level security or column grants would show it only
+    in part, which is what the application, migrator and read-only roles see.
 
     Args:
         settings: connection options (TLS, timeouts, application name).
@@ -671,7 +672,14 @@ async def backup(
                     f"{lock_wait_timeout:g}s (a migration or VACUUM FULL holding it?); nothing "
                     "was written: retry when it is done"
                 )
-            raise _tool_failure("pg_dump", lines, f"backup of {where}")
+            error = _tool_failure("pg_dump", lines, f"backup of {where}")
+            if isinstance(error, PermissionDenied):
+                error = PermissionDenied(
+                    f"{error}; back up as a superuser (or a role with BYPASSRLS that may read "
+                    "every table): row-level security and column grants hide data from the "
+                    "application, migrator and read-only roles"
+                )
+            raise error
         await asyncio.to_thread(_fsync_and_rename, partial, path)
     finally:
         if ticker is not None:
