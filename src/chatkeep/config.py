@@ -74,8 +74,6 @@ def _url_ssl_mode(url: str) -> str | None:
 
 def _is_unix_socket_url(url: str) -> bool:
     parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return True
     host_param = parse_qs(parts.query).get("host")
     if host_param:
         return all(host.startswith("/") for host in host_param[-1].split(","))

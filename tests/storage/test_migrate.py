@@ -29,11 +29,13 @@ from chatkeep.storage.migrate import (
     HISTORY_TABLE,
     LOCK_KEY,
     Migrator,
+    _error_line,
     checksum,
     load_migrations,
     migrate_up,
     normalise,
 )
+from chatkeep.storage.sqltext import Statement
 
 # The foundation's files; later issues append more, so tests use ALL for "every file".
 FOUNDATION = [
@@ -274,6 +276,22 @@ def test_checksum_sees_real_edits() -> None:
     # Leading whitespace inside a line is content (it can be inside a string literal).
     assert checksum(text) != checksum(text.replace("CREATE", "  CREATE"))
     assert len(checksum(text)) == 64
+
+
+def test_error_line_uses_the_server_position_only_when_it_makes_sense() -> None:
+    statement = Statement("SELECT\n  1,\n  x", 10)
+
+    class Positioned(Exception):
+        def __init__(self, position: object) -> None:
+            super().__init__("boom")
+            self.position = position
+
+    assert _error_line(statement, Positioned("14")) == 12  # the "x" on the third line
+    assert _error_line(statement, Positioned("1")) == 10
+    assert _error_line(statement, Positioned(None)) == 10
+    assert _error_line(statement, Positioned("not a number")) == 10
+    assert _error_line(statement, Positioned("999")) == 10  # past the end: not ours
+    assert _error_line(statement, ValueError("no position")) == 10
 
 
 # -- applying -----------------------------------------------------------------------------

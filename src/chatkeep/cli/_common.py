@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints, resolve_endpoints
@@ -57,7 +58,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``message`` in red on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # Escaped: messages hold brackets of their own ("chatkeep[embedded]", "[::1]") that
+    # rich would otherwise take for markup and silently drop.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 

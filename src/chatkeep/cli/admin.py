@@ -13,6 +13,7 @@ from typing import Annotated, Final, Literal
 
 import asyncpg
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from chatkeep.cli._common import DatabaseUrlOption, console, endpoints, fail, load_settings, run
@@ -298,7 +299,7 @@ def doctor(
         table = Table("check", "status", "detail")
         style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
         for c in checks:
-            table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail)
+            table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", escape(c.detail))
         console.print(table)
         console.print(
             f"verdict: [{'bold red' if failed else 'bold green'}]{verdict}[/]"
