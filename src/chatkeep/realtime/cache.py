@@ -202,9 +202,10 @@ class ReadThroughCache(Generic[T]):
     async def get(self, ident: UUID) -> T | None:
         """The value for ``ident``: from Redis, else from the loader (then cached).
 
+        Whatever the loader raises propagates; a cache failure never raises.
+
         Raises:
             InvalidInput: ``ident`` is not a UUID.
-            Whatever the loader raises (a cache failure never raises).
         """
         key = self.key(ident)
         lease = _LEASE + secrets.token_bytes(12)
@@ -284,9 +285,10 @@ class ReadThroughCache(Generic[T]):
     async def get_many(self, idents: Iterable[UUID]) -> dict[UUID, T]:
         """Values for many ids (one round trip for the hits); absent ids are left out.
 
+        Whatever the loader raises propagates.
+
         Raises:
             InvalidInput: an id is not a UUID.
-            Whatever the loader raises.
         """
         ids = list(dict.fromkeys(idents))
         keys = [self.key(ident) for ident in ids]
