@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 import uuid
@@ -139,13 +138,17 @@ async def test_authenticate_costs_the_same_for_unknown_users(
         await users.authenticate(email, "wrong horse")
         return time.perf_counter() - start
 
-    await timed("carol@example.org")  # warm the dummy hash
-    known = statistics.median([await timed("carol@example.org") for _ in range(3)])
-    unknown = statistics.median([await timed("nobody@example.org") for _ in range(3)])
+    await timed("nobody@example.org")  # makes the dummy hash once
+    checks.clear()
+    # The fastest of a few runs: robust to other load on the machine.
+    known = min([await timed("carol@example.org") for _ in range(4)])
+    unknown = min([await timed("nobody@example.org") for _ in range(4)])
     # One bcrypt verification at the same cost either way.
-    assert len(checks) == 7
+    assert len(checks) == 8
     assert {h[:7] for h in checks} == {b"$2b$10$"}
-    assert 0.5 < unknown / known < 2.0
+    # Without the dummy check an unknown email would answer ~50x faster; load on a shared
+    # machine moves single runs by far less than that.
+    assert 0.33 < unknown / known < 3.0
 
 
 async def test_find_by_email_and_username(users: UserRepository, make_user: MakeUser) -> None:

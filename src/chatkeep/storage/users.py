@@ -68,6 +68,12 @@ def _dummy_hash(rounds: int) -> bytes:
     return bcrypt.hashpw(b"chatkeep-timing-equaliser", bcrypt.gensalt(rounds))
 
 
+def _check_dummy(secret: bytes, rounds: int) -> None:
+    # In the worker thread: the first call per cost also makes the dummy hash (~bcrypt's
+    # full cost), which must not block the event loop either.
+    bcrypt.checkpw(secret, _dummy_hash(rounds))
+
+
 class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
     """Users, with bcrypt passwords.
 
@@ -165,7 +171,8 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         key = canonical_email(email)
         row = await self.db.fetchrow("users.authenticate", FIND_FOR_LOGIN, key)
         if row is None:
-            await self._verify(password, _dummy_hash(self.bcrypt_rounds))
+            async with self._hash_slots:
+                await asyncio.to_thread(_check_dummy, password.encode("utf-8"), self.bcrypt_rounds)
             return None
         try:
             matches = await self._verify(password, row["password_hash"].encode("ascii"))
