@@ -639,6 +639,18 @@ async def test_last_seen_is_written_on_going_offline_not_per_heartbeat(
     await sub.aclose()
 
 
+async def test_a_missed_last_seen_write_does_not_fail_the_disconnect(
+    chat: ChatKeep, caplog: pytest.LogCaptureFixture
+) -> None:
+    ghost = uuid.uuid4()  # online in Redis, but no such row in PostgreSQL
+    assert await chat.connect_socket(ghost, "ghost-1")
+    gone = await chat.disconnect_socket("ghost-1")
+    assert gone is not None
+    assert gone.user_id == ghost
+    assert f"last_seen of {ghost} not written" in caplog.text
+    assert not await chat.presence.is_online(ghost)
+
+
 async def test_sockets_only_join_rooms_of_their_user(chat: ChatKeep, world: World) -> None:
     carol, room = world.carol.id, world.general.id
     with pytest.raises(PermissionDenied):

@@ -50,6 +50,7 @@ from chatkeep.models import (
     Room,
     RoomRole,
     RoomUser,
+    UnreadCounts,
     UpdateUserDto,
     User,
     UserProfile,
@@ -539,7 +540,7 @@ class ChatKeep:
         await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
-    async def unread_counts(self, user_id: uuid.UUID) -> dict[uuid.UUID, int]:
+    async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
         """Unread messages per room for every room of the user (one query).
 
         Raises:
@@ -817,10 +818,10 @@ class ChatKeep:
         """
         room_set = _ids("rooms", rooms)
         info = await self.sockets.get(socket_id)
+        if info is not None:
+            room_set |= info.rooms
         gone = await self.presence.disconnect(socket_id)
         if gone is not None:
-            if info is not None:
-                room_set |= info.rooms
             await self._publish(
                 *(
                     PresenceChanged(
