@@ -105,6 +105,39 @@ async def empty_database_url(admin_url: str, database_roles: None) -> AsyncItera
         await admin.close()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def module_database_url(admin_url: str, database_roles: None) -> AsyncIterator[str]:
+    """One empty database per test module (behind ``emptied_database_url``)."""
+    name = f"chatkeep_m_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield url_for(admin_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def emptied_database_url(module_database_url: str) -> str:
+    """Like ``empty_database_url`` but far cheaper: the module's database, emptied.
+
+    Before each test, other sessions on it are ended and schema public is dropped and made
+    anew (a CREATE DATABASE copies and syncs a template, ten times slower). Only for tests
+    whose objects all live in schema public.
+    """
+    conn = await asyncpg.connect(module_database_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid();"
+            "DROP SCHEMA public CASCADE; CREATE SCHEMA public"
+        )
+    finally:
+        await conn.close()
+    return module_database_url
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def database_url(admin_url: str, template_database: str) -> AsyncIterator[str]:
     """URL of a fresh, fully migrated database, dropped after the test."""

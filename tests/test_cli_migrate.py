@@ -35,14 +35,14 @@ def three(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def chatkeep(
-    cli_env: Env, empty_database_url: str, three: Path, tmp_path: Path
+    cli_env: Env, emptied_database_url: str, three: Path, tmp_path: Path
 ) -> Callable[..., Result]:
     """Run ``chatkeep migrate <args>`` on the empty test database and the three files."""
     env = cli_env(CHATKEEP_DATA_DIR=str(tmp_path / "data"), COLUMNS="200")
     runner = CliRunner()
 
     def invoke(*args: str, directory: Path | None = three) -> Result:
-        argv = ["migrate", *args, "--database-url", empty_database_url]
+        argv = ["migrate", *args, "--database-url", emptied_database_url]
         if directory is not None:
             argv += ["--migrations-dir", str(directory)]
         result = runner.invoke(app, argv, env=env)
@@ -72,13 +72,13 @@ def tables_in(url: str) -> set[str]:
     return asyncio.run(read())
 
 
-def test_up_applies_and_reports(chatkeep: Callable[..., Result], empty_database_url: str) -> None:
+def test_up_applies_and_reports(chatkeep: Callable[..., Result], emptied_database_url: str) -> None:
     result = chatkeep("up", "--to", "2")
     assert result.exit_code == 0, result.output
     assert "apply 001_create_a.sql" in result.stdout
     assert "apply 002_create_b.sql" in result.stdout
     assert "2 migration(s) applied" in result.stdout
-    assert tables_in(empty_database_url) == {"a", "b"}
+    assert tables_in(emptied_database_url) == {"a", "b"}
     result = chatkeep("up")
     assert "1 migration(s) applied" in result.stdout
     result = chatkeep("up")
@@ -142,19 +142,21 @@ def test_status_exit_code_for_missing_and_out_of_order(
     assert chatkeep("down", "--allow-missing").exit_code == 0
 
 
-def test_down_by_steps_and_target(chatkeep: Callable[..., Result], empty_database_url: str) -> None:
+def test_down_by_steps_and_target(
+    chatkeep: Callable[..., Result], emptied_database_url: str
+) -> None:
     chatkeep("up")
     result = chatkeep("down")
     assert result.exit_code == 0
     assert "revert 003_create_c.sql" in result.stdout
-    assert tables_in(empty_database_url) == {"a", "b"}
+    assert tables_in(emptied_database_url) == {"a", "b"}
     chatkeep("up")
     result = chatkeep("down", "-n", "2")
     assert "2 migration(s) reverted" in result.stdout
     chatkeep("up")
     result = chatkeep("down", "--to", "0")
     assert "3 migration(s) reverted" in result.stdout
-    assert tables_in(empty_database_url) == set()
+    assert tables_in(emptied_database_url) == set()
     assert "nothing to revert" in chatkeep("down").stdout
     both = chatkeep("down", "--to", "1", "-n", "1")
     assert both.exit_code == 2
@@ -162,32 +164,32 @@ def test_down_by_steps_and_target(chatkeep: Callable[..., Result], empty_databas
 
 
 def test_down_refuses_without_a_down_part(
-    chatkeep: Callable[..., Result], three: Path, empty_database_url: str
+    chatkeep: Callable[..., Result], three: Path, emptied_database_url: str
 ) -> None:
     (three / "003_create_c.sql").write_text(table_migration("c", down=False))
     chatkeep("up")
     result = chatkeep("down")
     assert result.exit_code == 1
     assert "003_create_c.sql: it has no down part" in result.stderr
-    assert tables_in(empty_database_url) == {"a", "b", "c"}
+    assert tables_in(emptied_database_url) == {"a", "b", "c"}
 
 
 def test_plan_prints_sql_and_runs_nothing(
-    chatkeep: Callable[..., Result], empty_database_url: str
+    chatkeep: Callable[..., Result], emptied_database_url: str
 ) -> None:
     result = chatkeep("plan", "--to", "2")
     assert result.exit_code == 0
     assert result.stdout.startswith("-- 001_create_a.sql (up, transaction)\nBEGIN;\n")
     assert "CREATE TABLE b (id int PRIMARY KEY);" in result.stdout
     assert "003_create_c" not in result.stdout
-    assert tables_in(empty_database_url) == set()
+    assert tables_in(emptied_database_url) == set()
     chatkeep("up")
     assert chatkeep("plan").stdout.strip() == "-- nothing to do"
     down = chatkeep("plan", "--down", "-n", "2")
     assert down.stdout.index("DROP TABLE c;") < down.stdout.index("DROP TABLE b;")
     assert "DROP TABLE a;" not in down.stdout
     assert "DROP TABLE a;" in chatkeep("plan", "--down", "--down-to", "0").stdout
-    assert tables_in(empty_database_url) == {"a", "b", "c"}
+    assert tables_in(emptied_database_url) == {"a", "b", "c"}
     wrong = chatkeep("plan", "-n", "1")
     assert wrong.exit_code == 2
     assert "--down" in wrong.stderr
@@ -208,7 +210,7 @@ def test_repair_accepts_an_edit(chatkeep: Callable[..., Result], three: Path) ->
 
 
 def test_failed_migration_is_a_clear_error(
-    chatkeep: Callable[..., Result], three: Path, empty_database_url: str
+    chatkeep: Callable[..., Result], three: Path, emptied_database_url: str
 ) -> None:
     (three / "002_create_b.sql").write_text(
         "-- chatkeep:up\nCREATE TABLE b (id int);\nSELECT 1/0;\n"
@@ -216,7 +218,7 @@ def test_failed_migration_is_a_clear_error(
     result = chatkeep("up")
     assert result.exit_code == 1
     assert "002_create_b.sql, line 3 failed (up): DivisionByZeroError" in result.stderr
-    assert tables_in(empty_database_url) == {"a"}
+    assert tables_in(emptied_database_url) == {"a"}
 
 
 def test_verify_reports_each_file_and_fails_on_a_bad_down(
@@ -295,8 +297,8 @@ def test_bad_urls_and_missing_databases_are_messages(cli_env: Env, admin_url: st
     assert "u:***@127.0.0.1:1" in result.stderr
 
 
-def test_environment_urls_are_used(cli_env: Env, empty_database_url: str, three: Path) -> None:
-    env = cli_env(DATABASE_URL=empty_database_url, COLUMNS="200")
+def test_environment_urls_are_used(cli_env: Env, emptied_database_url: str, three: Path) -> None:
+    env = cli_env(DATABASE_URL=emptied_database_url, COLUMNS="200")
     result = CliRunner().invoke(app, ["migrate", "up", "--migrations-dir", str(three)], env=env)
     assert result.exit_code == 0, result.output
     assert "3 migration(s) applied" in result.stdout

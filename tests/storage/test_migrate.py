@@ -88,9 +88,9 @@ def three(mdir: Path) -> Path:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def econn(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to a new, empty database."""
-    connection = await asyncpg.connect(empty_database_url)
+async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to an empty database."""
+    connection = await asyncpg.connect(emptied_database_url)
     try:
         yield connection
     finally:
@@ -625,9 +625,9 @@ async def test_history_is_append_only(econn: asyncpg.Connection, three: Path) ->
 
 
 async def test_lock_timeout_when_another_migrator_holds_the_lock(
-    econn: asyncpg.Connection, empty_database_url: str, three: Path
+    econn: asyncpg.Connection, emptied_database_url: str, three: Path
 ) -> None:
-    holder = await asyncpg.connect(empty_database_url)
+    holder = await asyncpg.connect(emptied_database_url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         runner = Migrator(econn, directory=three, lock_timeout=0.3)
@@ -646,9 +646,9 @@ async def test_lock_timeout_when_another_migrator_holds_the_lock(
 
 
 async def test_a_waiting_migrator_proceeds_once_the_lock_is_free(
-    econn: asyncpg.Connection, empty_database_url: str, three: Path
+    econn: asyncpg.Connection, emptied_database_url: str, three: Path
 ) -> None:
-    holder = await asyncpg.connect(empty_database_url)
+    holder = await asyncpg.connect(emptied_database_url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         task = asyncio.create_task(Migrator(econn, directory=three, lock_timeout=10).up())
@@ -659,7 +659,7 @@ async def test_a_waiting_migrator_proceeds_once_the_lock_is_free(
     finally:
         await holder.close()
     # The runner let go of the lock when it finished.
-    other = await asyncpg.connect(empty_database_url)
+    other = await asyncpg.connect(emptied_database_url)
     try:
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
     finally:
@@ -667,9 +667,9 @@ async def test_a_waiting_migrator_proceeds_once_the_lock_is_free(
 
 
 async def test_concurrent_runners_in_one_process_apply_each_file_once(
-    empty_database_url: str, three: Path
+    emptied_database_url: str, three: Path
 ) -> None:
-    conns = [await asyncpg.connect(empty_database_url) for _ in range(5)]
+    conns = [await asyncpg.connect(emptied_database_url) for _ in range(5)]
     try:
         results = await asyncio.gather(
             *(Migrator(c, directory=three, lock_timeout=30).up() for c in conns)
@@ -693,7 +693,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 async def test_five_migrator_processes_apply_each_file_exactly_once(
-    empty_database_url: str, tmp_path: Path, foundation: Path
+    emptied_database_url: str, tmp_path: Path, foundation: Path
 ) -> None:
     chatkeep = str(Path(sys.executable).with_name("chatkeep"))
     procs = [
@@ -702,7 +702,7 @@ async def test_five_migrator_processes_apply_each_file_exactly_once(
             "migrate",
             "up",
             "--database-url",
-            empty_database_url,
+            emptied_database_url,
             "--migrations-dir",
             str(foundation),
             stdout=asyncio.subprocess.PIPE,
@@ -717,7 +717,7 @@ async def test_five_migrator_processes_apply_each_file_exactly_once(
     reports = [out.decode() for out, _ in outputs]
     assert sum("7 migration(s) applied" in r for r in reports) == 1
     assert sum("up to date" in r for r in reports) == 4
-    conn = await asyncpg.connect(empty_database_url)
+    conn = await asyncpg.connect(emptied_database_url)
     try:
         rows = await history(conn)
         ups = sorted(r["version"] for r in rows if r["direction"] == "up")
@@ -764,11 +764,11 @@ async def test_lock_and_statement_timeouts_are_set_for_migration_statements(
 
 
 async def test_statement_blocked_by_a_held_lock_fails_fast(
-    econn: asyncpg.Connection, empty_database_url: str, mdir: Path
+    econn: asyncpg.Connection, emptied_database_url: str, mdir: Path
 ) -> None:
     await econn.execute("CREATE TABLE busy (id int)")
     write(mdir, "001_alter.sql", "-- chatkeep:up\nALTER TABLE busy ADD COLUMN note text;\n")
-    holder = await asyncpg.connect(empty_database_url)
+    holder = await asyncpg.connect(emptied_database_url)
     try:
         async with holder.transaction():
             await holder.execute("LOCK TABLE busy IN ACCESS SHARE MODE")
@@ -886,9 +886,9 @@ async def test_plan_shows_the_exact_sql_and_runs_nothing(
 
 
 async def test_verify_round_trips_every_shipped_migration(
-    empty_database_url: str, make_settings: Callable[..., Settings], template_database: str
+    emptied_database_url: str, make_settings: Callable[..., Settings], template_database: str
 ) -> None:
-    settings = make_settings(database_url=empty_database_url)
+    settings = make_settings(database_url=emptied_database_url)
     async with Migrator.connect(settings) as runner:
         report = await runner.verify()
         assert report == [f"{label}: up, down, up ok" for label in ALL]
@@ -901,7 +901,7 @@ async def test_verify_round_trips_every_shipped_migration(
 
 
 async def test_verify_fails_when_a_down_part_does_not_restore_the_schema(
-    empty_database_url: str, make_settings: Callable[..., Settings], mdir: Path
+    emptied_database_url: str, make_settings: Callable[..., Settings], mdir: Path
 ) -> None:
     write(mdir, "001_a.sql", table_migration("a"))
     write(
@@ -912,7 +912,7 @@ async def test_verify_fails_when_a_down_part_does_not_restore_the_schema(
         "-- chatkeep:down\nDROP TABLE b;\n",
     )
     write(mdir, "003_c.sql", table_migration("c", down=False))
-    settings = make_settings(database_url=empty_database_url)
+    settings = make_settings(database_url=emptied_database_url)
     async with Migrator.connect(settings, directory=mdir) as runner:
         with pytest.raises(MigrationError, match=r"002_b\.sql: down does not restore") as info:
             await runner.verify()
@@ -927,7 +927,7 @@ async def test_verify_fails_when_a_down_part_does_not_restore_the_schema(
 
 
 async def test_verify_fails_when_up_is_not_repeatable(
-    empty_database_url: str, make_settings: Callable[..., Settings], mdir: Path
+    emptied_database_url: str, make_settings: Callable[..., Settings], mdir: Path
 ) -> None:
     # 002's down part restores the schema but keeps a row that changes what its up part
     # does the second time: the round trip must catch that too.
@@ -943,7 +943,7 @@ async def test_verify_fails_when_up_is_not_repeatable(
         "END $$;\n"
         "-- chatkeep:down\nDROP TABLE IF EXISTS once;\nDROP TABLE IF EXISTS twice;\n",
     )
-    settings = make_settings(database_url=empty_database_url)
+    settings = make_settings(database_url=emptied_database_url)
     async with Migrator.connect(settings, directory=mdir) as runner:
         with pytest.raises(MigrationError, match=r"002_once\.sql: up gives a different") as info:
             await runner.verify()
@@ -959,12 +959,12 @@ async def test_verify_needs_a_connected_migrator(econn: asyncpg.Connection, thre
 
 
 async def test_migrate_up_applies_everything_and_is_idempotent(
-    empty_database_url: str, make_settings: Callable[..., Settings], foundation: Path
+    emptied_database_url: str, make_settings: Callable[..., Settings], foundation: Path
 ) -> None:
-    settings = make_settings(database_url=empty_database_url)
+    settings = make_settings(database_url=emptied_database_url)
     assert [m.label for m in await migrate_up(settings, directory=foundation)] == FOUNDATION
     assert await migrate_up(settings, directory=foundation) == []
-    conn = await asyncpg.connect(empty_database_url)
+    conn = await asyncpg.connect(emptied_database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM users") == 0
     finally:
@@ -972,19 +972,19 @@ async def test_migrate_up_applies_everything_and_is_idempotent(
 
 
 async def test_migrate_up_runs_concurrently_from_many_tasks(
-    empty_database_url: str, make_settings: Callable[..., Settings], foundation: Path
+    emptied_database_url: str, make_settings: Callable[..., Settings], foundation: Path
 ) -> None:
-    settings = make_settings(database_url=empty_database_url)
+    settings = make_settings(database_url=emptied_database_url)
     results = await asyncio.gather(*(migrate_up(settings, directory=foundation) for _ in range(3)))
     assert sorted(len(r) for r in results) == [0, 0, 7]
 
 
 async def test_connect_uses_the_migrate_url_and_settings_timeouts(
-    empty_database_url: str, make_settings: Callable[..., Settings]
+    emptied_database_url: str, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(
         database_url="postgresql://nobody@127.0.0.1:1/none",
-        migrate_database_url=empty_database_url,
+        migrate_database_url=emptied_database_url,
         migrate_lock_timeout=3,
         migrate_statement_lock_timeout=4,
         migrate_statement_timeout=5,
