@@ -98,8 +98,8 @@ def test_errors_carry_their_details() -> None:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def econn(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(empty_database_url)
+async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(emptied_database_url)
     try:
         yield connection
     finally:
@@ -207,10 +207,10 @@ async def test_statement_timeout_is_unavailable(econn: asyncpg.Connection) -> No
 
 
 async def test_lock_not_available_is_unavailable(
-    econn: asyncpg.Connection, empty_database_url: str
+    econn: asyncpg.Connection, emptied_database_url: str
 ) -> None:
     await econn.execute("CREATE TABLE busy (id int)")
-    holder = await asyncpg.connect(empty_database_url)
+    holder = await asyncpg.connect(emptied_database_url)
     try:
         async with holder.transaction():
             await holder.execute("LOCK TABLE busy")

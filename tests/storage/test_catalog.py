@@ -29,8 +29,8 @@ KINDS = {
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def econn(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(empty_database_url)
+async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(emptied_database_url)
     try:
         yield connection
     finally:
