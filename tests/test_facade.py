@@ -223,6 +223,12 @@ async def test_a_repeated_client_msg_id_returns_the_first_message(
     assert (other.id != first.id, other.seq) == (True, first.seq + 1)
     page = await chat.catch_up(room, world.bob.id, after_seq=0)
     assert [m.seq for m in page.items] == [first.seq, other.seq]
+    # Two racing first sends of one client id store one message and take one seq.
+    raced = await asyncio.gather(
+        *(chat.send_message(room, world.bob.id, "race", client_msg_id="race-1") for _ in range(4))
+    )
+    assert len({m.id for m in raced}) == 1
+    assert raced[0].seq == other.seq + 1 == await last_seq(chat, world.general)
     await sub.aclose()
 
 
