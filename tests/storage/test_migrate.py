@@ -1003,3 +1003,16 @@ async def test_connect_without_any_database_url_is_refused(
     with pytest.raises(MigrationError, match="no database to migrate"):
         async with Migrator.connect(make_settings()):
             pass  # pragma: no cover
+
+
+async def test_a_run_with_nothing_to_do_changes_no_catalog_row(
+    econn: asyncpg.Connection, three: Path
+) -> None:
+    runner = Migrator(econn, directory=three)
+    await runner.up()
+    fingerprint = (
+        "SELECT xmin::text FROM pg_proc WHERE proname = 'chatkeep_schema_history_append_only'"
+    )
+    before = await econn.fetchval(fingerprint)
+    assert await runner.up() == []
+    assert await econn.fetchval(fingerprint) == before

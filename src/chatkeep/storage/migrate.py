@@ -609,7 +609,10 @@ class Migrator:
                     # Session-wide, not per file: the history table and its rows belong to
                     # the owner too, so any of its members can migrate next time.
                     await self._conn.execute(f"SET ROLE {_quote_ident(role)}")
-                await self._conn.execute(_HISTORY_DDL)
+                # Only when missing (safe: the lock is held): CREATE OR REPLACE on every run
+                # would rewrite the catalog each time and need ownership of the function.
+                if not await self._history_exists():
+                    await self._conn.execute(_HISTORY_DDL)
             yield
         finally:
             if not self._conn.is_closed():
