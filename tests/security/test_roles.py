@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 
 from chatkeep.cli import app
 from chatkeep.config import Settings
-from chatkeep.errors import ConfigurationError, InvalidInput
+from chatkeep.errors import ConfigurationError, InvalidInput, Unavailable
 from chatkeep.storage.bootstrap import (
     RoleSpec,
     ensure_roles,
@@ -25,7 +27,11 @@ from chatkeep.storage.bootstrap import (
 )
 from chatkeep.storage.database import connect
 from chatkeep.storage.migrate import Migrator
-from chatkeep.storage.security import connection_failures, reset_connection_failures
+from chatkeep.storage.security import (
+    connection_failed,
+    connection_failures,
+    reset_connection_failures,
+)
 from tests.security.conftest import url_as
 
 Env = Callable[..., dict[str, str]]
@@ -285,3 +291,43 @@ async def test_failed_connections_are_counted_without_the_password(
     assert "chatkeep_nobody" in caplog.text
     reset_connection_failures()
     assert connection_failures() == []
+
+
+async def test_failed_connections_name_the_reason(database_url: str) -> None:
+    reset_connection_failures()
+    missing = database_url.rsplit("/", 1)[0] + "/chatkeep_no_such_db"
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        await connect(missing, Settings())
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(Unavailable):
+        await connect(f"postgresql://someone@127.0.0.1:{port}/db", Settings(connect_timeout=2))
+    reasons = {(f.host, f.reason) for f in connection_failures()}
+    assert (f"127.0.0.1:{port}", "connection refused") in reasons
+    assert any(reason == "the database does not exist" for _host, reason in reasons)
+    reset_connection_failures()
+
+
+@pytest.mark.parametrize(
+    ("cause", "reason"),
+    [
+        (TimeoutError(), "timed out"),
+        (ssl.SSLError(1, "wrong version number"), "TLS error: "),
+        (asyncpg.UndefinedTableError("x"), "server error 42P01"),
+        (OSError("no route"), "OSError"),
+        (None, "Unavailable"),
+    ],
+)
+def test_failure_reasons_for_faults_a_test_server_cannot_produce(
+    cause: BaseException | None, reason: str
+) -> None:
+    # Pure logic: how each driver fault is summarised (no real server times out on demand).
+    reset_connection_failures()
+    error = Unavailable("connect failed")
+    error.__cause__ = cause
+    assert connection_failed("postgresql://u:pw@[::1", error) is error
+    [failure] = connection_failures()
+    assert (failure.host, failure.role) == ("<unparseable url>", "?")
+    assert failure.reason.startswith(reason)
+    reset_connection_failures()

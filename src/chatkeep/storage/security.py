@@ -152,7 +152,7 @@ def _reason(error: ChatkeepError) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {cause.verify_message}"
     if isinstance(cause, ssl.SSLError):
-        return f"TLS error: {cause.reason or cause.__class__.__name__}"
+        return f"TLS error: {getattr(cause, 'reason', None) or cause.__class__.__name__}"
     if isinstance(
         cause, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
     ):
