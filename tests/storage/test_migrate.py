@@ -17,6 +17,7 @@ import pytest_asyncio
 from chatkeep.config import Settings
 from chatkeep.errors import (
     ChecksumMismatch,
+    InvalidInput,
     MigrationError,
     MigrationFailed,
     MigrationLockTimeout,
@@ -177,6 +178,16 @@ def test_malformed_files_are_refused_with_the_file_named(
     with pytest.raises(MigrationError, match=message) as info:
         load_migrations(mdir)
     assert "001_bad.sql" in str(info.value)
+
+
+def test_unreadable_files_are_refused_with_the_file_named(mdir: Path) -> None:
+    (mdir / "001_binary.sql").write_bytes(b"-- chatkeep:up\nSELECT '\xff\xfe';\n")
+    with pytest.raises(MigrationError, match=r"001_binary\.sql: cannot be read as UTF-8"):
+        load_migrations(mdir)
+    (mdir / "001_binary.sql").unlink()
+    (mdir / "002_folder.sql").mkdir()
+    with pytest.raises(MigrationError, match=r"002_folder\.sql: cannot be read"):
+        load_migrations(mdir)
 
 
 def test_missing_folder_is_refused(tmp_path: Path) -> None:
@@ -340,6 +351,24 @@ async def test_up_to_an_unknown_version_is_refused(econn: asyncpg.Connection, th
     with pytest.raises(MigrationError, match="no migration has version 9"):
         await Migrator(econn, directory=three).up(to=9)
     assert await tables(econn) == set()
+
+
+@pytest.mark.parametrize("option", ["lock_timeout", "statement_lock_timeout", "statement_timeout"])
+@pytest.mark.parametrize("value", [0, -1.0])
+async def test_timeouts_must_be_positive(
+    econn: asyncpg.Connection, three: Path, option: str, value: float
+) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(InvalidInput) as info:
+        Migrator(econn, directory=three, **options)
+    assert info.value.field == option
+
+
+async def test_a_tiny_timeout_is_still_a_timeout(econn: asyncpg.Connection, mdir: Path) -> None:
+    # 0.1 ms rounds to 0 ms, which PostgreSQL would read as "no timeout at all".
+    write(mdir, "001_seen.sql", "-- chatkeep:up\nCREATE TABLE seen AS SELECT 1 AS one;\n")
+    plan = await Migrator(econn, directory=mdir, statement_lock_timeout=0.0001).plan_up()
+    assert "SET LOCAL lock_timeout = '1ms';" in plan.render()
 
 
 async def test_status_without_history_table_takes_no_lock_and_writes_nothing(

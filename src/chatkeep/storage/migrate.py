@@ -54,6 +54,7 @@ import asyncpg
 from chatkeep.config import Settings
 from chatkeep.errors import (
     ChecksumMismatch,
+    InvalidInput,
     MigrationError,
     MigrationFailed,
     MigrationLockTimeout,
@@ -206,7 +207,10 @@ class Migration:
 
 
 def _parse(path: Path, version: int, name: str) -> Migration:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MigrationError(f"{path.name}: cannot be read as UTF-8 text ({exc})") from exc
     markers = list(_MARKER.finditer(text))
     kinds = [m.group(1) for m in markers]
     if kinds.count("up") != 1:
@@ -342,7 +346,8 @@ def _quote_ident(name: str) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{round(seconds * 1000)}ms"
+    # At least 1 ms: "0ms" would switch the timeout off.
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 def _error_line(statement: Statement, exc: BaseException) -> int:
@@ -399,6 +404,14 @@ class Migrator:
         validate_checksums: bool = True,
         role: str | _AutoRole | None = AUTO_ROLE,
     ) -> None:
+        for field_name, seconds in (
+            ("lock_timeout", lock_timeout),
+            ("statement_lock_timeout", statement_lock_timeout),
+            ("statement_timeout", statement_timeout),
+        ):
+            # Zero would mean "wait forever" to PostgreSQL: the opposite of what is asked.
+            if not seconds > 0:
+                raise InvalidInput(field_name, "must be greater than 0 seconds")
         self._conn = conn
         self.role = role
         self.migrations: tuple[Migration, ...] = tuple(
