@@ -16,7 +16,7 @@ from chatkeep.cli import audit as audit_cli
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
-from chatkeep.cli.ops import backup, restore
+from chatkeep.cli.ops import backup, metrics, restore
 from chatkeep.cli.seed import seed
 from chatkeep.ops import logging as ops_logging
 
@@ -37,6 +37,7 @@ app.command()(doctor)
 app.command()(seed)
 app.command()(backup)
 app.command()(restore)
+app.command()(metrics)
 
 
 def _version(value: bool) -> None:

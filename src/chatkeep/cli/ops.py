@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Final
@@ -216,3 +219,66 @@ def restore(
         )
     else:
         console.print(f"schema version {result.schema_version:03d}: current")
+
+
+def metrics(
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, help="Port to serve /metrics on.")
+    ] = 9187,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
+    interval: Annotated[
+        float,
+        typer.Option("--interval", min=0.1, max=3600, help="Seconds between store pings."),
+    ] = 5.0,
+    duration: Annotated[
+        float | None,
+        typer.Option("--for", min=0, help="Stop after this many seconds (default: Ctrl-C)."),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one scrape to stdout and exit; serve nothing.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Serve chatkeep's Prometheus metrics for a quick look (applications mount their own)."""
+    from chatkeep.ops.metrics import ChatkeepMetrics
+    from chatkeep.realtime import RedisClient
+    from chatkeep.storage import Database
+
+    settings = load_settings(database_url)
+    with endpoints(settings) as found:
+
+        async def go() -> bytes:
+            async with (
+                Database(settings, dsn=found.database_url) as db,
+                RedisClient.from_settings(settings, url=found.redis_url) as redis,
+            ):
+                collected = ChatkeepMetrics(database=db, redis=redis)
+                await collected.sample()
+                if once:
+                    return collected.exposition()
+                server = collected.serve(port, host)
+                shown = f"[{host}]" if ":" in host else host
+                err_console.print(
+                    f"serving http://{shown}:{server.server_port}/metrics "
+                    f"(stores pinged every {interval:g} s; Ctrl-C stops)",
+                    highlight=False,
+                )
+                deadline = None if duration is None else time.monotonic() + duration
+                try:
+                    while deadline is None or time.monotonic() < deadline:
+                        left = interval if deadline is None else deadline - time.monotonic()
+                        await asyncio.sleep(max(0.0, min(interval, left)))
+                        await collected.sample()
+                finally:
+                    server.shutdown()
+                    server.server_close()
+                return b""
+
+        try:
+            text = run(go())
+        except KeyboardInterrupt:  # pragma: no cover - interactive stop
+            return
+    if once:
+        sys.stdout.write(text.decode())
