@@ -145,6 +145,8 @@ async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
             checks.append(Check("migrations", "fail", f"{summary}; run `chatkeep migrate up`"))
         else:
             checks.append(Check("migrations", "ok", f"{summary} (schema is current)"))
+        checks.append(await _size_check(conn))
+        checks.append(await _statements_check(conn))
     except (ChatkeepError, asyncpg.PostgresError) as exc:
         checks.append(Check("postgresql", "fail", f"{where}: {exc}"))
     finally:
@@ -225,6 +227,94 @@ async def _role_checks(
     return checks
 
 
+_TABLE_SIZES: Final = """
+SELECT c.relname,
+       pg_total_relation_size(c.oid) AS total,
+       pg_indexes_size(c.oid) AS indexes,
+       c.reltuples::bigint AS rows  -- an estimate; -1 until the first VACUUM or ANALYZE
+  FROM pg_class c
+ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+ ORDER BY total DESC, c.relname
+"""
+_HAS_STATEMENTS: Final = "SELECT to_regclass('pg_stat_statements') IS NOT NULL"
+# Normalised statements (constants replaced by $n): no values, so no secrets, in the text.
+_TOP_STATEMENTS: Final = """
+SELECT calls, total_exec_time, mean_exec_time,
+       regexp_replace(query, '\\s+', ' ', 'g') AS query
+  FROM pg_stat_statements
+ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ ORDER BY total_exec_time DESC
+ LIMIT 5
+"""
+
+
+def _size(octets: int) -> str:
+    value = float(octets)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"  # pragma: no cover - the loop returns at GB
+
+
+async def _size_check(conn: asyncpg.Connection) -> Check:
+    """Table and index sizes of the schema, largest first."""
+    rows = await conn.fetch(_TABLE_SIZES)
+    if not rows:
+        return Check("sizes", "ok", "no tables yet")
+    total = sum(r["total"] for r in rows)
+    parts = [
+        f"{r['relname']} {_size(r['total'])} (indexes {_size(r['indexes'])}, "
+        + (f"~{r['rows']} rows)" if r["rows"] >= 0 else "not analyzed yet)")
+        for r in rows[:6]
+    ]
+    more = f"; {len(rows) - 6} more" if len(rows) > 6 else ""
+    return Check("sizes", "ok", f"{_size(total)} in {len(rows)} tables: {'; '.join(parts)}{more}")
+
+
+async def _statements_check(conn: asyncpg.Connection) -> Check:
+    """The statements with the most total time, when pg_stat_statements is installed."""
+    if not await conn.fetchval(_HAS_STATEMENTS):
+        return Check(
+            "statements",
+            "ok",
+            "pg_stat_statements not installed (optional: add it to shared_preload_libraries "
+            "and CREATE EXTENSION pg_stat_statements to see the slowest queries here)",
+        )
+    try:
+        rows = await conn.fetch(_TOP_STATEMENTS)
+    except asyncpg.PostgresError as exc:  # not preloaded, or not readable by this role
+        return Check("statements", "warn", f"pg_stat_statements is installed but unreadable: {exc}")
+    if not rows:
+        return Check("statements", "ok", "pg_stat_statements has no statements yet")
+    parts = [
+        f"{r['total_exec_time']:.0f} ms total, {r['mean_exec_time']:.2f} ms mean, "
+        f"{r['calls']} calls: {r['query'][:80]}"
+        for r in rows
+    ]
+    return Check("statements", "ok", "top by total time: " + " | ".join(parts))
+
+
+async def _pool_check(found: Endpoints, settings: Settings) -> Check:
+    """Open a small pool as the application would (TLS, timeouts) and time a round trip."""
+    from chatkeep.storage.database import Database
+
+    try:
+        started = time.perf_counter()
+        async with Database(settings, dsn=found.database_url, min_size=1, max_size=2) as db:
+            opened = (time.perf_counter() - started) * 1000
+            health = await db.health()
+    except ChatkeepError as exc:
+        return Check("pool", "fail", f"could not open a connection pool: {exc}")
+    return Check(
+        "pool",
+        "ok",
+        f"opened in {opened:.1f} ms, acquire and round trip {health.latency_ms:.2f} ms "
+        f"(the application's pool: {settings.pool_min_size}-{settings.pool_max_size} "
+        "connections per process)",
+    )
+
+
 def _connection_check() -> Check:
     failures = connection_failures()
     if not failures:
@@ -251,12 +341,23 @@ async def _redis_checks(found: Endpoints, settings: Settings) -> list[Check]:
         version = info.get("valkey_version") or info.get("redis_version", "?")
         product = "Valkey" if "valkey_version" in info else "Redis"
         embedded = " (embedded)" if found.embedded_redis else ""
+        pings = []
+        for _ in range(5):
+            sent = time.perf_counter()
+            await client.ping()
+            pings.append((time.perf_counter() - sent) * 1000)
+        pings.sort()
         return [
             Check(
                 "redis",
                 "ok",
                 f"{where}: {product} {version}, ping {latency:.2f} ms{embedded}",
-            )
+            ),
+            Check(
+                "redis latency",
+                "ok" if pings[2] < 50 else "warn",
+                f"5 pings: median {pings[2]:.2f} ms, max {pings[-1]:.2f} ms",
+            ),
         ]
     except (RedisError, OSError) as exc:
         return [Check("redis", "fail", f"{where}: {exc.__class__.__name__}: {exc}")]
@@ -275,7 +376,13 @@ def doctor(
         async def gather() -> list[Check]:
             return [
                 Check("settings", "ok", f"environment {settings.env}"),
-                *await _postgres_checks(found, settings),
+                *(postgres := await _postgres_checks(found, settings)),
+                # The pool is worth a look only when the server answered at all.
+                *(
+                    [await _pool_check(found, settings)]
+                    if all(c.status != "fail" for c in postgres if c.name == "postgresql")
+                    else []
+                ),
                 *await _redis_checks(found, settings),
                 _connection_check(),
             ]
