@@ -394,11 +394,12 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
                 items=(), newest=None if newest else encode_cursor(room, seq - 1, "after")
             )
         first, last = items[0].seq, items[-1].seq
+        tail = encode_cursor(room, last, "after")
         return CursorPage._of(
             items=items,
             before=encode_cursor(room, first, "before") if more else None,
-            after=None if newest else encode_cursor(room, last, "after"),
-            newest=encode_cursor(room, last, "after"),
+            after=None if newest else tail,
+            newest=tail,
         )
 
     async def _after(self, room: uuid.UUID, seq: int, size: int) -> CursorPage[MessageWithUser]:
@@ -408,11 +409,12 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         if not items:
             return CursorPage._of(items=(), newest=encode_cursor(room, seq, "after"))
         first, last = items[0].seq, items[-1].seq
+        tail = encode_cursor(room, last, "after")
         return CursorPage._of(
             items=items,
             before=encode_cursor(room, first, "before") if seq > 0 else None,
-            after=encode_cursor(room, last, "after") if more else None,
-            newest=encode_cursor(room, last, "after"),
+            after=tail if more else None,
+            newest=tail,
         )
 
     async def _around(
