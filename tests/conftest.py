@@ -185,9 +185,7 @@ async def redis_url(servers: Endpoints) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def make_settings(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Callable[..., Settings]:
+def make_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Settings]:
     """Build Settings for this test's stores; keyword arguments override fields."""
 
     def factory(**overrides: Any) -> Settings:

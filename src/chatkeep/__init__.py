@@ -18,6 +18,7 @@ from chatkeep.errors import (
     RateLimited,
     Unavailable,
 )
+from chatkeep.facade import ChatKeep, Health, LoginResult
 from chatkeep.models import (
     CreateMessageDto,
     CreateRoomDto,
@@ -37,8 +38,6 @@ from chatkeep.models import (
     User,
     UserProfile,
 )
-
-from chatkeep.facade import ChatKeep, Health, LoginResult
 
 __version__ = "0.1.0"
 
