@@ -22,6 +22,7 @@ from chatkeep.errors import ConfigurationError, InvalidInput, Unavailable
 from chatkeep.storage.bootstrap import (
     RoleSpec,
     ensure_roles,
+    maintenance_url,
     prepare_database,
     scram_verifier,
 )
@@ -295,7 +296,7 @@ async def test_failed_connections_are_counted_without_the_password(
 
 async def test_failed_connections_name_the_reason(database_url: str) -> None:
     reset_connection_failures()
-    missing = database_url.rsplit("/", 1)[0] + "/chatkeep_no_such_db"
+    missing = maintenance_url(database_url, "chatkeep_no_such_db")
     with pytest.raises(ConfigurationError, match="does not exist"):
         await connect(missing, Settings())
     with socket.socket() as s:  # a port nothing listens on
