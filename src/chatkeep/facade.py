@@ -88,8 +88,10 @@ from chatkeep.realtime import (
 from chatkeep.realtime.keys import MAX_ID_LENGTH
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.base import check_id
+from chatkeep.storage.bootstrap import bootstrap
 from chatkeep.storage.database import DatabaseHealth
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
+from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 
 __all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
@@ -220,6 +222,9 @@ class ChatKeep:
         """Open both stores (starting embedded servers where no URL is set) and yield.
 
         Both are closed when the block ends. The options are those of the constructor.
+        On the embedded default (no ``DATABASE_URL``) the database is also set up and
+        migrated, so a first run in development needs no other step; with a real server,
+        run ``chatkeep setup`` and ``chatkeep migrate up`` (or :func:`migrate_up`) first.
 
         Raises:
             ConfigurationError: settings are missing or unsafe.
@@ -228,6 +233,9 @@ class ChatKeep:
         """
         settings = settings if settings is not None else Settings.load()
         with resolve_endpoints(settings) as found:
+            if found.embedded_database:
+                await bootstrap(found.migrate_database_url, settings, generate_passwords=False)
+                await migrate_up(settings, database_url=found.migrate_database_url)
             async with (
                 Database(settings, dsn=found.database_url) as db,
                 RedisClient.from_settings(settings, url=found.redis_url) as redis,
