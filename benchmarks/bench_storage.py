@@ -36,6 +36,7 @@ import random
 import statistics
 import sys
 import time
+import timeit
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,11 +47,17 @@ import bcrypt
 
 from chatkeep.config import Settings
 from chatkeep.ids import uuid7
-from chatkeep.models import CreateMessageDto
+from chatkeep.models import CreateMessageDto, MessageWithUser, UserProfile
 from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.database import _reset_connection
-from chatkeep.storage.messages import HISTORY_BEFORE, MARK_READ, SEND, UNREAD_COUNTS
+from chatkeep.storage.messages import (
+    HISTORY_BEFORE,
+    MARK_READ,
+    SEND,
+    UNREAD_COUNTS,
+    _messages,
+)
 from chatkeep.storage.migrate import Migrator
 
 BENCH_DB = "chatkeep_bench"
@@ -279,6 +286,42 @@ async def deep_vs_newest(messages: MessageRepository, fx: Fixture, seconds: floa
     print(f"  deep/newest cost ratio: {med['newest'] / med['deep']:.2f} (target <= 1.5)")
 
 
+def model_costs(rows: list[asyncpg.Record]) -> None:
+    """What turning one page of rows into models costs, three ways (best of 25 runs)."""
+
+    def best(build: Callable[[], object]) -> float:
+        runs = timeit.repeat(build, number=200, repeat=25)
+        return min(runs) / 200 * 1e6
+
+    def split(row: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any]]:
+        values = dict(row)
+        author = {
+            "id": values["user_id"],
+            "username": values.pop("username"),
+            "avatar_url": values.pop("avatar_url"),
+        }
+        return values, author
+
+    def validated() -> object:
+        return [
+            MessageWithUser(**values, user=UserProfile(**author))
+            for values, author in map(split, rows)
+        ]
+
+    def constructed() -> object:
+        return [
+            MessageWithUser.model_construct(**values, user=UserProfile.model_construct(**author))
+            for values, author in map(split, rows)
+        ]
+
+    print()
+    print(f"building {len(rows)} MessageWithUser models from rows (best of 25, us per page)")
+    print(f"  pydantic validation   {best(validated):8.1f}")
+    print(f"  model_construct       {best(constructed):8.1f}")
+    print(f"  chatkeep (_messages)  {best(lambda: _messages(rows)):8.1f}")
+    print(f"  dict(record) per row  {best(lambda: [dict(row) for row in rows]):8.1f}")
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -296,6 +339,9 @@ async def main() -> int:
         "--default-pool", action="store_true", help="also measure asyncpg's default pool"
     )
     parser.add_argument("--only", nargs="*", default=None, help="operations to run")
+    parser.add_argument(
+        "--models", action="store_true", help="also time model building for one page"
+    )
     args = parser.parse_args()
 
     url = await prepare_database(args.database_url, args.fresh)
@@ -369,6 +415,9 @@ async def main() -> int:
             if default_rates:
                 line += f" {statistics.median(default_rates):>21,.0f}"
             print(f"{line}  {verdict}", flush=True)
+        if args.models:
+            rows = await db.fetch("bench.page", HISTORY_BEFORE, fixture.history_room, 5_000, 50)
+            model_costs(rows)
         if args.big_room:
             await deep_vs_newest(messages, fixture, args.seconds)
     finally:
