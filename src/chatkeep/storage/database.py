@@ -322,6 +322,9 @@ class Database:
     def pool(self) -> asyncpg.Pool:
         """The asyncpg pool (for tools and benchmarks; repositories use the helpers).
 
+        Connections taken from it directly bypass the operation counters and are not
+        counted as busy, so the helpers' "pool exhausted" timeout does not see them.
+
         Raises:
             Unavailable: the database is not open.
         """
