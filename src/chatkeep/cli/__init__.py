@@ -16,6 +16,7 @@ from chatkeep.cli import audit as audit_cli
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
+from chatkeep.cli.demo import demo
 from chatkeep.cli.ops import backup, metrics, restore
 from chatkeep.cli.seed import seed
 from chatkeep.ops import logging as ops_logging
@@ -34,6 +35,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(audit_cli.app, name="audit")
 app.command()(setup)
 app.command()(doctor)
+app.command()(demo)
 app.command()(seed)
 app.command()(backup)
 app.command()(restore)
