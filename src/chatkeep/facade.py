@@ -32,13 +32,20 @@ import hashlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from chatkeep.config import Settings
 from chatkeep.embedded import resolve_endpoints
-from chatkeep.errors import ChatkeepError, InvalidInput, NotFound, PermissionDenied, Unavailable
+from chatkeep.errors import (
+    ChatkeepError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unavailable,
+)
 from chatkeep.models import (
     CreateMessageDto,
     CreateRoomDto,
@@ -78,6 +85,7 @@ from chatkeep.realtime import (
     RedisClient,
     RedisHealth,
     RefreshTokenStore,
+    RoomGap,
     RoomMembersCache,
     SessionStore,
     SocketRegistry,
@@ -93,6 +101,9 @@ from chatkeep.storage.database import DatabaseHealth
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
+
+if TYPE_CHECKING:  # the metrics extra (prometheus-client) is optional
+    from chatkeep.ops.metrics import ChatkeepMetrics
 
 __all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
 
@@ -143,6 +154,18 @@ def _ids(field: str, values: object) -> frozenset[uuid.UUID]:
     return frozenset(check_id(field, value) for value in values)
 
 
+def _receipt_counter(metrics: ChatkeepMetrics) -> Callable[[Event | RoomGap], None]:
+    """Count what subscriptions hand out: events as received, gaps by reason."""
+
+    def count(item: Event | RoomGap) -> None:
+        if isinstance(item, RoomGap):
+            metrics.gap(item.reason)
+        else:
+            metrics.received()
+
+    return count
+
+
 class ChatKeep:
     """Both stores, their repositories and realtime services, and the flows that span them.
 
@@ -158,6 +181,10 @@ class ChatKeep:
         presence_timeout: seconds without a heartbeat before a user is offline.
         typing_ttl: seconds a typing indicator lasts without being renewed.
         bcrypt_rounds: the bcrypt cost of new password hashes (10 to 31).
+        metrics: a :class:`~chatkeep.ops.metrics.ChatkeepMetrics` to feed: it is attached
+            to ``db`` and ``redis`` and hooked into their pool acquires and commands, and
+            counts this object's publishes, received events, gaps, rate-limit rejections
+            and errors (``None``: nothing is measured and nothing is hooked).
 
     Attributes:
         db: the PostgreSQL pool.
@@ -168,6 +195,7 @@ class ChatKeep:
             the realtime services (Redis only).
         profiles, members: the caches of user profiles and room membership.
         node_id: this node's name.
+        metrics: the metrics being fed, or ``None``.
 
     Raises:
         InvalidInput: an option is out of range or ``node_id`` is not a valid id.
@@ -183,6 +211,7 @@ class ChatKeep:
         presence_timeout: float = 60.0,
         typing_ttl: float = 5.0,
         bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
+        metrics: ChatkeepMetrics | None = None,
     ) -> None:
         if not isinstance(send_limit, RateLimit):
             raise InvalidInput("send_limit", "must be a RateLimit")
@@ -206,6 +235,12 @@ class ChatKeep:
             redis, self._load_profile, JsonSerializer(UserProfile)
         )
         self.members = RoomMembersCache(redis, self._load_members)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(database=db, redis=redis)
+            db.acquire_timer = metrics.time_acquire
+            redis.command_timer = metrics.time_redis
+            self.events.on_receive = _receipt_counter(metrics)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -218,6 +253,7 @@ class ChatKeep:
         presence_timeout: float = 60.0,
         typing_ttl: float = 5.0,
         bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
+        metrics: ChatkeepMetrics | None = None,
     ) -> AsyncIterator[Self]:
         """Open both stores (starting embedded servers where no URL is set) and yield.
 
@@ -248,6 +284,7 @@ class ChatKeep:
                     presence_timeout=presence_timeout,
                     typing_ttl=typing_ttl,
                     bcrypt_rounds=bcrypt_rounds,
+                    metrics=metrics,
                 )
 
     # -- loaders for the caches (PostgreSQL reads) -------------------------------------------
@@ -268,16 +305,25 @@ class ChatKeep:
             except ChatkeepError as exc:  # presence must not fail over a missed last_seen
                 logger.warning("last_seen of %s not written: %s", gone.user_id, exc)
 
+    # -- metrics ----------------------------------------------------------------------------
+
+    def _count_errors(self) -> contextlib.AbstractContextManager[object]:
+        return self.metrics.count_errors() if self.metrics is not None else contextlib.nullcontext()
+
     # -- best-effort Redis work after a commit ---------------------------------------------
 
     async def _publish(self, *events: Event) -> None:
         if not events:
             return
         try:
-            await self.events.publish_many(events)
+            receivers = await self.events.publish_many(events)
         except ChatkeepError as exc:
             # The change is committed; subscribers will see a gap and catch up by seq.
             logger.warning("%d event(s) not published: %s", len(events), exc)
+            return
+        if self.metrics is not None:
+            for count in receivers:
+                self.metrics.published(count)
 
     async def _invalidate_members(self, *room_ids: uuid.UUID) -> None:
         if room_ids and not await self.members.invalidate(*room_ids):
@@ -345,7 +391,12 @@ class ChatKeep:
         account = _login_account(email)
         if not isinstance(password, str):
             raise InvalidInput("password", "must be a string")
-        await self.login_throttle.check(account)
+        try:
+            await self.login_throttle.check(account)
+        except RateLimited as exc:
+            if self.metrics is not None:
+                self.metrics.record_error(exc)
+            raise
         try:
             user = await self.users.authenticate(email, password)
         except InvalidInput:
@@ -452,31 +503,32 @@ class ChatKeep:
             NotFound: no such room.
             InvalidInput: the content or ids break a rule.
         """
-        self._outside_transaction("send_message")
-        dto = CreateMessageDto(
-            room_id=room_id,
-            user_id=user_id,
-            content=content,
-            type=type,
-            client_msg_id=client_msg_id,
-        )
-        try:
-            await self.limiter.enforce(str(dto.user_id), "send")
-        except Unavailable as exc:
-            # Fail open: an outage of the limiter must not stop messages.
-            logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-        message = await self.messages.send(dto)
-        await self._publish(
-            MessageCreated(
-                room_id=message.room_id,
-                message_id=message.id,
-                seq=message.seq,
-                sender_id=message.user_id,
-                client_message_id=message.client_msg_id,
-                body=message.content,
+        with self._count_errors():
+            self._outside_transaction("send_message")
+            dto = CreateMessageDto(
+                room_id=room_id,
+                user_id=user_id,
+                content=content,
+                type=type,
+                client_msg_id=client_msg_id,
             )
-        )
-        return message
+            try:
+                await self.limiter.enforce(str(dto.user_id), "send")
+            except Unavailable as exc:
+                # Fail open: an outage of the limiter must not stop messages.
+                logger.warning("send rate limit not checked (redis unavailable): %s", exc)
+            message = await self.messages.send(dto)
+            await self._publish(
+                MessageCreated(
+                    room_id=message.room_id,
+                    message_id=message.id,
+                    seq=message.seq,
+                    sender_id=message.user_id,
+                    client_message_id=message.client_msg_id,
+                    body=message.content,
+                )
+            )
+            return message
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, Self
@@ -590,6 +590,9 @@ class RedisClient:
                 f"redis_url: cannot be parsed ({redact_url(url)})", field="redis_url"
             ) from exc
         self._redis = aioredis.Redis(connection_pool=self._pool)
+        # Optional observer wrapped around every guarded command, given its operation name
+        # (``ChatkeepMetrics.time_redis``); unset, commands pay nothing for it.
+        self.command_timer: Callable[[str], contextlib.AbstractContextManager[object]] | None = None
         self._pubsub_pool = aioredis.ConnectionPool.from_url(
             self._url,
             max_connections=2,
@@ -673,13 +676,24 @@ class RedisClient:
     def guard(self, operation: str) -> Iterator[None]:
         """Translate redis-py errors raised in the block into chatkeep errors.
 
+        When :attr:`command_timer` is set, the block also runs inside
+        ``command_timer(operation)`` (which sees the translated error).
+
         Args:
             operation: a dotted name (``"presence.heartbeat"``) put in the message.
         """
-        try:
-            yield
-        except (rex.RedisError, OSError) as exc:
-            raise translate_error(exc, operation) from exc
+        timer = self.command_timer
+        if timer is None:
+            try:
+                yield
+            except (rex.RedisError, OSError) as exc:
+                raise translate_error(exc, operation) from exc
+        else:
+            with timer(operation):
+                try:
+                    yield
+                except (rex.RedisError, OSError) as exc:
+                    raise translate_error(exc, operation) from exc
 
     def pipeline(self, *, transaction: bool = False) -> Pipeline:
         """A redis-py pipeline: its commands travel in one round trip on ``execute()``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -286,8 +286,13 @@ class EventSubscription:
             rooms = frozenset(
                 room for room in map(self._bus.room_of_channel, item.channels) if room
             )
-            return RoomGap(rooms, item.reason, item.since)
-        return decode_event(item.data)
+            converted: Event | RoomGap | None = RoomGap(rooms, item.reason, item.since)
+        else:
+            converted = decode_event(item.data)
+        observer = self._bus.on_receive
+        if observer is not None and converted is not None:
+            observer(converted)
+        return converted
 
     def __aiter__(self) -> AsyncIterator[Event | RoomGap]:
         return self._iterate()
@@ -325,6 +330,8 @@ class EventBus:
     def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
         self._client = client
         self._node = validate_id(node_id, "node_id") if node_id is not None else None
+        # Optional observer of every event and gap its subscriptions hand out (metrics).
+        self.on_receive: Callable[[Event | RoomGap], None] | None = None
 
     def channels(self, room_ids: Iterable[UUID]) -> list[str]:
         """The pub/sub channel names of ``room_ids``."""

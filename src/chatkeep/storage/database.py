@@ -237,6 +237,9 @@ class Database:
         # becomes Unavailable instead of an unbounded queue of waiters.
         self._acquire_timeout = settings.connect_timeout
         self._stats: dict[str, OperationStats] = _new_stats()
+        # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
+        # unset, acquiring pays nothing for it.
+        self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
         # One variable per Database, so two databases never share a transaction.
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
@@ -384,6 +387,16 @@ class Database:
         pool = self._pool
         if pool is None:
             raise Unavailable("the database is not open: call `await db.open()` first")
+        timer = self.acquire_timer
+        if timer is not None:
+            with timer():
+                conn = await self._acquire_from(pool)
+        else:
+            conn = await self._acquire_from(pool)
+        self._in_use += 1
+        return conn
+
+    async def _acquire_from(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         if self._in_use < self._max_size:
             # A connection is free (or may be opened): skip the timer wait_for would cost.
             conn = await pool.acquire()
@@ -395,7 +408,6 @@ class Database:
                     "database pool exhausted: no connection free within "
                     f"{self._acquire_timeout:g} s (pool_max_size={self._max_size})"
                 ) from exc
-        self._in_use += 1
         return conn
 
     @contextlib.asynccontextmanager
