@@ -69,6 +69,22 @@ async def database_roles(admin_url: str) -> None:
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(
+    admin_url: str, prefix: str, *, template: str | None = None
+) -> AsyncIterator[str]:
+    """Create a database (optionally a copy of ``template``), yield its name, drop it."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:4]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def template_database(admin_url: str, database_roles: None) -> AsyncIterator[str]:
     """A migrated database that every test database is cloned from.
@@ -76,10 +92,7 @@ async def template_database(admin_url: str, database_roles: None) -> AsyncIterat
     Prepared as `chatkeep setup` prepares a real one (schema public owned by chatapp_owner)
     and migrated as chatapp_owner, so every object has its production owner and grants.
     """
-    name = f"chatkeep_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with scratch_database(admin_url, "chatkeep_tpl") as name:
         conn = await asyncpg.connect(url_for(admin_url, name))
         try:
             await prepare_database(conn)
@@ -87,35 +100,20 @@ async def template_database(admin_url: str, database_roles: None) -> AsyncIterat
         finally:
             await conn.close()
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def empty_database_url(admin_url: str, database_roles: None) -> AsyncIterator[str]:
     """URL of a new, empty database (no migrations), dropped after the test."""
-    name = f"chatkeep_t_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with scratch_database(admin_url, "chatkeep_t") as name:
         yield url_for(admin_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def module_database_url(admin_url: str, database_roles: None) -> AsyncIterator[str]:
     """One empty database per test module (behind ``emptied_database_url``)."""
-    name = f"chatkeep_m_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with scratch_database(admin_url, "chatkeep_m") as name:
         yield url_for(admin_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -141,14 +139,8 @@ async def emptied_database_url(module_database_url: str) -> str:
 @pytest_asyncio.fixture(loop_scope="session")
 async def database_url(admin_url: str, template_database: str) -> AsyncIterator[str]:
     """URL of a fresh, fully migrated database, dropped after the test."""
-    name = f"chatkeep_t_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    async with scratch_database(admin_url, "chatkeep_t", template=template_database) as name:
         yield url_for(admin_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

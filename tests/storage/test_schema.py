@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +17,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import url_for
+from tests.conftest import scratch_database, url_for
 
 # A syntactically valid bcrypt hash ($2b$, cost 12, 53 characters of salt and hash).
 BCRYPT = "$2b$12$" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0"
@@ -109,18 +108,12 @@ SELECT i.indexrelid::regclass::text, pg_get_expr(i.indpred, i.indrelid)
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def shared(admin_url: str, template_database: str) -> AsyncIterator[asyncpg.Connection]:
     """One migrated database for the whole module (cloning one per test is the slow part)."""
-    name = f"chatkeep_schema_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    async with scratch_database(admin_url, "chatkeep_schema", template=template_database) as name:
         connection = await asyncpg.connect(url_for(admin_url, name))
         try:
             yield connection
         finally:
             await connection.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
