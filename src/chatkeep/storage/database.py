@@ -513,31 +513,40 @@ class Database:
 
     # -- named operations -----------------------------------------------------------------
 
-    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
-        """Run ``query`` and return every row. ``name`` labels it in logs and stats.
+    async def _run(self, name: str, method: str, query: str, args: tuple[Any, ...]) -> Any:
+        """Run one named statement with ``method`` (``fetch``, ``fetchrow``, ``execute``).
 
-        Raises:
-            ChatkeepError: the driver's error, translated (see :mod:`chatkeep.errors`).
+        On the joined transaction's connection if the task is in one, else on a pooled
+        connection borrowed for this statement alone; timed, counted and translated.
         """
         start = time.perf_counter()
         failed = True
         try:
             tx = self._joined()
             if tx is not None:
-                rows = await tx._connection.fetch(query, *args)
+                result = await getattr(tx._connection, method)(query, *args)
             else:
                 conn = await self._acquire()
                 try:
-                    rows = await conn.fetch(query, *args)
+                    result = await getattr(conn, method)(query, *args)
                 finally:
                     await self._release(conn, full_reset=False)
         except _DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
         else:
             failed = False
-            return rows
+            return result
         finally:
             self._record(name, time.perf_counter() - start, failed)
+
+    async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run ``query`` and return every row. ``name`` labels it in logs and stats.
+
+        Raises:
+            ChatkeepError: the driver's error, translated (see :mod:`chatkeep.errors`).
+        """
+        result: list[asyncpg.Record] = await self._run(name, "fetch", query, args)
+        return result
 
     async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
         """Run ``query`` and return its first row, or ``None``.
@@ -545,25 +554,8 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated.
         """
-        start = time.perf_counter()
-        failed = True
-        try:
-            tx = self._joined()
-            if tx is not None:
-                row = await tx._connection.fetchrow(query, *args)
-            else:
-                conn = await self._acquire()
-                try:
-                    row = await conn.fetchrow(query, *args)
-                finally:
-                    await self._release(conn, full_reset=False)
-        except _DRIVER_ERRORS as exc:
-            raise _translated(exc, name) from exc
-        else:
-            failed = False
-            return row
-        finally:
-            self._record(name, time.perf_counter() - start, failed)
+        result: asyncpg.Record | None = await self._run(name, "fetchrow", query, args)
+        return result
 
     async def fetchval(self, name: str, query: str, *args: Any) -> Any:
         """Run ``query`` and return the first column of its first row (``None`` if none).
@@ -580,25 +572,8 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated.
         """
-        start = time.perf_counter()
-        failed = True
-        try:
-            tx = self._joined()
-            if tx is not None:
-                status = await tx._connection.execute(query, *args)
-            else:
-                conn = await self._acquire()
-                try:
-                    status = await conn.execute(query, *args)
-                finally:
-                    await self._release(conn, full_reset=False)
-        except _DRIVER_ERRORS as exc:
-            raise _translated(exc, name) from exc
-        else:
-            failed = False
-            return status
-        finally:
-            self._record(name, time.perf_counter() - start, failed)
+        result: str = await self._run(name, "execute", query, args)
+        return result
 
     async def executemany(self, name: str, query: str, args: Iterable[Sequence[Any]]) -> None:
         """Run ``query`` once per argument tuple, pipelined, atomically.
