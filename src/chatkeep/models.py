@@ -324,10 +324,11 @@ def _slot_setter(name: str) -> Any:
     return lambda obj, value: _set(obj, name, value)  # pragma: no cover - other pydantic
 
 
+_set_dict = _slot_setter("__dict__")
 _set_fields_set = _slot_setter("__pydantic_fields_set__")
 _set_extra = _slot_setter("__pydantic_extra__")
 _set_private = _slot_setter("__pydantic_private__")
-_SLOT_SETTERS: Final = (_set_fields_set, _set_extra, _set_private)
+_SLOT_SETTERS: Final = (_set_dict, _set_fields_set, _set_extra, _set_private)
 
 
 class _Row(BaseModel):
@@ -355,7 +356,7 @@ class _Row(BaseModel):
     def _adopt(cls, data: dict[str, Any]) -> Self:
         """Like :meth:`_from_row`, taking ownership of ``data`` (no copy)."""
         obj = _new(cls)
-        _set(obj, "__dict__", data)
+        _set_dict(obj, data)
         _set_fields_set(obj, cls.__row_fields__)
         _set_extra(obj, None)
         _set_private(obj, None)
@@ -631,11 +632,7 @@ class CursorPage(BaseModel, Generic[T]):
     ) -> CursorPage[T]:
         """A page from values the repository made itself: no validation."""
         page: CursorPage[T] = _new(cls)
-        _set(
-            page,
-            "__dict__",
-            {"items": items, "before": before, "after": after, "newest": newest},
-        )
+        _set_dict(page, {"items": items, "before": before, "after": after, "newest": newest})
         _set_fields_set(page, _PAGE_FIELDS)
         _set_extra(page, None)
         _set_private(page, None)

@@ -554,10 +554,10 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     cls = MessageWithUser
     fields = cls.__row_fields__
     new = object.__new__
-    set_attr = object.__setattr__
-    set_fields, set_extra, set_private = _SLOT_SETTERS
+    set_dict, set_fields, set_extra, set_private = _SLOT_SETTERS
     profiles = _PROFILES
-    out = []
+    out: list[MessageWithUser] = []
+    append = out.append
     for (
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
         created_at, username, avatar_url,
@@ -568,9 +568,8 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
         else:
             profile = _profile(user_id, username, avatar_url)
         message = new(cls)
-        set_attr(
+        set_dict(
             message,
-            "__dict__",
             {
                 "id": id_,
                 "room_id": room_id,
@@ -588,5 +587,5 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
         set_fields(message, fields)
         set_extra(message, None)
         set_private(message, None)
-        out.append(message)
+        append(message)
     return tuple(out)
