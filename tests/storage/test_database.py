@@ -309,3 +309,71 @@ async def test_executemany_and_copy(db: Database, make_user: MakeUser) -> None:
             columns=("name", "type", "created_by"),
         )
     assert await db.fetchval("t.count", "SELECT count(*) FROM rooms") == 4
+
+
+# -- acting as a user -----------------------------------------------------------------------
+
+
+async def test_acting_as_sets_the_user_for_the_transaction_only(database_url: str) -> None:
+    user = uuid.uuid4()
+    settings = Settings(database_url=database_url, pool_min_size=1, pool_max_size=1)
+    async with Database(settings) as db:
+        assert db.acting_user() is None
+        async with db.acting_as(str(user)) as tx:
+            assert tx.acting_user == user == db.acting_user()
+            seen = await db.fetchval("t.who", "SELECT current_setting('app.user_id', true)")
+            assert seen == str(user)
+
+            async def failing_block() -> None:
+                async with db.acting_as(user):
+                    await db.execute("t.dup", "SELECT 1")
+                    raise Conflict("inner block fails")
+
+            # The same user nests as a savepoint: a failure inside undoes only that block.
+            with pytest.raises(Conflict):
+                await failing_block()
+            assert await db.fetchval("t.still", "SELECT current_setting('app.user_id')") == str(
+                user
+            )
+        assert db.acting_user() is None
+        # One connection in the pool: the next borrower does not inherit the user.
+        after = await db.fetchval("t.after", "SELECT current_setting('app.user_id', true)")
+        assert after in (None, "")
+
+
+async def test_acting_as_refuses_a_bad_id_and_a_change_of_identity(database_url: str) -> None:
+    settings = Settings(database_url=database_url, pool_min_size=1, pool_max_size=2)
+    async with Database(settings) as db:
+        with pytest.raises(InvalidInput) as bad:
+            async with db.acting_as("not-a-uuid"):  # type: ignore[arg-type]
+                pass  # pragma: no cover
+        assert bad.value.field == "user_id"
+        async with db.acting_as(uuid.uuid4()):
+            with pytest.raises(InvalidInput, match="another user"):
+                async with db.acting_as(uuid.uuid4()):
+                    pass  # pragma: no cover
+        async with db.transaction():
+            with pytest.raises(InvalidInput, match="acting as no one"):
+                async with db.acting_as(uuid.uuid4()):
+                    pass  # pragma: no cover
+
+
+# -- failed connections of the pool ---------------------------------------------------------
+
+
+async def test_failed_pool_connections_are_counted(database_url: str) -> None:
+    from chatkeep.storage.security import connection_failures, reset_connection_failures
+
+    missing = database_url.rsplit("/", 1)[0] + "/chatkeep_no_such_database"
+    reset_connection_failures()
+    # At open: the pool's first connections.
+    with pytest.raises(ConfigurationError):
+        await Database(Settings(database_url=missing, pool_min_size=1)).open()
+    # Later: a pool that opens lazily, failing on its first borrow.
+    async with Database(Settings(database_url=missing, pool_min_size=0)) as lazy:
+        with pytest.raises(ConfigurationError):
+            await lazy.fetchval("t.one", "SELECT 1")
+    [failure] = [f for f in connection_failures() if "exist" in f.reason]
+    assert failure.count == 2
+    assert failure.reason == "the database does not exist"
+    reset_connection_failures()

@@ -22,6 +22,7 @@ import json
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -46,7 +47,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.storage.errors import translate_error, translate_errors
-from chatkeep.storage.security import connection_failed
+from chatkeep.storage.security import SET_ACTING_USER, check_user_id, connection_failed
 
 __all__ = [
     "Database",
@@ -161,7 +162,7 @@ class Transaction:
     :attr:`connection` only for SQL of your own.
     """
 
-    __slots__ = ("_connection", "_exposed", "depth", "name", "task")
+    __slots__ = ("_connection", "_exposed", "acting_user", "depth", "name", "task")
 
     def __init__(
         self, connection: PoolConnectionProxy, name: str, task: asyncio.Task[Any] | None
@@ -171,6 +172,8 @@ class Transaction:
         self.name = name
         self.task = task
         self.depth = 0
+        #: The user row security acts for (``db.acting_as``), or ``None``.
+        self.acting_user: uuid.UUID | None = None
 
     @property
     def connection(self) -> PoolConnectionProxy:
@@ -268,10 +271,23 @@ class Database:
             # The server's statement_timeout fires first and cancels cleanly; the client
             # timeout is the backstop for a server or network that stops answering.
             command_timeout=settings.statement_timeout + 5.0,
+            connect=self._connect_counted,
             init=self._init_connection,
             reset=_reset_connection,
         )
         return options
+
+    async def _connect_counted(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        # Every connection the pool opens, at start or later (growing, or replacing one
+        # the server dropped): a failure is counted and logged for `chatkeep doctor`.
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+        except _DRIVER_ERRORS as exc:
+            error = _translated(exc, f"connect to {redact_url(self._dsn)}")
+            error.__cause__ = exc
+            connection_failed(self._dsn, error)
+            raise
+        return conn
 
     async def open(self) -> Self:
         """Create the pool (``min_size`` connections are opened now).
@@ -510,6 +526,52 @@ class Database:
                 await self._release(conn, full_reset=tx._exposed)
             finally:
                 self._record(name, time.perf_counter() - start, failed)
+
+    @contextlib.asynccontextmanager
+    async def acting_as(
+        self,
+        user_id: uuid.UUID,
+        name: str = "acting_as",
+        *,
+        isolation: IsolationLevel | None = None,
+        readonly: bool = False,
+    ) -> AsyncIterator[Transaction]:
+        """A transaction acting as ``user_id``: row security lets it see and write as them.
+
+        The user is set with ``set_config('app.user_id', ..., true)``, local to the
+        transaction, so it ends with it and never reaches the next user of the pooled
+        connection. Repository calls in the block join it. Inside a block acting as the
+        same user, a nested ``acting_as`` is a savepoint, like a nested
+        :meth:`transaction`.
+
+        Raises:
+            InvalidInput: ``user_id`` is not a UUID, or the task is already in a
+                transaction acting as someone else or as no one (the setting would
+                outlive this block or change the caller's).
+            PermissionDenied: a write in the block was refused by row security; nothing
+                of the block is kept.
+        """
+        user = check_user_id(user_id)
+        outer = self._joined()
+        if outer is not None:
+            if outer.acting_user != user:
+                who = "no one" if outer.acting_user is None else "another user"
+                raise InvalidInput(
+                    "user_id", f"already in a transaction acting as {who}: act in its own block"
+                )
+            async with self.transaction(name) as joined:
+                yield joined
+            return
+        async with self.transaction(name, isolation=isolation, readonly=readonly) as tx:
+            with translate_errors(name):
+                await tx._connection.execute(SET_ACTING_USER, str(user))
+            tx.acting_user = user
+            yield tx
+
+    def acting_user(self) -> uuid.UUID | None:
+        """The user the current task's transaction acts as, or ``None``."""
+        tx = self._joined()
+        return tx.acting_user if tx is not None else None
 
     # -- named operations -----------------------------------------------------------------
 

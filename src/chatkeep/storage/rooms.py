@@ -1,6 +1,6 @@
 """Rooms and memberships: create, direct rooms, members, roles, a user's room list.
 
-Races are settled by the database: a room and its owner are one statement; direct rooms
+Races are settled by the database: a room and its owner are one transaction; direct rooms
 are get-or-create on the unique pair; joins are ``ON CONFLICT DO NOTHING``; role changes
 and departures lock the room's owner rows (and the actor's and target's) in one
 transaction before deciding, so two owners leaving at once cannot leave a room ownerless.
@@ -38,33 +38,28 @@ ROOM_COLUMNS: Final = (
 _R_COLUMNS: Final = ", ".join(f"r.{c.strip()}" for c in ROOM_COLUMNS.split(","))
 MEMBER_COLUMNS: Final = "room_id, user_id, role, joined_at, last_read_at, last_read_seq"
 
-# The room and its owner membership in one statement: atomic without a transaction.
+# A room and its first members are two statements in one transaction, not one statement:
+# row security decides each membership by looking at the room, and a policy cannot see a
+# row inserted by the same statement.
 CREATE_ROOM: Final = f"""
-WITH room AS (
-    INSERT INTO rooms (id, name, description, type, created_by)
-    VALUES ($1, $2, $3, $4, $5)
-    RETURNING {ROOM_COLUMNS}
-), owner AS (
-    INSERT INTO room_users (room_id, user_id, role)
-    SELECT id, created_by, 'owner' FROM room
-)
-SELECT {ROOM_COLUMNS} FROM room
+INSERT INTO rooms (id, name, description, type, created_by)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING {ROOM_COLUMNS}
 """
+ADD_OWNER: Final = "INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, 'owner')"
 
 # Get-or-create on the unique pair. When another transaction inserted the pair first,
 # ON CONFLICT waits for it and returns nothing; FIND_DIRECT (a new snapshot) then sees it.
 OPEN_DIRECT: Final = f"""
-WITH room AS (
-    INSERT INTO rooms (id, name, type, created_by, direct_user_low, direct_user_high)
-    VALUES ($1, 'direct', 'direct', $2, $3, $4)
-    ON CONFLICT (direct_user_low, direct_user_high) DO NOTHING
-    RETURNING {ROOM_COLUMNS}
-), members AS (
-    INSERT INTO room_users (room_id, user_id, role)
-    SELECT room.id, pair.user_id, 'member'
-      FROM room, (SELECT DISTINCT unnest(ARRAY[$3::uuid, $4::uuid]) AS user_id) AS pair
-)
-SELECT {ROOM_COLUMNS} FROM room
+INSERT INTO rooms (id, name, type, created_by, direct_user_low, direct_user_high)
+VALUES ($1, 'direct', 'direct', $2, $3, $4)
+ON CONFLICT (direct_user_low, direct_user_high) DO NOTHING
+RETURNING {ROOM_COLUMNS}
+"""
+ADD_PAIR: Final = """
+INSERT INTO room_users (room_id, user_id, role)
+SELECT $1, pair.user_id, 'member'
+  FROM (SELECT DISTINCT unnest(ARRAY[$2::uuid, $3::uuid]) AS user_id) AS pair
 """
 FIND_DIRECT: Final = f"""
 SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_user_low = $1 AND direct_user_high = $2
@@ -162,17 +157,19 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         """
         if not isinstance(dto, CreateRoomDto):
             raise InvalidInput("dto", "must be a CreateRoomDto")
-        row = await self.db.fetchrow(
-            "rooms.create",
-            CREATE_ROOM,
-            uuid7(),
-            dto.name,
-            dto.description,
-            dto.type,
-            dto.created_by,
-        )
-        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns
-            raise NotFound("room was not created", entity="room")
+        async with self.db.transaction("rooms.create"):
+            row = await self.db.fetchrow(
+                "rooms.create",
+                CREATE_ROOM,
+                uuid7(),
+                dto.name,
+                dto.description,
+                dto.type,
+                dto.created_by,
+            )
+            if row is None:  # pragma: no cover - INSERT ... RETURNING always returns
+                raise NotFound("room was not created", entity="room")
+            await self.db.execute("rooms.add_owner", ADD_OWNER, row["id"], dto.created_by)
         return self._row(row)
 
     async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
@@ -188,7 +185,12 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         b = check_id("user_b", user_b)
         low, high = sorted((a, b))
         for _ in range(3):
-            row = await self.db.fetchrow("rooms.open_direct", OPEN_DIRECT, uuid7(), a, low, high)
+            async with self.db.transaction("rooms.open_direct"):
+                row = await self.db.fetchrow(
+                    "rooms.open_direct", OPEN_DIRECT, uuid7(), a, low, high
+                )
+                if row is not None:
+                    await self.db.execute("rooms.add_pair", ADD_PAIR, row["id"], low, high)
             if row is None:
                 row = await self.db.fetchrow("rooms.find_direct", FIND_DIRECT, low, high)
             if row is not None:

@@ -38,8 +38,10 @@ from chatkeep.storage.errors import translate_errors
 
 __all__ = [
     "ACTING_USER_SETTING",
+    "SET_ACTING_USER",
     "ConnectionFailureCount",
     "acting_as",
+    "check_user_id",
     "connection_failed",
     "connection_failures",
     "reset_connection_failures",
@@ -49,7 +51,7 @@ __all__ = [
 logger = logging.getLogger("chatkeep.security")
 
 ACTING_USER_SETTING: Final = "app.user_id"
-_SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
+SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
 
 
 class _Acquirer(Protocol):
@@ -58,15 +60,20 @@ class _Acquirer(Protocol):
     def acquire(self) -> Any: ...
 
 
-def _user_id(value: uuid.UUID | str) -> str:
+def check_user_id(value: object) -> uuid.UUID:
+    """``value`` as the acting user's UUID, or InvalidInput naming ``user_id``."""
     if isinstance(value, uuid.UUID):
-        return str(value)
+        return value
     if isinstance(value, str):
         try:
-            return str(uuid.UUID(value))
+            return uuid.UUID(value)
         except ValueError:
             pass
     raise InvalidInput("user_id", "must be a UUID")
+
+
+def _user_id(value: uuid.UUID | str) -> str:
+    return str(check_user_id(value))
 
 
 async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str) -> None:
@@ -83,7 +90,7 @@ async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str
     if not conn.is_in_transaction():
         raise InvalidInput("conn", "must be inside a transaction to set the acting user")
     with translate_errors("set acting user"):
-        await conn.execute(_SET_ACTING_USER, value)
+        await conn.execute(SET_ACTING_USER, value)
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +121,7 @@ async def acting_as(
             if conn.is_in_transaction():
                 raise InvalidInput("conn", "acting_as needs a connection outside any transaction")
             async with conn.transaction():
-                await conn.execute(_SET_ACTING_USER, value)
+                await conn.execute(SET_ACTING_USER, value)
                 yield conn
 
 
