@@ -345,7 +345,7 @@ async def test_acting_as_refuses_a_bad_id_and_a_change_of_identity(database_url:
     settings = Settings(database_url=database_url, pool_min_size=1, pool_max_size=2)
     async with Database(settings) as db:
         with pytest.raises(InvalidInput) as bad:
-            async with db.acting_as("not-a-uuid"):  # type: ignore[arg-type]
+            async with db.acting_as("not-a-uuid"):
                 pass  # pragma: no cover
         assert bad.value.field == "user_id"
         async with db.acting_as(uuid.uuid4()):
@@ -362,9 +362,10 @@ async def test_acting_as_refuses_a_bad_id_and_a_change_of_identity(database_url:
 
 
 async def test_failed_pool_connections_are_counted(database_url: str) -> None:
+    from chatkeep.storage.bootstrap import maintenance_url
     from chatkeep.storage.security import connection_failures, reset_connection_failures
 
-    missing = database_url.rsplit("/", 1)[0] + "/chatkeep_no_such_database"
+    missing = maintenance_url(database_url, "chatkeep_no_such_database")
     reset_connection_failures()
     # At open: the pool's first connections.
     with pytest.raises(ConfigurationError):

@@ -530,7 +530,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def acting_as(
         self,
-        user_id: uuid.UUID,
+        user_id: uuid.UUID | str,
         name: str = "acting_as",
         *,
         isolation: IsolationLevel | None = None,
