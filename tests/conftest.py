@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
@@ -56,6 +57,14 @@ def admin_url(servers: Endpoints) -> str:
 def url_for(base: str, database: str) -> str:
     """``base`` pointed at another database on the same server."""
     return maintenance_url(base, database)
+
+
+def url_as(url: str, role: str) -> str:
+    """``url`` with its user replaced by ``role`` (and no password)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{quote(role)}@{host}{parts.path}{query}"
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

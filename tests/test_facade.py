@@ -47,6 +47,8 @@ from chatkeep.realtime import (
     RoomGap,
     TypingChanged,
 )
+from chatkeep.storage import Database
+from tests.conftest import url_as
 from tests.realtime.conftest import FAST, ThrowawayRedis, wait_until
 
 PASSWORD = "correct horse"
@@ -61,8 +63,13 @@ E = TypeVar("E")
 async def chat(
     make_settings: Callable[..., Settings], database_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
-    """A facade on this test's database and flushed Redis db, as node ``node-a``."""
-    async with ChatKeep.connect(make_settings(), node_id="node-a", bcrypt_rounds=ROUNDS) as facade:
+    """A facade on this test's database and flushed Redis db, as node ``node-a``.
+
+    It connects as ``chatapp_app``, as the library does in production: row security binds
+    every flow (a superuser would bypass it and hide a flow that forgot its acting user).
+    """
+    settings = make_settings(database_url=url_as(database_url, "chatapp_app"))
+    async with ChatKeep.connect(settings, node_id="node-a", bcrypt_rounds=ROUNDS) as facade:
         yield facade
 
 
@@ -138,7 +145,8 @@ async def cached(chat: ChatKeep, key: str) -> bool:
 
 
 async def last_seq(chat: ChatKeep, room: Room) -> int:
-    return (await chat.rooms.get(room.id)).last_seq
+    async with chat.acting_as(room.created_by):  # the creator sees their room
+        return (await chat.rooms.get(room.id)).last_seq
 
 
 # -- connecting -------------------------------------------------------------------------------
@@ -181,7 +189,8 @@ async def test_send_persists_then_publishes_the_message(chat: ChatKeep, world: W
     sub = await chat.subscribe(world.general.id)
     message = await chat.send_message(world.general.id, world.bob.id, "hello", client_msg_id="c-1")
     assert (message.seq, message.content, message.user_id) == (1, "hello", world.bob.id)
-    stored = await chat.messages.get(message.id)
+    async with chat.acting_as(world.bob.id):
+        stored = await chat.messages.get(message.id)
     assert stored == message
     event = await expect(sub, MessageCreated)
     assert (event.message_id, event.seq, event.sender_id) == (message.id, 1, world.bob.id)
@@ -248,7 +257,8 @@ async def test_the_author_edits_and_others_may_not(chat: ChatKeep, world: World)
     sub = await chat.subscribe(room)
     with pytest.raises(PermissionDenied):
         await chat.edit_message(message.id, world.alice.id, "vandalised")
-    assert (await chat.messages.get(message.id)).content == "helo"
+    async with chat.acting_as(world.alice.id):
+        assert (await chat.messages.get(message.id)).content == "helo"
     edited = await chat.edit_message(message.id, world.bob.id, "hello")
     assert (edited.content, edited.is_edited, edited.seq) == ("hello", True, message.seq)
     assert edited.edited_at is not None
@@ -268,14 +278,16 @@ async def test_delete_by_author_or_room_owner_only(chat: ChatKeep, world: World)
     sub = await chat.subscribe(room)
     with pytest.raises(PermissionDenied):  # a plain member, not the author
         await chat.delete_message(bobs.id, world.carol.id)
-    assert await chat.messages.find_by_id(bobs.id) is not None
+    async with chat.acting_as(world.alice.id):
+        assert await chat.messages.find_by_id(bobs.id) is not None
     assert await chat.delete_message(bobs.id, world.alice.id)  # the room's owner
     event = await expect(sub, MessageDeleted)
     assert (event.message_id, event.seq, event.deleted_by) == (bobs.id, bobs.seq, world.alice.id)
     assert await chat.delete_message(carols.id, world.carol.id)  # the author
     event = await expect(sub, MessageDeleted)
     assert (event.message_id, event.deleted_by) == (carols.id, world.carol.id)
-    assert await chat.messages.find_by_id(bobs.id) is None
+    async with chat.acting_as(world.alice.id):
+        assert await chat.messages.find_by_id(bobs.id) is None
     # Gone already, or never there: False, and nothing published.
     assert not await chat.delete_message(bobs.id, world.alice.id)
     assert not await chat.delete_message(uuid.uuid4(), world.alice.id)
@@ -361,8 +373,10 @@ async def test_join_and_leave_invalidate_the_member_cache_and_publish(
 ) -> None:
     room, carol = world.general.id, world.carol.id
     key = chat.members.cache.key(room)
-    assert not await chat.members.is_member(room, carol)  # read through: now cached
-    assert await cached(chat, key)
+    assert not await chat.members.is_member(room, carol)
+    assert not await cached(chat, key)  # a non-member's view of the list is not shared
+    assert await chat.members.is_member(room, world.bob.id)
+    assert await cached(chat, key)  # a member's view is the whole list: cached
     sub = await chat.subscribe(room)
 
     member = await chat.join(room, carol)
@@ -391,12 +405,16 @@ async def test_join_and_leave_invalidate_the_member_cache_and_publish(
 async def test_removal_by_an_admin_invalidates_and_publishes(chat: ChatKeep, world: World) -> None:
     room = world.general.id
     await chat.join(room, world.carol.id)
-    assert await chat.members.members(room) == {world.alice.id, world.bob.id, world.carol.id}
+    everyone = {world.alice.id, world.bob.id, world.carol.id}
+    assert await chat.members.members(room, asking=world.alice.id) == everyone
     with pytest.raises(PermissionDenied):  # a plain member removes no one
         await chat.remove_member(room, world.carol.id, by=world.bob.id)
     sub = await chat.subscribe(room)
     assert await chat.remove_member(room, world.carol.id, by=world.alice.id)
-    assert await chat.members.members(room) == {world.alice.id, world.bob.id}
+    assert await chat.members.members(room, asking=world.alice.id) == {
+        world.alice.id,
+        world.bob.id,
+    }
     assert (await expect(sub, MemberLeft)).user_id == world.carol.id
     with pytest.raises(PermissionDenied):  # the last owner cannot go
         await chat.leave(room, world.alice.id)
@@ -416,7 +434,7 @@ async def test_change_role_invalidates_and_publishes_the_new_role(
 ) -> None:
     room = world.general.id
     key = chat.members.cache.key(room)
-    await chat.members.members(room)
+    await chat.members.members(room, asking=world.bob.id)
     assert await cached(chat, key)
     sub = await chat.subscribe(room)
     member = await chat.change_role(room, world.bob.id, "admin", by=world.alice.id)
@@ -452,8 +470,20 @@ async def test_deleting_a_room_invalidates_and_tells_every_member(
     await sub.aclose()
 
 
-async def test_the_system_may_delete_any_room(chat: ChatKeep, world: World) -> None:
-    assert await chat.delete_room(world.general.id)
+async def test_system_acts_need_a_role_row_security_does_not_bind(
+    chat: ChatKeep, world: World, make_settings: Callable[..., Settings]
+) -> None:
+    # As chatapp_app, a deletion by no one in particular is refused by the database.
+    with pytest.raises(PermissionDenied):
+        await chat.delete_room(world.general.id)
+    with pytest.raises(NotFound):  # no one in particular sees no memberships
+        await chat.change_role(world.general.id, world.bob.id, "admin")
+    assert await chat.members.is_member(world.general.id, world.bob.id)
+    # The test's own URL is a superuser's, like a maintenance job's: the system may.
+    async with Database(make_settings()) as system_db:
+        system = ChatKeep(system_db, chat.redis)
+        assert (await system.change_role(world.general.id, world.bob.id, "admin")).role == "admin"
+        assert await system.delete_room(world.general.id)
     assert await chat.unread_counts(world.bob.id) == {}
 
 
@@ -461,14 +491,20 @@ async def test_new_rooms_list_their_members(chat: ChatKeep, world: World) -> Non
     plans = await chat.create_room(
         CreateRoomDto(name="plans", type="private", created_by=world.alice.id)
     )
-    assert await chat.members.members(plans.id) == {world.alice.id}
-    with pytest.raises(PermissionDenied):  # private rooms are not joined freely
+    assert await chat.members.members(plans.id, asking=world.alice.id) == {world.alice.id}
+    with pytest.raises(NotFound):  # a private room is invisible to non-members
         await chat.join(plans.id, world.bob.id)
     await chat.join(plans.id, world.bob.id, by=world.alice.id)
-    assert await chat.members.members(plans.id) == {world.alice.id, world.bob.id}
+    assert await chat.members.members(plans.id, asking=world.bob.id) == {
+        world.alice.id,
+        world.bob.id,
+    }
     direct = await chat.open_direct(world.bob.id, world.carol.id)
     assert await chat.open_direct(world.carol.id, world.bob.id) == direct
-    assert await chat.members.members(direct.id) == {world.bob.id, world.carol.id}
+    assert await chat.members.members(direct.id, asking=world.carol.id) == {
+        world.bob.id,
+        world.carol.id,
+    }
     with pytest.raises(InvalidInput):
         await chat.join(direct.id, world.alice.id, by=world.bob.id)
 
@@ -794,7 +830,10 @@ async def test_bad_input_is_refused_naming_the_field(chat: ChatKeep, world: Worl
     assert failures == []
     # Nothing was half-written by any of them.
     assert await last_seq(chat, world.general) == 0
-    assert await chat.members.members(world.general.id) == {world.alice.id, world.bob.id}
+    assert await chat.members.members(world.general.id, asking=world.bob.id) == {
+        world.alice.id,
+        world.bob.id,
+    }
     assert await chat.sockets.get("s1") is None
     bob = await chat.users.get(world.bob.id)
     assert (bob.username, bob.is_active) == ("bob", True)
@@ -844,7 +883,8 @@ async def test_writes_persist_and_reads_degrade_while_redis_is_down(
     assert await down.mark_read(room, world.alice.id) == first.seq
     member = await down.join(room, carol)
     assert member.role == "member"
-    assert (await chat.messages.get(first.id)).content == "still here!"
+    async with chat.acting_as(bob):
+        assert (await chat.messages.get(first.id)).content == "still here!"
     assert (await chat.unread_counts(world.alice.id))[room] == 0
     # Cached reads fall back to PostgreSQL (and see the writes made meanwhile).
     assert await down.members.is_member(room, carol)

@@ -20,6 +20,12 @@ sessions of a deactivated account or after a password change raises
 :class:`~chatkeep.errors.Unavailable` when Redis is down (the PostgreSQL change is kept;
 calling the flow again, which is idempotent, finishes the revocation).
 
+Every flow made on behalf of a user runs its PostgreSQL work in one transaction *acting as*
+that user (:meth:`Database.acting_as`), so row security confines it to what the user may
+see and write, even when the database role is the least-privileged ``chatapp_app``. For
+reads of your own, ``async with chat.acting_as(user_id):`` does the same around repository
+calls.
+
 Write through these methods, not through the repositories' own (``chat.rooms``,
 ``chat.users``...): those touch PostgreSQL only, so they neither invalidate caches nor
 publish events.
@@ -56,6 +62,7 @@ from chatkeep.models import (
     MessageWithUser,
     Room,
     RoomRole,
+    RoomSummary,
     RoomUser,
     UnreadCounts,
     UpdateUserDto,
@@ -91,13 +98,14 @@ from chatkeep.realtime import (
     SocketRegistry,
     TypingChanged,
     TypingIndicators,
+    Unshared,
     UserProfileCache,
 )
 from chatkeep.realtime.keys import MAX_ID_LENGTH
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
-from chatkeep.storage.database import DatabaseHealth
+from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transaction
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
@@ -293,15 +301,51 @@ class ChatKeep:
         user = await self.users.find_by_id(user_id)
         return user.profile() if user is not None else None
 
-    async def _load_members(self, room_id: uuid.UUID) -> frozenset[uuid.UUID] | None:
-        found = await self.rooms.members(room_id)
-        return frozenset(m.user.id for m in found.members)
+    async def _load_members(
+        self, room_id: uuid.UUID, asking: uuid.UUID | None
+    ) -> frozenset[uuid.UUID] | Unshared[frozenset[uuid.UUID]]:
+        # Read as the asker. Through row security a member sees their room's whole member
+        # list and anyone else sees less, so only a list that holds the asker is shared
+        # through the cache; any other view answers this call alone.
+        if asking is None:
+            found = await self.rooms.members(room_id)
+            return Unshared(frozenset(m.user.id for m in found.members))
+        async with self._acting(asking, "facade.load_members"):
+            found = await self.rooms.members(room_id)
+        ids = frozenset(m.user.id for m in found.members)
+        return ids if asking in ids else Unshared(ids)
+
+    def _acting(
+        self, user: uuid.UUID, name: str
+    ) -> contextlib.AbstractAsyncContextManager[Transaction | None]:
+        # Already acting as this user (a loader inside a flow): join, no savepoint.
+        if self.db.acting_user() == user:
+            return contextlib.nullcontext()
+        return self.db.acting_as(user, name)
+
+    def acting_as(
+        self, user_id: uuid.UUID | str
+    ) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """A transaction acting as ``user_id``, for repository calls of your own.
+
+        Row security then shows and lets the block write only what that user may (see
+        :meth:`chatkeep.storage.Database.acting_as`)::
+
+            async with chat.acting_as(user_id):
+                rooms = await chat.rooms.rooms_of(user_id)
+
+        Raises:
+            InvalidInput: ``user_id`` is not a UUID, or the task is already in a
+                transaction acting as someone else.
+        """
+        return self.db.acting_as(user_id, "facade.acting_as")
 
     async def _went_offline(self, users: Sequence[OfflineUser]) -> None:
         # last_seen goes to PostgreSQL when a user goes offline, not on every heartbeat.
         for gone in users:
             try:
-                await self.users.touch_last_seen(gone.user_id)
+                async with self.db.acting_as(gone.user_id, "facade.went_offline"):
+                    await self.users.touch_last_seen(gone.user_id)
             except ChatkeepError as exc:  # presence must not fail over a missed last_seen
                 logger.warning("last_seen of %s not written: %s", gone.user_id, exc)
 
@@ -340,6 +384,15 @@ class ChatKeep:
             await work
         except ChatkeepError as exc:
             logger.warning("%s skipped: %s", operation, exc)
+
+    def _as_actor_or_system(
+        self, actor: uuid.UUID | None, name: str, *, isolation: IsolationLevel | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        # ``by=None`` is system work: no acting user, so under row security it needs a
+        # role the policies do not confine (the migrator's, say), as the docs say.
+        if actor is None:
+            return self.db.transaction(name, isolation=isolation)
+        return self.db.acting_as(actor, name, isolation=isolation)
 
     def _outside_transaction(self, flow: str) -> None:
         # Redis work must follow the commit: inside the caller's transaction an event
@@ -427,7 +480,9 @@ class ChatKeep:
             InvalidInput: a bad id, or ``dto`` is not an UpdateUserDto.
         """
         self._outside_transaction("update_profile")
-        user = await self.users.update_profile(check_id("user_id", user_id), dto)
+        key = check_id("user_id", user_id)
+        async with self.db.acting_as(key, "facade.update_profile"):
+            user = await self.users.update_profile(key, dto)
         await self._invalidate_profile(user.id)
         return user
 
@@ -449,7 +504,8 @@ class ChatKeep:
         """
         self._outside_transaction("change_password")
         key = check_id("user_id", user_id)
-        await self.users.change_password(key, current_password, new_password)
+        async with self.db.acting_as(key, "facade.change_password"):
+            await self.users.change_password(key, current_password, new_password)
         await self._revoke_logins(key, "the password change")
 
     async def deactivate_user(self, user_id: uuid.UUID) -> User:
@@ -465,7 +521,9 @@ class ChatKeep:
                 sessions (call again to finish).
         """
         self._outside_transaction("deactivate_user")
-        user = await self.users.deactivate(check_id("user_id", user_id))
+        key = check_id("user_id", user_id)
+        async with self.db.acting_as(key, "facade.deactivate_user"):
+            user = await self.users.deactivate(key)
         await self._invalidate_profile(user.id)
         await self._revoke_logins(user.id, "the deactivation")
         return user
@@ -517,7 +575,8 @@ class ChatKeep:
             except Unavailable as exc:
                 # Fail open: an outage of the limiter must not stop messages.
                 logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-            message = await self.messages.send(dto)
+            async with self.db.acting_as(dto.user_id, "facade.send_message"):
+                message = await self.messages.send(dto)
             await self._publish(
                 MessageCreated(
                     room_id=message.room_id,
@@ -542,7 +601,9 @@ class ChatKeep:
         """
         self._outside_transaction("edit_message")
         editor = check_id("user_id", user_id)
-        message = await self.messages.edit(check_id("message_id", message_id), content, by=editor)
+        key = check_id("message_id", message_id)
+        async with self.db.acting_as(editor, "facade.edit_message"):
+            message = await self.messages.edit(key, content, by=editor)
         await self._publish(
             MessageEdited(
                 room_id=message.room_id,
@@ -569,9 +630,10 @@ class ChatKeep:
         self._outside_transaction("delete_message")
         key = check_id("message_id", message_id)
         actor = check_id("user_id", user_id)
-        found = await self.messages.find_by_id(key)
-        if found is None or not await self.messages.delete(key, by=actor):
-            return False
+        async with self.db.acting_as(actor, "facade.delete_message"):
+            found = await self.messages.find_by_id(key)
+            if found is None or not await self.messages.delete(key, by=actor):
+                return False
         await self._publish(
             MessageDeleted(
                 room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
@@ -596,7 +658,8 @@ class ChatKeep:
         self._outside_transaction("mark_read")
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
-        watermark = await self.messages.mark_read(room, user, seq)
+        async with self.db.acting_as(user, "facade.mark_read"):
+            watermark = await self.messages.mark_read(room, user, seq)
         await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
@@ -607,7 +670,9 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        return await self.messages.unread_counts(check_id("user_id", user_id))
+        user = check_id("user_id", user_id)
+        async with self.db.acting_as(user, "facade.unread_counts"):
+            return await self.messages.unread_counts(user)
 
     async def catch_up(
         self,
@@ -645,7 +710,58 @@ class ChatKeep:
         if cursor is not None and decode_cursor(cursor)[2] != "after":
             raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
         await self._require_member(room, user)
-        return await self.messages.history(room, after_seq=after_seq, cursor=cursor, limit=limit)
+        async with self.db.acting_as(user, "facade.catch_up"):
+            return await self.messages.history(
+                room, after_seq=after_seq, cursor=cursor, limit=limit
+            )
+
+    async def history(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | uuid.UUID | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """A page of the room's history for a member, authors joined, ascending ``seq``.
+
+        With no position, the newest page; otherwise one of ``cursor``, ``before_seq``,
+        ``after_seq`` or ``around``, as :meth:`MessageRepository.history
+        <chatkeep.storage.MessageRepository.history>` takes them.
+
+        Raises:
+            PermissionDenied: the user is not a member of the room.
+            NotFound: no such room, or ``around`` names a message not in it.
+            InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        await self._require_member(room, user)
+        async with self.db.acting_as(user, "facade.history"):
+            return await self.messages.history(
+                room,
+                cursor=cursor,
+                before_seq=before_seq,
+                after_seq=after_seq,
+                around=around,
+                limit=limit,
+            )
+
+    async def rooms_of(
+        self, user_id: uuid.UUID, *, include_inactive: bool = False
+    ) -> list[RoomSummary]:
+        """The user's rooms, newest activity first, with last message and unread count.
+
+        Raises:
+            NotFound: no such user.
+            InvalidInput: a bad id.
+        """
+        user = check_id("user_id", user_id)
+        async with self.db.acting_as(user, "facade.rooms_of"):
+            return await self.rooms.rooms_of(user, include_inactive=include_inactive)
 
     # -- rooms and membership ---------------------------------------------------------------
 
@@ -656,8 +772,11 @@ class ChatKeep:
             NotFound: ``created_by`` is not a user.
             InvalidInput: ``dto`` is not a CreateRoomDto.
         """
+        if not isinstance(dto, CreateRoomDto):
+            raise InvalidInput("dto", "must be a CreateRoomDto")
         # A new id: no member list of it can be cached, so there is nothing to invalidate.
-        return await self.rooms.create(dto)
+        async with self.db.acting_as(dto.created_by, "facade.create_room"):
+            return await self.rooms.create(dto)
 
     async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
         """The direct room of two users, created on first use (both become members).
@@ -666,7 +785,9 @@ class ChatKeep:
             NotFound: either user does not exist.
             InvalidInput: a bad id.
         """
-        return await self.rooms.open_direct(user_a, user_b)
+        opener = check_id("user_a", user_a)
+        async with self.db.acting_as(opener, "facade.open_direct"):
+            return await self.rooms.open_direct(opener, user_b)
 
     async def join(
         self,
@@ -682,7 +803,8 @@ class ChatKeep:
         Joining again returns the existing membership unchanged.
 
         Raises:
-            NotFound: the room or the user does not exist.
+            NotFound: the room or the user does not exist, or ``by`` cannot see the room
+                (a private room, to someone not in it).
             PermissionDenied: ``by`` may not add this member with this role.
             InvalidInput: a bad id or role, or a direct room.
         """
@@ -690,7 +812,8 @@ class ChatKeep:
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = user if by is None else check_id("by", by)
-        member = await self.rooms.add_member(room, user, role=role, by=actor)
+        async with self.db.acting_as(actor, "facade.join"):
+            member = await self.rooms.add_member(room, user, role=role, by=actor)
         await self._invalidate_members(room)
         await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
@@ -715,7 +838,9 @@ class ChatKeep:
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = user if by is None else check_id("by", by)
-        if not await self.rooms.remove_member(room, user, by=actor):
+        async with self.db.acting_as(actor, "facade.leave"):
+            removed = await self.rooms.remove_member(room, user, by=actor)
+        if not removed:
             return False
         await self._invalidate_members(room)
         await self._quietly("presence.leave_room", self.presence.leave_room(room, user))
@@ -755,7 +880,8 @@ class ChatKeep:
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = None if by is None else check_id("by", by)
-        member = await self.rooms.change_role(room, user, role, by=actor)
+        async with self._as_actor_or_system(actor, "facade.change_role"):
+            member = await self.rooms.change_role(room, user, role, by=actor)
         await self._invalidate_members(room)
         # member.joined carries the role: receivers update the member's entry in place.
         await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
@@ -784,7 +910,7 @@ class ChatKeep:
         actor = None if by is None else check_id("by", by)
         # Serializable: the owner check and the delete see one snapshot, and a concurrent
         # role change or join makes one side fail (Unavailable) instead of slipping past.
-        async with self.db.transaction("facade.delete_room", isolation="serializable"):
+        async with self._as_actor_or_system(actor, "facade.delete_room", isolation="serializable"):
             try:
                 found = await self.rooms.members(room)
             except NotFound:

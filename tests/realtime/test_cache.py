@@ -13,6 +13,7 @@ from chatkeep.realtime import (
     ReadThroughCache,
     RedisClient,
     RoomMembersCache,
+    Unshared,
     UserProfileCache,
 )
 from tests.realtime.conftest import ClientFactory
@@ -206,24 +207,37 @@ async def test_the_cache_recovers_when_redis_returns(
 
 async def test_room_members_cache(client: RedisClient) -> None:
     members: dict[UUID, frozenset[UUID]] = {}
-    loads: list[UUID] = []
+    loads: list[tuple[UUID, UUID | None]] = []
 
-    async def load(room: UUID) -> frozenset[UUID] | None:
-        loads.append(room)
-        return members.get(room)
+    async def load(
+        room: UUID, asking: UUID | None
+    ) -> frozenset[UUID] | Unshared[frozenset[UUID]] | None:
+        # Like row security: a member sees the whole list, anyone else sees nothing.
+        loads.append((room, asking))
+        found = members.get(room)
+        if found is None or asking is None or asking in found:
+            return found
+        return Unshared(frozenset())
 
     cache = RoomMembersCache(client, load)
     room, alice, bob = uuid4(), uuid4(), uuid4()
     members[room] = frozenset({alice})
-    assert await cache.members(room) == {alice}
-    assert await cache.is_member(room, alice)
+    assert not await cache.is_member(room, bob)  # bob's view: loaded, not cached
     assert not await cache.is_member(room, bob)
+    assert loads == [(room, bob), (room, bob)]
+    assert await cache.is_member(room, alice)  # alice's view is the list: cached
+    assert await cache.members(room) == {alice}
+    assert not await cache.is_member(room, bob)  # answered from alice's list
+    assert len(loads) == 3
     members[room] = frozenset({alice, bob})
     assert await cache.invalidate(room)
     assert await cache.is_member(room, bob)
+    assert await cache.members(room, asking=alice) == {alice, bob}
     assert await cache.members(uuid4()) == frozenset()
-    assert cache.cache.stats.hits == 2
-    assert len(loads) == 3
+    assert cache.cache.stats.hits == 3
+    assert len(loads) == 5
+    with pytest.raises(InvalidInput):
+        RoomMembersCache(client, "not a loader")  # type: ignore[arg-type]
 
 
 def test_bad_options_are_refused(client: RedisClient) -> None:

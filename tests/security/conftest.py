@@ -11,22 +11,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest_asyncio
 
 from chatkeep.ids import uuid7
+from tests.conftest import url_as
 
 HASH = "$2b$12$" + "a" * 53
-
-
-def url_as(url: str, role: str) -> str:
-    """``url`` with its user replaced by ``role`` (and no password)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{quote(role)}@{host}{parts.path}{query}"
 
 
 @pytest_asyncio.fixture(loop_scope="session")

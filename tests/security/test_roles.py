@@ -33,7 +33,7 @@ from chatkeep.storage.security import (
     connection_failures,
     reset_connection_failures,
 )
-from tests.security.conftest import url_as
+from tests.conftest import url_as
 
 Env = Callable[..., dict[str, str]]
 

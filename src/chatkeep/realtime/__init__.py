@@ -23,6 +23,7 @@ from chatkeep.realtime.cache import (
     ReadThroughCache,
     RoomMembersCache,
     Serializer,
+    Unshared,
     UserProfileCache,
 )
 from chatkeep.realtime.client import (
@@ -110,6 +111,7 @@ __all__ = [
     "TokenReuse",
     "TypingChanged",
     "TypingIndicators",
+    "Unshared",
     "UserProfileCache",
     "decode_event",
     "encode_event",

@@ -14,7 +14,10 @@ ages out with its TTL).
 
 The cache knows nothing about storage models: a loader is
 ``Callable[[UUID], Awaitable[T | None]]`` and a :class:`Serializer` turns ``T`` into
-bytes and back (:class:`JsonSerializer` does it for any pydantic-compatible type).
+bytes and back (:class:`JsonSerializer` does it for any pydantic-compatible type). A loader
+that reads through row security sees only what its caller may see; when that view is not
+everyone's, it returns the value wrapped in :class:`Unshared`: the caller gets it, the
+cache does not keep it.
 """
 
 from __future__ import annotations
@@ -113,8 +116,23 @@ class JsonSerializer(Generic[T]):
             raise ValueError(str(exc)) from exc
 
 
-Loader = Callable[[UUID], Awaitable[T | None]]
+@dataclass(frozen=True, slots=True)
+class Unshared(Generic[T]):
+    """A loaded value that is right for this caller only: returned, never cached.
+
+    For loaders that read through row security: a member list read as someone who is not
+    a member is not the room's member list.
+    """
+
+    value: T | None
+
+
+Loader = Callable[[UUID], Awaitable["T | Unshared[T] | None"]]
 """Loads the current value from the source of truth; ``None`` if there is none."""
+
+
+def _value(loaded: T | Unshared[T] | None) -> T | None:
+    return loaded.value if isinstance(loaded, Unshared) else loaded
 
 
 @dataclass(slots=True)
@@ -199,14 +217,20 @@ class ReadThroughCache(Generic[T]):
             self._degraded = False
             logger.info("cache %s is served by redis again", self._namespace)
 
-    async def get(self, ident: UUID) -> T | None:
+    async def get(self, ident: UUID, *, loader: Loader[T] | None = None) -> T | None:
         """The value for ``ident``: from Redis, else from the loader (then cached).
 
         Whatever the loader raises propagates; a cache failure never raises.
 
+        Args:
+            ident: the id.
+            loader: loads this call's miss instead of the cache's own loader (one that
+                reads as the caller, say).
+
         Raises:
             InvalidInput: ``ident`` is not a UUID.
         """
+        load = self._loader if loader is None else loader
         key = self.key(ident)
         lease = _LEASE + secrets.token_bytes(12)
         try:
@@ -214,13 +238,13 @@ class ReadThroughCache(Generic[T]):
                 found = await self._get_or_lease(keys=[key], args=[lease, self._lease_ms])
         except ChatkeepError as exc:
             self._failed("get", exc)
-            return await self._load(ident)
+            return _value(await self._load(ident, load))
         self._recovered()
         if found is not None:
             if found.startswith(_LEASE):
                 # Someone else is filling: answer from the loader, leave the fill to them.
                 self.stats.misses += 1
-                return await self._load(ident)
+                return _value(await self._load(ident, load))
             hit, value = self._decode(found)
             if hit:
                 self.stats.hits += 1
@@ -228,15 +252,18 @@ class ReadThroughCache(Generic[T]):
             # An unreadable entry (an older format): replace it under our own lease.
             if not await self._retake_lease(key, lease):
                 self.stats.misses += 1
-                return await self._load(ident)
+                return _value(await self._load(ident, load))
         self.stats.misses += 1
         try:
-            value = await self._load(ident)
+            loaded = await self._load(ident, load)
         except BaseException:
             await self._give_back(key, lease)
             raise
-        await self._store(key, lease, value)
-        return value
+        if isinstance(loaded, Unshared):
+            await self._give_back(key, lease)
+            return loaded.value
+        await self._store(key, lease, loaded)
+        return loaded
 
     def _decode(self, data: bytes) -> tuple[bool, T | None]:
         if data == _ABSENT:
@@ -256,9 +283,9 @@ class ReadThroughCache(Generic[T]):
             return False
         return True
 
-    async def _load(self, ident: UUID) -> T | None:
+    async def _load(self, ident: UUID, loader: Loader[T]) -> T | Unshared[T] | None:
         self.stats.loads += 1
-        return await self._loader(ident)
+        return await loader(ident)
 
     async def _store(self, key: str, lease: bytes, value: T | None) -> None:
         if value is None:
@@ -348,26 +375,39 @@ class ReadThroughCache(Generic[T]):
         return True
 
 
+Members = frozenset[UUID]
+MembersLoader = Callable[[UUID, "UUID | None"], Awaitable["Members | Unshared[Members] | None"]]
+"""Loads a room's member ids as seen by a user (``None``: as no one in particular)."""
+
+
 class RoomMembersCache:
     """The member ids of each room, cached (``cache:room_members:{roomId}``).
 
+    The loader reads as the user asking: through row security, a member sees the whole
+    member list of their room, anyone else does not; it returns :class:`Unshared` for a
+    view that is not the whole list, which is then answered but not cached.
+
     Args:
         client: the shared Redis connection.
-        loader: returns the member ids of a room from PostgreSQL (``None`` if no room).
+        loader: ``loader(room_id, asking)`` returns the member ids of a room from
+            PostgreSQL as ``asking`` sees them (``None`` if they cannot see the room).
         ttl: how long a member list is kept (default 60 s).
     """
 
     def __init__(
         self,
         client: RedisClient,
-        loader: Loader[frozenset[UUID]],
+        loader: MembersLoader,
         *,
         ttl: float = 60.0,
     ) -> None:
+        if not callable(loader):
+            raise InvalidInput("loader", "must be an async callable")
+        self._loader = loader
         self._cache: ReadThroughCache[frozenset[UUID]] = ReadThroughCache(
             client,
             "room_members",
-            loader=loader,
+            loader=lambda room: loader(room, None),
             serializer=JsonSerializer(frozenset[UUID]),
             ttl=ttl,
         )
@@ -377,14 +417,15 @@ class RoomMembersCache:
         """The underlying cache (for stats)."""
         return self._cache
 
-    async def members(self, room_id: UUID) -> frozenset[UUID]:
-        """The member ids of ``room_id`` (empty if the room does not exist)."""
-        found = await self._cache.get(room_id)
+    async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
+        """The member ids of ``room_id`` as ``asking`` may see them (empty: no such room)."""
+        loader = None if asking is None else (lambda room: self._loader(room, asking))
+        found = await self._cache.get(room_id, loader=loader)
         return found if found is not None else frozenset()
 
     async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
-        """Whether ``user_id`` is a member of ``room_id``."""
-        return user_id in await self.members(room_id)
+        """Whether ``user_id`` is a member of ``room_id`` (a miss loads as that user)."""
+        return user_id in await self.members(room_id, asking=user_id)
 
     async def invalidate(self, *room_ids: UUID) -> bool:
         """Drop the cached member lists (after a join, leave or removal)."""
