@@ -51,7 +51,7 @@ def servers() -> Iterator[Endpoints]:
 @pytest.fixture(scope="session")
 def admin_url(servers: Endpoints) -> str:
     """A URL to the server's maintenance database, for creating and dropping databases."""
-    return maintenance_url(servers.database_url)
+    return maintenance_url(servers.admin_database_url)
 
 
 def url_for(base: str, database: str) -> str:

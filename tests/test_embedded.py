@@ -75,9 +75,12 @@ async def test_starts_both_servers_and_reuses_the_data_folder(
         assert (found.data_dir / "postgres" / "PG_VERSION").read_text().strip() == "18"
         # PostgreSQL listens on a Unix socket only: nothing on the network.
         assert "@/" + DEFAULT_DATABASE_NAME + "?host=/" in found.database_url
-        assert found.migrate_database_url == found.database_url
-        assert await ensure_database(found.database_url, settings) is True
-        conn = await asyncpg.connect(found.database_url)
+        # The least-privileged roles, as in production; the superuser for setup only.
+        assert found.database_url.startswith("postgresql://chatapp_app@/")
+        assert found.migrate_database_url.startswith("postgresql://chatapp_migrator@/")
+        assert found.admin_database_url.startswith("postgresql://postgres@/")
+        assert await ensure_database(found.admin_database_url, settings) is True
+        conn = await asyncpg.connect(found.admin_database_url)
         try:
             assert await conn.fetchval("SHOW server_version_num") >= "180000"
             await conn.execute("CREATE TABLE kept (note text)")
@@ -100,8 +103,8 @@ async def test_starts_both_servers_and_reuses_the_data_folder(
     with resolve_endpoints(settings, redis=False) as again:
         assert again.redis_url == ""
         assert not again.embedded_redis
-        assert await ensure_database(again.database_url, settings) is False
-        conn = await asyncpg.connect(again.database_url)
+        assert await ensure_database(again.admin_database_url, settings) is False
+        conn = await asyncpg.connect(again.admin_database_url)
         try:
             assert await conn.fetchval("SELECT note FROM kept") == "still here"
         finally:
@@ -127,6 +130,7 @@ def test_configured_urls_start_nothing(tmp_path: Path) -> None:
     with resolve_endpoints(settings) as found:
         assert found.database_url == "postgresql://app:pw@db.internal/chatapp_db"
         assert found.migrate_database_url == "postgresql://owner:pw@db.internal/chatapp_db"
+        assert found.admin_database_url == found.migrate_database_url
         assert found.redis_url == "redis://cache:6379/0"
         assert not found.embedded_database
         assert not found.embedded_redis

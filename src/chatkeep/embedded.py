@@ -50,6 +50,9 @@ class Endpoints:
     embedded_database: bool
     embedded_redis: bool
     data_dir: Path | None
+    #: For setup and whole-database work (backup, restore, ``migrate verify``): the
+    #: embedded server's superuser, else the migration URL (the operator's choice).
+    admin_database_url: str = ""
 
     def __repr__(self) -> str:
         from chatkeep.config import redact_url
@@ -137,6 +140,7 @@ def resolve_endpoints(
         Unavailable: an embedded server failed to start.
     """
     data_dir: Path | None = None
+    admin_url = embedded_migrate_url = ""
     valkey_started = len(_RUNNING_VALKEY)
     try:
         if settings.database_url is not None:
@@ -145,10 +149,16 @@ def resolve_endpoints(
             data_dir = settings.data_dir.resolve()
             data_dir.mkdir(parents=True, exist_ok=True)
             uri = _start_postgres(data_dir)
-            database_url = (
-                f"postgresql://postgres@/{DEFAULT_DATABASE_NAME}"
-                f"?host={quote(_socket_dir(uri), safe='/')}"
-            )
+            from chatkeep.storage.bootstrap import APP_ROLE, MIGRATOR_ROLE
+
+            # The least-privileged roles, as in production: the application connects as
+            # chatapp_app (row security binds it) and migrations run as chatapp_migrator.
+            # The server trusts only its private Unix socket, so no passwords are needed.
+            socket = quote(_socket_dir(uri), safe="/")
+            embedded_url = f"postgresql://{{}}@/{DEFAULT_DATABASE_NAME}?host={socket}"
+            admin_url = embedded_url.format("postgres")
+            database_url = embedded_url.format(APP_ROLE)
+            embedded_migrate_url = embedded_url.format(MIGRATOR_ROLE)
             if announce:
                 logger.info(
                     "embedded PostgreSQL 18 running; data in %s (set DATABASE_URL to use "
@@ -168,11 +178,12 @@ def resolve_endpoints(
                     "embedded Valkey running at %s (set REDIS_URL to use a real server)",
                     redis_url,
                 )
-        migrate_url = (
-            settings.migrate_database_url.get_secret_value()
-            if settings.migrate_database_url is not None
-            else database_url
-        )
+        if settings.migrate_database_url is not None:
+            migrate_url = settings.migrate_database_url.get_secret_value()
+        elif settings.database_url is None:
+            migrate_url = embedded_migrate_url
+        else:
+            migrate_url = database_url
         yield Endpoints(
             database_url=database_url,
             redis_url=redis_url,
@@ -180,6 +191,7 @@ def resolve_endpoints(
             embedded_database=settings.database_url is None,
             embedded_redis=bool(redis_url) and settings.redis_url is None,
             data_dir=data_dir,
+            admin_database_url=admin_url if settings.database_url is None else migrate_url,
         )
     finally:
         while len(_RUNNING_VALKEY) > valkey_started:

@@ -278,7 +278,7 @@ class ChatKeep:
         settings = settings if settings is not None else Settings.load()
         with resolve_endpoints(settings) as found:
             if found.embedded_database:
-                await bootstrap(found.migrate_database_url, settings, generate_passwords=False)
+                await bootstrap(found.admin_database_url, settings, generate_passwords=False)
                 await migrate_up(settings, database_url=found.migrate_database_url)
             async with (
                 Database(settings, dsn=found.database_url) as db,

@@ -227,3 +227,18 @@ async def test_the_app_may_write_what_it_needs(
             world.alice,
         )
     assert await conn.fetchval("SELECT username FROM users WHERE id = $1", world.alice) == "alice2"
+
+
+async def test_bulk_copy_under_row_security_is_refused_with_a_clear_error(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    # PostgreSQL refuses COPY FROM into tables under row security; the caller is told to
+    # use a role that bypasses it, not handed a bare feature-not-supported code.
+    with pytest.raises(PermissionDenied, match="BYPASSRLS") as caught:
+        async with acting_as(app_conn, world.alice) as c:
+            await c.copy_records_to_table(
+                "messages",
+                records=[(world.public, world.alice, 99, "bulk")],
+                columns=["room_id", "user_id", "seq", "content"],
+            )
+    assert isinstance(caught.value.__cause__, asyncpg.FeatureNotSupportedError)

@@ -91,7 +91,7 @@ def endpoints(
 
                 # The database and its roles, as `chatkeep setup` makes them; no passwords:
                 # the embedded server trusts only its private Unix socket.
-                run(bootstrap(found.migrate_database_url, settings, generate_passwords=False))
+                run(bootstrap(found.admin_database_url, settings, generate_passwords=False))
             yield found
     except ChatkeepError as exc:
         fail(str(exc))

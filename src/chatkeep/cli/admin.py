@@ -44,7 +44,7 @@ def setup(database_url: DatabaseUrlOption = None) -> None:
     with endpoints(settings, redis=False, create_database=False) as found:
         report = run(
             bootstrap(
-                found.migrate_database_url,
+                found.admin_database_url,
                 settings,
                 generate_passwords=not found.embedded_database,
             )

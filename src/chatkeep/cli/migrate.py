@@ -66,15 +66,18 @@ def _with_migrator(
     database_url: str | None,
     migrations_dir: Path | None,
     action: Callable[[Migrator], Awaitable[T]],
+    *,
+    admin: bool = False,
     **options: Any,
 ) -> T:
     settings = load_settings(database_url)
     with endpoints(settings, redis=False) as found:
+        url = found.admin_database_url if admin else found.migrate_database_url
 
         async def go() -> T:
             async with Migrator.connect(
                 settings,
-                database_url=found.migrate_database_url,
+                database_url=url,
                 directory=migrations_dir,
                 **options,
             ) as migrator:
@@ -224,7 +227,9 @@ def verify(
     migrations_dir: MigrationsDirOption = None,
 ) -> None:
     """Round-trip every migration (up, down, up) in a scratch database and compare schemas."""
-    lines = _with_migrator(database_url, migrations_dir, lambda m: m.verify())
+    # A scratch database is created and dropped: on the embedded default that takes its
+    # superuser (the migrator may not create databases).
+    lines = _with_migrator(database_url, migrations_dir, lambda m: m.verify(), admin=True)
     for line in lines:
         console.print(f"[green]ok[/] {line}")
     console.print(f"{len(lines)} migration(s) verified")

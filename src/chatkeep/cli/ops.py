@@ -71,7 +71,7 @@ def _database_only(settings: Settings) -> Iterator[str]:
     """
     quiet = settings.model_copy(update={"redis_url": SecretStr("redis://unused")})
     with endpoints(quiet) as found:
-        yield found.migrate_database_url
+        yield found.admin_database_url
 
 
 @contextlib.contextmanager

@@ -70,12 +70,14 @@ def seed(
     """Fill the database with realistic users, rooms, messages and read state (via COPY).
 
     Room sizes and traffic are skewed as in real chat; one transaction, so a failed run
-    leaves nothing. Every seeded user's password is printed at the end.
+    leaves nothing. Every seeded user's password is printed at the end. PostgreSQL does
+    not COPY into tables under row security, so on a real server give a superuser (or
+    BYPASSRLS) URL; the embedded default uses its superuser.
     """
     # A COPY of 50,000 rows is slow on purpose: do not warn about it.
     settings = load_settings(database_url, slow_query_threshold=86_400.0)
     with endpoints(settings, redis=False) as found:
-        report = run(_run(found.migrate_database_url, settings, users, rooms, messages, rng_seed))
+        report = run(_run(found.admin_database_url, settings, users, rooms, messages, rng_seed))
     table = Table(title="seeded", show_header=False)
     for name, value in (
         ("users", report.users),

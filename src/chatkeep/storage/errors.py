@@ -67,6 +67,12 @@ def translate_error(exc: BaseException, operation: str = "database") -> Chatkeep
         return InvalidInput(field, f"violates {exc.constraint_name or 'not-null'}")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return PermissionDenied(f"{operation}: permission denied")
+    if isinstance(exc, asyncpg.FeatureNotSupportedError) and "row-level security" in str(exc):
+        # COPY FROM into a table under row security: bulk loads are system work.
+        return PermissionDenied(
+            f"{operation}: PostgreSQL does not COPY into tables under row-level security; "
+            "connect as a superuser or a BYPASSRLS role for bulk loads"
+        )
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return ConfigurationError(
             f"{operation}: the database does not exist; run `chatkeep setup` first",
