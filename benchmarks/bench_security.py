@@ -123,7 +123,7 @@ async def main() -> int:
     parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--fresh", action="store_true", help="drop and rebuild the database")
     args = parser.parse_args()
 
