@@ -378,3 +378,21 @@ async def test_failed_pool_connections_are_counted(database_url: str) -> None:
     assert failure.count == 2
     assert failure.reason == "the database does not exist"
     reset_connection_failures()
+
+
+async def test_acting_as_takes_isolation_and_read_only_with_the_user(database_url: str) -> None:
+    user = uuid.uuid4()
+    async with (
+        Database(Settings(database_url=database_url, pool_min_size=1)) as db,
+        db.acting_as(user, isolation="serializable", readonly=True),
+    ):
+        row = await db.fetchrow(
+            "t.state",
+            "SELECT current_setting('transaction_isolation') AS iso,"
+            " current_setting('transaction_read_only') AS ro,"
+            " current_setting('app.user_id') AS who",
+        )
+        assert row is not None
+        assert (row["iso"], row["ro"], row["who"]) == ("serializable", "on", str(user))
+        with pytest.raises(ChatkeepError):  # read only: the server refuses the write
+            await db.execute("t.write", "CREATE TEMP TABLE nope (x int)")
