@@ -839,6 +839,31 @@ async def test_bad_input_is_refused_naming_the_field(chat: ChatKeep, world: Worl
     assert (bob.username, bob.is_active) == ("bob", True)
 
 
+async def test_history_and_room_lists_are_read_as_the_member(chat: ChatKeep, world: World) -> None:
+    room = world.general.id
+    sent = [await chat.send_message(room, world.alice.id, f"m{n}") for n in range(3)]
+    page = await chat.history(room, world.bob.id, limit=2)
+    assert [m.content for m in page.items] == ["m1", "m2"]
+    assert {m.user.username for m in page.items} == {"alice"}
+    assert page.before is not None
+    older = await chat.history(room, world.bob.id, cursor=page.before)
+    assert [m.id for m in older.items] == [sent[0].id]
+    around = await chat.history(room, world.bob.id, around=sent[1].id, limit=3)
+    assert [m.id for m in around.items] == [m.id for m in sent]
+    with pytest.raises(PermissionDenied):  # carol is not a member
+        await chat.history(room, world.carol.id)
+    [summary] = await chat.rooms_of(world.bob.id)
+    assert (summary.room.id, summary.unread_count) == (room, 3)
+    assert summary.last_message is not None
+    assert summary.last_message.id == sent[-1].id
+    assert await chat.rooms_of(world.carol.id) == []
+    # Row security itself, under the facade: a read of a room carol is not in returns
+    # nothing, whatever the code asks for.
+    async with chat.acting_as(world.carol.id):
+        assert (await chat.messages.history(room)).items == ()
+        assert await chat.messages.find_by_id(sent[0].id) is None
+
+
 async def test_ids_may_be_given_as_strings(chat: ChatKeep, world: World) -> None:
     room, bob = str(world.general.id), str(world.bob.id)
     message = await chat.send_message(room, bob, "typed ids")  # type: ignore[arg-type]
