@@ -27,6 +27,7 @@ from chatkeep import (
     Unavailable,
 )
 from chatkeep.realtime import MessageCreated, RateLimit, RoomGap
+from tests.conftest import url_as
 
 # --8<-- [start:errors]
 STATUS = {InvalidInput: 400, PermissionDenied: 403, NotFound: 404, Conflict: 409}
@@ -139,7 +140,8 @@ async def stream_room(
 async def chat(
     make_settings: Callable[..., Settings], database_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
-    settings = make_settings()  # this test's database and Redis
+    # This test's database (as chatapp_app, the role production uses) and Redis.
+    settings = make_settings(database_url=url_as(database_url, "chatapp_app"))
     # --8<-- [start:connect]
     async with ChatKeep.connect(
         settings,  # Settings() reads DATABASE_URL and REDIS_URL; unset means embedded
