@@ -549,3 +549,33 @@ async def test_author_profiles_are_shared_and_bounded(
     )
     items = (await messages.history(room.id)).items
     assert items[0].user.username == "alicia"
+
+
+def _parents_of_message_scans(node: dict[str, object], parent: str = "") -> list[str]:
+    found = [parent] if node.get("Relation Name") == "messages" else []
+    for child in node.get("Plans", []):  # type: ignore[attr-defined]
+        found += _parents_of_message_scans(child, str(node["Node Type"]))
+    return found
+
+
+@pytest.mark.parametrize("which", ["HISTORY_BEFORE", "HISTORY_AFTER", "HISTORY_AROUND"])
+async def test_history_limits_messages_before_joining_authors(
+    conn: asyncpg.Connection, make_user: MakeUser, make_room: MakeRoom, which: str
+) -> None:
+    # The LIMIT must apply to the range scan itself: with the authors' join below it, a
+    # small room in a table of big ones (a misestimate of its rows) got a hash join over
+    # every older message and a sort.
+    import json
+
+    from chatkeep.storage import messages as queries
+
+    author = await make_user()
+    room = await make_room(author)
+    await fill_room(conn, room, author, 500)
+    await conn.execute("ANALYZE messages")
+    args = [room.id, 250, 51] + ([51] if which == "HISTORY_AROUND" else [])
+    raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {getattr(queries, which)}", *args)
+    plan = json.loads(raw)[0]["Plan"]
+    parents = _parents_of_message_scans(plan)
+    assert parents
+    assert set(parents) == {"Limit"}

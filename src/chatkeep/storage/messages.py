@@ -101,35 +101,35 @@ DELETE FROM messages m
 RETURNING m.id
 """
 
-# History: keyset over messages (room_id, seq), one index range scan in either direction,
-# authors joined by primary key. The cost of a page does not depend on its depth.
-_HISTORY_SELECT: Final = f"""
+
+# History: keyset over messages (room_id, seq), one index range scan in either direction.
+# The LIMIT sits inside, on messages alone, and the authors are joined to those rows only:
+# with the join outside the LIMIT, a room that is a sliver of a table dominated by big rooms
+# (the planner then expects a dozen rows) got a hash join over all of the room's older
+# messages and a sort, 50 times slower than the page. The cost of a page does not depend
+# on its depth, nor on the table's statistics.
+def _page(where: str, order: str) -> str:
+    return (
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        f" WHERE room_id = $1 AND {where} ORDER BY seq {order}"
+    )
+
+
+def _with_authors(rows: str, order: str) -> str:
+    return f"""
 SELECT {_M_COLUMNS}, u.username, u.avatar_url
-  FROM messages m
+  FROM ({rows}) AS m
   JOIN users u ON u.id = m.user_id
+ ORDER BY m.seq {order}
 """
-HISTORY_BEFORE: Final = f"""{_HISTORY_SELECT}
- WHERE m.room_id = $1 AND m.seq < $2
- ORDER BY m.seq DESC
- LIMIT $3
-"""
-HISTORY_AFTER: Final = f"""{_HISTORY_SELECT}
- WHERE m.room_id = $1 AND m.seq > $2
- ORDER BY m.seq
- LIMIT $3
-"""
-HISTORY_AROUND: Final = f"""
-(SELECT * FROM ({_HISTORY_SELECT}
-  WHERE m.room_id = $1 AND m.seq < $2
-  ORDER BY m.seq DESC
-  LIMIT $3) AS older
-  ORDER BY seq)
-UNION ALL
-(SELECT * FROM ({_HISTORY_SELECT}
-  WHERE m.room_id = $1 AND m.seq >= $2
-  ORDER BY m.seq
-  LIMIT $4) AS newer)
-"""
+
+
+HISTORY_BEFORE: Final = _with_authors(f"{_page('seq < $2', 'DESC')} LIMIT $3", "DESC")
+HISTORY_AFTER: Final = _with_authors(f"{_page('seq > $2', 'ASC')} LIMIT $3", "ASC")
+HISTORY_AROUND: Final = _with_authors(
+    f"({_page('seq < $2', 'DESC')} LIMIT $3) UNION ALL ({_page('seq >= $2', 'ASC')} LIMIT $4)",
+    "ASC",
+)
 SEQ_OF: Final = "SELECT room_id, seq FROM messages WHERE id = $1"
 ROOM_EXISTS: Final = "SELECT 1 FROM rooms WHERE id = $1"
 USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
