@@ -396,3 +396,59 @@ def test_unread_counts_is_a_read_only_mapping() -> None:
     assert len(counts) == 2
     assert repr(counts) == f"UnreadCounts({{{a!r}: 3, {b!r}: 0}})"
     assert UnreadCounts() == {}
+
+
+# -- rows built without validation behave like validated models ---------------------------
+
+
+def _message_values() -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "room_id": uuid.uuid4(),
+        "user_id": uuid.uuid4(),
+        "seq": 7,
+        "client_msg_id": "c-1",
+        "content": "hello",
+        "type": "text",
+        "is_edited": False,
+        "edited_at": None,
+        "created_at": datetime.now(UTC),
+    }
+
+
+def test_rows_built_from_the_database_behave_like_validated_models() -> None:
+    import copy
+    import pickle
+
+    from chatkeep.models import Message
+
+    values = _message_values()
+    row = Message._from_row(values)
+    validated = Message(**values)
+    assert row == validated
+    assert validated == row
+    assert hash(row) == hash(validated)
+    assert repr(row) == repr(validated)
+    assert row.model_fields_set == validated.model_fields_set == set(Message.model_fields)
+    assert row.model_dump() == validated.model_dump()
+    assert row.model_dump(exclude_unset=True) == validated.model_dump(exclude_unset=True)
+    assert row.model_dump_json() == validated.model_dump_json()
+    assert pickle.loads(pickle.dumps(row)) == row  # noqa: S301 - our own bytes
+    assert copy.deepcopy(row) == row
+    edited = row.model_copy(update={"content": "edited", "is_edited": True})
+    assert (edited.content, edited.is_edited, row.content) == ("edited", True, "hello")
+    # The copy got a fields set of its own: the class's shared one is untouched.
+    assert Message.__row_fields__ == set(Message.model_fields)
+    deep = row.model_copy(update={"seq": 8}, deep=True)
+    assert (deep.seq, row.seq) == (8, 7)
+    with pytest.raises(Exception, match="frozen"):
+        row.content = "changed"  # type: ignore[misc]
+
+
+def test_a_page_dumps_only_what_it_holds() -> None:
+    from chatkeep.models import CursorPage, Message
+
+    page = CursorPage._of(items=(Message._from_row(_message_values()),), newest="n")
+    assert set(page.model_dump(exclude_unset=True)) == {"items", "before", "after", "newest"}
+    assert page.model_copy(update={"before": "b"}).before == "b"
+    assert page.before is None

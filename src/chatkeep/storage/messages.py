@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Final, Literal, NoReturn
 from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.models import (
-    _SLOT_SETTERS,
     CreateMessageDto,
     CursorPage,
     Message,
@@ -27,6 +26,7 @@ from chatkeep.models import (
     MessageWithUser,
     UnreadCounts,
     UserProfile,
+    _set_dict,
     check_content,
 )
 from chatkeep.storage.base import BaseRepository, check_id
@@ -552,9 +552,8 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     (``docs/performance.md`` has what each step costs).
     """
     cls = MessageWithUser
-    fields = cls.__row_fields__
     new = object.__new__
-    set_dict, set_fields, set_extra, set_private = _SLOT_SETTERS
+    set_dict = _set_dict
     profiles = _PROFILES
     out: list[MessageWithUser] = []
     append = out.append
@@ -584,8 +583,5 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
                 "user": profile,
             },
         )
-        set_fields(message, fields)
-        set_extra(message, None)
-        set_private(message, None)
         append(message)
     return tuple(out)
