@@ -20,7 +20,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Final
 
-__all__ = ["uuid7", "uuid7_datetime"]
+from chatkeep.errors import InvalidInput
+
+__all__ = ["check_id", "uuid7", "uuid7_datetime"]
 
 _RAND_BITS: Final = 74
 _RAND_MASK: Final = (1 << _RAND_BITS) - 1
@@ -77,3 +79,15 @@ def uuid7_datetime(value: uuid.UUID) -> datetime:
 
         raise InvalidInput("id", "must be a UUIDv7")
     return datetime.fromtimestamp((value.int >> 80) / 1000, tz=UTC)
+
+
+def check_id(field: str, value: object) -> uuid.UUID:
+    """``value`` as a UUID (or its string form), or InvalidInput naming ``field``."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidInput(field, "must be a UUID")

@@ -16,10 +16,11 @@ import asyncpg
 from pydantic import BaseModel
 
 from chatkeep.errors import InvalidInput, NotFound
+from chatkeep.ids import check_id
 from chatkeep.models import _Row
 from chatkeep.storage.database import Database
 
-__all__ = ["BaseRepository"]
+__all__ = ["BaseRepository", "check_id"]
 
 ModelT = TypeVar("ModelT", bound=_Row)
 CreateT = TypeVar("CreateT", bound=BaseModel)
@@ -29,18 +30,6 @@ UpdateT = TypeVar("UpdateT", bound=BaseModel)
 def quote_ident(name: str) -> str:
     """``name`` as a quoted SQL identifier (only ever called on allow-listed names)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def check_id(field: str, value: object) -> uuid.UUID:
-    """``value`` as a UUID, or InvalidInput naming ``field``."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise InvalidInput(field, "must be a UUID")
 
 
 class BaseRepository(Generic[ModelT, CreateT, UpdateT]):

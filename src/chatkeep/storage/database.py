@@ -46,8 +46,9 @@ from chatkeep.errors import (
     InvalidInput,
     Unavailable,
 )
+from chatkeep.ids import check_id
 from chatkeep.storage.errors import translate_error, translate_errors
-from chatkeep.storage.security import check_user_id, connection_failed
+from chatkeep.storage.security import connection_failed
 
 __all__ = [
     "Database",
@@ -511,7 +512,7 @@ class Database:
             PermissionDenied: a write in the block was refused by row security; nothing
                 of the block is kept.
         """
-        user = check_user_id(user_id)
+        user = check_id("user_id", user_id)
         outer = self._joined()
         if outer is not None and outer.acting_user != user:
             who = "no one" if outer.acting_user is None else "another user"

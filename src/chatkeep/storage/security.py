@@ -34,14 +34,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
+from chatkeep.ids import check_id
 from chatkeep.storage.errors import translate_errors
 
 __all__ = [
     "ACTING_USER_SETTING",
-    "SET_ACTING_USER",
     "ConnectionFailureCount",
     "acting_as",
-    "check_user_id",
     "connection_failed",
     "connection_failures",
     "reset_connection_failures",
@@ -51,7 +50,7 @@ __all__ = [
 logger = logging.getLogger("chatkeep.security")
 
 ACTING_USER_SETTING: Final = "app.user_id"
-SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
+_SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
 
 
 class _Acquirer(Protocol):
@@ -60,20 +59,8 @@ class _Acquirer(Protocol):
     def acquire(self) -> Any: ...
 
 
-def check_user_id(value: object) -> uuid.UUID:
-    """``value`` as the acting user's UUID, or InvalidInput naming ``user_id``."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise InvalidInput("user_id", "must be a UUID")
-
-
 def _user_id(value: uuid.UUID | str) -> str:
-    return str(check_user_id(value))
+    return str(check_id("user_id", value))
 
 
 async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str) -> None:
@@ -90,7 +77,7 @@ async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str
     if not conn.is_in_transaction():
         raise InvalidInput("conn", "must be inside a transaction to set the acting user")
     with translate_errors("set acting user"):
-        await conn.execute(SET_ACTING_USER, value)
+        await conn.execute(_SET_ACTING_USER, value)
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +108,7 @@ async def acting_as(
             if conn.is_in_transaction():
                 raise InvalidInput("conn", "acting_as needs a connection outside any transaction")
             async with conn.transaction():
-                await conn.execute(SET_ACTING_USER, value)
+                await conn.execute(_SET_ACTING_USER, value)
                 yield conn
 
 
