@@ -153,6 +153,12 @@ async def database_url(admin_url: str, template_database: str) -> AsyncIterator[
 
 
 @pytest_asyncio.fixture(loop_scope="session")
+async def app_url(database_url: str) -> str:
+    """The test's database as ``chatapp_app``: the role production connects as."""
+    return url_as(database_url, "chatapp_app")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A raw connection to the test's migrated database."""
     connection = await asyncpg.connect(database_url)

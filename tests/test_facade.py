@@ -48,7 +48,6 @@ from chatkeep.realtime import (
     TypingChanged,
 )
 from chatkeep.storage import Database
-from tests.conftest import url_as
 from tests.realtime.conftest import FAST, ThrowawayRedis, wait_until
 
 PASSWORD = "correct horse"
@@ -61,14 +60,14 @@ E = TypeVar("E")
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def chat(
-    make_settings: Callable[..., Settings], database_url: str, redis_url: str
+    make_settings: Callable[..., Settings], app_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
     """A facade on this test's database and flushed Redis db, as node ``node-a``.
 
     It connects as ``chatapp_app``, as the library does in production: row security binds
     every flow (a superuser would bypass it and hide a flow that forgot its acting user).
     """
-    settings = make_settings(database_url=url_as(database_url, "chatapp_app"))
+    settings = make_settings(database_url=app_url)
     async with ChatKeep.connect(settings, node_id="node-a", bcrypt_rounds=ROUNDS) as facade:
         yield facade
 

@@ -27,7 +27,6 @@ from chatkeep import (
     Unavailable,
 )
 from chatkeep.realtime import MessageCreated, RateLimit, RoomGap
-from tests.conftest import url_as
 
 # --8<-- [start:errors]
 STATUS = {InvalidInput: 400, PermissionDenied: 403, NotFound: 404, Conflict: 409}
@@ -138,10 +137,10 @@ async def stream_room(
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def chat(
-    make_settings: Callable[..., Settings], database_url: str, redis_url: str
+    make_settings: Callable[..., Settings], app_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
     # This test's database (as chatapp_app, the role production uses) and Redis.
-    settings = make_settings(database_url=url_as(database_url, "chatapp_app"))
+    settings = make_settings(database_url=app_url)
     # --8<-- [start:connect]
     async with ChatKeep.connect(
         settings,  # Settings() reads DATABASE_URL and REDIS_URL; unset means embedded

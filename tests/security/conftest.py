@@ -22,11 +22,6 @@ HASH = "$2b$12$" + "a" * 53
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def app_url(database_url: str) -> str:
-    return url_as(database_url, "chatapp_app")
-
-
-@pytest_asyncio.fixture(loop_scope="session")
 async def app_conn(app_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's database as chatapp_app."""
     connection = await asyncpg.connect(app_url)
