@@ -44,7 +44,7 @@ from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_da
 from chatkeep.storage.migrate import Migrator
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_storage import HISTORY_MESSAGES, Fixture, build_fixture, rate
+from bench_storage import HISTORY_MESSAGES, Fixture, bench_database, build_fixture, rate
 
 BENCH_DB = "chatkeep_bench_rls"
 TARGET = 0.9
@@ -63,15 +63,9 @@ async def prepare(server_url: str, fresh: bool) -> tuple[str, Fixture]:
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
         await ensure_roles(admin, Settings(), generate_passwords=False)
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", BENCH_DB)
-        if exists and fresh:
-            await admin.execute(f'DROP DATABASE "{BENCH_DB}" WITH (FORCE)')
-            exists = False
-        if not exists:
-            await admin.execute(f'CREATE DATABASE "{BENCH_DB}"')
     finally:
         await admin.close()
-    url = maintenance_url(server_url, BENCH_DB)
+    url = await bench_database(server_url, BENCH_DB, fresh)
     conn = await asyncpg.connect(url)
     try:
         await prepare_database(conn)

@@ -82,18 +82,23 @@ class Fixture:
 # -- database setup -------------------------------------------------------------------------
 
 
-async def prepare_database(server_url: str, fresh: bool) -> str:
+async def bench_database(server_url: str, name: str, fresh: bool) -> str:
+    """The URL of database ``name`` on the server, created if missing (again if ``fresh``)."""
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", BENCH_DB)
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if exists and fresh:
-            await admin.execute(f'DROP DATABASE "{BENCH_DB}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             exists = False
         if not exists:
-            await admin.execute(f'CREATE DATABASE "{BENCH_DB}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = maintenance_url(server_url, BENCH_DB)
+    return maintenance_url(server_url, name)
+
+
+async def prepare_database(server_url: str, fresh: bool) -> str:
+    url = await bench_database(server_url, BENCH_DB, fresh)
     conn = await asyncpg.connect(url)
     try:
         await Migrator(conn).up(to=SCHEMA_VERSION)

@@ -307,10 +307,13 @@ class ChatKeep:
         # Read as the asker. Through row security a member sees their room's whole member
         # list and anyone else sees less, so only a list that holds the asker is shared
         # through the cache; any other view answers this call alone.
-        if asking is None:
-            found = await self.rooms.members(room_id)
-            return Unshared(frozenset(m.user.id for m in found.members))
-        async with self._acting(asking, "facade.load_members"):
+        # No asker: "no one in particular" sees what the role sees, never shared.
+        acting = (
+            contextlib.nullcontext()
+            if asking is None
+            else self._acting(asking, "facade.load_members")
+        )
+        async with acting:
             found = await self.rooms.members(room_id)
         ids = frozenset(m.user.id for m in found.members)
         return ids if asking in ids else Unshared(ids)
