@@ -1,0 +1,51 @@
+"""Released migrations are never edited: their checksums are pinned here.
+
+A database that applied a migration records its checksum, and ``migrate up`` refuses to
+run when a shipped file no longer matches (see ``Migrator``). That protects one database
+at a time, after the fact; this test stops the edit before it ships (Synapse checks its
+schema deltas the same way). To change the schema, add a new numbered file. A new file is
+pinned by adding the line this test prints to ``RELEASED``, in the same commit.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from chatkeep.storage.migrate import load_migrations
+
+RELEASED: Final[dict[int, tuple[str, str]]] = {
+    1: ("create_users", "3bab5f19a79602a7a6df24c3622295efccb613b2ea58cb0486ddca4c67415127"),
+    2: ("create_rooms", "ed7856982cda93bf01507fcf56bfa9c13d4c23691c8a4ba0e769fcbc3a84d112"),
+    3: ("create_messages", "2c2f0322f851c87b4dde3a945757eb05247c6a3ff4a4d720481e4f6f6b711588"),
+    4: ("create_room_users", "1b7afe62018e4de8e78295e94de15cab4c9f4d62a338bf5ab8141b1e0506bf9c"),
+    5: (
+        "create_message_read_status",
+        "42b3a8102b3d294d018c600fe21a7c602fab49ac5bf3cd9fb51bfb1a11666803",
+    ),
+    6: ("create_indexes", "e8723d90a3fd03473ef12269186d90872bc746e919b7b7fd829a600e9cb046ef"),
+    7: ("create_triggers", "91a95a48fc2d681b06ff16b6f473b041fe691fd0d75f3e55a4d8011dbc058023"),
+    8: (
+        "grant_role_privileges",
+        "d1e500b2c9a3169addfe73fde4a07f3c2ef64acf59cadc28c9e9d0b887022055",
+    ),
+    9: ("row_level_security", "f934463f825b84ef075ff50ae1a539c129c5defed12661cc011a1eafd2a723b4"),
+    10: ("create_audit_log", "44dc58c0594bc5735e23f358065caed40f84232c92f54e21fa1654f2f41f2caa"),
+}
+
+
+def test_released_migrations_are_unchanged() -> None:
+    shipped = {m.version: m for m in load_migrations()}
+    for version, (name, pinned) in RELEASED.items():
+        assert version in shipped, f"released migration {version:03d}_{name} was removed"
+        migration = shipped[version]
+        assert migration.name == name, f"released migration {version:03d} was renamed"
+        assert migration.checksum == pinned, (
+            f"{migration.label} was edited after release: its checksum is now "
+            f"{migration.checksum}. Restore the file and put the change in a new migration."
+        )
+
+
+def test_every_shipped_migration_is_pinned() -> None:
+    unpinned = [m for m in load_migrations() if m.version not in RELEASED]
+    lines = [f'    {m.version}: ("{m.name}", "{m.checksum}"),' for m in unpinned]
+    assert not unpinned, "pin the new migration(s) in RELEASED:\n" + "\n".join(lines)
