@@ -92,11 +92,18 @@ class PermissionDenied(ChatkeepError):
 
 
 class RateLimited(ChatkeepError):
-    """Too many attempts; ``retry_after`` says how many seconds to wait."""
+    """Too many attempts; ``retry_after`` says how many seconds to wait.
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    Attributes:
+        retry_after: seconds until the next attempt may be allowed.
+        action: what was limited (``"send"``, ``"login"``...), for metrics and logs;
+            ``None`` when the raiser did not say.
+    """
+
+    def __init__(self, message: str, *, retry_after: float, action: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.action = action
 
 
 class Unavailable(ChatkeepError):

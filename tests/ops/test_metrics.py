@@ -68,10 +68,9 @@ async def test_every_family_is_exposed_with_real_values(
     metrics.published(receivers=0)
     metrics.received(3)
     metrics.gap("reconnected")
-    metrics.record_error(RateLimited("rate limit of 'send' reached; retry in 1 s", retry_after=1))
-    metrics.record_error(
-        RateLimited("account is locked after repeated failed logins", retry_after=9)
-    )
+    metrics.record_error(RateLimited("too fast", retry_after=1, action="send"))
+    metrics.record_error(RateLimited("account is locked", retry_after=9, action="login"))
+    metrics.record_error(RateLimited("no action said", retry_after=1))
     metrics.record_error(ValueError("not ours"))  # ignored
     await metrics.sample()
 
@@ -117,7 +116,8 @@ async def test_every_family_is_exposed_with_real_values(
     assert value("chatkeep_pubsub_gaps_total", reason="reconnected") == 1
     assert value("chatkeep_rate_limit_rejections_total", action="send") == 1
     assert value("chatkeep_rate_limit_rejections_total", action="login") == 1
-    assert value("chatkeep_errors_total", type="RateLimited") == 2
+    assert value("chatkeep_rate_limit_rejections_total", action="other") == 1
+    assert value("chatkeep_errors_total", type="RateLimited") == 3
 
 
 async def test_a_down_redis_and_a_closed_pool(make_settings: Callable[..., Settings]) -> None:

@@ -98,6 +98,7 @@ async def test_enforce_raises_rate_limited(client: RedisClient) -> None:
     with pytest.raises(RateLimited) as caught:
         await limiter.enforce("u", "send")
     assert 9 < caught.value.retry_after <= 10
+    assert caught.value.action == "send"
     await limiter.reset("u", "send")
     assert (await limiter.enforce("u", "send")).allowed
 
@@ -159,6 +160,7 @@ async def test_login_lockout_after_repeated_failures(client: RedisClient) -> Non
     with pytest.raises(RateLimited) as caught:
         await throttle.check(account)
     assert 0 < caught.value.retry_after <= 0.2
+    assert caught.value.action == "login"
     again = await throttle.record_failure(account)  # while locked: not counted
     assert again.locked
     assert again.failures == 0

@@ -31,7 +31,6 @@ The sources are described by small protocols (:class:`DatabaseSource`,
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
@@ -98,13 +97,6 @@ FAMILIES: Final = (
     "chatkeep_errors_total",
 )
 """Every metric family a :class:`ChatkeepMetrics` registry exposes (with its suffix)."""
-
-# RateLimiter's message names the action: "rate limit of 'send' reached; retry in ...".
-_RATE_LIMIT_ACTION: Final = re.compile(r"rate limit of '([^']+)'")
-
-
-def _login_or_other(message: str) -> str:
-    return "login" if "login" in message else "other"
 
 
 # Pool waits and Redis commands are milliseconds long; an outage pushes them to seconds.
@@ -482,8 +474,7 @@ class ChatkeepMetrics:
             return
         self.errors.labels(type(exc).__name__).inc()
         if isinstance(exc, RateLimited):
-            match = _RATE_LIMIT_ACTION.search(str(exc))
-            self.rate_limited(match.group(1) if match else _login_or_other(str(exc)))
+            self.rate_limited(exc.action or "other")
 
     @contextlib.contextmanager
     def count_errors(self) -> Iterator[None]:

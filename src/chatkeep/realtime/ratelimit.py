@@ -205,6 +205,7 @@ class RateLimiter:
             raise RateLimited(
                 f"rate limit of {action!r} reached; retry in {result.retry_after:.3f} s",
                 retry_after=result.retry_after,
+                action=action,
             )
         return result
 
@@ -306,7 +307,9 @@ class LoginThrottle:
             left = await self._client.redis.pttl(self._client.keys.login_lock(name))
         if left > 0:
             raise RateLimited(
-                "account is locked after repeated failed logins", retry_after=left / 1000.0
+                "account is locked after repeated failed logins",
+                retry_after=left / 1000.0,
+                action="login",
             )
         await self._limiter.enforce(name, "login")
 
