@@ -1045,3 +1045,37 @@ async def test_a_run_with_nothing_to_do_changes_no_catalog_row(
     before = await econn.fetchval(fingerprint)
     assert await runner.up() == []
     assert await econn.fetchval(fingerprint) == before
+
+
+async def test_a_cancelled_verify_drops_its_scratch_database(
+    emptied_database_url: str, make_settings: Callable[..., Settings], mdir: Path
+) -> None:
+    write(mdir, "001_slow.sql", "-- chatkeep:up\nSELECT pg_sleep(30);\n-- chatkeep:down\n")
+    settings = make_settings(database_url=emptied_database_url)
+    watcher = await asyncpg.connect(emptied_database_url)
+    try:
+        async with Migrator.connect(settings, directory=mdir) as runner:
+            verify = asyncio.ensure_future(runner.verify())
+            sleeping = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname LIKE 'chatkeep_verify_%' AND query LIKE '%pg_sleep(30)%'"
+            )
+            for _ in range(200):
+                if await watcher.fetchval(sleeping):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("verify never reached its slow migration")
+            # Cancelled twice: the second lands in the clean-up, as a timeout around a
+            # cancelled task's clean-up would.
+            verify.cancel()
+            await asyncio.sleep(0.01)
+            verify.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await verify
+        left = await watcher.fetchval(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'chatkeep_verify_%'"
+        )
+    finally:
+        await watcher.close()
+    assert left == 0

@@ -43,7 +43,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -362,11 +362,6 @@ def _error_line(statement: Statement, exc: BaseException) -> int:
     return statement.line + statement.sql.count("\n", 0, offset)
 
 
-@dataclass
-class _History:
-    applied: dict[int, AppliedMigration] = field(default_factory=dict)
-
-
 class Migrator:
     """Applies, reverts and checks migrations over one connection.
 
@@ -459,14 +454,15 @@ class Migrator:
         found = await self._conn.fetchval("SELECT to_regclass($1) IS NOT NULL", HISTORY_TABLE)
         return bool(found)
 
-    async def _read_history(self) -> _History:
-        history = _History()
+    async def _read_history(self) -> dict[int, AppliedMigration]:
+        """The applied migrations by version, replaying the history's ups, downs, repairs."""
+        applied: dict[int, AppliedMigration] = {}
         if not await self._history_exists():
-            return history
+            return applied
         for row in await self._conn.fetch(_READ_HISTORY):
             version = row["version"]
             if row["direction"] == "up":
-                history.applied[version] = AppliedMigration(
+                applied[version] = AppliedMigration(
                     version,
                     row["name"],
                     row["checksum"],
@@ -475,10 +471,10 @@ class Migrator:
                     row["id"],
                 )
             elif row["direction"] == "down":
-                history.applied.pop(version, None)
-            elif version in history.applied:  # repair: the file's new text is accepted
-                old = history.applied[version]
-                history.applied[version] = AppliedMigration(
+                applied.pop(version, None)
+            elif version in applied:  # repair: the file's new text is accepted
+                old = applied[version]
+                applied[version] = AppliedMigration(
                     old.version,
                     old.name,
                     row["checksum"],
@@ -486,14 +482,14 @@ class Migrator:
                     old.applied_by,
                     old.order,
                 )
-        return history
+        return applied
 
-    def _classify(self, history: _History) -> list[StatusEntry]:
+    def _classify(self, applied_by_version: dict[int, AppliedMigration]) -> list[StatusEntry]:
         by_version = {m.version: m for m in self.migrations}
-        newest_applied = max(history.applied, default=0)
+        newest_applied = max(applied_by_version, default=0)
         entries: list[StatusEntry] = []
-        for version in sorted(set(by_version) | set(history.applied)):
-            applied = history.applied.get(version)
+        for version in sorted(set(by_version) | set(applied_by_version)):
+            applied = applied_by_version.get(version)
             migration = by_version.get(version)
             name = migration.name if migration else applied.name if applied else "?"
             state: MigrationState
@@ -572,11 +568,11 @@ class Migrator:
         if to is not None:
             self._version_exists(to)
         with translate_errors("migrate plan"):
-            history = await self._read_history()
-        entries = self._classify(history)
+            applied_by_version = await self._read_history()
+        entries = self._classify(applied_by_version)
         self._check(entries)
         by_version = {m.version: m for m in self.migrations}
-        applied = sorted(history.applied.values(), key=lambda a: a.order, reverse=True)
+        applied = sorted(applied_by_version.values(), key=lambda a: a.order, reverse=True)
         if to is not None:
             targets = [a for a in applied if a.version > to]
         else:
@@ -674,8 +670,7 @@ class Migrator:
         if migration is None:
             raise MigrationError(f"no migration file has version {version}")
         async with self._locked():
-            history = await self._read_history()
-            if version not in history.applied:
+            if version not in await self._read_history():
                 raise MigrationError(f"{migration.path.name} is not applied; nothing to repair")
             with translate_errors("migrate repair"):
                 started = await self._conn.fetchval("SELECT clock_timestamp()")
@@ -707,47 +702,40 @@ class Migrator:
             "transaction" if migration.transactional else "no-transaction",
         )
         current: Statement | None = None
+
+        async def apply() -> None:
+            # The statements, then their success in the history: inside the file's
+            # transaction when it has one, so the record and the change commit together.
+            nonlocal current
+            for current in statements:
+                await conn.execute(current.sql)
+            current = None
+            await conn.execute(
+                _INSERT_HISTORY,
+                migration.version,
+                migration.name,
+                migration.checksum,
+                direction,
+                migration.transactional,
+                started_at,
+                "success",
+                None,
+            )
+
+        timeouts = (
+            f"lock_timeout = '{_ms(self.statement_lock_timeout)}';"
+            f"SET {'LOCAL ' if migration.transactional else ''}"
+            f"statement_timeout = '{_ms(self.statement_timeout)}'"
+        )
         try:
             if migration.transactional:
                 async with conn.transaction():
-                    await conn.execute(
-                        f"SET LOCAL lock_timeout = '{_ms(self.statement_lock_timeout)}';"
-                        f"SET LOCAL statement_timeout = '{_ms(self.statement_timeout)}'"
-                    )
-                    for current in statements:
-                        await conn.execute(current.sql)
-                    current = None
-                    await conn.execute(
-                        _INSERT_HISTORY,
-                        migration.version,
-                        migration.name,
-                        migration.checksum,
-                        direction,
-                        True,
-                        started_at,
-                        "success",
-                        None,
-                    )
+                    await conn.execute(f"SET LOCAL {timeouts}")
+                    await apply()
             else:
-                await conn.execute(
-                    f"SET lock_timeout = '{_ms(self.statement_lock_timeout)}';"
-                    f"SET statement_timeout = '{_ms(self.statement_timeout)}'"
-                )
+                await conn.execute(f"SET {timeouts}")
                 try:
-                    for current in statements:
-                        await conn.execute(current.sql)
-                    current = None
-                    await conn.execute(
-                        _INSERT_HISTORY,
-                        migration.version,
-                        migration.name,
-                        migration.checksum,
-                        direction,
-                        False,
-                        started_at,
-                        "success",
-                        None,
-                    )
+                    await apply()
                 finally:
                     await conn.execute("RESET lock_timeout; RESET statement_timeout")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
@@ -851,8 +839,17 @@ class Migrator:
             finally:
                 await scratch_conn.close()
         finally:
+            # A cancelled verify must not leave its scratch database behind: the DROP
+            # runs to its end before the cancellation goes on.
+            drop = asyncio.ensure_future(
+                self._conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+            )
             with translate_errors("migrate verify"):
-                await self._conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+                try:
+                    await asyncio.shield(drop)
+                except asyncio.CancelledError:
+                    await asyncio.wait([drop])
+                    raise
         return report
 
 
