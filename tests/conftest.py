@@ -29,6 +29,9 @@ from chatkeep.embedded import Endpoints, resolve_endpoints
 from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
 from chatkeep.storage.migrate import Migrator
 
+# Fixtures shared by more than one folder of tests, kept in modules of their own.
+pytest_plugins = ["tests.migration_files"]
+
 ROOT = Path(__file__).resolve().parent.parent
 # A logical Redis database the tests may flush freely, away from db 0.
 TEST_REDIS_DB = 13
@@ -143,6 +146,30 @@ async def emptied_database_url(module_database_url: str) -> str:
     finally:
         await conn.close()
     return module_database_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to an empty database (the module's, emptied)."""
+    connection = await asyncpg.connect(emptied_database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_url(admin_url: str) -> AsyncIterator[str]:
+    """A URL naming a database that does not exist yet (dropped after the test if made)."""
+    name = f"chatkeep_setup_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield url_for(admin_url, name)
+    finally:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -7,12 +7,11 @@ wherever the server can produce them on demand.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import chatkeep.errors as errors_module
 from chatkeep.config import Settings
@@ -95,15 +94,6 @@ def test_errors_carry_their_details() -> None:
 
 
 # -- translation of real server errors ----------------------------------------------------
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(emptied_database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def server_error(conn: asyncpg.Connection, sql: str, *args: object) -> ChatkeepError:

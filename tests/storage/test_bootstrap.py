@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chatkeep.config import Settings
 from chatkeep.errors import InvalidInput, Unavailable
 from chatkeep.storage.bootstrap import database_name, ensure_database, maintenance_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def fresh_url(admin_url: str) -> AsyncIterator[str]:
-    """A URL naming a database that does not exist yet (dropped after the test if made)."""
-    name = f"chatkeep_setup_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        yield maintenance_url(admin_url, name)
-    finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def exists(admin_url: str, name: str) -> bool:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chatkeep.cli.admin import DIAGRAM_END, DIAGRAM_START, replace_diagram
 from chatkeep.storage.catalog import diff_snapshots, mermaid_diagram, snapshot
@@ -26,15 +24,6 @@ KINDS = {
     "types",
     "policies",
 }
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(emptied_database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def test_snapshot_describes_the_migrated_schema(conn: asyncpg.Connection) -> None:

@@ -6,13 +6,12 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chatkeep.config import Settings
 from chatkeep.errors import (
@@ -37,6 +36,7 @@ from chatkeep.storage.migrate import (
     normalise,
 )
 from chatkeep.storage.sqltext import Statement
+from tests.migration_files import table_migration, write
 
 # The foundation's files; later issues append more, so tests use ALL for "every file".
 FOUNDATION = [
@@ -51,26 +51,6 @@ FOUNDATION = [
 ALL = [m.label for m in load_migrations()]
 
 
-def write(directory: Path, name: str, text: str) -> Path:
-    path = directory / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def table_migration(table: str, *, down: bool = True) -> str:
-    text = f"-- chatkeep:up\nCREATE TABLE {table} (id int PRIMARY KEY);\n"
-    if down:
-        text += f"-- chatkeep:down\nDROP TABLE {table};\n"
-    return text
-
-
-@pytest.fixture
-def mdir(tmp_path: Path) -> Path:
-    directory = tmp_path / "migrations"
-    directory.mkdir()
-    return directory
-
-
 @pytest.fixture
 def foundation(mdir: Path) -> Path:
     """A copy of the foundation's files (001-007), which need nothing of the server."""
@@ -78,24 +58,6 @@ def foundation(mdir: Path) -> Path:
         source = DEFAULT_MIGRATIONS_DIR / f"{label}.sql"
         write(mdir, source.name, source.read_text(encoding="utf-8"))
     return mdir
-
-
-@pytest.fixture
-def three(mdir: Path) -> Path:
-    """A folder of three simple migrations creating tables a, b, c."""
-    for version, table in ((1, "a"), (2, "b"), (3, "c")):
-        write(mdir, f"00{version}_create_{table}.sql", table_migration(table))
-    return mdir
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def econn(emptied_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to an empty database."""
-    connection = await asyncpg.connect(emptied_database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def tables(conn: asyncpg.Connection) -> set[str]:

@@ -13,24 +13,9 @@ from typer.testing import CliRunner, Result
 from chatkeep.cli import app
 from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.migrate import load_migrations
+from tests.migration_files import table_migration
 
 Env = Callable[..., dict[str, str]]
-
-
-def table_migration(table: str, *, down: bool = True) -> str:
-    text = f"-- chatkeep:up\nCREATE TABLE {table} (id int PRIMARY KEY);\n"
-    if down:
-        text += f"-- chatkeep:down\nDROP TABLE {table};\n"
-    return text
-
-
-@pytest.fixture
-def three(tmp_path: Path) -> Path:
-    directory = tmp_path / "migrations"
-    directory.mkdir()
-    for version, table in ((1, "a"), (2, "b"), (3, "c")):
-        (directory / f"00{version}_create_{table}.sql").write_text(table_migration(table))
-    return directory
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ import asyncio
 import json
 import os
 import sys
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
 from typer.testing import CliRunner, Result
 
 from chatkeep.cli import app
@@ -20,7 +18,7 @@ from chatkeep.cli.admin import DIAGRAM_END, DIAGRAM_START
 from chatkeep.storage.bootstrap import database_name, maintenance_url
 
 Env = Callable[..., dict[str, str]]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(env: dict[str, str], *args: str) -> Result:
@@ -35,20 +33,6 @@ async def database_exists(admin_url: str, name: str) -> bool:
         return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
     finally:
         await admin.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def fresh_url(admin_url: str) -> AsyncIterator[str]:
-    """A URL naming a database that does not exist yet (dropped after the test)."""
-    name = f"chatkeep_setup_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        yield maintenance_url(admin_url, name)
-    finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 # -- setup --------------------------------------------------------------------------------
