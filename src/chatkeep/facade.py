@@ -33,6 +33,7 @@ publish events.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -123,7 +124,12 @@ DEFAULT_SEND_LIMIT: Final = RateLimit(limit=30, period=10.0, burst=20)
 
 @dataclass(frozen=True, slots=True)
 class LoginResult:
-    """A successful login: the user, a session token and the first refresh token."""
+    """A successful login (or refresh): the user, a session token and a refresh token.
+
+    The session and the refresh token's family are one login: the family records every
+    session it mints, and revoking the family (logout, or the reuse of a spent refresh
+    token) ends them all.
+    """
 
     user: User
     session: IssuedSession
@@ -494,6 +500,44 @@ class ChatKeep:
         session = await self.sessions.create(user.id)
         refresh = await self.tokens.issue(user.id, session_id=session.session.session_id)
         return LoginResult(user, session, refresh)
+
+    async def refresh(self, refresh_token: str) -> LoginResult:
+        """Rotate a refresh token and start a new session of the same login.
+
+        The token is spent and the family's next one returned with a new session, which
+        replaces the session the login held (so refreshing never piles up sessions). A
+        refresh token presented a second time means two parties hold the login (a thief,
+        or a client that lost a reply): the whole login is revoked, its family and every
+        session it minted, and both must log in again. Other logins of the user are not
+        touched.
+
+        Raises:
+            PermissionDenied: the token is unknown, expired, revoked or already used (then
+                the login is revoked), or the account is no longer active.
+            InvalidInput: ``refresh_token`` is not shaped like a refresh token.
+            Unavailable: Redis could not be reached (after a reuse, presenting any token
+                of the login again finishes its revocation).
+        """
+        rotated = await self.tokens.rotate(refresh_token)
+        async with self.db.acting_as(rotated.user_id, "facade.refresh"):
+            user = await self.users.find_by_id(rotated.user_id)
+        if user is None or not user.is_active:
+            # Deactivation revokes logins itself; this covers a refresh racing with it.
+            await self.tokens.revoke_family(rotated.family_id)
+            raise PermissionDenied("the account is not active")
+        session = await self.sessions.create(user.id)
+        try:
+            await self.tokens.attach_session(rotated.family_id, session.session.session_id)
+        except BaseException:
+            # The family was revoked in between (or Redis failed): the new session must
+            # not outlive it.
+            await asyncio.shield(
+                self._quietly(
+                    "sessions.revoke", self.sessions.revoke(user.id, session.session.session_id)
+                )
+            )
+            raise
+        return LoginResult(user, session, rotated)
 
     async def unlock_login(self, email: str) -> None:
         """Lift a login lockout and forget the account's failures (an administrator's act).
