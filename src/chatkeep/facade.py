@@ -33,12 +33,13 @@ publish events.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Self
 
@@ -123,7 +124,12 @@ DEFAULT_SEND_LIMIT: Final = RateLimit(limit=30, period=10.0, burst=20)
 
 @dataclass(frozen=True, slots=True)
 class LoginResult:
-    """A successful login: the user, a session token and the first refresh token."""
+    """A successful login (or refresh): the user, a session token and a refresh token.
+
+    The session and the refresh token's family are one login: the family records every
+    session it mints, and revoking the family (logout, or the reuse of a spent refresh
+    token) ends them all.
+    """
 
     user: User
     session: IssuedSession
@@ -160,6 +166,32 @@ def _ids(field: str, values: object) -> frozenset[uuid.UUID]:
     if isinstance(values, str | bytes | uuid.UUID) or not isinstance(values, Iterable):
         raise InvalidInput(field, "must be a collection of UUIDs")
     return frozenset(check_id(field, value) for value in values)
+
+
+ROOM_NOT_FOUND: Final = "room not found"
+"""What every flow answers about a room its user cannot see, whether it exists or not."""
+MESSAGE_NOT_FOUND: Final = "message not found"
+"""The same for a message (in a room its user cannot see, or none at all)."""
+
+
+@contextlib.contextmanager
+def _hidden(entity: str, message: str) -> Iterator[None]:
+    """Answer ``NotFound(message)`` for any missing or invisible ``entity`` in the block.
+
+    Row security already makes a private room the user is not in look absent; this makes
+    the text the same too, so a room id tells an outsider nothing (the repositories name
+    the id, which differs between a real room and a made-up one).
+    """
+    try:
+        yield
+    except NotFound as exc:
+        if exc.entity != entity:
+            raise
+        raise NotFound(message, entity=entity) from exc
+
+
+def _hidden_room() -> contextlib.AbstractContextManager[None]:
+    return _hidden("room", ROOM_NOT_FOUND)
 
 
 def _receipt_counter(metrics: ChatkeepMetrics) -> Callable[[Event | RoomGap], None]:
@@ -313,8 +345,9 @@ class ChatKeep:
             if asking is None
             else self._acting(asking, "facade.load_members")
         )
-        async with acting:
-            found = await self.rooms.members(room_id)
+        with _hidden_room():
+            async with acting:
+                found = await self.rooms.members(room_id)
         ids = frozenset(m.user.id for m in found.members)
         return ids if asking in ids else Unshared(ids)
 
@@ -406,6 +439,9 @@ class ChatKeep:
             )
 
     async def _require_member(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        # The cache answers members only; anyone else is answered from PostgreSQL as
+        # themselves (RoomMembersCache.members): a room they cannot see raises NotFound
+        # (ROOM_NOT_FOUND) from the loader, a visible one falls through to here.
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
 
@@ -464,6 +500,44 @@ class ChatKeep:
         session = await self.sessions.create(user.id)
         refresh = await self.tokens.issue(user.id, session_id=session.session.session_id)
         return LoginResult(user, session, refresh)
+
+    async def refresh(self, refresh_token: str) -> LoginResult:
+        """Rotate a refresh token and start a new session of the same login.
+
+        The token is spent and the family's next one returned with a new session, which
+        replaces the session the login held (so refreshing never piles up sessions). A
+        refresh token presented a second time means two parties hold the login (a thief,
+        or a client that lost a reply): the whole login is revoked, its family and every
+        session it minted, and both must log in again. Other logins of the user are not
+        touched.
+
+        Raises:
+            PermissionDenied: the token is unknown, expired, revoked or already used (then
+                the login is revoked), or the account is no longer active.
+            InvalidInput: ``refresh_token`` is not shaped like a refresh token.
+            Unavailable: Redis could not be reached (after a reuse, presenting any token
+                of the login again finishes its revocation).
+        """
+        rotated = await self.tokens.rotate(refresh_token)
+        async with self.db.acting_as(rotated.user_id, "facade.refresh"):
+            user = await self.users.find_by_id(rotated.user_id)
+        if user is None or not user.is_active:
+            # Deactivation revokes logins itself; this covers a refresh racing with it.
+            await self.tokens.revoke_family(rotated.family_id)
+            raise PermissionDenied("the account is not active")
+        session = await self.sessions.create(user.id)
+        try:
+            await self.tokens.attach_session(rotated.family_id, session.session.session_id)
+        except BaseException:
+            # The family was revoked in between (or Redis failed): the new session must
+            # not outlive it.
+            await asyncio.shield(
+                self._quietly(
+                    "sessions.revoke", self.sessions.revoke(user.id, session.session.session_id)
+                )
+            )
+            raise
+        return LoginResult(user, session, rotated)
 
     async def unlock_login(self, email: str) -> None:
         """Lift a login lockout and forget the account's failures (an administrator's act).
@@ -560,8 +634,9 @@ class ChatKeep:
 
         Raises:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).
-            PermissionDenied: the user is not a member of the room, or it is archived.
-            NotFound: no such room.
+            PermissionDenied: the user is not a member of the (public) room, or it is
+                archived.
+            NotFound: no such room, or one the user cannot see (``room not found``).
             InvalidInput: the content or ids break a rule.
         """
         with self._count_errors():
@@ -578,8 +653,9 @@ class ChatKeep:
             except Unavailable as exc:
                 # Fail open: an outage of the limiter must not stop messages.
                 logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-            async with self.db.acting_as(dto.user_id, "facade.send_message"):
-                message = await self.messages.send(dto)
+            with _hidden_room():
+                async with self.db.acting_as(dto.user_id, "facade.send_message"):
+                    message = await self.messages.send(dto)
             await self._publish(
                 MessageCreated(
                     room_id=message.room_id,
@@ -598,15 +674,16 @@ class ChatKeep:
         """Edit the author's own message, then publish ``message.edited``.
 
         Raises:
-            NotFound: no such message.
+            NotFound: no such message, or one the user cannot see (``message not found``).
             PermissionDenied: the user is not the author.
             InvalidInput: the content or ids break a rule.
         """
         self._outside_transaction("edit_message")
         editor = check_id("user_id", user_id)
         key = check_id("message_id", message_id)
-        async with self.db.acting_as(editor, "facade.edit_message"):
-            message = await self.messages.edit(key, content, by=editor)
+        with _hidden("message", MESSAGE_NOT_FOUND):
+            async with self.db.acting_as(editor, "facade.edit_message"):
+                message = await self.messages.edit(key, content, by=editor)
         await self._publish(
             MessageEdited(
                 room_id=message.room_id,
@@ -654,15 +731,16 @@ class ChatKeep:
             message).
 
         Raises:
-            NotFound: no such room.
-            PermissionDenied: the user is not a member.
+            NotFound: no such room, or one the user cannot see (``room not found``).
+            PermissionDenied: the user is not a member of the (public) room.
             InvalidInput: a bad id or ``seq``.
         """
         self._outside_transaction("mark_read")
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
-        async with self.db.acting_as(user, "facade.mark_read"):
-            watermark = await self.messages.mark_read(room, user, seq)
+        with _hidden_room():
+            async with self.db.acting_as(user, "facade.mark_read"):
+                watermark = await self.messages.mark_read(room, user, seq)
         await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
@@ -701,8 +779,8 @@ class ChatKeep:
             limit: messages per page, 1 to 200.
 
         Raises:
-            PermissionDenied: the user is not a member of the room.
-            NotFound: no such room.
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
             InvalidInput: not exactly one of ``after_seq`` and ``cursor``, a cursor that
                 does not point forward or belongs to another room, or a bad ``limit``.
         """
@@ -736,8 +814,9 @@ class ChatKeep:
         <chatkeep.storage.MessageRepository.history>` takes them.
 
         Raises:
-            PermissionDenied: the user is not a member of the room.
-            NotFound: no such room, or ``around`` names a message not in it.
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``), or
+                ``around`` names a message not in it.
             InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
         """
         room = check_id("room_id", room_id)
@@ -815,8 +894,9 @@ class ChatKeep:
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = user if by is None else check_id("by", by)
-        async with self.db.acting_as(actor, "facade.join"):
-            member = await self.rooms.add_member(room, user, role=role, by=actor)
+        with _hidden_room():
+            async with self.db.acting_as(actor, "facade.join"):
+                member = await self.rooms.add_member(room, user, role=role, by=actor)
         await self._invalidate_members(room)
         await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
@@ -834,15 +914,16 @@ class ChatKeep:
 
         Raises:
             PermissionDenied: ``by`` may not remove this member, or it is the last owner.
-            NotFound: no such room.
+            NotFound: no such room, or one ``by`` cannot see (``room not found``).
             InvalidInput: a bad id, or a direct room.
         """
         self._outside_transaction("leave")
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = user if by is None else check_id("by", by)
-        async with self.db.acting_as(actor, "facade.leave"):
-            removed = await self.rooms.remove_member(room, user, by=actor)
+        with _hidden_room():
+            async with self.db.acting_as(actor, "facade.leave"):
+                removed = await self.rooms.remove_member(room, user, by=actor)
         if not removed:
             return False
         await self._invalidate_members(room)
@@ -856,7 +937,7 @@ class ChatKeep:
 
         Raises:
             PermissionDenied: ``by`` may not remove this member, or it is the last owner.
-            NotFound: no such room.
+            NotFound: no such room, or one ``by`` cannot see (``room not found``).
             InvalidInput: a bad id, or a direct room.
         """
         return await self.leave(room_id, user_id, by=check_id("by", by))
@@ -883,8 +964,9 @@ class ChatKeep:
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         actor = None if by is None else check_id("by", by)
-        async with self._as_actor_or_system(actor, "facade.change_role"):
-            member = await self.rooms.change_role(room, user, role, by=actor)
+        with _hidden_room():
+            async with self._as_actor_or_system(actor, "facade.change_role"):
+                member = await self.rooms.change_role(room, user, role, by=actor)
         await self._invalidate_members(room)
         # member.joined carries the role: receivers update the member's entry in place.
         await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
@@ -940,8 +1022,9 @@ class ChatKeep:
             ``presence`` event goes to each of ``rooms``.
 
         Raises:
-            PermissionDenied: the user is not a member of one of ``rooms``.
-            NotFound: one of ``rooms`` does not exist.
+            PermissionDenied: the user is not a member of one of ``rooms`` (a public one).
+            NotFound: one of ``rooms`` does not exist or the user cannot see it
+                (``room not found``).
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """
@@ -1036,8 +1119,8 @@ class ChatKeep:
         """Start (or stop) a typing indicator of a member; it expires by itself.
 
         Raises:
-            PermissionDenied: the user is not a member of the room.
-            NotFound: no such room.
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """

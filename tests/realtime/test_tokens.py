@@ -8,7 +8,7 @@ from uuid import uuid4
 import pytest
 
 from chatkeep.errors import InvalidInput, PermissionDenied, Unavailable
-from chatkeep.realtime import RedisClient, RefreshTokenStore, TokenReuse
+from chatkeep.realtime import RedisClient, RefreshTokenStore, SessionStore, TokenReuse
 from tests.realtime.conftest import ClientFactory
 
 
@@ -174,3 +174,74 @@ async def test_redis_down_is_unavailable(make_client: ClientFactory, dead_url: s
         await store.issue(uuid4())
     with pytest.raises(Unavailable):
         await store.rotate(f"{uuid4().hex}.{'b' * 43}")
+
+
+async def test_reuse_ends_every_session_the_family_minted(client: RedisClient) -> None:
+    reports: list[TokenReuse] = []
+
+    async def on_reuse(event: TokenReuse) -> None:
+        reports.append(event)
+
+    sessions = SessionStore(client)
+    store = RefreshTokenStore(client, on_reuse=on_reuse)
+    user = uuid4()
+    at_login = await sessions.create(user)
+    first = await store.issue(user, session_id=at_login.session.session_id)
+    other_login = await sessions.create(user)
+    other = await store.issue(user, session_id=other_login.session.session_id)
+    second = await store.rotate(first.token)
+    refreshed = await sessions.create(user)
+    await store.attach_session(first.family_id, refreshed.session.session_id)
+    assert await sessions.validate(at_login.token) is None  # replaced by the refresh's
+    with pytest.raises(PermissionDenied, match="already used"):
+        await store.rotate(first.token)
+    assert await sessions.validate(refreshed.token) is None
+    assert sorted(reports[0].session_ids) == sorted(
+        [at_login.session.session_id, refreshed.session.session_id]
+    )
+    # A session minted after the revocation cannot join the dead family.
+    late = await sessions.create(user)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        await store.attach_session(first.family_id, late.session.session_id)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        await store.rotate(second.token)
+    # The user's other login is another family: untouched.
+    assert await sessions.validate(other_login.token) is not None
+    await store.rotate(other.token)
+
+
+async def test_a_replay_finishes_ending_the_sessions(client: RedisClient) -> None:
+    # Should the sessions' HDEL be lost after the family's revocation (an outage between
+    # the two commands), any later presentation of the family's tokens ends them.
+    sessions = SessionStore(client)
+    store = RefreshTokenStore(client)
+    user = uuid4()
+    login = await sessions.create(user)
+    first = await store.issue(user, session_id=login.session.session_id)
+    second = await store.rotate(first.token)
+    assert await store.revoke_family(first.family_id)
+    assert await sessions.validate(login.token) is None
+    restored = client.keys.session(user)
+    await client.redis.hset(restored, login.session.session_id, '{"c":0,"a":0,"e":1,"m":1}')
+    with pytest.raises(PermissionDenied, match="revoked"):
+        await store.rotate(second.token)
+    assert not await client.redis.hexists(restored, login.session.session_id)
+
+
+async def test_logout_by_refresh_token_ends_the_login_session(client: RedisClient) -> None:
+    sessions = SessionStore(client)
+    store = RefreshTokenStore(client)
+    user = uuid4()
+    login = await sessions.create(user)
+    issued = await store.issue(user, session_id=login.session.session_id)
+    assert await store.revoke(issued.token)
+    assert await sessions.validate(login.token) is None
+    assert not await store.revoke(issued.token)
+
+
+async def test_attach_session_checks_its_input(client: RedisClient) -> None:
+    store = RefreshTokenStore(client)
+    for bad in ("", "x" * 65, 7):
+        with pytest.raises(InvalidInput) as caught:
+            await store.attach_session(uuid4(), bad)  # type: ignore[arg-type]
+        assert caught.value.field == "session_id"

@@ -385,7 +385,9 @@ class RoomMembersCache:
 
     The loader reads as the user asking: through row security, a member sees the whole
     member list of their room, anyone else does not; it returns :class:`Unshared` for a
-    view that is not the whole list, which is then answered but not cached.
+    view that is not the whole list, which is then answered but not cached. A cached list
+    answers only its members: a non-member is always answered by the loader, so what they
+    learn does not depend on whether a member filled the cache.
 
     Args:
         client: the shared Redis connection.
@@ -418,13 +420,39 @@ class RoomMembersCache:
         return self._cache
 
     async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
-        """The member ids of ``room_id`` as ``asking`` may see them (empty: no such room)."""
-        loader = None if asking is None else (lambda room: self._loader(room, asking))
-        found = await self._cache.get(room_id, loader=loader)
+        """The member ids of ``room_id`` as ``asking`` may see them.
+
+        A cached list answers only a user in it. Anyone else is answered by the loader,
+        as themselves, whatever the cache holds: the cached list is the members' view,
+        and handing it (or even its existence) to an outsider would tell them what row
+        security hides, and tell apart a private room from one that does not exist.
+
+        Whatever the loader raises propagates (the facade's raises ``NotFound`` for a
+        room the asker cannot see); a loader returning ``None`` gives the empty set.
+        """
+        if asking is None:
+            found = await self._cache.get(room_id)
+            return found if found is not None else frozenset()
+        loaded_as_asker = False
+
+        async def as_asker(room: UUID) -> Members | Unshared[Members] | None:
+            nonlocal loaded_as_asker
+            loaded_as_asker = True
+            return await self._loader(room, asking)
+
+        found = await self._cache.get(room_id, loader=as_asker)
+        if found is not None and asking in found:
+            return found
+        if not loaded_as_asker:  # a hit, or someone else's fill, that leaves the asker out
+            found = _value(await as_asker(room_id))
         return found if found is not None else frozenset()
 
     async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
-        """Whether ``user_id`` is a member of ``room_id`` (a miss loads as that user)."""
+        """Whether ``user_id`` is a member of ``room_id``.
+
+        A hit answers a member; a miss, or a list without the user, is read as that user
+        (see :meth:`members`), so a non-member's answer never depends on the cache.
+        """
         return user_id in await self.members(room_id, asking=user_id)
 
     async def invalidate(self, *room_ids: UUID) -> bool:

@@ -41,6 +41,7 @@ _PATTERNS: Final[dict[str, str]] = {
     "session": "session:{userId}",
     "refresh": "refresh:{token}",
     "refresh_family": "refresh_family:{familyId}",
+    "refresh_family_sessions": "refresh_family:{familyId}:sessions",
     "user_refresh_families": "user:{userId}:refresh_families",
     "presence": "presence:{userId}",
     "presence_deadlines": "presence:deadlines",
@@ -150,6 +151,13 @@ class KeySpace:
     def refresh_family(self, family_id: UUID) -> str:
         """HASH describing a refresh-token family (owner, current token); gone = revoked."""
         return self._name("refresh_family", _uuid(family_id, "family_id"))
+
+    def refresh_family_sessions(self, family_id: UUID) -> str:
+        """SET of the session ids a refresh-token family minted (ended with the family).
+
+        Same hash tag as the family, so one script changes both.
+        """
+        return self._name("refresh_family", _uuid(family_id, "family_id"), "sessions")
 
     def user_refresh_families(self, user_id: UUID) -> str:
         """SET of a user's refresh-token family ids (for "log out everywhere")."""

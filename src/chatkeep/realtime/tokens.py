@@ -2,8 +2,18 @@
 
 Each login starts a *family*. Using a refresh token spends it and issues the family's next
 one. If a spent token is presented again, two parties hold the family (the client and a
-thief, and we cannot tell which is which), so the whole family is revoked and both must
+thief, and we cannot tell which is which), so the whole login is revoked and both must
 log in again: the refresh-token reuse detection of OAuth 2.0 Security BCP section 4.14.
+
+*The whole login* is the family and every session it minted (the login's own, and one per
+refresh): a thief who refreshed first holds a session too, and revoking only the tokens
+would leave it working for up to the session's idle timeout. The family records those
+session ids in ``refresh_family:{familyId}:sessions`` (same hash tag), so one script
+revokes the family and reads the set together; the sessions themselves live in the user's
+``session:{userId}`` hash (another slot), so they are ended by the next command. That set
+outlives the revocation (until the family would have expired) and every later
+presentation of any token of the family ends them again, so an outage between the two
+steps is finished by the next attempt, and nothing that reaches Redis ever brings them back.
 
 The token handed out is ``<familyId hex>.<secret>``. Redis stores only the SHA-256 of the
 secret, in ``refresh:<familyId>.<sha256>`` (a hash: owner, state, successor). The family
@@ -44,7 +54,8 @@ logger = logging.getLogger("chatkeep.realtime.tokens")
 
 _TOKEN_PATTERN: Final = re.compile(r"^([0-9a-f]{32})\.([A-Za-z0-9_-]{32,128})$")
 
-# KEYS: token, family. ARGV: user id, token hash, token ttl ms, family lifetime ms, session.
+# KEYS: token, family, family's sessions. ARGV: user id, token hash, token ttl ms, family
+# lifetime ms, session id ('' for none).
 _ISSUE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -52,15 +63,31 @@ local fam_end = now + tonumber(ARGV[4])
 local e = math.min(now + tonumber(ARGV[3]), fam_end)
 redis.call('HSET', KEYS[2], 'u', ARGV[1], 'c', ARGV[2], 'x', fam_end, 's', ARGV[5])
 redis.call('PEXPIREAT', KEYS[2], fam_end)
+if ARGV[5] ~= '' then
+  redis.call('SADD', KEYS[3], ARGV[5])
+  redis.call('PEXPIREAT', KEYS[3], fam_end)
+end
 redis.call('HSET', KEYS[1], 'u', ARGV[1], 's', 'active', 'e', e)
 redis.call('PEXPIREAT', KEYS[1], e)
 return e
 """
 
-# KEYS: presented token, family, successor token. ARGV: successor hash, token ttl ms.
-# Returns {outcome, user id, successor expiry ms}; outcome is one of
-# 'rotated', 'invalid' (unknown or expired), 'revoked' (family gone), 'reused'.
-_ROTATE: Final = """
+# The family's minted sessions after an outcome that ends the login (the set is kept).
+_ENDING: Final = """
+local function ending(outcome, user)
+  local out = {outcome, user, 0}
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do out[#out + 1] = id end
+  return out
+end
+"""
+
+# KEYS: presented token, family, successor token, family's sessions. ARGV: successor
+# hash, token ttl ms. Returns {outcome, user id, successor expiry ms, session ids...};
+# outcome is one of 'rotated', 'invalid' (unknown or expired), 'revoked' (family gone),
+# 'reused'; the last two list the sessions to end.
+_ROTATE: Final = (
+    _ENDING
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local st = redis.call('HMGET', KEYS[1], 'u', 's', 'n')
@@ -71,12 +98,12 @@ if st[2] == 'used' then
     if e then return {'rotated', st[1], e} end
   end
   redis.call('DEL', KEYS[2])
-  return {'reused', st[1], 0}
+  return ending('reused', st[1])
 end
 local fam = redis.call('HMGET', KEYS[2], 'x', 'u')
 if not fam[1] or fam[2] ~= st[1] then
   redis.call('DEL', KEYS[1])
-  return {'revoked', st[1], 0}
+  return ending('revoked', st[1])
 end
 local e = math.min(now + tonumber(ARGV[2]), tonumber(fam[1]))
 if e <= now then return {'invalid', st[1], 0} end
@@ -85,6 +112,30 @@ redis.call('HSET', KEYS[3], 'u', st[1], 's', 'active', 'e', e)
 redis.call('PEXPIREAT', KEYS[3], e)
 redis.call('HSET', KEYS[2], 'c', ARGV[1])
 return {'rotated', st[1], tostring(e)}
+"""
+)
+
+# KEYS: family, family's sessions. ARGV: session id. Records a session minted by a
+# rotation as the family's current one; returns {the one it replaces ('' for none), user
+# id}, or nil if the family is gone (revoked meanwhile: the caller ends the new session).
+_ATTACH: Final = """
+local fam = redis.call('HMGET', KEYS[1], 's', 'x', 'u')
+if not fam[2] then return false end
+redis.call('HSET', KEYS[1], 's', ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], fam[2])
+return {fam[1] or '', fam[3]}
+"""
+
+# KEYS: family, family's sessions. Revokes the family; returns {existed, user id,
+# session ids...} (no user once the family is gone: its sessions ended with it).
+_REVOKE: Final = """
+local u = redis.call('HGET', KEYS[1], 'u')
+if not u then return {0, ''} end
+redis.call('DEL', KEYS[1])
+local out = {1, u}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = id end
+return out
 """
 
 
@@ -100,11 +151,19 @@ class IssuedRefreshToken:
 
 @dataclass(frozen=True, slots=True)
 class TokenReuse:
-    """A spent refresh token was presented again; its family has been revoked."""
+    """A spent refresh token was presented again; its family and sessions are revoked.
+
+    Attributes:
+        user_id: whose login it was.
+        family_id: the revoked family.
+        detected_at: when the reuse was seen.
+        session_ids: the sessions the family had minted, now ended.
+    """
 
     user_id: UUID
     family_id: UUID
     detected_at: datetime
+    session_ids: tuple[str, ...] = ()
 
 
 ReuseHandler = Callable[[TokenReuse], Awaitable[None]]
@@ -135,8 +194,8 @@ class RefreshTokenStore:
         ttl: how long one token stays usable (default 30 days).
         max_family_lifetime: how long a family lives however often it rotates, after
             which the user logs in again (default 90 days).
-        on_reuse: awaited when a spent token comes back (to audit or alert); its errors
-            are logged, never raised.
+        on_reuse: awaited when a spent token comes back (to audit or alert), after the
+            login is revoked; its errors are logged, never raised.
     """
 
     def __init__(
@@ -156,13 +215,16 @@ class RefreshTokenStore:
         self._on_reuse = on_reuse
         self._issue = client.script(_ISSUE)
         self._rotate = client.script(_ROTATE)
+        self._attach = client.script(_ATTACH)
+        self._revoke = client.script(_REVOKE)
 
     async def issue(self, user_id: UUID, *, session_id: str = "") -> IssuedRefreshToken:
         """Start a new family for ``user_id`` and return its first token.
 
         Args:
             user_id: who logged in.
-            session_id: the login session the family belongs to, if any (kept for audit).
+            session_id: the login session the family minted, if any: it ends with the
+                family (on reuse of a spent token, or :meth:`revoke`).
 
         Raises:
             InvalidInput: bad ``user_id`` or ``session_id``.
@@ -182,7 +244,11 @@ class RefreshTokenStore:
             pipe.pexpire(index, self._life_ms)
             await pipe.execute()
             expires = await self._issue(
-                keys=[keys.refresh(family_id, token_hash), keys.refresh_family(family_id)],
+                keys=[
+                    keys.refresh(family_id, token_hash),
+                    keys.refresh_family(family_id),
+                    keys.refresh_family_sessions(family_id),
+                ],
                 args=[str(user_id), token_hash, self._ttl_ms, self._life_ms, session_id],
             )
         return IssuedRefreshToken(f"{family_id.hex}.{secret}", family_id, user_id, from_ms(expires))
@@ -193,23 +259,30 @@ class RefreshTokenStore:
         Raises:
             InvalidInput: ``token`` is not shaped like a refresh token.
             PermissionDenied: the token is unknown, expired, revoked, or was already used
-                (then its whole family is revoked, and ``on_reuse`` is told).
-            Unavailable: Redis could not be reached.
+                (then its whole login is revoked: the family and every session it minted;
+                ``on_reuse`` is told).
+            Unavailable: Redis could not be reached (a reuse may then have revoked the
+                family but not yet its sessions: presenting any of its tokens again
+                finishes that).
         """
         family_id, token_hash = _parse(token)
         keys = self._client.keys
         secret = secrets.token_urlsafe(32)
         next_hash = _hash(secret)
         with self._client.guard("tokens.rotate"):
-            outcome, user, expires = await self._rotate(
+            outcome, user, expires, *minted = await self._rotate(
                 keys=[
                     keys.refresh(family_id, token_hash),
                     keys.refresh_family(family_id),
                     keys.refresh(family_id, next_hash),
+                    keys.refresh_family_sessions(family_id),
                 ],
                 args=[next_hash, self._ttl_ms],
             )
         outcome = _text(outcome)
+        session_ids = tuple(_text(s) for s in minted)
+        if outcome in ("reused", "revoked"):
+            await self._end_sessions(UUID(_text(user)), session_ids)
         if outcome == "rotated":
             return IssuedRefreshToken(
                 f"{family_id.hex}.{secret}", family_id, UUID(_text(user)), from_ms(expires)
@@ -217,11 +290,44 @@ class RefreshTokenStore:
         if outcome == "reused":
             user_id = UUID(_text(user))
             logger.warning("refresh token reuse: family %s of user %s revoked", family_id, user_id)
-            await self._report_reuse(TokenReuse(user_id, family_id, from_ms(time.time() * 1000)))
+            detected = from_ms(time.time() * 1000)
+            await self._report_reuse(TokenReuse(user_id, family_id, detected, session_ids))
             raise PermissionDenied("refresh token was already used; its family is revoked")
         if outcome == "revoked":
             raise PermissionDenied("refresh token belongs to a revoked session")
         raise PermissionDenied("refresh token is unknown or expired")
+
+    async def _end_sessions(self, user_id: UUID, session_ids: tuple[str, ...]) -> None:
+        # The user's session hash is another slot than the family: a second command.
+        if session_ids:
+            with self._client.guard("tokens.end_sessions"):
+                await self._client.redis.hdel(self._client.keys.session(user_id), *session_ids)
+
+    async def attach_session(self, family_id: UUID, session_id: str) -> None:
+        """Record a session minted by a refresh as its family's, replacing the previous one.
+
+        The session the family minted before (at login or the last refresh) ends: each
+        login holds one current session, so refreshing does not pile up sessions.
+
+        Raises:
+            PermissionDenied: the family was revoked meanwhile (a reuse was detected
+                between the rotation and this call); the caller ends the new session.
+            InvalidInput: bad ``family_id`` or ``session_id``.
+            Unavailable: Redis could not be reached.
+        """
+        keys = self._client.keys
+        family_key = keys.refresh_family(family_id)
+        if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
+            raise InvalidInput("session_id", "must be a string of 1 to 64 characters")
+        with self._client.guard("tokens.attach_session"):
+            found = await self._attach(
+                keys=[family_key, keys.refresh_family_sessions(family_id)], args=[session_id]
+            )
+            if found is None:
+                raise PermissionDenied("refresh token belongs to a revoked session")
+            previous, owner = (_text(value) for value in found)
+            if previous and previous != session_id:
+                await self._client.redis.hdel(keys.session(UUID(owner)), previous)
 
     async def _report_reuse(self, event: TokenReuse) -> None:
         if self._on_reuse is None:
@@ -232,7 +338,9 @@ class RefreshTokenStore:
             logger.exception("on_reuse handler failed")
 
     async def revoke(self, token: str) -> bool:
-        """Revoke the family of ``token`` (logout); ``True`` if it was alive.
+        """Revoke the login of ``token`` (logout): its family and the sessions it minted.
+
+        Returns ``True`` if the family was alive.
 
         Raises:
             InvalidInput: ``token`` is not shaped like a refresh token.
@@ -242,18 +350,29 @@ class RefreshTokenStore:
         return await self.revoke_family(family_id)
 
     async def revoke_family(self, family_id: UUID) -> bool:
-        """Revoke one family: none of its tokens rotates again; ``True`` if it was alive.
+        """Revoke one family and end the sessions it minted; ``True`` if it was alive.
+
+        None of its tokens rotates again.
 
         Raises:
             Unavailable: Redis could not be reached.
         """
+        keys = self._client.keys
         with self._client.guard("tokens.revoke_family"):
-            return bool(
-                await self._client.redis.delete(self._client.keys.refresh_family(family_id))
+            alive, user, *minted = await self._revoke(
+                keys=[keys.refresh_family(family_id), keys.refresh_family_sessions(family_id)],
+                args=[],
             )
+        if alive:
+            await self._end_sessions(UUID(_text(user)), tuple(_text(s) for s in minted))
+        return bool(alive)
 
     async def revoke_all(self, user_id: UUID) -> int:
         """Revoke every family of ``user_id``; returns how many were alive.
+
+        The user's sessions are :meth:`SessionStore.revoke_all
+        <chatkeep.realtime.SessionStore.revoke_all>`'s to end (one ``DEL``): "log out
+        everywhere" calls both, as the facade does.
 
         Raises:
             Unavailable: Redis could not be reached.

@@ -253,7 +253,8 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         """Remove a member (``by == user_id`` is leaving); False if not a member.
 
         Owners may remove anyone, admins only members. The last owner cannot leave or be
-        removed: make someone else owner first.
+        removed: make someone else owner first. ``by`` must be an owner or admin before
+        anything is said about the target (outside the room, ``by`` cannot see members).
 
         Raises:
             PermissionDenied: ``by`` may not remove this member, or it is the last owner.
@@ -265,6 +266,10 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         actor = None if by is None else check_id("by", by)
         async with self.db.transaction("rooms.remove_member"):
             roles, owners = await self._lock_roles(room, user, actor)
+            # The actor's right first: row security hides a room's members from someone
+            # outside it, to whom every target would otherwise look like a non-member.
+            if actor is not None and actor != user and roles.get(actor) not in _MANAGERS:
+                raise PermissionDenied("only owners and admins may remove members")
             target = roles.get(user)
             if target is None:
                 return False
@@ -299,15 +304,16 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         _check_role(role)
         async with self.db.transaction("rooms.change_role"):
             roles, owners = await self._lock_roles(room, user, actor)
+            actor_role = None if actor is None else roles.get(actor)
+            # The actor's right first, as in remove_member: to someone outside the room
+            # every target would look like a non-member.
+            if actor is not None and actor_role not in _MANAGERS:
+                raise PermissionDenied("only owners and admins may change roles")
             target = roles.get(user)
             if target is None:
                 raise NotFound(f"user {user} is not a member of room {room}", entity="member")
-            if actor is not None:
-                actor_role = roles.get(actor)
-                if actor_role not in _MANAGERS:
-                    raise PermissionDenied("only owners and admins may change roles")
-                if actor_role != "owner" and (target == "owner" or role == "owner"):
-                    raise PermissionDenied("only owners may grant or revoke ownership")
+            if actor is not None and actor_role != "owner" and "owner" in (target, role):
+                raise PermissionDenied("only owners may grant or revoke ownership")
             if target == "owner" and role != "owner" and owners <= 1:
                 raise PermissionDenied("the last owner cannot be demoted; make another first")
             row = await self.db.fetchrow("rooms.change_role", SET_ROLE, room, user, role)
