@@ -164,10 +164,11 @@ async def test_send_message_on_a_silent_network_fails_within_the_client_timeout(
         room = await chat.create_room(CreateRoomDto(name="general", created_by=alice.id))
         await chat.send_message(room.id, alice.id, "before")
         proxy.blackhole()
-        sends = [
-            timed_unavailable(lambda n=n: chat.send_message(room.id, alice.id, f"lost {n}"))
-            for n in range(3)
-        ]
+
+        def send(n: int) -> Callable[[], Coroutine[Any, Any, object]]:
+            return lambda: chat.send_message(room.id, alice.id, f"lost {n}")
+
+        sends = [timed_unavailable(send(n)) for n in range(3)]
         for took in await asyncio.gather(*sends):
             assert took < CLIENT_TIMEOUT + MARGIN
         proxy.heal()

@@ -737,7 +737,7 @@ class RedisClient:
     # -- commands --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def guard(self, operation: str) -> Iterator[None]:
+    def guard(self, operation: str, *, timeout: float | None = None) -> Iterator[None]:
         """Bound the block by ``operation_timeout`` and translate redis-py's errors.
 
         Past the deadline the block is cancelled (redis-py then drops the connection it
@@ -747,21 +747,24 @@ class RedisClient:
 
         Args:
             operation: a dotted name (``"presence.heartbeat"``) put in the message.
+            timeout: seconds instead of ``operation_timeout``, for bulk work whose one
+                round trip carries thousands of commands.
 
         Raises:
             Unavailable: Redis could not be reached, or did not answer in time.
         """
+        seconds = self._operation_timeout if timeout is None else timeout
         timer = self.command_timer
         if timer is None:
-            with self._bounded(operation):
+            with self._bounded(operation, seconds):
                 yield
         else:
-            with timer(operation), self._bounded(operation):
+            with timer(operation), self._bounded(operation, seconds):
                 yield
 
     @contextlib.contextmanager
-    def _bounded(self, operation: str) -> Iterator[None]:
-        deadline = _Deadline(self._operation_timeout)
+    def _bounded(self, operation: str, seconds: float) -> Iterator[None]:
+        deadline = _Deadline(seconds)
         try:
             yield
         except (rex.RedisError, OSError) as exc:
@@ -769,7 +772,7 @@ class RedisClient:
         except asyncio.CancelledError:
             if deadline.expired():
                 raise Unavailable(
-                    f"redis did not answer {operation} within {self._operation_timeout:g} s"
+                    f"redis did not answer {operation} within {seconds:g} s"
                 ) from TimeoutError(operation)
             raise
         finally:
