@@ -588,7 +588,9 @@ class ChatKeep:
         nothing new stored) and publishes it again, so a retry after a lost publish
         still reaches subscribers (they de-duplicate by ``message_id``). A retry counts
         toward the rate limit like any send. With Redis down the limit is not checked
-        (fails open) and nothing is published.
+        (fails open) and nothing is published; a frozen or unreachable Redis holds the
+        send for at most ``redis_best_effort_timeout`` before the limit check and as long
+        after the commit.
 
         Raises:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, Settings, Unavailable, User
-from chatkeep.realtime import MessageCreated
+from chatkeep.realtime import MessageCreated, RedisClient
 from tests.faults.proxy import FaultProxy
 from tests.faults.redis_server import RedisServer
 
@@ -134,6 +134,7 @@ async def test_writes_return_within_the_bound_while_redis_is_frozen(
     connect_chat: Callable[[str], Coroutine[Any, Any, ChatKeep]],
     database_url: str,
     redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     chat = await connect_chat(redis_server.url)
     alice, bob = await register(chat, "alice"), await register(chat, "bob")
@@ -145,6 +146,8 @@ async def test_writes_return_within_the_bound_while_redis_is_frozen(
     redis_server.freeze()
     try:
         await exercise_writes(chat, database_url, alice, bob, room, "frozen")
+        # The skipped work is logged, not raised.
+        assert any("skipped: redis did not finish" in r.getMessage() for r in caplog.records)
         # Flows that need Redis say so, within their own bound.
         took = await timed_unavailable(lambda: chat.sessions.validate(before.session.token))
         assert took < REQUIRED_BOUND
@@ -211,3 +214,56 @@ async def test_writes_return_within_the_bound_while_redis_is_blackholed(
             proxy.heal()
         login = await chat.login("alice@example.org", PASSWORD)
         assert login is not None
+
+
+# -- the client's deadline itself ----------------------------------------------------------
+
+
+async def test_the_operation_deadline_raises_unavailable_and_leaves_no_cancel_behind(
+    redis_server: RedisServer,
+) -> None:
+    client = RedisClient(redis_server.url, operation_timeout=0.3)
+    try:
+        await client.ping()
+        redis_server.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match=r"did not answer ping within 0\.3 s"):
+                await client.ping()
+            assert time.monotonic() - started < 0.3 + MARGIN
+            task = asyncio.current_task()
+            assert task is not None
+            assert task.cancelling() == 0  # the deadline's cancel request was withdrawn
+            await asyncio.sleep(0.01)  # and no stray CancelledError is pending
+        finally:
+            redis_server.thaw()
+        assert await client.ping() >= 0
+    finally:
+        await asyncio.wait_for(client.aclose(), CAP)
+
+
+async def test_a_callers_own_cancel_or_timeout_is_not_turned_into_unavailable(
+    redis_server: RedisServer,
+) -> None:
+    client = RedisClient(redis_server.url, operation_timeout=5)
+    try:
+        await client.ping()
+        redis_server.freeze()
+        try:
+            # The caller's timeout, shorter than the client's deadline, stays a TimeoutError.
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await client.ping()
+            assert time.monotonic() - started < 0.2 + MARGIN
+            # A cancelled task stays cancelled.
+            task = asyncio.create_task(client.ping())
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            redis_server.thaw()
+        assert await client.ping() >= 0
+    finally:
+        await asyncio.wait_for(client.aclose(), CAP)
