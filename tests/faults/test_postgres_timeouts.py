@@ -125,6 +125,24 @@ async def test_a_savepoint_failure_on_a_silent_network_fails_within_the_client_t
     assert took < CLIENT_TIMEOUT + MARGIN
 
 
+async def test_a_callers_own_timeout_on_a_silent_network_ends_the_call_at_once(
+    db: Database, proxy: FaultProxy
+) -> None:
+    """Cancelled mid-statement, the call does not wait a client timeout for the cancel."""
+    assert await db.fetchval("t.before", "SELECT 1") == 1
+    proxy.blackhole()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await db.fetchval("t.lost", "SELECT 1")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5), db.transaction("t.tx"):
+            await db.execute("t.lost", "SELECT 1")
+    assert time.monotonic() - started < 1.0 + MARGIN
+    proxy.heal()
+    assert await db.fetchval("t.after", "SELECT 2") == 2
+
+
 async def test_a_server_side_statement_timeout_keeps_the_connection(
     database_url: str,
 ) -> None:

@@ -126,11 +126,17 @@ InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-# Errors after which a connection's state is unknown: a client-side timeout (asyncpg has
-# sent a cancel request that a silent server never acknowledges) or a broken socket.
-# Such a connection is aborted, never cleaned up: a ROLLBACK, the wait for the cancel,
-# or a reset would each wait another full command timeout on a dead network.
-_LOST_ERRORS: Final = (TimeoutError, OSError, asyncpg.ConnectionDoesNotExistError)
+# Errors after which a connection's state is unknown: a client-side timeout or a task
+# cancelled mid-statement (asyncpg has sent a cancel request that a silent server never
+# acknowledges), or a broken socket. Such a connection is aborted, never cleaned up: a
+# ROLLBACK, the wait for the cancel, or a reset would each wait another full command
+# timeout on a dead network (and a caller's own asyncio.timeout would be overrun by it).
+_LOST_ERRORS: Final = (
+    TimeoutError,
+    OSError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncio.CancelledError,
+)
 
 
 @dataclass(slots=True)
@@ -485,10 +491,13 @@ class Database:
                 # Session state set by the caller's own SQL must not leak to the next user.
                 try:
                     await asyncio.shield(conn.reset())
-                except _LOST_ERRORS:
-                    lost = True
-                except _DRIVER_ERRORS:
-                    pass
+                except _DRIVER_ERRORS as exc:
+                    lost = isinstance(exc, _LOST_ERRORS)
+                except asyncio.CancelledError:
+                    # The reset goes on unawaited, its outcome unknown: abort (which also
+                    # gives the connection back), then let the cancellation through.
+                    _abort(conn)
+                    raise
             if lost:
                 _abort(conn)
             if pool is not None:
