@@ -153,8 +153,29 @@ class Settings(BaseSettings):
     statement_timeout: PositiveSeconds = Field(
         default=30.0, description="Server-side statement_timeout for application queries."
     )
+    statement_timeout_grace: PositiveSeconds = Field(
+        default=5.0,
+        description=(
+            "Seconds past statement_timeout the client waits for a silent server before "
+            "it aborts the connection and raises Unavailable."
+        ),
+    )
     connect_timeout: PositiveSeconds = Field(
         default=10.0, description="Seconds to wait for a new connection to either store."
+    )
+    redis_timeout: PositiveSeconds = Field(
+        default=1.0,
+        description=(
+            "Seconds one Redis operation may take in all (connecting and retries "
+            "included) before Unavailable."
+        ),
+    )
+    redis_best_effort_timeout: PositiveSeconds = Field(
+        default=0.5,
+        description=(
+            "Seconds a write gives Redis work it can do without (the send limit; cache "
+            "invalidations and events after the commit) before it goes on without it."
+        ),
     )
     slow_query_threshold: PositiveSeconds = Field(
         default=0.5, description="Operations slower than this are logged at WARNING."

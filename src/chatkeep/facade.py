@@ -11,9 +11,12 @@ Each flow lives here once, in this order: validate the input, rate-limit, write
 PostgreSQL (the truth, committed first), then do the Redis work (invalidate caches,
 publish events) after the commit, best-effort. If Redis is down, writes still succeed: the
 send limit fails open, events are not published and caches are not invalidated (a
-warning is logged; cached entries age out with their TTL). Subscribers learn of missed
-events through a :class:`~chatkeep.realtime.RoomGap` and catch up from PostgreSQL with
-:meth:`ChatKeep.catch_up`, by ``seq``.
+warning is logged; cached entries age out with their TTL). Nor do writes wait for a Redis
+that is down, frozen or unreachable: the send limit check, and the Redis work after the
+commit, each get ``Settings.redis_best_effort_timeout`` (0.5 s by default) in all, and
+the flow goes on without them past it (docs/troubleshooting.md lists every flow's bound).
+Subscribers learn of missed events through a :class:`~chatkeep.realtime.RoomGap` and catch
+up from PostgreSQL with :meth:`ChatKeep.catch_up`, by ``seq``.
 
 Two flows are stricter, because a security decision depends on Redis: revoking the
 sessions of a deactivated account or after a password change raises
@@ -233,6 +236,8 @@ class ChatKeep:
         redis: the Redis client.
         sessions, tokens, presence, typing, sockets, events, limiter, login_throttle:
             the realtime services (Redis only).
+        best_effort_timeout: seconds a write gives the Redis work it can do without
+            (``db.settings.redis_best_effort_timeout``).
         profiles, members: the caches of user profiles and room membership.
         node_id: this node's name.
         metrics: the metrics being fed, or ``None``.
@@ -276,6 +281,8 @@ class ChatKeep:
         )
         self.members = RoomMembersCache(redis, self._load_members)
         self.metrics = metrics
+        # What a write gives Redis work it can do without (see _best_effort).
+        self.best_effort_timeout = db.settings.redis_best_effort_timeout
         if metrics is not None:
             metrics.attach(database=db, redis=redis)
             db.acquire_timer = metrics.time_acquire
@@ -391,6 +398,28 @@ class ChatKeep:
         return self.metrics.count_errors() if self.metrics is not None else contextlib.nullcontext()
 
     # -- best-effort Redis work after a commit ---------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _best_effort(self, work: str) -> AsyncIterator[None]:
+        """Give the block's Redis work ``best_effort_timeout`` in all, then go on without it.
+
+        For work a flow can do without (the send limit check; cache invalidations and
+        events after a commit): a frozen or unreachable Redis must not hold a write whose
+        data is committed. Past the deadline the block is cancelled, and the miss is
+        logged and counted as an Unavailable, not raised.
+        """
+        try:
+            async with asyncio.timeout(self.best_effort_timeout) as deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            skipped = Unavailable(
+                f"redis did not finish {work} within {self.best_effort_timeout:g} s"
+            )
+            logger.warning("%s skipped: %s", work, skipped)
+            if self.metrics is not None:
+                self.metrics.record_error(skipped)
 
     async def _publish(self, *events: Event) -> None:
         if not events:
@@ -560,7 +589,8 @@ class ChatKeep:
         key = check_id("user_id", user_id)
         async with self.db.acting_as(key, "facade.update_profile"):
             user = await self.users.update_profile(key, dto)
-        await self._invalidate_profile(user.id)
+        async with self._best_effort("update_profile's cache invalidation"):
+            await self._invalidate_profile(user.id)
         return user
 
     async def change_password(
@@ -601,7 +631,8 @@ class ChatKeep:
         key = check_id("user_id", user_id)
         async with self.db.acting_as(key, "facade.deactivate_user"):
             user = await self.users.deactivate(key)
-        await self._invalidate_profile(user.id)
+        async with self._best_effort("deactivate_user's cache invalidation"):
+            await self._invalidate_profile(user.id)
         await self._revoke_logins(user.id, "the deactivation")
         return user
 
@@ -630,7 +661,9 @@ class ChatKeep:
         nothing new stored) and publishes it again, so a retry after a lost publish
         still reaches subscribers (they de-duplicate by ``message_id``). A retry counts
         toward the rate limit like any send. With Redis down the limit is not checked
-        (fails open) and nothing is published.
+        (fails open) and nothing is published; a frozen or unreachable Redis holds the
+        send for at most ``redis_best_effort_timeout`` before the limit check and as long
+        after the commit.
 
         Raises:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).
@@ -648,24 +681,26 @@ class ChatKeep:
                 type=type,
                 client_msg_id=client_msg_id,
             )
-            try:
-                await self.limiter.enforce(str(dto.user_id), "send")
-            except Unavailable as exc:
-                # Fail open: an outage of the limiter must not stop messages.
-                logger.warning("send rate limit not checked (redis unavailable): %s", exc)
+            # Fail open: an outage of the limiter must not stop messages.
+            async with self._best_effort("the send rate limit check"):
+                try:
+                    await self.limiter.enforce(str(dto.user_id), "send")
+                except Unavailable as exc:
+                    logger.warning("send rate limit not checked (redis unavailable): %s", exc)
             with _hidden_room():
                 async with self.db.acting_as(dto.user_id, "facade.send_message"):
                     message = await self.messages.send(dto)
-            await self._publish(
-                MessageCreated(
-                    room_id=message.room_id,
-                    message_id=message.id,
-                    seq=message.seq,
-                    sender_id=message.user_id,
-                    client_message_id=message.client_msg_id,
-                    body=message.content,
+            async with self._best_effort("send_message's publish"):
+                await self._publish(
+                    MessageCreated(
+                        room_id=message.room_id,
+                        message_id=message.id,
+                        seq=message.seq,
+                        sender_id=message.user_id,
+                        client_message_id=message.client_msg_id,
+                        body=message.content,
+                    )
                 )
-            )
             return message
 
     async def edit_message(
@@ -684,15 +719,16 @@ class ChatKeep:
         with _hidden("message", MESSAGE_NOT_FOUND):
             async with self.db.acting_as(editor, "facade.edit_message"):
                 message = await self.messages.edit(key, content, by=editor)
-        await self._publish(
-            MessageEdited(
-                room_id=message.room_id,
-                message_id=message.id,
-                seq=message.seq,
-                editor_id=editor,
-                body=message.content,
+        async with self._best_effort("edit_message's publish"):
+            await self._publish(
+                MessageEdited(
+                    room_id=message.room_id,
+                    message_id=message.id,
+                    seq=message.seq,
+                    editor_id=editor,
+                    body=message.content,
+                )
             )
-        )
         return message
 
     async def delete_message(self, message_id: uuid.UUID, user_id: uuid.UUID) -> bool:
@@ -714,11 +750,12 @@ class ChatKeep:
             found = await self.messages.find_by_id(key)
             if found is None or not await self.messages.delete(key, by=actor):
                 return False
-        await self._publish(
-            MessageDeleted(
-                room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
+        async with self._best_effort("delete_message's publish"):
+            await self._publish(
+                MessageDeleted(
+                    room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
+                )
             )
-        )
         return True
 
     async def mark_read(
@@ -741,7 +778,8 @@ class ChatKeep:
         with _hidden_room():
             async with self.db.acting_as(user, "facade.mark_read"):
                 watermark = await self.messages.mark_read(room, user, seq)
-        await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
+        async with self._best_effort("mark_read's publish"):
+            await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
@@ -897,8 +935,9 @@ class ChatKeep:
         with _hidden_room():
             async with self.db.acting_as(actor, "facade.join"):
                 member = await self.rooms.add_member(room, user, role=role, by=actor)
-        await self._invalidate_members(room)
-        await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+        async with self._best_effort("join's invalidation and publish"):
+            await self._invalidate_members(room)
+            await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
 
     async def leave(
@@ -926,10 +965,11 @@ class ChatKeep:
                 removed = await self.rooms.remove_member(room, user, by=actor)
         if not removed:
             return False
-        await self._invalidate_members(room)
-        await self._quietly("presence.leave_room", self.presence.leave_room(room, user))
-        await self._quietly("typing.stop", self.typing.stop(room, user))
-        await self._publish(MemberLeft(room_id=room, user_id=user))
+        async with self._best_effort("leave's clean-up and publish"):
+            await self._invalidate_members(room)
+            await self._quietly("presence.leave_room", self.presence.leave_room(room, user))
+            await self._quietly("typing.stop", self.typing.stop(room, user))
+            await self._publish(MemberLeft(room_id=room, user_id=user))
         return True
 
     async def remove_member(self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID) -> bool:
@@ -967,9 +1007,10 @@ class ChatKeep:
         with _hidden_room():
             async with self._as_actor_or_system(actor, "facade.change_role"):
                 member = await self.rooms.change_role(room, user, role, by=actor)
-        await self._invalidate_members(room)
-        # member.joined carries the role: receivers update the member's entry in place.
-        await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+        async with self._best_effort("change_role's invalidation and publish"):
+            await self._invalidate_members(room)
+            # member.joined carries the role: receivers update the member's entry in place.
+            await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
 
     async def delete_room(self, room_id: uuid.UUID, *, by: uuid.UUID | None = None) -> bool:
@@ -1006,8 +1047,9 @@ class ChatKeep:
             deleted = await self.rooms.delete(room)
         if not deleted:  # pragma: no cover - the snapshot saw the room
             return False
-        await self._invalidate_members(room)
-        await self._publish(*(MemberLeft(room_id=room, user_id=user) for user in roles))
+        async with self._best_effort("delete_room's invalidation and publish"):
+            await self._invalidate_members(room)
+            await self._publish(*(MemberLeft(room_id=room, user_id=user) for user in roles))
         return True
 
     # -- sockets, presence, typing ----------------------------------------------------------

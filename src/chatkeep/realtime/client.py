@@ -17,6 +17,13 @@
 Every redis-py error is translated at this boundary (:func:`translate_error`): connection
 and timeout problems become :class:`~chatkeep.errors.Unavailable`, wrong credentials
 :class:`~chatkeep.errors.ConfigurationError`, always chained with ``from exc``.
+
+Every command run under :meth:`RedisClient.guard` (all of chatkeep's are) also has a
+deadline, ``operation_timeout`` (``Settings.redis_timeout``), for the whole operation:
+connecting, the handshake, every retry and backoff. redis-py's own timeouts bound each
+step, but its retries nest (a command's retries each retry the connect, whose handshake
+waits ``socket_timeout`` per reply), so against a frozen server one command could wait
+minutes; the deadline makes it :class:`~chatkeep.errors.Unavailable` instead.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
 logger = logging.getLogger("chatkeep.realtime")
 
 DEFAULT_SOCKET_TIMEOUT: Final = 5.0
+DEFAULT_OPERATION_TIMEOUT: Final = 1.0
 DEFAULT_QUEUE_SIZE: Final = 10_000
 
 # Errors that mean "the store cannot serve now": worth an Unavailable, not a bug report.
@@ -492,6 +500,49 @@ def _check_positive(name: str, value: float, *, maximum: float = 3600.0) -> None
         raise InvalidInput(name, f"must be a number > 0 and <= {maximum:g}")
 
 
+class _Deadline:
+    """:func:`asyncio.timeout`'s mechanism, for a plain ``with`` block.
+
+    :meth:`RedisClient.guard` is a synchronous context manager around ``await``s (every
+    service uses it so), so it cannot enter ``asyncio.timeout``; this does what that does:
+    cancel the task at the deadline, and on the way out tell our cancellation from
+    anyone else's by the task's cancel-request count.
+    """
+
+    __slots__ = ("_cancelling", "_fired", "_handle", "_task")
+
+    def __init__(self, seconds: float) -> None:
+        self._task = asyncio.current_task()
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        if self._task is not None:
+            self._cancelling = self._task.cancelling()
+            self._handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+
+    def _fire(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._fired = True
+            self._task.cancel()
+
+    def expired(self) -> bool:
+        """Whether a CancelledError leaving the block is the deadline's own (consumed)."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        # Ours alone if nobody else asked to cancel the task meanwhile; otherwise the
+        # CancelledError goes on to whoever did.
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._fired and self._task is not None:
+            # Fired, but the block swallowed the cancellation: withdraw our request.
+            self._fired = False
+            self._task.uncancel()
+
+
 class RedisClient:
     """The connection to Redis every realtime service shares.
 
@@ -509,6 +560,9 @@ class RedisClient:
         max_connections: size of the command connection pool.
         pool_timeout: seconds a command waits for a free pooled connection before
             :class:`Unavailable`.
+        operation_timeout: seconds a guarded operation may take in all (waiting for a
+            connection, connecting, retries and backoff included) before
+            :class:`Unavailable`; see :meth:`guard`.
         health_check_interval: idle seconds after which a pooled connection is pinged
             before reuse (0 turns it off).
         pubsub_ping_interval: idle seconds after which the pub/sub connection is pinged,
@@ -536,6 +590,7 @@ class RedisClient:
         backoff_cap: float = 2.0,
         max_connections: int = 50,
         pool_timeout: float = 5.0,
+        operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
         health_check_interval: float = 30.0,
         pubsub_ping_interval: float = 15.0,
         subscription_queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -548,6 +603,7 @@ class RedisClient:
             ("backoff_base", backoff_base),
             ("backoff_cap", backoff_cap),
             ("pool_timeout", pool_timeout),
+            ("operation_timeout", operation_timeout),
             ("pubsub_ping_interval", pubsub_ping_interval),
         ):
             _check_positive(name, value)
@@ -564,6 +620,7 @@ class RedisClient:
                 "redis_url: must start with redis://, rediss:// or unix://", field="redis_url"
             )
         self._url = url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
+        self._operation_timeout = float(operation_timeout)
         self._keys = KeySpace(key_prefix, cluster_mode=cluster_mode)
         self._retry = Retry(
             ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base), retries
@@ -620,7 +677,8 @@ class RedisClient:
         """A client configured from :class:`~chatkeep.config.Settings`.
 
         Args:
-            settings: supplies the URL, key prefix, cluster mode and connect timeout.
+            settings: supplies the URL, key prefix, cluster mode, connect timeout and
+                operation timeout (``redis_timeout``).
             url: the Redis URL to use instead of ``settings.redis_url`` (for example the
                 embedded server's, from :func:`chatkeep.embedded.resolve_endpoints`).
             **options: any other constructor argument.
@@ -636,6 +694,7 @@ class RedisClient:
                 )
             url = settings.redis_url.get_secret_value()
         options.setdefault("connect_timeout", settings.connect_timeout)
+        options.setdefault("operation_timeout", settings.redis_timeout)
         return cls(
             url,
             key_prefix=settings.redis_key_prefix,
@@ -656,6 +715,11 @@ class RedisClient:
         return self._keys
 
     @property
+    def operation_timeout(self) -> float:
+        """Seconds a guarded operation may take in all before :class:`Unavailable`."""
+        return self._operation_timeout
+
+    @property
     def retry(self) -> Retry:
         """The retry policy of command connections (redis-py's own object)."""
         return self._retry
@@ -673,27 +737,46 @@ class RedisClient:
     # -- commands --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def guard(self, operation: str) -> Iterator[None]:
-        """Translate redis-py errors raised in the block into chatkeep errors.
+    def guard(self, operation: str, *, timeout: float | None = None) -> Iterator[None]:
+        """Bound the block by ``operation_timeout`` and translate redis-py's errors.
 
-        When :attr:`command_timer` is set, the block also runs inside
-        ``command_timer(operation)`` (which sees the translated error).
+        Past the deadline the block is cancelled (redis-py then drops the connection it
+        was using, so no late reply can be read by another command) and
+        :class:`Unavailable` is raised. When :attr:`command_timer` is set, the block also
+        runs inside ``command_timer(operation)`` (which sees the translated error).
 
         Args:
             operation: a dotted name (``"presence.heartbeat"``) put in the message.
+            timeout: seconds instead of ``operation_timeout``, for bulk work whose one
+                round trip carries thousands of commands.
+
+        Raises:
+            Unavailable: Redis could not be reached, or did not answer in time.
         """
+        seconds = self._operation_timeout if timeout is None else timeout
         timer = self.command_timer
         if timer is None:
-            try:
+            with self._bounded(operation, seconds):
                 yield
-            except (rex.RedisError, OSError) as exc:
-                raise translate_error(exc, operation) from exc
         else:
-            with timer(operation):
-                try:
-                    yield
-                except (rex.RedisError, OSError) as exc:
-                    raise translate_error(exc, operation) from exc
+            with timer(operation), self._bounded(operation, seconds):
+                yield
+
+    @contextlib.contextmanager
+    def _bounded(self, operation: str, seconds: float) -> Iterator[None]:
+        deadline = _Deadline(seconds)
+        try:
+            yield
+        except (rex.RedisError, OSError) as exc:
+            raise translate_error(exc, operation) from exc
+        except asyncio.CancelledError:
+            if deadline.expired():
+                raise Unavailable(
+                    f"redis did not answer {operation} within {seconds:g} s"
+                ) from TimeoutError(operation)
+            raise
+        finally:
+            deadline.close()
 
     def pipeline(self, *, transaction: bool = False) -> Pipeline:
         """A redis-py pipeline: its commands travel in one round trip on ``execute()``."""

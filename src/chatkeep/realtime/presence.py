@@ -47,6 +47,8 @@ __all__ = ["Heartbeat", "OfflineHandler", "OfflineUser", "Presence"]
 logger = logging.getLogger("chatkeep.realtime.presence")
 
 _SWEEP_LIMIT: Final = 1000
+# Heartbeats per operation_timeout a batch gets (see Presence._send).
+_BEATS_PER_DEADLINE: Final = 1000
 
 # KEYS[1] presence:deadlines. ARGV: now ms, limit. Claims (removes) every due user and
 # returns them with their deadlines; a user claimed here is reported offline exactly once.
@@ -213,7 +215,10 @@ class Presence:
             room_key = keys.room_presence(room)
             pipe.zadd(room_key, members, gt=True)
             pipe.pexpire(room_key, self._timeout_ms)
-        with self._client.guard(operation):
+        # A batch of thousands of beats is one round trip, but packing and parsing tens of
+        # thousands of commands takes time of its own: its deadline grows with its size.
+        seconds = self._client.operation_timeout * max(1.0, len(beats) / _BEATS_PER_DEADLINE)
+        with self._client.guard(operation, timeout=seconds):
             results = await pipe.execute()
         previous = results[1 : 1 + len(beats)]
         return [beat.user_id for beat, old in zip(beats, previous, strict=True) if old is None]

@@ -29,6 +29,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -125,6 +126,17 @@ InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# Errors after which a connection's state is unknown: a client-side timeout or a task
+# cancelled mid-statement (asyncpg has sent a cancel request that a silent server never
+# acknowledges), or a broken socket. Such a connection is aborted, never cleaned up: a
+# ROLLBACK, the wait for the cancel, or a reset would each wait another full command
+# timeout on a dead network (and a caller's own asyncio.timeout would be overrun by it).
+_LOST_ERRORS: Final = (
+    TimeoutError,
+    OSError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncio.CancelledError,
+)
 
 
 @dataclass(slots=True)
@@ -163,13 +175,15 @@ class Transaction:
     :attr:`connection` only for SQL of your own.
     """
 
-    __slots__ = ("_connection", "_exposed", "acting_user", "depth", "name", "task")
+    __slots__ = ("_connection", "_exposed", "_lost", "acting_user", "depth", "name", "task")
 
     def __init__(
         self, connection: PoolConnectionProxy, name: str, task: asyncio.Task[Any] | None
     ) -> None:
         self._connection = connection
         self._exposed = False
+        # Set when a statement on the connection timed out or lost its socket.
+        self._lost = False
         self.name = name
         self.task = task
         self.depth = 0
@@ -274,13 +288,25 @@ class Database:
             max_size=self._max_size,
             max_inactive_connection_lifetime=settings.pool_idle_timeout,
             # The server's statement_timeout fires first and cancels cleanly; the client
-            # timeout is the backstop for a server or network that stops answering.
-            command_timeout=settings.statement_timeout + 5.0,
+            # timeout is the backstop for a server or network that stops answering (the
+            # connection is then aborted, see _LOST_ERRORS).
+            command_timeout=self.client_timeout,
             connect=self._connect_counted,
             init=self._init_connection,
             reset=_reset_connection,
         )
         return options
+
+    @property
+    def client_timeout(self) -> float:
+        """Seconds a statement may go unanswered before the call raises Unavailable.
+
+        ``statement_timeout + statement_timeout_grace``: the server's own timeout cancels
+        a slow statement first; this one ends the wait on a server or network that went
+        silent, and the connection is then aborted rather than cleaned up, so the call
+        raises after this long, not twice it.
+        """
+        return self._settings.statement_timeout + self._settings.statement_timeout_grace
 
     async def _connect_counted(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
         # Every connection the pool opens, at start or later (growing, or replacing one
@@ -447,20 +473,36 @@ class Database:
             return
         with translate_errors("acquire"):
             conn = await self._acquire()
+        lost = False
         try:
             yield conn
+        except BaseException as exc:
+            lost = isinstance(exc, _LOST_ERRORS) or isinstance(exc.__cause__, _LOST_ERRORS)
+            raise
         finally:
-            await self._release(conn, full_reset=True)
+            await self._release(conn, full_reset=True, lost=lost)
 
-    async def _release(self, conn: PoolConnectionProxy, *, full_reset: bool) -> None:
+    async def _release(
+        self, conn: PoolConnectionProxy, *, full_reset: bool, lost: bool = False
+    ) -> None:
         pool = self._pool
-        if full_reset and not conn.is_closed():
-            # Session state set by the caller's own SQL must not leak to the next user.
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await asyncio.shield(conn.reset())
         try:
+            if full_reset and not lost and not conn.is_closed():
+                # Session state set by the caller's own SQL must not leak to the next user.
+                try:
+                    await asyncio.shield(conn.reset())
+                except _DRIVER_ERRORS as exc:
+                    lost = isinstance(exc, _LOST_ERRORS)
+                except asyncio.CancelledError:
+                    # The reset goes on unawaited, its outcome unknown: abort (which also
+                    # gives the connection back), then let the cancellation through.
+                    _abort(conn)
+                    raise
+            if lost:
+                _abort(conn)
             if pool is not None:
                 # asyncpg shields the release itself, so a cancelled task still returns it.
+                # An aborted connection is already back (closing returned it): a no-op.
                 await pool.release(conn)
             else:  # pragma: no cover - closed under our feet; the pool terminates it
                 conn.terminate()
@@ -539,16 +581,16 @@ class Database:
             savepoint = f"chatkeep_savepoint_{outer.depth}"
             conn = outer._connection
             try:
-                with translate_errors(name):
+                with translate_errors(name), _losing(outer):
                     await conn.execute(f"SAVEPOINT {savepoint}")
                 try:
                     yield outer
-                except BaseException:
-                    if not conn.is_closed():
-                        with translate_errors(name):
+                except BaseException as exc:
+                    if not _is_lost(outer, exc) and not conn.is_closed():
+                        with translate_errors(name), _losing(outer):
                             await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
                     raise
-                with translate_errors(name):
+                with translate_errors(name), _losing(outer):
                     await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
             finally:
                 outer.depth -= 1
@@ -560,25 +602,28 @@ class Database:
             conn = await self._acquire()
         tx = Transaction(conn, name, asyncio.current_task())
         try:
-            with translate_errors(name):
+            with translate_errors(name), _losing(tx):
                 await conn.execute(_begin(isolation, readonly, acting_user))
             tx.acting_user = acting_user
             token = self._tx.set(tx)
             try:
                 yield tx
-            except BaseException:
+            except BaseException as exc:
                 self._tx.reset(token)
-                if not conn.is_closed():
-                    with translate_errors(name):
+                # A lost connection is not rolled back: the server rolls back when the
+                # abort (in the release below) closes it, and a ROLLBACK on a silent
+                # network would wait another full client timeout first.
+                if not _is_lost(tx, exc) and not conn.is_closed():
+                    with translate_errors(name), _losing(tx):
                         await conn.execute("ROLLBACK")
                 raise
             self._tx.reset(token)
-            with translate_errors(name):
+            with translate_errors(name), _losing(tx):
                 await conn.execute("COMMIT")
             failed = False
         finally:
             try:
-                await self._release(conn, full_reset=tx._exposed)
+                await self._release(conn, full_reset=tx._exposed, lost=tx._lost)
             finally:
                 self._record(name, time.perf_counter() - start, failed)
 
@@ -600,13 +645,18 @@ class Database:
         try:
             tx = self._joined()
             if tx is not None:
-                result = await getattr(tx._connection, method)(query, *args)
+                with _losing(tx):
+                    result = await getattr(tx._connection, method)(query, *args)
             else:
                 conn = await self._acquire()
+                lost = False
                 try:
                     result = await getattr(conn, method)(query, *args)
+                except _LOST_ERRORS:
+                    lost = True
+                    raise
                 finally:
-                    await self._release(conn, full_reset=False)
+                    await self._release(conn, full_reset=False, lost=lost)
         except _DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
         else:
@@ -753,6 +803,40 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     it goes back, so the round trip is spent only where it is needed.
     """
     del conn
+
+
+@contextlib.contextmanager
+def _losing(tx: Transaction) -> Iterator[None]:
+    """Mark ``tx``'s connection lost if the block's statement timed out or lost its socket."""
+    try:
+        yield
+    except _LOST_ERRORS:
+        tx._lost = True
+        raise
+
+
+def _is_lost(tx: Transaction, exc: BaseException) -> bool:
+    """Whether the transaction's connection is beyond a clean ROLLBACK.
+
+    Statements run through the helpers mark it (:func:`_losing`); SQL of the caller's own
+    on :attr:`Transaction.connection` raises the driver's error as it is, or translated
+    ``from`` it.
+    """
+    if tx._lost or isinstance(exc, _LOST_ERRORS) or isinstance(exc.__cause__, _LOST_ERRORS):
+        tx._lost = True
+    return tx._lost
+
+
+def _abort(conn: PoolConnectionProxy) -> None:
+    """Close ``conn`` at once: no cancel, ROLLBACK or reset round trip to wait for.
+
+    The server ends the session (rolling back its transaction) when the socket closes;
+    closing gives the connection back to the pool, which opens a new one when needed.
+    """
+    # InterfaceError: asyncpg aborted it already (a failed cancel request), which
+    # released it too, so the proxy refuses every call: nothing is left to do.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def _translated(exc: BaseException, operation: str) -> ChatkeepError:
