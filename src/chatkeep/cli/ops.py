@@ -34,6 +34,8 @@ from chatkeep.cli._common import (
 )
 from chatkeep.config import Settings
 from chatkeep.ops import backup as ops_backup
+from chatkeep.ops import pgtools
+from chatkeep.ops import restore as ops_restore
 from chatkeep.storage.migrate import StatusEntry
 
 # Exit code of `restore` when the restored history disagrees with the migration files
@@ -75,7 +77,7 @@ def _database_only(settings: Settings) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _progress_display() -> Iterator[ops_backup.ProgressCallback]:
+def _progress_display() -> Iterator[pgtools.ProgressCallback]:
     """A rich progress bar on stderr, fed by backup/restore progress callbacks."""
     display = Progress(
         SpinnerColumn(),
@@ -89,7 +91,7 @@ def _progress_display() -> Iterator[ops_backup.ProgressCallback]:
     )
     tasks: dict[str, TaskID] = {}
 
-    def update(progress: ops_backup.Progress) -> None:
+    def update(progress: pgtools.Progress) -> None:
         if progress.phase not in tasks:
             tasks[progress.phase] = display.add_task(
                 progress.phase, total=max(progress.total, 1), phase=progress.phase, detail=""
@@ -187,7 +189,7 @@ def restore(
     settings = load_settings(database_url)
     with _database_only(settings) as url, _progress_display() as on_progress:
         result = run(
-            ops_backup.restore(
+            ops_restore.restore(
                 settings,
                 archive,
                 database_url=url,
