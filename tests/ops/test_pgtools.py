@@ -98,7 +98,17 @@ def test_libpq_url_keeps_the_password_off_the_command_line(tmp_path: Path) -> No
     assert target.env["LC_MESSAGES"] == "C"
     plain = pgtools.libpq_target("postgresql:///chat?host=/run/pg", Settings(), "restore")
     assert "PGPASSWORD" not in plain.env
-    assert "host=%2Frun%2Fpg" in plain.url
+    # An empty authority keeps its '//': libpq reads 'postgresql:/chat' as no URL at all.
+    assert plain.url == "postgresql:///chat?host=/run/pg"
+
+
+def test_libpq_url_takes_a_password_in_the_query_off_the_command_line_too() -> None:
+    target = pgtools.libpq_target(
+        "postgresql://app@db/chat?password=s%40cret&sslmode=require", Settings(), "backup"
+    )
+    assert "cret" not in target.url
+    assert target.url == "postgresql://app@db/chat?sslmode=require"
+    assert target.env["PGPASSWORD"] == "s@cret"
 
 
 # -- progress ------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from chatkeep import urls
 from chatkeep.config import Settings
 from chatkeep.embedded import embedded_postgres_bin_dir
 from chatkeep.errors import (
@@ -232,21 +232,18 @@ def libpq_target(url: str, settings: Settings, application: str) -> LibpqTarget:
             connect timeout and application name.
         application: appended to the application name the server shows (``backup``).
     """
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.partition(':')[0]}@{host}" if at else parts.netloc
-    query = dict(parse_qsl(parts.query))
     # Settings override the URL, as they do for asyncpg (chatkeep.storage.database).
+    options: dict[str, str] = {}
     if settings.ssl_mode is not None:
-        query["sslmode"] = settings.ssl_mode
+        options["sslmode"] = settings.ssl_mode
     if settings.ssl_ca_file is not None:
-        query["sslrootcert"] = str(settings.ssl_ca_file)
-    clean = urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+        options["sslrootcert"] = str(settings.ssl_ca_file)
+    clean, password = urls.split_password(url, options)
     env = tool_env()
     env["PGAPPNAME"] = f"{settings.application_name}-{application}"[:63]
     env["PGCONNECT_TIMEOUT"] = str(max(2, round(settings.connect_timeout)))
-    if parts.password is not None:
-        env["PGPASSWORD"] = unquote(parts.password)
+    if password is not None:
+        env["PGPASSWORD"] = password
     return LibpqTarget(clean, env)
 
 
