@@ -29,6 +29,7 @@ from chatkeep.cli._common import (
     endpoints,
     err_console,
     fail,
+    human_size,
     load_settings,
     run,
 )
@@ -54,14 +55,6 @@ PgBinDirOption = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns at GiB
 
 
 @contextlib.contextmanager
@@ -98,7 +91,7 @@ def _progress_display() -> Iterator[pgtools.ProgressCallback]:
             )
         detail = progress.item[:60]
         if progress.written:
-            detail = f"{_human(progress.written)} written  {detail}"
+            detail = f"{human_size(progress.written)} written  {detail}"
         display.update(
             tasks[progress.phase],
             completed=progress.done,
@@ -141,7 +134,7 @@ def backup(
             )
         )
     console.print(
-        f"[green]wrote[/] {result.path} ({_human(result.size)}, {result.tables} tables, "
+        f"[green]wrote[/] {result.path} ({human_size(result.size)}, {result.tables} tables, "
         f"schema version {result.schema_version:03d}, PostgreSQL {result.server_version}, "
         f"{result.duration:.1f} s)",
         highlight=False,
