@@ -34,10 +34,10 @@ import statistics
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from chatkeep import urls
 from chatkeep.config import Settings
 from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
@@ -53,10 +53,7 @@ Op = Callable[[int, random.Random], Awaitable[Any]]
 
 
 def as_role(url: str, role: str, password: str | None) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    auth = quote(role) + (f":{quote(password)}" if password else "")
-    return urlunsplit((parts.scheme, f"{auth}@{host}", parts.path, parts.query, ""))
+    return urls.with_user(url, role, password or None)
 
 
 async def prepare(server_url: str, fresh: bool) -> tuple[str, Fixture]:

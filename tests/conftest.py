@@ -17,13 +17,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from chatkeep import urls
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints, resolve_endpoints
 from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
@@ -64,10 +64,7 @@ def url_for(base: str, database: str) -> str:
 
 def url_as(url: str, role: str) -> str:
     """``url`` with its user replaced by ``role`` (and no password)."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{quote(role)}@{host}{parts.path}{query}"
+    return urls.with_user(url, role)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -197,12 +194,8 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 def _redis_test_url(base: str) -> str:
     """``base`` on the tests' logical database: TEST_REDIS_URL's own, else db 13."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(base)
-    chosen = os.environ.get("TEST_REDIS_URL") and parts.path.strip("/")
-    db = chosen or str(TEST_REDIS_DB)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+    chosen = urls.redis_db(base) if os.environ.get("TEST_REDIS_URL") else None
+    return urls.with_redis_db(base, TEST_REDIS_DB if chosen is None else chosen)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

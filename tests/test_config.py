@@ -261,12 +261,18 @@ def test_production_allows_unix_sockets(url: str) -> None:
     assert settings.database_url is not None
 
 
-def test_production_refuses_a_mix_of_socket_and_network_hosts() -> None:
-    with pytest.raises(ConfigurationError):
-        production(
-            database_url="postgresql://app@/chatapp_db?host=/run/pg,db.internal",
-            redis_url=REDIS_TLS,
-        )
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app@/chatapp_db?host=/run/pg,db.internal",
+        # asyncpg connects to the authority's host, over the network, whatever ?host= says.
+        "postgresql://app@db.internal/chatapp_db?host=/run/pg",
+    ],
+)
+def test_production_refuses_a_mix_of_socket_and_network_hosts(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        production(database_url=url, redis_url=REDIS_TLS)
+    assert info.value.field == "database_url"
 
 
 # -- secrets ------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 import chatkeep.errors as errors_module
+from chatkeep import urls
 from chatkeep.config import Settings
 from chatkeep.errors import (
     ChatkeepError,
@@ -239,10 +239,7 @@ async def test_missing_database_is_a_configuration_error(
 async def test_unknown_role_is_a_configuration_error(
     admin_url: str, make_settings: Callable[..., Settings]
 ) -> None:
-    parts = urlsplit(admin_url)
-    host = parts.netloc.rpartition("@")[2]
-    query = f"?{parts.query}" if parts.query else ""
-    url = f"{parts.scheme}://chatkeep_no_such_role:pw@{host}{parts.path}{query}"
+    url = urls.with_user(admin_url, "chatkeep_no_such_role", "pw")
     with pytest.raises(ConfigurationError) as info:
         await connect(url, make_settings(), operation="probe")
     assert info.value.field == "database_url"

@@ -18,6 +18,7 @@ import chatkeep.errors
 PUBLIC_MODULES = [
     "chatkeep",
     "chatkeep.config",
+    "chatkeep.urls",
     "chatkeep.errors",
     "chatkeep.embedded",
     "chatkeep.storage.migrate",
@@ -74,6 +75,7 @@ def test_errors_exports_every_error_class() -> None:
     "name",
     [
         "chatkeep.config",
+        "chatkeep.urls",
         "chatkeep.embedded",
         "chatkeep.storage.migrate",
         "chatkeep.storage.sqltext",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
-from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -24,7 +24,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chatkeep.errors import ConfigurationError
+from chatkeep import urls
+from chatkeep.errors import ConfigurationError, InvalidInput
+
+# Kept importable from here, where it lived before chatkeep.urls: callers use it widely.
+from chatkeep.urls import redact as redact_url
 
 __all__ = ["DEFAULT_DATABASE_NAME", "Settings", "redact_url"]
 
@@ -36,74 +40,12 @@ _VERIFYING_MODES: Final = frozenset({"verify-ca", "verify-full"})
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
-# Query parameters libpq and asyncpg read a secret from.
-_SECRET_PARAMS: Final = frozenset({"password", "sslpassword"})
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe for logs and errors).
-
-    Covers the password in the user part (``user:secret@host``) and in the query
-    (``?password=secret``), and works on URLs the standard parser rejects (several hosts,
-    a malformed port) because it never parses the host part.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() in _SECRET_PARAMS for key, _ in pairs):
-            query = urlencode(
-                [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="/*"
-            )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _url_ssl_mode(url: str) -> str | None:
-    values = parse_qs(urlsplit(url).query).get("sslmode")
-    return values[-1] if values else None
-
-
-def _is_unix_socket_url(url: str) -> bool:
-    parts = urlsplit(url)
-    host_param = parse_qs(parts.query).get("host")
-    if host_param:
-        return all(host.startswith("/") for host in host_param[-1].split(","))
-    # libpq also takes a percent-encoded socket path as the host: postgresql://%2Frun%2Fpg/db
-    host = parts.netloc.rpartition("@")[2]
-    return unquote(host).startswith("/")
-
-
 def _check_hosts(url: str) -> None:
     """Refuse a malformed port early, with the field named, instead of deep in the driver."""
-    hostport = urlsplit(url).netloc.rpartition("@")[2]
-    for host in hostport.split(","):
-        port = host.rsplit("]", 1)[-1].partition(":")[2]
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError("the port must be a number from 1 to 65535")
-
-
-def _with_default_database(url: str) -> str:
-    """``url`` naming ``chatapp_db`` when it names no database, as ``chatkeep setup`` does.
-
-    Without this, the driver would connect to the database named like the user, and
-    ``setup`` and ``migrate`` would quietly work on different databases.
-    """
-    parts = urlsplit(url)
-    if parts.path.strip("/") or {"dbname", "database"} & set(parse_qs(parts.query)):
-        return url
-    # Built by hand: urlunsplit drops the empty host of a socket URL (postgresql:///?host=).
-    query = f"?{parts.query}" if parts.query else ""
-    fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{parts.netloc}/{DEFAULT_DATABASE_NAME}{query}{fragment}"
+    try:
+        urls.hosts(url)
+    except InvalidInput as exc:  # pydantic turns a ValueError into the field's error
+        raise ValueError(exc.rule) from None
 
 
 class Settings(BaseSettings):
@@ -241,7 +183,9 @@ class Settings(BaseSettings):
         if scheme not in ("postgresql", "postgres"):
             raise ValueError("must start with postgresql:// or postgres://")
         _check_hosts(url)
-        return SecretStr(_with_default_database(url))
+        # Without a database named, the driver would connect to the one named like the user,
+        # and `setup` and `migrate` would quietly work on different databases.
+        return SecretStr(urls.with_default_database(url, DEFAULT_DATABASE_NAME))
 
     @field_validator("redis_url")
     @classmethod
@@ -249,7 +193,7 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value():
             return None
         scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+        if scheme not in urls.REDIS_SCHEMES:
             raise ValueError("must start with redis://, rediss:// or unix://")
         if scheme != "unix":
             _check_hosts(value.get_secret_value())
@@ -283,9 +227,9 @@ class Settings(BaseSettings):
                     )
                 continue
             url = secret.get_secret_value()
-            if _is_unix_socket_url(url):
+            if urls.is_unix_socket(url):
                 continue  # a local socket never crosses a network
-            mode = self.ssl_mode or _url_ssl_mode(url)
+            mode = self.ssl_mode or urls.sslmode(url)
             if mode not in _VERIFYING_MODES:
                 raise ConfigurationError(
                     f"{name}: must use TLS with certificate verification in production "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
+from chatkeep.cli._common import human_size
 from tests.ops.cli import invoke
 from tests.ops.seed import seed
 
@@ -39,6 +41,9 @@ async def test_doctor_reports_sizes_pool_and_latency(
     assert "users " in sizes["detail"]
     assert f"~{users} rows)" in sizes["detail"]  # small tables: ANALYZE counts them exactly
     assert "indexes" in sizes["detail"]
+    # Sizes are divided by 1024, so their units are KiB/MiB (a kB would be 1000 bytes).
+    assert re.search(r"\d\.\d (KiB|MiB) in \d+ tables", sizes["detail"]), sizes["detail"]
+    assert not re.search(r"\d (kB|MB|GB)\b", sizes["detail"]), sizes["detail"]
     assert checks["statements"]["status"] == "ok"
     assert "pg_stat_statements not installed" in checks["statements"]["detail"]
     assert checks["pool"]["status"] == "ok"
@@ -97,3 +102,14 @@ async def test_no_pool_check_when_postgres_is_down(cli_env: Env, redis_url: str)
     assert code == 1
     assert checks["postgresql"]["status"] == "fail"
     assert "pool" not in checks
+
+
+def test_human_size_uses_iec_units() -> None:
+    assert [human_size(n) for n in (0, 1023, 1536, 5 * 1024**2, 3 * 1024**3, 2048 * 1024**3)] == [
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 MiB",
+        "3.0 GiB",
+        "2048.0 GiB",
+    ]

@@ -29,6 +29,9 @@ async def exists(admin_url: str, name: str) -> bool:
         ("postgresql://u@h", "chatapp_db"),
         ("postgresql://u@h/", "chatapp_db"),
         ("postgresql:///chat?host=/run/pg", "chat"),
+        # The database given in the query, as asyncpg and libpq read it.
+        ("postgresql://u@h?dbname=stats", "stats"),
+        ("postgresql:///?host=/run/pg&dbname=stats", "stats"),
     ],
 )
 def test_database_name(url: str, name: str) -> None:

@@ -107,3 +107,16 @@ def run(coro: Awaitable[T]) -> T:
         return asyncio.run(main())
     except ChatkeepError as exc:
         fail(str(exc))
+
+
+def human_size(octets: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``3.2 MiB``, ``1.1 GiB``.
+
+    IEC units (KiB = 1024 bytes), which is what dividing by 1024 gives; ``kB`` would be 1000.
+    """
+    value = float(octets)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - the loop returns at GiB

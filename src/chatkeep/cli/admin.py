@@ -16,7 +16,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from chatkeep.cli._common import DatabaseUrlOption, console, endpoints, fail, load_settings, run
+from chatkeep.cli._common import (
+    DatabaseUrlOption,
+    console,
+    endpoints,
+    fail,
+    human_size,
+    load_settings,
+    run,
+)
 from chatkeep.config import Settings, redact_url
 from chatkeep.embedded import Endpoints
 from chatkeep.errors import ChatkeepError
@@ -248,15 +256,6 @@ SELECT calls, total_exec_time, mean_exec_time,
 """
 
 
-def _size(octets: int) -> str:
-    value = float(octets)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"  # pragma: no cover - the loop returns at GB
-
-
 async def _size_check(conn: asyncpg.Connection) -> Check:
     """Table and index sizes of the schema, largest first."""
     rows = await conn.fetch(_TABLE_SIZES)
@@ -264,12 +263,13 @@ async def _size_check(conn: asyncpg.Connection) -> Check:
         return Check("sizes", "ok", "no tables yet")
     total = sum(r["total"] for r in rows)
     parts = [
-        f"{r['relname']} {_size(r['total'])} (indexes {_size(r['indexes'])}, "
+        f"{r['relname']} {human_size(r['total'])} (indexes {human_size(r['indexes'])}, "
         + (f"~{r['rows']} rows)" if r["rows"] >= 0 else "not analyzed yet)")
         for r in rows[:6]
     ]
     more = f"; {len(rows) - 6} more" if len(rows) > 6 else ""
-    return Check("sizes", "ok", f"{_size(total)} in {len(rows)} tables: {'; '.join(parts)}{more}")
+    detail = f"{human_size(total)} in {len(rows)} tables: {'; '.join(parts)}{more}"
+    return Check("sizes", "ok", detail)
 
 
 async def _statements_check(conn: asyncpg.Connection) -> Check:

@@ -29,11 +29,14 @@ from chatkeep.cli._common import (
     endpoints,
     err_console,
     fail,
+    human_size,
     load_settings,
     run,
 )
 from chatkeep.config import Settings
 from chatkeep.ops import backup as ops_backup
+from chatkeep.ops import pgtools
+from chatkeep.ops import restore as ops_restore
 from chatkeep.storage.migrate import StatusEntry
 
 # Exit code of `restore` when the restored history disagrees with the migration files
@@ -54,14 +57,6 @@ PgBinDirOption = Annotated[
 ]
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns at GiB
-
-
 @contextlib.contextmanager
 def _database_only(settings: Settings) -> Iterator[str]:
     """The URL backup and restore connect to; starts the embedded PostgreSQL if needed.
@@ -75,7 +70,7 @@ def _database_only(settings: Settings) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _progress_display() -> Iterator[ops_backup.ProgressCallback]:
+def _progress_display() -> Iterator[pgtools.ProgressCallback]:
     """A rich progress bar on stderr, fed by backup/restore progress callbacks."""
     display = Progress(
         SpinnerColumn(),
@@ -89,14 +84,14 @@ def _progress_display() -> Iterator[ops_backup.ProgressCallback]:
     )
     tasks: dict[str, TaskID] = {}
 
-    def update(progress: ops_backup.Progress) -> None:
+    def update(progress: pgtools.Progress) -> None:
         if progress.phase not in tasks:
             tasks[progress.phase] = display.add_task(
                 progress.phase, total=max(progress.total, 1), phase=progress.phase, detail=""
             )
         detail = progress.item[:60]
         if progress.written:
-            detail = f"{_human(progress.written)} written  {detail}"
+            detail = f"{human_size(progress.written)} written  {detail}"
         display.update(
             tasks[progress.phase],
             completed=progress.done,
@@ -139,7 +134,7 @@ def backup(
             )
         )
     console.print(
-        f"[green]wrote[/] {result.path} ({_human(result.size)}, {result.tables} tables, "
+        f"[green]wrote[/] {result.path} ({human_size(result.size)}, {result.tables} tables, "
         f"schema version {result.schema_version:03d}, PostgreSQL {result.server_version}, "
         f"{result.duration:.1f} s)",
         highlight=False,
@@ -187,7 +182,7 @@ def restore(
     settings = load_settings(database_url)
     with _database_only(settings) as url, _progress_display() as on_progress:
         result = run(
-            ops_backup.restore(
+            ops_restore.restore(
                 settings,
                 archive,
                 database_url=url,

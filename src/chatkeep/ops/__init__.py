@@ -1,8 +1,11 @@
 """Operations: backup and restore, structured logging and metrics.
 
-* :mod:`chatkeep.ops.backup` — ``chatkeep backup`` / ``chatkeep restore``: consistent
-  ``pg_dump`` archives of the chatkeep schema, restored all-or-nothing and checked against
-  the migration files.
+* :mod:`chatkeep.ops.backup` — ``chatkeep backup``: consistent ``pg_dump`` archives of the
+  chatkeep schema.
+* :mod:`chatkeep.ops.restore` — ``chatkeep restore``: those archives restored
+  all-or-nothing and checked against the migration files.
+* :mod:`chatkeep.ops.pgtools` — finding ``pg_dump``/``pg_restore``/``psql`` of the right
+  version, running them (never outliving a cancelled caller) and reading their progress.
 * :mod:`chatkeep.ops.logging` — structured log records, a JSON formatter and a redactor
   that keeps passwords, tokens and message contents out of every log line.
 * :mod:`chatkeep.ops.metrics` — Prometheus metric families (optional extra ``metrics``).

@@ -28,11 +28,11 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlsplit
 
 import asyncpg
 from pydantic import SecretStr
 
+from chatkeep import urls
 from chatkeep.config import DEFAULT_DATABASE_NAME, Settings
 from chatkeep.errors import InvalidInput
 from chatkeep.storage.database import connect
@@ -243,16 +243,12 @@ def _quote_literal(text: str) -> str:
 
 def database_name(dsn: str) -> str:
     """The database a URL points at (``chatapp_db`` when it names none)."""
-    return urlsplit(dsn).path.lstrip("/") or DEFAULT_DATABASE_NAME
+    return urls.database_name(dsn) or DEFAULT_DATABASE_NAME
 
 
 def maintenance_url(dsn: str, database: str = "postgres") -> str:
     """The same server and credentials, pointed at another database (``postgres``)."""
-    parts = urlsplit(dsn)
-    # Built by hand: urlunsplit drops the empty host of a socket URL (postgresql:///db?host=).
-    query = f"?{parts.query}" if parts.query else ""
-    fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{parts.netloc}/{database}{query}{fragment}"
+    return urls.with_database(dsn, database)
 
 
 async def ensure_database(dsn: str, settings: Settings) -> bool:

@@ -29,10 +29,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
+from chatkeep import urls
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
 from chatkeep.ids import check_id
 from chatkeep.storage.errors import translate_errors
@@ -132,13 +132,12 @@ _failures: dict[tuple[str, str, str], ConnectionFailureCount] = {}
 
 def _host_and_role(dsn: str) -> tuple[str, str]:
     try:
-        parts = urlsplit(dsn)
-        query = parse_qs(parts.query)
-        host = parts.netloc.rpartition("@")[2] or query.get("host", ["local socket"])[-1]
-        role = unquote(parts.username or "") or query.get("user", ["(default)"])[-1]
-    except ValueError:
+        hosts = urls.hosts(dsn)
+        role = urls.user(dsn) or "(default)"
+    except InvalidInput:
         return "<unparseable url>", "?"
-    return host, role
+    shown = [f"[{h}]:{p}" if p and ":" in h else f"{h}:{p}" if p else h for h, p in hosts]
+    return ",".join(shown) or "local socket", role
 
 
 def _reason(error: ChatkeepError) -> str:
