@@ -76,13 +76,13 @@ SIZES: Final = {
     "small": Size(
         name="small",
         senders=4,
-        duration=7.0,
+        duration=6.0,
         interval=0.05,
         message_deadline=30.0,
         first=1.0,
         every=2.5,
         down=1.0,
-        long_extra=1.5,
+        long_extra=0.5,
         terminate_every=1.0,
     ),
     "full": Size(
