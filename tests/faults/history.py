@@ -65,11 +65,16 @@ class Outcome:
     error: str | None = None  # the exception's class name, None when acknowledged
     typed: bool = True  # the error is a chatkeep.errors type
     hung: bool = False  # abandoned after HUNG_CALL seconds
+    detail: str = ""  # the start of the error's message, to tell untyped ones apart
 
     @classmethod
     def of(cls, exc: BaseException) -> Outcome:
         """The outcome of a call that raised ``exc``."""
-        return cls(error=type(exc).__qualname__, typed=isinstance(exc, ChatkeepError))
+        return cls(
+            error=type(exc).__qualname__,
+            typed=isinstance(exc, ChatkeepError),
+            detail=str(exc)[:160],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +256,15 @@ def check(
         if c.outcome.error and not c.outcome.typed
     )
     if untyped:
-        failures.append(f"untyped errors (not chatkeep.errors): {dict(untyped)}")
+        examples = {
+            f"{c.kind}:{c.outcome.error}": c.outcome.detail
+            for c in history.calls
+            if c.outcome.error and not c.outcome.typed
+        }
+        failures.append(
+            f"untyped errors (not chatkeep.errors): {dict(untyped)}, e.g. "
+            + "; ".join(f"{kind}: {text!r}" for kind, text in examples.items())
+        )
     readers = Counter(
         f"{c.kind}:{c.outcome.error}" for c in history.calls if c.kind != "send" and c.outcome.error
     )

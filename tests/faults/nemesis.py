@@ -76,10 +76,10 @@ SIZES: Final = {
     "small": Size(
         name="small",
         senders=4,
-        duration=6.0,
+        duration=5.5,
         interval=0.05,
         message_deadline=30.0,
-        first=1.0,
+        first=0.5,
         every=2.5,
         down=1.0,
         long_extra=0.5,

@@ -201,4 +201,5 @@ async def test_acknowledged_sends_survive_the_fault(
     fault_results.append(result)
     table = render_table([result])
     print(f"\n{table}")
-    assert not result.failures, f"{fault}:\n" + "\n".join(result.failures) + f"\n\n{table}"
+    if result.failures:
+        pytest.fail(f"{fault}:\n" + "\n".join(result.failures) + f"\n\n{table}", pytrace=False)
