@@ -45,7 +45,7 @@ SEND_BOUND_MARGIN: Final = 1.0
 The bound every ``ChatKeep.send_message`` call must keep, fault or no fault, is
 :func:`send_bound`: the server-side statement timeout, plus the time to open a connection,
 plus this margin for the Redis work around the statement and for scheduling on a loaded
-machine. docs/troubleshooting.md states the same bound to operators.
+machine. docs/operations.md (Fault suite) states it; a change here belongs there too.
 """
 
 HUNG_CALL: Final = 60.0
