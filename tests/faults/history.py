@@ -268,6 +268,9 @@ def check(
     readers = Counter(
         f"{c.kind}:{c.outcome.error}" for c in history.calls if c.kind != "send" and c.outcome.error
     )
+    stuck = [c for c in history.calls if c.kind != "send" and c.outcome.hung]
+    if stuck:
+        failures.append(f"{len(stuck)} reader call(s) hung past {HUNG_CALL:g} s")
     max_send = max((c.seconds for c in sends), default=0.0)
     slow = [c for c in sends if c.seconds > bound]
     if slow:

@@ -137,3 +137,11 @@ def test_an_unacknowledged_message_may_be_stored_or_not() -> None:
 def test_the_bound_is_statement_plus_connect_timeout_plus_the_margin() -> None:
     settings = Settings(statement_timeout=2.0, connect_timeout=1.0)
     assert send_bound(settings) == 3.0 + SEND_BOUND_MARGIN
+
+
+def test_a_reader_call_abandoned_as_hung_fails_but_is_not_untyped() -> None:
+    history, stored, counters = clean()
+    history.record(Call("subscribe", None, 60.0, Outcome(error="hung", hung=True)))
+    result = check("hung reader", history, stored, counters, BOUND)
+    assert result.untyped_errors == {}
+    assert any("reader call(s) hung" in f for f in result.failures)

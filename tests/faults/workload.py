@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from chatkeep import ChatKeep, ChatkeepError, RateLimited
+from chatkeep.models import CursorPage, MessageWithUser
 from chatkeep.realtime import EventSubscription, MessageCreated, RoomGap
 from tests.faults.history import HUNG_CALL, Call, History, Outcome
 
 __all__ = ["Sender", "Subscriber"]
+
+T = TypeVar("T")
 
 RETRY_PAUSE: Final = 0.1
 """Seconds between two attempts at one message (a client's minimal backoff)."""
@@ -118,17 +123,23 @@ class Subscriber:
         """(room, seq, message id) of every message seen so far."""
         return self.history.seen[self.room]
 
+    async def _attempt(self, kind: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()``, recorded as ``kind`` when it fails (``None`` then)."""
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(HUNG_CALL) as limit:
+                return await call()
+        except Exception as exc:
+            hung = isinstance(exc, TimeoutError) and limit.expired()
+            outcome = Outcome(error="hung", hung=True) if hung else Outcome.of(exc)
+            self.history.record(Call(kind, None, time.monotonic() - start, outcome))
+            return None
+
     async def subscribe(self, stop: asyncio.Event) -> EventSubscription | None:
         """Subscribe (retrying while Redis is away), then catch up on what came before."""
         while not stop.is_set():
-            start = time.monotonic()
-            try:
-                async with asyncio.timeout(HUNG_CALL):
-                    sub = await self.chat.subscribe(self.room)
-            except Exception as exc:
-                self.history.record(
-                    Call("subscribe", None, time.monotonic() - start, Outcome.of(exc))
-                )
+            sub = await self._attempt("subscribe", lambda: self.chat.subscribe(self.room))
+            if sub is None:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             await self.catch_up(stop)
@@ -139,17 +150,8 @@ class Subscriber:
         """Read every message after ``last`` from PostgreSQL (retrying while it is away)."""
         cursor: str | None = None
         while not stop.is_set():
-            start = time.monotonic()
-            try:
-                async with asyncio.timeout(HUNG_CALL):
-                    if cursor is None:
-                        page = await self.chat.catch_up(self.room, self.user, after_seq=self.last)
-                    else:
-                        page = await self.chat.catch_up(self.room, self.user, cursor=cursor)
-            except Exception as exc:
-                self.history.record(
-                    Call("catch_up", None, time.monotonic() - start, Outcome.of(exc))
-                )
+            page = await self._attempt("catch_up", functools.partial(self._page, cursor))
+            if page is None:
                 cursor = None  # start again from the last seq kept
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
@@ -158,6 +160,11 @@ class Subscriber:
             if page.after is None:
                 return
             cursor = page.after
+
+    async def _page(self, cursor: str | None) -> CursorPage[MessageWithUser]:
+        if cursor is None:
+            return await self.chat.catch_up(self.room, self.user, after_seq=self.last)
+        return await self.chat.catch_up(self.room, self.user, cursor=cursor)
 
     def _saw(self, seq: int, message_id: uuid.UUID) -> None:
         self.view.add((self.room, seq, message_id))
