@@ -28,6 +28,7 @@ from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints, resolve_endpoints
 from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
 from chatkeep.storage.migrate import Migrator
+from tests.servers import RedisServer
 
 # Fixtures shared by more than one folder of tests, kept in modules of their own.
 pytest_plugins = ["tests.migration_files"]
@@ -209,6 +210,13 @@ async def redis_url(servers: Endpoints) -> AsyncIterator[str]:
         await client.flushdb()
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started Redis of this test's own, to stop and start again on the same port."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture

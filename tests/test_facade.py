@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -48,7 +47,8 @@ from chatkeep.realtime import (
     TypingChanged,
 )
 from chatkeep.storage import Database
-from tests.realtime.conftest import FAST, ThrowawayRedis, wait_until
+from tests.realtime.conftest import FAST, wait_until
+from tests.servers import RedisServer
 
 PASSWORD = "correct horse"
 ROUNDS = 10  # bcrypt's minimum here: tests hash many passwords
@@ -89,17 +89,6 @@ async def make_chat(chat: ChatKeep, redis_url: str) -> AsyncIterator[MakeChat]:
     yield factory
     for client in clients:
         await client.aclose()
-
-
-@pytest.fixture
-def throwaway(tmp_path: Path) -> Iterator[ThrowawayRedis]:
-    """A Redis server of this test's own, to stop and start again on the same port."""
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @dataclass(frozen=True)
@@ -890,13 +879,13 @@ async def test_flows_refuse_to_run_inside_a_transaction(chat: ChatKeep, world: W
 
 
 async def test_writes_persist_and_reads_degrade_while_redis_is_down(
-    chat: ChatKeep, make_chat: MakeChat, world: World, throwaway: ThrowawayRedis
+    chat: ChatKeep, make_chat: MakeChat, world: World, throwaway_redis: RedisServer
 ) -> None:
-    down = await make_chat(throwaway.url, node_id="node-down")
+    down = await make_chat(throwaway_redis.url, node_id="node-down")
     room, bob, carol = world.general.id, world.bob.id, world.carol.id
     assert await down.profile(bob) is not None  # cached on the throwaway server
     assert not await down.members.is_member(room, carol)
-    await asyncio.to_thread(throwaway.stop)
+    await asyncio.to_thread(throwaway_redis.stop)
 
     # Sends, reads and joins persist in PostgreSQL and return; nothing raises.
     first = await down.send_message(room, bob, "still here", client_msg_id="down-1")
@@ -940,15 +929,15 @@ async def test_writes_persist_and_reads_degrade_while_redis_is_down(
     assert health.redis.error is not None
 
     # Back up: the unfinished revocation completes on a retry.
-    await asyncio.to_thread(throwaway.start)
+    await asyncio.to_thread(throwaway_redis.start)
     await down.deactivate_user(carol)
     assert (await down.health()).ok
 
 
 async def test_a_redis_restart_during_a_subscription_loses_nothing(
-    make_chat: MakeChat, world: World, throwaway: ThrowawayRedis
+    make_chat: MakeChat, world: World, throwaway_redis: RedisServer
 ) -> None:
-    node = await make_chat(throwaway.url, node_id="node-r")
+    node = await make_chat(throwaway_redis.url, node_id="node-r")
     room, alice = world.general.id, world.alice.id
     sub = await node.subscribe(room)
     for n in range(2):
@@ -958,11 +947,11 @@ async def test_a_redis_restart_during_a_subscription_loses_nothing(
         last = (await expect(sub, MessageCreated)).seq
     assert last == 2
 
-    await asyncio.to_thread(throwaway.stop)
+    await asyncio.to_thread(throwaway_redis.stop)
     await wait_until(lambda: not node.redis.pubsub_connected)
     missed = [await node.send_message(room, alice, f"during {n}") for n in range(3)]
     assert [m.seq for m in missed] == [3, 4, 5]  # persisted; their publishes failed
-    await asyncio.to_thread(throwaway.start)
+    await asyncio.to_thread(throwaway_redis.start)
 
     gap = await expect(sub, RoomGap, within=15)
     assert gap.room_ids == {room}

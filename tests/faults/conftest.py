@@ -18,7 +18,7 @@ from chatkeep.storage.bootstrap import ensure_roles, prepare_database
 from chatkeep.storage.migrate import Migrator
 from tests.faults.history import ScenarioResult, render_table
 from tests.faults.nemesis import Size, chosen_size
-from tests.faults.servers import PostgresServer, RedisServer, temporary_folder
+from tests.servers import PostgresServer, RedisServer, temporary_folder
 
 RESULTS: pytest.StashKey[list[ScenarioResult]] = pytest.StashKey()
 TEMPLATE_DATABASE = "chatkeep_faults_template"

@@ -31,7 +31,7 @@ import asyncpg
 
 from chatkeep.storage.bootstrap import APP_ROLE
 from tests.faults.proxy import FaultProxy
-from tests.faults.servers import PostgresServer, RedisServer
+from tests.servers import PostgresServer, RedisServer
 
 __all__ = ["SCENARIOS", "SIZES", "Cluster", "Size", "chosen_size"]
 

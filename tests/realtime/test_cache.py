@@ -189,9 +189,9 @@ async def test_redis_down_degrades_to_the_loader(
 async def test_the_cache_recovers_when_redis_returns(
     make_client: ClientFactory, throwaway_redis: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.realtime.conftest import ThrowawayRedis
+    from tests.servers import RedisServer
 
-    assert isinstance(throwaway_redis, ThrowawayRedis)
+    assert isinstance(throwaway_redis, RedisServer)
     table = FakeTable()
     alice = table.add("Alice")
     cache = profile_cache(await make_client(throwaway_redis.url), table)

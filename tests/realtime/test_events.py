@@ -29,7 +29,8 @@ from chatkeep.realtime import (
     decode_event,
     encode_event,
 )
-from tests.realtime.conftest import ClientFactory, ThrowawayRedis, wait_until
+from tests.realtime.conftest import ClientFactory, wait_until
+from tests.servers import RedisServer
 
 ROOM = uuid4()
 USER = uuid4()
@@ -218,7 +219,7 @@ async def test_bad_node_id_and_rooms_are_refused(client: RedisClient) -> None:
 
 
 async def test_a_real_restart_resubscribes_signals_a_gap_and_delivers_again(
-    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+    make_client: ClientFactory, throwaway_redis: RedisServer
 ) -> None:
     listener_client = await make_client(throwaway_redis.url, pubsub_ping_interval=0.5)
     publisher = EventBus(await make_client(throwaway_redis.url))
@@ -250,7 +251,7 @@ async def test_a_real_restart_resubscribes_signals_a_gap_and_delivers_again(
 
 
 async def test_rooms_added_during_an_outage_are_refused_then_work_after(
-    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+    make_client: ClientFactory, throwaway_redis: RedisServer
 ) -> None:
     client = await make_client(throwaway_redis.url)
     bus = EventBus(client)
@@ -279,7 +280,7 @@ def test_room_ids_of_foreign_channels_are_ignored(client: RedisClient) -> None:
 
 
 async def test_subscribing_is_not_held_up_by_a_reader_backing_off(
-    make_client: ClientFactory, throwaway_redis: ThrowawayRedis
+    make_client: ClientFactory, throwaway_redis: RedisServer
 ) -> None:
     client = await make_client(throwaway_redis.url)
     client._hub._backoff = ConstantBackoff(30.0)  # the reader will sleep long after a loss

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from chatkeep.embedded import embedded_postgres_bin_dir
 from chatkeep.errors import ConfigurationError
 from chatkeep.storage.database import connect
 from chatkeep.storage.security import connection_failures, reset_connection_failures
+from tests.servers import free_port
 
 # The embedded package refuses to run PostgreSQL as root, and so does PostgreSQL; it makes
 # this system user for the purpose, and so do we when the tests run as root.
@@ -109,13 +109,6 @@ def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)

