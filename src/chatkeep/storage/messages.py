@@ -2,8 +2,9 @@
 
 ``seq`` is allocated by the insert of the message itself (the ``messages_assign_seq``
 trigger moves ``rooms.last_seq`` under the room row lock): that lock orders concurrent
-senders, so within a room ``seq`` is gapless and in commit order. Read state is a per-member watermark
-(``room_users.last_read_seq``) that only moves forward; unread counts are a subtraction.
+senders, so within a room ``seq`` is gapless and in commit order. Read state is a
+per-member watermark (``room_users.last_read_seq``) that only moves forward; unread counts
+are a subtraction.
 ``docs/design.md`` (Storage) says why each query has the shape it has.
 """
 
