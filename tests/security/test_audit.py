@@ -37,23 +37,22 @@ async def test_user_changes_are_audited_without_secrets(
     await act(
         app_conn,
         world.carol,
-        "UPDATE users SET email = 'c2@example.org', password_hash = $2, is_active = false"
-        " WHERE id = $1",
+        "UPDATE users SET password_hash = $2, is_active = false WHERE id = $1",
         world.carol,
         new_hash,
     )
     await act(
         app_conn, world.carol, "UPDATE users SET username = 'carol2' WHERE id = $1", world.carol
     )
-    [entry] = await entries(conn)
-    assert entry.action == "user.update"
+    # No flow changes an email (the app role may not, since 011): system work does.
+    await conn.execute("UPDATE users SET email = 'c2@example.org' WHERE id = $1", world.carol)
+    entry, by_system = await entries(conn)
+    assert entry.action == by_system.action == "user.update"
     assert (entry.actor_id, entry.row_id, entry.table_name) == (world.carol, world.carol, "users")
-    assert entry.changes == {
-        "email": {"old": "carol@example.org", "new": "c2@example.org"},
-        "password": "changed",
-        "is_active": {"old": True, "new": False},
-    }
-    raw = await conn.fetchval("SELECT changes::text FROM audit_log")
+    assert entry.changes == {"password": "changed", "is_active": {"old": True, "new": False}}
+    assert (by_system.actor_id, by_system.row_id) == (None, world.carol)
+    assert by_system.changes == {"email": {"old": "carol@example.org", "new": "c2@example.org"}}
+    raw = await conn.fetchval("SELECT string_agg(changes::text, ' ') FROM audit_log")
     assert "$2b$" not in raw
     assert entry.db_role == "chatapp_app"
     occurred = await conn.fetchval("SELECT occurred_at FROM audit_log WHERE id = $1", entry.id)
@@ -122,13 +121,14 @@ async def test_room_type_changes_and_deletes_are_audited(
     app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
 ) -> None:
     await act(app_conn, world.bob, "UPDATE rooms SET name = 'renamed' WHERE id = $1", world.private)
-    await act(app_conn, world.bob, "UPDATE rooms SET type = 'public' WHERE id = $1", world.private)
+    # No flow changes a room's type (the app role may not): system work does.
+    await conn.execute("UPDATE rooms SET type = 'public' WHERE id = $1", world.private)
     await act(app_conn, world.alice, "DELETE FROM rooms WHERE id = $1", world.private)
     got = [(e.action, e.actor_id, e.row_id, e.changes) for e in await entries(conn)]
     assert got == [
         (
             "room.type_change",
-            world.bob,
+            None,
             world.private,
             {"type": {"old": "private", "new": "public"}},
         ),

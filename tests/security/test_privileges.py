@@ -108,10 +108,9 @@ async def test_every_app_table_forces_row_security(conn: asyncpg.Connection) -> 
         SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity
           FROM pg_class c
          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-           AND (has_table_privilege('chatapp_app', c.oid, 'INSERT')
-                OR has_table_privilege('chatapp_app', c.oid, 'UPDATE')
-                OR has_table_privilege('chatapp_app', c.oid, 'DELETE')
-                OR has_any_column_privilege('chatapp_app', c.oid, 'UPDATE'))
+           AND (has_any_column_privilege('chatapp_app', c.oid, 'INSERT')
+                OR has_any_column_privilege('chatapp_app', c.oid, 'UPDATE')
+                OR has_table_privilege('chatapp_app', c.oid, 'DELETE'))
          ORDER BY 1
         """
     )
@@ -159,6 +158,7 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
     )
     assert [r["proname"] for r in rows] == [
         "chatkeep_acting_rooms",
+        "chatkeep_assign_message_seq",
         "chatkeep_audit_row",
         "chatkeep_room_is_empty",
     ]
@@ -197,36 +197,166 @@ async def test_the_app_role_holds_no_power(conn: asyncpg.Connection) -> None:
     )
 
 
+# What the repositories' SQL writes as chatapp_app (src/chatkeep/storage/*.py), and all it
+# may write: migration 011 revoked the rest. A flow that needs another column grants it in
+# a new migration and adds it here.
+APP_WRITES = {
+    ("users", "INSERT"): {"id", "email", "password_hash", "username", "avatar_url"},
+    ("users", "UPDATE"): {"username", "avatar_url", "password_hash", "is_active", "last_seen"},
+    ("rooms", "INSERT"): {
+        "id",
+        "name",
+        "description",
+        "type",
+        "created_by",
+        "direct_user_low",
+        "direct_user_high",
+    },
+    ("rooms", "UPDATE"): {"name", "description"},
+    ("room_users", "INSERT"): {"room_id", "user_id", "role"},
+    ("room_users", "UPDATE"): {"role", "last_read_seq", "last_read_at"},
+    ("messages", "INSERT"): {"id", "room_id", "user_id", "client_msg_id", "content", "type"},
+    ("messages", "UPDATE"): {"content", "is_edited", "edited_at"},
+    ("message_read_status", "INSERT"): {"message_id", "user_id"},
+}
+APP_DELETES = {"users", "rooms", "room_users", "messages"}
+
+
+async def test_the_app_role_holds_exactly_the_writes_the_flows_need(
+    conn: asyncpg.Connection,
+) -> None:
+    rows = await conn.fetch(
+        """
+        SELECT c.relname, p.privilege, a.attname
+          FROM pg_class c
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         CROSS JOIN (VALUES ('INSERT'), ('UPDATE')) AS p (privilege)
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+           AND has_column_privilege('chatapp_app', c.oid, a.attnum, p.privilege)
+        """
+    )
+    held: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        held.setdefault((row["relname"], row["privilege"]), set()).add(row["attname"])
+    assert held == APP_WRITES
+    deletes = await conn.fetch(
+        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        " AND relkind IN ('r', 'p') AND has_table_privilege('chatapp_app', oid, 'DELETE')"
+    )
+    assert {r["relname"] for r in deletes} == APP_DELETES
+    # Nor anything on the schema's tables beyond SELECT, the column grants and DELETE.
+    others = await conn.fetch(
+        """
+        SELECT c.relname, p.privilege
+          FROM pg_class c
+         CROSS JOIN (VALUES ('TRUNCATE'), ('REFERENCES'), ('TRIGGER')) AS p (privilege)
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+           AND has_table_privilege('chatapp_app', c.oid, p.privilege)
+        """
+    )
+    assert others == []
+
+
+async def test_tables_made_later_start_with_nothing_for_the_app(conn: asyncpg.Connection) -> None:
+    # A later migration grants its flows' writes itself, next to its table's policies.
+    await conn.execute("SET ROLE chatapp_owner; CREATE TABLE later (id int); RESET ROLE")
+    granted = await conn.fetchval(
+        "SELECT has_any_column_privilege('chatapp_app', 'later', 'SELECT, INSERT, UPDATE')"
+        " OR has_table_privilege('chatapp_app', 'later', 'DELETE')"
+    )
+    assert granted is False
+
+
 async def test_the_app_may_write_what_it_needs(
     app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
 ) -> None:
     # The column grants are not too tight for the repositories' writes.
     async with acting_as(app_conn, world.alice) as c:
         await c.execute(
-            "UPDATE users SET email = 'a2@example.org', username = 'alice2', avatar_url = NULL,"
-            " is_active = true, last_seen = now(), updated_at = now() WHERE id = $1",
+            "UPDATE users SET username = 'alice2', avatar_url = NULL, password_hash = $2,"
+            " is_active = true, last_seen = now() WHERE id = $1",
             world.alice,
+            "$2b$12$" + "c" * 53,
         )
         await c.execute(
-            "UPDATE rooms SET name = 'n', description = 'd', is_active = true,"
-            " last_seq = last_seq, updated_at = now() WHERE id = $1",
-            world.private,
+            "UPDATE rooms SET name = 'n', description = 'd' WHERE id = $1", world.private
         )
         await c.execute(
-            "UPDATE messages SET content = 'c', type = 'text', is_edited = true,"
-            " edited_at = now() WHERE id = $1",
+            "UPDATE messages SET content = 'c', is_edited = true, edited_at = now() WHERE id = $1",
             world.msg[("private", "alice")],
         )
         await c.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", world.private)
-        message = uuid7()
-        await c.execute(
-            "INSERT INTO messages (id, room_id, user_id, seq, content)"
-            " SELECT $1, $2, $3, last_seq + 1, 'x' FROM rooms WHERE id = $2",
-            message,
+        message = await c.fetchval(
+            "INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)"
+            " VALUES ($1, $2, $3, 'c1', 'x', 'text') RETURNING seq",
+            uuid7(),
             world.private,
             world.alice,
         )
+        assert message == 4  # the trigger took the room's next seq
     assert await conn.fetchval("SELECT username FROM users WHERE id = $1", world.alice) == "alice2"
+
+
+# -- item 8 of issue 11: rooms.last_seq and chatkeep_room_is_empty() ------------------------
+
+
+async def test_the_app_cannot_move_a_rooms_counter_by_hand(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    # A member could set last_seq and leave gaps in seq; only a message insert moves it now.
+    for sql in (
+        "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1",
+        "UPDATE rooms SET last_seq = 1000 WHERE id = $1",
+    ):
+        with pytest.raises(PermissionDenied):
+            async with acting_as(app_conn, world.alice) as c:  # the room's owner
+                await c.execute(sql, world.private)
+    with pytest.raises(PermissionDenied):  # nor pick a message's seq (a gap, or a collision)
+        async with acting_as(app_conn, world.alice) as c:
+            await c.execute(
+                "INSERT INTO messages (room_id, user_id, seq, content) VALUES ($1, $2, 9, 'x')",
+                world.private,
+                world.alice,
+            )
+    with pytest.raises(PermissionDenied):  # nor start a new room's counter ahead
+        async with acting_as(app_conn, world.dave) as c:
+            await c.execute(
+                "INSERT INTO rooms (name, type, created_by, last_seq)"
+                " VALUES ('mine', 'private', $1, 50)",
+                world.dave,
+            )
+    assert await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", world.private) == 3
+    # The send path still moves it, by one, with the message.
+    async with acting_as(app_conn, world.carol) as c:
+        seq = await c.fetchval(
+            "INSERT INTO messages (room_id, user_id, content) VALUES ($1, $2, 'hi') RETURNING seq",
+            world.private,
+            world.carol,
+        )
+    assert seq == 4
+    assert await conn.fetchval("SELECT last_seq FROM rooms WHERE id = $1", world.private) == 4
+
+
+async def test_room_is_empty_answers_only_the_rooms_creator(
+    app_conn: asyncpg.Connection, world: World
+) -> None:
+    # It answered for any room id: whether a private room you cannot see has members.
+    empty = uuid7()
+    async with acting_as(app_conn, world.dave) as c:
+        await c.execute(
+            "INSERT INTO rooms (id, name, type, created_by) VALUES ($1, 'new', 'private', $2)",
+            empty,
+            world.dave,
+        )
+        ask = "SELECT chatkeep_room_is_empty($1)"
+        assert await c.fetchval(ask, empty) is True  # the creator, about their own room
+        for room in (world.private, world.direct, world.public, uuid7()):
+            assert await c.fetchval(ask, room) is None, room
+    async with acting_as(app_conn, world.bob) as c:  # a member, but not the creator
+        assert await c.fetchval(ask, world.private) is None
+    assert await app_conn.fetchval(ask, world.private) is None  # nobody acting
+    async with acting_as(app_conn, world.alice) as c:  # the creator of a room with members
+        assert await c.fetchval(ask, world.private) is False
 
 
 async def test_bulk_copy_under_row_security_is_refused_with_a_clear_error(
@@ -238,7 +368,7 @@ async def test_bulk_copy_under_row_security_is_refused_with_a_clear_error(
         async with acting_as(app_conn, world.alice) as c:
             await c.copy_records_to_table(
                 "messages",
-                records=[(world.public, world.alice, 99, "bulk")],
-                columns=["room_id", "user_id", "seq", "content"],
+                records=[(world.public, world.alice, "bulk")],
+                columns=["room_id", "user_id", "content"],
             )
     assert isinstance(caught.value.__cause__, asyncpg.FeatureNotSupportedError)

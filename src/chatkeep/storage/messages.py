@@ -1,9 +1,10 @@
 """Messages and read state: send, edit, delete, history by cursor, watermarks, receipts.
 
-``seq`` is allocated in the statement that inserts the message (``UPDATE rooms SET
-last_seq = last_seq + 1 ... RETURNING``): the room row lock orders concurrent senders, so
-within a room ``seq`` is gapless and in commit order. Read state is a per-member watermark
-(``room_users.last_read_seq``) that only moves forward; unread counts are a subtraction.
+``seq`` is allocated by the insert of the message itself (the ``messages_assign_seq``
+trigger moves ``rooms.last_seq`` under the room row lock): that lock orders concurrent
+senders, so within a room ``seq`` is gapless and in commit order. Read state is a
+per-member watermark (``room_users.last_read_seq``) that only moves forward; unread counts
+are a subtraction.
 ``docs/design.md`` (Storage) says why each query has the shape it has.
 """
 
@@ -44,9 +45,11 @@ _M_COLUMNS: Final = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(",
 _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
 
 # One statement, so one round trip and atomic without BEGIN/COMMIT:
-#  - a retried send (same client_msg_id) finds the first message and allocates nothing;
-#  - the room counter moves only for a member of an active room, under the room row lock,
-#    which is what orders concurrent senders and keeps seq gapless;
+#  - a retried send (same client_msg_id) finds the first message and inserts nothing;
+#  - only a member of an active room inserts; the seq comes from the messages_assign_seq
+#    trigger (migration 011), which moves rooms.last_seq under the room row lock, the lock
+#    that orders concurrent senders and keeps seq gapless. The application role may not
+#    write last_seq (or seq) itself, so the counter moves only with a message;
 #  - the sender's own watermark follows their message (your own message is not unread).
 # Two concurrent first sends with one client_msg_id: the loser's INSERT hits
 # messages_client_msg_id_key and the whole statement (counter included) rolls back, so no
@@ -55,15 +58,12 @@ SEND: Final = f"""
 WITH existing AS (
     SELECT {MESSAGE_COLUMNS} FROM messages
      WHERE room_id = $2 AND user_id = $3 AND client_msg_id = $4
-), allocated AS (
-    UPDATE rooms SET last_seq = last_seq + 1
-     WHERE id = $2 AND is_active
-       AND NOT EXISTS (SELECT 1 FROM existing)
-       AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
-    RETURNING last_seq
 ), inserted AS (
-    INSERT INTO messages (id, room_id, user_id, seq, client_msg_id, content, type)
-    SELECT $1, $2, $3, allocated.last_seq, $4, $5, $6 FROM allocated
+    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
+    SELECT $1, $2, $3, $4, $5, $6
+     WHERE NOT EXISTS (SELECT 1 FROM existing)
+       AND EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
+       AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
     RETURNING {MESSAGE_COLUMNS}
 ), seen AS (
     UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
