@@ -30,6 +30,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     ),
     9: ("row_level_security", "f934463f825b84ef075ff50ae1a539c129c5defed12661cc011a1eafd2a723b4"),
     10: ("create_audit_log", "44dc58c0594bc5735e23f358065caed40f84232c92f54e21fa1654f2f41f2caa"),
+    11: (
+        "least_privilege_for_the_app",
+        "00c1eaa0cab23832807dc60a1991d53525de50d214dc96948bbe7636183a9ec9",
+    ),
 }
 
 
