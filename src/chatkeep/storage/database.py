@@ -47,7 +47,12 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.ids import check_id
-from chatkeep.storage.errors import translate_error, translate_errors
+from chatkeep.storage.errors import (
+    DRIVER_ERRORS,
+    connection_is_lost,
+    translate_error,
+    translate_errors,
+)
 from chatkeep.storage.security import connection_failed
 
 __all__ = [
@@ -124,7 +129,7 @@ logger = logging.getLogger("chatkeep.storage")
 InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
-_DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DRIVER_ERRORS: Final = DRIVER_ERRORS
 
 
 @dataclass(slots=True)
@@ -163,13 +168,24 @@ class Transaction:
     :attr:`connection` only for SQL of your own.
     """
 
-    __slots__ = ("_connection", "_exposed", "acting_user", "depth", "name", "task")
+    __slots__ = (
+        "_connection",
+        "_exposed",
+        "_rollback_failed",
+        "acting_user",
+        "depth",
+        "name",
+        "task",
+    )
 
     def __init__(
         self, connection: PoolConnectionProxy, name: str, task: asyncio.Task[Any] | None
     ) -> None:
         self._connection = connection
         self._exposed = False
+        # A nested block failed and its savepoint could not be rolled back: its writes may
+        # still be in the transaction, so the transaction must not commit.
+        self._rollback_failed = False
         self.name = name
         self.task = task
         self.depth = 0
@@ -447,23 +463,43 @@ class Database:
             return
         with translate_errors("acquire"):
             conn = await self._acquire()
+        reusable = False
         try:
             yield conn
+            reusable = True
+        except BaseException as exc:
+            reusable = not connection_is_lost(exc)
+            raise
         finally:
-            await self._release(conn, full_reset=True)
+            await self._release(conn, full_reset=True, discard=not reusable)
 
-    async def _release(self, conn: PoolConnectionProxy, *, full_reset: bool) -> None:
+    async def _release(
+        self, conn: PoolConnectionProxy, *, full_reset: bool, discard: bool = False
+    ) -> None:
+        """Give ``conn`` back to the pool, or drop it when it may be broken.
+
+        ``discard`` is for a connection whose session may be gone or still busy (see
+        :func:`~chatkeep.storage.errors.connection_is_lost`): it is terminated, never
+        handed to another borrower, and the pool opens a new one when it needs it. Never
+        raises a driver error: the caller's work is done (or failed) by now, and that is
+        what the caller must hear about.
+        """
         pool = self._pool
-        if full_reset and not conn.is_closed():
-            # Session state set by the caller's own SQL must not leak to the next user.
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await asyncio.shield(conn.reset())
         try:
-            if pool is not None:
+            if discard or pool is None:
+                _terminate(conn)
+            elif full_reset:
+                # Session state set by the caller's own SQL must not leak to the next user.
+                # Reset and release are one shielded unit: a cancelled caller must not hand
+                # back a connection whose reset is still running.
+                await asyncio.shield(_reset_and_release(pool, conn))
+            else:
                 # asyncpg shields the release itself, so a cancelled task still returns it.
                 await pool.release(conn)
-            else:  # pragma: no cover - closed under our feet; the pool terminates it
-                conn.terminate()
+        except _DRIVER_ERRORS as exc:
+            # asyncpg has terminated it (a failed reset does that); the pool replaces it.
+            logger.debug("connection dropped on release: %s", exc.__class__.__name__)
+            _terminate(conn)
         finally:
             self._in_use -= 1
 
@@ -543,10 +579,14 @@ class Database:
                     await conn.execute(f"SAVEPOINT {savepoint}")
                 try:
                     yield outer
-                except BaseException:
-                    if not conn.is_closed():
-                        with translate_errors(name):
-                            await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                except BaseException as exc:
+                    # Set first: a cancellation may interrupt the rollback itself. Rolling
+                    # back to this savepoint also undoes any deeper block that failed to.
+                    outer._rollback_failed = True
+                    if await _roll_back(conn, f"ROLLBACK TO SAVEPOINT {savepoint}"):
+                        outer._rollback_failed = False
+                    if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                        raise _translated(exc, name) from exc
                     raise
                 with translate_errors(name):
                     await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
@@ -559,6 +599,10 @@ class Database:
         with translate_errors(name):
             conn = await self._acquire()
         tx = Transaction(conn, name, asyncio.current_task())
+        # Whether the connection ends idle and in sync with its server, fit for the next
+        # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
+        # error) discards it.
+        reusable = False
         try:
             with translate_errors(name):
                 await conn.execute(_begin(isolation, readonly, acting_user))
@@ -566,19 +610,31 @@ class Database:
             token = self._tx.set(tx)
             try:
                 yield tx
-            except BaseException:
+            except BaseException as exc:
                 self._tx.reset(token)
-                if not conn.is_closed():
-                    with translate_errors(name):
-                        await conn.execute("ROLLBACK")
+                reusable = await _roll_back(conn, "ROLLBACK")
+                if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                    raise _translated(exc, name) from exc
                 raise
             self._tx.reset(token)
-            with translate_errors(name):
+            if tx._rollback_failed:
+                reusable = await _roll_back(conn, "ROLLBACK")
+                raise Unavailable(
+                    f"{name}: a nested block failed and could not be rolled back; "
+                    "nothing of the transaction was committed"
+                )
+            try:
                 await conn.execute("COMMIT")
+            except _DRIVER_ERRORS as exc:
+                # A live server that refuses a COMMIT has ended the transaction; a lost
+                # session may have committed or not, and its connection is gone.
+                reusable = not connection_is_lost(exc)
+                raise _translated(exc, name) from exc
+            reusable = True
             failed = False
         finally:
             try:
-                await self._release(conn, full_reset=tx._exposed)
+                await self._release(conn, full_reset=tx._exposed, discard=not reusable)
             finally:
                 self._record(name, time.perf_counter() - start, failed)
 
@@ -603,10 +659,17 @@ class Database:
                 result = await getattr(tx._connection, method)(query, *args)
             else:
                 conn = await self._acquire()
+                reusable = False
                 try:
                     result = await getattr(conn, method)(query, *args)
+                    reusable = True
+                except BaseException as exc:
+                    # A cancelled statement's connection goes back: asyncpg waits for the
+                    # cancellation before the next borrower gets it.
+                    reusable = not connection_is_lost(exc)
+                    raise
                 finally:
-                    await self._release(conn, full_reset=False)
+                    await self._release(conn, full_reset=False, discard=not reusable)
         except _DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
         else:
@@ -753,6 +816,38 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     it goes back, so the round trip is spent only where it is needed.
     """
     del conn
+
+
+async def _roll_back(conn: PoolConnectionProxy, statement: str) -> bool:
+    """Roll back after a failed block; False when the connection must be discarded.
+
+    A failure here is not raised: the block's own error is what the caller must see, and
+    the server rolls back by itself when a session it cannot finish ends. A cancellation
+    while rolling back is raised; the caller's ``reusable`` is still False then, so the
+    connection, whose ROLLBACK may still be running, is discarded.
+    """
+    try:
+        await conn.execute(statement)
+    except _DRIVER_ERRORS:
+        return False
+    return True
+
+
+async def _reset_and_release(pool: asyncpg.Pool, conn: PoolConnectionProxy) -> None:
+    """Reset the session state of a connection handed to outside code, then give it back."""
+    try:
+        await conn.reset()
+    except _DRIVER_ERRORS:
+        _terminate(conn)
+        return
+    await pool.release(conn)
+
+
+def _terminate(conn: PoolConnectionProxy) -> None:
+    """Drop ``conn``: asyncpg frees its pool slot, and the pool opens a new one on demand."""
+    # Already released means asyncpg dropped it when it saw the connection close.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def _translated(exc: BaseException, operation: str) -> ChatkeepError:
