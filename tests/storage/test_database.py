@@ -245,6 +245,27 @@ async def test_acquired_connections_are_reset(database_url: str) -> None:
         assert await db.fetchval("t.mem", "SHOW work_mem") != "77MB"
 
 
+@pytest.mark.parametrize(
+    "change", ["SET ROLE chatapp_app", "SET SESSION AUTHORIZATION chatapp_app"]
+)
+async def test_a_changed_role_does_not_reach_the_next_borrower(
+    database_url: str, change: str
+) -> None:
+    async with Database(Settings(database_url=database_url), min_size=1, max_size=1) as db:
+        me = await db.fetchval("t.me", "SELECT current_user")
+        await db.execute("t.role", change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        async with db.transaction():
+            await db.execute("t.role", change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        # asyncpg's full reset (RESET ALL) keeps the role: chatkeep's comes after it.
+        async with db.acquire() as conn:
+            await conn.execute(change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        async with db.transaction():
+            assert await db.fetchval("t.me", "SELECT current_user") == me
+
+
 async def test_exhausted_pool_is_unavailable(database_url: str) -> None:
     settings = Settings(database_url=database_url, connect_timeout=0.3)
     async with Database(settings, min_size=1, max_size=1) as db:

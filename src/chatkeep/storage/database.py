@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -225,6 +227,8 @@ class Database:
             server's URL from :func:`chatkeep.embedded.resolve_endpoints` when unset).
         application_name: ``application_name`` for ``pg_stat_activity``.
         init: an extra coroutine run once on every new connection, after chatkeep's own.
+            Session settings it makes with ``SET`` do not last (every transaction resets
+            the session); pass them as server settings or ``ALTER ROLE ... SET`` instead.
         min_size: overrides ``settings.pool_min_size``.
         max_size: overrides ``settings.pool_max_size``.
     """
@@ -264,6 +268,10 @@ class Database:
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+        # Server pids of pooled connections whose session may carry state a borrower set
+        # (a SET, a session-level set_config, a temp table...): reset before their next
+        # single statement (a transaction's BEGIN resets anyway). See _SESSION_RESET.
+        self._dirty: set[int] = set()
         # One variable per Database, so two databases never share a transaction.
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
@@ -463,6 +471,9 @@ class Database:
             return
         with translate_errors("acquire"):
             conn = await self._acquire()
+        # asyncpg's full reset keeps a SET ROLE and temp tables: the next single statement
+        # on this connection resets the rest first.
+        self._dirty.add(conn.get_server_pid())
         reusable = False
         try:
             yield conn
@@ -599,10 +610,14 @@ class Database:
         with translate_errors(name):
             conn = await self._acquire()
         tx = Transaction(conn, name, asyncio.current_task())
+        pid = conn.get_server_pid()
         # Whether the connection ends idle and in sync with its server, fit for the next
         # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
         # error) discards it.
         reusable = False
+        # Until COMMIT or ROLLBACK (with the session reset they carry) succeeds, a session
+        # level SET made in the block may be on the connection.
+        self._dirty.add(pid)
         try:
             with translate_errors(name):
                 await conn.execute(_begin(isolation, readonly, acting_user))
@@ -612,30 +627,40 @@ class Database:
                 yield tx
             except BaseException as exc:
                 self._tx.reset(token)
-                reusable = await _roll_back(conn, "ROLLBACK")
+                reusable = await _roll_back(conn, _ROLLBACK)
+                if reusable:
+                    self._dirty.discard(pid)
                 if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
                     raise _translated(exc, name) from exc
                 raise
             self._tx.reset(token)
             if tx._rollback_failed:
-                reusable = await _roll_back(conn, "ROLLBACK")
+                reusable = await _roll_back(conn, _ROLLBACK)
+                if reusable:
+                    self._dirty.discard(pid)
                 raise Unavailable(
                     f"{name}: a nested block failed and could not be rolled back; "
                     "nothing of the transaction was committed"
                 )
             try:
-                await conn.execute("COMMIT")
+                await conn.execute(_COMMIT)
             except _DRIVER_ERRORS as exc:
-                # A live server that refuses a COMMIT has ended the transaction; a lost
-                # session may have committed or not, and its connection is gone.
+                # A live server that refuses a COMMIT has ended the transaction (and skipped
+                # the reset: the connection stays dirty); a lost session may have committed
+                # or not, and its connection is gone.
                 reusable = not connection_is_lost(exc)
                 raise _translated(exc, name) from exc
+            self._dirty.discard(pid)
             reusable = True
             failed = False
         finally:
             try:
+                if tx._exposed:  # as for acquire(): the full reset keeps SET ROLE and temp tables
+                    self._dirty.add(pid)
                 await self._release(conn, full_reset=tx._exposed, discard=not reusable)
             finally:
+                if not reusable:
+                    self._dirty.discard(pid)  # terminated: the pid is free for a new session
                 self._record(name, time.perf_counter() - start, failed)
 
     def acting_user(self) -> uuid.UUID | None:
@@ -659,8 +684,16 @@ class Database:
                 result = await getattr(tx._connection, method)(query, *args)
             else:
                 conn = await self._acquire()
+                pid = conn.get_server_pid()
                 reusable = False
                 try:
+                    if pid in self._dirty:
+                        # A borrower left session state behind: the one round trip this
+                        # design pays, only after a statement that may have changed it.
+                        await conn.execute(_SESSION_RESET)
+                        self._dirty.discard(pid)
+                    if _may_change_session(query):
+                        self._dirty.add(pid)
                     result = await getattr(conn, method)(query, *args)
                     reusable = True
                 except BaseException as exc:
@@ -669,6 +702,8 @@ class Database:
                     reusable = not connection_is_lost(exc)
                     raise
                 finally:
+                    if not reusable:
+                        self._dirty.discard(pid)
                     await self._release(conn, full_reset=False, discard=not reusable)
         except _DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
@@ -791,15 +826,51 @@ _ISOLATION_SQL: Final = {
 }
 
 
+# What a pooled connection's session is brought back to before another borrower may see
+# it: the login role (SET SESSION AUTHORIZATION DEFAULT also ends a SET ROLE), every
+# setting at its connection default (app.user_id included: a session-level set_config or
+# SET of the acting user would otherwise reach the next borrower, and a setting made with
+# `true` inside a transaction ends with it and lets an older session value back), and no
+# temp tables (which would shadow the tables of the same name). The server settings given
+# at connect (statement_timeout...) are the defaults, so they stay. Left alone, as
+# asyncpg's full reset handles them for the connections handed to outside code: LISTEN,
+# advisory locks, open cursors, prepared statements.
+# Sent inside the simple query that every transaction sends anyway (after BEGIN and after
+# COMMIT/ROLLBACK), so it costs no round trip there.
+_SESSION_RESET: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP"
+_COMMIT: Final = f"COMMIT; {_SESSION_RESET}"
+_ROLLBACK: Final = f"ROLLBACK; {_SESSION_RESET}"
+
+# A statement is known to leave the session as it found it when it is one plain query
+# (no `;`) that mentions none of the ways to change session state: no SET/RESET/DISCARD
+# command, no set_config, no temp object. A function could still change it inside; no
+# function of chatkeep's schema does (tests/storage/test_database.py checks pg_proc), and
+# chatapp_app can create functions in pg_temp only, which a caller must name.
+_PLAIN_QUERY: Final = re.compile(
+    r"\A\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|VALUES|TABLE)\b[^;]*;?\s*\Z", re.IGNORECASE
+)
+_SESSION_WORDS: Final = re.compile(r"set_config|\btemp(?:orary)?\b|pg_temp", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _may_change_session(query: str) -> bool:
+    """Whether ``query`` may leave session state behind (see ``_PLAIN_QUERY``); cached."""
+    return _PLAIN_QUERY.match(query) is None or _SESSION_WORDS.search(query) is not None
+
+
 def _begin(isolation: IsolationLevel | None, readonly: bool, acting_user: uuid.UUID | None) -> str:
     """The statement that opens a transaction, naming its acting user if there is one.
 
-    Sent as a simple query (no parameters), so the two statements cost one round trip;
-    the user id is a checked ``uuid.UUID``, whose text form is hex digits and hyphens.
+    Sent as a simple query (no parameters), so BEGIN, the session reset and the acting
+    user cost one round trip; the user id is a checked ``uuid.UUID``, whose text form is
+    hex digits and hyphens. The reset comes after BEGIN so that the isolation level
+    applies, and makes the transaction start from a clean session whatever the previous
+    borrower did.
     """
     sql = "BEGIN" + (_ISOLATION_SQL[isolation] if isolation else "")
     if readonly:
         sql += " READ ONLY"
+    sql += f"; {_SESSION_RESET}"
     if acting_user is not None:
         sql += f"; SELECT set_config('app.user_id', '{acting_user}', true)"
     return sql
@@ -809,11 +880,14 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     """The pool's reset hook: nothing beyond asyncpg's own rollback and listener cleanup.
 
     asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL`` on every release: one extra round trip per operation. chatkeep's own
-    statements change no session state (the acting user is set with ``set_config(...,
-    true)``, local to the transaction), and every connection handed to outside code (via
-    :meth:`Database.acquire` or :attr:`Transaction.connection`) gets the full reset before
-    it goes back, so the round trip is spent only where it is needed.
+    RESET ALL`` on every release: one extra round trip per operation. chatkeep resets the
+    session where it costs nothing instead (``_SESSION_RESET``): after ``BEGIN`` and after
+    ``COMMIT``/``ROLLBACK`` in the simple query each transaction sends anyway. A single
+    statement outside a transaction that may have changed the session (``SET``,
+    ``set_config``, a temp table: ``_may_change_session``) marks its connection dirty, and
+    the next single statement on it sends the reset first (the next transaction's ``BEGIN``
+    does it anyway). Connections handed to outside code (:meth:`Database.acquire`,
+    :attr:`Transaction.connection`) also get asyncpg's full reset before they go back.
     """
     del conn
 
