@@ -196,7 +196,7 @@ class Transaction:
 
     @property
     def connection(self) -> PoolConnectionProxy:
-        """The transaction's connection (its session is fully reset when it goes back).
+        """The transaction's connection (its session is fully reset, as for ``acquire()``).
 
         For a nested block use ``db.transaction()`` (a savepoint); asyncpg's own
         ``connection.transaction()`` refuses to start inside this one.
@@ -459,8 +459,10 @@ class Database:
     async def acquire(self) -> AsyncIterator[PoolConnectionProxy]:
         """A connection for SQL of your own: the transaction's, inside ``transaction()``.
 
-        A connection taken from the pool here has its session fully reset (``RESET ALL``,
-        advisory locks, ``LISTEN``) before it goes back.
+        A connection taken from the pool here has its session fully reset before anyone
+        else uses it: asyncpg's ``RESET ALL``, advisory locks, ``LISTEN`` and cursors when it
+        goes back, then the role (``SET ROLE``) and temp tables before the next statement
+        (see docs/security.md). A connection whose session died in the block is dropped.
 
         Raises:
             Unavailable: the pool is closed or exhausted, or the server is unreachable.
