@@ -846,7 +846,7 @@ _ROLLBACK: Final = f"ROLLBACK; {_SESSION_RESET}"
 # A statement is known to leave the session as it found it when it is one plain query
 # (no `;`) that mentions none of the ways to change session state: no SET/RESET/DISCARD
 # command, no set_config, no temp object. A function could still change it inside; no
-# function of chatkeep's schema does (tests/storage/test_database.py checks pg_proc), and
+# function of chatkeep's schema does (tests/security/test_rls.py checks pg_proc), and
 # chatapp_app can create functions in pg_temp only, which a caller must name.
 _PLAIN_QUERY: Final = re.compile(
     r"\A\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|VALUES|TABLE)\b[^;]*;?\s*\Z", re.IGNORECASE
