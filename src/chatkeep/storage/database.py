@@ -174,6 +174,7 @@ class Transaction:
         "_connection",
         "_exposed",
         "_rollback_failed",
+        "_touched",
         "acting_user",
         "depth",
         "name",
@@ -188,6 +189,9 @@ class Transaction:
         # A nested block failed and its savepoint could not be rolled back: its writes may
         # still be in the transaction, so the transaction must not commit.
         self._rollback_failed = False
+        # A statement in the block may have changed session state (_may_change_session):
+        # the COMMIT then carries the session reset.
+        self._touched = False
         self.name = name
         self.task = task
         self.depth = 0
@@ -613,6 +617,10 @@ class Database:
             conn = await self._acquire()
         tx = Transaction(conn, name, asyncio.current_task())
         pid = conn.get_server_pid()
+        # A previous borrower may have left session state: BEGIN resets it first. A ROLLBACK
+        # would undo that reset, so it then carries the reset again.
+        reset_first = pid in self._dirty
+        rollback = _ROLLBACK if reset_first else "ROLLBACK"
         # Whether the connection ends idle and in sync with its server, fit for the next
         # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
         # error) discards it.
@@ -622,14 +630,14 @@ class Database:
         self._dirty.add(pid)
         try:
             with translate_errors(name):
-                await conn.execute(_begin(isolation, readonly, acting_user))
+                await conn.execute(_begin(isolation, readonly, acting_user, reset=reset_first))
             tx.acting_user = acting_user
             token = self._tx.set(tx)
             try:
                 yield tx
             except BaseException as exc:
                 self._tx.reset(token)
-                reusable = await _roll_back(conn, _ROLLBACK)
+                reusable = await _roll_back(conn, rollback)
                 if reusable:
                     self._dirty.discard(pid)
                 if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
@@ -637,7 +645,7 @@ class Database:
                 raise
             self._tx.reset(token)
             if tx._rollback_failed:
-                reusable = await _roll_back(conn, _ROLLBACK)
+                reusable = await _roll_back(conn, rollback)
                 if reusable:
                     self._dirty.discard(pid)
                 raise Unavailable(
@@ -645,7 +653,8 @@ class Database:
                     "nothing of the transaction was committed"
                 )
             try:
-                await conn.execute(_COMMIT)
+                # Session state set in the block survives COMMIT (a ROLLBACK undoes it).
+                await conn.execute(_COMMIT if tx._touched or tx._exposed else "COMMIT")
             except _DRIVER_ERRORS as exc:
                 # A live server that refuses a COMMIT has ended the transaction (and skipped
                 # the reset: the connection stays dirty); a lost session may have committed
@@ -683,6 +692,8 @@ class Database:
         try:
             tx = self._joined()
             if tx is not None:
+                if _may_change_session(query):
+                    tx._touched = True
                 result = await getattr(tx._connection, method)(query, *args)
             else:
                 conn = await self._acquire()
@@ -837,8 +848,10 @@ _ISOLATION_SQL: Final = {
 # at connect (statement_timeout...) are the defaults, so they stay. Left alone, as
 # asyncpg's full reset handles them for the connections handed to outside code: LISTEN,
 # advisory locks, open cursors, prepared statements.
-# Sent inside the simple query that every transaction sends anyway (after BEGIN and after
-# COMMIT/ROLLBACK), so it costs no round trip there.
+# Sent only where it may be needed (it costs the server some 20 us), and then inside the
+# simple query a transaction sends anyway, so it costs no round trip there: after COMMIT
+# when a statement of the block may have changed the session, after BEGIN (and ROLLBACK)
+# when the connection is dirty. A ROLLBACK undoes what the block set by itself.
 _SESSION_RESET: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP"
 _COMMIT: Final = f"COMMIT; {_SESSION_RESET}"
 _ROLLBACK: Final = f"ROLLBACK; {_SESSION_RESET}"
@@ -860,19 +873,26 @@ def _may_change_session(query: str) -> bool:
     return _PLAIN_QUERY.match(query) is None or _SESSION_WORDS.search(query) is not None
 
 
-def _begin(isolation: IsolationLevel | None, readonly: bool, acting_user: uuid.UUID | None) -> str:
+def _begin(
+    isolation: IsolationLevel | None,
+    readonly: bool,
+    acting_user: uuid.UUID | None,
+    *,
+    reset: bool = False,
+) -> str:
     """The statement that opens a transaction, naming its acting user if there is one.
 
     Sent as a simple query (no parameters), so BEGIN, the session reset and the acting
     user cost one round trip; the user id is a checked ``uuid.UUID``, whose text form is
-    hex digits and hyphens. The reset comes after BEGIN so that the isolation level
-    applies, and makes the transaction start from a clean session whatever the previous
-    borrower did.
+    hex digits and hyphens. With ``reset`` (the connection is dirty) the session reset
+    comes after BEGIN, so that the isolation level still applies, and the transaction
+    starts from a clean session whatever the previous borrower did.
     """
     sql = "BEGIN" + (_ISOLATION_SQL[isolation] if isolation else "")
     if readonly:
         sql += " READ ONLY"
-    sql += f"; {_SESSION_RESET}"
+    if reset:
+        sql += f"; {_SESSION_RESET}"
     if acting_user is not None:
         sql += f"; SELECT set_config('app.user_id', '{acting_user}', true)"
     return sql
@@ -883,12 +903,12 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 
     asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
     RESET ALL`` on every release: one extra round trip per operation. chatkeep resets the
-    session where it costs nothing instead (``_SESSION_RESET``): after ``BEGIN`` and after
-    ``COMMIT``/``ROLLBACK`` in the simple query each transaction sends anyway. A single
-    statement outside a transaction that may have changed the session (``SET``,
-    ``set_config``, a temp table: ``_may_change_session``) marks its connection dirty, and
-    the next single statement on it sends the reset first (the next transaction's ``BEGIN``
-    does it anyway). Connections handed to outside code (:meth:`Database.acquire`,
+    session only after a statement that may have changed it (``SET``, ``set_config``, a
+    temp table: ``_may_change_session``), and where it costs no round trip when it can
+    (``_SESSION_RESET``): in a transaction, with the ``COMMIT``; after a single statement,
+    the connection is marked dirty, and its next borrower sends the reset first (in the
+    ``BEGIN`` of a transaction, or as one round trip before a single statement).
+    Connections handed to outside code (:meth:`Database.acquire`,
     :attr:`Transaction.connection`) also get asyncpg's full reset before they go back.
     """
     del conn
