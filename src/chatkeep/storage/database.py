@@ -231,8 +231,8 @@ class Database:
             server's URL from :func:`chatkeep.embedded.resolve_endpoints` when unset).
         application_name: ``application_name`` for ``pg_stat_activity``.
         init: an extra coroutine run once on every new connection, after chatkeep's own.
-            Session settings it makes with ``SET`` do not last (every transaction resets
-            the session); pass them as server settings or ``ALTER ROLE ... SET`` instead.
+            Session settings it makes with ``SET`` last only until the connection's first
+            session reset; pass them as server settings or ``ALTER ROLE ... SET`` instead.
         min_size: overrides ``settings.pool_min_size``.
         max_size: overrides ``settings.pool_max_size``.
     """
