@@ -32,7 +32,7 @@ from chatkeep.errors import (
 )
 from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.database import connect
-from chatkeep.storage.errors import translate_error, translate_errors
+from chatkeep.storage.errors import connection_is_lost, translate_error, translate_errors
 
 BCRYPT = "$2b$12$" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0"
 
@@ -290,6 +290,10 @@ def test_foreign_exceptions_are_left_alone() -> None:
         ConnectionResetError(),
         asyncpg.InterfaceError("connection is closed"),
         asyncpg.ConnectionDoesNotExistError("gone"),
+        # What asyncpg raises for a connection left mid-operation by a dead backend.
+        asyncpg.InternalClientError("cannot switch to state 12; another operation (2)"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.IdleInTransactionSessionTimeoutError("terminating connection"),
     ],
 )
 def test_link_failures_are_unavailable(exc: BaseException) -> None:
@@ -297,6 +301,23 @@ def test_link_failures_are_unavailable(exc: BaseException) -> None:
         raise exc
     assert str(info.value).startswith("ping: database un")
     assert info.value.__cause__ is exc
+    # The session is gone: its connection must not go back to the pool.
+    assert connection_is_lost(exc)
+    assert connection_is_lost(info.value)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+        asyncpg.UniqueViolationError("duplicate key"),
+        asyncpg.SerializationError("could not serialize access"),
+        NotFound("no cause"),
+        KeyError("x"),
+    ],
+)
+def test_answers_of_a_live_server_keep_the_connection(exc: BaseException) -> None:
+    assert not connection_is_lost(exc)
 
 
 def test_field_falls_back_to_constraint_or_table() -> None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
+from chatkeep.config import Settings
 from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
+from chatkeep.storage import Database
 from chatkeep.storage.security import acting_as, set_acting_user_txn
 from tests.security.conftest import HASH, World
 
@@ -470,6 +474,135 @@ async def test_the_acting_user_never_leaks_to_the_next_borrower(app_url: str, wo
             assert await c.fetchval("SELECT count(*) FROM messages") == 0
     finally:
         await pool.close()
+
+
+# -- session-level leftovers through chatkeep's Database -------------------------------------
+
+LEAK = "SELECT set_config('app.user_id', $1, false)"
+PRIVATE_COUNT = "SELECT count(*) FROM messages WHERE room_id = $1"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def one_app(app_url: str) -> AsyncIterator[Database]:
+    """chatkeep's pool as chatapp_app with one connection: every borrower gets the same."""
+    async with Database(Settings(database_url=app_url), min_size=1, max_size=1) as db:
+        yield db
+
+
+async def private_messages_seen_by_no_one(db: Database, world: World) -> list[int]:
+    """What a borrower acting as no one counts in the private room, through each helper."""
+    row = await db.fetchrow("t.row", PRIVATE_COUNT, world.private)
+    assert row is not None
+    return [
+        await db.fetchval("t.val", PRIVATE_COUNT, world.private),
+        (await db.fetch("t.all", PRIVATE_COUNT, world.private))[0][0],
+        row[0],
+        await db.fetchval(
+            "t.who", "SELECT count(*) FROM messages WHERE chatkeep_acting_user_id() IS NOT NULL"
+        ),
+    ]
+
+
+@pytest.mark.parametrize("how", ["execute", "set-command", "fetch", "fetchrow", "executemany"])
+async def test_a_session_level_user_set_through_the_helpers_never_reaches_the_next_borrower(
+    one_app: Database, world: World, how: str
+) -> None:
+    alice = str(world.alice)
+    if how == "execute":
+        await one_app.execute("t.leak", LEAK, alice)
+    elif how == "set-command":
+        await one_app.execute("t.leak", f"SET app.user_id = '{alice}'")
+    elif how == "fetch":
+        await one_app.fetch("t.leak", LEAK, alice)
+    elif how == "fetchrow":
+        await one_app.fetchrow("t.leak", LEAK, alice)
+    else:
+        await one_app.executemany("t.leak", LEAK, [(alice,)])
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+
+
+async def test_a_session_level_user_does_not_come_back_after_an_acting_as_block(
+    one_app: Database, world: World
+) -> None:
+    await one_app.execute("t.leak", LEAK, str(world.alice))
+    async with one_app.acting_as(world.dave):
+        # The block acts as dave alone: the leftover is not underneath it either...
+        assert await one_app.fetchval("t.dave", PRIVATE_COUNT, world.private) == 0
+    # ...and does not come back when its local setting ends.
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+    async with one_app.transaction():  # nor after a transaction acting as no one
+        assert await one_app.fetchval("t.none", PRIVATE_COUNT, world.private) == 0
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+async def test_a_session_level_user_set_inside_acting_as_ends_with_the_block(
+    one_app: Database, world: World, ending: str
+) -> None:
+    async def block() -> None:
+        async with one_app.acting_as(world.carol):
+            await one_app.execute("t.leak", LEAK, str(world.alice))
+            if ending == "rollback":
+                raise NotFound("roll it back")
+
+    if ending == "rollback":
+        with pytest.raises(NotFound):
+            await block()
+    else:
+        await block()
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+
+
+async def test_other_session_state_is_reset_for_the_next_borrower(
+    one_app: Database, world: World
+) -> None:
+    await one_app.execute("t.path", "SET search_path TO pg_catalog")
+    assert await one_app.fetchval("t.path", "SHOW search_path") == '"$user", public'
+    # A temp table would shadow the real one for every later borrower of the session.
+    await one_app.execute(
+        "t.shadow",
+        "CREATE TEMP TABLE messages AS SELECT 1 AS id, $1::uuid AS room_id",
+        world.private,
+    )
+    assert await one_app.fetchval("t.real", PRIVATE_COUNT, world.private) == 0
+    async with one_app.transaction():
+        await one_app.execute("t.path", "SET search_path TO pg_catalog")
+    assert await one_app.fetchval("t.path", "SHOW search_path") == '"$user", public'
+    # The pool's own server settings are the session's defaults: they survive the reset.
+    assert await one_app.fetchval("t.timeout", "SHOW statement_timeout") == "30s"
+
+
+async def test_no_function_or_view_of_the_schema_changes_session_state(
+    conn: asyncpg.Connection,
+) -> None:
+    """Database skips the session reset after a plain single statement (one that names no
+    SET, set_config or temp object); that holds only while no function, trigger or view a
+    statement may reach sets session state itself. A later migration must not add one."""
+    setters = await conn.fetch(
+        r"""
+        SELECT p.oid::regprocedure::text AS what
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'public'
+           AND p.prosrc ~* '(set_config|(^|;|\mBEGIN|\mTHEN|\mELSE|\mLOOP)\s*(SET|RESET|DISCARD)\s)'
+        UNION ALL
+        SELECT viewname::text FROM pg_views
+         WHERE schemaname = 'public' AND definition ~* 'set_config'
+        """
+    )
+    assert [r["what"] for r in setters] == []
+    # The check itself finds one.
+    await conn.execute(
+        "CREATE FUNCTION sneaky() RETURNS void LANGUAGE plpgsql AS"
+        " $$BEGIN PERFORM set_config('app.user_id', 'x', false); END$$"
+    )
+    assert (
+        len(
+            await conn.fetch(
+                r"SELECT 1 FROM pg_proc WHERE proname = 'sneaky' AND prosrc ~* 'set_config'"
+            )
+        )
+        == 1
+    )
 
 
 # -- cost ----------------------------------------------------------------------------------

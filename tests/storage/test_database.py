@@ -245,6 +245,61 @@ async def test_acquired_connections_are_reset(database_url: str) -> None:
         assert await db.fetchval("t.mem", "SHOW work_mem") != "77MB"
 
 
+@pytest.mark.parametrize(
+    "change", ["SET ROLE chatapp_app", "SET SESSION AUTHORIZATION chatapp_app"]
+)
+async def test_a_changed_role_does_not_reach_the_next_borrower(
+    database_url: str, change: str
+) -> None:
+    async with Database(Settings(database_url=database_url), min_size=1, max_size=1) as db:
+        me = await db.fetchval("t.me", "SELECT current_user")
+        await db.execute("t.role", change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        async with db.transaction():
+            await db.execute("t.role", change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        # asyncpg's full reset (RESET ALL) keeps the role: chatkeep's comes after it.
+        async with db.acquire() as conn:
+            await conn.execute(change)
+        assert await db.fetchval("t.me", "SELECT current_user") == me
+        async with db.transaction():
+            assert await db.fetchval("t.me", "SELECT current_user") == me
+
+
+async def test_the_session_reset_is_sent_only_after_a_statement_that_may_need_it(
+    database_url: str,
+) -> None:
+    """The reset rides in queries a transaction sends anyway, and only when needed: a flow
+    of plain statements sends exactly BEGIN (with the acting user) and COMMIT."""
+    sent: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+
+    settings = Settings(database_url=database_url)
+    async with Database(settings, init=init, min_size=1, max_size=1) as db:
+        user = uuid.uuid4()
+        plain = "SELECT count(*) FROM rooms WHERE created_by = $1"
+        sent.clear()
+        async with db.acting_as(user):
+            await db.fetchval("t.plain", plain, user)
+        await db.fetchval("t.single", plain, user)
+        assert not [q for q in sent if "RESET" in q], sent
+        assert len(sent) == 4  # BEGIN + set_config, the statement, COMMIT, the statement
+        # A session-level set: the COMMIT carries the reset (no extra round trip)...
+        sent.clear()
+        async with db.acting_as(user):
+            await db.execute("t.leak", "SELECT set_config('app.user_id', $1, false)", str(user))
+        assert len(sent) == 3
+        assert "RESET ALL" in sent[-1]
+        # ...and outside a transaction, the next single statement sends it first.
+        await db.execute("t.leak", "SELECT set_config('app.user_id', $1, false)", str(user))
+        sent.clear()
+        assert await db.fetchval("t.who", "SELECT current_setting('app.user_id', true)") == ""
+        assert len(sent) == 2
+        assert "RESET ALL" in sent[0]
+
+
 async def test_exhausted_pool_is_unavailable(database_url: str) -> None:
     settings = Settings(database_url=database_url, connect_timeout=0.3)
     async with Database(settings, min_size=1, max_size=1) as db:

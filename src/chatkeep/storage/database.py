@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -29,7 +31,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -48,7 +49,12 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.ids import check_id
-from chatkeep.storage.errors import translate_error, translate_errors
+from chatkeep.storage.errors import (
+    DRIVER_ERRORS,
+    connection_is_lost,
+    translate_error,
+    translate_errors,
+)
 from chatkeep.storage.security import connection_failed
 
 __all__ = [
@@ -125,18 +131,7 @@ logger = logging.getLogger("chatkeep.storage")
 InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
-_DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-# Errors after which a connection's state is unknown: a client-side timeout or a task
-# cancelled mid-statement (asyncpg has sent a cancel request that a silent server never
-# acknowledges), or a broken socket. Such a connection is aborted, never cleaned up: a
-# ROLLBACK, the wait for the cancel, or a reset would each wait another full command
-# timeout on a dead network (and a caller's own asyncio.timeout would be overrun by it).
-_LOST_ERRORS: Final = (
-    TimeoutError,
-    OSError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncio.CancelledError,
-)
+_DRIVER_ERRORS: Final = DRIVER_ERRORS
 
 
 @dataclass(slots=True)
@@ -175,15 +170,32 @@ class Transaction:
     :attr:`connection` only for SQL of your own.
     """
 
-    __slots__ = ("_connection", "_exposed", "_lost", "acting_user", "depth", "name", "task")
+    __slots__ = (
+        "_connection",
+        "_exposed",
+        "_lost",
+        "_rollback_failed",
+        "_touched",
+        "acting_user",
+        "depth",
+        "name",
+        "task",
+    )
 
     def __init__(
         self, connection: PoolConnectionProxy, name: str, task: asyncio.Task[Any] | None
     ) -> None:
         self._connection = connection
         self._exposed = False
-        # Set when a statement on the connection timed out or lost its socket.
+        # A nested block failed and its savepoint could not be rolled back: its writes may
+        # still be in the transaction, so the transaction must not commit.
+        self._rollback_failed = False
+        # A statement in the block timed out, lost its socket or was cancelled: the
+        # connection is beyond a clean ROLLBACK and is dropped instead (see _abandoned).
         self._lost = False
+        # A statement in the block may have changed session state (_may_change_session):
+        # the COMMIT then carries the session reset.
+        self._touched = False
         self.name = name
         self.task = task
         self.depth = 0
@@ -192,7 +204,7 @@ class Transaction:
 
     @property
     def connection(self) -> PoolConnectionProxy:
-        """The transaction's connection (its session is fully reset when it goes back).
+        """The transaction's connection (its session is fully reset, as for ``acquire()``).
 
         For a nested block use ``db.transaction()`` (a savepoint); asyncpg's own
         ``connection.transaction()`` refuses to start inside this one.
@@ -223,6 +235,8 @@ class Database:
             server's URL from :func:`chatkeep.embedded.resolve_endpoints` when unset).
         application_name: ``application_name`` for ``pg_stat_activity``.
         init: an extra coroutine run once on every new connection, after chatkeep's own.
+            Session settings it makes with ``SET`` last only until the connection's first
+            session reset; pass them as server settings or ``ALTER ROLE ... SET`` instead.
         min_size: overrides ``settings.pool_min_size``.
         max_size: overrides ``settings.pool_max_size``.
     """
@@ -262,6 +276,10 @@ class Database:
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+        # Server pids of pooled connections whose session may carry state a borrower set
+        # (a SET, a session-level set_config, a temp table...): reset before their next
+        # single statement (a transaction's BEGIN resets anyway). See _SESSION_RESET.
+        self._dirty: set[int] = set()
         # One variable per Database, so two databases never share a transaction.
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
@@ -289,7 +307,7 @@ class Database:
             max_inactive_connection_lifetime=settings.pool_idle_timeout,
             # The server's statement_timeout fires first and cancels cleanly; the client
             # timeout is the backstop for a server or network that stops answering (the
-            # connection is then aborted, see _LOST_ERRORS).
+            # connection is then dropped, never cleaned up: see _abandoned).
             command_timeout=self.client_timeout,
             connect=self._connect_counted,
             init=self._init_connection,
@@ -303,8 +321,8 @@ class Database:
 
         ``statement_timeout + statement_timeout_grace``: the server's own timeout cancels
         a slow statement first; this one ends the wait on a server or network that went
-        silent, and the connection is then aborted rather than cleaned up, so the call
-        raises after this long, not twice it.
+        silent, and the connection is then dropped rather than rolled back or reset, so
+        the call raises after this long, not twice it.
         """
         return self._settings.statement_timeout + self._settings.statement_timeout_grace
 
@@ -461,8 +479,10 @@ class Database:
     async def acquire(self) -> AsyncIterator[PoolConnectionProxy]:
         """A connection for SQL of your own: the transaction's, inside ``transaction()``.
 
-        A connection taken from the pool here has its session fully reset (``RESET ALL``,
-        advisory locks, ``LISTEN``) before it goes back.
+        A connection taken from the pool here has its session fully reset before anyone
+        else uses it: asyncpg's ``RESET ALL``, advisory locks, ``LISTEN`` and cursors when it
+        goes back, then the role (``SET ROLE``) and temp tables before the next statement
+        (see docs/security.md). A connection whose session died in the block is dropped.
 
         Raises:
             Unavailable: the pool is closed or exhausted, or the server is unreachable.
@@ -473,39 +493,46 @@ class Database:
             return
         with translate_errors("acquire"):
             conn = await self._acquire()
-        lost = False
+        # asyncpg's full reset keeps a SET ROLE and temp tables: the next single statement
+        # on this connection resets the rest first.
+        self._dirty.add(conn.get_server_pid())
+        reusable = False
         try:
             yield conn
+            reusable = True
         except BaseException as exc:
-            lost = isinstance(exc, _LOST_ERRORS) or isinstance(exc.__cause__, _LOST_ERRORS)
+            reusable = not _abandoned(exc)
             raise
         finally:
-            await self._release(conn, full_reset=True, lost=lost)
+            await self._release(conn, full_reset=True, discard=not reusable)
 
     async def _release(
-        self, conn: PoolConnectionProxy, *, full_reset: bool, lost: bool = False
+        self, conn: PoolConnectionProxy, *, full_reset: bool, discard: bool = False
     ) -> None:
+        """Give ``conn`` back to the pool, or drop it when it may be broken.
+
+        ``discard`` is for a connection whose session may be gone or still busy (see
+        :func:`~chatkeep.storage.errors.connection_is_lost`): it is terminated, never
+        handed to another borrower, and the pool opens a new one when it needs it. Never
+        raises a driver error: the caller's work is done (or failed) by now, and that is
+        what the caller must hear about.
+        """
         pool = self._pool
         try:
-            if full_reset and not lost and not conn.is_closed():
+            if discard or pool is None:
+                _terminate(conn)
+            elif full_reset:
                 # Session state set by the caller's own SQL must not leak to the next user.
-                try:
-                    await asyncio.shield(conn.reset())
-                except _DRIVER_ERRORS as exc:
-                    lost = isinstance(exc, _LOST_ERRORS)
-                except asyncio.CancelledError:
-                    # The reset goes on unawaited, its outcome unknown: abort (which also
-                    # gives the connection back), then let the cancellation through.
-                    _abort(conn)
-                    raise
-            if lost:
-                _abort(conn)
-            if pool is not None:
+                # Reset and release are one shielded unit: a cancelled caller must not hand
+                # back a connection whose reset is still running.
+                await asyncio.shield(_reset_and_release(pool, conn, self.client_timeout))
+            else:
                 # asyncpg shields the release itself, so a cancelled task still returns it.
-                # An aborted connection is already back (closing returned it): a no-op.
                 await pool.release(conn)
-            else:  # pragma: no cover - closed under our feet; the pool terminates it
-                conn.terminate()
+        except _DRIVER_ERRORS as exc:
+            # asyncpg has terminated it (a failed reset does that); the pool replaces it.
+            logger.debug("connection dropped on release: %s", exc.__class__.__name__)
+            _terminate(conn)
         finally:
             self._in_use -= 1
 
@@ -581,16 +608,24 @@ class Database:
             savepoint = f"chatkeep_savepoint_{outer.depth}"
             conn = outer._connection
             try:
-                with translate_errors(name), _losing(outer):
+                with translate_errors(name):
                     await conn.execute(f"SAVEPOINT {savepoint}")
                 try:
                     yield outer
                 except BaseException as exc:
-                    if not _is_lost(outer, exc) and not conn.is_closed():
-                        with translate_errors(name), _losing(outer):
-                            await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                    if _abandoned(exc):
+                        outer._lost = True
+                    # Set first: a cancellation may interrupt the rollback itself. Rolling
+                    # back to this savepoint also undoes any deeper block that failed to.
+                    outer._rollback_failed = True
+                    if not outer._lost and await _roll_back(
+                        conn, f"ROLLBACK TO SAVEPOINT {savepoint}"
+                    ):
+                        outer._rollback_failed = False
+                    if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                        raise _translated(exc, name) from exc
                     raise
-                with translate_errors(name), _losing(outer):
+                with translate_errors(name):
                     await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
             finally:
                 outer.depth -= 1
@@ -601,30 +636,72 @@ class Database:
         with translate_errors(name):
             conn = await self._acquire()
         tx = Transaction(conn, name, asyncio.current_task())
+        pid = conn.get_server_pid()
+        # A previous borrower may have left session state: BEGIN resets it first. A ROLLBACK
+        # would undo that reset, so it then carries the reset again.
+        reset_first = pid in self._dirty
+        rollback = _ROLLBACK if reset_first else "ROLLBACK"
+        # Whether the connection ends idle and in sync with its server, fit for the next
+        # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
+        # error) discards it.
+        reusable = False
+        # Until COMMIT or ROLLBACK (with the session reset they carry) succeeds, a session
+        # level SET made in the block may be on the connection.
+        self._dirty.add(pid)
         try:
-            with translate_errors(name), _losing(tx):
-                await conn.execute(_begin(isolation, readonly, acting_user))
+            with translate_errors(name):
+                await conn.execute(_begin(isolation, readonly, acting_user, reset=reset_first))
             tx.acting_user = acting_user
             token = self._tx.set(tx)
             try:
                 yield tx
             except BaseException as exc:
                 self._tx.reset(token)
+                if _abandoned(exc):
+                    tx._lost = True
                 # A lost connection is not rolled back: the server rolls back when the
-                # abort (in the release below) closes it, and a ROLLBACK on a silent
-                # network would wait another full client timeout first.
-                if not _is_lost(tx, exc) and not conn.is_closed():
-                    with translate_errors(name), _losing(tx):
-                        await conn.execute("ROLLBACK")
+                # release drops it, and a ROLLBACK on a silent network would wait another
+                # full client timeout (twice the bound the caller was promised).
+                reusable = not tx._lost and await _roll_back(conn, rollback)
+                if reusable:
+                    self._dirty.discard(pid)
+                if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                    raise _translated(exc, name) from exc
                 raise
             self._tx.reset(token)
-            with translate_errors(name), _losing(tx):
-                await conn.execute("COMMIT")
+            if tx._lost:
+                raise Unavailable(
+                    f"{name}: the connection was lost in the block; nothing of the "
+                    "transaction was committed"
+                )
+            if tx._rollback_failed:
+                reusable = await _roll_back(conn, rollback)
+                if reusable:
+                    self._dirty.discard(pid)
+                raise Unavailable(
+                    f"{name}: a nested block failed and could not be rolled back; "
+                    "nothing of the transaction was committed"
+                )
+            try:
+                # Session state set in the block survives COMMIT (a ROLLBACK undoes it).
+                await conn.execute(_COMMIT if tx._touched or tx._exposed else "COMMIT")
+            except _DRIVER_ERRORS as exc:
+                # A live server that refuses a COMMIT has ended the transaction (and skipped
+                # the reset: the connection stays dirty); a lost session may have committed
+                # or not, and its connection is gone.
+                reusable = not connection_is_lost(exc)
+                raise _translated(exc, name) from exc
+            self._dirty.discard(pid)
+            reusable = True
             failed = False
         finally:
             try:
-                await self._release(conn, full_reset=tx._exposed, lost=tx._lost)
+                if tx._exposed:  # as for acquire(): the full reset keeps SET ROLE and temp tables
+                    self._dirty.add(pid)
+                await self._release(conn, full_reset=tx._exposed, discard=not reusable)
             finally:
+                if not reusable:
+                    self._dirty.discard(pid)  # terminated: the pid is free for a new session
                 self._record(name, time.perf_counter() - start, failed)
 
     def acting_user(self) -> uuid.UUID | None:
@@ -645,18 +722,35 @@ class Database:
         try:
             tx = self._joined()
             if tx is not None:
-                with _losing(tx):
+                if _may_change_session(query):
+                    tx._touched = True
+                try:
                     result = await getattr(tx._connection, method)(query, *args)
+                except BaseException as exc:
+                    if _abandoned(exc):
+                        tx._lost = True
+                    raise
             else:
                 conn = await self._acquire()
-                lost = False
+                pid = conn.get_server_pid()
+                reusable = False
                 try:
+                    if pid in self._dirty:
+                        # A borrower left session state behind: the one round trip this
+                        # design pays, only after a statement that may have changed it.
+                        await conn.execute(_SESSION_RESET)
+                        self._dirty.discard(pid)
+                    if _may_change_session(query):
+                        self._dirty.add(pid)
                     result = await getattr(conn, method)(query, *args)
-                except _LOST_ERRORS:
-                    lost = True
+                    reusable = True
+                except BaseException as exc:
+                    reusable = not _abandoned(exc)
                     raise
                 finally:
-                    await self._release(conn, full_reset=False, lost=lost)
+                    if not reusable:
+                        self._dirty.discard(pid)
+                    await self._release(conn, full_reset=False, discard=not reusable)
         except _DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
         else:
@@ -778,15 +872,60 @@ _ISOLATION_SQL: Final = {
 }
 
 
-def _begin(isolation: IsolationLevel | None, readonly: bool, acting_user: uuid.UUID | None) -> str:
+# What a pooled connection's session is brought back to before another borrower may see
+# it: the login role (SET SESSION AUTHORIZATION DEFAULT also ends a SET ROLE), every
+# setting at its connection default (app.user_id included: a session-level set_config or
+# SET of the acting user would otherwise reach the next borrower, and a setting made with
+# `true` inside a transaction ends with it and lets an older session value back), and no
+# temp tables (which would shadow the tables of the same name). The server settings given
+# at connect (statement_timeout...) are the defaults, so they stay. Left alone, as
+# asyncpg's full reset handles them for the connections handed to outside code: LISTEN,
+# advisory locks, open cursors, prepared statements.
+# Sent only where it may be needed (it costs the server some 20 us), and then inside the
+# simple query a transaction sends anyway, so it costs no round trip there: after COMMIT
+# when a statement of the block may have changed the session, after BEGIN (and ROLLBACK)
+# when the connection is dirty. A ROLLBACK undoes what the block set by itself.
+_SESSION_RESET: Final = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP"
+_COMMIT: Final = f"COMMIT; {_SESSION_RESET}"
+_ROLLBACK: Final = f"ROLLBACK; {_SESSION_RESET}"
+
+# A statement is known to leave the session as it found it when it is one plain query
+# (no `;`) that mentions none of the ways to change session state: no SET/RESET/DISCARD
+# command, no set_config, no temp object. A function could still change it inside; no
+# function of chatkeep's schema does (tests/security/test_rls.py checks pg_proc), and
+# chatapp_app can create functions in pg_temp only, which a caller must name.
+_PLAIN_QUERY: Final = re.compile(
+    r"\A\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|VALUES|TABLE)\b[^;]*;?\s*\Z", re.IGNORECASE
+)
+_SESSION_WORDS: Final = re.compile(r"set_config|\btemp(?:orary)?\b|pg_temp", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _may_change_session(query: str) -> bool:
+    """Whether ``query`` may leave session state behind (see ``_PLAIN_QUERY``); cached."""
+    return _PLAIN_QUERY.match(query) is None or _SESSION_WORDS.search(query) is not None
+
+
+def _begin(
+    isolation: IsolationLevel | None,
+    readonly: bool,
+    acting_user: uuid.UUID | None,
+    *,
+    reset: bool = False,
+) -> str:
     """The statement that opens a transaction, naming its acting user if there is one.
 
-    Sent as a simple query (no parameters), so the two statements cost one round trip;
-    the user id is a checked ``uuid.UUID``, whose text form is hex digits and hyphens.
+    Sent as a simple query (no parameters), so BEGIN, the session reset and the acting
+    user cost one round trip; the user id is a checked ``uuid.UUID``, whose text form is
+    hex digits and hyphens. With ``reset`` (the connection is dirty) the session reset
+    comes after BEGIN, so that the isolation level still applies, and the transaction
+    starts from a clean session whatever the previous borrower did.
     """
     sql = "BEGIN" + (_ISOLATION_SQL[isolation] if isolation else "")
     if readonly:
         sql += " READ ONLY"
+    if reset:
+        sql += f"; {_SESSION_RESET}"
     if acting_user is not None:
         sql += f"; SELECT set_config('app.user_id', '{acting_user}', true)"
     return sql
@@ -796,45 +935,61 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     """The pool's reset hook: nothing beyond asyncpg's own rollback and listener cleanup.
 
     asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL`` on every release: one extra round trip per operation. chatkeep's own
-    statements change no session state (the acting user is set with ``set_config(...,
-    true)``, local to the transaction), and every connection handed to outside code (via
-    :meth:`Database.acquire` or :attr:`Transaction.connection`) gets the full reset before
-    it goes back, so the round trip is spent only where it is needed.
+    RESET ALL`` on every release: one extra round trip per operation. chatkeep resets the
+    session only after a statement that may have changed it (``SET``, ``set_config``, a
+    temp table: ``_may_change_session``), and where it costs no round trip when it can
+    (``_SESSION_RESET``): in a transaction, with the ``COMMIT``; after a single statement,
+    the connection is marked dirty, and its next borrower sends the reset first (in the
+    ``BEGIN`` of a transaction, or as one round trip before a single statement).
+    Connections handed to outside code (:meth:`Database.acquire`,
+    :attr:`Transaction.connection`) also get asyncpg's full reset before they go back.
     """
     del conn
 
 
-@contextlib.contextmanager
-def _losing(tx: Transaction) -> Iterator[None]:
-    """Mark ``tx``'s connection lost if the block's statement timed out or lost its socket."""
+def _abandoned(exc: BaseException) -> bool:
+    """Whether the connection ``exc`` left behind must be dropped rather than cleaned up.
+
+    A lost session (:func:`~chatkeep.storage.errors.connection_is_lost`: a broken
+    socket, a client-side timeout, a session the server ended) or a cancellation: after
+    either, a ROLLBACK, a reset or asyncpg's wait for its cancel request would each wait
+    on a server that may never answer, up to another full client timeout, past the bound
+    the caller was promised (and past a caller's own ``asyncio.timeout``). Dropping costs
+    a reconnect; the server rolls back when the socket closes.
+    """
+    return isinstance(exc, asyncio.CancelledError) or connection_is_lost(exc)
+
+
+async def _roll_back(conn: PoolConnectionProxy, statement: str) -> bool:
+    """Roll back after a failed block; False when the connection must be discarded.
+
+    A failure here is not raised: the block's own error is what the caller must see, and
+    the server rolls back by itself when a session it cannot finish ends. A cancellation
+    while rolling back is raised; the caller's ``reusable`` is still False then, so the
+    connection, whose ROLLBACK may still be running, is discarded.
+    """
     try:
-        yield
-    except _LOST_ERRORS:
-        tx._lost = True
-        raise
+        await conn.execute(statement)
+    except _DRIVER_ERRORS:
+        return False
+    return True
 
 
-def _is_lost(tx: Transaction, exc: BaseException) -> bool:
-    """Whether the transaction's connection is beyond a clean ROLLBACK.
+async def _reset_and_release(
+    pool: asyncpg.Pool, conn: PoolConnectionProxy, reset_timeout: float
+) -> None:
+    """Reset the session state of a connection handed to outside code, then give it back."""
+    try:
+        await conn.reset(timeout=reset_timeout)
+    except _DRIVER_ERRORS:
+        _terminate(conn)
+        return
+    await pool.release(conn)
 
-    Statements run through the helpers mark it (:func:`_losing`); SQL of the caller's own
-    on :attr:`Transaction.connection` raises the driver's error as it is, or translated
-    ``from`` it.
-    """
-    if tx._lost or isinstance(exc, _LOST_ERRORS) or isinstance(exc.__cause__, _LOST_ERRORS):
-        tx._lost = True
-    return tx._lost
 
-
-def _abort(conn: PoolConnectionProxy) -> None:
-    """Close ``conn`` at once: no cancel, ROLLBACK or reset round trip to wait for.
-
-    The server ends the session (rolling back its transaction) when the socket closes;
-    closing gives the connection back to the pool, which opens a new one when needed.
-    """
-    # InterfaceError: asyncpg aborted it already (a failed cancel request), which
-    # released it too, so the proxy refuses every call: nothing is left to do.
+def _terminate(conn: PoolConnectionProxy) -> None:
+    """Drop ``conn``: asyncpg frees its pool slot, and the pool opens a new one on demand."""
+    # Already released means asyncpg dropped it when it saw the connection close.
     with contextlib.suppress(asyncpg.InterfaceError):
         conn.terminate()
 

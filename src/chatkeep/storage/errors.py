@@ -24,12 +24,26 @@ from chatkeep.errors import (
     Unavailable,
 )
 
-__all__ = ["translate_error", "translate_errors"]
+__all__ = ["DRIVER_ERRORS", "connection_is_lost", "translate_error", "translate_errors"]
+
+#: Every exception the driver raises for a failed call. ``InternalClientError`` (not an
+#: ``InterfaceError``) is asyncpg refusing to start an operation on a connection left in
+#: the middle of another, as one is after its server process died under a query.
+DRIVER_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 # SQLSTATE classes (first two characters) that mean "the server or the link is in trouble".
 _UNAVAILABLE_CLASSES: Final = frozenset({"08", "53", "57", "58", "40"})
 # Codes in class 55 that are about waiting, not about the request.
 _UNAVAILABLE_CODES: Final = frozenset({"55P03", "55006"})
+# Server errors after which the server closes the connection: the session is gone
+# (administrator command, crash, starting up, idle-in-transaction and idle timeouts).
+_SESSION_ENDING_CODES: Final = frozenset({"57P01", "57P02", "57P03", "25P03", "57P05"})
 
 
 def _field_of(exc: asyncpg.PostgresError) -> str:
@@ -94,7 +108,11 @@ def translate_error(exc: BaseException, operation: str = "database") -> Chatkeep
         state = exc.sqlstate or ""
         if state.startswith("22"):  # data exceptions: bad encoding, too long, out of range
             return InvalidInput(_field_of(exc), f"invalid value ({state})")
-        if state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_CODES:
+        if (
+            state[:2] in _UNAVAILABLE_CLASSES
+            or state in _UNAVAILABLE_CODES
+            or state in _SESSION_ENDING_CODES
+        ):
             return Unavailable(
                 f"{operation}: database unavailable ({state}: {exc.__class__.__name__})"
             )
@@ -103,6 +121,7 @@ def translate_error(exc: BaseException, operation: str = "database") -> Chatkeep
     if isinstance(
         exc,
         asyncpg.InterfaceError
+        | asyncpg.InternalClientError
         | asyncpg.PostgresConnectionError
         | asyncpg.ConnectionDoesNotExistError
         | OSError
@@ -113,6 +132,25 @@ def translate_error(exc: BaseException, operation: str = "database") -> Chatkeep
     return None
 
 
+def connection_is_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the driver error behind a chatkeep error) means the session is gone.
+
+    True for everything but an answer from a live server: a connection error, asyncpg's
+    protocol refusing an operation, a timeout, and the server's errors that end the session
+    (``57P01`` administrator command...). The connection must then be discarded, not
+    returned to the pool: its server process may be gone or still busy.
+    """
+    cause: BaseException | None = exc
+    while isinstance(cause, ChatkeepError):
+        cause = cause.__cause__
+    if cause is None or not isinstance(cause, DRIVER_ERRORS):
+        return False
+    if isinstance(cause, asyncpg.PostgresError):
+        state = cause.sqlstate or ""
+        return state.startswith("08") or state in _SESSION_ENDING_CODES
+    return True
+
+
 @contextlib.contextmanager
 def translate_errors(operation: str = "database") -> Iterator[None]:
     """Run a block and re-raise any driver error as its chatkeep equivalent."""
@@ -120,7 +158,7 @@ def translate_errors(operation: str = "database") -> Iterator[None]:
         yield
     except ChatkeepError:
         raise
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except DRIVER_ERRORS as exc:
         translated = translate_error(exc, operation)
         if translated is None:
             raise
