@@ -47,6 +47,7 @@ pytestmark = pytest.mark.slow
 # Short timeouts, so a fault costs the run seconds rather than minutes; the bound scales
 # with them (send_bound).
 STATEMENT_TIMEOUT: Final = 2.0
+STATEMENT_TIMEOUT_GRACE: Final = 1.0
 CONNECT_TIMEOUT: Final = 1.0
 # The limiter's Redis work runs on every send, but no sender here is fast enough to hit it:
 # a RateLimited would be a correct answer that says nothing about the fault.
@@ -129,6 +130,7 @@ async def run_scenario(
             database_url=stores.postgres.url(database, user=APP_ROLE, port=pg_proxy.port),
             redis_url=stores.redis.url_via(redis_proxy.port),
             statement_timeout=STATEMENT_TIMEOUT,
+            statement_timeout_grace=STATEMENT_TIMEOUT_GRACE,
             connect_timeout=CONNECT_TIMEOUT,
             data_dir=data_dir,
         )

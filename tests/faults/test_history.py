@@ -134,9 +134,14 @@ def test_an_unacknowledged_message_may_be_stored_or_not() -> None:
     assert (result.indeterminate, result.indeterminate_stored) == (2, 1)
 
 
-def test_the_bound_is_statement_plus_connect_timeout_plus_the_margin() -> None:
-    settings = Settings(statement_timeout=2.0, connect_timeout=1.0)
-    assert send_bound(settings) == 3.0 + SEND_BOUND_MARGIN
+def test_the_bound_is_the_documented_one_plus_the_margin() -> None:
+    settings = Settings(
+        statement_timeout=2.0,
+        statement_timeout_grace=1.0,
+        connect_timeout=1.0,
+        redis_best_effort_timeout=0.25,
+    )
+    assert send_bound(settings) == 0.5 + 1.0 + 2.0 + 1.0 + SEND_BOUND_MARGIN
 
 
 def test_a_reader_call_abandoned_as_hung_fails_but_is_not_untyped() -> None:
