@@ -441,14 +441,14 @@ def test_unread_counts_is_a_read_only_mapping() -> None:
     assert UnreadCounts() == {}
 
 
-class _UnreadResponse(BaseModel):
-    """What a FastAPI response model holding the counts looks like."""
-
-    counts: UnreadCounts
-
-
 def test_unread_counts_serialise_through_pydantic_as_a_dict() -> None:
     # Before: pydantic had no schema for it, so FastAPI could not use it as a return type.
+
+    class _UnreadResponse(BaseModel):
+        """What a FastAPI response model holding the counts looks like."""
+
+        counts: UnreadCounts
+
     a, b = uuid.uuid4(), uuid.uuid4()
     counts = UnreadCounts([(a, 3), (b, 0)])
     adapter = TypeAdapter(UnreadCounts)
