@@ -42,7 +42,7 @@ import dataclasses
 import re
 import unicodedata
 import uuid
-from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Self, TypeVar
@@ -333,10 +333,10 @@ class _Row:
 
     Row classes are dataclasses without ``__slots__`` on purpose: the fast way in is one
     store of the instance's attribute dictionary (``object.__setattr__(row, "__dict__",
-    values)``, the documented way around a frozen dataclass's ``__setattr__``), where a
-    slotted class needs one descriptor call per field. Measured on a history page of 50
-    messages with authors: frozen ``__init__`` with keywords 175 us, slot descriptors
-    119 us, this 50 us (``docs/performance.md``).
+    values)``; ``object.__setattr__`` is the documented way past a frozen dataclass's
+    ``__setattr__``), where a slotted class needs one descriptor call per field. On a
+    history page of 50 messages with authors the frozen ``__init__`` costs 3-4 times as
+    much, slot descriptors about 2.5 times (``docs/performance.md``).
     """
 
     __slots__ = ()
@@ -359,6 +359,22 @@ class _Row:
         row = _new(cls)
         _set(row, "__dict__", data)
         return row
+
+
+def _dict_setter(cls: type[_Row]) -> Callable[[Any, dict[str, Any]], None]:
+    """What stores a row's ``__dict__``, called directly (for a hot loop).
+
+    A class without ``__slots__`` carries a ``__dict__`` data descriptor for its
+    instances' attribute dictionaries (Python's data model); calling its ``__set__`` does
+    what ``object.__setattr__(row, "__dict__", values)`` does without looking the name up
+    first, about 80 ns less per object.
+    """
+    for klass in cls.__mro__:
+        descriptor = vars(klass).get("__dict__")
+        if descriptor is not None and hasattr(descriptor, "__set__"):
+            setter: Callable[[Any, dict[str, Any]], None] = descriptor.__set__
+            return setter
+    raise TypeError(f"{cls.__name__} instances have no __dict__")  # pragma: no cover
 
 
 # -- users --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from chatkeep.models import (
     MessageWithUser,
     UnreadCounts,
     UserProfile,
+    _dict_setter,
     check_content,
 )
 from chatkeep.storage.base import BaseRepository, check_id
@@ -526,6 +527,11 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         return UnreadCounts(rows)
 
 
+# Stores of a row's __dict__, looked up once (see chatkeep.models._dict_setter).
+_SET_MESSAGE: Final = _dict_setter(MessageWithUser)
+_SET_PROFILE: Final = _dict_setter(UserProfile)
+
+
 def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     """MessageWithUser rows from history rows, without validation.
 
@@ -535,12 +541,11 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
 
     An author's profile is built once per page and shared by their messages. The page is
     one statement, so one snapshot, in which a username (unique) names one user with one
-    avatar: keying by it needs no check, and hashing a short string costs a fraction of
-    hashing a freshly decoded UUID.
+    avatar: keying by it needs no check.
     """
     message_cls, profile_cls = MessageWithUser, UserProfile
     new = object.__new__
-    set_ = object.__setattr__
+    set_message, set_profile = _SET_MESSAGE, _SET_PROFILE
     profiles: dict[str, UserProfile] = {}
     known = profiles.get
     out: list[MessageWithUser] = []
@@ -552,13 +557,10 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
         profile = known(username)
         if profile is None:
             profile = profiles[username] = new(profile_cls)
-            set_(
-                profile, "__dict__", {"id": user_id, "username": username, "avatar_url": avatar_url}
-            )
+            set_profile(profile, {"id": user_id, "username": username, "avatar_url": avatar_url})
         message = new(message_cls)
-        set_(
+        set_message(
             message,
-            "__dict__",
             {
                 "id": id_,
                 "room_id": room_id,
