@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import pickle
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -7,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from chatkeep.errors import InvalidInput
 from chatkeep.models import (
@@ -16,7 +21,14 @@ from chatkeep.models import (
     CreateUserDto,
     CursorPage,
     Message,
+    MessageReadStatus,
     MessageWithUser,
+    Room,
+    RoomMember,
+    RoomSummary,
+    RoomUser,
+    RoomWithUsers,
+    UnreadCounts,
     UpdateRoomDto,
     UpdateUserDto,
     User,
@@ -270,17 +282,45 @@ def test_dtos_are_frozen() -> None:
 # -- read models --------------------------------------------------------------------------
 
 
+def _names(cls: type[Any]) -> set[str]:
+    return {field.name for field in dataclasses.fields(cls)}
+
+
 def test_user_has_no_password_hash_and_gives_a_profile() -> None:
-    assert "password_hash" not in User.model_fields
+    assert "password_hash" not in _names(User)
     now = datetime.now(UTC)
     user = User(
         id=USER, email="a@b.co", username="abc", created_at=now, updated_at=now, avatar_url=None
     )
     assert user.profile() == UserProfile(id=USER, username="abc", avatar_url=None)
-    assert "email" not in UserProfile.model_fields
+    assert "email" not in _names(UserProfile)
 
 
-def test_rows_built_without_validation_behave_like_models() -> None:
+ROW_CLASSES: tuple[type[Any], ...] = (
+    User,
+    UserProfile,
+    Room,
+    RoomUser,
+    RoomMember,
+    RoomWithUsers,
+    RoomSummary,
+    Message,
+    MessageWithUser,
+    MessageReadStatus,
+    CursorPage,
+)
+
+
+@pytest.mark.parametrize("cls", ROW_CLASSES, ids=lambda cls: cls.__name__)
+def test_rows_are_frozen_dataclasses_not_pydantic_models(cls: type[Any]) -> None:
+    # Rows leaned on pydantic's private slots (issue 10): a pydantic release could break
+    # them. Plain dataclasses depend on nothing but the standard library.
+    assert dataclasses.is_dataclass(cls)
+    assert not issubclass(cls, BaseModel)
+    assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_rows_built_without_validation_behave_like_validated_rows() -> None:
     now = datetime.now(UTC)
     profile = UserProfile._from_row({"id": USER, "username": "abc", "avatar_url": None})
     message = MessageWithUser._from_row(
@@ -298,10 +338,14 @@ def test_rows_built_without_validation_behave_like_models() -> None:
             "user": profile,
         }
     )
-    assert message.model_dump()["user"] == {"id": USER, "username": "abc", "avatar_url": None}
-    assert message == MessageWithUser.model_validate(message.model_dump())
+    adapter = TypeAdapter(MessageWithUser)
+    dumped = adapter.dump_python(message)
+    assert dumped["user"] == {"id": USER, "username": "abc", "avatar_url": None}
+    assert dataclasses.asdict(message) == dumped
+    assert message == adapter.validate_python(dumped)
+    assert message == adapter.validate_json(adapter.dump_json(message))
     assert isinstance(message, Message)
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         message.seq = 2  # type: ignore[misc]
 
 
@@ -309,6 +353,7 @@ def test_cursor_page_is_generic() -> None:
     page = CursorPage[int](items=(1, 2), before="b", after=None)
     assert page.items == (1, 2)
     assert page.newest is None
+    assert TypeAdapter(CursorPage[int]).validate_python({"items": ["3"]}).items == (3,)
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -379,8 +424,6 @@ def test_public_exports_are_complete() -> None:
 
 
 def test_unread_counts_is_a_read_only_mapping() -> None:
-    from chatkeep.models import UnreadCounts
-
     a, b = uuid.uuid4(), uuid.uuid4()
     counts = UnreadCounts([(a, 3), (b, 0)])
     assert list(counts) == [a, b]
@@ -398,7 +441,35 @@ def test_unread_counts_is_a_read_only_mapping() -> None:
     assert UnreadCounts() == {}
 
 
-# -- rows built without validation behave like validated models ---------------------------
+def test_unread_counts_serialise_through_pydantic_as_a_dict() -> None:
+    # Before: pydantic had no schema for it, so FastAPI could not use it as a return type.
+
+    class _UnreadResponse(BaseModel):
+        """What a FastAPI response model holding the counts looks like."""
+
+        counts: UnreadCounts
+
+    a, b = uuid.uuid4(), uuid.uuid4()
+    counts = UnreadCounts([(a, 3), (b, 0)])
+    adapter = TypeAdapter(UnreadCounts)
+    assert adapter.dump_python(counts) == {a: 3, b: 0}
+    assert json.loads(adapter.dump_json(counts)) == {str(a): 3, str(b): 0}
+    assert adapter.validate_python(counts) is counts
+    assert adapter.validate_json(adapter.dump_json(counts)) == counts
+    again = adapter.validate_python({str(a): "3"})
+    assert type(again) is UnreadCounts
+    assert dict(again) == {a: 3}
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"not-a-uuid": 1})
+    response = _UnreadResponse(counts=counts)
+    assert json.loads(response.model_dump_json()) == {"counts": {str(a): 3, str(b): 0}}
+    assert _UnreadResponse.model_validate_json(response.model_dump_json()) == response
+    schema = _UnreadResponse.model_json_schema()["properties"]["counts"]
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] == {"type": "integer"}
+
+
+# -- rows built from the database behave like rows built by hand --------------------------
 
 
 def _message_values() -> dict[str, Any]:
@@ -416,39 +487,66 @@ def _message_values() -> dict[str, Any]:
     }
 
 
-def test_rows_built_from_the_database_behave_like_validated_models() -> None:
-    import copy
-    import pickle
-
-    from chatkeep.models import Message
-
+def test_rows_built_from_the_database_behave_like_rows_built_by_hand() -> None:
     values = _message_values()
     row = Message._from_row(values)
-    validated = Message(**values)
-    assert row == validated
-    assert validated == row
-    assert hash(row) == hash(validated)
-    assert repr(row) == repr(validated)
-    assert row.model_fields_set == validated.model_fields_set == set(Message.model_fields)
-    assert row.model_dump() == validated.model_dump()
-    assert row.model_dump(exclude_unset=True) == validated.model_dump(exclude_unset=True)
-    assert row.model_dump_json() == validated.model_dump_json()
+    by_hand = Message(**values)
+    validated = TypeAdapter(Message).validate_python(
+        {**values, "id": str(values["id"]), "seq": "7"}
+    )
+    assert row == by_hand == validated
+    assert by_hand == row
+    assert hash(row) == hash(by_hand) == hash(validated)
+    assert repr(row) == repr(by_hand)
+    assert vars(row) == vars(by_hand)  # the same fields, nothing more
+    assert dataclasses.asdict(row) == dataclasses.asdict(by_hand) == values
+    assert TypeAdapter(Message).dump_json(row) == TypeAdapter(Message).dump_json(by_hand)
+    assert TypeAdapter(Message).dump_python(row, mode="json")["id"] == str(values["id"])
     assert pickle.loads(pickle.dumps(row)) == row  # noqa: S301 - our own bytes
+    assert copy.copy(row) == row
     assert copy.deepcopy(row) == row
-    edited = row.model_copy(update={"content": "edited", "is_edited": True})
+    edited = dataclasses.replace(row, content="edited", is_edited=True)
     assert (edited.content, edited.is_edited, row.content) == ("edited", True, "hello")
-    # The copy got a fields set of its own: the class's shared one is untouched.
-    assert Message.__row_fields__ == set(Message.model_fields)
-    deep = row.model_copy(update={"seq": 8}, deep=True)
-    assert (deep.seq, row.seq) == (8, 7)
-    with pytest.raises(Exception, match="frozen"):
+    assert type(edited) is Message
+    with pytest.raises(dataclasses.FrozenInstanceError):
         row.content = "changed"  # type: ignore[misc]
+    assert row != MessageWithUser(**values, user=UserProfile(id=values["user_id"], username="a"))
 
 
-def test_a_page_dumps_only_what_it_holds() -> None:
-    from chatkeep.models import CursorPage, Message
+class _HistoryResponse(BaseModel):
+    """What a FastAPI response model holding a page looks like."""
 
-    page = CursorPage._of(items=(Message._from_row(_message_values()),), newest="n")
-    assert set(page.model_dump(exclude_unset=True)) == {"items", "before", "after", "newest"}
-    assert page.model_copy(update={"before": "b"}).before == "b"
+    page: CursorPage[MessageWithUser]
+    user: User | None = None
+
+
+def test_rows_are_pydantic_field_types() -> None:
+    # FastAPI builds its response models this way from return annotations.
+    values = _message_values()
+    author = UserProfile(id=values["user_id"], username="ann")
+    page = CursorPage(items=(MessageWithUser(**values, user=author),), newest="n")
+    response = _HistoryResponse(page=page)
+    assert response.page is page  # an instance passes as it is, not rebuilt
+    dumped = json.loads(response.model_dump_json())
+    assert dumped["page"]["items"][0]["user"] == {
+        "id": str(author.id),
+        "username": "ann",
+        "avatar_url": None,
+    }
+    assert dumped["page"]["newest"] == "n"
+    assert _HistoryResponse.model_validate_json(response.model_dump_json()) == response
+    schema = _HistoryResponse.model_json_schema()
+    assert "MessageWithUser" in schema["$defs"]
+    assert "password_hash" not in schema["$defs"]["User"]["properties"]
+
+
+def test_a_page_copies_with_replace() -> None:
+    page = CursorPage(items=(Message._from_row(_message_values()),), newest="n")
+    assert set(TypeAdapter(CursorPage[Message]).dump_python(page)) == {
+        "items",
+        "before",
+        "after",
+        "newest",
+    }
+    assert dataclasses.replace(page, before="b").before == "b"
     assert page.before is None

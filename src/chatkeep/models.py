@@ -8,10 +8,15 @@ Two kinds of model live here:
   never see pydantic's ``ValidationError``.
 * **Read models** (``User``, ``UserProfile``, ``Room``, ``RoomWithUsers``, ``RoomMember``,
   ``RoomSummary``, ``Message``, ``MessageWithUser``, ``RoomUser``, ``MessageReadStatus``,
-  ``CursorPage``) describe stored rows. Repositories build them from rows the database has
-  already checked (the CHECK constraints repeat these rules), so they skip validation: a
-  page of 50 messages with authors costs microseconds, not the ~2 us per model full
-  validation would (``docs/performance.md`` has the figures).
+  ``CursorPage``) describe stored rows. They are frozen standard-library dataclasses, not
+  pydantic models: repositories build them from rows the database has already checked
+  (the CHECK constraints repeat these rules), so they skip validation, and a page of 50
+  messages with authors costs microseconds, not the ~5 us per message pydantic validation
+  would (``docs/performance.md`` has the figures). Pydantic and FastAPI take dataclasses
+  as field and return types: ``TypeAdapter(Message).dump_json(message)`` serialises a
+  row, ``dataclasses.replace(row, content=...)`` copies one with changes,
+  ``dataclasses.asdict(row)`` gives its fields as a dict. ``UnreadCounts`` is a read-only
+  mapping that pydantic serialises as ``dict[UUID, int]``.
 
 Rules (each fails with ``InvalidInput(field, rule)``):
 
@@ -33,10 +38,12 @@ room name  1 to 100 characters, not only whitespace, no NUL
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 import uuid
-from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Self, TypeVar
 from urllib.parse import urlsplit
@@ -45,11 +52,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     SecretStr,
     ValidationError,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, core_schema
 
 from chatkeep.errors import InvalidInput
 
@@ -315,113 +323,64 @@ _new = object.__new__
 _set = object.__setattr__
 
 
-def _slot_setter(name: str) -> Any:
-    # BaseModel keeps these in __slots__; their descriptors set them faster than
-    # object.__setattr__, which looks the name up through the class first.
-    descriptor = BaseModel.__dict__.get(name)
-    if descriptor is not None and hasattr(descriptor, "__set__"):
-        return descriptor.__set__
-    return lambda obj, value: _set(obj, name, value)  # pragma: no cover - other pydantic
+class _Row:
+    """A stored row: a frozen dataclass that repositories build straight from a record.
 
+    The database already checked every value (its CHECK constraints repeat the DTO rules),
+    so rows are not validated again. Built by hand, ``Row(field=...)`` runs the dataclass
+    ``__init__`` (no validation either); ``TypeAdapter(Row).validate_python(...)`` or
+    ``validate_json(...)`` validates.
 
-_set_dict = _slot_setter("__dict__")
-_set_fields_set = _slot_setter("__pydantic_fields_set__")
-_set_extra = _slot_setter("__pydantic_extra__")
-_set_private = _slot_setter("__pydantic_private__")
-
-
-class _SlotDefault:
-    """One of BaseModel's slots, read as a default while an instance leaves it unset.
-
-    BaseModel keeps ``__pydantic_fields_set__``, ``__pydantic_extra__`` and
-    ``__pydantic_private__`` in slots that every instance must fill. For rows chatkeep
-    builds itself (50 per history page) they would always hold the same values: every
-    field set, no extras, no private attributes. Put on the row class, this data
-    descriptor shadows the slot: a read finds the instance's own value if one was stored
-    (validation, ``model_copy`` and unpickling store them through :meth:`__set__`), else
-    the default, so building a row skips three stores, about a third of its cost.
+    Row classes are dataclasses without ``__slots__`` on purpose: the fast way in is one
+    store of the instance's attribute dictionary (``object.__setattr__(row, "__dict__",
+    values)``; ``object.__setattr__`` is the documented way past a frozen dataclass's
+    ``__setattr__``), where a slotted class needs one descriptor call per field. On a
+    history page of 50 messages with authors the frozen ``__init__`` costs 3-4 times as
+    much, slot descriptors about 2.5 times (``docs/performance.md``).
     """
 
-    __slots__ = ("_default", "_slot")
-
-    def __init__(self, name: str, default: Any) -> None:
-        self._slot = BaseModel.__dict__[name]
-        self._default = default
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        try:
-            return self._slot.__get__(obj, owner)
-        except AttributeError:
-            return self._default(obj) if callable(self._default) else self._default
-
-    def __set__(self, obj: object, value: Any) -> None:
-        self._slot.__set__(obj, value)
-
-    def __delete__(self, obj: object) -> None:  # pragma: no cover - pydantic never deletes
-        self._slot.__delete__(obj)
-
-
-class _Row(BaseModel):
-    """A stored row. Built by repositories without validation (the database checked it)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # Every field, as pydantic's fields set of a row built without validation. A set (the
-    # serializer refuses a frozenset for exclude_unset), shared by the class's rows: only
-    # copies change a fields set, and __copy__/__deepcopy__ give each copy its own.
-    __row_fields__: ClassVar[set[str]] = set()
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        cls.__row_fields__ = set(cls.model_fields)
+    __slots__ = ()
+    # Declared for type checkers (``dataclasses.fields(row_class)``); every row class is a
+    # dataclass, which sets it.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     @classmethod
     def _from_row(cls, values: Mapping[str, Any] | Record) -> Self:
-        """Build from trusted database values: no validation, every field must be present.
+        """Build from trusted database values: no validation.
 
-        ``model_construct`` would do, but it costs about twice what validation does on
-        pydantic 2.x; this fills ``__dict__`` directly, as model_construct ends up doing.
+        ``values`` must hold exactly the class's fields (a record of a SELECT naming
+        them, or a dict); nothing checks it here, the repository tests do.
         """
         return cls._adopt(dict(values))
 
     @classmethod
     def _adopt(cls, data: dict[str, Any]) -> Self:
-        """Like :meth:`_from_row`, taking ownership of ``data`` (no copy).
-
-        Only ``__dict__`` is stored; the other pydantic slots read their defaults (every
-        field set, no extras, no private attributes: see :class:`_SlotDefault`).
-        """
-        obj = _new(cls)
-        _set_dict(obj, data)
-        return obj
-
-    def __copy__(self) -> Self:
-        copied = super().__copy__()
-        # model_copy(update=...) adds to the copy's fields set: it must be its own set,
-        # not the class's shared frozenset.
-        _set_fields_set(copied, set(self.__pydantic_fields_set__))
-        return copied
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
-        copied = super().__deepcopy__(memo)
-        _set_fields_set(copied, set(self.__pydantic_fields_set__))
-        return copied
+        """Like :meth:`_from_row`, taking ownership of ``data`` (no copy)."""
+        row = _new(cls)
+        _set(row, "__dict__", data)
+        return row
 
 
-# Row models read these slots' defaults until an instance stores its own.
-_Row.__pydantic_fields_set__ = _SlotDefault(  # type: ignore[assignment]
-    "__pydantic_fields_set__", lambda row: type(row).__row_fields__
-)
-_Row.__pydantic_extra__ = _SlotDefault("__pydantic_extra__", None)  # type: ignore[assignment]
-_Row.__pydantic_private__ = _SlotDefault("__pydantic_private__", None)  # type: ignore[assignment]
+def _dict_setter(cls: type[_Row]) -> Callable[[Any, dict[str, Any]], None]:
+    """What stores a row's ``__dict__``, called directly (for a hot loop).
+
+    A class without ``__slots__`` carries a ``__dict__`` data descriptor for its
+    instances' attribute dictionaries (Python's data model); calling its ``__set__`` does
+    what ``object.__setattr__(row, "__dict__", values)`` does without looking the name up
+    first, about 80 ns less per object.
+    """
+    for klass in cls.__mro__:
+        descriptor = vars(klass).get("__dict__")
+        if descriptor is not None and hasattr(descriptor, "__set__"):
+            setter: Callable[[Any, dict[str, Any]], None] = descriptor.__set__
+            return setter
+    raise TypeError(f"{cls.__name__} instances have no __dict__")  # pragma: no cover
 
 
 # -- users --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
 class UserProfile(_Row):
     """What other users may see of a user: no email, no timestamps of activity."""
 
@@ -430,6 +389,7 @@ class UserProfile(_Row):
     avatar_url: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
 class User(_Row):
     """An account as its owner sees it. There is no ``password_hash`` field, by design."""
 
@@ -508,6 +468,7 @@ class UpdateUserDto(_Dto):
 # -- rooms --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
 class Room(_Row):
     """A room. ``last_seq`` is the ``seq`` of its newest message (0 when empty)."""
 
@@ -522,6 +483,7 @@ class Room(_Row):
     updated_at: datetime
 
 
+@dataclass(frozen=True, kw_only=True)
 class RoomUser(_Row):
     """A membership, with the member's read watermark."""
 
@@ -533,6 +495,7 @@ class RoomUser(_Row):
     last_read_seq: int = 0
 
 
+@dataclass(frozen=True, kw_only=True)
 class RoomMember(_Row):
     """A member of a room as a listing shows it: profile, role and read watermark."""
 
@@ -543,6 +506,7 @@ class RoomMember(_Row):
     last_read_at: datetime | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
 class RoomWithUsers(Room):
     """A room with all of its members (oldest member first)."""
 
@@ -590,6 +554,7 @@ class UpdateRoomDto(_Dto):
 # -- messages -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
 class Message(_Row):
     """A stored message; ``seq`` is its gapless, commit-ordered position in the room."""
 
@@ -605,6 +570,7 @@ class Message(_Row):
     created_at: datetime
 
 
+@dataclass(frozen=True, kw_only=True)
 class MessageWithUser(Message):
     """A message with its author's public profile, as history pages return it."""
 
@@ -639,6 +605,7 @@ class CreateMessageDto(_Dto):
         return value
 
 
+@dataclass(frozen=True, kw_only=True)
 class MessageReadStatus(_Row):
     """Who has read a message and when: from an explicit receipt or from their watermark."""
 
@@ -647,6 +614,7 @@ class MessageReadStatus(_Row):
     read_at: datetime | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
 class RoomSummary(_Row):
     """One room of a user's room list: the room, their role, the last message, unread count."""
 
@@ -662,7 +630,10 @@ class RoomSummary(_Row):
 T = TypeVar("T")
 
 
-class CursorPage(BaseModel, Generic[T]):
+# Not slotted, like the rows: on Python 3.11 a frozen slotted dataclass breaks
+# ``CursorPage[T](...)`` (its ``__setattr__`` refers to the class that slots=True replaced).
+@dataclass(frozen=True, kw_only=True)
+class CursorPage(Generic[T]):
     """A page of items in ascending order, with opaque cursors to the pages around it.
 
     ``before`` fetches the page just older than the first item and is ``None`` when there
@@ -671,40 +642,23 @@ class CursorPage(BaseModel, Generic[T]):
     cursor to poll for new items from there).
     """
 
-    model_config = ConfigDict(frozen=True)
-
     items: tuple[T, ...]
     before: str | None = None
     after: str | None = None
     newest: str | None = None
-
-    @classmethod
-    def _of(
-        cls,
-        items: tuple[T, ...],
-        before: str | None = None,
-        after: str | None = None,
-        newest: str | None = None,
-    ) -> CursorPage[T]:
-        """A page from values the repository made itself: no validation."""
-        page: CursorPage[T] = _new(cls)
-        _set_dict(page, {"items": items, "before": before, "after": after, "newest": newest})
-        _set_fields_set(page, set(_PAGE_FIELDS))
-        _set_extra(page, None)
-        _set_private(page, None)
-        return page
-
-
-_PAGE_FIELDS: Final = frozenset({"items", "before", "after", "newest"})
 
 
 class UnreadCounts(Mapping[uuid.UUID, int]):
     """Unread messages per room for one user: a read-only mapping of room id to count.
 
     It wraps the query's rows as they are. The hash index behind ``counts[room_id]`` is
-    built on the first look-up: hashing a freshly decoded UUID costs about 0.3 us, a
-    noticeable share of the whole call for a user in hundreds of rooms, and iterating,
-    ``len``, ``items()``, ``values()`` or serialising never need it.
+    built on the first look-up: hashing a freshly decoded UUID costs about 0.3 us (1-2 us
+    on a loaded machine), a noticeable share of the whole call for a user in hundreds of
+    rooms, and iterating, ``len``, ``items()`` or ``values()`` never need it.
+
+    Pydantic (and so FastAPI) takes it as a field or return type through the public
+    ``__get_pydantic_core_schema__`` hook: it serialises as a ``dict[UUID, int]`` (a JSON
+    object of room id to count) and validates from one.
 
     Example:
         >>> room = uuid.UUID(int=1)
@@ -752,6 +706,32 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
 
     def __repr__(self) -> str:
         return f"UnreadCounts({dict(self.items())!r})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        # The pattern pydantic documents for third-party types: from a mapping when
+        # validating, to a dict when serialising, an instance passes as it is.
+        as_dict = handler.generate_schema(dict[uuid.UUID, int])
+        from_dict = core_schema.no_info_after_validator_function(_unread_from_dict, as_dict)
+        return core_schema.json_or_python_schema(
+            json_schema=from_dict,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(cls), from_dict]
+            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _unread_to_dict, return_schema=as_dict
+            ),
+        )
+
+
+def _unread_from_dict(counts: dict[uuid.UUID, int]) -> UnreadCounts:
+    return UnreadCounts(tuple(counts.items()))
+
+
+def _unread_to_dict(counts: UnreadCounts) -> dict[uuid.UUID, int]:
+    return dict(counts.items())
 
 
 class _PairItems(ItemsView[uuid.UUID, int]):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import random
 import uuid
 
@@ -9,11 +10,12 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from chatkeep.config import Settings
 from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
-from chatkeep.models import CreateMessageDto, Message, MessageWithUser, Room, User
+from chatkeep.models import CreateMessageDto, Message, MessageWithUser, Room, User, UserProfile
 from chatkeep.storage import Database, MessageRepository, RoomRepository
 from chatkeep.storage.messages import decode_cursor, encode_cursor
 
@@ -524,31 +526,47 @@ async def test_unread_counts_for_every_room_in_one_query(
         await messages.unread_counts(uuid.uuid4())
 
 
-async def test_author_profiles_are_shared_and_bounded(
+async def test_author_profiles_are_shared_within_a_page(
     messages: MessageRepository,
     make_user: MakeUser,
     make_room: MakeRoom,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from chatkeep.storage import messages as module
-
     alice, bob = await make_user("alice"), await make_user("bob")
     room = await make_room(alice, bob)
     for user in (alice, bob, alice):
         await messages.send(msg(room, user))
     items = (await messages.history(room.id)).items
     assert items[0].user is items[2].user  # one object per author
-    monkeypatch.setattr(module, "_PROFILES_MAX", 1)
-    module._PROFILES.clear()
-    items = (await messages.history(room.id)).items
     assert [m.user.username for m in items] == ["alice", "bob", "alice"]
-    assert len(module._PROFILES) == 1
+    # No state outlives a page: the next page builds its own profiles.
+    again = (await messages.history(room.id)).items
+    assert again[0].user == items[0].user
+    assert again[0].user is not items[0].user
     # A renamed author shows the new name at once.
     await messages.db.execute(
         "t.rename", "UPDATE users SET username = 'alicia' WHERE id = $1", alice.id
     )
     items = (await messages.history(room.id)).items
     assert items[0].user.username == "alicia"
+
+
+async def test_history_rows_hold_exactly_their_fields(
+    messages: MessageRepository,
+    make_user: MakeUser,
+    make_room: MakeRoom,
+) -> None:
+    # Rows are built without validation: pin that they equal validated rows, field for
+    # field, and carry nothing else (a stray column would become an attribute).
+    alice = await make_user("alice")
+    room = await make_room(alice)
+    sent = await messages.send(msg(room, alice))
+    [item] = (await messages.history(room.id)).items
+    assert set(vars(item)) == {f.name for f in dataclasses.fields(MessageWithUser)}
+    assert set(vars(sent)) == {f.name for f in dataclasses.fields(Message)}
+    adapter = TypeAdapter(MessageWithUser)
+    assert adapter.validate_python(adapter.dump_python(item)) == item
+    assert item.user == UserProfile(id=alice.id, username="alice", avatar_url=None)
+    assert Message(**{f: getattr(item, f) for f in vars(sent)}) == sent
 
 
 def _parents_of_message_scans(node: dict[str, object], parent: str = "") -> list[str]:

@@ -8,6 +8,7 @@ they are the system's view of a table, used by the entity repositories and by to
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
@@ -50,7 +51,7 @@ class BaseRepository(Generic[ModelT, CreateT, UpdateT]):
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        fields = tuple(self.model.model_fields)
+        fields = tuple(field.name for field in dataclasses.fields(self.model))
         self._columns = fields
         self._writable = (frozenset(fields) | self.extra_writable) - self.read_only
         self._select_list = ", ".join(quote_ident(c) for c in fields)

@@ -27,7 +27,7 @@ from chatkeep.models import (
     MessageWithUser,
     UnreadCounts,
     UserProfile,
-    _set_dict,
+    _dict_setter,
     check_content,
 )
 from chatkeep.storage.base import BaseRepository, check_id
@@ -390,12 +390,12 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         more = len(rows) > size
         items = _messages(rows[size - 1 :: -1] if more else rows[::-1])
         if not items:
-            return CursorPage._of(
+            return CursorPage(
                 items=(), newest=None if newest else encode_cursor(room, seq - 1, "after")
             )
         first, last = items[0].seq, items[-1].seq
         tail = encode_cursor(room, last, "after")
-        return CursorPage._of(
+        return CursorPage(
             items=items,
             before=encode_cursor(room, first, "before") if more else None,
             after=None if newest else tail,
@@ -407,10 +407,10 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         more = len(rows) > size
         items = _messages(rows[:size] if more else rows)
         if not items:
-            return CursorPage._of(items=(), newest=encode_cursor(room, seq, "after"))
+            return CursorPage(items=(), newest=encode_cursor(room, seq, "after"))
         first, last = items[0].seq, items[-1].seq
         tail = encode_cursor(room, last, "after")
-        return CursorPage._of(
+        return CursorPage(
             items=items,
             before=encode_cursor(room, first, "before") if seq > 0 else None,
             after=tail if more else None,
@@ -444,9 +444,9 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         kept = rows[split - take_older : split + take_newer]
         items = _messages(kept)
         if not items:
-            return CursorPage._of(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
+            return CursorPage(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
         first, last = items[0].seq, items[-1].seq
-        return CursorPage._of(
+        return CursorPage(
             items=items,
             before=encode_cursor(room, first, "before") if more_before else None,
             after=encode_cursor(room, last, "after") if more_after else None,
@@ -527,47 +527,39 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         return UnreadCounts(rows)
 
 
-# Profiles are frozen, so equal ones can be shared: the authors of a room repeat from page
-# to page, and reusing their profile objects saves most of a page's allocations. Keyed by
-# username (unique among users at any moment) and checked against the id and avatar, so a
-# rename or a new avatar gets a new profile at once; hashing a freshly decoded asyncpg UUID
-# costs several times more than hashing the name. Bounded: cleared when full.
-_PROFILES: dict[str, tuple[UserProfile, uuid.UUID, str | None]] = {}
-_PROFILES_MAX: Final = 10_000
-
-
-def _profile(user_id: uuid.UUID, username: str, avatar_url: str | None) -> UserProfile:
-    if len(_PROFILES) >= _PROFILES_MAX:
-        _PROFILES.clear()
-    profile = UserProfile._adopt({"id": user_id, "username": username, "avatar_url": avatar_url})
-    _PROFILES[username] = (profile, user_id, avatar_url)
-    return profile
+# Stores of a row's __dict__, looked up once (see chatkeep.models._dict_setter).
+_SET_MESSAGE: Final = _dict_setter(MessageWithUser)
+_SET_PROFILE: Final = _dict_setter(UserProfile)
 
 
 def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
-    """MessageWithUser models from history rows, without validation.
+    """MessageWithUser rows from history rows, without validation.
 
-    The hot loop of a history page: each row is unpacked once and the model is built in
-    place, the way :meth:`chatkeep.models._Row._adopt` does it, without a call per row
-    (``docs/performance.md`` has what each step costs).
+    The hot loop of a history page: each row is unpacked once and each message is built
+    the way :meth:`chatkeep.models._Row._adopt` does it (one store of its ``__dict__``),
+    without a call per row (``docs/performance.md`` has what each step costs).
+
+    An author's profile is built once per page and shared by their messages. The page is
+    one statement, so one snapshot, in which a username (unique) names one user with one
+    avatar: keying by it needs no check.
     """
-    cls = MessageWithUser
+    message_cls, profile_cls = MessageWithUser, UserProfile
     new = object.__new__
-    set_dict = _set_dict
-    profiles = _PROFILES
+    set_message, set_profile = _SET_MESSAGE, _SET_PROFILE
+    profiles: dict[str, UserProfile] = {}
+    known = profiles.get
     out: list[MessageWithUser] = []
     append = out.append
     for (
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
         created_at, username, avatar_url,
     ) in rows:  # fmt: skip
-        known = profiles.get(username)
-        if known is not None and known[1] == user_id and known[2] == avatar_url:
-            profile = known[0]
-        else:
-            profile = _profile(user_id, username, avatar_url)
-        message = new(cls)
-        set_dict(
+        profile = known(username)
+        if profile is None:
+            profile = profiles[username] = new(profile_cls)
+            set_profile(profile, {"id": user_id, "username": username, "avatar_url": avatar_url})
+        message = new(message_cls)
+        set_message(
             message,
             {
                 "id": id_,

@@ -8,6 +8,7 @@ transaction before deciding, so two owners leaving at once cannot leave a room o
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any, ClassVar, Final, get_args
 
@@ -127,7 +128,7 @@ SELECT {_R_COLUMNS},
 """
 USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
 
-_ROOM_FIELDS: Final = tuple(Room.model_fields)
+_ROOM_FIELDS: Final = tuple(field.name for field in dataclasses.fields(Room))
 
 
 def _room(row: Any) -> Room:
