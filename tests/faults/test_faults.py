@@ -170,7 +170,8 @@ async def run_scenario(
 
             stop = asyncio.Event()
             listening = [asyncio.create_task(sub.run(stop)) for sub in subscribers]
-            until = time.monotonic() + size.duration
+            # Long enough for at least one freeze or black hole of the bound's length.
+            until = time.monotonic() + max(size.duration, size.first + cluster.long + 1.0)
             faults = asyncio.create_task(nemesis(cluster, until))
             try:
                 await asyncio.gather(*(sender.run(until) for sender in senders))
