@@ -26,14 +26,8 @@ from chatkeep.realtime.cache import (
     Unshared,
     UserProfileCache,
 )
-from chatkeep.realtime.client import (
-    ChannelSubscription,
-    PubSubMessage,
-    RedisClient,
-    RedisHealth,
-    SubscriptionGap,
-    translate_error,
-)
+from chatkeep.realtime.client import RedisClient, RedisHealth
+from chatkeep.realtime.errors import translate_error
 from chatkeep.realtime.events import (
     WIRE_VERSION,
     Event,
@@ -54,6 +48,7 @@ from chatkeep.realtime.events import (
 )
 from chatkeep.realtime.keys import KeySpace
 from chatkeep.realtime.presence import Heartbeat, OfflineHandler, OfflineUser, Presence
+from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
 from chatkeep.realtime.ratelimit import (
     LoginFailure,
     LoginThrottle,

@@ -30,13 +30,9 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatkeep.errors import InvalidInput
-from chatkeep.realtime.client import (
-    ChannelSubscription,
-    PubSubMessage,
-    RedisClient,
-    SubscriptionGap,
-)
+from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.keys import validate_id
+from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
 
 __all__ = [
     "WIRE_VERSION",
@@ -190,7 +186,7 @@ class RoomGap:
     Attributes:
         room_ids: the rooms concerned (every room of the subscription).
         reason: ``"reconnected"`` or ``"overflow"`` (see
-            :class:`~chatkeep.realtime.client.SubscriptionGap`).
+            :class:`~chatkeep.realtime.pubsub.SubscriptionGap`).
         since: wall-clock time (Unix seconds) when the gap began.
     """
 
