@@ -153,7 +153,7 @@ def raw_ops(raw: aioredis.Redis, prefix: str, fx: Fixture) -> dict[str, Op]:
             "message_id": str(uuid4()),
             "seq": n + 1,
             "sender_id": str(fx.users[t]),
-            "client_message_id": None,
+            "client_msg_id": None,
             "body": "hi",
         }
         await raw.publish(f"{prefix}room:{room}:events", json.dumps(payload))

@@ -182,7 +182,7 @@ async def test_send_persists_then_publishes_the_message(chat: ChatKeep, world: W
     assert stored == message
     event = await expect(sub, MessageCreated)
     assert (event.message_id, event.seq, event.sender_id) == (message.id, 1, world.bob.id)
-    assert (event.body, event.client_message_id, event.origin) == ("hello", "c-1", "node-a")
+    assert (event.body, event.client_msg_id, event.origin) == ("hello", "c-1", "node-a")
     # The sender's own message is not unread for them.
     assert (await chat.unread_counts(world.bob.id))[world.general.id] == 0
     assert (await chat.unread_counts(world.alice.id))[world.general.id] == 1

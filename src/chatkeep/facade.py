@@ -697,7 +697,7 @@ class ChatKeep:
                         message_id=message.id,
                         seq=message.seq,
                         sender_id=message.user_id,
-                        client_message_id=message.client_msg_id,
+                        client_msg_id=message.client_msg_id,
                         body=message.content,
                     )
                 )

@@ -44,7 +44,7 @@ def every_kind() -> list[Event]:
             message_id=message,
             seq=1,
             sender_id=USER,
-            client_message_id="c1",
+            client_msg_id="c1",
             body="hi",
         ),
         MessageEdited(room_id=ROOM, message_id=message, seq=1, editor_id=USER, body="hello"),
@@ -71,6 +71,51 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     raw["added_in_a_later_minor_release"] = [1, 2]
     decoded = decode_event(json.dumps(raw))
     assert isinstance(decoded, MessageCreated)
+
+
+def test_message_created_says_client_msg_id_on_the_wire() -> None:
+    event = MessageCreated(
+        room_id=ROOM, message_id=uuid4(), seq=3, sender_id=USER, client_msg_id="c-9"
+    )
+    raw = json.loads(encode_event(event))
+    # The same name as Message.client_msg_id and send_message(client_msg_id=...).
+    assert raw["client_msg_id"] == "c-9"
+    assert "client_message_id" not in raw
+    decoded = decode_event(json.dumps(raw))
+    assert isinstance(decoded, MessageCreated)
+    assert decoded.client_msg_id == "c-9"
+
+
+def test_message_created_from_an_older_node_is_read_with_its_client_message_id() -> None:
+    # A node not yet upgraded in a rolling deploy still writes the old key.
+    sent = every_kind()[0]
+    raw = json.loads(encode_event(sent))
+    raw["client_message_id"] = raw.pop("client_msg_id")
+    decoded = decode_event(json.dumps(raw))
+    assert isinstance(decoded, MessageCreated)
+    assert decoded.client_msg_id == "c1"
+    assert decoded == sent
+    # Passed on, it goes out under the new key only.
+    again = json.loads(encode_event(decoded))
+    assert again["client_msg_id"] == "c1"
+    assert "client_message_id" not in again
+
+
+def test_the_new_key_wins_when_a_payload_has_both() -> None:
+    raw = json.loads(encode_event(every_kind()[0]))
+    raw["client_message_id"] = "old"
+    decoded = decode_event(json.dumps(raw))
+    assert isinstance(decoded, MessageCreated)
+    assert decoded.client_msg_id == "c1"
+
+
+def test_the_old_key_is_validated_like_the_new_one(caplog: pytest.LogCaptureFixture) -> None:
+    raw = json.loads(encode_event(every_kind()[0]))
+    del raw["client_msg_id"]
+    raw["client_message_id"] = "x" * 101
+    with caplog.at_level(logging.WARNING, logger="chatkeep.realtime.events"):
+        assert decode_event(json.dumps(raw)) is None
+    assert "unreadable" in caplog.text
 
 
 @pytest.mark.parametrize(

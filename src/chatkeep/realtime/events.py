@@ -13,7 +13,10 @@ a best-effort nudge, not storage: a subscriber that was disconnected receives a
 
 Compatibility: a reader ignores fields it does not know (so fields can be added within
 version 1) and skips, with a warning, events of a newer version or an unknown type
-instead of failing, so nodes can be upgraded one at a time.
+instead of failing, so nodes can be upgraded one at a time. A renamed field is read under
+both names and written under the new one: ``message.created`` says ``client_msg_id``
+(like :class:`~chatkeep.models.Message`) and still reads the ``client_message_id`` of
+earlier versions.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from types import TracebackType
 from typing import Annotated, Final, Literal, Self
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
@@ -84,13 +87,25 @@ class RoomEvent(BaseModel):
 
 
 class MessageCreated(RoomEvent):
-    """A message was stored in the room (``seq`` is its place in the room)."""
+    """A message was stored in the room (``seq`` is its place in the room).
+
+    Attributes:
+        client_msg_id: the sender's idempotency key, as on
+            :class:`~chatkeep.models.Message`. Written as ``client_msg_id``; read from
+            ``client_msg_id`` or, as earlier versions wrote it, ``client_message_id``.
+    """
 
     type: Literal["message.created"] = "message.created"
     message_id: UUID
     seq: int = Field(ge=1)
     sender_id: UUID
-    client_message_id: str | None = Field(default=None, max_length=100)
+    # During a rolling deploy older nodes still publish (and read) the old key: accepting
+    # both on input keeps their events readable here. Output uses the field name.
+    client_msg_id: str | None = Field(
+        default=None,
+        max_length=100,
+        validation_alias=AliasChoices("client_msg_id", "client_message_id"),
+    )
     body: str | None = None
 
 
