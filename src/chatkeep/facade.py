@@ -44,7 +44,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 from chatkeep.config import Settings
 from chatkeep.embedded import resolve_endpoints
@@ -53,7 +53,6 @@ from chatkeep.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
-    RateLimited,
     Unavailable,
 )
 from chatkeep.models import (
@@ -207,6 +206,89 @@ def _receipt_counter(metrics: ChatkeepMetrics) -> Callable[[Event | RoomGap], No
             metrics.received()
 
     return count
+
+
+class _Flow:
+    """One call of a facade flow: its transaction, and the Redis work after its commit.
+
+    Every flow has the same shape (:meth:`ChatKeep._flow`): refuse to run inside the
+    caller's transaction, count its errors, do its PostgreSQL work in one transaction
+    acting as its user (:meth:`acting_as`), and only after the commit, within one
+    best-effort budget, invalidate caches and publish the events it queued here. Work
+    queued in a flow that raises is dropped: nothing is announced that was rolled back.
+    """
+
+    __slots__ = ("_chat", "_cleanups", "_events", "_member_rooms", "_profiles", "name")
+
+    def __init__(self, chat: ChatKeep, name: str) -> None:
+        self._chat = chat
+        self.name = name
+        self._events: list[Event] = []
+        self._member_rooms: list[uuid.UUID] = []
+        self._profiles: list[uuid.UUID] = []
+        self._cleanups: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+
+    @contextlib.asynccontextmanager
+    async def acting_as(
+        self,
+        user: uuid.UUID | None,
+        *,
+        hide: Literal["room", "message"] | None = None,
+        isolation: IsolationLevel | None = None,
+    ) -> AsyncIterator[Transaction]:
+        """The flow's transaction, acting as ``user`` (``None``: system work, no user).
+
+        ``hide`` answers a missing or invisible room (or message) with the same
+        ``NotFound`` text whatever the id (see :data:`ROOM_NOT_FOUND`).
+        """
+        hiding = (
+            _hidden(hide, ROOM_NOT_FOUND if hide == "room" else MESSAGE_NOT_FOUND)
+            if hide is not None
+            else contextlib.nullcontext()
+        )
+        with hiding:
+            async with self._chat._as_actor_or_system(
+                user, f"facade.{self.name}", isolation=isolation
+            ) as tx:
+                yield tx
+
+    def publish(self, *events: Event) -> None:
+        """Publish ``events`` after the commit."""
+        self._events.extend(events)
+
+    def invalidate_members(self, *room_ids: uuid.UUID) -> None:
+        """Drop the cached member lists of ``room_ids`` after the commit."""
+        self._member_rooms.extend(room_ids)
+
+    def invalidate_profile(self, user_id: uuid.UUID) -> None:
+        """Drop the cached profile of ``user_id`` after the commit."""
+        self._profiles.append(user_id)
+
+    def clean_up(self, operation: str, work: Callable[[], Awaitable[object]]) -> None:
+        """Run ``work`` (Redis-only state) after the commit; its failure is only logged."""
+        self._cleanups.append((operation, work))
+
+    async def after_commit(self) -> None:
+        """Do the queued Redis work, invalidations first, within the best-effort budget."""
+        rooms, profiles, cleanups, events = (
+            self._member_rooms,
+            self._profiles,
+            self._cleanups,
+            self._events,
+        )
+        if not (rooms or profiles or cleanups or events):
+            return
+        # Taken, so that a flow that finishes early (before a required step) does not
+        # repeat it when the block ends.
+        self._member_rooms, self._profiles, self._cleanups, self._events = [], [], [], []
+        chat = self._chat
+        async with chat._best_effort(f"{self.name}'s cache invalidation and publish"):
+            await chat._invalidate_members(*rooms)
+            for user_id in profiles:
+                await chat._invalidate_profile(user_id)
+            for operation, work in cleanups:
+                await chat._quietly(operation, work())
+            await chat._publish(*events)
 
 
 class ChatKeep:
@@ -397,6 +479,22 @@ class ChatKeep:
     def _count_errors(self) -> contextlib.AbstractContextManager[object]:
         return self.metrics.count_errors() if self.metrics is not None else contextlib.nullcontext()
 
+    @contextlib.asynccontextmanager
+    async def _flow(self, name: str, *, after_commit: bool = True) -> AsyncIterator[_Flow]:
+        """One call of flow ``name`` (see :class:`_Flow`), its errors counted.
+
+        A flow whose Redis work must follow its own commit (``after_commit``, every flow
+        that invalidates or publishes what it wrote) refuses to run inside the caller's
+        transaction, which could still roll back what the events announce. Queued Redis
+        work runs when the block ends without an error.
+        """
+        with self._count_errors():
+            if after_commit:
+                self._outside_transaction(name)
+            flow = _Flow(self, name)
+            yield flow
+            await flow.after_commit()
+
     # -- best-effort Redis work after a commit ---------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -493,9 +591,10 @@ class ChatKeep:
             Conflict: the email or username is taken.
             InvalidInput: ``dto`` is not a CreateUserDto.
         """
-        # A profile read of this id before it existed cached nothing (no negative
-        # caching), so there is nothing to invalidate.
-        return await self.users.register(dto)
+        async with self._flow("register", after_commit=False):
+            # A profile read of this id before it existed cached nothing (no negative
+            # caching), so there is nothing to invalidate.
+            return await self.users.register(dto)
 
     async def login(self, email: str, password: str) -> LoginResult | None:
         """Check a password (throttled per account) and start a session.
@@ -509,26 +608,22 @@ class ChatKeep:
             InvalidInput: ``email`` is not an email address, or ``password`` not a string.
             Unavailable: Redis is down (logins need sessions, which live there).
         """
-        account = _login_account(email)
-        if not isinstance(password, str):
-            raise InvalidInput("password", "must be a string")
-        try:
+        async with self._flow("login", after_commit=False):
+            account = _login_account(email)
+            if not isinstance(password, str):
+                raise InvalidInput("password", "must be a string")
             await self.login_throttle.check(account)
-        except RateLimited as exc:
-            if self.metrics is not None:
-                self.metrics.record_error(exc)
-            raise
-        try:
-            user = await self.users.authenticate(email, password)
-        except InvalidInput:
-            user = None  # a password no account can have (too long): a plain failure
-        if user is None:
-            await self.login_throttle.record_failure(account)
-            return None
-        await self.login_throttle.record_success(account)
-        session = await self.sessions.create(user.id)
-        refresh = await self.tokens.issue(user.id, session_id=session.session.session_id)
-        return LoginResult(user, session, refresh)
+            try:
+                user = await self.users.authenticate(email, password)
+            except InvalidInput:
+                user = None  # a password no account can have (too long): a plain failure
+            if user is None:
+                await self.login_throttle.record_failure(account)
+                return None
+            await self.login_throttle.record_success(account)
+            session = await self.sessions.create(user.id)
+            refresh = await self.tokens.issue(user.id, session_id=session.session.session_id)
+            return LoginResult(user, session, refresh)
 
     async def refresh(self, refresh_token: str) -> LoginResult:
         """Rotate a refresh token and start a new session of the same login.
@@ -547,26 +642,28 @@ class ChatKeep:
             Unavailable: Redis could not be reached (after a reuse, presenting any token
                 of the login again finishes its revocation).
         """
-        rotated = await self.tokens.rotate(refresh_token)
-        async with self.db.acting_as(rotated.user_id, "facade.refresh"):
-            user = await self.users.find_by_id(rotated.user_id)
-        if user is None or not user.is_active:
-            # Deactivation revokes logins itself; this covers a refresh racing with it.
-            await self.tokens.revoke_family(rotated.family_id)
-            raise PermissionDenied("the account is not active")
-        session = await self.sessions.create(user.id)
-        try:
-            await self.tokens.attach_session(rotated.family_id, session.session.session_id)
-        except BaseException:
-            # The family was revoked in between (or Redis failed): the new session must
-            # not outlive it.
-            await asyncio.shield(
-                self._quietly(
-                    "sessions.revoke", self.sessions.revoke(user.id, session.session.session_id)
+        async with self._flow("refresh", after_commit=False) as flow:
+            rotated = await self.tokens.rotate(refresh_token)
+            async with flow.acting_as(rotated.user_id):
+                user = await self.users.find_by_id(rotated.user_id)
+            if user is None or not user.is_active:
+                # Deactivation revokes logins itself; this covers a refresh racing with it.
+                await self.tokens.revoke_family(rotated.family_id)
+                raise PermissionDenied("the account is not active")
+            session = await self.sessions.create(user.id)
+            try:
+                await self.tokens.attach_session(rotated.family_id, session.session.session_id)
+            except BaseException:
+                # The family was revoked in between (or Redis failed): the new session
+                # must not outlive it.
+                await asyncio.shield(
+                    self._quietly(
+                        "sessions.revoke",
+                        self.sessions.revoke(user.id, session.session.session_id),
+                    )
                 )
-            )
-            raise
-        return LoginResult(user, session, rotated)
+                raise
+            return LoginResult(user, session, rotated)
 
     async def unlock_login(self, email: str) -> None:
         """Lift a login lockout and forget the account's failures (an administrator's act).
@@ -585,12 +682,11 @@ class ChatKeep:
             Conflict: the new username is taken.
             InvalidInput: a bad id, or ``dto`` is not an UpdateUserDto.
         """
-        self._outside_transaction("update_profile")
-        key = check_id("user_id", user_id)
-        async with self.db.acting_as(key, "facade.update_profile"):
-            user = await self.users.update_profile(key, dto)
-        async with self._best_effort("update_profile's cache invalidation"):
-            await self._invalidate_profile(user.id)
+        async with self._flow("update_profile") as flow:
+            key = check_id("user_id", user_id)
+            async with flow.acting_as(key):
+                user = await self.users.update_profile(key, dto)
+            flow.invalidate_profile(user.id)
         return user
 
     async def change_password(
@@ -609,11 +705,11 @@ class ChatKeep:
             Unavailable: the password is changed but Redis could not revoke the sessions
                 (call again with the new password as current to finish).
         """
-        self._outside_transaction("change_password")
-        key = check_id("user_id", user_id)
-        async with self.db.acting_as(key, "facade.change_password"):
-            await self.users.change_password(key, current_password, new_password)
-        await self._revoke_logins(key, "the password change")
+        async with self._flow("change_password") as flow:
+            key = check_id("user_id", user_id)
+            async with flow.acting_as(key):
+                await self.users.change_password(key, current_password, new_password)
+            await self._revoke_logins(key, "the password change")
 
     async def deactivate_user(self, user_id: uuid.UUID) -> User:
         """Deactivate an account: it can no longer log in, and its sessions end.
@@ -627,13 +723,14 @@ class ChatKeep:
             Unavailable: the account is deactivated but Redis could not revoke its
                 sessions (call again to finish).
         """
-        self._outside_transaction("deactivate_user")
-        key = check_id("user_id", user_id)
-        async with self.db.acting_as(key, "facade.deactivate_user"):
-            user = await self.users.deactivate(key)
-        async with self._best_effort("deactivate_user's cache invalidation"):
-            await self._invalidate_profile(user.id)
-        await self._revoke_logins(user.id, "the deactivation")
+        async with self._flow("deactivate_user") as flow:
+            key = check_id("user_id", user_id)
+            async with flow.acting_as(key):
+                user = await self.users.deactivate(key)
+            # The invalidation is best-effort (its entry ages out); the revocation is not.
+            flow.invalidate_profile(user.id)
+            await flow.after_commit()
+            await self._revoke_logins(user.id, "the deactivation")
         return user
 
     async def profile(self, user_id: uuid.UUID) -> UserProfile | None:
@@ -672,8 +769,7 @@ class ChatKeep:
             NotFound: no such room, or one the user cannot see (``room not found``).
             InvalidInput: the content or ids break a rule.
         """
-        with self._count_errors():
-            self._outside_transaction("send_message")
+        async with self._flow("send_message") as flow:
             dto = CreateMessageDto(
                 room_id=room_id,
                 user_id=user_id,
@@ -687,21 +783,19 @@ class ChatKeep:
                     await self.limiter.enforce(str(dto.user_id), "send")
                 except Unavailable as exc:
                     logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-            with _hidden_room():
-                async with self.db.acting_as(dto.user_id, "facade.send_message"):
-                    message = await self.messages.send(dto)
-            async with self._best_effort("send_message's publish"):
-                await self._publish(
-                    MessageCreated(
-                        room_id=message.room_id,
-                        message_id=message.id,
-                        seq=message.seq,
-                        sender_id=message.user_id,
-                        client_msg_id=message.client_msg_id,
-                        body=message.content,
-                    )
+            async with flow.acting_as(dto.user_id, hide="room"):
+                message = await self.messages.send(dto)
+            flow.publish(
+                MessageCreated(
+                    room_id=message.room_id,
+                    message_id=message.id,
+                    seq=message.seq,
+                    sender_id=message.user_id,
+                    client_msg_id=message.client_msg_id,
+                    body=message.content,
                 )
-            return message
+            )
+        return message
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str
@@ -713,14 +807,12 @@ class ChatKeep:
             PermissionDenied: the user is not the author.
             InvalidInput: the content or ids break a rule.
         """
-        self._outside_transaction("edit_message")
-        editor = check_id("user_id", user_id)
-        key = check_id("message_id", message_id)
-        with _hidden("message", MESSAGE_NOT_FOUND):
-            async with self.db.acting_as(editor, "facade.edit_message"):
+        async with self._flow("edit_message") as flow:
+            editor = check_id("user_id", user_id)
+            key = check_id("message_id", message_id)
+            async with flow.acting_as(editor, hide="message"):
                 message = await self.messages.edit(key, content, by=editor)
-        async with self._best_effort("edit_message's publish"):
-            await self._publish(
+            flow.publish(
                 MessageEdited(
                     room_id=message.room_id,
                     message_id=message.id,
@@ -743,15 +835,14 @@ class ChatKeep:
             PermissionDenied: the user may not delete it.
             InvalidInput: a bad id.
         """
-        self._outside_transaction("delete_message")
-        key = check_id("message_id", message_id)
-        actor = check_id("user_id", user_id)
-        async with self.db.acting_as(actor, "facade.delete_message"):
-            found = await self.messages.find_by_id(key)
-            if found is None or not await self.messages.delete(key, by=actor):
-                return False
-        async with self._best_effort("delete_message's publish"):
-            await self._publish(
+        async with self._flow("delete_message") as flow:
+            key = check_id("message_id", message_id)
+            actor = check_id("user_id", user_id)
+            async with flow.acting_as(actor):
+                found = await self.messages.find_by_id(key)
+                if found is None or not await self.messages.delete(key, by=actor):
+                    return False
+            flow.publish(
                 MessageDeleted(
                     room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
                 )
@@ -772,14 +863,12 @@ class ChatKeep:
             PermissionDenied: the user is not a member of the (public) room.
             InvalidInput: a bad id or ``seq``.
         """
-        self._outside_transaction("mark_read")
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        with _hidden_room():
-            async with self.db.acting_as(user, "facade.mark_read"):
+        async with self._flow("mark_read") as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="room"):
                 watermark = await self.messages.mark_read(room, user, seq)
-        async with self._best_effort("mark_read's publish"):
-            await self._publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
+            flow.publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
@@ -789,9 +878,10 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        user = check_id("user_id", user_id)
-        async with self.db.acting_as(user, "facade.unread_counts"):
-            return await self.messages.unread_counts(user)
+        async with self._flow("unread_counts", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.messages.unread_counts(user)
 
     async def catch_up(
         self,
@@ -822,17 +912,18 @@ class ChatKeep:
             InvalidInput: not exactly one of ``after_seq`` and ``cursor``, a cursor that
                 does not point forward or belongs to another room, or a bad ``limit``.
         """
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        if (after_seq is None) == (cursor is None):
-            raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
-        if cursor is not None and decode_cursor(cursor)[2] != "after":
-            raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
-        await self._require_member(room, user)
-        async with self.db.acting_as(user, "facade.catch_up"):
-            return await self.messages.history(
-                room, after_seq=after_seq, cursor=cursor, limit=limit
-            )
+        async with self._flow("catch_up", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            if (after_seq is None) == (cursor is None):
+                raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
+            if cursor is not None and decode_cursor(cursor)[2] != "after":
+                raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.messages.history(
+                    room, after_seq=after_seq, cursor=cursor, limit=limit
+                )
 
     async def history(
         self,
@@ -857,18 +948,19 @@ class ChatKeep:
                 ``around`` names a message not in it.
             InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
         """
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        await self._require_member(room, user)
-        async with self.db.acting_as(user, "facade.history"):
-            return await self.messages.history(
-                room,
-                cursor=cursor,
-                before_seq=before_seq,
-                after_seq=after_seq,
-                around=around,
-                limit=limit,
-            )
+        async with self._flow("history", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.messages.history(
+                    room,
+                    cursor=cursor,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                    around=around,
+                    limit=limit,
+                )
 
     async def rooms_of(
         self, user_id: uuid.UUID, *, include_inactive: bool = False
@@ -879,9 +971,10 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        user = check_id("user_id", user_id)
-        async with self.db.acting_as(user, "facade.rooms_of"):
-            return await self.rooms.rooms_of(user, include_inactive=include_inactive)
+        async with self._flow("rooms_of", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.rooms.rooms_of(user, include_inactive=include_inactive)
 
     # -- rooms and membership ---------------------------------------------------------------
 
@@ -892,11 +985,12 @@ class ChatKeep:
             NotFound: ``created_by`` is not a user.
             InvalidInput: ``dto`` is not a CreateRoomDto.
         """
-        if not isinstance(dto, CreateRoomDto):
-            raise InvalidInput("dto", "must be a CreateRoomDto")
-        # A new id: no member list of it can be cached, so there is nothing to invalidate.
-        async with self.db.acting_as(dto.created_by, "facade.create_room"):
-            return await self.rooms.create(dto)
+        async with self._flow("create_room", after_commit=False) as flow:
+            if not isinstance(dto, CreateRoomDto):
+                raise InvalidInput("dto", "must be a CreateRoomDto")
+            # A new id: no member list of it can be cached, so there is nothing to invalidate.
+            async with flow.acting_as(dto.created_by):
+                return await self.rooms.create(dto)
 
     async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
         """The direct room of two users, created on first use (both become members).
@@ -905,9 +999,10 @@ class ChatKeep:
             NotFound: either user does not exist.
             InvalidInput: a bad id.
         """
-        opener = check_id("user_a", user_a)
-        async with self.db.acting_as(opener, "facade.open_direct"):
-            return await self.rooms.open_direct(opener, user_b)
+        async with self._flow("open_direct", after_commit=False) as flow:
+            opener = check_id("user_a", user_a)
+            async with flow.acting_as(opener):
+                return await self.rooms.open_direct(opener, user_b)
 
     async def join(
         self,
@@ -928,16 +1023,14 @@ class ChatKeep:
             PermissionDenied: ``by`` may not add this member with this role.
             InvalidInput: a bad id or role, or a direct room.
         """
-        self._outside_transaction("join")
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        actor = user if by is None else check_id("by", by)
-        with _hidden_room():
-            async with self.db.acting_as(actor, "facade.join"):
+        async with self._flow("join") as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            actor = user if by is None else check_id("by", by)
+            async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.add_member(room, user, role=role, by=actor)
-        async with self._best_effort("join's invalidation and publish"):
-            await self._invalidate_members(room)
-            await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+            flow.invalidate_members(room)
+            flow.publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
 
     async def leave(
@@ -956,20 +1049,17 @@ class ChatKeep:
             NotFound: no such room, or one ``by`` cannot see (``room not found``).
             InvalidInput: a bad id, or a direct room.
         """
-        self._outside_transaction("leave")
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        actor = user if by is None else check_id("by", by)
-        with _hidden_room():
-            async with self.db.acting_as(actor, "facade.leave"):
-                removed = await self.rooms.remove_member(room, user, by=actor)
-        if not removed:
-            return False
-        async with self._best_effort("leave's clean-up and publish"):
-            await self._invalidate_members(room)
-            await self._quietly("presence.leave_room", self.presence.leave_room(room, user))
-            await self._quietly("typing.stop", self.typing.stop(room, user))
-            await self._publish(MemberLeft(room_id=room, user_id=user))
+        async with self._flow("leave") as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            actor = user if by is None else check_id("by", by)
+            async with flow.acting_as(actor, hide="room"):
+                if not await self.rooms.remove_member(room, user, by=actor):
+                    return False
+            flow.invalidate_members(room)
+            flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
+            flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
+            flow.publish(MemberLeft(room_id=room, user_id=user))
         return True
 
     async def remove_member(self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID) -> bool:
@@ -1000,17 +1090,15 @@ class ChatKeep:
             PermissionDenied: ``by`` may not make this change, or it would leave no owner.
             InvalidInput: a bad id or role, or a direct room.
         """
-        self._outside_transaction("change_role")
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        actor = None if by is None else check_id("by", by)
-        with _hidden_room():
-            async with self._as_actor_or_system(actor, "facade.change_role"):
+        async with self._flow("change_role") as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            actor = None if by is None else check_id("by", by)
+            async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.change_role(room, user, role, by=actor)
-        async with self._best_effort("change_role's invalidation and publish"):
-            await self._invalidate_members(room)
+            flow.invalidate_members(room)
             # member.joined carries the role: receivers update the member's entry in place.
-            await self._publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+            flow.publish(MemberJoined(room_id=room, user_id=user, role=member.role))
         return member
 
     async def delete_room(self, room_id: uuid.UUID, *, by: uuid.UUID | None = None) -> bool:
@@ -1031,25 +1119,23 @@ class ChatKeep:
             InvalidInput: a bad id.
             Unavailable: a concurrent membership change won a race; retry.
         """
-        self._outside_transaction("delete_room")
-        room = check_id("room_id", room_id)
-        actor = None if by is None else check_id("by", by)
-        # Serializable: the owner check and the delete see one snapshot, and a concurrent
-        # role change or join makes one side fail (Unavailable) instead of slipping past.
-        async with self._as_actor_or_system(actor, "facade.delete_room", isolation="serializable"):
-            try:
-                found = await self.rooms.members(room)
-            except NotFound:
-                return False
-            roles = {member.user.id: member.role for member in found.members}
-            if actor is not None and roles.get(actor) != "owner":
-                raise PermissionDenied("only an owner may delete the room")
-            deleted = await self.rooms.delete(room)
-        if not deleted:  # pragma: no cover - the snapshot saw the room
-            return False
-        async with self._best_effort("delete_room's invalidation and publish"):
-            await self._invalidate_members(room)
-            await self._publish(*(MemberLeft(room_id=room, user_id=user) for user in roles))
+        async with self._flow("delete_room") as flow:
+            room = check_id("room_id", room_id)
+            actor = None if by is None else check_id("by", by)
+            # Serializable: the owner check and the delete see one snapshot, and a concurrent
+            # role change or join makes one side fail (Unavailable) instead of slipping past.
+            async with flow.acting_as(actor, isolation="serializable"):
+                try:
+                    found = await self.rooms.members(room)
+                except NotFound:
+                    return False
+                roles = {member.user.id: member.role for member in found.members}
+                if actor is not None and roles.get(actor) != "owner":
+                    raise PermissionDenied("only an owner may delete the room")
+                if not await self.rooms.delete(room):  # pragma: no cover - the snapshot saw it
+                    return False
+            flow.invalidate_members(room)
+            flow.publish(*(MemberLeft(room_id=room, user_id=user) for user in roles))
         return True
 
     # -- sockets, presence, typing ----------------------------------------------------------
@@ -1070,15 +1156,16 @@ class ChatKeep:
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """
-        user = check_id("user_id", user_id)
-        room_set = _ids("rooms", rooms)
-        for room in room_set:
-            await self._require_member(room, user)
-        came_online = await self.presence.connect(user, socket_id, rooms=room_set)
-        if came_online:
-            await self._publish(
-                *(PresenceChanged(room_id=r, user_id=user, status="online") for r in room_set)
-            )
+        async with self._flow("connect_socket", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            room_set = _ids("rooms", rooms)
+            for room in room_set:
+                await self._require_member(room, user)
+            came_online = await self.presence.connect(user, socket_id, rooms=room_set)
+            if came_online:
+                flow.publish(
+                    *(PresenceChanged(room_id=r, user_id=user, status="online") for r in room_set)
+                )
         return came_online
 
     async def heartbeat(
@@ -1098,18 +1185,19 @@ class ChatKeep:
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """
-        user = check_id("user_id", user_id)
-        room_set = _ids("rooms", rooms)
-        kept: set[uuid.UUID] = set()
-        for room in room_set:
-            with contextlib.suppress(NotFound):
-                if await self.members.is_member(room, user):
-                    kept.add(room)
-        back = await self.presence.heartbeat(user, socket_id, rooms=kept)
-        if back:
-            await self._publish(
-                *(PresenceChanged(room_id=r, user_id=user, status="online") for r in kept)
-            )
+        async with self._flow("heartbeat", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            room_set = _ids("rooms", rooms)
+            kept: set[uuid.UUID] = set()
+            for room in room_set:
+                with contextlib.suppress(NotFound):
+                    if await self.members.is_member(room, user):
+                        kept.add(room)
+            back = await self.presence.heartbeat(user, socket_id, rooms=kept)
+            if back:
+                flow.publish(
+                    *(PresenceChanged(room_id=r, user_id=user, status="online") for r in kept)
+                )
         return back
 
     async def disconnect_socket(
@@ -1130,20 +1218,24 @@ class ChatKeep:
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """
-        room_set = _ids("rooms", rooms)
-        info = await self.sockets.get(socket_id)
-        if info is not None:
-            room_set |= info.rooms
-        gone = await self.presence.disconnect(socket_id)
-        if gone is not None:
-            await self._publish(
-                *(
-                    PresenceChanged(
-                        room_id=r, user_id=gone.user_id, status="offline", last_seen=gone.last_seen
+        async with self._flow("disconnect_socket", after_commit=False) as flow:
+            room_set = _ids("rooms", rooms)
+            info = await self.sockets.get(socket_id)
+            if info is not None:
+                room_set |= info.rooms
+            gone = await self.presence.disconnect(socket_id)
+            if gone is not None:
+                flow.publish(
+                    *(
+                        PresenceChanged(
+                            room_id=r,
+                            user_id=gone.user_id,
+                            status="offline",
+                            last_seen=gone.last_seen,
+                        )
+                        for r in room_set
                     )
-                    for r in room_set
                 )
-            )
         return gone
 
     async def sweep_presence(self) -> list[OfflineUser]:
@@ -1166,16 +1258,17 @@ class ChatKeep:
             InvalidInput: a bad id.
             Unavailable: Redis could not be reached.
         """
-        room = check_id("room_id", room_id)
-        user = check_id("user_id", user_id)
-        if not isinstance(typing, bool):
-            raise InvalidInput("typing", "must be a bool")
-        await self._require_member(room, user)
-        if typing:
-            await self.typing.start(room, user)
-        else:
-            await self.typing.stop(room, user)
-        await self._publish(TypingChanged(room_id=room, user_id=user, typing=typing))
+        async with self._flow("set_typing", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            if not isinstance(typing, bool):
+                raise InvalidInput("typing", "must be a bool")
+            await self._require_member(room, user)
+            if typing:
+                await self.typing.start(room, user)
+            else:
+                await self.typing.stop(room, user)
+            flow.publish(TypingChanged(room_id=room, user_id=user, typing=typing))
 
     async def subscribe(self, *room_ids: uuid.UUID) -> EventSubscription:
         """Subscribe to the events of ``room_ids`` (see :class:`~chatkeep.realtime.EventBus`).

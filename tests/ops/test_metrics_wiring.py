@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,7 @@ from chatkeep import (
     CreateRoomDto,
     CreateUserDto,
     InvalidInput,
+    NotFound,
     RateLimited,
     Settings,
     Unavailable,
@@ -124,3 +126,30 @@ async def test_a_failed_redis_command_is_timed_and_counted_by_class() -> None:
             await down.ping()
     assert value(metrics, "chatkeep_redis_command_seconds_count", command="ping") == 1
     assert value(metrics, "chatkeep_errors_total", type="Unavailable") == 1
+
+
+async def test_every_flow_counts_its_errors(
+    make_settings: Callable[..., Settings], database_url: str, redis_url: str
+) -> None:
+    metrics = ChatkeepMetrics()
+    async with ChatKeep.connect(
+        make_settings(), node_id="node-e", bcrypt_rounds=10, metrics=metrics
+    ) as chat:
+        alice = await chat.register(
+            CreateUserDto(email="alice@example.org", username="alice", password=PASSWORD)
+        )
+        nowhere = uuid.uuid4()
+        failing = [
+            chat.mark_read(nowhere, alice.id),
+            chat.history(nowhere, alice.id),
+            chat.join(nowhere, alice.id),
+            chat.edit_message(uuid.uuid4(), alice.id, "x"),
+            chat.set_typing(nowhere, alice.id),
+        ]
+        for call in failing:
+            with pytest.raises(NotFound):
+                await call
+        with pytest.raises(InvalidInput):
+            await chat.unread_counts("not-a-uuid")  # type: ignore[arg-type]
+    assert value(metrics, "chatkeep_errors_total", type="NotFound") == len(failing)
+    assert value(metrics, "chatkeep_errors_total", type="InvalidInput") == 1
