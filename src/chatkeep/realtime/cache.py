@@ -35,6 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 from chatkeep.errors import ChatkeepError, InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import seconds
+from chatkeep.realtime.keys import validate_collection
 
 __all__ = [
     "CacheStats",
@@ -228,8 +229,11 @@ class ReadThroughCache(Generic[T]):
                 reads as the caller, say).
 
         Raises:
-            InvalidInput: ``ident`` is not a UUID.
+            InvalidInput: ``ident`` is not a UUID, or ``loader`` is not callable.
         """
+        # Checked even when the entry is cached: a bad loader must not pass on a hit only.
+        if loader is not None and not callable(loader):
+            raise InvalidInput("loader", "must be an async callable")
         load = self._loader if loader is None else loader
         key = self.key(ident)
         lease = _LEASE + secrets.token_bytes(12)
@@ -315,10 +319,12 @@ class ReadThroughCache(Generic[T]):
         Whatever the loader raises propagates.
 
         Raises:
-            InvalidInput: an id is not a UUID.
+            InvalidInput: ``idents`` is not a collection, or an id is not a UUID.
         """
-        ids = list(dict.fromkeys(idents))
-        keys = [self.key(ident) for ident in ids]
+        # Keys first: they check each id, before hashing one (a list raised TypeError).
+        named = {self.key(ident): ident for ident in validate_collection(idents, "idents")}
+        keys = list(named)
+        ids = list(named.values())
         found: list[bytes | None] = [None] * len(ids)
         if ids:
             try:
@@ -418,13 +424,26 @@ class RoomMembersCache:
         return self._cache
 
     async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
-        """The member ids of ``room_id`` as ``asking`` may see them (empty: no such room)."""
+        """The member ids of ``room_id`` as ``asking`` may see them (empty: no such room).
+
+        Raises:
+            InvalidInput: ``room_id`` or ``asking`` is not a UUID.
+        """
+        # Checked even on a hit, which never reaches the loader that would refuse it.
+        if asking is not None and not isinstance(asking, UUID):
+            raise InvalidInput("asking", "must be a UUID")
         loader = None if asking is None else (lambda room: self._loader(room, asking))
         found = await self._cache.get(room_id, loader=loader)
         return found if found is not None else frozenset()
 
     async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
-        """Whether ``user_id`` is a member of ``room_id`` (a miss loads as that user)."""
+        """Whether ``user_id`` is a member of ``room_id`` (a miss loads as that user).
+
+        Raises:
+            InvalidInput: ``room_id`` or ``user_id`` is not a UUID.
+        """
+        if not isinstance(user_id, UUID):  # a list raised TypeError (unhashable) in ``in``
+            raise InvalidInput("user_id", "must be a UUID")
         return user_id in await self.members(room_id, asking=user_id)
 
     async def invalidate(self, *room_ids: UUID) -> bool:

@@ -36,7 +36,7 @@ from chatkeep.realtime.client import (
     RedisClient,
     SubscriptionGap,
 )
-from chatkeep.realtime.keys import validate_id
+from chatkeep.realtime.keys import validate_collection, validate_id
 
 __all__ = [
     "WIRE_VERSION",
@@ -199,15 +199,19 @@ class RoomGap:
     since: float
 
 
+def _check_event(event: object) -> Event:
+    if not isinstance(event, _EVENT_TYPES):
+        raise InvalidInput("event", "must be one of the chatkeep.realtime event models")
+    return event
+
+
 def encode_event(event: Event) -> bytes:
     """The wire form (JSON bytes) of ``event``.
 
     Raises:
         InvalidInput: ``event`` is not one of the event models.
     """
-    if not isinstance(event, _EVENT_TYPES):
-        raise InvalidInput("event", "must be one of the chatkeep.realtime event models")
-    return event.model_dump_json().encode()
+    return _check_event(event).model_dump_json().encode()
 
 
 def decode_event(data: bytes | str) -> Event | None:
@@ -355,6 +359,7 @@ class EventBus:
             InvalidInput: ``event`` is not an event model.
             Unavailable: Redis could not be reached.
         """
+        _check_event(event)  # before _stamp reads its fields (AttributeError otherwise)
         data = encode_event(self._stamp(event))
         channel = self._client.keys.room_events(event.room_id)
         with self._client.guard("events.publish"):
@@ -364,12 +369,14 @@ class EventBus:
         """Publish several events in one round trip, in order.
 
         Raises:
-            InvalidInput: one is not an event model (nothing is published then).
+            InvalidInput: ``events`` is not a collection, or one is not an event model
+                (nothing is published then).
             Unavailable: Redis could not be reached.
         """
+        checked = [_check_event(event) for event in validate_collection(events, "events")]
         encoded = [
             (self._client.keys.room_events(event.room_id), encode_event(self._stamp(event)))
-            for event in events
+            for event in checked
         ]
         if not encoded:
             return []
