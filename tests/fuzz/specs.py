@@ -118,7 +118,8 @@ class Spec:
     target: Callable[[World], Any]
     valid: Callable[[World], dict[str, Any]]
     params: Mapping[str, Param] = field(default_factory=dict)
-    #: The method runs until cancelled when its input is good (a sweeper loop).
+    #: The method runs until cancelled when its input is good (a sweeper loop): a good
+    #: value is one still running after FOREVER_TIMEOUT seconds.
     forever: bool = False
 
 
