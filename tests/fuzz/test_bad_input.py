@@ -11,7 +11,7 @@ a call that would succeed with a bad value (:mod:`tests.fuzz.strategies`), and c
   test prefix are the same before and after (a key whose TTL ran out meanwhile excepted);
 * the call returns within :data:`CALL_TIMEOUT` seconds.
 
-``CHATKEEP_FUZZ_EXAMPLES`` sets the examples per method (default 6, seeded so CI runs are
+``CHATKEEP_FUZZ_EXAMPLES`` sets the examples per method (default 5, seeded so CI runs are
 reproducible; any other value draws fresh random examples): ``CHATKEEP_FUZZ_EXAMPLES=500
 pytest tests/fuzz`` is the long run.
 """
@@ -35,7 +35,7 @@ from tests.fuzz.conftest import World, snapshot
 from tests.fuzz.specs import CLASSES, SPECS, Spec
 from tests.fuzz.strategies import bad_values
 
-DEFAULT_EXAMPLES = 6
+DEFAULT_EXAMPLES = 5
 EXAMPLES = int(os.environ.get("CHATKEEP_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))
 CALL_TIMEOUT = 10.0
 FOREVER_TIMEOUT = 0.5
