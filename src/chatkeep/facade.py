@@ -700,7 +700,8 @@ class ChatKeep:
         Raises:
             NotFound: no such user.
             PermissionDenied: ``current_password`` is wrong.
-            InvalidInput: ``new_password`` breaks a rule.
+            InvalidInput: ``new_password`` breaks a rule, or ``current_password`` is no
+                password at all (not a string, lone surrogates, over 72 bytes).
             Conflict: the password was changed concurrently; nothing was written.
             Unavailable: the password is changed but Redis could not revoke the sessions
                 (call again with the new password as current to finish).

@@ -597,9 +597,12 @@ class CreateMessageDto(_Dto):
             raise _rule("must be a string")
         return _check_content(value)
 
-    @field_validator("client_msg_id")
+    @field_validator("client_msg_id", mode="before")
     @classmethod
-    def _client_msg_id(cls, value: str | None) -> str | None:
+    def _client_msg_id(cls, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            # Before pydantic's lax mode, which turned b"x" into "x".
+            raise _rule("must be a string")
         if value is not None and not _CLIENT_MSG_ID_RE.fullmatch(value):
             raise _rule("1 to 64 printable ASCII characters without spaces")
         return value

@@ -35,6 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 from chatkeep.errors import ChatkeepError, InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import seconds
+from chatkeep.realtime.keys import validate_collection
 
 __all__ = [
     "CacheStats",
@@ -228,8 +229,11 @@ class ReadThroughCache(Generic[T]):
                 reads as the caller, say).
 
         Raises:
-            InvalidInput: ``ident`` is not a UUID.
+            InvalidInput: ``ident`` is not a UUID, or ``loader`` is not callable.
         """
+        # Checked even when the entry is cached: a bad loader must not pass on a hit only.
+        if loader is not None and not callable(loader):
+            raise InvalidInput("loader", "must be an async callable")
         load = self._loader if loader is None else loader
         key = self.key(ident)
         lease = _LEASE + secrets.token_bytes(12)
@@ -315,10 +319,12 @@ class ReadThroughCache(Generic[T]):
         Whatever the loader raises propagates.
 
         Raises:
-            InvalidInput: an id is not a UUID.
+            InvalidInput: ``idents`` is not a collection, or an id is not a UUID.
         """
-        ids = list(dict.fromkeys(idents))
-        keys = [self.key(ident) for ident in ids]
+        # Keys first: they check each id, before hashing one (a list raised TypeError).
+        named = {self.key(ident): ident for ident in validate_collection(idents, "idents")}
+        keys = list(named)
+        ids = list(named.values())
         found: list[bytes | None] = [None] * len(ids)
         if ids:
             try:
@@ -429,7 +435,13 @@ class RoomMembersCache:
 
         Whatever the loader raises propagates (the facade's raises ``NotFound`` for a
         room the asker cannot see); a loader returning ``None`` gives the empty set.
+
+        Raises:
+            InvalidInput: ``room_id`` or ``asking`` is not a UUID.
         """
+        # Checked even on a hit, which never reaches the loader that would refuse it.
+        if asking is not None and not isinstance(asking, UUID):
+            raise InvalidInput("asking", "must be a UUID")
         if asking is None:
             found = await self._cache.get(room_id)
             return found if found is not None else frozenset()
@@ -452,7 +464,12 @@ class RoomMembersCache:
 
         A hit answers a member; a miss, or a list without the user, is read as that user
         (see :meth:`members`), so a non-member's answer never depends on the cache.
+
+        Raises:
+            InvalidInput: ``room_id`` or ``user_id`` is not a UUID.
         """
+        if not isinstance(user_id, UUID):  # a list raised TypeError (unhashable) in ``in``
+            raise InvalidInput("user_id", "must be a UUID")
         return user_id in await self.members(room_id, asking=user_id)
 
     async def invalidate(self, *room_ids: UUID) -> bool:

@@ -34,7 +34,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, Va
 
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
-from chatkeep.realtime.keys import validate_id
+from chatkeep.realtime.keys import validate_collection, validate_id
 from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
 
 __all__ = [
@@ -210,15 +210,19 @@ class RoomGap:
     since: float
 
 
+def _check_event(event: object) -> Event:
+    if not isinstance(event, _EVENT_TYPES):
+        raise InvalidInput("event", "must be one of the chatkeep.realtime event models")
+    return event
+
+
 def encode_event(event: Event) -> bytes:
     """The wire form (JSON bytes) of ``event``.
 
     Raises:
         InvalidInput: ``event`` is not one of the event models.
     """
-    if not isinstance(event, _EVENT_TYPES):
-        raise InvalidInput("event", "must be one of the chatkeep.realtime event models")
-    return event.model_dump_json().encode()
+    return _check_event(event).model_dump_json().encode()
 
 
 def decode_event(data: bytes | str) -> Event | None:
@@ -366,6 +370,7 @@ class EventBus:
             InvalidInput: ``event`` is not an event model.
             Unavailable: Redis could not be reached.
         """
+        _check_event(event)  # before _stamp reads its fields (AttributeError otherwise)
         data = encode_event(self._stamp(event))
         channel = self._client.keys.room_events(event.room_id)
         with self._client.guard("events.publish"):
@@ -375,12 +380,14 @@ class EventBus:
         """Publish several events in one round trip, in order.
 
         Raises:
-            InvalidInput: one is not an event model (nothing is published then).
+            InvalidInput: ``events`` is not a collection, or one is not an event model
+                (nothing is published then).
             Unavailable: Redis could not be reached.
         """
+        checked = [_check_event(event) for event in validate_collection(events, "events")]
         encoded = [
             (self._client.keys.room_events(event.room_id), encode_event(self._stamp(event)))
-            for event in events
+            for event in checked
         ]
         if not encoded:
             return []

@@ -23,12 +23,13 @@ another key's name.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Iterable
+from typing import Any, Final
 from uuid import UUID
 
 from chatkeep.errors import InvalidInput
 
-__all__ = ["MAX_ID_LENGTH", "KeySpace", "validate_id"]
+__all__ = ["MAX_ID_LENGTH", "KeySpace", "validate_collection", "validate_id"]
 
 MAX_ID_LENGTH: Final = 200
 
@@ -77,6 +78,18 @@ def validate_id(value: str, field: str) -> str:
     if not _ID_PATTERN.match(value):
         raise InvalidInput(field, "must be printable ASCII without whitespace, '{' or '}'")
     return value
+
+
+def validate_collection(value: object, field: str) -> list[Any]:
+    """``value``'s items as a list, if it is a collection of ids (or of events, beats...).
+
+    Raises:
+        InvalidInput: ``value`` is not iterable (an int raised TypeError in ``for``), or is
+            a string or bytes (taken character by character, it named other keys).
+    """
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+        raise InvalidInput(field, "must be a collection (a list, set or tuple)")
+    return list(value)
 
 
 def _uuid(value: UUID, field: str) -> str:

@@ -39,7 +39,7 @@ from uuid import UUID
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import Clock, from_ms, seconds
-from chatkeep.realtime.keys import validate_id
+from chatkeep.realtime.keys import validate_collection, validate_id
 from chatkeep.realtime.sockets import SocketRegistry, SocketTouch, check_rooms
 
 __all__ = ["Heartbeat", "OfflineHandler", "OfflineUser", "Presence"]
@@ -148,7 +148,7 @@ class Presence:
             InvalidInput: bad ``user_id``, ``socket_id`` or ``rooms``.
             Unavailable: Redis could not be reached.
         """
-        beat = self._check(Heartbeat(user_id, socket_id, frozenset(rooms)))
+        beat = self._check(Heartbeat(user_id, socket_id, check_rooms(rooms)))
         return bool(await self._send([beat], "presence.connect", connecting=True))
 
     async def heartbeat(self, user_id: UUID, socket_id: str, *, rooms: Iterable[UUID] = ()) -> bool:
@@ -161,7 +161,7 @@ class Presence:
             InvalidInput: bad ``user_id``, ``socket_id`` or ``rooms``.
             Unavailable: Redis could not be reached.
         """
-        beat = self._check(Heartbeat(user_id, socket_id, frozenset(rooms)))
+        beat = self._check(Heartbeat(user_id, socket_id, check_rooms(rooms)))
         return bool(await self._send([beat], "presence.heartbeat", connecting=False))
 
     async def heartbeat_many(self, beats: Iterable[Heartbeat]) -> list[UUID]:
@@ -174,7 +174,7 @@ class Presence:
             InvalidInput: a heartbeat is malformed (nothing is sent then).
             Unavailable: Redis could not be reached.
         """
-        checked = [self._check(beat) for beat in beats]
+        checked = [self._check(beat) for beat in validate_collection(beats, "beats")]
         came_online: list[UUID] = []
         for start in range(0, len(checked), self._batch):
             came_online.extend(
@@ -282,7 +282,7 @@ class Presence:
         Raises:
             Unavailable: Redis could not be reached.
         """
-        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidInput("limit", "must be an integer from 1 to 100000")
         keys = self._client.keys
         now = self._now_ms()
@@ -320,7 +320,11 @@ class Presence:
             InvalidInput: an id is not a UUID.
             Unavailable: Redis could not be reached.
         """
-        ids = list(dict.fromkeys(user_ids))
+        # Keys first: they check each id, before hashing one (a list raised TypeError).
+        named = {
+            self._client.keys.presence(u): u for u in validate_collection(user_ids, "user_ids")
+        }
+        ids = list(dict.fromkeys(named.values()))
         if not ids:
             return set()
         pipe = self._client.pipeline()

@@ -149,8 +149,9 @@ class RateLimiter:
         """The configured limit of ``action``.
 
         Raises:
-            InvalidInput: no policy is configured for ``action``.
+            InvalidInput: ``action`` is not a valid id, or has no configured policy.
         """
+        validate_id(action, "action")
         try:
             return self._policies[action]
         except KeyError:
@@ -168,10 +169,17 @@ class RateLimiter:
             cost: how many requests this one counts as; 0 only looks.
 
         Raises:
-            InvalidInput: bad ``subject``/``action``/``cost``, no policy for ``action``,
+            InvalidInput: bad ``subject``/``action``/``limit``/``cost``, no policy for ``action``,
                 or ``cost`` above the burst (it could never be allowed).
             Unavailable: Redis could not be reached.
         """
+        # Every argument is checked before use: a dict as ``action`` would otherwise reach
+        # the policy look-up (TypeError: unhashable) and a string as ``limit`` its
+        # attribute reads (AttributeError).
+        validate_id(subject, "subject")
+        validate_id(action, "action")
+        if limit is not None and not isinstance(limit, RateLimit):
+            raise InvalidInput("limit", "must be a RateLimit or None")
         policy = limit if limit is not None else self.policy(action)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise InvalidInput("cost", "must be a non-negative integer")

@@ -183,6 +183,8 @@ def _check_session_id(session_id: str) -> str:
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     if metadata is None:
         return {}
+    if not isinstance(metadata, Mapping):  # bytes and ints have no items(); 50 has no len()
+        raise InvalidInput("metadata", "must be a mapping of strings to strings")
     if len(metadata) > _MAX_METADATA:
         raise InvalidInput("metadata", f"must have at most {_MAX_METADATA} entries")
     checked: dict[str, str] = {}
@@ -260,10 +262,13 @@ class SessionStore:
             slide: move the idle deadline forward (the usual case for a request).
 
         Raises:
-            InvalidInput: ``token`` is not shaped like a session token.
+            InvalidInput: ``token`` is not shaped like a session token, or ``slide`` is
+                not a bool.
             Unavailable: Redis could not be reached.
         """
         user_id, session_id = _parse_token(token)
+        if not isinstance(slide, bool):
+            raise InvalidInput("slide", "must be a bool")
         with self._client.guard("sessions.validate"):
             raw = await self._validate(
                 keys=[self._client.keys.session(user_id)],

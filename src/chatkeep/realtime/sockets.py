@@ -28,7 +28,7 @@ from redis.typing import EncodableT, FieldT
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import Clock, from_ms, seconds, wall_clock
-from chatkeep.realtime.keys import validate_id
+from chatkeep.realtime.keys import validate_collection, validate_id
 
 __all__ = ["SocketInfo", "SocketRegistry", "SocketTouch"]
 
@@ -80,14 +80,18 @@ def check_rooms(rooms: Iterable[UUID]) -> frozenset[UUID]:
     """``rooms`` as a frozenset, each checked to be a UUID (at most 1000).
 
     Raises:
-        InvalidInput: an element is not a UUID, or there are too many.
+        InvalidInput: ``rooms`` is not a collection, an element is not a UUID, or there
+            are too many.
     """
-    found = frozenset(rooms)
-    if len(found) > 1000:
-        raise InvalidInput("rooms", "a socket may be in at most 1000 rooms")
-    for room in found:
+    items = validate_collection(rooms, "rooms")
+    # Each element is checked before hashing: a list among them made frozenset() raise
+    # TypeError (unhashable).
+    for room in items:
         if not isinstance(room, UUID):
             raise InvalidInput("rooms", "must hold room UUIDs")
+    found = frozenset(items)
+    if len(found) > 1000:
+        raise InvalidInput("rooms", "a socket may be in at most 1000 rooms")
     return found
 
 
@@ -222,7 +226,8 @@ class SocketRegistry:
             InvalidInput: bad ``node_id``.
             Unavailable: Redis could not be reached.
         """
-        key = self._client.keys.node_sockets(node_id or self._node)
+        # ``is None``, not ``or``: a falsy wrong value (0, "", []) named this node.
+        key = self._client.keys.node_sockets(self._node if node_id is None else node_id)
         return await self._live(key, "sockets.of_node")
 
     async def _live(self, key: str, operation: str) -> list[str]:
@@ -245,7 +250,8 @@ class SocketRegistry:
             Unavailable: Redis could not be reached.
         """
         keys = self._client.keys
-        node = validate_id(node_id or self._node, "node_id")
+        # ``is None``, not ``or``: a falsy wrong value (0, "", []) purged this node.
+        node = validate_id(self._node if node_id is None else node_id, "node_id")
         node_key = keys.node_sockets(node)
         with self._client.guard("sockets.purge_node"):
             members = [_text(m) for m in await self._client.redis.zrange(node_key, 0, -1)]

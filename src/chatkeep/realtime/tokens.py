@@ -234,6 +234,12 @@ class RefreshTokenStore:
         index = keys.user_refresh_families(user_id)
         if not isinstance(session_id, str) or len(session_id) > 64:
             raise InvalidInput("session_id", "must be a string of at most 64 characters")
+        if not session_id.isascii():
+            # Redis takes UTF-8: a lone surrogate raised UnicodeEncodeError mid-pipeline.
+            try:
+                session_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput("session_id", "must be valid Unicode") from None
         family_id = uuid4()
         secret = secrets.token_urlsafe(32)
         token_hash = _hash(secret)

@@ -33,6 +33,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _check_dto(dto: object, expected: type[BaseModel]) -> None:
+    if not isinstance(dto, expected):
+        raise InvalidInput("dto", f"must be a {expected.__name__}")
+
+
 class BaseRepository(Generic[ModelT, CreateT, UpdateT]):
     """find_by_id / create / update / delete over one table, from a read model.
 
@@ -44,6 +49,10 @@ class BaseRepository(Generic[ModelT, CreateT, UpdateT]):
     table: ClassVar[str]
     model: ClassVar[type[_Row]]
     entity: ClassVar[str]
+    #: The DTO classes :meth:`create` and :meth:`update` take (anything else is refused
+    #: before it is read: a dict has no ``model_dump``).
+    create_dto: ClassVar[type[BaseModel]]
+    update_dto: ClassVar[type[BaseModel]]
     #: Columns of the table that are written but are not fields of the read model.
     extra_writable: ClassVar[frozenset[str]] = frozenset()
     #: Columns a caller may never set through create/update.
@@ -96,8 +105,9 @@ class BaseRepository(Generic[ModelT, CreateT, UpdateT]):
         Raises:
             Conflict: a unique rule is broken (``constraint`` names it).
             NotFound: a referenced row does not exist.
-            InvalidInput: a value breaks a rule.
+            InvalidInput: a value breaks a rule, or ``dto`` is not a :attr:`create_dto`.
         """
+        _check_dto(dto, self.create_dto)
         values = await self._insert_values(dto)
         return await self._insert(values)
 
@@ -107,9 +117,10 @@ class BaseRepository(Generic[ModelT, CreateT, UpdateT]):
         Raises:
             NotFound: no row has this id.
             Conflict: a unique rule is broken.
-            InvalidInput: a value breaks a rule.
+            InvalidInput: a value breaks a rule, or ``dto`` is not an :attr:`update_dto`.
         """
         key = check_id("id", id)
+        _check_dto(dto, self.update_dto)
         values = await self._update_values(dto)
         if not values:
             return await self.get(key)

@@ -248,6 +248,8 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
     table: ClassVar[str] = "messages"
     model: ClassVar[type[Message]] = Message
     entity: ClassVar[str] = "message"
+    create_dto: ClassVar[type[CreateMessageDto]] = CreateMessageDto
+    update_dto: ClassVar[type[CreateMessageDto]] = CreateMessageDto
 
     # -- writes ---------------------------------------------------------------------------
 

@@ -145,6 +145,8 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
     table: ClassVar[str] = "rooms"
     model: ClassVar[type[Room]] = Room
     entity: ClassVar[str] = "room"
+    create_dto: ClassVar[type[CreateRoomDto]] = CreateRoomDto
+    update_dto: ClassVar[type[UpdateRoomDto]] = UpdateRoomDto
     read_only: ClassVar[frozenset[str]] = frozenset(
         {"created_at", "updated_at", "last_seq", "direct_user_low", "direct_user_high"}
     )
@@ -377,9 +379,12 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
 
         Raises:
             NotFound: no such user.
+            InvalidInput: a bad id, or ``include_inactive`` is not a bool.
         """
         user = check_id("user_id", user_id)
-        rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, bool(include_inactive))
+        if not isinstance(include_inactive, bool):
+            raise InvalidInput("include_inactive", "must be a bool")
+        rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, include_inactive)
         if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
             raise NotFound(f"user {user} does not exist", entity="user")
         return [_summary(row) for row in rows]
@@ -422,7 +427,8 @@ def _summary(row: Any) -> RoomSummary:
 
 
 def _check_role(role: object) -> None:
-    if role not in _ROLES:
+    # A str first: ``{} in frozenset`` raises TypeError (unhashable) instead of answering.
+    if not isinstance(role, str) or role not in _ROLES:
         raise InvalidInput("role", "one of owner, admin, member")
 
 

@@ -19,6 +19,7 @@ import bcrypt
 from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.models import (
+    PASSWORD_MAX_BYTES,
     CreateUserDto,
     UpdateUserDto,
     User,
@@ -34,6 +35,7 @@ __all__ = ["DEFAULT_BCRYPT_ROUNDS", "MIN_BCRYPT_ROUNDS", "UserRepository"]
 DEFAULT_BCRYPT_ROUNDS: Final = 12
 MIN_BCRYPT_ROUNDS: Final = 10
 MAX_BCRYPT_ROUNDS: Final = 31
+_MAX_MIN_INTERVAL: Final = 366 * 86_400.0
 
 _USER_COLUMNS: Final = (
     "id, email, username, avatar_url, is_active, last_seen, created_at, updated_at"
@@ -74,6 +76,28 @@ def _check_dummy(secret: bytes, rounds: int) -> None:
     bcrypt.checkpw(secret, _dummy_hash(rounds))
 
 
+def _candidate(field: str, value: object) -> bytes:
+    """A password to check against a stored hash, as the bytes bcrypt reads.
+
+    Only what no stored password can be is refused: not a string, lone surrogates (no
+    UTF-8 form: ``encode`` raised UnicodeEncodeError) and more than 72 bytes (bcrypt
+    raised ValueError). The rules of new passwords do not apply: an old one may predate
+    them.
+
+    Raises:
+        InvalidInput: ``value`` is none of those things, named ``field``.
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(field, "must be a string")
+    try:
+        secret = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(field, "must be valid Unicode (no lone surrogates)") from None
+    if len(secret) > PASSWORD_MAX_BYTES:
+        raise InvalidInput(field, f"at most {PASSWORD_MAX_BYTES} bytes in UTF-8 (bcrypt's limit)")
+    return secret
+
+
 class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
     """Users, with bcrypt passwords.
 
@@ -89,6 +113,8 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
     table: ClassVar[str] = "users"
     model: ClassVar[type[User]] = User
     entity: ClassVar[str] = "user"
+    create_dto: ClassVar[type[CreateUserDto]] = CreateUserDto
+    update_dto: ClassVar[type[UpdateUserDto]] = UpdateUserDto
     extra_writable: ClassVar[frozenset[str]] = frozenset({"password_hash"})
     read_only: ClassVar[frozenset[str]] = frozenset({"created_at", "updated_at", "last_seen"})
 
@@ -126,9 +152,9 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
             hashed = await asyncio.to_thread(bcrypt.hashpw, secret, bcrypt.gensalt(rounds))
         return hashed.decode("ascii")
 
-    async def _verify(self, password: str, hashed: bytes) -> bool:
+    async def _verify(self, secret: bytes, hashed: bytes) -> bool:
         async with self._hash_slots:
-            return await asyncio.to_thread(bcrypt.checkpw, password.encode("utf-8"), hashed)
+            return await asyncio.to_thread(bcrypt.checkpw, secret, hashed)
 
     # -- BaseRepository hooks -------------------------------------------------------------
 
@@ -162,20 +188,18 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         when it does not), so timing does not reveal registered emails.
 
         Raises:
-            InvalidInput: ``email`` or ``password`` is not even well-formed.
+            InvalidInput: ``email`` or ``password`` is not even well-formed (``password``:
+                not a string, lone surrogates, or over 72 bytes in UTF-8).
         """
-        if not isinstance(password, str):
-            raise InvalidInput("password", "must be a string")
-        if len(password.encode("utf-8", "surrogatepass")) > 72:
-            raise InvalidInput("password", "at most 72 bytes in UTF-8 (bcrypt's limit)")
+        secret = _candidate("password", password)
         key = canonical_email(email)
         row = await self.db.fetchrow("users.authenticate", FIND_FOR_LOGIN, key)
         if row is None:
             async with self._hash_slots:
-                await asyncio.to_thread(_check_dummy, password.encode("utf-8"), self.bcrypt_rounds)
+                await asyncio.to_thread(_check_dummy, secret, self.bcrypt_rounds)
             return None
         try:
-            matches = await self._verify(password, row["password_hash"].encode("ascii"))
+            matches = await self._verify(secret, row["password_hash"].encode("ascii"))
         except (ValueError, UnicodeEncodeError):
             matches = False
         if not matches or not row["is_active"]:
@@ -208,10 +232,12 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         Raises:
             NotFound: no such user.
             Conflict: the new username is taken.
+            InvalidInput: a bad id, or ``dto`` is not an UpdateUserDto.
         """
+        key = check_id("user_id", user_id)  # named as the caller named it, not ``id``
         if not isinstance(dto, UpdateUserDto):
             raise InvalidInput("dto", "must be an UpdateUserDto")
-        return await self.update(user_id, dto)
+        return await self.update(key, dto)
 
     async def change_password(
         self, user_id: uuid.UUID, current_password: str, new_password: str
@@ -221,17 +247,17 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         Raises:
             NotFound: no such user.
             PermissionDenied: ``current_password`` is wrong.
-            InvalidInput: ``new_password`` breaks a rule.
+            InvalidInput: ``new_password`` breaks a rule, or ``current_password`` is no
+                password at all (not a string, lone surrogates, over 72 bytes).
             Conflict: the password was changed concurrently; nothing was written.
         """
         key = check_id("user_id", user_id)
         check_password(new_password)
-        if not isinstance(current_password, str):
-            raise InvalidInput("current_password", "must be a string")
+        current = _candidate("current_password", current_password)
         old_hash = await self.db.fetchval("users.find_hash", FIND_HASH, key)
         if old_hash is None:
             raise NotFound(f"user {key} does not exist", entity="user")
-        if not await self._verify(current_password, old_hash.encode("ascii")):
+        if not await self._verify(current, old_hash.encode("ascii")):
             raise PermissionDenied("the current password is wrong")
         new_hash = await self.hash_password(new_password)
         status = await self.db.execute(
@@ -251,10 +277,16 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
 
         Raises:
             NotFound: no such user.
+            InvalidInput: a bad id, or ``min_interval`` is not a number from 0 to a year.
         """
         key = check_id("user_id", user_id)
-        if not isinstance(min_interval, int | float) or min_interval < 0:
-            raise InvalidInput("min_interval", "a number of seconds >= 0")
+        # Bounded (and so finite): NaN or 1e100 seconds overflowed make_interval in SQL.
+        if (
+            isinstance(min_interval, bool)
+            or not isinstance(min_interval, int | float)
+            or not 0 <= min_interval <= _MAX_MIN_INTERVAL
+        ):
+            raise InvalidInput("min_interval", "a number of seconds from 0 to one year")
         status = await self.db.execute(
             "users.touch_last_seen", TOUCH_LAST_SEEN, key, float(min_interval)
         )
