@@ -643,7 +643,10 @@ class ChatKeep:
                 of the login again finishes its revocation).
         """
         async with self._flow("refresh", after_commit=False) as flow:
-            rotated = await self.tokens.rotate(refresh_token)
+            try:
+                rotated = await self.tokens.rotate(refresh_token)
+            except InvalidInput as exc:  # the store calls it ``token``: name it as called
+                raise InvalidInput("refresh_token", exc.rule) from exc
             async with flow.acting_as(rotated.user_id):
                 user = await self.users.find_by_id(rotated.user_id)
             if user is None or not user.is_active:

@@ -203,6 +203,9 @@ SPECS: dict[str, Spec] = {
         lambda w: {"email": w.member.email, "password": PASSWORD},
         {"email": P(STR), "password": P(STR)},
     ),
+    "ChatKeep.refresh": Spec(
+        _chat, lambda w: {"refresh_token": w.refresh_token}, {"refresh_token": P(STR)}
+    ),
     "ChatKeep.unlock_login": Spec(_chat, lambda w: {"email": w.member.email}, {"email": P(STR)}),
     "ChatKeep.update_profile": Spec(
         _chat,
@@ -521,6 +524,11 @@ SPECS: dict[str, Spec] = {
     ),
     "RefreshTokenStore.revoke": Spec(
         lambda w: w.chat.tokens, lambda w: {"token": w.refresh_token}, {"token": P(STR)}
+    ),
+    "RefreshTokenStore.attach_session": Spec(
+        lambda w: w.chat.tokens,
+        lambda w: {"family_id": _family(w), "session_id": w.session_id},
+        {"family_id": P(UUID_ONLY), "session_id": P(STR)},
     ),
     "RefreshTokenStore.revoke_family": Spec(
         lambda w: w.chat.tokens, lambda w: {"family_id": _family(w)}, {"family_id": P(UUID_ONLY)}

@@ -160,3 +160,11 @@ async def test_a_falsy_node_id_no_longer_purges_this_node(world: World) -> None:
     with pytest.raises(InvalidInput):
         await world.chat.sockets.purge_node(0)  # type: ignore[arg-type]
     assert await world.chat.sockets.get("kept") is not None
+
+
+async def test_refresh_names_its_own_parameter(world: World) -> None:
+    # The token store's error named its own parameter, ``token``.
+    for bad in (object(), "not-a-token"):
+        with pytest.raises(InvalidInput) as caught:
+            await world.chat.refresh(bad)  # type: ignore[arg-type]
+        assert caught.value.field == "refresh_token"
