@@ -553,6 +553,25 @@ async def test_a_session_level_user_set_inside_acting_as_ends_with_the_block(
     assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
 
 
+async def test_a_bulk_write_never_runs_as_a_user_a_previous_borrower_left_in_the_session(
+    one_app: Database, world: World, conn: asyncpg.Connection
+) -> None:
+    # executemany used to borrow like db.acquire(), which does not reset a session that a
+    # single statement left dirty: the write ran as alice, whom no one named for it.
+    # (copy_records takes the same path; COPY FROM refuses row-secured tables outright.)
+    before = await conn.fetchval("SELECT count(*) FROM messages")
+    await one_app.execute("t.leak", LEAK, str(world.alice))
+    # As no one, the private room is not there to write to (its seq trigger says so).
+    with pytest.raises(NotFound):
+        await one_app.executemany(
+            "t.bulk",
+            "INSERT INTO messages (room_id, user_id, content) VALUES ($1, $2, $3)",
+            [(world.private, world.alice, "as alice?")],
+        )
+    assert await conn.fetchval("SELECT count(*) FROM messages") == before
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+
+
 async def test_other_session_state_is_reset_for_the_next_borrower(
     one_app: Database, world: World
 ) -> None:
