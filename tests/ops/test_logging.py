@@ -204,42 +204,6 @@ def test_a_record_is_redacted_once_and_bad_formats_survive() -> None:
     assert record.msg == again
 
 
-def test_operation_logs_duration_fields_slowness_and_errors(
-    capture: Capture,
-) -> None:
-    stream = capture.start(json=True)
-    logger = capture.logger
-    room = uuid.uuid4()
-    with ops_logging.operation(logger, "load_history", room_id=room) as op:
-        op["rows"] = 12
-    with ops_logging.operation(logger, "slow_one", slow_after=0.0):
-        pass
-    with pytest.raises(KeyError), ops_logging.operation(logger, "broken"):
-        raise KeyError(PASSWORD)
-    with pytest.raises(ValueError, match="must not be empty"), ops_logging.operation(logger, ""):
-        pass
-
-    done, slow, broken = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert done["operation"] == "load_history"
-    assert done["rows"] == 12
-    assert done["room_id"] == str(room)
-    assert done["outcome"] == "ok"
-    assert done["level"] == "DEBUG"
-    assert done["duration_ms"] >= 0
-    assert slow["level"] == "WARNING"
-    assert slow["slow"] is True
-    assert broken["outcome"] == "error"
-    assert broken["error"] == "KeyError"
-    assert PASSWORD not in stream.getvalue()
-
-
-def test_operation_skips_work_when_the_level_is_off(capture: Capture) -> None:
-    stream = capture.start(json=True, level=logging.INFO)
-    with ops_logging.operation(capture.logger, "quiet"):
-        pass
-    assert stream.getvalue() == ""
-
-
 async def test_cli_log_json_flag(database_url: str, cli_env: Callable[..., dict[str, str]]) -> None:
     code, output, stderr = await invoke(
         ["--log-json", "setup", "--database-url", database_url], cli_env()

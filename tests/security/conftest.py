@@ -4,19 +4,55 @@ The tests connect as ``chatapp_app`` (and ``chatapp_readonly``), never as a supe
 a superuser bypasses row security, so a test running as one would pass whatever the
 policies say. Both test servers (the local PostgreSQL and the embedded one) trust local
 connections, so the role URLs need no password.
+
+:func:`acting_as` and :func:`set_acting_user` name the acting user on a raw asyncpg
+connection, so the policies are checked without chatkeep's pool in between (the library's
+own way is ``Database.acting_as``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import asyncpg
 import pytest_asyncio
 
 from chatkeep.ids import uuid7
+from chatkeep.storage.errors import translate_errors
 from tests.conftest import url_as
+
+# Local to the transaction (third argument true), as the library sets it.
+SET_ACTING_USER = "SELECT set_config('app.user_id', $1, true)"
+
+
+async def set_acting_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
+    """Name the acting user for the rest of the transaction open on ``conn``."""
+    assert conn.is_in_transaction(), "outside a transaction the setting ends at once"
+    await conn.execute(SET_ACTING_USER, str(user_id))
+
+
+@contextlib.asynccontextmanager
+async def acting_as(
+    target: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on ``target`` (a connection, or one borrowed from a pool) acting as
+    ``user_id``; driver errors come out translated, as from chatkeep (PermissionDenied)."""
+    borrowed: contextlib.AbstractAsyncContextManager[Any]
+    if isinstance(target, asyncpg.Connection):
+        borrowed = contextlib.nullcontext(target)
+    else:
+        borrowed = target.acquire()
+    with translate_errors("acting as a user"):
+        async with borrowed as borrowed_conn:
+            conn = cast(asyncpg.Connection, borrowed_conn)  # a pool's proxy acts as one
+            async with conn.transaction():
+                await set_acting_user(conn, user_id)
+                yield conn
+
 
 HASH = "$2b$12$" + "a" * 53
 

@@ -15,8 +15,7 @@ from typer.testing import CliRunner, Result
 from chatkeep.cli import app
 from chatkeep.errors import InvalidInput, PermissionDenied
 from chatkeep.storage.audit import AuditEntry, tail
-from chatkeep.storage.security import acting_as
-from tests.security.conftest import World
+from tests.security.conftest import World, acting_as
 
 Env = Callable[..., dict[str, str]]
 

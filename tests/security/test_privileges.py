@@ -11,8 +11,7 @@ import pytest
 from chatkeep.errors import PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.storage.errors import translate_errors
-from chatkeep.storage.security import acting_as
-from tests.security.conftest import World
+from tests.security.conftest import World, acting_as
 
 # Every table the application works with: each must have row security enabled and forced.
 APP_TABLES = ("users", "rooms", "room_users", "messages", "message_read_status")

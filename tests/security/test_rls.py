@@ -17,11 +17,10 @@ import pytest
 import pytest_asyncio
 
 from chatkeep.config import Settings
-from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
+from chatkeep.errors import NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.storage import Database
-from chatkeep.storage.security import acting_as, set_acting_user_txn
-from tests.security.conftest import HASH, World
+from tests.security.conftest import HASH, World, acting_as
 
 
 async def as_user(app: asyncpg.Connection, user: uuid.UUID, sql: str, *args: Any) -> str:
@@ -425,31 +424,16 @@ async def test_a_denied_write_leaves_nothing_of_the_block(
     assert not app_conn.is_in_transaction()
 
 
-async def test_acting_as_validates_its_input(app_conn: asyncpg.Connection, world: World) -> None:
-    with pytest.raises(InvalidInput) as caught:
-        async with acting_as(app_conn, "not-a-uuid"):
-            pass
-    assert caught.value.field == "user_id"
-    with pytest.raises(InvalidInput):
-        async with acting_as(app_conn, 42):  # type: ignore[arg-type]
-            pass
-    async with app_conn.transaction():
-        with pytest.raises(InvalidInput, match="outside any transaction"):
-            async with acting_as(app_conn, world.alice):
-                pass
-    # The string form of a UUID is fine too.
-    async with acting_as(app_conn, str(world.alice)) as c:
-        assert await c.fetchval("SELECT chatkeep_acting_user_id()") == world.alice
-
-
-async def test_set_acting_user_txn_needs_a_transaction(
+async def test_the_acting_user_ends_with_its_transaction(
     app_conn: asyncpg.Connection, world: World
 ) -> None:
-    with pytest.raises(InvalidInput, match="inside a transaction"):
-        await set_acting_user_txn(app_conn, world.alice)
     async with app_conn.transaction():
-        await set_acting_user_txn(app_conn, world.carol)
+        await app_conn.execute(
+            "SELECT set_config('app.user_id', $1, true)", str(world.carol)
+        )  # the text form, as the library sends it
+        assert await app_conn.fetchval("SELECT chatkeep_acting_user_id()") == world.carol
         assert await app_conn.fetchval("SELECT count(*) FROM messages") == 3
+    assert await app_conn.fetchval("SELECT chatkeep_acting_user_id()") is None
     assert await app_conn.fetchval("SELECT count(*) FROM messages") == 0
 
 
@@ -550,6 +534,25 @@ async def test_a_session_level_user_set_inside_acting_as_ends_with_the_block(
             await block()
     else:
         await block()
+    assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
+
+
+async def test_a_bulk_write_never_runs_as_a_user_a_previous_borrower_left_in_the_session(
+    one_app: Database, world: World, conn: asyncpg.Connection
+) -> None:
+    # executemany used to borrow like db.acquire(), which does not reset a session that a
+    # single statement left dirty: the write ran as alice, whom no one named for it.
+    # (copy_records takes the same path; COPY FROM refuses row-secured tables outright.)
+    before = await conn.fetchval("SELECT count(*) FROM messages")
+    await one_app.execute("t.leak", LEAK, str(world.alice))
+    # As no one, the private room is not there to write to (its seq trigger says so).
+    with pytest.raises(NotFound):
+        await one_app.executemany(
+            "t.bulk",
+            "INSERT INTO messages (room_id, user_id, content) VALUES ($1, $2, $3)",
+            [(world.private, world.alice, "as alice?")],
+        )
+    assert await conn.fetchval("SELECT count(*) FROM messages") == before
     assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
 
 

@@ -42,8 +42,7 @@ import pytest_asyncio
 from chatkeep.errors import NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.storage.errors import translate_error
-from chatkeep.storage.security import set_acting_user_txn
-from tests.security.conftest import HASH, World, insert_user
+from tests.security.conftest import HASH, World, insert_user, set_acting_user
 
 
 class Outcome(enum.Enum):
@@ -317,7 +316,7 @@ async def _run(
     await transaction.start()
     try:
         if actor is not None:
-            await set_acting_user_txn(app, actor)
+            await set_acting_user(app, actor)
         if sql.startswith("SELECT"):
             found = await app.fetchval(sql, *args)
             return OK if found else HIDDEN

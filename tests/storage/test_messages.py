@@ -50,7 +50,7 @@ async def test_send_allocates_seq_and_moves_the_senders_watermark(
     assert await last_seq(db, room) == 2
     assert await messages.unread_counts(alice.id) == {room.id: 1}
     assert await messages.unread_counts(bob.id) == {room.id: 0}
-    assert await messages.create(msg(room, alice, "three")) == await messages.get(
+    assert await messages.send(msg(room, alice, "three")) == await messages.get(
         (await messages.history(room.id)).items[-1].id
     )
 

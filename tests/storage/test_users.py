@@ -245,11 +245,3 @@ async def test_deactivate_and_delete(users: UserRepository, make_user: MakeUser)
     assert await users.find_by_id(user.id) is None
     with pytest.raises(NotFound):
         await users.get(user.id)
-
-
-async def test_base_repository_refuses_unknown_columns(users: UserRepository) -> None:
-    with pytest.raises(InvalidInput) as info:
-        await users._insert({"email": "a@b.co", "is_admin": True})
-    assert info.value.field == "is_admin"
-    with pytest.raises(InvalidInput):
-        await users._insert({"created_at": None})

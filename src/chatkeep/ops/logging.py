@@ -1,4 +1,4 @@
-"""Structured logging: named operations with fields, JSON lines, and a redactor.
+"""Structured logging: records with fields, JSON lines, and a redactor.
 
 chatkeep logs through the standard :mod:`logging` module under the ``chatkeep`` logger
 hierarchy (``chatkeep.storage``, ``chatkeep.realtime``, ``chatkeep.migrate``...). As a
@@ -36,15 +36,13 @@ chatkeep's own code logs ids, counts and durations only; the redactor is the sec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json as jsonlib
 import logging
 import re
 import sys
-import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
@@ -58,7 +56,6 @@ __all__ = [
     "configure",
     "install_redactor",
     "is_sensitive_key",
-    "operation",
     "redact_record",
     "redact_text",
     "redact_value",
@@ -286,56 +283,3 @@ def install_redactor(logger: str | None = None) -> int:
             handler.addFilter(RedactingFilter())
             added += 1
     return added
-
-
-@contextlib.contextmanager
-def operation(
-    logger: logging.Logger,
-    name: str,
-    *,
-    level: int = logging.DEBUG,
-    slow_after: float | None = None,
-    **fields: Any,
-) -> Iterator[dict[str, Any]]:
-    """Time a named operation and log it once, with its fields, when it ends.
-
-    Yields a dict the block may add fields to (``rows``, ``room_id``...). Slower than
-    ``slow_after`` seconds logs at WARNING with ``slow: true``; an exception logs the
-    error's type (never its arguments) at ``level`` and propagates::
-
-        with operation(logger, "load_history", room_id=room_id) as op:
-            rows = await conn.fetch(...)
-            op["rows"] = len(rows)
-
-    Raises:
-        ValueError: ``name`` is empty.
-    """
-    if not name:
-        raise ValueError("operation name must not be empty")
-    started = time.perf_counter()
-    extra: dict[str, Any] = dict(fields)
-    extra["operation"] = name
-    outcome = "ok"
-    try:
-        yield extra
-    except BaseException as exc:
-        outcome = "error"
-        extra["error"] = type(exc).__name__
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        extra["duration_ms"] = round(elapsed * 1000, 3)
-        extra["outcome"] = outcome
-        chosen = level
-        if slow_after is not None and elapsed > slow_after:
-            chosen = max(level, logging.WARNING)
-            extra["slow"] = True
-        if logger.isEnabledFor(chosen):
-            logger.log(
-                chosen,
-                "%s %s in %.1f ms",
-                name,
-                "failed" if outcome == "error" else "done",
-                elapsed * 1000,
-                extra=extra,
-            )

@@ -36,7 +36,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -66,6 +66,8 @@ __all__ = [
     "connect_options",
     "ssl_option",
 ]
+
+_T = TypeVar("_T")
 
 
 def ssl_option(settings: Settings) -> ssl.SSLContext | str | None:
@@ -216,10 +218,6 @@ class Transaction:
         return f"<Transaction {self.name!r} depth={self.depth}>"
 
 
-def _new_stats() -> dict[str, OperationStats]:
-    return {}
-
-
 class Database:
     """An asyncpg pool tuned for chatkeep, with named operations and joinable transactions.
 
@@ -272,7 +270,7 @@ class Database:
         # Waiting for a free connection is bounded like connecting: an exhausted pool
         # becomes Unavailable instead of an unbounded queue of waiters.
         self._acquire_timeout = settings.connect_timeout
-        self._stats: dict[str, OperationStats] = _new_stats()
+        self._stats: dict[str, OperationStats] = {}
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
@@ -711,21 +709,28 @@ class Database:
 
     # -- named operations -----------------------------------------------------------------
 
-    async def _run(self, name: str, method: str, query: str, args: tuple[Any, ...]) -> Any:
-        """Run one named statement with ``method`` (``fetch``, ``fetchrow``, ``execute``).
+    async def _run(
+        self,
+        name: str,
+        query: str | None,
+        call: Callable[[PoolConnectionProxy], Awaitable[_T]],
+    ) -> _T:
+        """Run one named operation: ``call`` on a connection, timed, counted and translated.
 
         On the joined transaction's connection if the task is in one, else on a pooled
-        connection borrowed for this statement alone; timed, counted and translated.
+        connection borrowed for this operation alone (reset first if a borrower left
+        session state on it). ``query`` is the SQL ``call`` sends, for the check of whether
+        it may change session state; ``None`` when it sends none of the caller's (COPY).
         """
         start = time.perf_counter()
         failed = True
         try:
             tx = self._joined()
             if tx is not None:
-                if _may_change_session(query):
+                if query is not None and _may_change_session(query):
                     tx._touched = True
                 try:
-                    result = await getattr(tx._connection, method)(query, *args)
+                    result = await call(tx._connection)
                 except BaseException as exc:
                     if _abandoned(exc):
                         tx._lost = True
@@ -740,9 +745,9 @@ class Database:
                         # design pays, only after a statement that may have changed it.
                         await conn.execute(_SESSION_RESET)
                         self._dirty.discard(pid)
-                    if _may_change_session(query):
+                    if query is not None and _may_change_session(query):
                         self._dirty.add(pid)
-                    result = await getattr(conn, method)(query, *args)
+                    result = await call(conn)
                     reusable = True
                 except BaseException as exc:
                     reusable = not _abandoned(exc)
@@ -765,7 +770,9 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated (see :mod:`chatkeep.errors`).
         """
-        result: list[asyncpg.Record] = await self._run(name, "fetch", query, args)
+        result: list[asyncpg.Record] = await self._run(
+            name, query, lambda conn: conn.fetch(query, *args)
+        )
         return result
 
     async def fetchrow(self, name: str, query: str, *args: Any) -> asyncpg.Record | None:
@@ -774,7 +781,9 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated.
         """
-        result: asyncpg.Record | None = await self._run(name, "fetchrow", query, args)
+        result: asyncpg.Record | None = await self._run(
+            name, query, lambda conn: conn.fetchrow(query, *args)
+        )
         return result
 
     async def fetchval(self, name: str, query: str, *args: Any) -> Any:
@@ -792,7 +801,7 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated.
         """
-        result: str = await self._run(name, "execute", query, args)
+        result: str = await self._run(name, query, lambda conn: conn.execute(query, *args))
         return result
 
     async def executemany(self, name: str, query: str, args: Iterable[Sequence[Any]]) -> None:
@@ -801,16 +810,7 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated; nothing is written then.
         """
-        start = time.perf_counter()
-        failed = True
-        try:
-            async with self.acquire() as conn:
-                await conn.executemany(query, args)
-            failed = False
-        except _DRIVER_ERRORS as exc:
-            raise _translated(exc, name) from exc
-        finally:
-            self._record(name, time.perf_counter() - start, failed)
+        await self._run(name, query, lambda conn: conn.executemany(query, args))
 
     async def copy_records(
         self,
@@ -828,19 +828,12 @@ class Database:
         Raises:
             ChatkeepError: the driver's error, translated; nothing is written then.
         """
-        start = time.perf_counter()
-        failed = True
-        try:
-            async with self.acquire() as conn:
-                status = await conn.copy_records_to_table(
-                    table, records=records, columns=list(columns)
-                )
-            failed = False
-            return int(status.rsplit(" ", 1)[-1])
-        except _DRIVER_ERRORS as exc:
-            raise _translated(exc, name) from exc
-        finally:
-            self._record(name, time.perf_counter() - start, failed)
+        status: str = await self._run(
+            name,
+            None,
+            lambda conn: conn.copy_records_to_table(table, records=records, columns=list(columns)),
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def health(self) -> DatabaseHealth:
         """One round trip to the server, and the pool's counts.

@@ -30,7 +30,7 @@ from chatkeep.models import (
     _dict_setter,
     check_content,
 )
-from chatkeep.storage.base import BaseRepository, check_id
+from chatkeep.storage.base import BaseRepository, check_id, not_found
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "MessageRepository", "decode_cursor"]
 
@@ -89,7 +89,6 @@ UPDATE messages SET content = $3, is_edited = true, edited_at = now()
  WHERE id = $1 AND user_id = $2
 RETURNING {MESSAGE_COLUMNS}
 """
-AUTHOR_OF: Final = "SELECT user_id FROM messages WHERE id = $1"
 # The author, or an owner/admin of the message's room.
 DELETE_AS: Final = """
 DELETE FROM messages m
@@ -131,8 +130,6 @@ HISTORY_AROUND: Final = _with_authors(
     "ASC",
 )
 SEQ_OF: Final = "SELECT room_id, seq FROM messages WHERE id = $1"
-ROOM_EXISTS: Final = "SELECT 1 FROM rooms WHERE id = $1"
-USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
 
 # The watermark moves forward only (GREATEST), never past the room's newest message, and
 # last_read_at changes only when it moves. rooms is read, not locked: marking read never
@@ -175,7 +172,6 @@ SELECT m.id AS message_id, ru.user_id, COALESCE(s.read_at, ru.last_read_at) AS r
  WHERE m.id = $1 AND (ru.last_read_seq >= m.seq OR s.user_id IS NOT NULL)
  ORDER BY read_at, ru.user_id
 """
-MESSAGE_EXISTS: Final = "SELECT 1 FROM messages WHERE id = $1"
 # All of a user's unread counts in one round trip: a subtraction per room, no COUNT.
 UNREAD_COUNTS: Final = """
 SELECT ru.room_id, GREATEST(r.last_seq - ru.last_read_seq, 0) AS unread
@@ -242,20 +238,20 @@ def _seq(field: str, value: object) -> int:
     return value
 
 
-class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageDto]):
-    """Messages, history and read state."""
+class MessageRepository(BaseRepository[Message]):
+    """Messages, history and read state.
+
+    No generic ``create`` or ``update``: a message is written only by :meth:`send` (as a
+    member, with its seq from the trigger) and changed only by :meth:`edit` (its content,
+    by its author). Its room, author and seq never change, so nothing is declared
+    insertable or updatable through the base.
+    """
 
     table: ClassVar[str] = "messages"
     model: ClassVar[type[Message]] = Message
     entity: ClassVar[str] = "message"
-    create_dto: ClassVar[type[CreateMessageDto]] = CreateMessageDto
-    update_dto: ClassVar[type[CreateMessageDto]] = CreateMessageDto
 
     # -- writes ---------------------------------------------------------------------------
-
-    async def create(self, dto: CreateMessageDto) -> Message:
-        """Same as :meth:`send`."""
-        return await self.send(dto)
 
     async def send(self, dto: CreateMessageDto) -> Message:
         """Store a message from a member; a repeated ``client_msg_id`` returns the first.
@@ -295,7 +291,7 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
     async def _why_not_sent(self, room: uuid.UUID, user: uuid.UUID) -> NoReturn:
         found = await self.db.fetchrow("messages.why_not_sent", WHY_NOT_SENT, room, user)
         if found is None:
-            raise NotFound(f"room {room} does not exist", entity="room")
+            raise not_found("room", room)
         if not found["member"]:
             raise PermissionDenied("only members may send to this room")
         raise PermissionDenied("the room is archived")
@@ -313,8 +309,7 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         text = check_content(content)
         row = await self.db.fetchrow("messages.edit", EDIT, key, actor, text)
         if row is None:
-            if await self.db.fetchval("messages.author_of", AUTHOR_OF, key) is None:
-                raise NotFound(f"message {key} does not exist", entity="message")
+            await self._require("message", key)
             raise PermissionDenied("only the author may edit a message")
         return Message._from_row(row)
 
@@ -334,7 +329,7 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         deleted = await self.db.fetchval("messages.delete", DELETE_AS, key, actor)
         if deleted is not None:
             return True
-        if await self.db.fetchval("messages.author_of", AUTHOR_OF, key) is None:
+        if not await self._exists("message", key):
             return False
         raise PermissionDenied("only the author or a room owner/admin may delete a message")
 
@@ -474,8 +469,7 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         upto = None if seq is None else _seq("seq", seq)
         value = await self.db.fetchval("messages.mark_read", MARK_READ, room, user, upto)
         if value is None:
-            if await self.db.fetchval("rooms.exists", ROOM_EXISTS, room) is None:
-                raise NotFound(f"room {room} does not exist", entity="room")
+            await self._require("room", room)
             raise PermissionDenied("only members have read state in this room")
         return int(value)
 
@@ -493,7 +487,7 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         user = check_id("user_id", user_id)
         row = await self.db.fetchrow("messages.mark_message_read", MARK_MESSAGE_READ, key, user)
         if row is None or not row["found"]:
-            raise NotFound(f"message {key} does not exist", entity="message")
+            raise not_found("message", key)
         if not row["is_member"]:
             raise PermissionDenied("only members may mark messages read in this room")
         return bool(row["written"])
@@ -509,8 +503,8 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         """
         key = check_id("message_id", message_id)
         rows = await self.db.fetch("messages.read_by", READ_BY, key)
-        if not rows and await self.db.fetchval("messages.exists", MESSAGE_EXISTS, key) is None:
-            raise NotFound(f"message {key} does not exist", entity="message")
+        if not rows:
+            await self._require("message", key)
         return [MessageReadStatus._from_row(row) for row in rows]
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
@@ -524,8 +518,8 @@ class MessageRepository(BaseRepository[Message, CreateMessageDto, CreateMessageD
         """
         user = check_id("user_id", user_id)
         rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
-        if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
-            raise NotFound(f"user {user} does not exist", entity="user")
+        if not rows:
+            await self._require("user", user)
         return UnreadCounts(rows)
 
 

@@ -26,7 +26,7 @@ from chatkeep.models import (
     UpdateRoomDto,
     UserProfile,
 )
-from chatkeep.storage.base import BaseRepository, check_id
+from chatkeep.storage.base import BaseRepository, check_id, not_found
 
 __all__ = ["RoomRepository"]
 
@@ -126,7 +126,6 @@ SELECT {_R_COLUMNS},
  WHERE ru.user_id = $1 AND (r.is_active OR $2)
  ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id
 """
-USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
 
 _ROOM_FIELDS: Final = tuple(field.name for field in dataclasses.fields(Room))
 
@@ -135,7 +134,7 @@ def _room(row: Any) -> Room:
     return Room._from_row({name: row[name] for name in _ROOM_FIELDS})
 
 
-class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
+class RoomRepository(BaseRepository[Room]):
     """Rooms, direct rooms and memberships.
 
     Methods that take ``by`` check the acting user's right to do it (``None`` means the
@@ -145,11 +144,10 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
     table: ClassVar[str] = "rooms"
     model: ClassVar[type[Room]] = Room
     entity: ClassVar[str] = "room"
-    create_dto: ClassVar[type[CreateRoomDto]] = CreateRoomDto
-    update_dto: ClassVar[type[UpdateRoomDto]] = UpdateRoomDto
-    read_only: ClassVar[frozenset[str]] = frozenset(
-        {"created_at", "updated_at", "last_seq", "direct_user_low", "direct_user_high"}
-    )
+    # Nothing is insertable through the base: a room is made with its owner (CREATE_ROOM
+    # and ADD_OWNER in one transaction) or as a direct pair (OPEN_DIRECT). Its type, creator
+    # and counter never change after that.
+    updatable: ClassVar[frozenset[str]] = frozenset({"name", "description"})
 
     async def create(self, dto: CreateRoomDto) -> Room:
         """Create a public or private room; its creator becomes its owner (atomically).
@@ -174,6 +172,19 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
                 raise NotFound("room was not created", entity="room")
             await self.db.execute("rooms.add_owner", ADD_OWNER, row["id"], dto.created_by)
         return self._row(row)
+
+    async def update(self, id: uuid.UUID, dto: UpdateRoomDto) -> Room:
+        """Change the name and/or description; fields left out of ``dto`` are kept.
+
+        Raises:
+            NotFound: no such room.
+            InvalidInput: ``dto`` is not an UpdateRoomDto, or ``id`` is not a UUID.
+        """
+        if not isinstance(dto, UpdateRoomDto):
+            raise InvalidInput("dto", "must be an UpdateRoomDto")
+        # Every field of the DTO is an updatable column (a test holds them together);
+        # _update refuses any other before sending anything.
+        return await self._update(id, dto.model_dump(exclude_unset=True))
 
     async def open_direct(self, user_a: uuid.UUID, user_b: uuid.UUID) -> Room:
         """The direct room of two users, created on first use; both become members.
@@ -227,7 +238,7 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         async with self.db.transaction("rooms.add_member"):
             found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
             if found is None:
-                raise NotFound(f"room {room} does not exist", entity="room")
+                raise not_found("room", room)
             if found["type"] == "direct":
                 raise InvalidInput("room_id", "direct rooms have fixed members")
             if actor is not None:
@@ -329,7 +340,7 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
     ) -> tuple[dict[uuid.UUID, str], int]:
         found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
         if found is None:
-            raise NotFound(f"room {room} does not exist", entity="room")
+            raise not_found("room", room)
         if found["type"] == "direct":
             raise InvalidInput("room_id", "direct rooms have fixed members")
         ids = [user] if actor is None else [user, actor]
@@ -347,7 +358,7 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         room = check_id("room_id", room_id)
         rows = await self.db.fetch("rooms.members", MEMBERS, room)
         if not rows:
-            raise NotFound(f"room {room} does not exist", entity="room")
+            raise not_found("room", room)
         values: dict[str, Any] = {name: rows[0][name] for name in _ROOM_FIELDS}
         values["members"] = tuple(
             RoomMember._from_row(
@@ -385,8 +396,8 @@ class RoomRepository(BaseRepository[Room, CreateRoomDto, UpdateRoomDto]):
         if not isinstance(include_inactive, bool):
             raise InvalidInput("include_inactive", "must be a bool")
         rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, include_inactive)
-        if not rows and await self.db.fetchval("users.exists", USER_EXISTS, user) is None:
-            raise NotFound(f"user {user} does not exist", entity="user")
+        if not rows:
+            await self._require("user", user)
         return [_summary(row) for row in rows]
 
 

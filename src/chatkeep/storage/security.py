@@ -1,18 +1,13 @@
-"""Row security from the Python side: the acting user, and failed connection attempts.
+"""Row security from the Python side: the acting user's setting, and failed connection attempts.
 
 Row-level security (migration 009) confines the application role to the rows of the
 *acting user*, which each transaction names with ``set_config('app.user_id', <uuid>,
-true)``. The third argument makes it local to the transaction: when the transaction ends,
-commit or rollback, the setting is gone, so a pooled connection never carries one user's
-identity into the next borrower's work.
-
-::
-
-    async with acting_as(pool, user_id) as conn:   # a transaction, acting as user_id
-        rows = await conn.fetch("SELECT ... FROM messages WHERE room_id = $1", room_id)
-
-A write the policies refuse raises :class:`chatkeep.errors.PermissionDenied`; a read of rows
-the user may not see returns nothing, as row security does.
+true)`` (:data:`ACTING_USER_SETTING`). The third argument makes it local to the
+transaction: when the transaction ends, commit or rollback, the setting is gone, so a
+pooled connection never carries one user's identity into the next borrower's work. The
+way to open such a transaction is :meth:`chatkeep.storage.Database.acting_as` (or
+:meth:`chatkeep.ChatKeep.acting_as`), which sends ``BEGIN`` and the setting in one round
+trip.
 
 Failed connection attempts are counted here (per host, role and reason, never with the
 password) and logged at WARNING; ``chatkeep doctor`` shows the counts.
@@ -20,96 +15,29 @@ password) and logged at WARNING; ``chatkeep doctor`` shows the counts.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final
 
 import asyncpg
 
 from chatkeep import urls
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
-from chatkeep.ids import check_id
-from chatkeep.storage.errors import translate_errors
 
 __all__ = [
     "ACTING_USER_SETTING",
     "ConnectionFailureCount",
-    "acting_as",
     "connection_failed",
     "connection_failures",
     "reset_connection_failures",
-    "set_acting_user_txn",
 ]
 
 logger = logging.getLogger("chatkeep.security")
 
 ACTING_USER_SETTING: Final = "app.user_id"
-_SET_ACTING_USER: Final = "SELECT set_config('app.user_id', $1, true)"
-
-
-class _Acquirer(Protocol):
-    """Anything with ``acquire()`` giving a connection: ``asyncpg.Pool``, ``Database``."""
-
-    def acquire(self) -> Any: ...
-
-
-def _user_id(value: uuid.UUID | str) -> str:
-    return str(check_id("user_id", value))
-
-
-async def set_acting_user_txn(conn: asyncpg.Connection, user_id: uuid.UUID | str) -> None:
-    """Name the acting user for the rest of the open transaction on ``conn``.
-
-    For code that manages its own transaction (``Database.transaction()``); prefer
-    :func:`acting_as`. Outside a transaction the setting would last only for this one
-    statement's implicit transaction, so that is refused.
-
-    Raises:
-        InvalidInput: ``user_id`` is not a UUID, or ``conn`` is not in a transaction.
-    """
-    value = _user_id(user_id)
-    if not conn.is_in_transaction():
-        raise InvalidInput("conn", "must be inside a transaction to set the acting user")
-    with translate_errors("set acting user"):
-        await conn.execute(_SET_ACTING_USER, value)
-
-
-@contextlib.asynccontextmanager
-async def acting_as(
-    target: asyncpg.Connection | _Acquirer, user_id: uuid.UUID | str
-) -> AsyncIterator[asyncpg.Connection]:
-    """Run a block in a transaction acting as ``user_id``; yields the connection.
-
-    Args:
-        target: a connection outside any transaction, or a pool (anything with
-            ``acquire()``) to borrow one from for the block.
-        user_id: the user whose rows the block may see and write.
-
-    Raises:
-        InvalidInput: ``user_id`` is not a UUID, or the connection is already inside a
-            transaction (the setting would outlive this block, into the caller's).
-        PermissionDenied: the block wrote a row the policies refuse; nothing of the block
-            is kept. Every other driver error is translated too.
-    """
-    value = _user_id(user_id)
-    borrowed: contextlib.AbstractAsyncContextManager[Any]
-    if isinstance(target, asyncpg.Connection):
-        borrowed = contextlib.nullcontext(target)
-    else:
-        borrowed = target.acquire()
-    with translate_errors("acting as a user"):
-        async with borrowed as conn:
-            if conn.is_in_transaction():
-                raise InvalidInput("conn", "acting_as needs a connection outside any transaction")
-            async with conn.transaction():
-                await conn.execute(_SET_ACTING_USER, value)
-                yield conn
 
 
 # -- failed connection attempts ---------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Final
 
 import bcrypt
 
-from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from chatkeep.errors import Conflict, InvalidInput, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.models import (
     PASSWORD_MAX_BYTES,
@@ -27,7 +27,7 @@ from chatkeep.models import (
     canonical_username,
     check_password,
 )
-from chatkeep.storage.base import BaseRepository, check_id
+from chatkeep.storage.base import BaseRepository, check_id, not_found
 from chatkeep.storage.database import Database
 
 __all__ = ["DEFAULT_BCRYPT_ROUNDS", "MIN_BCRYPT_ROUNDS", "UserRepository"]
@@ -56,7 +56,6 @@ UPDATE users SET last_seen = now()
  WHERE id = $1
    AND (last_seen IS NULL OR last_seen < now() - make_interval(secs => $2))
 """
-USER_EXISTS: Final = "SELECT 1 FROM users WHERE id = $1"
 DEACTIVATE: Final = f"""
 UPDATE users SET is_active = false WHERE id = $1
 RETURNING {_USER_COLUMNS}
@@ -98,7 +97,7 @@ def _candidate(field: str, value: object) -> bytes:
     return secret
 
 
-class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
+class UserRepository(BaseRepository[User]):
     """Users, with bcrypt passwords.
 
     Args:
@@ -113,10 +112,12 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
     table: ClassVar[str] = "users"
     model: ClassVar[type[User]] = User
     entity: ClassVar[str] = "user"
-    create_dto: ClassVar[type[CreateUserDto]] = CreateUserDto
-    update_dto: ClassVar[type[UpdateUserDto]] = UpdateUserDto
-    extra_writable: ClassVar[frozenset[str]] = frozenset({"password_hash"})
-    read_only: ClassVar[frozenset[str]] = frozenset({"created_at", "updated_at", "last_seen"})
+    # A sign-up writes these; last_seen, is_active and the timestamps have methods (or
+    # triggers) of their own, and email is fixed once registered.
+    insertable: ClassVar[frozenset[str]] = frozenset(
+        {"id", "email", "username", "avatar_url", "password_hash"}
+    )
+    updatable: ClassVar[frozenset[str]] = frozenset({"username", "avatar_url"})
 
     def __init__(
         self,
@@ -156,18 +157,28 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         async with self._hash_slots:
             return await asyncio.to_thread(bcrypt.checkpw, secret, hashed)
 
-    # -- BaseRepository hooks -------------------------------------------------------------
+    # -- public API -----------------------------------------------------------------------
 
-    async def _insert_values(self, dto: CreateUserDto) -> dict[str, Any]:
-        return {
+    async def create(self, dto: CreateUserDto) -> User:
+        """Same as :meth:`register`."""
+        if not isinstance(dto, CreateUserDto):
+            raise InvalidInput("dto", "must be a CreateUserDto")
+        values = {
             "id": uuid7(),
             "email": dto.email,
             "username": dto.username,
             "avatar_url": dto.avatar_url,
             "password_hash": await self.hash_password(dto.password.get_secret_value()),
         }
+        return await self._insert(values)
 
-    # -- public API -----------------------------------------------------------------------
+    async def update(self, id: uuid.UUID, dto: UpdateUserDto) -> User:
+        """Same as :meth:`update_profile`."""
+        if not isinstance(dto, UpdateUserDto):
+            raise InvalidInput("dto", "must be an UpdateUserDto")
+        # Every field of the DTO is an updatable column (a test holds them together);
+        # _update refuses any other before sending anything.
+        return await self._update(id, dto.model_dump(exclude_unset=True))
 
     async def register(self, dto: CreateUserDto) -> User:
         """Create an account; the password is hashed with bcrypt first.
@@ -177,8 +188,6 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
                 ``constraint`` is ``users_email_lower_key`` or ``users_username_lower_key``.
             InvalidInput: a value breaks a rule.
         """
-        if not isinstance(dto, CreateUserDto):
-            raise InvalidInput("dto", "must be a CreateUserDto")
         return await self.create(dto)
 
     async def authenticate(self, email: str, password: str) -> User | None:
@@ -256,7 +265,7 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         current = _candidate("current_password", current_password)
         old_hash = await self.db.fetchval("users.find_hash", FIND_HASH, key)
         if old_hash is None:
-            raise NotFound(f"user {key} does not exist", entity="user")
+            raise not_found("user", key)
         if not await self._verify(current, old_hash.encode("ascii")):
             raise PermissionDenied("the current password is wrong")
         new_hash = await self.hash_password(new_password)
@@ -292,8 +301,7 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         )
         if status != "UPDATE 0":
             return True
-        if await self.db.fetchval("users.exists", USER_EXISTS, key) is None:
-            raise NotFound(f"user {key} does not exist", entity="user")
+        await self._require("user", key)
         return False
 
     async def deactivate(self, user_id: uuid.UUID) -> User:
@@ -305,7 +313,7 @@ class UserRepository(BaseRepository[User, CreateUserDto, UpdateUserDto]):
         key = check_id("user_id", user_id)
         row = await self.db.fetchrow("users.deactivate", DEACTIVATE, key)
         if row is None:
-            raise NotFound(f"user {key} does not exist", entity="user")
+            raise not_found("user", key)
         return self._row(row)
 
     def _user(self, row: Any) -> User:
