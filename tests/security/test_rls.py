@@ -556,6 +556,16 @@ async def test_a_bulk_write_never_runs_as_a_user_a_previous_borrower_left_in_the
     assert await private_messages_seen_by_no_one(one_app, world) == [0, 0, 0, 0]
 
 
+async def test_sql_of_your_own_never_runs_as_a_user_a_previous_borrower_left(
+    one_app: Database, world: World
+) -> None:
+    # db.acquire() handed over the connection as it was; the caller's SQL ran as alice.
+    await one_app.execute("t.leak", LEAK, str(world.alice))
+    async with one_app.acquire() as c:
+        assert await c.fetchval("SELECT chatkeep_acting_user_id()") is None
+        assert await c.fetchval(PRIVATE_COUNT, world.private) == 0
+
+
 async def test_other_session_state_is_reset_for_the_next_borrower(
     one_app: Database, world: World
 ) -> None:

@@ -451,12 +451,22 @@ class Database:
         if pool is None:
             raise Unavailable("the database is not open: call `await db.open()` first")
         timer = self.acquire_timer
+        began = time.perf_counter()
         if timer is not None:
             with timer():
                 conn = await self._acquire_from(pool)
         else:
             conn = await self._acquire_from(pool)
         self._in_use += 1
+        waited = time.perf_counter() - began
+        if waited >= self._slow:
+            # Told apart from slow statements: the cure is a bigger pool or fewer
+            # concurrent callers, not a faster query. Operations count from here.
+            logger.warning(
+                "waited %.1f ms for a free database connection (pool_max_size=%d)",
+                waited * 1000,
+                self._max_size,
+            )
         return conn
 
     async def _acquire_from(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
@@ -491,9 +501,20 @@ class Database:
             return
         with translate_errors("acquire"):
             conn = await self._acquire()
+        pid = conn.get_server_pid()
+        if pid in self._dirty:
+            # A previous borrower left session state (a session-level acting user, say):
+            # the caller's own SQL must not run with it.
+            try:
+                with translate_errors("acquire"):
+                    await conn.execute(_SESSION_RESET)
+            except BaseException:
+                self._dirty.discard(pid)
+                await self._release(conn, full_reset=False, discard=True)
+                raise
         # asyncpg's full reset keeps a SET ROLE and temp tables: the next single statement
         # on this connection resets the rest first.
-        self._dirty.add(conn.get_server_pid())
+        self._dirty.add(pid)
         reusable = False
         try:
             yield conn
@@ -629,10 +650,11 @@ class Database:
                 outer.depth -= 1
             return
 
-        start = time.perf_counter()
         failed = True
         with translate_errors(name):
             conn = await self._acquire()
+        # A transaction's time starts once it has its connection (waits are logged apart).
+        start = time.perf_counter()
         tx = Transaction(conn, name, asyncio.current_task())
         pid = conn.get_server_pid()
         # A previous borrower may have left session state: BEGIN resets it first. A ROLLBACK
@@ -737,6 +759,9 @@ class Database:
                     raise
             else:
                 conn = await self._acquire()
+                # The operation's time starts once it has a connection: a wait for a free
+                # one is logged apart (_acquire), not counted as a slow statement.
+                start = time.perf_counter()
                 pid = conn.get_server_pid()
                 reusable = False
                 try:
