@@ -18,10 +18,11 @@ makes them)::
     python benchmarks/bench_members.py --database-url postgresql://root@127.0.0.1:5432/postgres \\
         --redis-url redis://127.0.0.1:6379/14
 
-The script works in its own database (``chatkeep_bench_members``, kept for the next run
-unless ``--drop``) and FLUSHes the logical Redis database of ``--redis-url``: give it one
-of its own. ``--tiny`` builds rooms of 3 and 60 members and measures for a fraction of a
-second, so a test or CI can run the whole script in seconds.
+The script works in its own database (``--database-name``, by default
+``chatkeep_bench_members``, kept for the next run unless ``--drop``) and FLUSHes the
+logical Redis database of ``--redis-url``: give it one of its own. ``--tiny`` builds rooms
+of 3 and 60 members and measures for a fraction of a second, so a test or CI can run the
+whole script in seconds (tests/test_facade_members.py does).
 """
 
 from __future__ import annotations
@@ -62,20 +63,20 @@ class Rooms:
     big_size: int
 
 
-async def database(server_url: str, *, fresh: bool) -> str:
+async def database(server_url: str, name: str, *, fresh: bool) -> str:
     """The benchmark's database, migrated (created if missing, again if ``fresh``)."""
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
         await ensure_roles(admin, Settings(), generate_passwords=False)
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", BENCH_DB)
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if exists and fresh:
-            await admin.execute(f'DROP DATABASE "{BENCH_DB}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             exists = False
         if not exists:
-            await admin.execute(f'CREATE DATABASE "{BENCH_DB}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = maintenance_url(server_url, BENCH_DB)
+    url = maintenance_url(server_url, name)
     conn = await asyncpg.connect(url)
     try:
         await prepare_database(conn)
@@ -85,10 +86,10 @@ async def database(server_url: str, *, fresh: bool) -> str:
     return url
 
 
-async def drop_database(server_url: str) -> None:
+async def drop_database(server_url: str, name: str) -> None:
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
 
@@ -206,6 +207,9 @@ async def main() -> int:
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14"),
         help="a Redis logical database of the benchmark's own (it is flushed)",
     )
+    parser.add_argument(
+        "--database-name", default=BENCH_DB, help="the benchmark's own database on the server"
+    )
     parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0, help="per room and round")
@@ -223,7 +227,7 @@ async def main() -> int:
         args.small, args.big, args.seconds, args.rounds = 3, 60, 0.2, 1
         args.concurrency, args.herd = min(args.concurrency, 5), min(args.herd, 10)
 
-    url = await database(args.database_url, fresh=args.fresh)
+    url = await database(args.database_url, args.database_name, fresh=args.fresh)
     rooms = await build_rooms(url, args.small, args.big)
     app_url = urls.with_user(url, "chatapp_app", args.app_password or None)
     settings = Settings(database_url=app_url, redis_url=args.redis_url)
@@ -261,7 +265,7 @@ async def main() -> int:
         loads = await herd(chat, rooms, args.herd)
         print(f"cold herd: {args.herd} concurrent first calls -> {loads} member-list load(s)")
     if args.drop:
-        await drop_database(args.database_url)
+        await drop_database(args.database_url, args.database_name)
     return 0
 
 

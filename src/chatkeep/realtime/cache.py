@@ -387,47 +387,36 @@ MembersLoader = Callable[[UUID, "UUID | None"], Awaitable["Members | Unshared[Me
 # Answers of the member scripts besides a member list.
 _IN: Final = 1  # the cached set holds the user
 _OUT: Final = 0  # the cached set leaves the user out
-_LEASED: Final = 2  # no set: this caller took the fill lease
-_BUSY: Final = 3  # no set: another caller holds the fill lease
+_ABSENT_SET: Final = 2  # no set cached (absent, a fill lease, or an older format)
 
-# The entry is a SET of member ids, or a STRING fill lease while someone loads it. Anything
-# else (a JSON list of an older version, say) is replaced by our lease.
-_TAKE_LEASE: Final = """
-local function take_lease()
-  local t = redis.call('TYPE', KEYS[1]).ok
-  if t == 'string' then
-    local v = redis.call('GET', KEYS[1])
-    if string.sub(v, 1, #ARGV[4]) == ARGV[4] then return 3 end
-  end
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 2
-end
+# KEYS[1] entry. ARGV: user id. One SISMEMBER: O(1), nothing decoded, whatever the size.
+_IS_MEMBER: Final = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 2 end
+return redis.call('SISMEMBER', KEYS[1], ARGV[1])
 """
 
-# KEYS[1] entry. ARGV: user id, our lease, lease ms, lease prefix. One SISMEMBER: O(1),
-# nothing decoded, whatever the room's size.
-_IS_MEMBER: Final = (
-    _TAKE_LEASE
-    + """
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  return redis.call('SISMEMBER', KEYS[1], ARGV[1])
-end
-return take_lease()
+# KEYS[1] entry. ARGV: user id ('' for no one in particular). The whole set, but only for
+# a user in it (or for no one in particular).
+_MEMBERS: Final = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 2 end
+if ARGV[1] ~= '' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+return redis.call('SMEMBERS', KEYS[1])
 """
-)
 
-# KEYS[1] entry. ARGV: user id ('' for no one in particular), our lease, lease ms, lease
-# prefix. The whole set, but only for a user in it (or for no one in particular).
-_MEMBERS: Final = (
-    _TAKE_LEASE
-    + """
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  if ARGV[1] ~= '' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-  return redis.call('SMEMBERS', KEYS[1])
+# KEYS[1] entry. ARGV: our lease, lease ms, lease prefix. The entry is a SET of member ids,
+# or a STRING fill lease while someone loads it. Returns 1 after taking the lease, 0 if
+# someone holds one or a set is there. Anything else (a JSON list of an older version,
+# say) is replaced by our lease.
+_TAKE_MEMBERS_LEASE: Final = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'set' then return 0 end
+if t == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  if string.sub(v, 1, #ARGV[3]) == ARGV[3] then return 0 end
 end
-return take_lease()
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
-)
 
 # KEYS[1] entry. ARGV: our lease, ttl ms, member ids... Replaces our lease with the whole
 # set in one step, so a set that exists is always complete; refused if an invalidation
@@ -454,11 +443,6 @@ return 0
 """
 
 
-def _held(found: object, lease: bytes) -> bytes | None:
-    """Our lease if the script says we took it (a miss we may fill), else ``None``."""
-    return lease if found == _LEASED else None
-
-
 class RoomMembersCache:
     """The member ids of each room, cached as a Redis SET (``cache:room_members:{roomId}``).
 
@@ -474,11 +458,13 @@ class RoomMembersCache:
     non-member is always answered by the loader, as themselves, so what they learn does
     not depend on whether a member filled the cache.
 
-    Fills are guarded like :class:`ReadThroughCache`'s: a miss takes a lease (a string in
-    the entry's key, ``SET`` with a TTL), loads, and replaces its own lease with the whole
-    set in one script, only if the lease is still there. :meth:`invalidate` deletes the
-    key, lease included, so a list read before an invalidation is never stored; it also
-    detaches the loads in flight in this process, so later callers do not wait for one.
+    Fills are guarded like :class:`ReadThroughCache`'s: the caller that leads a miss
+    takes a lease (a string in the entry's key, ``SET`` with a TTL) before it loads, and
+    replaces its own lease with the whole set in one script, only if the lease is still
+    there; a leader that finds another process's lease loads without filling.
+    :meth:`invalidate` deletes the key, lease included, so a list read before an
+    invalidation is never stored; it also detaches the loads in flight in this process,
+    so later callers do not wait for one.
     A set is written whole and at once, so one that exists is complete; an empty list is
     never cached (a member's view always holds the member). When Redis is down every
     call is answered by the loader (single-flighted still).
@@ -513,6 +499,7 @@ class RoomMembersCache:
         self._lease_ms = max(1, int(seconds(lease_ttl, "lease_ttl", maximum=600.0) * 1000))
         self._is_member = client.script(_IS_MEMBER)
         self._members = client.script(_MEMBERS)
+        self._take_lease = client.script(_TAKE_MEMBERS_LEASE)
         self._fill = client.script(_FILL_MEMBERS)
         self._release = client.script(_RELEASE_MEMBERS)
         # Room id -> the load in flight: resolves to the room's member list (a member's
@@ -562,16 +549,14 @@ class RoomMembersCache:
         if not isinstance(user_id, UUID):
             raise InvalidInput("user_id", "must be a UUID")
         if room_id not in self._flights:
-            lease = _LEASE + secrets.token_bytes(12)
-            found = await self._probe(self._is_member, key, str(user_id), lease)
+            found = await self._probe(self._is_member, key, str(user_id))
             if found == _IN:
                 self.stats.hits += 1
                 return True
             if found == _OUT:
                 self.stats.hits += 1
                 return user_id in await self._own_view(room_id, user_id)
-            return user_id in await self._miss(room_id, user_id, key, _held(found, lease))
-        return user_id in await self._miss(room_id, user_id, key, None)
+        return user_id in await self._miss(room_id, user_id, key)
 
     async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
         """The member ids of ``room_id`` as ``asking`` may see them.
@@ -592,9 +577,8 @@ class RoomMembersCache:
         if asking is not None and not isinstance(asking, UUID):
             raise InvalidInput("asking", "must be a UUID")
         if room_id in self._flights:
-            return await self._miss(room_id, asking, key, None)
-        lease = _LEASE + secrets.token_bytes(12)
-        found = await self._probe(self._members, key, "" if asking is None else str(asking), lease)
+            return await self._miss(room_id, asking, key)
+        found = await self._probe(self._members, key, "" if asking is None else str(asking))
         if isinstance(found, list):
             try:
                 listed = frozenset(UUID(m.decode()) for m in found)
@@ -607,13 +591,13 @@ class RoomMembersCache:
         if found == _OUT and asking is not None:  # the script answers _OUT for a user only
             self.stats.hits += 1
             return await self._own_view(room_id, asking)
-        return await self._miss(room_id, asking, key, _held(found, lease))
+        return await self._miss(room_id, asking, key)
 
-    async def _probe(self, script: Any, key: str, user: str, lease: bytes) -> Any:
+    async def _probe(self, script: Any, key: str, user: str) -> Any:
         """The script's answer, or ``None`` when Redis failed (then: load, do not fill)."""
         try:
             with self._client.guard("cache.get"):
-                found = await script(keys=[key], args=[user, lease, self._lease_ms, _LEASE])
+                found = await script(keys=[key], args=[user])
         except ChatkeepError as exc:
             self._failed("get", exc)
             return None
@@ -626,28 +610,23 @@ class RoomMembersCache:
         found = _value(await self._loader(room_id, asking))
         return found if found is not None else frozenset()
 
-    async def _miss(
-        self, room_id: UUID, asking: UUID | None, key: str, lease: bytes | None
-    ) -> Members:
+    async def _miss(self, room_id: UUID, asking: UUID | None, key: str) -> Members:
         """Load ``room_id`` once for all concurrent callers in this process.
 
         The first caller leads: it loads as itself and shares the list if it is a
-        member's view (and fills Redis if it holds the lease). The others wait for that
-        load and use the list only if they are in it; otherwise they read as themselves.
+        member's view, and fills Redis with it if it got the fill lease (taken before the
+        load, so an invalidation after it deletes the lease and the fill is refused). The
+        others wait for that load and use the list only if they are in it; otherwise they
+        read as themselves.
 
         Args:
             room_id: the room.
             asking: the caller (``None``: no one in particular).
             key: the room's entry.
-            lease: the fill lease this caller took, if it took one.
         """
         self.stats.misses += 1
         flight = self._flights.get(room_id)
         if flight is not None:
-            if lease is not None:
-                # The leader's load may have begun before our lease (and before an
-                # invalidation): its list must not fill our lease.
-                await self._give_back(key, lease)
             # Shielded: a waiter cancelled must not cancel the load the others wait for.
             shared = await asyncio.shield(flight)
             if shared is not None and (asking is None or asking in shared):
@@ -660,7 +639,9 @@ class RoomMembersCache:
         flight = asyncio.get_running_loop().create_future()
         self._flights[room_id] = flight
         shared_list: Members | None = None
+        lease: bytes | None = None
         try:
+            lease = await self._lease(key)
             self.stats.loads += 1
             loaded = await self._loader(room_id, asking)
             if loaded is not None and not isinstance(loaded, Unshared):
@@ -676,6 +657,17 @@ class RoomMembersCache:
             await self._store(key, lease, shared_list)
         found = _value(loaded)
         return found if found is not None else frozenset()
+
+    async def _lease(self, key: str) -> bytes | None:
+        """A fill lease on ``key``, or ``None`` (another process loads it, or Redis failed)."""
+        lease = _LEASE + secrets.token_bytes(12)
+        try:
+            with self._client.guard("cache.lease"):
+                taken = await self._take_lease(keys=[key], args=[lease, self._lease_ms, _LEASE])
+        except ChatkeepError as exc:
+            self._failed("lease", exc)
+            return None
+        return lease if taken else None
 
     async def _store(self, key: str, lease: bytes, members: Members) -> None:
         if not members:
