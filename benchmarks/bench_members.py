@@ -262,6 +262,7 @@ async def main() -> int:
         print(f"{'small':<6} {args.small:>8,} {statistics.median(small_rates):>9,.0f}")
         print(f"{'big':<6} {args.big:>8,} {statistics.median(big_rates):>9,.0f}")
         print(f"ratio big/small (median of rounds): {ratio:.2f}  {verdict}")
+        print("ratios per round: " + " ".join(f"{r:.2f}" for r in ratios))
         loads = await herd(chat, rooms, args.herd)
         print(f"cold herd: {args.herd} concurrent first calls -> {loads} member-list load(s)")
     if args.drop:
