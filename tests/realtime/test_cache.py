@@ -16,7 +16,7 @@ from chatkeep.realtime import (
     Unshared,
     UserProfileCache,
 )
-from tests.realtime.conftest import ClientFactory
+from tests.realtime.conftest import ClientFactory, wait_until
 
 
 class Profile(BaseModel):
@@ -320,6 +320,7 @@ async def test_concurrent_misses_share_one_load(client: RedisClient) -> None:
     cache = RoomMembersCache(client, roster.load)
     roster.gate.clear()
     calls = [asyncio.create_task(cache.is_member(room, p)) for p in people + outsiders]
+    await wait_until(lambda: cache.stats.misses == len(calls))  # every one found no set
     await roster.entered.wait()
     await settle()
     roster.gate.set()
@@ -327,13 +328,34 @@ async def test_concurrent_misses_share_one_load(client: RedisClient) -> None:
     # One load for the members; each outsider was read as themselves, not told the list.
     member_loads = [who for _, who in roster.loads if who in people]
     assert len(member_loads) == 1
-    assert sorted(who for _, who in roster.loads if who not in people) == sorted(outsiders)
+    assert {who for _, who in roster.loads if who not in people} == set(outsiders)
     assert cache.stats.shared == 49
     # The leader took the fill lease before it loaded: its list is cached.
     assert cache.stats.fills == 1
     assert await client.redis.scard(cache.key(room)) == len(people)
     assert await cache.is_member(room, people[7])
     assert len(roster.loads) == 4
+
+
+async def test_a_miss_answered_before_a_fill_asks_again_instead_of_loading(
+    client: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roster = FakeRoster()
+    room, alice = uuid4(), uuid4()
+    roster.members[room] = frozenset({alice})
+    other_node = RoomMembersCache(client, roster.load)
+    assert await other_node.is_member(room, alice)  # filled the set
+    cache = RoomMembersCache(client, roster.load)
+    real_probe = cache._probe
+    answers = [2]  # "no set": an answer Redis gave just before the other node's fill
+
+    async def late_probe(*args: object) -> object:
+        return answers.pop() if answers else await real_probe(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_probe", late_probe)
+    assert await cache.is_member(room, alice)
+    assert cache.stats.loads == 0  # the lease script saw the set: asked again, a hit
+    assert len(roster.loads) == 1
 
 
 async def test_a_lead_that_is_not_a_members_view_is_not_shared(client: RedisClient) -> None:
@@ -415,6 +437,7 @@ async def test_room_members_degrade_to_one_load_when_redis_is_down(
     cache = RoomMembersCache(await make_client(dead_url), roster.load)
     roster.gate.clear()
     calls = [asyncio.create_task(cache.is_member(room, u)) for u in (alice, bob, alice)]
+    await wait_until(lambda: cache.stats.misses == len(calls))  # every probe failed
     await roster.entered.wait()
     await settle()
     roster.gate.set()

@@ -131,6 +131,13 @@ Loader = Callable[[UUID], Awaitable["T | Unshared[T] | None"]]
 """Loads the current value from the source of truth; ``None`` if there is none."""
 
 
+class _Cached:
+    """A member set was filled after the caller found none: ask Redis again."""
+
+
+_CACHED: Final = _Cached()
+
+
 def _value(loaded: T | Unshared[T] | None) -> T | None:
     return loaded.value if isinstance(loaded, Unshared) else loaded
 
@@ -405,11 +412,11 @@ return redis.call('SMEMBERS', KEYS[1])
 
 # KEYS[1] entry. ARGV: our lease, lease ms, lease prefix. The entry is a SET of member ids,
 # or a STRING fill lease while someone loads it. Returns 1 after taking the lease, 0 if
-# someone holds one or a set is there. Anything else (a JSON list of an older version,
-# say) is replaced by our lease.
+# someone holds one, 2 if a set is there (filled since the caller found none). Anything
+# else (a JSON list of an older version, say) is replaced by our lease.
 _TAKE_MEMBERS_LEASE: Final = """
 local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'set' then return 0 end
+if t == 'set' then return 2 end
 if t == 'string' then
   local v = redis.call('GET', KEYS[1])
   if string.sub(v, 1, #ARGV[3]) == ARGV[3] then return 0 end
@@ -503,8 +510,9 @@ class RoomMembersCache:
         self._fill = client.script(_FILL_MEMBERS)
         self._release = client.script(_RELEASE_MEMBERS)
         # Room id -> the load in flight: resolves to the room's member list (a member's
-        # view) or None (the leader's view was not the list, or its load failed).
-        self._flights: dict[UUID, asyncio.Future[Members | None]] = {}
+        # view), None (the leader's view was not the list, or its load failed), or
+        # _CACHED (a set was filled meanwhile: ask Redis).
+        self._flights: dict[UUID, asyncio.Future[Members | _Cached | None]] = {}
         self._degraded = False
         self.stats = CacheStats()
 
@@ -548,15 +556,19 @@ class RoomMembersCache:
         key = self.key(room_id)
         if not isinstance(user_id, UUID):
             raise InvalidInput("user_id", "must be a UUID")
-        if room_id not in self._flights:
-            found = await self._probe(self._is_member, key, str(user_id))
-            if found == _IN:
-                self.stats.hits += 1
-                return True
-            if found == _OUT:
-                self.stats.hits += 1
-                return user_id in await self._own_view(room_id, user_id)
-        return user_id in await self._miss(room_id, user_id, key)
+        for again in (True, False):
+            if room_id not in self._flights:
+                found = await self._probe(self._is_member, key, str(user_id))
+                if found == _IN:
+                    self.stats.hits += 1
+                    return True
+                if found == _OUT:
+                    self.stats.hits += 1
+                    return user_id in await self._own_view(room_id, user_id)
+            loaded = await self._miss(room_id, user_id, key, again=again)
+            if not isinstance(loaded, _Cached):
+                return user_id in loaded
+        return user_id in await self._own_view(room_id, user_id)  # pragma: no cover
 
     async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
         """The member ids of ``room_id`` as ``asking`` may see them.
@@ -576,22 +588,25 @@ class RoomMembersCache:
         key = self.key(room_id)
         if asking is not None and not isinstance(asking, UUID):
             raise InvalidInput("asking", "must be a UUID")
-        if room_id in self._flights:
-            return await self._miss(room_id, asking, key)
-        found = await self._probe(self._members, key, "" if asking is None else str(asking))
-        if isinstance(found, list):
-            try:
-                listed = frozenset(UUID(m.decode()) for m in found)
-            except ValueError:
-                logger.warning("cache %s: an unreadable member set", self.namespace)
-            else:
-                self.stats.hits += 1
-                return listed
-            found = None
-        if found == _OUT and asking is not None:  # the script answers _OUT for a user only
-            self.stats.hits += 1
-            return await self._own_view(room_id, asking)
-        return await self._miss(room_id, asking, key)
+        for again in (True, False):
+            if room_id not in self._flights:
+                user = "" if asking is None else str(asking)
+                found = await self._probe(self._members, key, user)
+                if isinstance(found, list):
+                    try:
+                        listed = frozenset(UUID(m.decode()) for m in found)
+                    except ValueError:
+                        logger.warning("cache %s: an unreadable member set", self.namespace)
+                    else:
+                        self.stats.hits += 1
+                        return listed
+                elif found == _OUT and asking is not None:  # _OUT answers a user only
+                    self.stats.hits += 1
+                    return await self._own_view(room_id, asking)
+            loaded = await self._miss(room_id, asking, key, again=again)
+            if not isinstance(loaded, _Cached):
+                return loaded
+        return await self._load(room_id, asking)  # pragma: no cover
 
     async def _probe(self, script: Any, key: str, user: str) -> Any:
         """The script's answer, or ``None`` when Redis failed (then: load, do not fill)."""
@@ -604,70 +619,88 @@ class RoomMembersCache:
         self._recovered()
         return found
 
-    async def _own_view(self, room_id: UUID, asking: UUID) -> Members:
-        """The room as ``asking`` sees it, read for this call alone (never cached)."""
+    async def _load(self, room_id: UUID, asking: UUID | None) -> Members:
+        """The room as ``asking`` sees it, read for this call alone."""
         self.stats.loads += 1
         found = _value(await self._loader(room_id, asking))
         return found if found is not None else frozenset()
 
-    async def _miss(self, room_id: UUID, asking: UUID | None, key: str) -> Members:
+    async def _own_view(self, room_id: UUID, asking: UUID) -> Members:
+        """The room as ``asking`` sees it, read for this call alone (never cached)."""
+        return await self._load(room_id, asking)
+
+    async def _miss(
+        self, room_id: UUID, asking: UUID | None, key: str, *, again: bool
+    ) -> Members | _Cached:
         """Load ``room_id`` once for all concurrent callers in this process.
 
-        The first caller leads: it loads as itself and shares the list if it is a
-        member's view, and fills Redis with it if it got the fill lease (taken before the
-        load, so an invalidation after it deletes the lease and the fill is refused). The
-        others wait for that load and use the list only if they are in it; otherwise they
-        read as themselves.
+        The first caller leads: it takes the fill lease, loads as itself, shares the list
+        if it is a member's view, and fills Redis with it if it got the lease (taken
+        before the load, so an invalidation after it deletes the lease and the fill is
+        refused). The others wait for that load and use the list only if they are in it;
+        otherwise they read as themselves. A caller whose "no set" answer is outdated (the
+        set was filled since) is told to ask Redis again.
 
         Args:
             room_id: the room.
             asking: the caller (``None``: no one in particular).
             key: the room's entry.
+            again: whether the caller may ask Redis again (once) instead of loading.
+
+        Returns:
+            The members as the caller may see them, or :data:`_CACHED` (ask again).
         """
         self.stats.misses += 1
         flight = self._flights.get(room_id)
         if flight is not None:
             # Shielded: a waiter cancelled must not cancel the load the others wait for.
             shared = await asyncio.shield(flight)
+            if isinstance(shared, _Cached):
+                return shared if again else await self._load(room_id, asking)
             if shared is not None and (asking is None or asking in shared):
                 self.stats.shared += 1
                 return shared
-            if asking is None:
-                self.stats.loads += 1
-                return _value(await self._loader(room_id, None)) or frozenset()
-            return await self._own_view(room_id, asking)
+            return await self._load(room_id, asking)
         flight = asyncio.get_running_loop().create_future()
         self._flights[room_id] = flight
-        shared_list: Members | None = None
         lease: bytes | None = None
         try:
-            lease = await self._lease(key)
+            lease, cached = await self._lease(key)
+            if cached and again:
+                flight.set_result(_CACHED)
+                return _CACHED
             self.stats.loads += 1
             loaded = await self._loader(room_id, asking)
-            if loaded is not None and not isinstance(loaded, Unshared):
-                shared_list = loaded
+            shared_list = None if isinstance(loaded, Unshared) else loaded
+            # Waiters go on with the list while it is stored; the flight stays registered
+            # until then, so a caller whose "no set" answer predates the fill joins it.
+            flight.set_result(shared_list)
+            if lease is not None and shared_list is not None:
+                await self._store(key, lease, shared_list)
+                lease = None
         finally:
             if not flight.done():
-                flight.set_result(shared_list)
+                flight.set_result(None)  # failed or cancelled: the waiters load themselves
             if self._flights.get(room_id) is flight:
                 del self._flights[room_id]
-            if lease is not None and shared_list is None:
+            if lease is not None:
                 await self._give_back(key, lease)
-        if lease is not None and shared_list is not None:
-            await self._store(key, lease, shared_list)
         found = _value(loaded)
         return found if found is not None else frozenset()
 
-    async def _lease(self, key: str) -> bytes | None:
-        """A fill lease on ``key``, or ``None`` (another process loads it, or Redis failed)."""
+    async def _lease(self, key: str) -> tuple[bytes | None, bool]:
+        """A fill lease on ``key``, and whether a set is cached there now.
+
+        The lease is ``None`` when another process holds one, or Redis failed.
+        """
         lease = _LEASE + secrets.token_bytes(12)
         try:
             with self._client.guard("cache.lease"):
                 taken = await self._take_lease(keys=[key], args=[lease, self._lease_ms, _LEASE])
         except ChatkeepError as exc:
             self._failed("lease", exc)
-            return None
-        return lease if taken else None
+            return None, False
+        return (lease if taken == 1 else None), taken == 2
 
     async def _store(self, key: str, lease: bytes, members: Members) -> None:
         if not members:
