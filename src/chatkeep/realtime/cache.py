@@ -471,10 +471,12 @@ class RoomMembersCache:
     there; a leader that finds another process's lease loads without filling.
     :meth:`invalidate` deletes the key, lease included, so a list read before an
     invalidation is never stored; it also detaches the loads in flight in this process,
-    so later callers do not wait for one.
-    A set is written whole and at once, so one that exists is complete; an empty list is
-    never cached (a member's view always holds the member). When Redis is down every
-    call is answered by the loader (single-flighted still).
+    so later callers do not wait for one. A load stays joinable until its set is stored,
+    and a caller that would lead a load while a set is there (its "no set" answer came
+    just before a fill) asks Redis again instead. A set is written whole and at once, so
+    one that exists is complete; an empty list is never cached (a member's view always
+    holds the member). When Redis is down every call is answered by the loader
+    (single-flighted still).
 
     Args:
         client: the shared Redis connection.
