@@ -559,6 +559,7 @@ class RoomMembersCache:
         if not isinstance(user_id, UUID):
             raise InvalidInput("user_id", "must be a UUID")
         for again in (True, False):
+            found = None
             if room_id not in self._flights:
                 found = await self._probe(self._is_member, key, str(user_id))
                 if found == _IN:
@@ -567,7 +568,7 @@ class RoomMembersCache:
                 if found == _OUT:
                     self.stats.hits += 1
                     return user_id in await self._own_view(room_id, user_id)
-            loaded = await self._miss(room_id, user_id, key, again=again)
+            loaded = await self._miss(room_id, user_id, key, again=again, up=found is not None)
             if not isinstance(loaded, _Cached):
                 return user_id in loaded
         return user_id in await self._own_view(room_id, user_id)  # pragma: no cover
@@ -591,6 +592,7 @@ class RoomMembersCache:
         if asking is not None and not isinstance(asking, UUID):
             raise InvalidInput("asking", "must be a UUID")
         for again in (True, False):
+            found = None
             if room_id not in self._flights:
                 user = "" if asking is None else str(asking)
                 found = await self._probe(self._members, key, user)
@@ -605,7 +607,7 @@ class RoomMembersCache:
                 elif found == _OUT and asking is not None:  # _OUT answers a user only
                     self.stats.hits += 1
                     return await self._own_view(room_id, asking)
-            loaded = await self._miss(room_id, asking, key, again=again)
+            loaded = await self._miss(room_id, asking, key, again=again, up=found is not None)
             if not isinstance(loaded, _Cached):
                 return loaded
         return await self._load(room_id, asking)  # pragma: no cover
@@ -632,7 +634,7 @@ class RoomMembersCache:
         return await self._load(room_id, asking)
 
     async def _miss(
-        self, room_id: UUID, asking: UUID | None, key: str, *, again: bool
+        self, room_id: UUID, asking: UUID | None, key: str, *, again: bool, up: bool
     ) -> Members | _Cached:
         """Load ``room_id`` once for all concurrent callers in this process.
 
@@ -648,6 +650,8 @@ class RoomMembersCache:
             asking: the caller (``None``: no one in particular).
             key: the room's entry.
             again: whether the caller may ask Redis again (once) instead of loading.
+            up: whether Redis answered the caller's probe; if not, a leader loads without
+                trying for a lease, so a frozen Redis costs one timeout, not two.
 
         Returns:
             The members as the caller may see them, or :data:`_CACHED` (ask again).
@@ -667,7 +671,7 @@ class RoomMembersCache:
         self._flights[room_id] = flight
         lease: bytes | None = None
         try:
-            lease, cached = await self._lease(key)
+            lease, cached = await self._lease(key) if up else (None, False)
             if cached and again:
                 flight.set_result(_CACHED)
                 return _CACHED
