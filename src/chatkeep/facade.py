@@ -566,9 +566,10 @@ class ChatKeep:
             )
 
     async def _require_member(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
-        # The cache answers members only; anyone else is answered from PostgreSQL as
-        # themselves (RoomMembersCache.members): a room they cannot see raises NotFound
-        # (ROOM_NOT_FOUND) from the loader, a visible one falls through to here.
+        # The cache answers members only (one SISMEMBER, whatever the room's size); anyone
+        # else is answered from PostgreSQL as themselves (RoomMembersCache.is_member): a
+        # room they cannot see raises NotFound (ROOM_NOT_FOUND) from the loader, a
+        # visible one falls through to here.
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
 

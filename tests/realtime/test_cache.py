@@ -16,7 +16,7 @@ from chatkeep.realtime import (
     Unshared,
     UserProfileCache,
 )
-from tests.realtime.conftest import ClientFactory
+from tests.realtime.conftest import ClientFactory, wait_until
 
 
 class Profile(BaseModel):
@@ -241,6 +241,224 @@ async def test_room_members_cache(client: RedisClient) -> None:
     assert len(loads) == 7
     with pytest.raises(InvalidInput):
         RoomMembersCache(client, "not a loader")  # type: ignore[arg-type]
+
+
+class FakeRoster:
+    """Stands in for PostgreSQL's room_users under row security, with a gate on loads.
+
+    A member sees the whole list; anyone else sees an :class:`Unshared` empty view; a
+    user in ``refused`` makes the load raise. While ``gate`` is clear, loads wait on it.
+    """
+
+    def __init__(self) -> None:
+        self.members: dict[UUID, frozenset[UUID]] = {}
+        self.loads: list[tuple[UUID, UUID | None]] = []
+        self.refused: set[UUID] = set()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+
+    async def load(
+        self, room: UUID, asking: UUID | None
+    ) -> frozenset[UUID] | Unshared[frozenset[UUID]] | None:
+        self.loads.append((room, asking))
+        found = self.members.get(room)  # read before waiting: the load's snapshot
+        self.entered.set()
+        await self.gate.wait()
+        if asking in self.refused:
+            raise Unavailable("the load failed")
+        if found is None or asking is None or asking in found:
+            return found
+        return Unshared(frozenset())
+
+
+async def settle() -> None:
+    """Let every ready task run up to its next real wait."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_room_members_are_a_set_that_answers_with_one_sismember(
+    client: RedisClient,
+) -> None:
+    roster = FakeRoster()
+    room = uuid4()
+    people = [uuid4() for _ in range(2_500)]  # more than one SADD chunk of the fill
+    roster.members[room] = frozenset(people)
+    cache = RoomMembersCache(client, roster.load)
+    assert await cache.is_member(room, people[0])
+    key = cache.key(room)
+    # A set, not a serialized list: a check reads one member, never the whole room.
+    assert await client.redis.type(key) == b"set"
+    assert await client.redis.scard(key) == len(people)
+    assert 0 < await client.redis.pttl(key) <= 60_000
+    assert all([await cache.is_member(room, p) for p in people[1:50]])
+    assert await cache.members(room, asking=people[-1]) == frozenset(people)
+    assert len(roster.loads) == 1
+    assert (cache.stats.hits, cache.stats.loads, cache.stats.fills) == (50, 1, 1)
+
+
+async def test_an_older_format_entry_is_replaced_by_a_set(client: RedisClient) -> None:
+    roster = FakeRoster()
+    room, alice = uuid4(), uuid4()
+    roster.members[room] = frozenset({alice})
+    cache = RoomMembersCache(client, roster.load)
+    # What an earlier version stored there during a rolling upgrade: a JSON list.
+    await client.redis.set(cache.key(room), f'["{alice}"]'.encode())
+    assert await cache.is_member(room, alice)
+    assert await client.redis.type(cache.key(room)) == b"set"
+    assert await cache.is_member(room, alice)
+    assert len(roster.loads) == 1
+
+
+async def test_concurrent_misses_share_one_load(client: RedisClient) -> None:
+    roster = FakeRoster()
+    room = uuid4()
+    people = [uuid4() for _ in range(50)]
+    outsiders = [uuid4() for _ in range(3)]
+    roster.members[room] = frozenset(people)
+    cache = RoomMembersCache(client, roster.load)
+    roster.gate.clear()
+    calls = [asyncio.create_task(cache.is_member(room, p)) for p in people + outsiders]
+    await wait_until(lambda: cache.stats.misses == len(calls))  # every one found no set
+    await roster.entered.wait()
+    await settle()
+    roster.gate.set()
+    assert await asyncio.gather(*calls) == [True] * 50 + [False] * 3
+    # One load for the members; each outsider was read as themselves, not told the list.
+    member_loads = [who for _, who in roster.loads if who in people]
+    assert len(member_loads) == 1
+    assert {who for _, who in roster.loads if who not in people} == set(outsiders)
+    assert cache.stats.shared == 49
+    # The leader took the fill lease before it loaded: its list is cached.
+    assert cache.stats.fills == 1
+    assert await client.redis.scard(cache.key(room)) == len(people)
+    assert await cache.is_member(room, people[7])
+    assert len(roster.loads) == 4
+
+
+async def test_a_miss_answered_before_a_fill_asks_again_instead_of_loading(
+    client: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roster = FakeRoster()
+    room, alice = uuid4(), uuid4()
+    roster.members[room] = frozenset({alice})
+    other_node = RoomMembersCache(client, roster.load)
+    assert await other_node.is_member(room, alice)  # filled the set
+    cache = RoomMembersCache(client, roster.load)
+    real_probe = cache._probe
+    answers = [2]  # "no set": an answer Redis gave just before the other node's fill
+
+    async def late_probe(*args: object) -> object:
+        return answers.pop() if answers else await real_probe(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_probe", late_probe)
+    assert await cache.is_member(room, alice)
+    assert cache.stats.loads == 0  # the lease script saw the set: asked again, a hit
+    assert len(roster.loads) == 1
+
+
+async def test_a_lead_that_is_not_a_members_view_is_not_shared(client: RedisClient) -> None:
+    roster = FakeRoster()
+    room, alice, bob, otto, ivan = uuid4(), uuid4(), uuid4(), uuid4(), uuid4()
+    roster.members[room] = frozenset({alice, bob, ivan})
+    roster.refused.add(ivan)
+    cache = RoomMembersCache(client, roster.load)
+    for leader, fails in ((otto, False), (ivan, True)):
+        roster.loads.clear()
+        roster.gate.clear()
+        roster.entered.clear()
+        lead = asyncio.create_task(cache.is_member(room, leader))
+        await roster.entered.wait()
+        waiters = [asyncio.create_task(cache.is_member(room, u)) for u in (alice, bob)]
+        await settle()
+        roster.gate.set()
+        if fails:
+            with pytest.raises(Unavailable):  # the leader's error is its own
+                await lead
+        else:
+            assert not await lead  # an outsider's view: answered, neither shared nor cached
+        assert await asyncio.gather(*waiters) == [True, True]
+        assert [who for _, who in roster.loads] == [leader, alice, bob]
+        assert await cache.invalidate(room)
+
+
+async def test_a_cancelled_waiter_leaves_the_load_to_the_others(client: RedisClient) -> None:
+    roster = FakeRoster()
+    room, alice, bob = uuid4(), uuid4(), uuid4()
+    roster.members[room] = frozenset({alice, bob})
+    cache = RoomMembersCache(client, roster.load)
+    roster.gate.clear()
+    lead = asyncio.create_task(cache.is_member(room, alice))
+    await roster.entered.wait()
+    quitter = asyncio.create_task(cache.is_member(room, bob))
+    stayer = asyncio.create_task(cache.is_member(room, bob))
+    await settle()
+    quitter.cancel()
+    await settle()
+    roster.gate.set()
+    assert await lead
+    assert await stayer
+    assert quitter.cancelled()
+    assert len(roster.loads) == 1
+
+
+async def test_an_invalidation_during_a_load_keeps_its_list_out(client: RedisClient) -> None:
+    roster = FakeRoster()
+    room, alice, bob = uuid4(), uuid4(), uuid4()
+    roster.members[room] = frozenset({alice, bob})
+    cache = RoomMembersCache(client, roster.load)
+    roster.gate.clear()
+    stale = asyncio.create_task(cache.is_member(room, alice))  # reads {alice, bob}
+    await roster.entered.wait()
+    roster.members[room] = frozenset({alice})  # bob removed, committed...
+    assert await cache.invalidate(room)  # ...and invalidated while the load runs
+    roster.entered.clear()
+    # A call after the invalidation does not wait for the load that began before it.
+    bob_now = asyncio.create_task(cache.is_member(room, bob))
+    await roster.entered.wait()
+    assert [who for _, who in roster.loads] == [alice, bob]
+    roster.gate.set()
+    assert await stale
+    assert not await bob_now
+    # The list read before the invalidation was not stored: bob is not a cached member.
+    assert not await client.redis.exists(cache.key(room))
+    assert not await cache.is_member(room, bob)
+    assert await cache.is_member(room, alice)
+    assert await cache.members(room) == {alice}
+
+
+async def test_room_members_degrade_to_one_load_when_redis_is_down(
+    make_client: ClientFactory, dead_url: str
+) -> None:
+    roster = FakeRoster()
+    room, alice, bob = uuid4(), uuid4(), uuid4()
+    roster.members[room] = frozenset({alice, bob})
+    cache = RoomMembersCache(await make_client(dead_url), roster.load)
+    roster.gate.clear()
+    calls = [asyncio.create_task(cache.is_member(room, u)) for u in (alice, bob, alice)]
+    await wait_until(lambda: cache.stats.misses == len(calls))  # every probe failed
+    await roster.entered.wait()
+    await settle()
+    roster.gate.set()
+    assert await asyncio.gather(*calls) == [True, True, True]
+    assert len(roster.loads) == 1
+    assert cache.stats.errors >= 3
+    assert not await cache.invalidate(room)
+    assert await cache.members(room, asking=bob) == {alice, bob}
+
+
+async def test_room_members_refuse_ids_that_are_not_uuids(client: RedisClient) -> None:
+    cache = RoomMembersCache(client, FakeRoster().load)
+    for call in (
+        cache.is_member("r", uuid4()),  # type: ignore[arg-type]
+        cache.is_member(uuid4(), "u"),  # type: ignore[arg-type]
+        cache.members(uuid4(), asking="u"),  # type: ignore[arg-type]
+        cache.invalidate("r"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInput) as caught:
+            await call
+        assert caught.value.field in ("room_id", "user_id", "asking")
 
 
 def test_bad_options_are_refused(client: RedisClient) -> None:

@@ -132,19 +132,31 @@ Loader = Callable[[UUID], Awaitable["T | Unshared[T] | None"]]
 """Loads the current value from the source of truth; ``None`` if there is none."""
 
 
+class _Cached:
+    """A member set was filled after the caller found none: ask Redis again."""
+
+
+_CACHED: Final = _Cached()
+
+
 def _value(loaded: T | Unshared[T] | None) -> T | None:
     return loaded.value if isinstance(loaded, Unshared) else loaded
 
 
 @dataclass(slots=True)
 class CacheStats:
-    """Counters of one cache since it was made."""
+    """Counters of one cache since it was made.
+
+    ``shared`` counts the calls answered by another caller's load in flight instead of a
+    load of their own (:class:`RoomMembersCache` only).
+    """
 
     hits: int = 0
     misses: int = 0
     loads: int = 0
     fills: int = 0
     errors: int = 0
+    shared: int = 0
 
 
 class ReadThroughCache(Generic[T]):
@@ -385,22 +397,106 @@ Members = frozenset[UUID]
 MembersLoader = Callable[[UUID, "UUID | None"], Awaitable["Members | Unshared[Members] | None"]]
 """Loads a room's member ids as seen by a user (``None``: as no one in particular)."""
 
+# Answers of the member scripts besides a member list.
+_IN: Final = 1  # the cached set holds the user
+_OUT: Final = 0  # the cached set leaves the user out
+_ABSENT_SET: Final = 2  # no set cached (absent, a fill lease, or an older format)
+
+# KEYS[1] entry. ARGV: user id. One SISMEMBER: O(1), nothing decoded, whatever the size.
+_IS_MEMBER: Final = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 2 end
+return redis.call('SISMEMBER', KEYS[1], ARGV[1])
+"""
+
+# KEYS[1] entry. ARGV: user id ('' for no one in particular). The whole set, but only for
+# a user in it (or for no one in particular).
+_MEMBERS: Final = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 2 end
+if ARGV[1] ~= '' and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+return redis.call('SMEMBERS', KEYS[1])
+"""
+
+# KEYS[1] entry. ARGV: our lease, lease ms, lease prefix. The entry is a SET of member ids,
+# or a STRING fill lease while someone loads it. Returns 1 after taking the lease, 0 if
+# someone holds one, 2 if a set is there (filled since the caller found none). Anything
+# else (a JSON list of an older version, say) is replaced by our lease.
+_TAKE_MEMBERS_LEASE: Final = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'set' then return 2 end
+if t == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  if string.sub(v, 1, #ARGV[3]) == ARGV[3] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] entry. ARGV: our lease, ttl ms, member ids... Replaces our lease with the whole
+# set in one step, so a set that exists is always complete; refused if an invalidation
+# deleted our lease meanwhile (the ids were read before it). SADD in chunks: Lua's unpack
+# has a stack limit.
+_FILL_MEMBERS: Final = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 1000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] entry. ARGV: our lease. Gives the lease up (a load that failed or was not shared).
+_RELEASE_MEMBERS: Final = """
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 class RoomMembersCache:
-    """The member ids of each room, cached (``cache:room_members:{roomId}``).
+    """The member ids of each room, cached as a Redis SET (``cache:room_members:{roomId}``).
+
+    Membership checks do not grow with the room: :meth:`is_member` is one ``SISMEMBER``
+    (in a script that also tells a miss apart), nothing is decoded. A miss is loaded once
+    per room and process: concurrent callers wait for the one load in flight (*single
+    flight*) instead of each reading PostgreSQL.
 
     The loader reads as the user asking: through row security, a member sees the whole
     member list of their room, anyone else does not; it returns :class:`Unshared` for a
-    view that is not the whole list, which is then answered but not cached. A cached list
-    answers only its members: a non-member is always answered by the loader, so what they
-    learn does not depend on whether a member filled the cache.
+    view that is not the whole list, which is then answered but neither cached nor shared
+    with the callers waiting on it. A cached (or shared) list answers only its members: a
+    non-member is always answered by the loader, as themselves, so what they learn does
+    not depend on whether a member filled the cache.
+
+    Fills are guarded like :class:`ReadThroughCache`'s: the caller that leads a miss
+    takes a lease (a string in the entry's key, ``SET`` with a TTL) before it loads, and
+    replaces its own lease with the whole set in one script, only if the lease is still
+    there; a leader that finds another process's lease loads without filling.
+    :meth:`invalidate` deletes the key, lease included, so a list read before an
+    invalidation is never stored; it also detaches the loads in flight in this process,
+    so later callers do not wait for one. A load stays joinable until its set is stored,
+    and a caller that would lead a load while a set is there (its "no set" answer came
+    just before a fill) asks Redis again instead. A set is written whole and at once, so
+    one that exists is complete; an empty list is never cached (a member's view always
+    holds the member). When Redis is down every call is answered by the loader
+    (single-flighted still).
 
     Args:
         client: the shared Redis connection.
         loader: ``loader(room_id, asking)`` returns the member ids of a room from
             PostgreSQL as ``asking`` sees them (``None`` if they cannot see the room).
         ttl: how long a member list is kept (default 60 s).
+        lease_ttl: how long a miss holds its fill lease (longer than a slow load).
+
+    Attributes:
+        stats: hits, misses, loads, fills, errors, and ``shared`` (calls answered by
+            another caller's load in flight).
     """
+
+    namespace: Final = "room_members"
 
     def __init__(
         self,
@@ -408,22 +504,80 @@ class RoomMembersCache:
         loader: MembersLoader,
         *,
         ttl: float = 60.0,
+        lease_ttl: float = 5.0,
     ) -> None:
         if not callable(loader):
             raise InvalidInput("loader", "must be an async callable")
+        self._client = client
         self._loader = loader
-        self._cache: ReadThroughCache[frozenset[UUID]] = ReadThroughCache(
-            client,
-            "room_members",
-            loader=lambda room: loader(room, None),
-            serializer=JsonSerializer(frozenset[UUID]),
-            ttl=ttl,
-        )
+        self._ttl_ms = max(1, int(seconds(ttl, "ttl", maximum=7 * 86_400.0) * 1000))
+        self._lease_ms = max(1, int(seconds(lease_ttl, "lease_ttl", maximum=600.0) * 1000))
+        self._is_member = client.script(_IS_MEMBER)
+        self._members = client.script(_MEMBERS)
+        self._take_lease = client.script(_TAKE_MEMBERS_LEASE)
+        self._fill = client.script(_FILL_MEMBERS)
+        self._release = client.script(_RELEASE_MEMBERS)
+        # Room id -> the load in flight: resolves to the room's member list (a member's
+        # view), None (the leader's view was not the list, or its load failed), or
+        # _CACHED (a set was filled meanwhile: ask Redis).
+        self._flights: dict[UUID, asyncio.Future[Members | _Cached | None]] = {}
+        self._degraded = False
+        self.stats = CacheStats()
 
     @property
-    def cache(self) -> ReadThroughCache[frozenset[UUID]]:
-        """The underlying cache (for stats)."""
-        return self._cache
+    def cache(self) -> RoomMembersCache:
+        """This object, for callers of the former ``cache.key`` and ``cache.stats``."""
+        return self
+
+    def key(self, room_id: UUID) -> str:
+        """The Redis key of ``room_id``'s member set.
+
+        Raises:
+            InvalidInput: ``room_id`` is not a UUID.
+        """
+        if not isinstance(room_id, UUID):
+            raise InvalidInput("room_id", "must be a UUID")
+        return self._client.keys.cache(self.namespace, str(room_id))
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if not self._degraded:
+            self._degraded = True
+            logger.warning(
+                "cache %s degraded to its loader: %s failed (%s)", self.namespace, operation, exc
+            )
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            logger.info("cache %s is served by redis again", self.namespace)
+
+    async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
+        """Whether ``user_id`` is a member of ``room_id``: O(1) on a hit.
+
+        A hit answers a member; a miss, or a set without the user, is read as that user
+        (see :meth:`members`), so a non-member's answer never depends on the cache.
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+        """
+        key = self.key(room_id)
+        if not isinstance(user_id, UUID):
+            raise InvalidInput("user_id", "must be a UUID")
+        for again in (True, False):
+            found = None
+            if room_id not in self._flights:
+                found = await self._probe(self._is_member, key, str(user_id))
+                if found == _IN:
+                    self.stats.hits += 1
+                    return True
+                if found == _OUT:
+                    self.stats.hits += 1
+                    return user_id in await self._own_view(room_id, user_id)
+            loaded = await self._miss(room_id, user_id, key, again=again, up=found is not None)
+            if not isinstance(loaded, _Cached):
+                return user_id in loaded
+        return user_id in await self._own_view(room_id, user_id)  # pragma: no cover
 
     async def members(self, room_id: UUID, *, asking: UUID | None = None) -> frozenset[UUID]:
         """The member ids of ``room_id`` as ``asking`` may see them.
@@ -432,49 +586,184 @@ class RoomMembersCache:
         as themselves, whatever the cache holds: the cached list is the members' view,
         and handing it (or even its existence) to an outsider would tell them what row
         security hides, and tell apart a private room from one that does not exist.
+        This decodes the whole list: membership checks should use :meth:`is_member`.
 
         Whatever the loader raises propagates (the facade's raises ``NotFound`` for a
         room the asker cannot see); a loader returning ``None`` gives the empty set.
 
         Raises:
-            InvalidInput: ``room_id`` or ``asking`` is not a UUID.
+            InvalidInput: an id is not a UUID.
         """
-        # Checked even on a hit, which never reaches the loader that would refuse it.
+        key = self.key(room_id)
         if asking is not None and not isinstance(asking, UUID):
             raise InvalidInput("asking", "must be a UUID")
-        if asking is None:
-            found = await self._cache.get(room_id)
-            return found if found is not None else frozenset()
-        loaded_as_asker = False
+        for again in (True, False):
+            found = None
+            if room_id not in self._flights:
+                user = "" if asking is None else str(asking)
+                found = await self._probe(self._members, key, user)
+                if isinstance(found, list):
+                    try:
+                        listed = frozenset(UUID(m.decode()) for m in found)
+                    except ValueError:
+                        logger.warning("cache %s: an unreadable member set", self.namespace)
+                    else:
+                        self.stats.hits += 1
+                        return listed
+                elif found == _OUT and asking is not None:  # _OUT answers a user only
+                    self.stats.hits += 1
+                    return await self._own_view(room_id, asking)
+            loaded = await self._miss(room_id, asking, key, again=again, up=found is not None)
+            if not isinstance(loaded, _Cached):
+                return loaded
+        return await self._load(room_id, asking)  # pragma: no cover
 
-        async def as_asker(room: UUID) -> Members | Unshared[Members] | None:
-            nonlocal loaded_as_asker
-            loaded_as_asker = True
-            return await self._loader(room, asking)
+    async def _probe(self, script: Any, key: str, user: str) -> Any:
+        """The script's answer, or ``None`` when Redis failed (then: load, do not fill)."""
+        try:
+            with self._client.guard("cache.get"):
+                found = await script(keys=[key], args=[user])
+        except ChatkeepError as exc:
+            self._failed("get", exc)
+            return None
+        self._recovered()
+        return found
 
-        found = await self._cache.get(room_id, loader=as_asker)
-        if found is not None and asking in found:
-            return found
-        if not loaded_as_asker:  # a hit, or someone else's fill, that leaves the asker out
-            found = _value(await as_asker(room_id))
+    async def _load(self, room_id: UUID, asking: UUID | None) -> Members:
+        """The room as ``asking`` sees it, read for this call alone."""
+        self.stats.loads += 1
+        found = _value(await self._loader(room_id, asking))
         return found if found is not None else frozenset()
 
-    async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
-        """Whether ``user_id`` is a member of ``room_id``.
+    async def _own_view(self, room_id: UUID, asking: UUID) -> Members:
+        """The room as ``asking`` sees it, read for this call alone (never cached)."""
+        return await self._load(room_id, asking)
 
-        A hit answers a member; a miss, or a list without the user, is read as that user
-        (see :meth:`members`), so a non-member's answer never depends on the cache.
+    async def _miss(
+        self, room_id: UUID, asking: UUID | None, key: str, *, again: bool, up: bool
+    ) -> Members | _Cached:
+        """Load ``room_id`` once for all concurrent callers in this process.
 
-        Raises:
-            InvalidInput: ``room_id`` or ``user_id`` is not a UUID.
+        The first caller leads: it takes the fill lease, loads as itself, shares the list
+        if it is a member's view, and fills Redis with it if it got the lease (taken
+        before the load, so an invalidation after it deletes the lease and the fill is
+        refused). The others wait for that load and use the list only if they are in it;
+        otherwise they read as themselves. A caller whose "no set" answer is outdated (the
+        set was filled since) is told to ask Redis again.
+
+        Args:
+            room_id: the room.
+            asking: the caller (``None``: no one in particular).
+            key: the room's entry.
+            again: whether the caller may ask Redis again (once) instead of loading.
+            up: whether Redis answered the caller's probe; if not, a leader loads without
+                trying for a lease, so a frozen Redis costs one timeout, not two.
+
+        Returns:
+            The members as the caller may see them, or :data:`_CACHED` (ask again).
         """
-        if not isinstance(user_id, UUID):  # a list raised TypeError (unhashable) in ``in``
-            raise InvalidInput("user_id", "must be a UUID")
-        return user_id in await self.members(room_id, asking=user_id)
+        self.stats.misses += 1
+        flight = self._flights.get(room_id)
+        if flight is not None:
+            # Shielded: a waiter cancelled must not cancel the load the others wait for.
+            shared = await asyncio.shield(flight)
+            if isinstance(shared, _Cached):
+                return shared if again else await self._load(room_id, asking)
+            if shared is not None and (asking is None or asking in shared):
+                self.stats.shared += 1
+                return shared
+            return await self._load(room_id, asking)
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[room_id] = flight
+        lease: bytes | None = None
+        try:
+            lease, cached = await self._lease(key) if up else (None, False)
+            if cached and again:
+                flight.set_result(_CACHED)
+                return _CACHED
+            self.stats.loads += 1
+            loaded = await self._loader(room_id, asking)
+            shared_list = None if isinstance(loaded, Unshared) else loaded
+            # Waiters go on with the list while it is stored; the flight stays registered
+            # until then, so a caller whose "no set" answer predates the fill joins it.
+            flight.set_result(shared_list)
+            if lease is not None and shared_list is not None:
+                await self._store(key, lease, shared_list)
+                lease = None
+        finally:
+            if not flight.done():
+                flight.set_result(None)  # failed or cancelled: the waiters load themselves
+            if self._flights.get(room_id) is flight:
+                del self._flights[room_id]
+            if lease is not None:
+                await self._give_back(key, lease)
+        found = _value(loaded)
+        return found if found is not None else frozenset()
+
+    async def _lease(self, key: str) -> tuple[bytes | None, bool]:
+        """A fill lease on ``key``, and whether a set is cached there now.
+
+        The lease is ``None`` when another process holds one, or Redis failed.
+        """
+        lease = _LEASE + secrets.token_bytes(12)
+        try:
+            with self._client.guard("cache.lease"):
+                taken = await self._take_lease(keys=[key], args=[lease, self._lease_ms, _LEASE])
+        except ChatkeepError as exc:
+            self._failed("lease", exc)
+            return None, False
+        return (lease if taken == 1 else None), taken == 2
+
+    async def _store(self, key: str, lease: bytes, members: Members) -> None:
+        if not members:
+            await self._give_back(key, lease)
+            return
+        ids = [str(member) for member in members]
+        try:
+            with self._client.guard("cache.fill"):
+                if await self._fill(keys=[key], args=[lease, self._ttl_ms, *ids]):
+                    self.stats.fills += 1
+        except ChatkeepError as exc:
+            self._failed("fill", exc)
+
+    async def _give_back(self, key: str, lease: bytes) -> None:
+        try:
+            with self._client.guard("cache.release"):
+                await asyncio.shield(self._release(keys=[key], args=[lease]))
+        except ChatkeepError as exc:
+            self._failed("release", exc)
 
     async def invalidate(self, *room_ids: UUID) -> bool:
-        """Drop the cached member lists (after a join, leave or removal)."""
-        return await self._cache.invalidate(*room_ids)
+        """Drop the cached member sets (after a join, leave, role change or deletion).
+
+        Also deletes any fill lease, so a load that began before this call stores
+        nothing, and detaches this process's loads in flight, so no later caller waits
+        for one of them.
+
+        Returns:
+            ``True`` if Redis took the deletion; ``False`` if it is down (sets then
+            expire with their TTL). Never raises for Redis errors.
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+        """
+        keys = [self.key(room) for room in room_ids]
+        for room in room_ids:
+            self._flights.pop(room, None)
+        if not keys:
+            return True
+        try:
+            with self._client.guard("cache.invalidate"):
+                # One DEL per key: in cluster mode the rooms' keys live in different slots.
+                pipe = self._client.pipeline()
+                for key in keys:
+                    pipe.delete(key)
+                await pipe.execute()
+        except ChatkeepError as exc:
+            self._failed("invalidate", exc)
+            return False
+        self._recovered()
+        return True
 
 
 class UserProfileCache(ReadThroughCache[T]):
