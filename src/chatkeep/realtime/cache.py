@@ -745,9 +745,12 @@ class RoomMembersCache:
             expire with their TTL). Never raises for Redis errors.
 
         Raises:
-            InvalidInput: an id is not a UUID.
+            InvalidInput: an id is not a UUID (named ``room_ids``, as called).
         """
-        keys = [self.key(room) for room in room_ids]
+        try:
+            keys = [self.key(room) for room in room_ids]
+        except InvalidInput as exc:
+            raise InvalidInput("room_ids", exc.rule) from None
         for room in room_ids:
             self._flights.pop(room, None)
         if not keys:
