@@ -78,19 +78,19 @@ async def build_private_tiers(
     rooms are numbered, and tier N's users are in the first N - 1 and the history room.
     """
     need = max(tiers) - 1
-    creator = await conn.fetchval("SELECT id FROM users WHERE username = 'bench_private_owner'")
+    creator = await conn.fetchval("SELECT id FROM users WHERE username = 'rls_private_owner'")
     if creator is None:
         creator = uuid7()
         await conn.execute(
             "INSERT INTO users (id, email, username, password_hash)"
-            " VALUES ($1, 'bench-private-owner@example.org', 'bench_private_owner', $2)",
+            " VALUES ($1, 'rls-private-owner@example.org', 'rls_private_owner', $2)",
             creator,
             NO_PASSWORD,
         )
         history = uuid7()
         await conn.execute(
             "INSERT INTO rooms (id, name, type, created_by)"
-            " VALUES ($1, 'bench private history', 'private', $2)",
+            " VALUES ($1, 'rls private history', 'private', $2)",
             history,
             creator,
         )
@@ -107,13 +107,13 @@ async def build_private_tiers(
         await conn.execute(
             "UPDATE rooms SET last_seq = $2 WHERE id = $1", history, HISTORY_MESSAGES
         )
-    history = await conn.fetchval("SELECT id FROM rooms WHERE name = 'bench private history'")
-    have = await conn.fetchval("SELECT count(*) FROM rooms WHERE name ~ '^bench private [0-9]+$'")
+    history = await conn.fetchval("SELECT id FROM rooms WHERE name = 'rls private history'")
+    have = await conn.fetchval("SELECT count(*) FROM rooms WHERE name ~ '^rls private [0-9]+$'")
     if have < need:
         await conn.execute(
             """
             INSERT INTO rooms (id, name, type, created_by, last_seq)
-            SELECT gen_random_uuid(), 'bench private ' || to_char(g, 'FM0000'), 'private', $1, 5
+            SELECT gen_random_uuid(), 'rls private ' || to_char(g, 'FM0000'), 'private', $1, 5
               FROM generate_series($2::int + 1, $3::int) AS g
             """,
             creator,
@@ -123,12 +123,12 @@ async def build_private_tiers(
     rooms = [
         row["id"]
         for row in await conn.fetch(
-            "SELECT id FROM rooms WHERE name ~ '^bench private [0-9]+$' ORDER BY name"
+            "SELECT id FROM rooms WHERE name ~ '^rls private [0-9]+$' ORDER BY name"
         )
     ]
     fixtures: dict[int, Fixture] = {}
     for tier in tiers:
-        names = [f"bench_private_{tier}_{i}" for i in range(TIER_USERS)]
+        names = [f"rls_private_{tier}_{i}" for i in range(TIER_USERS)]
         found = await conn.fetch(
             "SELECT id FROM users WHERE username = ANY($1::text[]) ORDER BY username", names
         )
