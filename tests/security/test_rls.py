@@ -664,7 +664,8 @@ async def test_membership_is_hashed_for_a_user_in_many_rooms(
     async with acting_as(app_conn, world.carol) as c:
         got = sorted(tuple(r.values()) for r in await c.fetch(UNREAD_COUNTS, world.carol))
         raw = await c.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {UNREAD_COUNTS}", world.carol)
-    assert len(got) == 301 and got == expected  # all of carol's rooms, none hidden
+    assert len(got) == 301  # all of carol's rooms...
+    assert got == expected  # ...with the counts the superuser sees
     nodes = plan_nodes(json.loads(raw)[0]["Plan"])
     filters = [n["Filter"] for n in nodes if "Filter" in n]
     assert any("hashed SubPlan" in f for f in filters), filters
