@@ -4,7 +4,11 @@ In one run, on one database migrated to the full schema (roles, policies, audit)
 ``--concurrency`` tasks (20), for ``--seconds`` per side and round:
 
 * history: a page of 50 with authors at a random depth of a 10,000-message room;
-* unread: the unread counts of a user who is in 201 rooms.
+* unread: the unread counts of the user.
+
+for users in 201 public rooms (the storage benchmark's fixture), then for users in 10, 200
+and 1,000 private rooms (``--rooms``), created by someone else: the case where every room
+row goes through the membership test (issue 12). Their history room is private too.
 
 Each call is ``async with db.acting_as(user): <repository call>``, the path every facade flow
 takes. The *policy* ratio compares that path on a pool connected as ``chatapp_app`` (row
@@ -17,6 +21,10 @@ transaction at all, for information: that gap is the acting user's transaction (
 Run (PostgreSQL 15 here; the chatapp_* roles must exist: ``chatkeep setup`` once)::
 
     python benchmarks/bench_security.py --database-url postgresql://root@127.0.0.1:5432/postgres
+
+``--to N`` migrates the benchmark's database up or down to schema version ``N`` first, so
+two policy versions can be compared in alternating runs on one fixture (``--to 11`` is the
+array-scanning policies, ``--to 12`` the hashed ones).
 
 The URL names a server and a superuser; the script works in its own database
 (``chatkeep_bench_rls``) and connects to it as ``chatapp_app`` without a password, so the
@@ -39,6 +47,7 @@ import asyncpg
 
 from chatkeep import urls
 from chatkeep.config import Settings
+from chatkeep.ids import uuid7
 from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
 from chatkeep.storage.migrate import Migrator
@@ -48,6 +57,9 @@ from bench_storage import HISTORY_MESSAGES, Fixture, bench_database, build_fixtu
 
 BENCH_DB = "chatkeep_bench_rls"
 TARGET = 0.9
+TIERS = (10, 200, 1000)
+TIER_USERS = 4  # users in each tier, all in the same rooms
+NO_PASSWORD = "$2b$10$" + "b" * 53  # nobody signs in: the format is all the schema checks
 
 Op = Callable[[int, random.Random], Awaitable[Any]]
 
@@ -56,25 +68,116 @@ def as_role(url: str, role: str, password: str | None) -> str:
     return urls.with_user(url, role, password or None)
 
 
-async def prepare(server_url: str, fresh: bool) -> tuple[str, Fixture]:
+async def build_private_tiers(
+    conn: asyncpg.Connection, tiers: tuple[int, ...]
+) -> dict[int, Fixture]:
+    """For each tier N: users in N private rooms, one of them a 10,000-message history room.
+
+    The rooms are created by a user outside the tiers, so no policy shortcut (creator, public
+    room) lets a room through before the membership test. Tiers share rooms: the private
+    rooms are numbered, and tier N's users are in the first N - 1 and the history room.
+    """
+    need = max(tiers) - 1
+    creator = await conn.fetchval("SELECT id FROM users WHERE username = 'rls_private_owner'")
+    if creator is None:
+        creator = uuid7()
+        await conn.execute(
+            "INSERT INTO users (id, email, username, password_hash)"
+            " VALUES ($1, 'rls-private-owner@example.org', 'rls_private_owner', $2)",
+            creator,
+            NO_PASSWORD,
+        )
+        history = uuid7()
+        await conn.execute(
+            "INSERT INTO rooms (id, name, type, created_by)"
+            " VALUES ($1, 'rls private history', 'private', $2)",
+            history,
+            creator,
+        )
+        await conn.execute(
+            """
+            INSERT INTO messages (room_id, user_id, seq, content)
+            SELECT $1, $2, g, 'private history message number ' || g || ' with some text'
+              FROM generate_series(1, $3::int) AS g
+            """,
+            history,
+            creator,
+            HISTORY_MESSAGES,
+        )
+        await conn.execute(
+            "UPDATE rooms SET last_seq = $2 WHERE id = $1", history, HISTORY_MESSAGES
+        )
+    history = await conn.fetchval("SELECT id FROM rooms WHERE name = 'rls private history'")
+    have = await conn.fetchval("SELECT count(*) FROM rooms WHERE name ~ '^rls private [0-9]+$'")
+    if have < need:
+        await conn.execute(
+            """
+            INSERT INTO rooms (id, name, type, created_by, last_seq)
+            SELECT gen_random_uuid(), 'rls private ' || to_char(g, 'FM0000'), 'private', $1, 5
+              FROM generate_series($2::int + 1, $3::int) AS g
+            """,
+            creator,
+            have,
+            need,
+        )
+    rooms = [
+        row["id"]
+        for row in await conn.fetch(
+            "SELECT id FROM rooms WHERE name ~ '^rls private [0-9]+$' ORDER BY name"
+        )
+    ]
+    fixtures: dict[int, Fixture] = {}
+    for tier in tiers:
+        names = [f"rls_private_{tier}_{i}" for i in range(TIER_USERS)]
+        found = await conn.fetch(
+            "SELECT id FROM users WHERE username = ANY($1::text[]) ORDER BY username", names
+        )
+        users = [row["id"] for row in found]
+        if not users:
+            users = [uuid7() for _ in names]
+            await conn.copy_records_to_table(
+                "users",
+                records=[
+                    (u, f"{n}@example.org", n, NO_PASSWORD)
+                    for u, n in zip(users, names, strict=True)
+                ],
+                columns=["id", "email", "username", "password_hash"],
+            )
+            await conn.copy_records_to_table(
+                "room_users",
+                records=[(r, u) for r in [history, *rooms[: tier - 1]] for u in users],
+                columns=["room_id", "user_id"],
+            )
+        fixtures[tier] = Fixture(users, rooms[: tier - 1], history)
+    return fixtures
+
+
+async def prepare(
+    server_url: str, name: str, fresh: bool, to: int | None, tiers: tuple[int, ...]
+) -> tuple[str, Fixture, dict[int, Fixture], int]:
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
         await ensure_roles(admin, Settings(), generate_passwords=False)
     finally:
         await admin.close()
-    url = await bench_database(server_url, BENCH_DB, fresh)
+    url = await bench_database(server_url, name, fresh)
     conn = await asyncpg.connect(url)
     try:
         await prepare_database(conn)
-        await Migrator(conn).up()
+        migrator = Migrator(conn)
+        await migrator.up()
+        if to is not None:
+            await migrator.down(to=to)
+        version = max(e.version for e in await migrator.status() if e.state == "applied")
         fixture = await build_fixture(conn)
+        private = await build_private_tiers(conn, tiers)
         # The steady state autovacuum keeps a live database in: visibility maps set, so
         # the membership look-up of every policy is an index-only scan. Right after the
         # COPY it would visit the heap too, and the ratio would measure that instead.
         await conn.execute("VACUUM ANALYZE room_users, rooms, messages, users")
     finally:
         await conn.close()
-    return url, fixture
+    return url, fixture, private, version
 
 
 def ops(messages: MessageRepository, fx: Fixture, *, acting: bool) -> dict[str, Op]:
@@ -120,56 +223,91 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--fresh", action="store_true", help="drop and rebuild the database")
+    parser.add_argument("--database-name", default=BENCH_DB, help="the benchmark's database")
+    parser.add_argument(
+        "--to", type=int, default=None, help="migrate up or down to this schema version first"
+    )
+    parser.add_argument(
+        "--rooms",
+        default=",".join(map(str, TIERS)),
+        help="private rooms per user, comma-separated (empty: the public fixture only)",
+    )
     args = parser.parse_args()
+    tiers = tuple(int(n) for n in args.rooms.split(",") if n.strip())
+    if any(n < 1 for n in tiers):
+        parser.error("--rooms: each tier needs at least 1 room (the history room)")
 
-    url, fixture = await prepare(args.database_url, args.fresh)
+    url, fixture, private, schema = await prepare(
+        args.database_url, args.database_name, args.fresh, args.to, tiers
+    )
     settings = Settings(database_url=url, pool_min_size=args.concurrency)
     size = max(args.concurrency, settings.pool_max_size)
     superuser = Database(settings, max_size=size)
     app = Database(settings, dsn=as_role(url, "chatapp_app", args.app_password), max_size=size)
     async with superuser, app:
         await check_rls(app, fixture)
-        filtered = ops(MessageRepository(app), fixture, acting=True)
-        unfiltered = ops(MessageRepository(superuser), fixture, acting=True)
-        bare = ops(MessageRepository(superuser), fixture, acting=False)
+        cases = {"201 public": fixture} | {f"{n} private": fx for n, fx in private.items()}
         version = (await superuser.health()).server_version.split()[0]
         print(
-            f"PostgreSQL {version}, {os.cpu_count()} CPUs, {args.concurrency} tasks, "
-            f"{args.rounds} rounds of {args.seconds:g} s per side"
+            f"PostgreSQL {version}, schema version {schema}, {os.cpu_count()} CPUs, "
+            f"{args.concurrency} tasks, {args.rounds} rounds of {args.seconds:g} s per side"
         )
         print("calls/s: the median round; ratios: the median of back-to-back rounds")
         print(
-            f"{'operation':<9} {'superuser':>10} {'chatapp_app':>12} {'policy ratio':>13}"
-            f" {'bare superuser':>15} {'end-to-end':>11}"
+            f"{'rooms per user':<15} {'operation':<9} {'superuser':>10} {'chatapp_app':>12}"
+            f" {'policy ratio':>13} {'bare superuser':>15} {'end-to-end':>11}"
         )
         failed = False
-        for name in ("history", "unread"):
-            rates: dict[str, list[float]] = {"super": [], "app": [], "bare": []}
-            policy: list[float] = []
-            whole: list[float] = []
-            for round_ in range(args.rounds):
-                sides = [("super", unfiltered), ("app", filtered), ("bare", bare)]
-                if round_ % 2:
-                    sides.reverse()  # neither side always runs on a warmer server
-                measured = {
-                    side: await rate(table[name], args.concurrency, args.seconds)
-                    for side, table in sides
-                }
-                for side, value in measured.items():
-                    rates[side].append(value)
-                policy.append(measured["app"] / measured["super"])
-                whole.append(measured["app"] / measured["bare"])
-            ratio = statistics.median(policy)
-            failed = failed or ratio < TARGET
-            verdict = "ok" if ratio >= TARGET else f"BELOW {TARGET}"
-            print(
-                f"{name:<9} {statistics.median(rates['super']):>10,.0f}"
-                f" {statistics.median(rates['app']):>12,.0f} {ratio:>13.2f}"
-                f" {statistics.median(rates['bare']):>15,.0f}"
-                f" {statistics.median(whole):>11.2f}  {verdict}",
-                flush=True,
+        for case, fx in cases.items():
+            filtered = ops(MessageRepository(app), fx, acting=True)
+            unfiltered = ops(MessageRepository(superuser), fx, acting=True)
+            bare = ops(MessageRepository(superuser), fx, acting=False)
+            failed = (
+                await measure(
+                    case, filtered, unfiltered, bare, args.concurrency, args.seconds, args.rounds
+                )
+                or failed
             )
     return 1 if failed else 0
+
+
+async def measure(
+    case: str,
+    filtered: dict[str, Op],
+    unfiltered: dict[str, Op],
+    bare: dict[str, Op],
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+) -> bool:
+    """Prints one line per operation; True if a policy ratio is below the target."""
+    failed = False
+    for name in ("history", "unread"):
+        rates: dict[str, list[float]] = {"super": [], "app": [], "bare": []}
+        policy: list[float] = []
+        whole: list[float] = []
+        for round_ in range(rounds):
+            sides = [("super", unfiltered), ("app", filtered), ("bare", bare)]
+            if round_ % 2:
+                sides.reverse()  # neither side always runs on a warmer server
+            measured = {
+                side: await rate(table[name], concurrency, seconds) for side, table in sides
+            }
+            for side, value in measured.items():
+                rates[side].append(value)
+            policy.append(measured["app"] / measured["super"])
+            whole.append(measured["app"] / measured["bare"])
+        ratio = statistics.median(policy)
+        failed = failed or ratio < TARGET
+        verdict = "ok" if ratio >= TARGET else f"BELOW {TARGET}"
+        print(
+            f"{case:<15} {name:<9} {statistics.median(rates['super']):>10,.0f}"
+            f" {statistics.median(rates['app']):>12,.0f} {ratio:>13.2f}"
+            f" {statistics.median(rates['bare']):>15,.0f}"
+            f" {statistics.median(whole):>11.2f}  {verdict}",
+            flush=True,
+        )
+    return failed
 
 
 if __name__ == "__main__":
