@@ -32,7 +32,11 @@ _CHUNK = 65536
 
 
 class FaultProxy:
-    """Forward connections on a loopback port to ``host:port``, with faults on demand."""
+    """Forward connections on a loopback port to ``host:port``, with faults on demand.
+
+    A ``host`` that is a path is a Unix socket (``port`` is then ignored): the embedded
+    PostgreSQL listens on one only.
+    """
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
@@ -98,8 +102,12 @@ class FaultProxy:
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        host, port = self._target
         try:
-            server_r, server_w = await asyncio.open_connection(*self._target)
+            if host.startswith("/"):
+                server_r, server_w = await asyncio.open_unix_connection(host)
+            else:
+                server_r, server_w = await asyncio.open_connection(host, port)
         except OSError:
             client_w.transport.abort()
             return

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import pytest_asyncio
 
-from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, Settings, Unavailable
+from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, Settings, Unavailable, urls
 from chatkeep.realtime import RedisClient
 from chatkeep.storage import Database
 from tests.faults.proxy import FaultProxy
@@ -35,17 +35,25 @@ MARGIN = 2.0
 
 
 def through(url: str, proxy: FaultProxy) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
+    """``url`` with its hosts (authority and ``?host=``/``?port=``) replaced by the proxy."""
     parts = urlsplit(url)
     user, at, _ = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user}{at}127.0.0.1:{proxy.port}"))
+    query = "&".join(
+        piece for piece in parts.query.split("&") if piece.partition("=")[0] not in HOST_PARAMS
+    )
+    return urlunsplit(parts._replace(netloc=f"{user}{at}127.0.0.1:{proxy.port}", query=query))
+
+
+HOST_PARAMS = ("host", "port")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def proxy(database_url: str) -> AsyncIterator[FaultProxy]:
-    """A proxy in front of the test database's server."""
-    target = urlsplit(database_url)
-    async with FaultProxy(target.hostname or "127.0.0.1", target.port or 5432) as found:
+    """A proxy in front of the test database's server (its TCP port or its socket)."""
+    host, port = (urls.hosts(database_url) or [("/var/run/postgresql", None)])[0]
+    if host.startswith("/"):  # a socket folder, as the embedded server's URL names
+        host = f"{host}/.s.PGSQL.{port or 5432}"
+    async with FaultProxy(host, port or 5432) as found:
         yield found
 
 
