@@ -682,7 +682,9 @@ async def test_membership_is_hashed_for_a_user_in_many_rooms(
     nodes = plan_nodes(json.loads(raw)[0]["Plan"])
     filters = [n["Filter"] for n in nodes if "Filter" in n]
     assert any("hashed SubPlan" in f for f in filters), filters
-    assert not any("ANY (" in f for f in filters), filters
+    # The array scan 011 planned reads `x = ANY (<array>)`; a hashed sub-plan is spelled
+    # `ANY (x = (hashed SubPlan n).col1)` from PostgreSQL 17 on, `(hashed SubPlan n)` before.
+    assert not any(" = ANY (" in f for f in filters), filters
     # The set is built once for the statement, not once per row.
     subs = [n for n in nodes if n.get("Parent Relationship") in ("InitPlan", "SubPlan")]
     assert all(n["Actual Loops"] <= 1 for n in subs), subs
