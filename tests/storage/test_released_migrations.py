@@ -34,10 +34,6 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "least_privilege_for_the_app",
         "00c1eaa0cab23832807dc60a1991d53525de50d214dc96948bbe7636183a9ec9",
     ),
-    12: (
-        "hashed_membership_in_policies",
-        "d027c3576657a6ceb62332017e89fb0163e00aa5e6cfefe6dde801a45b8cd88d",
-    ),
 }
 
 
