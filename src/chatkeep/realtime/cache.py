@@ -159,7 +159,66 @@ class CacheStats:
     shared: int = 0
 
 
-class ReadThroughCache(Generic[T]):
+class _RedisCache:
+    """What both caches share: their keys, degrading to the loader, and invalidation."""
+
+    def __init__(self, client: RedisClient, namespace: str, *, id_field: str) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._id_field = id_field  # what an InvalidInput names for a bad id
+        self._degraded = False
+        self.stats = CacheStats()
+
+    @property
+    def namespace(self) -> str:
+        """The key namespace of this cache."""
+        return self._namespace
+
+    def key(self, ident: UUID) -> str:
+        """The Redis key of ``ident``'s entry.
+
+        Raises:
+            InvalidInput: ``ident`` is not a UUID.
+        """
+        if not isinstance(ident, UUID):
+            raise InvalidInput(self._id_field, "must be a UUID")
+        return self._client.keys.cache(self._namespace, str(ident))
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if not self._degraded:
+            self._degraded = True
+            logger.warning(
+                "cache %s degraded to its loader: %s failed (%s)",
+                self._namespace,
+                operation,
+                exc,
+            )
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            logger.info("cache %s is served by redis again", self._namespace)
+
+    async def _delete(self, keys: list[str]) -> bool:
+        """Delete ``keys``: True if Redis took it, False (logged, counted) if it is down."""
+        if not keys:
+            return True
+        try:
+            with self._client.guard("cache.invalidate"):
+                # One DEL per key: in cluster mode the keys live in different slots.
+                pipe = self._client.pipeline()
+                for key in keys:
+                    pipe.delete(key)
+                await pipe.execute()
+        except ChatkeepError as exc:
+            self._failed("invalidate", exc)
+            return False
+        self._recovered()
+        return True
+
+
+class ReadThroughCache(_RedisCache, Generic[T]):
     """A cache of ``T`` by UUID in front of ``loader``, with TTLs and invalidation.
 
     Args:
@@ -186,8 +245,7 @@ class ReadThroughCache(Generic[T]):
         client.keys.cache(namespace, "x")  # validates the namespace
         if not callable(loader):
             raise InvalidInput("loader", "must be an async callable")
-        self._client = client
-        self._namespace = namespace
+        super().__init__(client, namespace, id_field="id")
         self._loader = loader
         self._serializer = serializer
         self._ttl_ms = max(1, int(seconds(ttl, "ttl", maximum=7 * 86_400.0) * 1000))
@@ -200,35 +258,6 @@ class ReadThroughCache(Generic[T]):
         self._get_or_lease = client.script(_GET_OR_LEASE)
         self._fill = client.script(_FILL)
         self._release = client.script(_RELEASE)
-        self._degraded = False
-        self.stats = CacheStats()
-
-    @property
-    def namespace(self) -> str:
-        """The key namespace of this cache."""
-        return self._namespace
-
-    def key(self, ident: UUID) -> str:
-        """The Redis key of ``ident``'s entry."""
-        if not isinstance(ident, UUID):
-            raise InvalidInput("id", "must be a UUID")
-        return self._client.keys.cache(self._namespace, str(ident))
-
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        self.stats.errors += 1
-        if not self._degraded:
-            self._degraded = True
-            logger.warning(
-                "cache %s degraded to its loader: %s failed (%s)",
-                self._namespace,
-                operation,
-                exc,
-            )
-
-    def _recovered(self) -> None:
-        if self._degraded:
-            self._degraded = False
-            logger.info("cache %s is served by redis again", self._namespace)
 
     async def get(self, ident: UUID, *, loader: Loader[T] | None = None) -> T | None:
         """The value for ``ident``: from Redis, else from the loader (then cached).
@@ -377,20 +406,7 @@ class ReadThroughCache(Generic[T]):
         Raises:
             InvalidInput: an id is not a UUID.
         """
-        keys = [self.key(ident) for ident in idents]
-        if not keys:
-            return True
-        try:
-            with self._client.guard("cache.invalidate"):
-                pipe = self._client.pipeline()
-                for key in keys:
-                    pipe.delete(key)
-                await pipe.execute()
-        except ChatkeepError as exc:
-            self._failed("invalidate", exc)
-            return False
-        self._recovered()
-        return True
+        return await self._delete([self.key(ident) for ident in idents])
 
 
 Members = frozenset[UUID]
@@ -456,7 +472,7 @@ return 0
 """
 
 
-class RoomMembersCache:
+class RoomMembersCache(_RedisCache):
     """The member ids of each room, cached as a Redis SET (``cache:room_members:{roomId}``).
 
     Membership checks do not grow with the room: :meth:`is_member` is one ``SISMEMBER``
@@ -496,8 +512,6 @@ class RoomMembersCache:
             another caller's load in flight).
     """
 
-    namespace: Final = "room_members"
-
     def __init__(
         self,
         client: RedisClient,
@@ -508,7 +522,7 @@ class RoomMembersCache:
     ) -> None:
         if not callable(loader):
             raise InvalidInput("loader", "must be an async callable")
-        self._client = client
+        super().__init__(client, "room_members", id_field="room_id")
         self._loader = loader
         self._ttl_ms = max(1, int(seconds(ttl, "ttl", maximum=7 * 86_400.0) * 1000))
         self._lease_ms = max(1, int(seconds(lease_ttl, "lease_ttl", maximum=600.0) * 1000))
@@ -521,36 +535,11 @@ class RoomMembersCache:
         # view), None (the leader's view was not the list, or its load failed), or
         # _CACHED (a set was filled meanwhile: ask Redis).
         self._flights: dict[UUID, asyncio.Future[Members | _Cached | None]] = {}
-        self._degraded = False
-        self.stats = CacheStats()
 
     @property
     def cache(self) -> RoomMembersCache:
         """This object, for callers of the former ``cache.key`` and ``cache.stats``."""
         return self
-
-    def key(self, room_id: UUID) -> str:
-        """The Redis key of ``room_id``'s member set.
-
-        Raises:
-            InvalidInput: ``room_id`` is not a UUID.
-        """
-        if not isinstance(room_id, UUID):
-            raise InvalidInput("room_id", "must be a UUID")
-        return self._client.keys.cache(self.namespace, str(room_id))
-
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        self.stats.errors += 1
-        if not self._degraded:
-            self._degraded = True
-            logger.warning(
-                "cache %s degraded to its loader: %s failed (%s)", self.namespace, operation, exc
-            )
-
-    def _recovered(self) -> None:
-        if self._degraded:
-            self._degraded = False
-            logger.info("cache %s is served by redis again", self.namespace)
 
     async def is_member(self, room_id: UUID, user_id: UUID) -> bool:
         """Whether ``user_id`` is a member of ``room_id``: O(1) on a hit.
@@ -753,20 +742,7 @@ class RoomMembersCache:
             raise InvalidInput("room_ids", exc.rule) from None
         for room in room_ids:
             self._flights.pop(room, None)
-        if not keys:
-            return True
-        try:
-            with self._client.guard("cache.invalidate"):
-                # One DEL per key: in cluster mode the rooms' keys live in different slots.
-                pipe = self._client.pipeline()
-                for key in keys:
-                    pipe.delete(key)
-                await pipe.execute()
-        except ChatkeepError as exc:
-            self._failed("invalidate", exc)
-            return False
-        self._recovered()
-        return True
+        return await self._delete(keys)
 
 
 class UserProfileCache(ReadThroughCache[T]):
