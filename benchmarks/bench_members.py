@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import bcrypt
+from bench_storage import bench_database
 
 from chatkeep import ChatKeep, urls
 from chatkeep.config import Settings
@@ -68,15 +69,9 @@ async def database(server_url: str, name: str, *, fresh: bool) -> str:
     admin = await asyncpg.connect(maintenance_url(server_url))
     try:
         await ensure_roles(admin, Settings(), generate_passwords=False)
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if exists and fresh:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-            exists = False
-        if not exists:
-            await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = maintenance_url(server_url, name)
+    url = await bench_database(server_url, name, fresh)
     conn = await asyncpg.connect(url)
     try:
         await prepare_database(conn)
