@@ -133,8 +133,6 @@ logger = logging.getLogger("chatkeep.storage")
 InitHook = Callable[[asyncpg.Connection], Awaitable[None]]
 IsolationLevel = Literal["read_committed", "repeatable_read", "serializable"]
 
-_DRIVER_ERRORS: Final = DRIVER_ERRORS
-
 
 @dataclass(slots=True)
 class OperationStats:
@@ -329,7 +327,7 @@ class Database:
         # the server dropped): a failure is counted and logged for `chatkeep doctor`.
         try:
             conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             error = _translated(exc, f"connect to {redact_url(self._dsn)}")
             error.__cause__ = exc
             connection_failed(self._dsn, error)
@@ -548,7 +546,7 @@ class Database:
             else:
                 # asyncpg shields the release itself, so a cancelled task still returns it.
                 await pool.release(conn)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             # asyncpg has terminated it (a failed reset does that); the pool replaces it.
             logger.debug("connection dropped on release: %s", exc.__class__.__name__)
             _terminate(conn)
@@ -641,7 +639,7 @@ class Database:
                         conn, f"ROLLBACK TO SAVEPOINT {savepoint}"
                     ):
                         outer._rollback_failed = False
-                    if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                    if isinstance(exc, DRIVER_ERRORS):  # the caller's own SQL on tx.connection
                         raise _translated(exc, name) from exc
                     raise
                 with translate_errors(name):
@@ -685,7 +683,7 @@ class Database:
                 reusable = not tx._lost and await _roll_back(conn, rollback)
                 if reusable:
                     self._dirty.discard(pid)
-                if isinstance(exc, _DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                if isinstance(exc, DRIVER_ERRORS):  # the caller's own SQL on tx.connection
                     raise _translated(exc, name) from exc
                 raise
             self._tx.reset(token)
@@ -705,7 +703,7 @@ class Database:
             try:
                 # Session state set in the block survives COMMIT (a ROLLBACK undoes it).
                 await conn.execute(_COMMIT if tx._touched or tx._exposed else "COMMIT")
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 # A live server that refuses a COMMIT has ended the transaction (and skipped
                 # the reset: the connection stays dirty); a lost session may have committed
                 # or not, and its connection is gone.
@@ -781,7 +779,7 @@ class Database:
                     if not reusable:
                         self._dirty.discard(pid)
                     await self._release(conn, full_reset=False, discard=not reusable)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise _translated(exc, name) from exc
         else:
             failed = False
@@ -988,7 +986,7 @@ async def _roll_back(conn: PoolConnectionProxy, statement: str) -> bool:
     """
     try:
         await conn.execute(statement)
-    except _DRIVER_ERRORS:
+    except DRIVER_ERRORS:
         return False
     return True
 
@@ -999,7 +997,7 @@ async def _reset_and_release(
     """Reset the session state of a connection handed to outside code, then give it back."""
     try:
         await conn.reset(timeout=reset_timeout)
-    except _DRIVER_ERRORS:
+    except DRIVER_ERRORS:
         _terminate(conn)
         return
     await pool.release(conn)
@@ -1014,6 +1012,6 @@ def _terminate(conn: PoolConnectionProxy) -> None:
 
 def _translated(exc: BaseException, operation: str) -> ChatkeepError:
     translated = translate_error(exc, operation)
-    if translated is None:  # pragma: no cover - every _DRIVER_ERRORS type is mapped
+    if translated is None:  # pragma: no cover - every DRIVER_ERRORS type is mapped
         return ChatkeepError(f"{operation}: {exc.__class__.__name__}")
     return translated
