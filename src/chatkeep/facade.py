@@ -73,6 +73,7 @@ from chatkeep.models import (
     UserProfile,
     canonical_email,
 )
+from chatkeep.ops import tracing
 from chatkeep.realtime import (
     Event,
     EventBus,
@@ -113,7 +114,9 @@ from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 
-if TYPE_CHECKING:  # the metrics extra (prometheus-client) is optional
+if TYPE_CHECKING:  # the metrics (prometheus-client) and otel extras are optional
+    from opentelemetry.trace import Span
+
     from chatkeep.ops.metrics import ChatkeepMetrics
 
 __all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
@@ -218,11 +221,23 @@ class _Flow:
     queued in a flow that raises is dropped: nothing is announced that was rolled back.
     """
 
-    __slots__ = ("_chat", "_cleanups", "_events", "_member_rooms", "_profiles", "name")
+    __slots__ = (
+        "_chat",
+        "_cleanups",
+        "_events",
+        "_member_rooms",
+        "_profiles",
+        "_user_named",
+        "name",
+        "span",
+    )
 
-    def __init__(self, chat: ChatKeep, name: str) -> None:
+    def __init__(self, chat: ChatKeep, name: str, span: Span | None = None) -> None:
         self._chat = chat
         self.name = name
+        #: The flow's span (``chatkeep.<name>``), or ``None`` when not tracing.
+        self.span = span
+        self._user_named = False
         self._events: list[Event] = []
         self._member_rooms: list[uuid.UUID] = []
         self._profiles: list[uuid.UUID] = []
@@ -246,11 +261,19 @@ class _Flow:
             if hide is not None
             else contextlib.nullcontext()
         )
+        if not self._user_named:  # the flow's own user, else the one it acts as
+            self.about(user_id=user)
         with hiding:
             async with self._chat._as_actor_or_system(
                 user, f"facade.{self.name}", isolation=isolation
             ) as tx:
                 yield tx
+
+    def about(self, *, room_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None) -> None:
+        """Name the room and user the flow is about, on its span (checked ids only)."""
+        if user_id is not None:
+            self._user_named = True
+        tracing.describe(self.span, room_id=room_id, user_id=user_id)
 
     def publish(self, *events: Event) -> None:
         """Publish ``events`` after the commit."""
@@ -488,10 +511,10 @@ class ChatKeep:
         transaction, which could still roll back what the events announce. Queued Redis
         work runs when the block ends without an error.
         """
-        with self._count_errors():
+        with tracing.flow(name) as span, self._count_errors():
             if after_commit:
                 self._outside_transaction(name)
-            flow = _Flow(self, name)
+            flow = _Flow(self, name, span)
             yield flow
             await flow.after_commit()
 
@@ -526,7 +549,9 @@ class ChatKeep:
             receivers = await self.events.publish_many(events)
         except ChatkeepError as exc:
             # The change is committed; subscribers will see a gap and catch up by seq.
-            logger.warning("%d event(s) not published: %s", len(events), exc)
+            logger.warning(
+                "%d event(s) not published: %s", len(events), exc, extra={"events": len(events)}
+            )
             return
         if self.metrics is not None:
             for count in receivers:
@@ -535,7 +560,11 @@ class ChatKeep:
     async def _invalidate_members(self, *room_ids: uuid.UUID) -> None:
         if room_ids and not await self.members.invalidate(*room_ids):
             # Entries expire with their TTL; logged so the staleness is visible.
-            logger.warning("membership cache not invalidated for %d room(s)", len(room_ids))
+            logger.warning(
+                "membership cache not invalidated for %d room(s)",
+                len(room_ids),
+                extra={"rooms": len(room_ids)},
+            )
 
     async def _invalidate_profile(self, user_id: uuid.UUID) -> None:
         if not await self.profiles.invalidate(user_id):
@@ -782,6 +811,7 @@ class ChatKeep:
                 type=type,
                 client_msg_id=client_msg_id,
             )
+            flow.about(room_id=dto.room_id, user_id=dto.user_id)
             # Fail open: an outage of the limiter must not stop messages.
             async with self._best_effort("the send rate limit check"):
                 try:
@@ -817,6 +847,7 @@ class ChatKeep:
             key = check_id("message_id", message_id)
             async with flow.acting_as(editor, hide="message"):
                 message = await self.messages.edit(key, content, by=editor)
+            flow.about(room_id=message.room_id)
             flow.publish(
                 MessageEdited(
                     room_id=message.room_id,
@@ -871,6 +902,7 @@ class ChatKeep:
         async with self._flow("mark_read") as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             async with flow.acting_as(user, hide="room"):
                 watermark = await self.messages.mark_read(room, user, seq)
             flow.publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
@@ -920,6 +952,7 @@ class ChatKeep:
         async with self._flow("catch_up", after_commit=False) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             if (after_seq is None) == (cursor is None):
                 raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
             if cursor is not None and decode_cursor(cursor)[2] != "after":
@@ -956,6 +989,7 @@ class ChatKeep:
         async with self._flow("history", after_commit=False) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             await self._require_member(room, user)
             async with flow.acting_as(user):
                 return await self.messages.history(
@@ -1031,6 +1065,7 @@ class ChatKeep:
         async with self._flow("join") as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
             async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.add_member(room, user, role=role, by=actor)
@@ -1057,6 +1092,7 @@ class ChatKeep:
         async with self._flow("leave") as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
             async with flow.acting_as(actor, hide="room"):
                 if not await self.rooms.remove_member(room, user, by=actor):
@@ -1098,6 +1134,7 @@ class ChatKeep:
         async with self._flow("change_role") as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             actor = None if by is None else check_id("by", by)
             async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.change_role(room, user, role, by=actor)
@@ -1126,6 +1163,7 @@ class ChatKeep:
         """
         async with self._flow("delete_room") as flow:
             room = check_id("room_id", room_id)
+            flow.about(room_id=room)
             actor = None if by is None else check_id("by", by)
             # Serializable: the owner check and the delete see one snapshot, and a concurrent
             # role change or join makes one side fail (Unavailable) instead of slipping past.
@@ -1163,6 +1201,7 @@ class ChatKeep:
         """
         async with self._flow("connect_socket", after_commit=False) as flow:
             user = check_id("user_id", user_id)
+            flow.about(user_id=user)
             room_set = _ids("rooms", rooms)
             for room in room_set:
                 await self._require_member(room, user)
@@ -1192,6 +1231,7 @@ class ChatKeep:
         """
         async with self._flow("heartbeat", after_commit=False) as flow:
             user = check_id("user_id", user_id)
+            flow.about(user_id=user)
             room_set = _ids("rooms", rooms)
             kept: set[uuid.UUID] = set()
             for room in room_set:
@@ -1266,6 +1306,7 @@ class ChatKeep:
         async with self._flow("set_typing", after_commit=False) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             if not isinstance(typing, bool):
                 raise InvalidInput("typing", "must be a bool")
             await self._require_member(room, user)

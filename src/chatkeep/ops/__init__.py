@@ -1,4 +1,4 @@
-"""Operations: backup and restore, structured logging and metrics.
+"""Operations: backup and restore, structured logging, metrics and traces.
 
 * :mod:`chatkeep.ops.backup` — ``chatkeep backup``: consistent ``pg_dump`` archives of the
   chatkeep schema.
@@ -9,4 +9,6 @@
 * :mod:`chatkeep.ops.logging` — structured log records, a JSON formatter and a redactor
   that keeps passwords, tokens and message contents out of every log line.
 * :mod:`chatkeep.ops.metrics` — Prometheus metric families (optional extra ``metrics``).
+* :mod:`chatkeep.ops.tracing` — OpenTelemetry spans of flows, named database operations
+  and Redis operations (optional extra ``otel``; nothing is made without a tracer provider).
 """

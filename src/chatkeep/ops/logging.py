@@ -48,6 +48,8 @@ from typing import IO, Any, Final
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
+from chatkeep.ops import tracing
+
 __all__ = [
     "REDACTED",
     "STRUCTURED_FIELDS",
@@ -64,8 +66,24 @@ __all__ = [
 REDACTED: Final = "***"
 """What a secret is replaced with."""
 
-STRUCTURED_FIELDS: Final = ("operation", "duration_ms", "rows", "room_id")
-"""The fields chatkeep's records carry where they apply (``extra=`` keys)."""
+STRUCTURED_FIELDS: Final = (
+    "operation",
+    "duration_ms",
+    "failed",
+    "pool_wait_ms",
+    "pool_min_size",
+    "pool_max_size",
+    "rows",
+    "events",
+    "rooms",
+    "room_id",
+    "user_id",
+)
+"""The fields chatkeep's records carry where they apply (``extra=`` keys).
+
+:class:`JsonFormatter` adds ``trace_id`` and ``span_id`` to lines written inside an
+OpenTelemetry span (:mod:`chatkeep.ops.tracing`).
+"""
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRIBUTES: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -202,7 +220,11 @@ class JsonFormatter(logging.Formatter):
 
         {"time": "2026-01-05T10:00:00.123Z", "level": "INFO", "logger": "chatkeep.storage",
          "message": "sent message", "operation": "send_message", "duration_ms": 3.2,
-         "rows": 1, "room_id": "0190..."}
+         "rows": 1, "room_id": "0190...", "trace_id": "4bf92f35...", "span_id": "00f067aa..."}
+
+    ``trace_id`` and ``span_id`` (hex, as OpenTelemetry backends show them) are those of
+    the span current where the line is formatted, when ``opentelemetry-api`` is installed
+    and a span is; a record that already has them (``extra=``) keeps its own.
 
     Records are redacted first (:func:`redact_record`), whether or not a
     :class:`RedactingFilter` is attached. Values that are not JSON types (UUIDs, times,
@@ -221,6 +243,10 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in _extra_fields(record).items():
             data.setdefault(key, value)
+        ids = tracing.current_ids()
+        if ids is not None:
+            data.setdefault("trace_id", ids[0])
+            data.setdefault("span_id", ids[1])
         if record.exc_text:
             data["exception"] = record.exc_text
         if record.stack_info:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -51,6 +51,7 @@ from redis.commands.core import AsyncScript
 
 from chatkeep.config import Settings, redact_url
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
+from chatkeep.ops import tracing
 from chatkeep.realtime.errors import translate_error
 from chatkeep.realtime.keys import KeySpace
 from chatkeep.realtime.pubsub import (
@@ -89,6 +90,28 @@ class RedisHealth:
     ok: bool
     latency_ms: float | None
     error: str | None = None
+
+
+class _Pipeline(Pipeline):
+    """A redis-py pipeline that names its commands to the traced operation running it."""
+
+    def execute(self, raise_on_error: bool = True) -> Coroutine[Any, Any, list[Any]]:
+        tracing.redis_commands(args[0] for args, _options in self.command_stack)
+        return super().execute(raise_on_error)
+
+
+class _Redis(aioredis.Redis):
+    """redis-py's client, naming each command to the traced operation running it.
+
+    Outside a traced :meth:`RedisClient.guard` the naming is one context variable read.
+    """
+
+    def execute_command(self, *args: Any, **options: Any) -> Coroutine[Any, Any, Any]:
+        tracing.redis_commands(args[:1])
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
 def _check_positive(name: str, value: float, *, maximum: float = 3600.0) -> None:
@@ -242,7 +265,7 @@ class RedisClient:
             raise ConfigurationError(
                 f"redis_url: cannot be parsed ({redact_url(url)})", field="redis_url"
             ) from exc
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._redis: aioredis.Redis = _Redis(connection_pool=self._pool)
         # Optional observer wrapped around every guarded command, given its operation name
         # (``ChatkeepMetrics.time_redis``); unset, commands pay nothing for it.
         self.command_timer: Callable[[str], contextlib.AbstractContextManager[object]] | None = None
@@ -339,7 +362,9 @@ class RedisClient:
         Past the deadline the block is cancelled (redis-py then drops the connection it
         was using, so no late reply can be read by another command) and
         :class:`Unavailable` is raised. When :attr:`command_timer` is set, the block also
-        runs inside ``command_timer(operation)`` (which sees the translated error).
+        runs inside ``command_timer(operation)`` (which sees the translated error); when a
+        tracer provider is set, inside a span named ``operation``
+        (:func:`chatkeep.ops.tracing.redis_operation`).
 
         Args:
             operation: a dotted name (``"presence.heartbeat"``) put in the message.
@@ -351,7 +376,16 @@ class RedisClient:
         """
         seconds = self._operation_timeout if timeout is None else timeout
         timer = self.command_timer
-        if timer is None:
+        found = tracing.tracer()
+        if found is not None:
+            # The span outermost: it sees the error as translated, and the timer's time.
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(tracing.redis_operation(found, operation))
+                if timer is not None:
+                    stack.enter_context(timer(operation))
+                stack.enter_context(self._bounded(operation, seconds))
+                yield
+        elif timer is None:
             with self._bounded(operation, seconds):
                 yield
         else:

@@ -247,7 +247,10 @@ def decode_event(data: bytes | str) -> Event | None:
         return _EVENT_ADAPTER.validate_python(raw)
     except ValidationError as exc:
         logger.warning(
-            "skipped an unreadable event of type %r (%d errors)", raw.get("type"), exc.error_count()
+            "skipped an unreadable event of type %r (%d errors)",
+            raw.get("type"),
+            exc.error_count(),
+            extra={"errors": exc.error_count()},
         )
         return None
 

@@ -375,5 +375,9 @@ class Presence:
                 while len(await self.sweep(limit=_SWEEP_LIMIT)) == _SWEEP_LIMIT:
                     pass  # more were due: keep claiming before sleeping
             except Exception:
-                logger.exception("presence sweep failed; retrying in %.1f s", pause)
+                logger.exception(
+                    "presence sweep failed; retrying in %.1f s",
+                    pause,
+                    extra={"operation": "presence.sweep", "retry_in_ms": round(pause * 1000)},
+                )
             await asyncio.sleep(pause)

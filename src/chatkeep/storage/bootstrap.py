@@ -397,7 +397,13 @@ async def prepare_database(conn: asyncpg.Connection) -> tuple[str, ...]:
                 await conn.execute(f"ALTER {kind} {object_name} OWNER TO {owner}")
                 adopted.append(f"{kind} {object_name}")
     if adopted:
-        logger.info("gave %d object(s) to %s: %s", len(adopted), OWNER_ROLE, ", ".join(adopted))
+        logger.info(
+            "gave %d object(s) to %s: %s",
+            len(adopted),
+            OWNER_ROLE,
+            ", ".join(adopted),
+            extra={"objects": len(adopted)},
+        )
     return tuple(adopted)
 
 

@@ -49,6 +49,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.ids import check_id
+from chatkeep.ops import tracing
 from chatkeep.storage.errors import (
     DRIVER_ERRORS,
     connection_is_lost,
@@ -346,12 +347,19 @@ class Database:
         start = time.perf_counter()
         with translate_errors(f"connect to {redact_url(self._dsn)}"):
             self._pool = await asyncpg.create_pool(self._dsn, **self.pool_options())
+        took = (time.perf_counter() - start) * 1000
         logger.debug(
             "pool open: %s min=%d max=%d in %.1f ms",
             redact_url(self._dsn),
             self._min_size,
             self._max_size,
-            (time.perf_counter() - start) * 1000,
+            took,
+            extra={
+                "operation": "pool.open",
+                "duration_ms": round(took, 3),
+                "pool_min_size": self._min_size,
+                "pool_max_size": self._max_size,
+            },
         )
         return self
 
@@ -425,9 +433,28 @@ class Database:
         if seconds >= self._slow:
             stats.slow += 1
             # The name only: parameters may hold message contents or emails.
-            logger.warning("slow database operation %s: %.1f ms", name, seconds * 1000)
+            logger.warning(
+                "slow database operation %s: %.1f ms",
+                name,
+                seconds * 1000,
+                extra={
+                    "operation": name,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "failed": failed,
+                },
+            )
         elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: %.2f ms%s", name, seconds * 1000, " (failed)" if failed else "")
+            logger.debug(
+                "%s: %.2f ms%s",
+                name,
+                seconds * 1000,
+                " (failed)" if failed else "",
+                extra={
+                    "operation": name,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "failed": failed,
+                },
+            )
 
     # -- connections and transactions -----------------------------------------------------
 
@@ -457,6 +484,8 @@ class Database:
             conn = await self._acquire_from(pool)
         self._in_use += 1
         waited = time.perf_counter() - began
+        if tracing.tracer() is not None:
+            tracing.pool_waited(waited)
         if waited >= self._slow:
             # Told apart from slow statements: the cure is a bigger pool or fewer
             # concurrent callers, not a faster query. Operations count from here.
@@ -464,6 +493,7 @@ class Database:
                 "waited %.1f ms for a free database connection (pool_max_size=%d)",
                 waited * 1000,
                 self._max_size,
+                extra={"pool_wait_ms": round(waited * 1000, 3), "pool_max_size": self._max_size},
             )
         return conn
 
@@ -648,79 +678,83 @@ class Database:
                 outer.depth -= 1
             return
 
-        failed = True
-        with translate_errors(name):
-            conn = await self._acquire()
-        # A transaction's time starts once it has its connection (waits are logged apart).
-        start = time.perf_counter()
-        tx = Transaction(conn, name, asyncio.current_task())
-        pid = conn.get_server_pid()
-        # A previous borrower may have left session state: BEGIN resets it first. A ROLLBACK
-        # would undo that reset, so it then carries the reset again.
-        reset_first = pid in self._dirty
-        rollback = _ROLLBACK if reset_first else "ROLLBACK"
-        # Whether the connection ends idle and in sync with its server, fit for the next
-        # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
-        # error) discards it.
-        reusable = False
-        # Until COMMIT or ROLLBACK (with the session reset they carry) succeeds, a session
-        # level SET made in the block may be on the connection.
-        self._dirty.add(pid)
-        try:
+        found = tracing.tracer()
+        with _NO_SPAN if found is None else tracing.transaction(found, name):
+            failed = True
             with translate_errors(name):
-                await conn.execute(_begin(isolation, readonly, acting_user, reset=reset_first))
-            tx.acting_user = acting_user
-            token = self._tx.set(tx)
+                conn = await self._acquire()
+            # A transaction's time starts once it has its connection (waits are logged apart).
+            start = time.perf_counter()
+            tx = Transaction(conn, name, asyncio.current_task())
+            pid = conn.get_server_pid()
+            # A previous borrower may have left session state: BEGIN resets it first. A ROLLBACK
+            # would undo that reset, so it then carries the reset again.
+            reset_first = pid in self._dirty
+            rollback = _ROLLBACK if reset_first else "ROLLBACK"
+            # Whether the connection ends idle and in sync with its server, fit for the next
+            # borrower; anything else (a lost session, a cancelled COMMIT or ROLLBACK, a protocol
+            # error) discards it.
+            reusable = False
+            # Until COMMIT or ROLLBACK (with the session reset they carry) succeeds, a session
+            # level SET made in the block may be on the connection.
+            self._dirty.add(pid)
             try:
-                yield tx
-            except BaseException as exc:
+                with translate_errors(name):
+                    await conn.execute(_begin(isolation, readonly, acting_user, reset=reset_first))
+                tx.acting_user = acting_user
+                token = self._tx.set(tx)
+                try:
+                    yield tx
+                except BaseException as exc:
+                    self._tx.reset(token)
+                    if _abandoned(exc):
+                        tx._lost = True
+                    # A lost connection is not rolled back: the server rolls back when the
+                    # release drops it, and a ROLLBACK on a silent network would wait another
+                    # full client timeout (twice the bound the caller was promised).
+                    reusable = not tx._lost and await _roll_back(conn, rollback)
+                    if reusable:
+                        self._dirty.discard(pid)
+                    if isinstance(exc, DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                        raise _translated(exc, name) from exc
+                    raise
                 self._tx.reset(token)
-                if _abandoned(exc):
-                    tx._lost = True
-                # A lost connection is not rolled back: the server rolls back when the
-                # release drops it, and a ROLLBACK on a silent network would wait another
-                # full client timeout (twice the bound the caller was promised).
-                reusable = not tx._lost and await _roll_back(conn, rollback)
-                if reusable:
-                    self._dirty.discard(pid)
-                if isinstance(exc, DRIVER_ERRORS):  # the caller's own SQL on tx.connection
+                if tx._lost:
+                    raise Unavailable(
+                        f"{name}: the connection was lost in the block; nothing of the "
+                        "transaction was committed"
+                    )
+                if tx._rollback_failed:
+                    reusable = await _roll_back(conn, rollback)
+                    if reusable:
+                        self._dirty.discard(pid)
+                    raise Unavailable(
+                        f"{name}: a nested block failed and could not be rolled back; "
+                        "nothing of the transaction was committed"
+                    )
+                try:
+                    # Session state set in the block survives COMMIT (a ROLLBACK undoes it).
+                    await conn.execute(_COMMIT if tx._touched or tx._exposed else "COMMIT")
+                except DRIVER_ERRORS as exc:
+                    # A live server that refuses a COMMIT has ended the transaction (and skipped
+                    # the reset: the connection stays dirty); a lost session may have committed
+                    # or not, and its connection is gone.
+                    reusable = not connection_is_lost(exc)
                     raise _translated(exc, name) from exc
-                raise
-            self._tx.reset(token)
-            if tx._lost:
-                raise Unavailable(
-                    f"{name}: the connection was lost in the block; nothing of the "
-                    "transaction was committed"
-                )
-            if tx._rollback_failed:
-                reusable = await _roll_back(conn, rollback)
-                if reusable:
-                    self._dirty.discard(pid)
-                raise Unavailable(
-                    f"{name}: a nested block failed and could not be rolled back; "
-                    "nothing of the transaction was committed"
-                )
-            try:
-                # Session state set in the block survives COMMIT (a ROLLBACK undoes it).
-                await conn.execute(_COMMIT if tx._touched or tx._exposed else "COMMIT")
-            except DRIVER_ERRORS as exc:
-                # A live server that refuses a COMMIT has ended the transaction (and skipped
-                # the reset: the connection stays dirty); a lost session may have committed
-                # or not, and its connection is gone.
-                reusable = not connection_is_lost(exc)
-                raise _translated(exc, name) from exc
-            self._dirty.discard(pid)
-            reusable = True
-            failed = False
-        finally:
-            try:
-                if tx._exposed:  # as for acquire(): the full reset keeps SET ROLE and temp tables
-                    self._dirty.add(pid)
-                await self._release(conn, full_reset=tx._exposed, discard=not reusable)
+                self._dirty.discard(pid)
+                reusable = True
+                failed = False
             finally:
-                if not reusable:
-                    self._dirty.discard(pid)  # terminated: the pid is free for a new session
-                self._record(name, time.perf_counter() - start, failed)
+                try:
+                    if (
+                        tx._exposed
+                    ):  # as for acquire(): the full reset keeps SET ROLE and temp tables
+                        self._dirty.add(pid)
+                    await self._release(conn, full_reset=tx._exposed, discard=not reusable)
+                finally:
+                    if not reusable:
+                        self._dirty.discard(pid)  # terminated: the pid is free for a new session
+                    self._record(name, time.perf_counter() - start, failed)
 
     def acting_user(self) -> uuid.UUID | None:
         """The user the current task's transaction acts as, or ``None``."""
@@ -742,50 +776,52 @@ class Database:
         session state on it). ``query`` is the SQL ``call`` sends, for the check of whether
         it may change session state; ``None`` when it sends none of the caller's (COPY).
         """
-        start = time.perf_counter()
-        failed = True
-        try:
-            tx = self._joined()
-            if tx is not None:
-                if query is not None and _may_change_session(query):
-                    tx._touched = True
-                try:
-                    result = await call(tx._connection)
-                except BaseException as exc:
-                    if _abandoned(exc):
-                        tx._lost = True
-                    raise
-            else:
-                conn = await self._acquire()
-                # The operation's time starts once it has a connection: a wait for a free
-                # one is logged apart (_acquire), not counted as a slow statement.
-                start = time.perf_counter()
-                pid = conn.get_server_pid()
-                reusable = False
-                try:
-                    if pid in self._dirty:
-                        # A borrower left session state behind: the one round trip this
-                        # design pays, only after a statement that may have changed it.
-                        await conn.execute(_SESSION_RESET)
-                        self._dirty.discard(pid)
+        found = tracing.tracer()
+        with _NO_SPAN if found is None else tracing.statement(found, name, query):
+            start = time.perf_counter()
+            failed = True
+            try:
+                tx = self._joined()
+                if tx is not None:
                     if query is not None and _may_change_session(query):
-                        self._dirty.add(pid)
-                    result = await call(conn)
-                    reusable = True
-                except BaseException as exc:
-                    reusable = not _abandoned(exc)
-                    raise
-                finally:
-                    if not reusable:
-                        self._dirty.discard(pid)
-                    await self._release(conn, full_reset=False, discard=not reusable)
-        except DRIVER_ERRORS as exc:
-            raise _translated(exc, name) from exc
-        else:
-            failed = False
-            return result
-        finally:
-            self._record(name, time.perf_counter() - start, failed)
+                        tx._touched = True
+                    try:
+                        result = await call(tx._connection)
+                    except BaseException as exc:
+                        if _abandoned(exc):
+                            tx._lost = True
+                        raise
+                else:
+                    conn = await self._acquire()
+                    # The operation's time starts once it has a connection: a wait for a free
+                    # one is logged apart (_acquire), not counted as a slow statement.
+                    start = time.perf_counter()
+                    pid = conn.get_server_pid()
+                    reusable = False
+                    try:
+                        if pid in self._dirty:
+                            # A borrower left session state behind: the one round trip this
+                            # design pays, only after a statement that may have changed it.
+                            await conn.execute(_SESSION_RESET)
+                            self._dirty.discard(pid)
+                        if query is not None and _may_change_session(query):
+                            self._dirty.add(pid)
+                        result = await call(conn)
+                        reusable = True
+                    except BaseException as exc:
+                        reusable = not _abandoned(exc)
+                        raise
+                    finally:
+                        if not reusable:
+                            self._dirty.discard(pid)
+                        await self._release(conn, full_reset=False, discard=not reusable)
+            except DRIVER_ERRORS as exc:
+                raise _translated(exc, name) from exc
+            else:
+                failed = False
+                return result
+            finally:
+                self._record(name, time.perf_counter() - start, failed)
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``query`` and return every row. ``name`` labels it in logs and stats.
@@ -880,6 +916,10 @@ class Database:
             busy=size - idle,
         )
 
+
+# What a named operation or transaction enters when no tracer is set: reusable, and
+# cheaper than a span that would be dropped.
+_NO_SPAN: Final = contextlib.nullcontext()
 
 _ISOLATION_SQL: Final = {
     "read_committed": " ISOLATION LEVEL READ COMMITTED",

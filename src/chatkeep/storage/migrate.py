@@ -608,7 +608,11 @@ class Migrator:
                         f"another migrator held the migration lock for over {self.lock_timeout:g}s"
                         " (see pg_locks for locktype 'advisory'); nothing was applied"
                     )
-                logger.info("migration lock busy; waiting %.2fs", delay)
+                logger.info(
+                    "migration lock busy; waiting %.2fs",
+                    delay,
+                    extra={"operation": "migrate.lock", "wait_ms": round(delay * 1000)},
+                )
                 await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311
                 delay = min(delay * 2, 1.0)
         try:
@@ -753,11 +757,17 @@ class Migrator:
                 version=migration.version,
                 statement=current.sql if current else None,
             ) from exc
+        took = (time.monotonic() - started) * 1000
         logger.info(
             "migrated %s %s in %.1f ms",
             direction,
             migration.label,
-            (time.monotonic() - started) * 1000,
+            took,
+            extra={
+                "operation": f"migrate.{direction}",
+                "duration_ms": round(took, 3),
+                "version": migration.version,
+            },
         )
 
     async def _record_failure(

@@ -107,7 +107,12 @@ def connection_failed(dsn: str, error: ChatkeepError) -> ChatkeepError:
         count = previous.count + 1 if previous else 1
         _failures[key] = ConnectionFailureCount(host, role, reason, count, time.time())
     logger.warning(
-        "connection to %s as %s failed: %s (%d time(s) so far)", host, role, reason, count
+        "connection to %s as %s failed: %s (%d time(s) so far)",
+        host,
+        role,
+        reason,
+        count,
+        extra={"host": host, "role": role, "reason": reason, "failures": count},
     )
     if isinstance(error.__cause__, ssl.SSLCertVerificationError):
         refined = ConfigurationError(
