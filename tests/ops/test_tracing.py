@@ -13,17 +13,26 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, InvalidInput, NotFound, Settings
+from chatkeep import (
+    ChatKeep,
+    CreateRoomDto,
+    CreateUserDto,
+    InvalidInput,
+    NotFound,
+    Settings,
+    User,
+)
 from chatkeep.errors import ChatkeepError, Unavailable
 from chatkeep.ops import logging as ops_logging
 from chatkeep.ops import tracing
@@ -100,17 +109,23 @@ def json_capture(logger_name: str) -> tuple[io.StringIO, Callable[[], None]]:
     return stream, stop
 
 
-async def test_a_send_is_one_flow_span_over_its_sql_and_redis_spans(
-    make_settings: Callable[..., Settings],
-    spans: InMemorySpanExporter,
-    database_url: str,
-    redis_url: str,
-) -> None:
+@pytest_asyncio.fixture(loop_scope="session")
+async def alice(
+    make_settings: Callable[..., Settings], database_url: str, redis_url: str
+) -> AsyncIterator[tuple[ChatKeep, User]]:
+    """A facade on the test's stores, and a user registered in it."""
     async with ChatKeep.connect(make_settings(), node_id="node-t", bcrypt_rounds=10) as chat:
-        alice = await chat.register(CreateUserDto(email=EMAIL, username="alice", password=PASSWORD))
-        room = await chat.create_room(CreateRoomDto(name="general", created_by=alice.id))
-        spans.clear()
-        message = await chat.send_message(room.id, alice.id, CONTENT, client_msg_id="c-1")
+        user = await chat.register(CreateUserDto(email=EMAIL, username="alice", password=PASSWORD))
+        yield chat, user
+
+
+async def test_a_send_is_one_flow_span_over_its_sql_and_redis_spans(
+    alice: tuple[ChatKeep, User], spans: InMemorySpanExporter
+) -> None:
+    chat, user = alice
+    room = await chat.create_room(CreateRoomDto(name="general", created_by=user.id))
+    spans.clear()
+    message = await chat.send_message(room.id, user.id, CONTENT, client_msg_id="c-1")
     found = spans.get_finished_spans()
 
     flow = one(found, "chatkeep.send_message")
@@ -119,7 +134,7 @@ async def test_a_send_is_one_flow_span_over_its_sql_and_redis_spans(
     assert flow.status.status_code is StatusCode.UNSET
     assert attrs(flow)["chatkeep.flow"] == "send_message"
     assert attrs(flow)["chatkeep.room_id"] == str(room.id)
-    assert attrs(flow)["chatkeep.user_id"] == str(alice.id)
+    assert attrs(flow)["chatkeep.user_id"] == str(user.id)
     assert flow.context is not None
     assert {s.context.trace_id for s in found if s.context is not None} == {flow.context.trace_id}
 
@@ -172,18 +187,14 @@ async def test_a_send_is_one_flow_span_over_its_sql_and_redis_spans(
 
 
 async def test_a_failed_flow_marks_its_span_with_the_chatkeep_error(
-    make_settings: Callable[..., Settings],
-    spans: InMemorySpanExporter,
-    database_url: str,
-    redis_url: str,
+    alice: tuple[ChatKeep, User], spans: InMemorySpanExporter
 ) -> None:
-    async with ChatKeep.connect(make_settings(), node_id="node-t", bcrypt_rounds=10) as chat:
-        alice = await chat.register(CreateUserDto(email=EMAIL, username="alice", password=PASSWORD))
-        spans.clear()
-        with pytest.raises(NotFound):
-            await chat.send_message(uuid.uuid4(), alice.id, CONTENT)
-        with pytest.raises(InvalidInput):
-            await chat.mark_read("not-an-id", alice.id)  # type: ignore[arg-type]
+    chat, user = alice
+    spans.clear()
+    with pytest.raises(NotFound):
+        await chat.send_message(uuid.uuid4(), user.id, CONTENT)
+    with pytest.raises(InvalidInput):
+        await chat.mark_read("not-an-id", user.id)  # type: ignore[arg-type]
     found = spans.get_finished_spans()
 
     flow = one(found, "chatkeep.send_message")
@@ -339,6 +350,21 @@ def test_no_provider_no_spans() -> None:
         assert span is None
         tracing.describe(span, room_id=uuid.uuid4())
     tracing.redis_commands(["GET"])  # outside a traced operation: ignored
+
+
+def test_an_api_without_the_global_is_asked_through_the_public_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider = TracerProvider()
+    monkeypatch.delattr(trace, "_TRACER_PROVIDER")
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    found = tracing.tracer()
+    assert found is not None
+    assert tracing.tracer() is found  # cached for its provider
+    with found.start_as_current_span("request"):
+        assert tracing.current_ids() is not None
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
+    assert tracing.tracer() is None
 
 
 def test_sql_verb() -> None:

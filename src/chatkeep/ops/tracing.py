@@ -59,7 +59,7 @@ else:
 if TYPE_CHECKING:
     import uuid
 
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, Tracer, TracerProvider
 
 __all__ = [
     "available",
@@ -81,7 +81,6 @@ INSTRUMENTATION_NAME: Final = "chatkeep"
 # The tracer of the provider it came from: providers are set once per process, so the
 # cache is almost always a hit (tests swap providers, hence the identity check).
 _cached: tuple[object, Tracer] | None = None
-_MISSING: Final = object()
 # Whether the public get_tracer_provider() was asked once (see _global_provider).
 _asked = False
 
@@ -95,7 +94,7 @@ def available() -> bool:
     return _PRESENT
 
 
-def _global_provider() -> object | None:
+def _global_provider() -> TracerProvider | None:
     """The provider set for the process, or ``None``: read on every hook, so it must be cheap.
 
     ``trace.get_tracer_provider()`` looks the environment up on every call while no provider
@@ -105,15 +104,15 @@ def _global_provider() -> object | None:
     used (``tests/ops/test_tracing.py`` notices).
     """
     global _asked
-    found = getattr(otel_trace, "_TRACER_PROVIDER", _MISSING)
-    if found is None and _asked:
-        return None
-    if found is _MISSING or found is None:
-        _asked = True
-        found = otel_trace.get_tracer_provider()
-        if isinstance(found, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
-            return None  # nothing configured: spans would be dropped, so none are made
-    return found
+    if hasattr(otel_trace, "_TRACER_PROVIDER"):
+        found = otel_trace._TRACER_PROVIDER
+        if found is not None or _asked:
+            return found
+    _asked = True
+    public = otel_trace.get_tracer_provider()
+    if isinstance(public, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
+        return None  # nothing configured: spans would be dropped, so none are made
+    return public
 
 
 def tracer() -> Tracer | None:
@@ -127,8 +126,6 @@ def tracer() -> Tracer | None:
     cached = _cached
     if cached is not None and cached[0] is provider:
         return cached[1]
-    if not isinstance(provider, otel_trace.TracerProvider):
-        return None
     from chatkeep import __version__
 
     found = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
