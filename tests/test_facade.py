@@ -36,6 +36,7 @@ from chatkeep.realtime import (
     LoginThrottle,
     MemberJoined,
     MemberLeft,
+    MemberRoleChanged,
     MessageCreated,
     MessageDeleted,
     MessageEdited,
@@ -428,8 +429,9 @@ async def test_change_role_invalidates_and_publishes_the_new_role(
     member = await chat.change_role(room, world.bob.id, "admin", by=world.alice.id)
     assert member.role == "admin"
     assert not await cached(chat, key)
-    event = await expect(sub, MemberJoined)
+    event = await expect(sub, MemberRoleChanged)
     assert (event.user_id, event.role) == (world.bob.id, "admin")
+    assert event.position == await chat.room_position(room, world.bob.id)
     with pytest.raises(PermissionDenied):  # an admin may not make owners
         await chat.change_role(room, world.bob.id, "owner", by=world.bob.id)
     with pytest.raises(NotFound):

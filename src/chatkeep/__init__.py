@@ -16,10 +16,13 @@ from chatkeep.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    ResyncRequired,
     Unavailable,
 )
 from chatkeep.facade import ChatKeep, Health, LoginResult
 from chatkeep.models import (
+    Change,
+    ChangePage,
     CreateMessageDto,
     CreateRoomDto,
     CreateUserDto,
@@ -27,6 +30,7 @@ from chatkeep.models import (
     Message,
     MessageReadStatus,
     MessageWithUser,
+    ReactionCount,
     Room,
     RoomMember,
     RoomSummary,
@@ -42,6 +46,8 @@ from chatkeep.models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Change",
+    "ChangePage",
     "ChatKeep",
     "ChatkeepError",
     "ConfigurationError",
@@ -60,6 +66,8 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "ReactionCount",
+    "ResyncRequired",
     "Room",
     "RoomMember",
     "RoomSummary",

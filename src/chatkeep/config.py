@@ -127,6 +127,23 @@ class Settings(BaseSettings):
         ge=0,
         description="asyncpg prepared-statement cache; set 0 behind PgBouncer transaction mode.",
     )
+    change_log_keep: int | None = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "Retention of the room change log: each room keeps at most its newest this many "
+            "changes (None: no count bound). Applied by `chatkeep prune-changes`."
+        ),
+    )
+    change_log_max_age_days: float | None = Field(
+        default=30.0,
+        gt=0,
+        le=36_500,
+        description=(
+            "Retention of the room change log: changes older than this many days are pruned "
+            "(None: no age bound). Applied by `chatkeep prune-changes`."
+        ),
+    )
     ssl_mode: SslMode | None = Field(
         default=None, description="PostgreSQL sslmode; overrides sslmode in the URL."
     )

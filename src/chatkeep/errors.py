@@ -14,6 +14,7 @@ still on ``__cause__`` for logs and debuggers.
     ├── PermissionDenied               the acting user may not do this
     ├── RateLimited                    too many attempts (``.retry_after`` in seconds)
     ├── Unavailable                    a store is down, timed out or the pool is exhausted
+    ├── ResyncRequired                 a room's change log no longer reaches back that far
     └── MigrationError                 the migration runner refused or failed
         ├── ChecksumMismatch           an applied file was edited (``.version``)
         ├── MigrationOrderError        out-of-order, missing or duplicate versions
@@ -39,6 +40,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "ResyncRequired",
     "Unavailable",
 ]
 
@@ -108,6 +110,28 @@ class RateLimited(ChatkeepError):
 
 class Unavailable(ChatkeepError):
     """A store could not be reached, timed out, or the connection pool is exhausted."""
+
+
+class ResyncRequired(ChatkeepError):
+    """The room's change log no longer holds the changes after the position asked for.
+
+    Pruning (retention) removed them: reload the room (history, read after
+    :meth:`~chatkeep.ChatKeep.room_position`) and resume from ``position``.
+
+    Attributes:
+        room_id: the room.
+        oldest_position: the oldest position the log still holds (``after`` must be at
+            least ``oldest_position - 1``).
+        position: the room's current position.
+    """
+
+    def __init__(
+        self, message: str, *, room_id: object, oldest_position: int, position: int
+    ) -> None:
+        super().__init__(message)
+        self.room_id = room_id
+        self.oldest_position = oldest_position
+        self.position = position
 
 
 class MigrationError(ChatkeepError):

@@ -56,6 +56,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.models import (
+    ChangePage,
     CreateMessageDto,
     CreateRoomDto,
     CreateUserDto,
@@ -84,6 +85,7 @@ from chatkeep.realtime import (
     LoginThrottle,
     MemberJoined,
     MemberLeft,
+    MemberRoleChanged,
     MessageCreated,
     MessageDeleted,
     MessageEdited,
@@ -93,6 +95,8 @@ from chatkeep.realtime import (
     PresenceChanged,
     RateLimit,
     RateLimiter,
+    ReactionAdded,
+    ReactionRemoved,
     RedisClient,
     RedisHealth,
     RefreshTokenStore,
@@ -109,9 +113,11 @@ from chatkeep.realtime.keys import MAX_ID_LENGTH
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
+from chatkeep.storage.changes import DEFAULT_CHANGES_LIMIT, ChangeRepository
 from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transaction
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
+from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 
 if TYPE_CHECKING:  # the metrics (prometheus-client) and otel extras are optional
@@ -371,6 +377,8 @@ class ChatKeep:
         self.users = UserRepository(db, bcrypt_rounds=bcrypt_rounds)
         self.rooms = RoomRepository(db)
         self.messages = MessageRepository(db)
+        self.reactions = ReactionRepository(db)
+        self.change_log = ChangeRepository(db)
         self.sessions = SessionStore(redis)
         self.tokens = RefreshTokenStore(redis)
         self.sockets = SocketRegistry(redis, node_id=self.node_id)
@@ -602,6 +610,15 @@ class ChatKeep:
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
 
+    async def _require_member_or_hide(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        # The change log is for members only: to anyone else, a public room is as absent
+        # as a private one (the contract of changes() and room_position()).
+        with _hidden_room():
+            try:
+                await self._require_member(room_id, user_id)
+            except PermissionDenied:
+                raise NotFound(ROOM_NOT_FOUND, entity="room") from None
+
     async def _revoke_logins(self, user_id: uuid.UUID, why: str) -> None:
         try:
             await self.sessions.revoke_all(user_id)
@@ -819,9 +836,10 @@ class ChatKeep:
                 except Unavailable as exc:
                     logger.warning("send rate limit not checked (redis unavailable): %s", exc)
             async with flow.acting_as(dto.user_id, hide="room"):
-                message = await self.messages.send(dto)
+                message, position = await self.messages.send_logged(dto)
             flow.publish(
                 MessageCreated(
+                    position=position,
                     room_id=message.room_id,
                     message_id=message.id,
                     seq=message.seq,
@@ -847,9 +865,11 @@ class ChatKeep:
             key = check_id("message_id", message_id)
             async with flow.acting_as(editor, hide="message"):
                 message = await self.messages.edit(key, content, by=editor)
+                position = await self.change_log.last_position()
             flow.about(room_id=message.room_id)
             flow.publish(
                 MessageEdited(
+                    position=position,
                     room_id=message.room_id,
                     message_id=message.id,
                     seq=message.seq,
@@ -878,12 +898,120 @@ class ChatKeep:
                 found = await self.messages.find_by_id(key)
                 if found is None or not await self.messages.delete(key, by=actor):
                     return False
+                position = await self.change_log.last_position()
             flow.publish(
                 MessageDeleted(
-                    room_id=found.room_id, message_id=found.id, seq=found.seq, deleted_by=actor
+                    position=position,
+                    room_id=found.room_id,
+                    message_id=found.id,
+                    seq=found.seq,
+                    deleted_by=actor,
                 )
             )
         return True
+
+    async def react(self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str) -> bool:
+        """Add the user's ``emoji`` reaction to a message; publishes ``reaction.added``.
+
+        Returns:
+            False if the user had already reacted with it (nothing changes then, and
+            nothing is published).
+
+        Raises:
+            NotFound: no such message, a deleted one, or one in a room the user is not in
+                (``message not found``).
+            InvalidInput: a bad id, or ``emoji`` breaks the emoji rule
+                (:func:`chatkeep.models.check_emoji`).
+        """
+        return await self._react("react", message_id, user_id, emoji, added=True)
+
+    async def unreact(self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str) -> bool:
+        """Take back the user's ``emoji`` reaction; publishes ``reaction.removed``.
+
+        Returns:
+            False if the user had not reacted with it (nothing is published then).
+
+        Raises:
+            NotFound: no such message, a deleted one, or one in a room the user is not in
+                (``message not found``).
+            InvalidInput: a bad id, or ``emoji`` breaks the emoji rule.
+        """
+        return await self._react("unreact", message_id, user_id, emoji, added=False)
+
+    async def _react(
+        self, name: str, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str, *, added: bool
+    ) -> bool:
+        async with self._flow(name) as flow:
+            key = check_id("message_id", message_id)
+            user = check_id("user_id", user_id)
+            change = self.reactions.react if added else self.reactions.unreact
+            async with flow.acting_as(user, hide="message"):
+                if not await change(key, user, emoji):
+                    return False
+                logged = await self.change_log.last_change()
+            if logged is not None:  # pragma: no branch - the trigger logs every change
+                event = ReactionAdded if added else ReactionRemoved
+                flow.publish(
+                    event(
+                        position=logged.position,
+                        room_id=logged.room_id,
+                        message_id=key,
+                        seq=logged.seq,
+                        user_id=user,
+                        emoji=emoji,
+                        count=logged.data["count"],
+                    )
+                )
+        return True
+
+    async def room_position(self, room_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        """The room's current position in its change log, for a member.
+
+        A client loading a fresh snapshot reads this first, then history, then applies
+        :meth:`changes` after it (applying a change twice is harmless: changes carry
+        resulting state).
+
+        Raises:
+            NotFound: no such room, or one the user is not in (``room not found``).
+            InvalidInput: a bad id.
+        """
+        async with self._flow("room_position", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            await self._require_member_or_hide(room, user)
+            async with flow.acting_as(user, hide="room"):
+                return await self.change_log.position(room)
+
+    async def changes(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        after: int,
+        limit: int = DEFAULT_CHANGES_LIMIT,
+    ) -> ChangePage:
+        """The room's changes after position ``after``, ascending, for a member.
+
+        Pass each page's ``next_after`` as ``after`` until it is ``None``. Every change a
+        member can see is there exactly once, in commit order (message created, edited,
+        deleted; reaction added, removed; member joined, left, removed, role changed;
+        room updated). Changes carry resulting state, so a client applies them onto a
+        snapshot read after :meth:`room_position` (``docs/design.md``, "The room change
+        log").
+
+        Raises:
+            ResyncRequired: the changes after ``after`` are no longer kept (retention):
+                reload the room and resume from the error's ``position``.
+            NotFound: no such room, or one the user is not in (``room not found``).
+            InvalidInput: a bad id, a negative or future ``after``, or ``limit`` outside
+                1..1000.
+        """
+        async with self._flow("changes", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            await self._require_member_or_hide(room, user)
+            async with flow.acting_as(user, hide="room"):
+                return await self.change_log.changes(room, after=after, limit=limit)
 
     async def mark_read(
         self, room_id: uuid.UUID, user_id: uuid.UUID, seq: int | None = None
@@ -1069,8 +1197,11 @@ class ChatKeep:
             actor = user if by is None else check_id("by", by)
             async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.add_member(room, user, role=role, by=actor)
+                position = await self.change_log.last_position()
             flow.invalidate_members(room)
-            flow.publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+            flow.publish(
+                MemberJoined(room_id=room, user_id=user, role=member.role, position=position)
+            )
         return member
 
     async def leave(
@@ -1097,10 +1228,11 @@ class ChatKeep:
             async with flow.acting_as(actor, hide="room"):
                 if not await self.rooms.remove_member(room, user, by=actor):
                     return False
+                position = await self.change_log.last_position()
             flow.invalidate_members(room)
             flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
             flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
-            flow.publish(MemberLeft(room_id=room, user_id=user))
+            flow.publish(MemberLeft(room_id=room, user_id=user, position=position))
         return True
 
     async def remove_member(self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID) -> bool:
@@ -1121,7 +1253,7 @@ class ChatKeep:
         *,
         by: uuid.UUID | None = None,
     ) -> RoomUser:
-        """Give a member another role; publishes ``member.joined`` with the new role.
+        """Give a member another role; publishes ``member.role_changed`` with the new role.
 
         Invalidates the membership cache too, although it holds ids only today, so a
         cache that grows roles later cannot be left stale by this path.
@@ -1138,9 +1270,11 @@ class ChatKeep:
             actor = None if by is None else check_id("by", by)
             async with flow.acting_as(actor, hide="room"):
                 member = await self.rooms.change_role(room, user, role, by=actor)
+                position = await self.change_log.last_position()
             flow.invalidate_members(room)
-            # member.joined carries the role: receivers update the member's entry in place.
-            flow.publish(MemberJoined(room_id=room, user_id=user, role=member.role))
+            flow.publish(
+                MemberRoleChanged(room_id=room, user_id=user, role=member.role, position=position)
+            )
         return member
 
     async def delete_room(self, room_id: uuid.UUID, *, by: uuid.UUID | None = None) -> bool:

@@ -31,6 +31,11 @@ password   at least 8 characters and at most 72 bytes in UTF-8 (bcrypt reads no 
 avatar_url ``http://`` or ``https://`` with a host, at most 2048 characters
 content    1 to 10000 characters, not only whitespace, no NUL, valid Unicode
 room name  1 to 100 characters, not only whitespace, no NUL
+emoji      1 to 64 bytes in UTF-8; only emoji material: symbols (``So``, ``Sk``),
+           combining and enclosing marks (skin tones' modifiers, variation selectors,
+           the keycap), digits, ``#`` and ``*`` (keycaps), the zero-width joiner and tag
+           characters (flag sequences); at least one symbol or keycap. No letters,
+           whitespace, control or unassigned characters
 ========== ==============================================================================
 
 ``password_hash`` is not a field of any model here: it never leaves the storage layer.
@@ -45,7 +50,17 @@ import uuid
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Self, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Generic,
+    Literal,
+    Self,
+    TypeVar,
+    get_args,
+)
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -65,11 +80,16 @@ if TYPE_CHECKING:
     from asyncpg import Record
 
 __all__ = [
+    "CHANGE_KINDS",
     "CONTENT_MAX_LENGTH",
+    "EMOJI_MAX_BYTES",
     "PASSWORD_MAX_BYTES",
     "PASSWORD_MIN_LENGTH",
     "USERNAME_MAX_LENGTH",
     "USERNAME_MIN_LENGTH",
+    "Change",
+    "ChangeKind",
+    "ChangePage",
     "CreateMessageDto",
     "CreateRoomDto",
     "CreateUserDto",
@@ -78,6 +98,7 @@ __all__ = [
     "MessageReadStatus",
     "MessageType",
     "MessageWithUser",
+    "ReactionCount",
     "Room",
     "RoomMember",
     "RoomRole",
@@ -93,6 +114,7 @@ __all__ = [
     "canonical_email",
     "canonical_username",
     "check_content",
+    "check_emoji",
     "check_password",
 ]
 
@@ -111,6 +133,7 @@ CONTENT_MAX_LENGTH: Final = 10_000
 ROOM_NAME_MAX_LENGTH: Final = 100
 ROOM_DESCRIPTION_MAX_LENGTH: Final = 1000
 CLIENT_MSG_ID_MAX_LENGTH: Final = 64
+EMOJI_MAX_BYTES: Final = 64
 
 _USERNAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _EMAIL_ATOM: Final = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -274,6 +297,42 @@ def check_content(value: str) -> str:
         return _check_content(value)
     except PydanticCustomError as exc:
         raise InvalidInput("content", _rule_text(exc)) from None
+
+
+_EMOJI_CATEGORIES: Final = frozenset({"So", "Sk", "Mn", "Me", "Nd"})
+_EMOJI_EXTRA: Final = frozenset("#*\u200d")
+_KEYCAP: Final = "\u20e3"
+
+
+def check_emoji(value: object) -> str:
+    """``value`` if it is a reaction emoji (the ``emoji`` rule above).
+
+    Raises:
+        InvalidInput: ``emoji`` breaks the rule (``field`` is ``"emoji"``).
+    """
+    rule = f"an emoji: 1 to {EMOJI_MAX_BYTES} bytes of emoji characters, at least one symbol"
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("emoji", rule)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput("emoji", rule) from None
+    if size > EMOJI_MAX_BYTES:
+        raise InvalidInput("emoji", rule)
+    symbol = False
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "So" or char == _KEYCAP:
+            symbol = True
+        elif not (
+            category in _EMOJI_CATEGORIES
+            or char in _EMOJI_EXTRA
+            or "\U000e0020" <= char <= "\U000e007f"  # tags (subdivision flags)
+        ):
+            raise InvalidInput("emoji", rule)
+    if not symbol:
+        raise InvalidInput("emoji", rule)
+    return value
 
 
 def _check_room_name(value: str) -> str:
@@ -571,10 +630,24 @@ class Message(_Row):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReactionCount(_Row):
+    """How many members reacted to a message with ``emoji``, and whether the reader did."""
+
+    emoji: str
+    count: int
+    me: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class MessageWithUser(Message):
-    """A message with its author's public profile, as history pages return it."""
+    """A message with its author's public profile, as history pages return it.
+
+    ``reactions`` holds its reaction counts, one per emoji, in the order each emoji was
+    first used on it (empty when nobody reacted).
+    """
 
     user: UserProfile
+    reactions: tuple[ReactionCount, ...] = ()
 
 
 class CreateMessageDto(_Dto):
@@ -649,6 +722,66 @@ class CursorPage(Generic[T]):
     before: str | None = None
     after: str | None = None
     newest: str | None = None
+
+
+ChangeKind = Literal[
+    "message.created",
+    "message.edited",
+    "message.deleted",
+    "reaction.added",
+    "reaction.removed",
+    "member.joined",
+    "member.left",
+    "member.removed",
+    "member.role_changed",
+    "room.updated",
+    "room.deleted",
+]
+CHANGE_KINDS: Final[frozenset[str]] = frozenset(get_args(ChangeKind))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Change(_Row):
+    """One entry of a room's change log (``docs/design.md``, "The room change log").
+
+    ``position`` is the room's version the change made (gapless and in commit order per
+    room); ``seq`` is the message's own number, for message and reaction kinds. ``data``
+    carries the resulting state, never a delta, so applying a change twice is harmless:
+
+    ==================== ==============================================================
+    message.created      ``content``, ``type``, ``client_msg_id``, ``is_edited``,
+    message.edited       ``edited_at``, ``created_at``, ``user_id`` (the message as it
+                         is now: an edit made later shows in both)
+    message.deleted      nothing: the content is gone (a tombstone)
+    reaction.added       ``user_id``, ``emoji``, ``count`` (the emoji's count on the
+    reaction.removed     message after the change)
+    member.*             ``user_id``, ``role``
+    room.updated         ``name``, ``description``, ``type``, ``is_active``
+    ==================== ==============================================================
+    """
+
+    room_id: uuid.UUID
+    position: int
+    kind: ChangeKind
+    occurred_at: datetime
+    actor_id: uuid.UUID | None = None
+    message_id: uuid.UUID | None = None
+    seq: int | None = None
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChangePage:
+    """A page of a room's changes in ascending position.
+
+    ``position`` is the room's position when the page was read; ``next_after`` is the
+    ``after=`` of the next page, ``None`` when this page reached ``position``.
+    """
+
+    room_id: uuid.UUID
+    items: list[Change]
+    position: int
+    next_after: int | None = None
 
 
 class UnreadCounts(Mapping[uuid.UUID, int]):

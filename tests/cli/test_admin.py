@@ -260,3 +260,35 @@ def test_version(cli_env: Env) -> None:
     result = invoke(cli_env(), "--version")
     assert result.exit_code == 0
     assert result.stdout.strip() == f"chatkeep {__version__}"
+
+
+async def test_prune_changes_applies_the_retention(
+    cli_env: Env, database_url: str, conn: asyncpg.Connection
+) -> None:
+    user = await conn.fetchval(
+        "INSERT INTO users (email, username, password_hash)"
+        " VALUES ('p@example.org', 'pruner', $1) RETURNING id",
+        "$2b$10$" + "b" * 53,
+    )
+    room = await conn.fetchval(
+        "INSERT INTO rooms (name, type, created_by) VALUES ('r', 'public', $1) RETURNING id", user
+    )
+    await conn.execute("INSERT INTO room_users (room_id, user_id) VALUES ($1, $2)", room, user)
+    for n in range(3):
+        await conn.execute(
+            "INSERT INTO messages (room_id, user_id, content) VALUES ($1, $2, $3)",
+            room,
+            user,
+            str(n),
+        )
+    assert await conn.fetchval("SELECT count(*) FROM room_changes") == 4
+    result = await asyncio.to_thread(
+        invoke, cli_env(), "prune-changes", "--keep", "1", "--database-url", database_url
+    )
+    assert result.exit_code == 0, result.output
+    assert "pruned 3 change(s)" in result.stdout
+    assert await conn.fetchval("SELECT array_agg(position) FROM room_changes") == [4]
+    result = await asyncio.to_thread(
+        invoke, cli_env(), "prune-changes", "--max-age-days", "0", "--database-url", database_url
+    )
+    assert result.exit_code == 2

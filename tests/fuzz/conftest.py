@@ -24,6 +24,8 @@ from chatkeep.embedded import Endpoints
 from chatkeep.ids import uuid7
 from chatkeep.realtime import EventSubscription
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
+from chatkeep.storage.changes import ChangeRepository
+from chatkeep.storage.reactions import ReactionRepository
 from tests.conftest import _redis_test_url, scratch_database, url_as, url_for
 from tests.fuzz.strategies import tampered_cursors
 
@@ -41,6 +43,8 @@ class Repositories:
     users: UserRepository
     rooms: RoomRepository
     messages: MessageRepository
+    changes: ChangeRepository
+    reactions: ReactionRepository
 
 
 @dataclass
@@ -144,6 +148,8 @@ async def world(
         UserRepository(system_db, bcrypt_rounds=10),
         RoomRepository(system_db),
         MessageRepository(system_db),
+        ChangeRepository(system_db),
+        ReactionRepository(system_db),
     )
     n = next(_counter)
     owner, member, outsider = [

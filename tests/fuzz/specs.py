@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from chatkeep import (
@@ -44,6 +45,8 @@ from chatkeep.realtime import (
 )
 from chatkeep.realtime.events import _EVENT_TYPES
 from chatkeep.storage import MessageRepository, RoomRepository, UserRepository
+from chatkeep.storage.changes import ChangeRepository
+from chatkeep.storage.reactions import ReactionRepository
 from tests.fuzz.conftest import PASSWORD, World
 
 Accepts = Callable[[object], bool]
@@ -55,6 +58,8 @@ CLASSES: tuple[type, ...] = (
     UserRepository,
     RoomRepository,
     MessageRepository,
+    ChangeRepository,
+    ReactionRepository,
     SessionStore,
     RefreshTokenStore,
     Presence,
@@ -260,6 +265,26 @@ SPECS: dict[str, Spec] = {
         {"room_id": P(ID), "user_id": P(ID), "seq": P(OPT_INT)},
     ),
     "ChatKeep.unread_counts": Spec(_chat, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}),
+    "ChatKeep.react": Spec(
+        _chat,
+        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
+        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
+    ),
+    "ChatKeep.unreact": Spec(
+        _chat,
+        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
+        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
+    ),
+    "ChatKeep.room_position": Spec(
+        _chat,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id},
+        {"room_id": P(ID), "user_id": P(ID)},
+    ),
+    "ChatKeep.changes": Spec(
+        _chat,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "after": 0, "limit": 100},
+        {"room_id": P(ID), "user_id": P(ID), "after": P(INT), "limit": P(INT)},
+    ),
     "ChatKeep.catch_up": Spec(
         _chat,
         lambda w: {
@@ -465,6 +490,35 @@ SPECS: dict[str, Spec] = {
     "MessageRepository.send": Spec(
         _messages, lambda w: {"dto": _new_message(w)}, {"dto": P(of(CreateMessageDto))}
     ),
+    "MessageRepository.send_logged": Spec(
+        _messages, lambda w: {"dto": _new_message(w)}, {"dto": P(of(CreateMessageDto))}
+    ),
+    "ChangeRepository.changes": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"room_id": w.public.id, "after": 0, "limit": 100},
+        {"room_id": P(ID), "after": P(INT), "limit": P(INT)},
+    ),
+    "ChangeRepository.position": Spec(
+        lambda w: w.repos.changes, lambda w: {"room_id": w.public.id}, {"room_id": P(ID)}
+    ),
+    "ChangeRepository.last_position": Spec(lambda w: w.repos.changes, lambda w: {}),
+    "ChangeRepository.last_change": Spec(lambda w: w.repos.changes, lambda w: {}),
+    # Valid values that prune nothing the world holds (it is minutes old at most).
+    "ChangeRepository.prune": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"keep": 1_000_000, "max_age": timedelta(days=1)},
+        {"keep": P(OPT_INT), "max_age": P(of(timedelta, NONE))},
+    ),
+    "ReactionRepository.react": Spec(
+        lambda w: w.repos.reactions,
+        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
+        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
+    ),
+    "ReactionRepository.unreact": Spec(
+        lambda w: w.repos.reactions,
+        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
+        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
+    ),
     "MessageRepository.edit": Spec(
         _messages,
         lambda w: {"message_id": w.message.id, "content": "edited", "by": w.member.id},
@@ -628,6 +682,9 @@ SPECS: dict[str, Spec] = {
             "events": [MessagesRead(room_id=w.public.id, user_id=w.member.id, last_read_seq=1)]
         },
         {"events": P(collection, "event")},
+    ),
+    "EventBus.published": Spec(
+        lambda w: w.chat.events, lambda w: {"room_id": w.public.id}, {"room_id": P(UUID_ONLY)}
     ),
     "EventBus.subscribe": Spec(
         lambda w: w.chat.events,

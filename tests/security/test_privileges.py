@@ -14,7 +14,14 @@ from chatkeep.storage.errors import translate_errors
 from tests.security.conftest import World, acting_as
 
 # Every table the application works with: each must have row security enabled and forced.
-APP_TABLES = ("users", "rooms", "room_users", "messages", "message_read_status")
+APP_TABLES = (
+    "users",
+    "rooms",
+    "room_users",
+    "messages",
+    "message_read_status",
+    "message_reactions",
+)
 
 
 async def refused(conn: asyncpg.Connection, sql: str, *args: Any) -> None:
@@ -159,6 +166,13 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_acting_rooms",
         "chatkeep_assign_message_seq",
         "chatkeep_audit_row",
+        "chatkeep_log_change",
+        "chatkeep_log_member",
+        "chatkeep_log_message",
+        "chatkeep_log_reaction",
+        "chatkeep_log_room",
+        "chatkeep_reaction_room",
+        "chatkeep_relay_changes",
         "chatkeep_room_is_empty",
     ]
     for row in rows:
@@ -217,8 +231,9 @@ APP_WRITES = {
     ("messages", "INSERT"): {"id", "room_id", "user_id", "client_msg_id", "content", "type"},
     ("messages", "UPDATE"): {"content", "is_edited", "edited_at"},
     ("message_read_status", "INSERT"): {"message_id", "user_id"},
+    ("message_reactions", "INSERT"): {"message_id", "emoji", "user_id"},
 }
-APP_DELETES = {"users", "rooms", "room_users", "messages"}
+APP_DELETES = {"users", "rooms", "room_users", "messages", "message_reactions"}
 
 
 async def test_the_app_role_holds_exactly_the_writes_the_flows_need(

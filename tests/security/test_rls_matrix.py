@@ -110,6 +110,18 @@ EXPECTED_BY_TABLE: dict[str, dict[str, tuple[Expect, ...]]] = {
         "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
     },
+    "room_changes": {
+        "select":     row(OK,     OK,     OK,     OK,     HIDDEN,  HIDDEN,  HIDDEN),
+        "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+    },
+    "message_reactions": {
+        "select":     row(OK,     OK,     OK,     OK,     HIDDEN,  HIDDEN,  HIDDEN),
+        "insert":     row(OK,     OK,     OK,     OK,     DENIED,  DENIED,  DENIED),
+        "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "delete":     row(OK,     HIDDEN, HIDDEN, HIDDEN, HIDDEN,  HIDDEN,  HIDDEN),
+    },
     "audit_log": {
         "select":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
@@ -158,7 +170,8 @@ class Context:
 async def contexts(conn: asyncpg.Connection, world: World) -> dict[str, Context]:
     """The security tests' world, plus a plain member of both rooms (mia), an admin of the
     public room (carol), a removed member of both (erin, who wrote in each first), the
-    authors' receipts, and a fresh message in each room."""
+    authors' receipts and reactions to their own messages, and a fresh message in each
+    room."""
     mia = await insert_user(conn, "mia")
     erin = await insert_user(conn, "erin")
     frank = await insert_user(conn, "frank")
@@ -177,6 +190,9 @@ async def contexts(conn: asyncpg.Connection, world: World) -> dict[str, Context]
     await conn.execute(receipt, world.msg[("private", "alice")], world.carol)
     await conn.execute(receipt, world.msg[("public", "alice")], world.bob)
     others = {"member": mia, "owner": world.alice, "outsider": world.dave, "removed": erin}
+    react = "INSERT INTO message_reactions (message_id, emoji, user_id) VALUES ($1, '👍', $2)"
+    await conn.execute(react, world.msg[("private", "carol")], world.carol)
+    await conn.execute(react, world.msg[("public", "bob")], world.bob)
     return {
         "private": Context(
             room=world.private,
@@ -278,6 +294,39 @@ STATEMENTS: dict[tuple[str, str], Statement] = {
     ("message_read_status", "delete"): lambda c, a, who: (
         "DELETE FROM message_read_status WHERE message_id = $1 AND user_id = $2",
         (c.receipt_of, who),
+    ),
+    ("room_changes", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM room_changes WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("room_changes", "insert"): lambda c, a, who: (
+        "INSERT INTO room_changes (room_id, position, kind) VALUES ($1, 1000, 'room.updated')",
+        (c.room,),
+    ),
+    ("room_changes", "update"): lambda c, a, who: (
+        "UPDATE room_changes SET data = data WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("room_changes", "delete"): lambda c, a, who: (
+        "DELETE FROM room_changes WHERE room_id = $1",
+        (c.room,),
+    ),
+    # The author's reaction to their own message (added by the system with the dataset).
+    ("message_reactions", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM message_reactions WHERE message_id = $1 AND user_id = $2",
+        (c.message, who),
+    ),
+    ("message_reactions", "insert"): lambda c, a, who: (
+        "INSERT INTO message_reactions (message_id, emoji, user_id) VALUES ($1, '🎉', $2)",
+        (c.message, _as(a, who)),
+    ),
+    ("message_reactions", "update"): lambda c, a, who: (
+        "UPDATE message_reactions SET emoji = emoji WHERE message_id = $1",
+        (c.message,),
+    ),
+    ("message_reactions", "delete"): lambda c, a, who: (
+        "DELETE FROM message_reactions WHERE message_id = $1 AND user_id = $2",
+        (c.message, who),
     ),
     ("audit_log", "select"): lambda c, a, who: ("SELECT count(*) FROM audit_log", ()),
     ("audit_log", "insert"): lambda c, a, who: (

@@ -17,7 +17,7 @@ from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup
 from chatkeep.cli.demo import demo
-from chatkeep.cli.ops import backup, metrics, restore
+from chatkeep.cli.ops import backup, metrics, prune_changes, restore
 from chatkeep.cli.seed import seed
 from chatkeep.ops import logging as ops_logging
 
@@ -40,6 +40,7 @@ app.command()(seed)
 app.command()(backup)
 app.command()(restore)
 app.command()(metrics)
+app.command("prune-changes")(prune_changes)
 
 
 def _version(value: bool) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -37,6 +38,8 @@ from chatkeep.config import Settings
 from chatkeep.ops import backup as ops_backup
 from chatkeep.ops import pgtools
 from chatkeep.ops import restore as ops_restore
+from chatkeep.storage.changes import ChangeRepository
+from chatkeep.storage.database import Database
 from chatkeep.storage.migrate import StatusEntry
 
 # Exit code of `restore` when the restored history disagrees with the migration files
@@ -277,3 +280,44 @@ def metrics(
             return
     if once:
         sys.stdout.write(text.decode())
+
+
+def prune_changes(
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            "--keep", min=1, help="Changes each room keeps at most (default: change_log_keep)."
+        ),
+    ] = None,
+    max_age_days: Annotated[
+        float | None,
+        typer.Option(
+            "--max-age-days",
+            min=0.0,
+            help="Prune changes older than this (default: change_log_max_age_days).",
+        ),
+    ] = None,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Prune the room change log to its retention (as the migration role).
+
+    A client asking for changes older than what is left is told to reload the room
+    (ResyncRequired). Run it from cron or a scheduler, e.g. hourly.
+    """
+    settings = load_settings(database_url)
+    count = settings.change_log_keep if keep is None else keep
+    days = settings.change_log_max_age_days if max_age_days is None else max_age_days
+    if days is not None and days <= 0:
+        fail("--max-age-days must be greater than 0", code=2)
+    with endpoints(settings, redis=False) as found:
+
+        async def go() -> int:
+            async with Database(
+                settings, dsn=found.migrate_database_url, min_size=0, max_size=1
+            ) as db:
+                return await ChangeRepository(db).prune(
+                    keep=count, max_age=None if days is None else timedelta(days=days)
+                )
+
+        pruned = run(go())
+    console.print(f"pruned {pruned} change(s) (keep {count}, max age {days} days)")

@@ -11,6 +11,14 @@ They are published *after* the PostgreSQL commit (by the facade) on
 a best-effort nudge, not storage: a subscriber that was disconnected receives a
 :class:`RoomGap` once it is subscribed again and catches up from PostgreSQL by ``seq``.
 
+Events of changes in the room's change log (migration 012) carry ``position``, the room
+position their change took: a receiver that holds position P and gets P + 2 knows it
+missed one, and catches up with :meth:`chatkeep.ChatKeep.changes`. Events outside the log
+(typing, presence, ``read``) and events from nodes of earlier versions have none
+(``None``). Publishing an event with a position also raises the room's
+``room:{roomId}:published`` mark to it (never lowers it), in the same round trip: what a
+crashed writer never published shows as log positions above that mark.
+
 Compatibility: a reader ignores fields it does not know (so fields can be added within
 version 1) and skips, with a warning, events of a newer version or an unknown type
 instead of failing, so nodes can be upgraded one at a time. A renamed field is read under
@@ -38,19 +46,24 @@ from chatkeep.realtime.keys import validate_collection, validate_id
 from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
 
 __all__ = [
+    "PUBLISHED_MARK_TTL_MS",
     "WIRE_VERSION",
     "Event",
     "EventBus",
     "EventSubscription",
     "MemberJoined",
     "MemberLeft",
+    "MemberRoleChanged",
     "MessageCreated",
     "MessageDeleted",
     "MessageEdited",
     "MessagesRead",
     "PresenceChanged",
+    "ReactionAdded",
+    "ReactionRemoved",
     "RoomEvent",
     "RoomGap",
+    "RoomUpdated",
     "TypingChanged",
     "decode_event",
     "encode_event",
@@ -60,6 +73,23 @@ logger = logging.getLogger("chatkeep.realtime.events")
 
 WIRE_VERSION: Final = 1
 """The version written in ``v``; readers skip events with a higher one."""
+
+
+PUBLISHED_MARK_TTL_MS: Final = 7 * 24 * 3600 * 1000
+"""How long a room's published mark outlives its last publish with a position (7 days)."""
+
+# Raise the room's published mark to ARGV[1] if it is higher (never lower it), and push
+# its expiry forward.
+_MARK_PUBLISHED: Final = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local position = tonumber(ARGV[1])
+if position > current then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return position
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return current
+"""
 
 
 def _now() -> datetime:
@@ -75,6 +105,8 @@ class RoomEvent(BaseModel):
         room_id: the room the event belongs to (and whose channel carries it).
         occurred_at: when it happened (UTC).
         origin: node id of the publisher, so a node can skip its own events.
+        position: the room position the event's change took in the room's change log,
+            or ``None`` for events that are not in the log.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -84,6 +116,7 @@ class RoomEvent(BaseModel):
     room_id: UUID
     occurred_at: datetime = Field(default_factory=_now)
     origin: str | None = Field(default=None, max_length=200)
+    position: int | None = Field(default=None, ge=1)
 
 
 class MessageCreated(RoomEvent):
@@ -168,6 +201,45 @@ class MemberLeft(RoomEvent):
     user_id: UUID
 
 
+class MemberRoleChanged(RoomEvent):
+    """A member's role changed (``role`` is the new one)."""
+
+    type: Literal["member.role_changed"] = "member.role_changed"
+    user_id: UUID
+    role: str = Field(max_length=32)
+
+
+class ReactionAdded(RoomEvent):
+    """A member reacted to a message; ``count`` is the emoji's count on it now."""
+
+    type: Literal["reaction.added"] = "reaction.added"
+    message_id: UUID
+    seq: int = Field(ge=1)
+    user_id: UUID
+    emoji: str = Field(max_length=64)
+    count: int = Field(ge=0)
+
+
+class ReactionRemoved(RoomEvent):
+    """A member took a reaction back; ``count`` is the emoji's count on it now."""
+
+    type: Literal["reaction.removed"] = "reaction.removed"
+    message_id: UUID
+    seq: int = Field(ge=1)
+    user_id: UUID
+    emoji: str = Field(max_length=64)
+    count: int = Field(ge=0)
+
+
+class RoomUpdated(RoomEvent):
+    """The room's name, description or state changed (its values now)."""
+
+    type: Literal["room.updated"] = "room.updated"
+    name: str = Field(max_length=100)
+    description: str | None = Field(default=None, max_length=1000)
+    is_active: bool = True
+
+
 Event = Annotated[
     MessageCreated
     | MessageEdited
@@ -176,7 +248,11 @@ Event = Annotated[
     | TypingChanged
     | PresenceChanged
     | MemberJoined
-    | MemberLeft,
+    | MemberLeft
+    | MemberRoleChanged
+    | ReactionAdded
+    | ReactionRemoved
+    | RoomUpdated,
     Field(discriminator="type"),
 ]
 """Any event, discriminated by its ``type`` field."""
@@ -191,6 +267,10 @@ _EVENT_TYPES: Final = (
     PresenceChanged,
     MemberJoined,
     MemberLeft,
+    MemberRoleChanged,
+    ReactionAdded,
+    ReactionRemoved,
+    RoomUpdated,
 )
 
 
@@ -347,6 +427,7 @@ class EventBus:
 
     def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
         self._client = client
+        self._mark = client.script(_MARK_PUBLISHED)
         self._node = validate_id(node_id, "node_id") if node_id is not None else None
         # Optional observer of every event and gap its subscriptions hand out (metrics).
         self.on_receive: Callable[[Event | RoomGap], None] | None = None
@@ -367,17 +448,35 @@ class EventBus:
     async def publish(self, event: Event) -> int:
         """Publish ``event`` on its room's channel; returns how many nodes received it.
 
-        Call it after the PostgreSQL commit that made the event true.
+        Call it after the PostgreSQL commit that made the event true. An event with a
+        ``position`` also raises the room's published mark (see :meth:`published`).
 
         Raises:
             InvalidInput: ``event`` is not an event model.
             Unavailable: Redis could not be reached.
         """
         _check_event(event)  # before _stamp reads its fields (AttributeError otherwise)
+        if event.position is not None:
+            return (await self.publish_many([event]))[0]
         data = encode_event(self._stamp(event))
         channel = self._client.keys.room_events(event.room_id)
         with self._client.guard("events.publish"):
             return int(await self._client.redis.publish(channel, data))
+
+    async def published(self, room_id: UUID) -> int:
+        """The highest change-log position published for the room (0: none known).
+
+        Raised by every publish of an event with a ``position``, never lowered; kept
+        ``PUBLISHED_MARK_TTL_MS`` after the last such publish. A relay compares it with
+        the room's position in PostgreSQL to find what a crashed writer did not publish.
+
+        Raises:
+            Unavailable: Redis could not be reached.
+        """
+        key = self._client.keys.room_published(room_id)
+        with self._client.guard("events.published"):
+            value = await self._client.redis.get(key)
+        return 0 if value is None else int(value)
 
     async def publish_many(self, events: Iterable[Event]) -> list[int]:
         """Publish several events in one round trip, in order.
@@ -394,11 +493,23 @@ class EventBus:
         ]
         if not encoded:
             return []
+        marks: dict[UUID, int] = {}
+        for event in checked:
+            if event.position is not None:
+                marks[event.room_id] = max(event.position, marks.get(event.room_id, 0))
         pipe = self._client.pipeline()
         for channel, data in encoded:
             pipe.publish(channel, data)
         with self._client.guard("events.publish_many"):
-            return [int(n) for n in await pipe.execute()]
+            for room, position in marks.items():
+                # Queued in the pipeline (awaiting it sends nothing yet).
+                await self._mark(
+                    keys=[self._client.keys.room_published(room)],
+                    args=[position, PUBLISHED_MARK_TTL_MS],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return [int(n) for n in results[: len(encoded)]]
 
     async def subscribe(self, *room_ids: UUID) -> EventSubscription:
         """Subscribe to the events of ``room_ids`` (at least one).

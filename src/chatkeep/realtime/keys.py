@@ -52,6 +52,7 @@ _PATTERNS: Final[dict[str, str]] = {
     "user_sockets": "user:{userId}:sockets",
     "node_sockets": "node:{nodeId}:sockets",
     "room_events": "room:{roomId}:events",
+    "room_published": "room:{roomId}:published",
     "rate_limit": "ratelimit:{action}:{subject}",
     "login_failures": "login:{account}:failures",
     "login_lock": "login:{account}:lock",
@@ -211,6 +212,10 @@ class KeySpace:
     def room_events(self, room_id: UUID) -> str:
         """Pub/sub channel of a room's events."""
         return self._name("room", _uuid(room_id, "room_id"), "events")
+
+    def room_published(self, room_id: UUID) -> str:
+        """String: the highest change-log position published for the room."""
+        return self._name("room", _uuid(room_id, "room_id"), "published")
 
     def room_of_events_channel(self, channel: str) -> UUID | None:
         """The room id of a :meth:`room_events` channel name, or ``None`` if it is not one."""

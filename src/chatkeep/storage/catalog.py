@@ -35,9 +35,12 @@ SELECT c.relname,
  ORDER BY c.relname
 """
 
+# A column's place among the table's live columns, not its attnum: a migration that adds a
+# column and whose down part drops it leaves a dropped attnum behind, so the column comes
+# back one number higher, in the same place (the round trip check compares these).
 _COLUMNS: Final = """
 SELECT c.relname,
-       a.attnum,
+       row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
        a.attname,
        format_type(a.atttypid, a.atttypmod),
        a.attnotnull,

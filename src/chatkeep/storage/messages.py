@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import struct
 import uuid
+from collections.abc import Iterator
 from typing import Any, ClassVar, Final, Literal, NoReturn
 
 from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
@@ -25,6 +26,7 @@ from chatkeep.models import (
     Message,
     MessageReadStatus,
     MessageWithUser,
+    ReactionCount,
     UnreadCounts,
     UserProfile,
     _dict_setter,
@@ -51,6 +53,9 @@ _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
 #    that orders concurrent senders and keeps seq gapless. The application role may not
 #    write last_seq (or seq) itself, so the counter moves only with a message;
 #  - the sender's own watermark follows their message (your own message is not unread).
+#  - the trigger also logs message.created at the room's next position and leaves it in
+#    chatkeep.position, read back in RETURNING (after that row's trigger ran), so the
+#    event can carry it without another round trip; a retry returns NULL there.
 # Two concurrent first sends with one client_msg_id: the loser's INSERT hits
 # messages_client_msg_id_key and the whole statement (counter included) rolls back, so no
 # seq is burnt; send() then returns the winner's row.
@@ -64,16 +69,17 @@ WITH existing AS (
      WHERE NOT EXISTS (SELECT 1 FROM existing)
        AND EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
        AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
-    RETURNING {MESSAGE_COLUMNS}
+    RETURNING {MESSAGE_COLUMNS},
+              nullif(current_setting('chatkeep.position', true), '')::bigint AS position
 ), seen AS (
     UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
       FROM inserted
      WHERE room_users.room_id = $2 AND room_users.user_id = $3
        AND room_users.last_read_seq < inserted.seq
 )
-SELECT {MESSAGE_COLUMNS} FROM inserted
+SELECT {MESSAGE_COLUMNS}, position FROM inserted
 UNION ALL
-SELECT {MESSAGE_COLUMNS} FROM existing
+SELECT {MESSAGE_COLUMNS}, NULL FROM existing
 """
 FIND_BY_CLIENT_ID: Final = f"""
 SELECT {MESSAGE_COLUMNS} FROM messages
@@ -114,11 +120,25 @@ def _page(where: str, order: str) -> str:
     )
 
 
+# Reaction counts come in the same statement: one probe of message_reactions' primary key
+# per message of the page (no N+1 round trips), one entry per emoji in the order it was
+# first used, ``me`` for the acting user's own.
 def _with_authors(rows: str, order: str) -> str:
     return f"""
-SELECT {_M_COLUMNS}, u.username, u.avatar_url
+SELECT {_M_COLUMNS}, u.username, u.avatar_url, rx.emoji, rx.n, rx.me
   FROM ({rows}) AS m
   JOIN users u ON u.id = m.user_id
+  LEFT JOIN LATERAL (
+        SELECT array_agg(x.emoji ORDER BY x.first, x.emoji) AS emoji,
+               array_agg(x.n ORDER BY x.first, x.emoji) AS n,
+               array_agg(x.me ORDER BY x.first, x.emoji) AS me
+          FROM (SELECT r.emoji, count(*) AS n, min(r.created_at) AS first,
+                       coalesce(bool_or(r.user_id = (SELECT chatkeep_acting_user_id())),
+                                false) AS me
+                  FROM message_reactions r
+                 WHERE r.message_id = m.id
+                 GROUP BY r.emoji) AS x
+       ) AS rx ON true
  ORDER BY m.seq {order}
 """
 
@@ -261,6 +281,15 @@ class MessageRepository(BaseRepository[Message]):
             PermissionDenied: the sender is not a member, or the room is archived.
             InvalidInput: ``dto`` is not a CreateMessageDto.
         """
+        message, _ = await self.send_logged(dto)
+        return message
+
+    async def send_logged(self, dto: CreateMessageDto) -> tuple[Message, int | None]:
+        """:meth:`send`, with the room position its ``message.created`` took.
+
+        The position is ``None`` when nothing new was stored (a repeated
+        ``client_msg_id``). Raises what :meth:`send` raises.
+        """
         if not isinstance(dto, CreateMessageDto):
             raise InvalidInput("dto", "must be a CreateMessageDto")
         args = (uuid7(), dto.room_id, dto.user_id, dto.client_msg_id, dto.content, dto.type)
@@ -286,7 +315,9 @@ class MessageRepository(BaseRepository[Message]):
                 raise
         if row is None:
             await self._why_not_sent(dto.room_id, dto.user_id)
-        return Message._from_row(row)
+        values = dict(row)
+        position = values.pop("position", None)  # FIND_BY_CLIENT_ID has none
+        return Message._adopt(values), position
 
     async def _why_not_sent(self, room: uuid.UUID, user: uuid.UUID) -> NoReturn:
         found = await self.db.fetchrow("messages.why_not_sent", WHY_NOT_SENT, room, user)
@@ -523,9 +554,17 @@ class MessageRepository(BaseRepository[Message]):
         return UnreadCounts(rows)
 
 
+def _reactions(emoji: list[str], counts: list[int], mine: list[bool]) -> Iterator[ReactionCount]:
+    for e, n, me in zip(emoji, counts, mine, strict=True):
+        reaction = object.__new__(ReactionCount)
+        _SET_REACTION(reaction, {"emoji": e, "count": n, "me": me})
+        yield reaction
+
+
 # Stores of a row's __dict__, looked up once (see chatkeep.models._dict_setter).
 _SET_MESSAGE: Final = _dict_setter(MessageWithUser)
 _SET_PROFILE: Final = _dict_setter(UserProfile)
+_SET_REACTION: Final = _dict_setter(ReactionCount)
 
 
 def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
@@ -548,7 +587,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     append = out.append
     for (
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
-        created_at, username, avatar_url,
+        created_at, username, avatar_url, r_emoji, r_count, r_me,
     ) in rows:  # fmt: skip
         profile = known(username)
         if profile is None:
@@ -569,6 +608,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
                 "edited_at": edited_at,
                 "created_at": created_at,
                 "user": profile,
+                "reactions": () if r_emoji is None else tuple(_reactions(r_emoji, r_count, r_me)),
             },
         )
         append(message)

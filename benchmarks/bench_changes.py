@@ -1,0 +1,182 @@
+"""What the room change log costs a send, and what a catch-up of 1,000 changes takes.
+
+In one run, on two databases of one server with the same fixture (the storage benchmark's:
+20 users, all in 200 public rooms), both as ``chatapp_app`` with row security on:
+
+* send: ``async with db.acting_as(user): await messages.send(...)`` into the task's own
+  room (the facade's PostgreSQL path, without Redis), at ``--concurrency`` tasks (20), for
+  ``--seconds`` per side and round, on the database migrated to the full schema (with the
+  log: migration 012) and on one migrated to 011 (today's path, without it). Rounds
+  alternate which side goes first; the ratio printed is the median of the back-to-back
+  pairs' ratios. The target is >= 0.9.
+* catch-up: one client reading 1,000 changes of one room with ``changes(after=p)`` (one
+  page of 1,000, then pages of 100), against reading the same 1,000 messages by the
+  older path (``history(after_seq=...)``, pages of 200): milliseconds per 1,000, the median
+  of ``--repeat`` reads.
+
+Run (PostgreSQL 15 here; the chatapp_* roles must exist: ``chatkeep setup`` once)::
+
+    python benchmarks/bench_changes.py --database-url postgresql://root@127.0.0.1:5432/postgres
+
+The URL names a server and a superuser; the script works in its own databases
+(``chatkeep_bench_log`` and ``chatkeep_bench_nolog``) and connects to them as
+``chatapp_app`` without a password (``--app-password`` otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_security import as_role, prepare
+from bench_storage import Fixture, rate
+
+from chatkeep.config import Settings
+from chatkeep.models import CreateMessageDto
+from chatkeep.storage import Database, MessageRepository
+from chatkeep.storage.changes import ChangeRepository
+
+TARGET = 0.9
+WITHOUT_LOG = 11  # the schema before the change log
+CATCH_UP = 1000
+
+Op = Callable[[int, random.Random], Awaitable[Any]]
+
+
+def send_op(db: Database, fx: Fixture) -> Op:
+    messages = MessageRepository(db)
+
+    async def send(index: int, rng: random.Random) -> Any:
+        user = fx.users[index % len(fx.users)]
+        dto = CreateMessageDto(
+            room_id=fx.rooms[index % len(fx.rooms)], user_id=user, content="benchmark message"
+        )
+        async with db.acting_as(user):
+            return await messages.send(dto)
+
+    return send
+
+
+async def timed(read: Callable[[], Awaitable[int]], repeat: int) -> tuple[float, int]:
+    """Median milliseconds of ``read`` over ``repeat`` runs, and what it returned."""
+    times: list[float] = []
+    count = 0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        count = await read()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), count
+
+
+async def catch_up(db: Database, fx: Fixture, repeat: int) -> None:
+    messages, log = MessageRepository(db), ChangeRepository(db)
+    user, room = fx.users[0], fx.rooms[0]
+    async with db.acting_as(user):
+        position = await log.position(room)
+        seq = (await messages.history(room, limit=1)).items[-1].seq
+    for n in range(CATCH_UP):
+        async with db.acting_as(user):
+            await messages.send(CreateMessageDto(room_id=room, user_id=user, content=f"c {n}"))
+
+    def changes(limit: int) -> Callable[[], Awaitable[int]]:
+        async def read() -> int:
+            got, after = 0, position
+            async with db.acting_as(user):
+                while got < CATCH_UP:
+                    page = await log.changes(room, after=after, limit=limit)
+                    got += len(page.items)
+                    if page.next_after is None:
+                        break
+                    after = page.next_after
+            return got
+
+        return read
+
+    async def history() -> int:
+        got, after = 0, seq
+        async with db.acting_as(user):
+            while got < CATCH_UP:
+                page = await messages.history(room, after_seq=after, limit=200)
+                got += len(page.items)
+                after = page.items[-1].seq
+        return got
+
+    print(f"catch-up of {CATCH_UP:,} (one client, median of {repeat}):")
+    for name, read in (
+        ("changes(), 1 page of 1,000", changes(1000)),
+        ("changes(), pages of 100", changes(100)),
+        ("history(after_seq), pages of 200", history),
+    ):
+        ms, count = await timed(read, repeat)
+        print(f"  {name:<34} {ms:>8.1f} ms  ({count:,} items)", flush=True)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"),
+        help="a superuser URL of the server; the benchmark uses its own databases there",
+    )
+    parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=9, help="catch-up reads to time")
+    parser.add_argument("--fresh", action="store_true", help="drop and rebuild the databases")
+    args = parser.parse_args()
+
+    with_url, fixture, _, schema = await prepare(
+        args.database_url, "chatkeep_bench_log", args.fresh, None, ()
+    )
+    without_url, other, _, old_schema = await prepare(
+        args.database_url, "chatkeep_bench_nolog", args.fresh, WITHOUT_LOG, ()
+    )
+    settings = Settings(database_url=with_url, pool_min_size=args.concurrency)
+    size = max(args.concurrency, settings.pool_max_size)
+    logged = Database(
+        settings, dsn=as_role(with_url, "chatapp_app", args.app_password), max_size=size
+    )
+    unlogged = Database(
+        settings, dsn=as_role(without_url, "chatapp_app", args.app_password), max_size=size
+    )
+    async with logged, unlogged:
+        version = (await logged.health()).server_version.split()[0]
+        print(
+            f"PostgreSQL {version}, schema {schema} (log) vs {old_schema} (no log), "
+            f"{os.cpu_count()} CPUs, {args.concurrency} tasks, "
+            f"{args.rounds} rounds of {args.seconds:g} s per side"
+        )
+        sides = {"log": send_op(logged, fixture), "no log": send_op(unlogged, other)}
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        ratios: list[float] = []
+        for round_ in range(args.rounds):
+            order = list(sides.items())
+            if round_ % 2:
+                order.reverse()  # neither side always runs on a warmer server
+            measured = {side: await rate(op, args.concurrency, args.seconds) for side, op in order}
+            for side, value in measured.items():
+                rates[side].append(value)
+            ratios.append(measured["log"] / measured["no log"])
+        ratio = statistics.median(ratios)
+        verdict = "ok" if ratio >= TARGET else f"BELOW {TARGET}"
+        print(
+            f"send/s: with the log {statistics.median(rates['log']):,.0f}, without "
+            f"{statistics.median(rates['no log']):,.0f}, ratio {ratio:.2f}  {verdict}",
+            flush=True,
+        )
+        await catch_up(logged, fixture, args.repeat)
+    return 0 if ratio >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,230 @@
+"""The room change log (``room_changes``, migration 012): read it, read a room's position, prune.
+
+Triggers write the log: every change a member can see takes the room's next position
+(``rooms.position``) under the room row lock, in the transaction that makes it, so a
+room's positions are gapless and in commit order. A message's ``seq`` is the message's
+own number; ``position`` is the room's version. ``docs/design.md`` ("The room change
+log") says why it has this shape.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any, Final
+
+from chatkeep.errors import InvalidInput, ResyncRequired
+from chatkeep.models import Change, ChangePage
+from chatkeep.storage.base import check_id, not_found
+from chatkeep.storage.database import Database
+
+__all__ = ["DEFAULT_CHANGES_LIMIT", "MAX_CHANGES_LIMIT", "ChangeRepository"]
+
+DEFAULT_CHANGES_LIMIT: Final = 100
+MAX_CHANGES_LIMIT: Final = 1000
+_MAX_POSITION: Final = 2**63 - 1
+_MESSAGE_KINDS: Final = frozenset({"message.created", "message.edited"})
+
+# One statement, so the room's position, the oldest position still logged and the page
+# come from one snapshot. The room's head bounds the page: a change is only ever read
+# with every change before it. Messages are joined as they are now (the log keeps no
+# content): created/edited changes of a message deleted since come back without it and
+# are dropped by the caller, as the message's tombstone follows them.
+CHANGES: Final = """
+SELECT h.head, h.oldest,
+       c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+       m.id AS m_id, m.user_id AS m_user_id, m.content AS m_content, m.type AS m_type,
+       m.client_msg_id AS m_client_msg_id, m.is_edited AS m_is_edited,
+       m.edited_at AS m_edited_at, m.created_at AS m_created_at
+  FROM (SELECT r.position AS head,
+               (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id) AS oldest
+          FROM rooms r WHERE r.id = $1) AS h
+  LEFT JOIN LATERAL (
+        SELECT * FROM room_changes c
+         WHERE c.room_id = $1 AND c.position > $2 AND c.position <= h.head
+         ORDER BY c.position
+         LIMIT $3
+       ) AS c ON true
+  LEFT JOIN messages m
+         ON m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
+ ORDER BY c.position
+"""
+POSITION: Final = "SELECT position FROM rooms WHERE id = $1"
+# The position the current transaction's last change took (set by the log's triggers).
+LAST_POSITION: Final = "SELECT nullif(current_setting('chatkeep.position', true), '')::bigint"
+LAST_CHANGE: Final = """
+SELECT position, kind, occurred_at, actor_id, message_id, seq, data, room_id
+  FROM room_changes
+ WHERE room_id = nullif(current_setting('chatkeep.room', true), '')::uuid
+   AND position = nullif(current_setting('chatkeep.position', true), '')::bigint
+"""
+# Retention: a room keeps at most its newest `keep` changes, none older than `max_age`
+# (either bound may be off). Run as the owner (maintenance).
+PRUNE: Final = """
+DELETE FROM room_changes c
+ USING rooms r
+ WHERE r.id = c.room_id
+   AND (c.position <= r.position - $1::bigint
+        OR c.occurred_at < now() - $2::interval)
+   -- (a NULL bound is off: its comparison is NULL, not true)
+"""
+
+
+def check_position(field: str, value: object) -> int:
+    """``value`` if it is a position (an integer >= 0).
+
+    Raises:
+        InvalidInput: it is not.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_POSITION:
+        raise InvalidInput(field, "a position: an integer >= 0")
+    return value
+
+
+def _limit(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANGES_LIMIT:
+        raise InvalidInput("limit", f"an integer from 1 to {MAX_CHANGES_LIMIT}")
+    return value
+
+
+def _data(row: Any, *, joined: bool = True) -> dict[str, Any]:
+    # `joined`: the row carries the message as it is now (m_* columns).
+    if joined and row["kind"] in _MESSAGE_KINDS:
+        return {
+            "user_id": row["m_user_id"],
+            "content": row["m_content"],
+            "type": row["m_type"],
+            "client_msg_id": row["m_client_msg_id"],
+            "is_edited": row["m_is_edited"],
+            "edited_at": row["m_edited_at"],
+            "created_at": row["m_created_at"],
+        }
+    data: dict[str, Any] = dict(row["data"])
+    if "user_id" in data:
+        data["user_id"] = uuid.UUID(data["user_id"])
+    return data
+
+
+def _change(room: uuid.UUID, row: Any, data: dict[str, Any]) -> Change:
+    return Change._adopt(
+        {
+            "room_id": room,
+            "position": row["position"],
+            "kind": row["kind"],
+            "occurred_at": row["occurred_at"],
+            "actor_id": row["actor_id"],
+            "message_id": row["message_id"],
+            "seq": row["seq"],
+            "data": data,
+        }
+    )
+
+
+class ChangeRepository:
+    """A room's change log: pages of changes after a position, the room's position."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def changes(
+        self, room_id: uuid.UUID, *, after: int, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> ChangePage:
+        """The room's changes after position ``after``, ascending, at most ``limit``.
+
+        Row security shows a member only their rooms' changes: call it acting as one.
+
+        Raises:
+            NotFound: no such room (or one the acting user cannot see).
+            InvalidInput: a bad id, a negative or future ``after`` (past the room's
+                position), or ``limit`` outside 1..1000.
+            ResyncRequired: the changes after ``after`` were pruned: reload the room.
+        """
+        room = check_id("room_id", room_id)
+        start = check_position("after", after)
+        size = _limit(limit)
+        rows = await self.db.fetch("changes.after", CHANGES, room, start, size)
+        if not rows:
+            raise not_found("room", room)
+        head: int = rows[0]["head"]
+        oldest: int | None = rows[0]["oldest"]
+        if start > head:
+            raise InvalidInput("after", f"a future position: the room is at {head}")
+        # The log holds (oldest - 1, head]; with nothing held, only `head` itself resumes.
+        floor = head if oldest is None else oldest - 1
+        if start < floor:
+            raise ResyncRequired(
+                f"room {room}: changes after {start} are no longer kept; reload the room",
+                room_id=room,
+                oldest_position=floor + 1,
+                position=head,
+            )
+        items: list[Change] = []
+        last = start
+        for row in rows:
+            position = row["position"]
+            if position is None:  # the room had nothing after `start`
+                break
+            last = position
+            if row["kind"] in _MESSAGE_KINDS and row["m_id"] is None:
+                continue  # deleted since: its tombstone comes later in the log
+            items.append(_change(room, row, _data(row)))
+        return ChangePage(
+            room_id=room, items=items, position=head, next_after=last if last < head else None
+        )
+
+    async def position(self, room_id: uuid.UUID) -> int:
+        """The room's current position (0 for a room that never changed).
+
+        Raises:
+            NotFound: no such room (or one the acting user cannot see).
+            InvalidInput: a bad id.
+        """
+        room = check_id("room_id", room_id)
+        value = await self.db.fetchval("changes.position", POSITION, room)
+        if value is None:
+            raise not_found("room", room)
+        return int(value)
+
+    async def last_position(self) -> int | None:
+        """The position the current transaction's newest change took, if it made one.
+
+        For a flow that stamps its event: call it in the transaction that made the change.
+        """
+        value = await self.db.fetchval("changes.last_position", LAST_POSITION)
+        return None if value is None else int(value)
+
+    async def last_change(self) -> Change | None:
+        """The current transaction's newest change, if it made one (and may read it)."""
+        row = await self.db.fetchrow("changes.last_change", LAST_CHANGE)
+        if row is None:
+            return None
+        return _change(row["room_id"], row, _data(row, joined=False))
+
+    async def prune(self, *, keep: int | None = None, max_age: timedelta | None = None) -> int:
+        """Delete changes past retention; returns how many went.
+
+        A room keeps at most its newest ``keep`` changes, none older than ``max_age``;
+        ``None`` turns that bound off (both ``None``: nothing is pruned).
+        A client behind what is left gets :class:`~chatkeep.errors.ResyncRequired`.
+        Maintenance: run it as the migrator's role (the application role may not delete
+        from the log).
+
+        Raises:
+            InvalidInput: ``keep`` is not an integer >= 1 or ``max_age`` not a positive
+                timedelta.
+        """
+        if keep is not None and (
+            not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= _MAX_POSITION
+        ):
+            raise InvalidInput("keep", "an integer >= 1, or None")
+        if max_age is not None and (not isinstance(max_age, timedelta) or max_age <= timedelta(0)):
+            raise InvalidInput("max_age", "a positive timedelta, or None")
+        if keep is None and max_age is None:
+            return 0
+        status = await self.db.execute(
+            "changes.prune",
+            PRUNE,
+            keep,
+            max_age,
+        )
+        return int(status.split()[-1])

@@ -1,0 +1,81 @@
+"""Reactions (``message_reactions``, migration 012): add and remove a member's emoji.
+
+One row per (message, emoji, user): reacting twice is a no-op. The row takes its room from
+its message (a trigger), row security lets a member react only in their rooms and remove
+only their own reactions, and the log's trigger records ``reaction.added`` /
+``reaction.removed`` with the emoji's resulting count. History pages carry the counts
+(:attr:`chatkeep.models.MessageWithUser.reactions`), read in the page's own statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+from chatkeep.models import check_emoji
+from chatkeep.storage.base import check_id, not_found
+from chatkeep.storage.database import Database
+
+__all__ = ["ReactionRepository"]
+
+# The message is looked up through row security: one the user cannot see (or a deleted
+# one) is not found, and nothing is written.
+REACT: Final = """
+WITH m AS (
+    SELECT id FROM messages WHERE id = $1
+), added AS (
+    INSERT INTO message_reactions (message_id, emoji, user_id)
+    SELECT m.id, $3, $2 FROM m
+    ON CONFLICT (message_id, emoji, user_id) DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM m) AS found, EXISTS (SELECT 1 FROM added) AS changed
+"""
+UNREACT: Final = """
+WITH m AS (
+    SELECT id FROM messages WHERE id = $1
+), removed AS (
+    DELETE FROM message_reactions r
+     USING m
+     WHERE r.message_id = m.id AND r.emoji = $3 AND r.user_id = $2
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM m) AS found, EXISTS (SELECT 1 FROM removed) AS changed
+"""
+
+
+class ReactionRepository:
+    """A member's reactions to messages of their rooms (call it acting as the member)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def react(self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str) -> bool:
+        """Add the user's ``emoji`` to the message; False if it was already there.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see.
+            PermissionDenied: row security refused the row (acting as someone else).
+            InvalidInput: a bad id, or ``emoji`` breaks the emoji rule.
+        """
+        return await self._change("reactions.add", REACT, message_id, user_id, emoji)
+
+    async def unreact(self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str) -> bool:
+        """Remove the user's ``emoji`` from the message; False if it was not there.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see.
+            InvalidInput: a bad id, or ``emoji`` breaks the emoji rule.
+        """
+        return await self._change("reactions.remove", UNREACT, message_id, user_id, emoji)
+
+    async def _change(
+        self, name: str, sql: str, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str
+    ) -> bool:
+        key = check_id("message_id", message_id)
+        user = check_id("user_id", user_id)
+        text = check_emoji(emoji)
+        row = await self.db.fetchrow(name, sql, key, user, text)
+        if row is None or not row["found"]:
+            raise not_found("message", key)
+        return bool(row["changed"])
