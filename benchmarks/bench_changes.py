@@ -35,6 +35,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_security import as_role, prepare
@@ -120,6 +122,17 @@ async def catch_up(db: Database, fx: Fixture, repeat: int) -> None:
         print(f"  {name:<34} {ms:>8.1f} ms  ({count:,} items)", flush=True)
 
 
+async def commit_mode(url: str, *, synchronous: bool) -> None:
+    """The database's default synchronous_commit, for the sessions opened after this."""
+    conn = await asyncpg.connect(url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        setting = "RESET synchronous_commit" if synchronous else "SET synchronous_commit = off"
+        await conn.execute(f'ALTER DATABASE "{name}" {setting}')
+    finally:
+        await conn.close()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
@@ -133,6 +146,12 @@ async def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=9, help="catch-up reads to time")
     parser.add_argument("--fresh", action="store_true", help="drop and rebuild the databases")
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="set synchronous_commit off in both databases (on again without the flag): "
+        "on a machine whose commits wait on a slow disk, that wait hides the log's cost",
+    )
     args = parser.parse_args()
 
     with_url, fixture, _, schema = await prepare(
@@ -141,6 +160,8 @@ async def main() -> int:
     without_url, other, _, old_schema = await prepare(
         args.database_url, "chatkeep_bench_nolog", args.fresh, WITHOUT_LOG, ()
     )
+    for url in (with_url, without_url):
+        await commit_mode(url, synchronous=not args.async_commit)
     settings = Settings(database_url=with_url, pool_min_size=args.concurrency)
     size = max(args.concurrency, settings.pool_max_size)
     logged = Database(
@@ -155,6 +176,7 @@ async def main() -> int:
             f"PostgreSQL {version}, schema {schema} (log) vs {old_schema} (no log), "
             f"{os.cpu_count()} CPUs, {args.concurrency} tasks, "
             f"{args.rounds} rounds of {args.seconds:g} s per side"
+            + (", synchronous_commit off" if args.async_commit else "")
         )
         sides = {"log": send_op(logged, fixture), "no log": send_op(unlogged, other)}
         rates: dict[str, list[float]] = {side: [] for side in sides}

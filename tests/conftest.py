@@ -193,6 +193,17 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def app_conn(app_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's database as chatapp_app."""
+    connection = await asyncpg.connect(app_url)
+    try:
+        assert await connection.fetchval("SELECT current_user") == "chatapp_app"
+        yield connection
+    finally:
+        await connection.close()
+
+
 def _redis_test_url(base: str) -> str:
     """``base`` on the tests' logical database: TEST_REDIS_URL's own, else db 13."""
     chosen = urls.redis_db(base) if os.environ.get("TEST_REDIS_URL") else None

@@ -128,6 +128,15 @@ class Spec:
     forever: bool = False
 
 
+def _reaction(target: Callable[[World], Any]) -> Spec:
+    """react and unreact, on the facade or the repository: the member's 👍 on the message."""
+    return Spec(
+        target,
+        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
+        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
+    )
+
+
 def _family(world: World) -> uuid.UUID:
     return uuid.UUID(hex=world.refresh_token.partition(".")[0])
 
@@ -265,16 +274,8 @@ SPECS: dict[str, Spec] = {
         {"room_id": P(ID), "user_id": P(ID), "seq": P(OPT_INT)},
     ),
     "ChatKeep.unread_counts": Spec(_chat, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}),
-    "ChatKeep.react": Spec(
-        _chat,
-        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
-        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
-    ),
-    "ChatKeep.unreact": Spec(
-        _chat,
-        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
-        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
-    ),
+    "ChatKeep.react": _reaction(_chat),
+    "ChatKeep.unreact": _reaction(_chat),
     "ChatKeep.room_position": Spec(
         _chat,
         lambda w: {"room_id": w.public.id, "user_id": w.member.id},
@@ -509,16 +510,8 @@ SPECS: dict[str, Spec] = {
         lambda w: {"keep": 1_000_000, "max_age": timedelta(days=1)},
         {"keep": P(OPT_INT), "max_age": P(of(timedelta, NONE))},
     ),
-    "ReactionRepository.react": Spec(
-        lambda w: w.repos.reactions,
-        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
-        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
-    ),
-    "ReactionRepository.unreact": Spec(
-        lambda w: w.repos.reactions,
-        lambda w: {"message_id": w.message.id, "user_id": w.member.id, "emoji": "👍"},
-        {"message_id": P(ID), "user_id": P(ID), "emoji": P(STR)},
-    ),
+    "ReactionRepository.react": _reaction(lambda w: w.repos.reactions),
+    "ReactionRepository.unreact": _reaction(lambda w: w.repos.reactions),
     "MessageRepository.edit": Spec(
         _messages,
         lambda w: {"message_id": w.message.id, "content": "edited", "by": w.member.id},

@@ -58,17 +58,6 @@ HASH = "$2b$12$" + "a" * 53
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def app_conn(app_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the test's database as chatapp_app."""
-    connection = await asyncpg.connect(app_url)
-    try:
-        assert await connection.fetchval("SELECT current_user") == "chatapp_app"
-        yield connection
-    finally:
-        await connection.close()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
 async def readonly_conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's database as chatapp_readonly."""
     connection = await asyncpg.connect(url_as(database_url, "chatapp_readonly"))

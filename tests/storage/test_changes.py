@@ -9,11 +9,9 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chatkeep.errors import PermissionDenied
 from chatkeep.models import CreateMessageDto, UpdateRoomDto
@@ -23,16 +21,6 @@ from chatkeep.storage.errors import translate_error
 from chatkeep.storage.reactions import ReactionRepository
 
 from .conftest import MakeRoom, MakeUser
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def app_conn(app_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the test's database as chatapp_app, with no acting user."""
-    connection = await asyncpg.connect(app_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def kinds(conn: asyncpg.Connection, room: uuid.UUID) -> list[tuple[int, str]]:

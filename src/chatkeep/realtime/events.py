@@ -209,26 +209,26 @@ class MemberRoleChanged(RoomEvent):
     role: str = Field(max_length=32)
 
 
-class ReactionAdded(RoomEvent):
-    """A member reacted to a message; ``count`` is the emoji's count on it now."""
+class _ReactionEvent(RoomEvent):
+    """What both reaction events carry; ``count`` is the emoji's count on it now."""
+
+    message_id: UUID
+    seq: int = Field(ge=1)
+    user_id: UUID
+    emoji: str = Field(max_length=64)
+    count: int = Field(ge=0)
+
+
+class ReactionAdded(_ReactionEvent):
+    """A member reacted to a message."""
 
     type: Literal["reaction.added"] = "reaction.added"
-    message_id: UUID
-    seq: int = Field(ge=1)
-    user_id: UUID
-    emoji: str = Field(max_length=64)
-    count: int = Field(ge=0)
 
 
-class ReactionRemoved(RoomEvent):
-    """A member took a reaction back; ``count`` is the emoji's count on it now."""
+class ReactionRemoved(_ReactionEvent):
+    """A member took a reaction back."""
 
     type: Literal["reaction.removed"] = "reaction.removed"
-    message_id: UUID
-    seq: int = Field(ge=1)
-    user_id: UUID
-    emoji: str = Field(max_length=64)
-    count: int = Field(ge=0)
 
 
 class RoomUpdated(RoomEvent):
