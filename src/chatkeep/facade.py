@@ -397,9 +397,7 @@ class ChatKeep:
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
         if metrics is not None:
-            metrics.attach(database=db, redis=redis)
-            db.acquire_timer = metrics.time_acquire
-            redis.command_timer = metrics.time_redis
+            metrics.attach(database=db, redis=redis)  # hooks the pool and the client too
             self.events.on_receive = _receipt_counter(metrics)
 
     @classmethod
@@ -507,19 +505,22 @@ class ChatKeep:
 
     # -- metrics ----------------------------------------------------------------------------
 
-    def _count_errors(self) -> contextlib.AbstractContextManager[object]:
-        return self.metrics.count_errors() if self.metrics is not None else contextlib.nullcontext()
+    def _measured(self, name: str) -> contextlib.AbstractContextManager[object]:
+        """Time operation ``name`` and count its errors (nothing without metrics)."""
+        if self.metrics is None:
+            return contextlib.nullcontext()
+        return self.metrics.time_operation(name)
 
     @contextlib.asynccontextmanager
     async def _flow(self, name: str, *, after_commit: bool = True) -> AsyncIterator[_Flow]:
-        """One call of flow ``name`` (see :class:`_Flow`), its errors counted.
+        """One call of flow ``name`` (see :class:`_Flow`), timed and its errors counted.
 
         A flow whose Redis work must follow its own commit (``after_commit``, every flow
         that invalidates or publishes what it wrote) refuses to run inside the caller's
         transaction, which could still roll back what the events announce. Queued Redis
         work runs when the block ends without an error.
         """
-        with tracing.flow(name) as span, self._count_errors():
+        with tracing.flow(name) as span, self._measured(name):
             if after_commit:
                 self._outside_transaction(name)
             flow = _Flow(self, name, span)

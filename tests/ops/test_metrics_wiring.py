@@ -77,6 +77,16 @@ async def test_facade_flows_feed_every_hook(
     assert value(metrics, "chatkeep_rate_limit_rejections_total", action="send") == 1
     assert value(metrics, "chatkeep_errors_total", type="RateLimited") == 1
     assert value(metrics, "chatkeep_errors_total", type="InvalidInput") == 1
+    # Every facade call is timed, the failed ones too (rate limited, empty text).
+    assert value(metrics, "chatkeep_operation_seconds_count", operation="send_message") == 4
+    assert value(metrics, "chatkeep_operation_seconds_count", operation="register") == 1
+    # ...and the statements under them, apart from the wait for a connection.
+    statements = {
+        dict(labels)["operation"]
+        for (name, labels), _ in samples(metrics).items()
+        if name == "chatkeep_db_statement_seconds_count"
+    }
+    assert {"messages.send", "database.health"} - statements == {"database.health"}, statements
 
 
 async def test_an_overflowing_subscription_counts_a_gap(
@@ -110,6 +120,7 @@ async def test_without_metrics_nothing_is_hooked(
     async with ChatKeep.connect(settings, bcrypt_rounds=10) as chat:
         assert chat.metrics is None
         assert chat.db.acquire_timer is None
+        assert chat.db.operation_observer is None
         assert chat.redis.command_timer is None
         assert chat.events.on_receive is None
         assert await chat.db.fetchval("wiring.probe", "SELECT 1") == 1

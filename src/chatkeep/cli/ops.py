@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +35,7 @@ from chatkeep.cli._common import (
 )
 from chatkeep.config import Settings
 from chatkeep.ops import backup as ops_backup
-from chatkeep.ops import pgtools
+from chatkeep.ops import deploy, pgtools
 from chatkeep.ops import restore as ops_restore
 from chatkeep.storage.changes import ChangeRepository
 from chatkeep.storage.database import Database
@@ -222,14 +221,10 @@ def restore(
 def metrics(
     port: Annotated[
         int, typer.Option("--port", "-p", min=0, max=65535, help="Port to serve /metrics on.")
-    ] = 9187,
+    ] = deploy.DEFAULT_PORT,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0 for every interface).")
     ] = "127.0.0.1",
-    interval: Annotated[
-        float,
-        typer.Option("--interval", min=0.1, max=3600, help="Seconds between store pings."),
-    ] = 5.0,
     duration: Annotated[
         float | None,
         typer.Option("--for", min=0, help="Stop after this many seconds (default: Ctrl-C)."),
@@ -237,9 +232,40 @@ def metrics(
     once: Annotated[
         bool, typer.Option("--once", help="Print one scrape to stdout and exit; serve nothing.")
     ] = False,
+    print_dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--print-dashboard",
+            help="Print the Grafana dashboard (JSON) and exit; connect nothing.",
+        ),
+    ] = False,
+    print_alerts: Annotated[
+        bool,
+        typer.Option(
+            "--print-alerts",
+            help="Print the Prometheus alert rules (YAML) and exit; connect nothing.",
+        ),
+    ] = False,
+    docs_url: Annotated[
+        str,
+        typer.Option(
+            "--docs-url",
+            help="With --print-alerts: where your copy of the docs is served, put in front "
+            "of each runbook_url (default: relative, troubleshooting/#<alert>).",
+        ),
+    ] = "",
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Serve chatkeep's Prometheus metrics for a quick look (applications mount their own)."""
+    """Serve chatkeep's Prometheus metrics for a quick look, or print the dashboard and alerts.
+
+    Each scrape probes both stores (cached for a second); applications mount their own
+    registry (see docs/operations.md).
+    """
+    if print_dashboard or print_alerts:
+        if print_dashboard and print_alerts:
+            fail("--print-dashboard and --print-alerts print one file each: choose one")
+        sys.stdout.write(deploy.dashboard() if print_dashboard else deploy.alert_rules(docs_url))
+        return
     from chatkeep.ops.metrics import ChatkeepMetrics
     from chatkeep.realtime import RedisClient
     from chatkeep.storage import Database
@@ -253,22 +279,22 @@ def metrics(
                 RedisClient.from_settings(settings, url=found.redis_url) as redis,
             ):
                 collected = ChatkeepMetrics(database=db, redis=redis)
-                await collected.sample()
                 if once:
+                    await collected.sample()
                     return collected.exposition()
+                # Scrapes arrive on the server's thread and probe the stores on this loop.
                 server = collected.serve(port, host)
                 shown = f"[{host}]" if ":" in host else host
                 err_console.print(
                     f"serving http://{shown}:{server.server_port}/metrics "
-                    f"(stores pinged every {interval:g} s; Ctrl-C stops)",
+                    "(each scrape probes both stores; Ctrl-C stops)",
                     highlight=False,
                 )
-                deadline = None if duration is None else time.monotonic() + duration
                 try:
-                    while deadline is None or time.monotonic() < deadline:
-                        left = interval if deadline is None else deadline - time.monotonic()
-                        await asyncio.sleep(max(0.0, min(interval, left)))
-                        await collected.sample()
+                    if duration is None:  # pragma: no cover - interactive: until Ctrl-C
+                        await asyncio.Event().wait()
+                    else:
+                        await asyncio.sleep(duration)
                 finally:
                     server.shutdown()
                     server.server_close()

@@ -1,4 +1,4 @@
-"""Operations: backup and restore, structured logging, metrics and traces.
+"""Operations: backup and restore, structured logging, metrics, traces, dashboard, alerts.
 
 * :mod:`chatkeep.ops.backup` — ``chatkeep backup``: consistent ``pg_dump`` archives of the
   chatkeep schema.
@@ -11,4 +11,6 @@
 * :mod:`chatkeep.ops.metrics` — Prometheus metric families (optional extra ``metrics``).
 * :mod:`chatkeep.ops.tracing` — OpenTelemetry spans of flows, named database operations
   and Redis operations (optional extra ``otel``; nothing is made without a tracer provider).
+* :mod:`chatkeep.ops.deploy` — the Grafana dashboard and Prometheus alert rules shipped
+  beside them.
 """

@@ -1,27 +1,42 @@
-"""Prometheus metrics: the pool, named operations, Redis, pub/sub, rate limits, errors.
+"""Prometheus metrics: store health, the pool, operations, Redis, pub/sub, rate limits, errors.
 
 Install the extra: ``pip install 'chatkeep[metrics]'`` (``prometheus-client``).
 
-Two kinds of metric live in one :class:`ChatkeepMetrics` registry:
+Three kinds of metric live in one :class:`ChatkeepMetrics` registry:
 
-* **Read at scrape time** from the objects you hand it: the pool's connections and the
-  per-operation counters a :class:`~chatkeep.storage.database.Database` keeps
-  (``db.stats``), failed connection attempts
+* **Probed at scrape time**: whether each store answers and its round trip
+  (``chatkeep_db_up``, ``chatkeep_redis_up``, ``chatkeep_*_ping_seconds``). A scrape runs
+  one ping per store on the event loop that owns the stores, bounded by
+  ``probe_timeout``, and scrapes within ``cache_seconds`` of it share its answer, so a
+  storm of scrapes does not hammer the stores. Nothing needs to call anything for these
+  to be right; ``chatkeep_probe_age_seconds`` says how old the answer is.
+* **Read at scrape time** from the objects you hand it: the pool's capacity and use, the
+  per-operation error and slow counters a :class:`~chatkeep.storage.database.Database`
+  keeps (``db.stats``), failed connection attempts
   (:func:`chatkeep.storage.security.connection_failures`), and the Redis client's pub/sub
-  reconnects. Nothing is counted twice and nothing runs on the hot path.
-* **Recorded as things happen**, through small hooks: pool acquire waits
-  (:meth:`ChatkeepMetrics.time_acquire`), Redis command latency
-  (:meth:`ChatkeepMetrics.time_redis`), pub/sub deliveries, gaps, rate-limit rejections
-  and errors by class (:meth:`ChatkeepMetrics.record_error`).
+  reconnects.
+* **Recorded as things happen**, through hooks that :meth:`ChatkeepMetrics.attach`
+  installs on the pool and the Redis client itself: pool waits, named database operations
+  and Redis commands (histograms), facade operations (:meth:`ChatkeepMetrics.time_operation`,
+  fed by :class:`chatkeep.ChatKeep`), pub/sub deliveries, gaps, rate-limit rejections and
+  errors by class.
 
-Applications mount the registry on their own HTTP server::
+How a scrape reaches the event loop, and why: ``collect()`` is synchronous. Scraped from
+another thread (``start_http_server``, ``chatkeep metrics``), it hands the probe to the
+stores' loop with ``asyncio.run_coroutine_threadsafe`` and waits at most
+``probe_timeout`` + 1 s; a loop too busy to answer in that time leaves the previous
+answer in place (its age grows: alert on it). Scraped on the loop itself (an ASGI app),
+it cannot wait without blocking the loop, so :meth:`ChatkeepMetrics.asgi_app` probes
+before it renders: use it instead of ``prometheus_client.make_asgi_app``, whose scrapes
+report the last probe (none until something calls :meth:`ChatkeepMetrics.sample`).
+Applications mount the registry on their own server::
 
-    from prometheus_client import make_asgi_app
-    metrics = ChatkeepMetrics(database=chat.db, redis=chat.redis)
-    app.mount("/metrics", make_asgi_app(registry=metrics.registry))
+    metrics = ChatkeepMetrics()
+    async with ChatKeep.connect(settings, metrics=metrics) as chat:
+        app.mount("/metrics", metrics.asgi_app())
 
-``chatkeep metrics --port 9187`` serves a registry of its own for a quick look. Every family
-is listed in ``docs/operations.md``; :data:`FAMILIES` names them.
+``chatkeep metrics`` (port :data:`DEFAULT_PORT`) serves a registry of its own for a quick
+look. Every family is listed in ``docs/operations.md``; :data:`FAMILIES` names them.
 
 The sources are described by small protocols (:class:`DatabaseSource`,
 :class:`RedisSource`), so anything shaped like chatkeep's ``Database`` and ``RedisClient``
@@ -30,11 +45,16 @@ The sources are described by small protocols (:class:`DatabaseSource`,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from chatkeep import __version__
 from chatkeep.errors import (
     ChatkeepError,
     ConfigurationError,
@@ -42,6 +62,7 @@ from chatkeep.errors import (
     RateLimited,
     Unavailable,
 )
+from chatkeep.ops.deploy import DEFAULT_PORT
 
 try:
     from prometheus_client import (
@@ -50,14 +71,10 @@ try:
         Gauge,
         Histogram,
         generate_latest,
+        make_asgi_app,
         start_http_server,
     )
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        Metric,
-        SummaryMetricFamily,
-    )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - the dev extra installs it
     raise ConfigurationError(
@@ -65,6 +82,7 @@ except ImportError as exc:  # pragma: no cover - the dev extra installs it
     ) from exc
 
 __all__ = [
+    "DEFAULT_PORT",
     "FAMILIES",
     "ChatkeepMetrics",
     "ConnectionFailure",
@@ -75,19 +93,23 @@ __all__ = [
 ]
 
 FAMILIES: Final = (
+    "chatkeep_build_info",
+    "chatkeep_db_up",
+    "chatkeep_db_ping_seconds",
+    "chatkeep_redis_up",
+    "chatkeep_redis_ping_seconds",
+    "chatkeep_probe_age_seconds",
+    "chatkeep_db_pool_min",
+    "chatkeep_db_pool_max",
     "chatkeep_db_pool_connections",
     "chatkeep_db_pool_waiting",
     "chatkeep_db_pool_acquire_seconds",
-    "chatkeep_db_operations_total",
-    "chatkeep_db_operation_seconds",
-    "chatkeep_db_operation_max_seconds",
-    "chatkeep_db_operation_errors_total",
-    "chatkeep_db_slow_operations_total",
+    "chatkeep_operation_seconds",
+    "chatkeep_db_statement_seconds",
+    "chatkeep_db_statement_errors_total",
+    "chatkeep_db_slow_statements_total",
     "chatkeep_db_connection_failures_total",
-    "chatkeep_db_latency_seconds",
     "chatkeep_redis_command_seconds",
-    "chatkeep_redis_latency_seconds",
-    "chatkeep_redis_up",
     "chatkeep_redis_pubsub_reconnects_total",
     "chatkeep_pubsub_published_total",
     "chatkeep_pubsub_deliveries_total",
@@ -99,8 +121,10 @@ FAMILIES: Final = (
 """Every metric family a :class:`ChatkeepMetrics` registry exposes (with its suffix)."""
 
 
-# Pool waits and Redis commands are milliseconds long; an outage pushes them to seconds.
-_LATENCY_BUCKETS: Final = (
+# A chat backend's calls: a cached read or a PING takes well under a millisecond, a send a
+# few milliseconds, a history page tens; an outage pushes any of them to seconds.
+LATENCY_BUCKETS: Final = (
+    0.00025,
     0.0005,
     0.001,
     0.0025,
@@ -122,23 +146,8 @@ class OperationCounters(Protocol):
     """One named operation's counters (``chatkeep.storage.database.OperationStats``)."""
 
     @property
-    def calls(self) -> int:
-        """Calls made."""
-        ...
-
-    @property
     def errors(self) -> int:
         """Calls that failed."""
-        ...
-
-    @property
-    def total_seconds(self) -> float:
-        """Time spent in all calls."""
-        ...
-
-    @property
-    def max_seconds(self) -> float:
-        """The slowest call."""
         ...
 
     @property
@@ -172,8 +181,19 @@ class _Latency(Protocol):
     def latency_ms(self) -> float | None: ...
 
 
+AcquireTimer = Callable[[], contextlib.AbstractContextManager[object]]
+OperationObserver = Callable[[str, float, bool], None]
+CommandTimer = Callable[[str], contextlib.AbstractContextManager[object]]
+
+
 class DatabaseSource(Protocol):
     """What the metrics read from a database (``chatkeep.storage.Database``)."""
+
+    acquire_timer: AcquireTimer | None
+    """Wrapped around every pool acquire (set by :meth:`ChatkeepMetrics.attach`)."""
+
+    operation_observer: OperationObserver | None
+    """Told each named operation's name, duration and failure (set by ``attach``)."""
 
     @property
     def is_open(self) -> bool:
@@ -205,6 +225,9 @@ class _RedisHealth(Protocol):
 
 class RedisSource(Protocol):
     """What the metrics read from a Redis client (``chatkeep.realtime.RedisClient``)."""
+
+    command_timer: CommandTimer | None
+    """Wrapped around every command (set by :meth:`ChatkeepMetrics.attach`)."""
 
     @property
     def pubsub_reconnects(self) -> int:
@@ -246,70 +269,104 @@ def _default_failures() -> Sequence[ConnectionFailure]:
     return connection_failures()
 
 
+# Set while the stores are probed: a probe's failure says a store is down (``*_up``), it
+# is not an error the application met, so chatkeep_errors_total leaves it out.
+_PROBING: Final = contextvars.ContextVar("chatkeep_metrics_probing", default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """One probe of both stores: ``None`` where that store is not being measured."""
+
+    taken: float  # time.monotonic()
+    db_seconds: float | None
+    db_up: bool | None
+    redis_seconds: float | None
+    redis_up: bool | None
+
+
 class _SourcesCollector(Collector):
-    """Reads the pool, the operation counters, connection failures and reconnects."""
+    """Probes the stores and reads the pool, counters, connection failures and reconnects."""
 
     def __init__(self, owner: ChatkeepMetrics) -> None:
         self._owner = owner
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._probe()
         yield from self._database()
         yield from self._failures()
         yield from self._redis()
 
+    def _probe(self) -> Iterator[Metric]:
+        owner = self._owner
+        probe = owner.probe_for_scrape()
+        if probe is None:
+            return
+        age = GaugeMetricFamily(
+            "chatkeep_probe_age_seconds",
+            "Seconds since the stores were last probed (grows when the event loop is stuck).",
+        )
+        age.add_metric([], max(0.0, time.monotonic() - probe.taken))
+        yield age
+        for store, up, seconds in (
+            ("db", probe.db_up, probe.db_seconds),
+            ("redis", probe.redis_up, probe.redis_seconds),
+        ):
+            if up is None:
+                continue
+            what = "PostgreSQL" if store == "db" else "Redis"
+            yield GaugeMetricFamily(
+                f"chatkeep_{store}_up",
+                f"1 when {what} answered the last probe within the probe timeout, else 0.",
+                value=1 if up else 0,
+            )
+            if seconds is not None:
+                yield GaugeMetricFamily(
+                    f"chatkeep_{store}_ping_seconds",
+                    f"Round trip of the last {what} probe (absent while it is down).",
+                    value=seconds,
+                )
+
     def _database(self) -> Iterator[Metric]:
-        pool = GaugeMetricFamily(
-            "chatkeep_db_pool_connections",
-            "Connections of the database pool, by state.",
-            labels=["state"],
-        )
-        calls = CounterMetricFamily(
-            "chatkeep_db_operations",
-            "Named database operations run.",
-            labels=["operation"],
-        )
-        seconds = SummaryMetricFamily(
-            "chatkeep_db_operation_seconds",
-            "Duration of named database operations.",
-            labels=["operation"],
-        )
-        slowest = GaugeMetricFamily(
-            "chatkeep_db_operation_max_seconds",
-            "The slowest call of each named database operation so far.",
-            labels=["operation"],
-        )
+        database = self._owner.database
+        if database is None:
+            return
+        if database.is_open:
+            source = database.pool
+            size, idle = source.get_size(), source.get_idle_size()
+            yield GaugeMetricFamily(
+                "chatkeep_db_pool_min",
+                "Connections the pool keeps open at least (capacity).",
+                value=source.get_min_size(),
+            )
+            yield GaugeMetricFamily(
+                "chatkeep_db_pool_max",
+                "Connections the pool may open at most (capacity).",
+                value=source.get_max_size(),
+            )
+            use = GaugeMetricFamily(
+                "chatkeep_db_pool_connections",
+                "Open connections of the pool, idle or lent to a task (use; they sum to "
+                "the open connections).",
+                labels=["state"],
+            )
+            use.add_metric(["idle"], idle)
+            use.add_metric(["busy"], size - idle)
+            yield use
         errors = CounterMetricFamily(
-            "chatkeep_db_operation_errors",
+            "chatkeep_db_statement_errors",
             "Named database operations that failed.",
             labels=["operation"],
         )
         slow = CounterMetricFamily(
-            "chatkeep_db_slow_operations",
+            "chatkeep_db_slow_statements",
             "Named database operations slower than the slow-query threshold.",
             labels=["operation"],
         )
-        database = self._owner.database
-        if database is not None and database.is_open:
-            source = database.pool
-            size, idle = source.get_size(), source.get_idle_size()
-            for state, value in (
-                ("size", size),
-                ("idle", idle),
-                ("busy", size - idle),
-                ("min", source.get_min_size()),
-                ("max", source.get_max_size()),
-            ):
-                pool.add_metric([state], value)
-        if database is not None:
-            for name, counters in sorted(dict(database.stats).items()):
-                calls.add_metric([name], counters.calls)
-                seconds.add_metric(
-                    [name], count_value=counters.calls, sum_value=counters.total_seconds
-                )
-                slowest.add_metric([name], counters.max_seconds)
-                errors.add_metric([name], counters.errors)
-                slow.add_metric([name], counters.slow)
-        yield from (pool, calls, seconds, slowest, errors, slow)
+        for name, counters in sorted(dict(database.stats).items()):
+            errors.add_metric([name], counters.errors)
+            slow.add_metric([name], counters.slow)
+        yield from (errors, slow)
 
     def _failures(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -331,6 +388,11 @@ class _SourcesCollector(Collector):
         yield family
 
 
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
+
+
 class ChatkeepMetrics:
     """chatkeep's metric families in one registry, fed by the stores and by hooks.
 
@@ -342,6 +404,11 @@ class ChatkeepMetrics:
             process-wide one.
         connection_failures: where failed connection counts come from (default:
             :func:`chatkeep.storage.security.connection_failures`).
+        probe_timeout: seconds a store has to answer a probe before it counts as down.
+        cache_seconds: scrapes this soon after a probe share its answer.
+
+    Raises:
+        InvalidInput: ``probe_timeout`` or ``cache_seconds`` is not a positive number.
 
     Example:
         >>> metrics = ChatkeepMetrics()
@@ -357,36 +424,57 @@ class ChatkeepMetrics:
         redis: RedisSource | None = None,
         registry: CollectorRegistry | None = None,
         connection_failures: Callable[[], Sequence[ConnectionFailure]] = _default_failures,
+        probe_timeout: float = 2.0,
+        cache_seconds: float = 1.0,
     ) -> None:
-        self.database = database
-        self.redis = redis
+        for field, value in (("probe_timeout", probe_timeout), ("cache_seconds", cache_seconds)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidInput(field, "must be a positive number of seconds")
+        self.database: DatabaseSource | None = None
+        self.redis: RedisSource | None = None
         self.connection_failures = connection_failures
+        self.probe_timeout = float(probe_timeout)
+        self.cache_seconds = float(cache_seconds)
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._probe: _Probe | None = None
+        self._probing: asyncio.Future[None] | None = None
+        # Held by a scraping thread while it waits for the loop: concurrent scrapes share.
+        self._scrape_lock = threading.Lock()
         reg = self.registry
+        Gauge(
+            "chatkeep_build_info", "chatkeep's version (always 1).", ["version"], registry=reg
+        ).labels(__version__).set(1)
         self.pool_waiting = Gauge(
             "chatkeep_db_pool_waiting", "Tasks waiting for a pooled connection.", registry=reg
         )
         self.pool_acquire_seconds = Histogram(
             "chatkeep_db_pool_acquire_seconds",
-            "Time spent waiting for a pooled connection.",
-            buckets=_LATENCY_BUCKETS,
+            "Time spent waiting for a pooled connection (not counted in statement time).",
+            buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.db_latency_seconds = Gauge(
-            "chatkeep_db_latency_seconds", "The last database health round trip.", registry=reg
+        self.operation_seconds = Histogram(
+            "chatkeep_operation_seconds",
+            "Duration of facade operations (send_message, history...), failed ones included.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.statement_seconds = Histogram(
+            "chatkeep_db_statement_seconds",
+            "Duration of named database operations (a statement, or a transaction), from "
+            "holding a connection to done.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
         self.redis_command_seconds = Histogram(
             "chatkeep_redis_command_seconds",
             "Redis command latency, by command.",
             ["command"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=reg,
-        )
-        self.redis_latency_seconds = Gauge(
-            "chatkeep_redis_latency_seconds", "The last Redis ping.", registry=reg
-        )
-        self.redis_up = Gauge(
-            "chatkeep_redis_up", "1 when the last Redis ping answered, else 0.", registry=reg
         )
         self.pubsub_published = Counter(
             "chatkeep_pubsub_published", "Events published to room channels.", registry=reg
@@ -415,15 +503,27 @@ class ChatkeepMetrics:
             "chatkeep_errors", "chatkeep errors raised, by class.", ["type"], registry=reg
         )
         reg.register(_SourcesCollector(self))
+        self.attach(database=database, redis=redis)
 
     def attach(
         self, *, database: DatabaseSource | None = None, redis: RedisSource | None = None
     ) -> None:
-        """Start reporting ``database`` and/or ``redis`` (for objects made after this one)."""
+        """Start reporting ``database`` and/or ``redis``, and hook them.
+
+        The pool's acquire timer and operation observer and the Redis client's command
+        timer are set to this object's (one :class:`ChatkeepMetrics` per store: a second
+        one attached takes the hooks over). Called inside a running event loop, that loop
+        is the one scrapes probe the stores on; else the first :meth:`sample` sets it.
+        """
         if database is not None:
             self.database = database
+            database.acquire_timer = self.time_acquire
+            database.operation_observer = self.observe_statement
         if redis is not None:
             self.redis = redis
+            redis.command_timer = self.time_redis
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -438,15 +538,28 @@ class ChatkeepMetrics:
             self.pool_waiting.dec()
             self.pool_acquire_seconds.observe(time.perf_counter() - started)
 
+    def observe_statement(self, name: str, seconds: float, failed: bool) -> None:
+        """One named database operation took ``seconds`` (its errors are read from stats)."""
+        del failed  # counted by the Database itself (chatkeep_db_statement_errors_total)
+        self.statement_seconds.labels(name).observe(seconds)
+
+    @contextlib.contextmanager
+    def time_operation(self, operation: str) -> Iterator[None]:
+        """Wrap one facade operation: observes its duration, counts its chatkeep errors."""
+        started = time.perf_counter()
+        try:
+            with self.count_errors():
+                yield
+        finally:
+            self.operation_seconds.labels(operation).observe(time.perf_counter() - started)
+
     @contextlib.contextmanager
     def time_redis(self, command: str) -> Iterator[None]:
         """Wrap one Redis command (or script): observes its latency, counts its errors."""
         started = time.perf_counter()
         try:
-            yield
-        except ChatkeepError as exc:
-            self.record_error(exc)
-            raise
+            with self.count_errors():
+                yield
         finally:
             self.redis_command_seconds.labels(command).observe(time.perf_counter() - started)
 
@@ -470,7 +583,7 @@ class ChatkeepMetrics:
 
     def record_error(self, exc: BaseException) -> None:
         """Count a chatkeep error by class (a :class:`RateLimited` also as a rejection)."""
-        if not isinstance(exc, ChatkeepError):
+        if not isinstance(exc, ChatkeepError) or _PROBING.get():
             return
         self.errors.labels(type(exc).__name__).inc()
         if isinstance(exc, RateLimited):
@@ -485,33 +598,111 @@ class ChatkeepMetrics:
             self.record_error(exc)
             raise
 
-    # -- sampling and output -----------------------------------------------------------------
+    # -- probing the stores ------------------------------------------------------------------
 
     async def sample(self) -> None:
-        """Ping both stores now and record their latency (and whether Redis answered).
+        """Probe both stores now (concurrently, each bounded by ``probe_timeout``).
 
-        A database that does not answer leaves its latency as it was and counts an error;
-        a Redis that does not answer sets ``chatkeep_redis_up`` to 0.
+        A store that does not answer in time, or answers with an error, is reported down
+        (and no round trip for it). Never raises for a down store.
         """
-        if self.database is not None:
-            try:
-                health = await self.database.health()
-            except ChatkeepError as exc:
-                self.record_error(exc)
-            else:
-                if health.latency_ms is not None:
-                    self.db_latency_seconds.set(health.latency_ms / 1000)
-        if self.redis is not None:
-            answer = await self.redis.health()
-            self.redis_up.set(1 if answer.ok else 0)
-            if answer.latency_ms is not None:
-                self.redis_latency_seconds.set(answer.latency_ms / 1000)
+        self._loop = asyncio.get_running_loop()
+        marked = _PROBING.set(True)
+        try:
+            (db_up, db_seconds), (redis_up, redis_seconds) = await asyncio.gather(
+                self._ping_database(), self._ping_redis()
+            )
+        finally:
+            _PROBING.reset(marked)
+        self._probe = _Probe(time.monotonic(), db_seconds, db_up, redis_seconds, redis_up)
+
+    async def _ping_database(self) -> tuple[bool | None, float | None]:
+        database = self.database
+        if database is None:
+            return None, None
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                health = await database.health()
+        except (ChatkeepError, TimeoutError):
+            return False, None
+        return True, None if health.latency_ms is None else health.latency_ms / 1000
+
+    async def _ping_redis(self) -> tuple[bool | None, float | None]:
+        redis = self.redis
+        if redis is None:
+            return None, None
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                answer = await redis.health()
+        except (ChatkeepError, TimeoutError):
+            return False, None
+        if not answer.ok:
+            return False, None
+        return True, None if answer.latency_ms is None else answer.latency_ms / 1000
+
+    def _fresh(self) -> bool:
+        probe = self._probe
+        return probe is not None and time.monotonic() - probe.taken < self.cache_seconds
+
+    async def refresh(self) -> None:
+        """Probe the stores unless a probe is fresh; concurrent callers share one probe."""
+        if self._fresh():
+            return
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self.sample())
+        # Shielded: a cancelled scrape does not cancel the probe others are waiting for.
+        await asyncio.shield(self._probing)
+
+    def probe_for_scrape(self) -> _Probe | None:
+        """The probe a scrape reports: fresh where it can be had without blocking the loop.
+
+        From a thread other than the stores' event loop, the probe runs on that loop and
+        the scrape waits for it (at most ``probe_timeout`` + 1 s). On the loop itself a
+        synchronous scrape cannot wait, and starts nothing behind the caller's back: it
+        reports the last answer (none before the first), which is why :meth:`asgi_app`
+        probes before it renders.
+        """
+        loop = self._loop
+        if self._fresh() or loop is None or loop.is_closed() or not loop.is_running():
+            return self._probe
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return self._probe
+        with self._scrape_lock:
+            if not self._fresh():
+                waiting = asyncio.run_coroutine_threadsafe(self.refresh(), loop)
+                try:
+                    waiting.result(timeout=self.probe_timeout + 1.0)
+                except TimeoutError:
+                    # The loop did not run the probe in time: report the old answer
+                    # (chatkeep_probe_age_seconds shows how old).
+                    waiting.cancel()
+        return self._probe
+
+    # -- output ------------------------------------------------------------------------------
 
     def exposition(self) -> bytes:
         """The registry in Prometheus's text format, as a scrape would see it."""
         return bytes(generate_latest(self.registry))
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> Any:
+    def asgi_app(self) -> ASGIApp:
+        """An ASGI app serving the registry that probes the stores before it renders.
+
+        Mount it where ``prometheus_client.make_asgi_app`` would go (``app.mount("/metrics",
+        metrics.asgi_app())``); unlike that one, its scrapes see the stores as they are now.
+        """
+        render = make_asgi_app(registry=self.registry)
+
+        async def app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+            await self.refresh()
+            await render(scope, receive, send)
+
+        return app
+
+    def serve(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> Any:
         """Serve ``/metrics`` on ``host:port`` from a background thread.
 
         Returns:

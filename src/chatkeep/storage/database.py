@@ -273,6 +273,9 @@ class Database:
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+        # Optional observer told each named operation's name, duration and failure
+        # (``ChatkeepMetrics.observe_statement``, a latency histogram); unset, it costs nothing.
+        self.operation_observer: Callable[[str, float, bool], None] | None = None
         # Server pids of pooled connections whose session may carry state a borrower set
         # (a SET, a session-level set_config, a temp table...): reset before their next
         # single statement (a transaction's BEGIN resets anyway). See _SESSION_RESET.
@@ -430,6 +433,9 @@ class Database:
             stats.max_seconds = seconds
         if failed:
             stats.errors += 1
+        observer = self.operation_observer
+        if observer is not None:
+            observer(name, seconds, failed)
         if seconds >= self._slow:
             stats.slow += 1
             # The name only: parameters may hold message contents or emails.
