@@ -248,11 +248,24 @@ async def test_the_asgi_app_probes_before_it_renders(
         sent.append(message)
 
     scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
-    await app(scope, receive, send)
-    assert sent[0]["status"] == 200
-    found = parse(sent[1]["body"].decode())
+    await asyncio.gather(*(app(scope, receive, send) for _ in range(3)))  # share one probe
+    await app(scope, receive, send)  # within cache_seconds: the same answer
+    starts = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert starts == [200] * 4
+    found = parse(sent[-1]["body"].decode())  # the last call's body comes last
     assert found[("chatkeep_db_up", ())] == 1
     assert found[("chatkeep_redis_up", ())] == 1
+    assert db.stats["database.health"].calls == 1
+
+
+async def test_only_the_stores_given_are_probed(stores: tuple[Database, RedisClient]) -> None:
+    db, _redis = stores
+    metrics = ChatkeepMetrics(database=db, connection_failures=list)
+    await metrics.sample()
+    found = samples(metrics)
+    assert found[("chatkeep_db_up", ())] == 1
+    assert ("chatkeep_redis_up", ()) not in found
+    assert ("chatkeep_redis_ping_seconds", ()) not in found
 
 
 def test_hooks_count_errors_and_options_are_checked() -> None:

@@ -543,25 +543,22 @@ class ChatkeepMetrics:
         del failed  # counted by the Database itself (chatkeep_db_statement_errors_total)
         self.statement_seconds.labels(name).observe(seconds)
 
-    @contextlib.contextmanager
-    def time_operation(self, operation: str) -> Iterator[None]:
+    def time_operation(self, operation: str) -> contextlib.AbstractContextManager[None]:
         """Wrap one facade operation: observes its duration, counts its chatkeep errors."""
-        started = time.perf_counter()
-        try:
-            with self.count_errors():
-                yield
-        finally:
-            self.operation_seconds.labels(operation).observe(time.perf_counter() - started)
+        return self._timed(self.operation_seconds.labels(operation))
+
+    def time_redis(self, command: str) -> contextlib.AbstractContextManager[None]:
+        """Wrap one Redis command (or script): observes its latency, counts its errors."""
+        return self._timed(self.redis_command_seconds.labels(command))
 
     @contextlib.contextmanager
-    def time_redis(self, command: str) -> Iterator[None]:
-        """Wrap one Redis command (or script): observes its latency, counts its errors."""
+    def _timed(self, latency: Histogram) -> Iterator[None]:
         started = time.perf_counter()
         try:
             with self.count_errors():
                 yield
         finally:
-            self.redis_command_seconds.labels(command).observe(time.perf_counter() - started)
+            latency.observe(time.perf_counter() - started)
 
     def published(self, receivers: int) -> None:
         """One event was published; ``receivers`` subscribers got it (PUBLISH's answer)."""
@@ -610,33 +607,24 @@ class ChatkeepMetrics:
         marked = _PROBING.set(True)
         try:
             (db_up, db_seconds), (redis_up, redis_seconds) = await asyncio.gather(
-                self._ping_database(), self._ping_redis()
+                self._ping(self.database), self._ping(self.redis)
             )
         finally:
             _PROBING.reset(marked)
         self._probe = _Probe(time.monotonic(), db_seconds, db_up, redis_seconds, redis_up)
 
-    async def _ping_database(self) -> tuple[bool | None, float | None]:
-        database = self.database
-        if database is None:
+    async def _ping(
+        self, store: DatabaseSource | RedisSource | None
+    ) -> tuple[bool | None, float | None]:
+        """Whether ``store`` answered and its round trip (``None`` when not measured)."""
+        if store is None:
             return None, None
         try:
             async with asyncio.timeout(self.probe_timeout):
-                health = await database.health()
+                answer = await store.health()
         except (ChatkeepError, TimeoutError):
             return False, None
-        return True, None if health.latency_ms is None else health.latency_ms / 1000
-
-    async def _ping_redis(self) -> tuple[bool | None, float | None]:
-        redis = self.redis
-        if redis is None:
-            return None, None
-        try:
-            async with asyncio.timeout(self.probe_timeout):
-                answer = await redis.health()
-        except (ChatkeepError, TimeoutError):
-            return False, None
-        if not answer.ok:
+        if not getattr(answer, "ok", True):  # Redis's health says ok=False, never raises
             return False, None
         return True, None if answer.latency_ms is None else answer.latency_ms / 1000
 
