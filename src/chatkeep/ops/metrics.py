@@ -299,7 +299,7 @@ class _SourcesCollector(Collector):
 
     def _probe(self) -> Iterator[Metric]:
         owner = self._owner
-        probe = owner.probe_for_scrape()
+        probe = owner._scrape_probe()
         if probe is None:
             return
         age = GaugeMetricFamily(
@@ -641,7 +641,7 @@ class ChatkeepMetrics:
         # Shielded: a cancelled scrape does not cancel the probe others are waiting for.
         await asyncio.shield(self._probing)
 
-    def probe_for_scrape(self) -> _Probe | None:
+    def _scrape_probe(self) -> _Probe | None:
         """The probe a scrape reports: fresh where it can be had without blocking the loop.
 
         From a thread other than the stores' event loop, the probe runs on that loop and
