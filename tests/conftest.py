@@ -6,12 +6,14 @@
 * Once per session the migrations are applied to a template database; each test that asks
   for ``database_url`` gets a fresh copy (``CREATE DATABASE ... TEMPLATE``), dropped after.
 * Each test that asks for ``redis_url`` gets a flushed logical database of its own server.
+
+The servers, the template and the per-test copies come from ``chatkeep.testing``, the
+pytest plugin chatkeep ships for applications' tests: one harness, tested by being used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,95 +23,54 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 
-from chatkeep import urls
 from chatkeep.config import Settings
-from chatkeep.embedded import Endpoints, resolve_endpoints
-from chatkeep.storage.bootstrap import ensure_roles, maintenance_url, prepare_database
-from chatkeep.storage.migrate import Migrator
+from chatkeep.embedded import Endpoints
+from chatkeep.testing import redis_test_url, scratch_database, url_as, url_for
 from tests.servers import RedisServer
 
-# Fixtures shared by more than one folder of tests, kept in modules of their own.
-pytest_plugins = ["tests.migration_files"]
+# The harness is chatkeep.testing, the plugin applications use; this file names its
+# fixtures as the suite always has and adds the ones only chatkeep's own tests need.
+pytest_plugins = ["chatkeep.testing", "pytester", "tests.migration_files"]
+
+__all__ = ["chdir", "redis_test_url", "scratch_database", "url_as", "url_for"]
 
 ROOT = Path(__file__).resolve().parent.parent
-# A logical Redis database the tests may flush freely, away from db 0.
-TEST_REDIS_DB = 13
-_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Endpoints]:
-    """Both stores for the whole session: the TEST_* URLs, or the embedded servers."""
+def chatkeep_server_settings() -> Settings:
+    """The TEST_* URLs (CI and the README use them), else embedded data in ``.chatkeep/``."""
     overrides: dict[str, Any] = {"data_dir": ROOT / ".chatkeep"}
     if os.environ.get("TEST_DATABASE_URL"):
         overrides["database_url"] = os.environ["TEST_DATABASE_URL"]
     if os.environ.get("TEST_REDIS_URL"):
         overrides["redis_url"] = os.environ["TEST_REDIS_URL"]
-    settings = Settings(**overrides)
-    with resolve_endpoints(settings) as found:
-        yield found
+    return Settings(**overrides)
 
 
 @pytest.fixture(scope="session")
-def admin_url(servers: Endpoints) -> str:
+def servers(chatkeep_servers: Endpoints) -> Endpoints:
+    """Both stores for the whole session: the TEST_* URLs, or the embedded servers."""
+    return chatkeep_servers
+
+
+@pytest.fixture(scope="session")
+def admin_url(chatkeep_admin_url: str) -> str:
     """A URL to the server's maintenance database, for creating and dropping databases."""
-    return maintenance_url(servers.admin_database_url)
+    return chatkeep_admin_url
 
 
-def url_for(base: str, database: str) -> str:
-    """``base`` pointed at another database on the same server."""
-    return maintenance_url(base, database)
-
-
-def url_as(url: str, role: str) -> str:
-    """``url`` with its user replaced by ``role`` (and no password)."""
-    return urls.with_user(url, role)
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def database_roles(admin_url: str) -> None:
+@pytest.fixture(scope="session")
+def database_roles(chatkeep_roles: None) -> None:
     """The chatapp_* roles (cluster-wide, made as `chatkeep setup` makes them): migrations
     from 008 on grant to them, so they must exist before any database is migrated."""
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await ensure_roles(admin, Settings(), generate_passwords=False)
-    finally:
-        await admin.close()
 
 
-@contextlib.asynccontextmanager
-async def scratch_database(
-    admin_url: str, prefix: str, *, template: str | None = None
-) -> AsyncIterator[str]:
-    """Create a database (optionally a copy of ``template``), yield its name, drop it."""
-    name = f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:4]}"
-    clause = f' TEMPLATE "{template}"' if template else ""
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
-        yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def template_database(admin_url: str, database_roles: None) -> AsyncIterator[str]:
-    """A migrated database that every test database is cloned from.
-
-    Prepared as `chatkeep setup` prepares a real one (schema public owned by chatapp_owner)
-    and migrated as chatapp_owner, so every object has its production owner and grants.
-    """
-    async with scratch_database(admin_url, "chatkeep_tpl") as name:
-        conn = await asyncpg.connect(url_for(admin_url, name))
-        try:
-            await prepare_database(conn)
-            await Migrator(conn).up()
-        finally:
-            await conn.close()
-        yield name
+@pytest.fixture(scope="session")
+def template_database(chatkeep_template_database: str) -> str:
+    """A migrated database that every test database is cloned from."""
+    return chatkeep_template_database
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -170,11 +131,10 @@ async def fresh_url(admin_url: str) -> AsyncIterator[str]:
             await admin.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def database_url(admin_url: str, template_database: str) -> AsyncIterator[str]:
+@pytest.fixture
+def database_url(chatkeep_database_url: str) -> str:
     """URL of a fresh, fully migrated database, dropped after the test."""
-    async with scratch_database(admin_url, "chatkeep_t", template=template_database) as name:
-        yield url_for(admin_url, name)
+    return chatkeep_database_url
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -206,21 +166,13 @@ async def app_conn(app_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 def _redis_test_url(base: str) -> str:
     """``base`` on the tests' logical database: TEST_REDIS_URL's own, else db 13."""
-    chosen = urls.redis_db(base) if os.environ.get("TEST_REDIS_URL") else None
-    return urls.with_redis_db(base, TEST_REDIS_DB if chosen is None else chosen)
+    return redis_test_url(base, explicit=bool(os.environ.get("TEST_REDIS_URL")))
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def redis_url(servers: Endpoints) -> AsyncIterator[str]:
+@pytest.fixture
+def redis_url(chatkeep_redis_url: str) -> str:
     """URL of a flushed Redis logical database reserved for tests."""
-    url = _redis_test_url(servers.redis_url)
-    client = aioredis.from_url(url)
-    try:
-        await client.flushdb()
-        yield url
-        await client.flushdb()
-    finally:
-        await client.aclose()
+    return chatkeep_redis_url
 
 
 @pytest.fixture

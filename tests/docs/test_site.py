@@ -106,6 +106,10 @@ def test_diagrams_and_code_are_rendered(site: Path) -> None:
     # Pygments spans (keywords, names), styled by the theme.
     assert '<div class="language-python highlight">' in tutorial
     assert '<span class="k">async</span>' in tutorial
+    # Snippet includes were made (not shown as the include line, nor mangled by a formatter).
+    howto = page(site, "howto/testing")
+    assert "test_a_message_is_in_the_history" in howto
+    assert not [p for p in site.rglob("*.html") if "--8" in p.read_text(encoding="utf-8")]
 
 
 @pytest.mark.parametrize(
