@@ -74,8 +74,11 @@ def test_cross_references_link_between_pages(site: Path) -> None:
     chatkeep = page(site, "reference/chatkeep")
     # Raises sections and converted roles both point at the error's anchor on its page.
     assert 'href="../errors/#chatkeep.errors.InvalidInput"' in chatkeep
-    # A role in a docstring (":class:`Database`" in ChatKeep's) became a link to its page.
-    assert 'href="../database/#chatkeep.storage.database.Database"' in chatkeep
+    # A role in a docstring (":class:`Database`" in ChatKeep's) became a link to its page
+    # (the signature's links to it carry no <code>).
+    assert 'href="../database/#chatkeep.storage.database.Database"><code>Database</code>' in (
+        chatkeep
+    )
     # Signatures link their types.
     assert 'href="../models/#chatkeep.models.CreateUserDto"' in chatkeep
 
