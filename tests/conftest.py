@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints
-from chatkeep.testing import redis_test_url, scratch_database, url_as, url_for
+from chatkeep.testing import drop_database, redis_test_url, scratch_database, url_as, url_for
 from tests.servers import RedisServer
 
 # The harness is chatkeep.testing, the plugin applications use; this file names its
@@ -124,11 +124,7 @@ async def fresh_url(admin_url: str) -> AsyncIterator[str]:
     try:
         yield url_for(admin_url, name)
     finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(admin_url, name)
 
 
 @pytest.fixture

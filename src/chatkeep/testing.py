@@ -224,6 +224,15 @@ async def flush_redis(url: str) -> None:
         await client.aclose()
 
 
+@contextlib.contextmanager
+def _dropped_after(admin_url: str, name: str) -> Iterator[str]:
+    """Yield ``name``; drop that database when the block ends, however it ends."""
+    try:
+        yield name
+    finally:
+        _run(drop_database(admin_url, name))
+
+
 @pytest.fixture(scope="session")
 def chatkeep_server_settings() -> Settings:
     """Settings that find the test servers; override it to choose them another way."""
@@ -252,11 +261,9 @@ def chatkeep_roles(chatkeep_admin_url: str) -> None:
 @pytest.fixture(scope="session")
 def chatkeep_template_database(chatkeep_admin_url: str, chatkeep_roles: None) -> Iterator[str]:
     """The name of a migrated database that every test database is copied from."""
-    name = _run(make_template_database(chatkeep_admin_url))
-    try:
+    made = _run(make_template_database(chatkeep_admin_url))
+    with _dropped_after(chatkeep_admin_url, made) as name:
         yield name
-    finally:
-        _run(drop_database(chatkeep_admin_url, name))
 
 
 @pytest.fixture
@@ -264,13 +271,9 @@ def chatkeep_database_url(
     chatkeep_admin_url: str, chatkeep_template_database: str
 ) -> Iterator[str]:
     """URL (as the admin user) of a fresh, fully migrated database, dropped after the test."""
-    name = _run(
-        create_database(chatkeep_admin_url, "chatkeep_t", template=chatkeep_template_database)
-    )
-    try:
+    made = create_database(chatkeep_admin_url, "chatkeep_t", template=chatkeep_template_database)
+    with _dropped_after(chatkeep_admin_url, _run(made)) as name:
         yield url_for(chatkeep_admin_url, name)
-    finally:
-        _run(drop_database(chatkeep_admin_url, name))
 
 
 @pytest.fixture
