@@ -185,9 +185,22 @@ def test_errors_from_environment_variables_name_the_field(
         Settings()
 
 
-def test_several_problems_are_counted() -> None:
-    with pytest.raises(ConfigurationError, match=r"and 1 more problem"):
-        Settings(pool_max_size=0, statement_timeout=0)
+def test_several_problems_are_all_named() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(pool_max_size=0, statement_timeout=0, database_url=f"ftp://u:{SECRET}@h/db")
+    message = str(info.value)
+    assert message.startswith("database_url: must start with postgresql://")
+    assert "; pool_max_size: " in message
+    assert "; statement_timeout: " in message
+    assert "more problem" not in message
+    assert SECRET not in message
+    assert info.value.field == "database_url"
+
+
+def test_migration_locations_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATKEEP_MIGRATION_LOCATIONS", "app/migrations, billing=/srv/b ,")
+    assert Settings().migration_locations == ("app/migrations", "billing=/srv/b")
+    assert Settings(migration_locations=["x"]).migration_locations == ("x",)
 
 
 def test_ssl_ca_file_must_exist(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatkeep import urls
 from chatkeep.errors import ConfigurationError, InvalidInput
@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     migrate_statement_timeout: PositiveSeconds = Field(
         default=600.0, description="statement_timeout for each migration statement."
     )
+    migration_locations: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "The application's folders of migrations, applied after chatkeep's, each "
+            "DIR or NAME=DIR, comma-separated in CHATKEEP_MIGRATION_LOCATIONS."
+        ),
+    )
     # Passwords `chatkeep setup` gives the login roles; unset means "generate one when the
     # role is created, print it once, and never change an existing role's password".
     app_password: SecretStr | None = Field(
@@ -188,6 +195,14 @@ class Settings(BaseSettings):
         # SCRAM verifier setup computes client-side must hash exactly what clients send.
         if not (12 <= len(secret) <= 256 and secret.isascii() and secret.isprintable()):
             raise ValueError("must be 12 to 256 printable ASCII characters")
+        return value
+
+    @field_validator("migration_locations", mode="before")
+    @classmethod
+    def _split_locations(cls, value: Any) -> Any:
+        # Flyway's spelling: one environment variable, comma-separated.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
     @field_validator("database_url", "migrate_database_url")
@@ -276,15 +291,16 @@ class Settings(BaseSettings):
         try:
             return handler(data)
         except ValidationError as exc:
-            first = exc.errors(include_input=False, include_url=False, include_context=False)[0]
-            loc = [str(part) for part in first["loc"]]
-            if loc:
-                loc[0] = _FIELD_BY_ALIAS.get(loc[0].upper(), loc[0])
-            field = ".".join(loc) or "settings"
-            message = str(first["msg"]).removeprefix("Value error, ")
-            count = exc.error_count()
-            more = f" (and {count - 1} more problem(s))" if count > 1 else ""
-            raise ConfigurationError(f"{field}: {message}{more}", field=field) from None
+            problems: list[tuple[str, str]] = []
+            for error in exc.errors(include_input=False, include_url=False, include_context=False):
+                loc = [str(part) for part in error["loc"]]
+                if loc:
+                    loc[0] = _FIELD_BY_ALIAS.get(loc[0].upper(), loc[0])
+                message = str(error["msg"]).removeprefix("Value error, ")
+                problems.append((".".join(loc) or "settings", message))
+            # Every problem, named: one fix at a time would take as many runs.
+            text = "; ".join(f"{field}: {message}" for field, message in problems)
+            raise ConfigurationError(text, field=problems[0][0]) from None
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:

@@ -67,7 +67,7 @@ from chatkeep.ops.restore import (
 from chatkeep.storage.bootstrap import database_name
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
-from chatkeep.storage.migrate import HISTORY_TABLE, Migrator
+from chatkeep.storage.migrate import CHATKEEP_NAMESPACE, HISTORY_TABLE, Migrator
 
 __all__ = [
     "ARCHIVE_MAGIC",
@@ -237,7 +237,10 @@ async def backup(
             sizes = [(r[0], max(int(r[1]), 1)) for r in await conn.fetch(_TABLE_SIZES, SCHEMA)]
     finally:
         await asyncio.shield(conn.close())
-    schema_version = max((e.version for e in entries if e.applied_at is not None), default=0)
+    schema_version = max(
+        (e.version for e in entries if e.applied_at and e.namespace == CHATKEEP_NAMESPACE),
+        default=0,
+    )
 
     tools = await asyncio.to_thread(find_pg_tools, "pg_dump", pg_bin_dirs)
     tool = choose_tool(

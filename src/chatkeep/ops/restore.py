@@ -58,7 +58,7 @@ from chatkeep.ops.pgtools import (
 from chatkeep.storage.bootstrap import database_name, ensure_database
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
-from chatkeep.storage.migrate import HISTORY_TABLE, Migrator, StatusEntry
+from chatkeep.storage.migrate import CHATKEEP_NAMESPACE, HISTORY_TABLE, Migrator, StatusEntry
 
 __all__ = [
     "ARCHIVE_MAGIC",
@@ -264,7 +264,14 @@ class RestoreResult:
     @property
     def schema_version(self) -> int:
         """The newest applied migration version in the restored database."""
-        return max((e.version for e in self.history if e.applied_at is not None), default=0)
+        return max(
+            (
+                e.version
+                for e in self.history
+                if e.applied_at is not None and e.namespace == CHATKEEP_NAMESPACE
+            ),
+            default=0,
+        )
 
     @property
     def pending(self) -> tuple[StatusEntry, ...]:

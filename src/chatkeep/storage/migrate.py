@@ -27,6 +27,11 @@ What the runner guarantees:
 * **Strict order.** An unapplied file older than the newest applied one, or an applied
   file that has gone missing, is an error unless explicitly allowed; duplicate versions
   are always an error.
+* **Applications' migrations beside chatkeep's.** An application registers folders of its
+  own (:class:`MigrationLocation`: ``CHATKEEP_MIGRATION_LOCATIONS``, ``--location``, or
+  ``Migrator(locations=...)``); each is a namespace of its own in the history, numbered from
+  1, applied after chatkeep's and after the locations registered before it, under the same
+  lock and with the same checks.
 * **An append-only history.** ``chatkeep_schema_history`` gets one row per attempt (up,
   down, repair; success or failure) with times, duration, database user and error; a
   trigger refuses updates and deletes.
@@ -68,14 +73,17 @@ from chatkeep.storage.sqltext import Statement, code_only, split_statements
 
 __all__ = [
     "AUTO_ROLE",
+    "CHATKEEP_NAMESPACE",
     "DEFAULT_MIGRATIONS_DIR",
     "AppliedMigration",
     "Migration",
+    "MigrationLocation",
     "MigrationPlan",
     "MigrationState",
     "Migrator",
     "StatusEntry",
     "checksum",
+    "load_locations",
     "load_migrations",
     "migrate_up",
     "normalise",
@@ -89,6 +97,10 @@ HISTORY_TABLE: Final = "chatkeep_schema_history"
 LOCK_KEY: Final = int.from_bytes(
     hashlib.sha256(b"chatkeep.migrate").digest()[:8], "big", signed=True
 )
+
+# The history namespace of the shipped migrations; an application's folder has its own.
+CHATKEEP_NAMESPACE: Final = "chatkeep"
+_NAMESPACE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 _FILE_NAME: Final = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 _MARKER: Final = re.compile(r"^--\s*chatkeep:(up|down|no-transaction)\s*$", re.MULTILINE)
@@ -115,7 +127,8 @@ CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
     duration_ms   double precision NOT NULL,
     db_user       text        NOT NULL DEFAULT current_user,
     outcome       text        NOT NULL CHECK (outcome IN ('success', 'failed')),
-    error         text
+    error         text,
+    namespace     text        NOT NULL DEFAULT 'chatkeep'
 );
 CREATE OR REPLACE FUNCTION {HISTORY_TABLE}_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -137,20 +150,34 @@ END
 $$;
 """
 
+# A history written before namespaces existed gains the column, its rows all
+# chatkeep's: a constant default, so no table rewrite and no UPDATE (the table is append-only).
+_ADD_NAMESPACE: Final = f"""
+ALTER TABLE {HISTORY_TABLE} ADD COLUMN IF NOT EXISTS namespace text NOT NULL DEFAULT 'chatkeep'
+"""
+_HISTORY_SHAPE: Final = f"""
+SELECT to_regclass('{HISTORY_TABLE}') IS NOT NULL AS present,
+       EXISTS (SELECT 1 FROM pg_attribute
+                WHERE attrelid = to_regclass('{HISTORY_TABLE}')
+                  AND attname = 'namespace' AND NOT attisdropped) AS namespaced
+"""
+
 _INSERT_HISTORY: Final = f"""
 INSERT INTO {HISTORY_TABLE}
     (version, name, checksum, direction, transactional, started_at, finished_at,
-     duration_ms, outcome, error, db_user)
+     duration_ms, outcome, error, db_user, namespace)
 VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp(),
-        extract(epoch FROM clock_timestamp() - $6) * 1000, $7, $8, session_user)
+        extract(epoch FROM clock_timestamp() - $6) * 1000, $7, $8, session_user, $9)
 """
 
 _READ_HISTORY: Final = f"""
-SELECT id, version, name, checksum, direction, finished_at, db_user
+SELECT id, version, name, checksum, direction, finished_at, db_user, namespace
   FROM {HISTORY_TABLE}
  WHERE outcome = 'success'
  ORDER BY id
 """
+# The same, from a history that has no namespace column yet (read without the lock).
+_READ_OLD_HISTORY: Final = _READ_HISTORY.replace(", namespace\n", ", 'chatkeep' AS namespace\n")
 
 MigrationState = Literal["applied", "pending", "changed", "missing", "out-of-order"]
 
@@ -199,14 +226,69 @@ class Migration:
     down: tuple[Statement, ...] | None
     transactional: bool
     checksum: str
+    namespace: str = CHATKEEP_NAMESPACE
 
     @property
     def label(self) -> str:
         """``NNN_name``, as the file is called without ``.sql``."""
         return self.path.stem
 
+    @property
+    def display(self) -> str:
+        """The file name, after ``namespace:`` for an application's migration."""
+        return _qualified(self.namespace, self.path.name)
 
-def _parse(path: Path, version: int, name: str) -> Migration:
+
+def _qualified(namespace: str, text: str) -> str:
+    return text if namespace == CHATKEEP_NAMESPACE else f"{namespace}:{text}"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationLocation:
+    """An application's folder of migrations and the history namespace they are kept under.
+
+    Its files are numbered from 1 on their own (``001_create_orders.sql``) and applied after
+    chatkeep's, so they may reference chatkeep's tables.
+    """
+
+    namespace: str
+    path: Path
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE.match(self.namespace):
+            raise InvalidInput(
+                "namespace",
+                "must be lower-case letters, digits and _, starting with a letter",
+                f"migration namespace {self.namespace!r} must be lower-case letters, digits "
+                "and _, starting with a letter",
+            )
+        if self.namespace == CHATKEEP_NAMESPACE:
+            raise InvalidInput(
+                "namespace",
+                "is reserved for chatkeep's own migrations",
+                "migration namespace 'chatkeep' is chatkeep's own: name the location NAME=DIR",
+            )
+
+    @classmethod
+    def parse(cls, spec: str | Path | MigrationLocation) -> MigrationLocation:
+        """A location from ``NAME=DIR``, or from ``DIR`` and named after its folder.
+
+        A folder called ``migrations`` is named after its parent: ``myapp/migrations`` is
+        namespace ``myapp``.
+        """
+        if isinstance(spec, MigrationLocation):
+            return spec
+        text = str(spec)
+        name, sep, folder = text.partition("=")
+        if sep and _NAMESPACE.match(name):
+            return cls(name, Path(folder))
+        path = Path(text)
+        resolved = path.resolve()
+        name = resolved.parent.name if resolved.name == "migrations" else resolved.name
+        return cls(name.lower().replace("-", "_"), path)
+
+
+def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -247,10 +329,12 @@ def _parse(path: Path, version: int, name: str) -> Migration:
                         "transaction; put it in its own file marked "
                         f"'-- chatkeep:no-transaction': {stmt.summary(80)}"
                     )
-    return Migration(version, name, path, up, down, transactional, checksum(text))
+    return Migration(version, name, path, up, down, transactional, checksum(text), namespace)
 
 
-def load_migrations(directory: Path | None = None) -> list[Migration]:
+def load_migrations(
+    directory: Path | None = None, *, namespace: str = CHATKEEP_NAMESPACE
+) -> list[Migration]:
     """Read and check every migration file in ``directory`` (default: the shipped ones).
 
     Raises:
@@ -259,7 +343,9 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     """
     directory = directory or DEFAULT_MIGRATIONS_DIR
     if not directory.is_dir():
-        raise MigrationError(f"migrations directory {directory} does not exist")
+        raise MigrationError(
+            _qualified(namespace, f"migrations directory {directory} does not exist")
+        )
     found: dict[int, Migration] = {}
     for path in sorted(directory.iterdir()):
         if path.suffix != ".sql":
@@ -272,8 +358,35 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
             raise MigrationOrderError(
                 f"duplicate version {version}: {found[version].path.name} and {path.name}"
             )
-        found[version] = _parse(path, version, match.group(2))
+        found[version] = _parse(path, version, match.group(2), namespace)
     return [found[v] for v in sorted(found)]
+
+
+def load_locations(
+    locations: Sequence[MigrationLocation | str | Path] = (),
+    directory: Path | None = None,
+) -> list[Migration]:
+    """Every migration ``up`` knows of, in the order it applies them.
+
+    chatkeep's (from ``directory``, default the shipped ones) first, then each location's
+    in the order given.
+
+    Raises:
+        MigrationError: as :func:`load_migrations`, or two locations share a namespace.
+        InvalidInput: a namespace is malformed or ``chatkeep``.
+    """
+    migrations = load_migrations(directory)
+    seen: dict[str, Path] = {}
+    for spec in locations:
+        location = MigrationLocation.parse(spec)
+        if location.namespace in seen:
+            raise MigrationError(
+                f"two migration locations are both namespace {location.namespace!r}: "
+                f"{seen[location.namespace]} and {location.path} (name one NAME=DIR)"
+            )
+        seen[location.namespace] = location.path
+        migrations += load_migrations(location.path, namespace=location.namespace)
+    return migrations
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +399,7 @@ class AppliedMigration:
     applied_at: datetime
     applied_by: str
     order: int  # history id of the up row: the order versions were applied in
+    namespace: str = CHATKEEP_NAMESPACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,10 +411,17 @@ class StatusEntry:
     state: MigrationState
     applied_at: datetime | None = None
     applied_by: str | None = None
+    namespace: str = CHATKEEP_NAMESPACE
+
+    @property
+    def label(self) -> str:
+        """``NNN_name``, after ``namespace:`` for an application's migration."""
+        return _qualified(self.namespace, f"{self.version:03d}_{self.name}")
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready dict of this entry."""
         return {
+            "namespace": self.namespace,
             "version": self.version,
             "name": self.name,
             "state": self.state,
@@ -323,7 +444,7 @@ class MigrationPlan:
         out: list[str] = []
         for m in self.migrations:
             mode = "transaction" if m.transactional else "no-transaction"
-            out.append(f"-- {m.path.name} ({self.direction}, {mode})")
+            out.append(f"-- {m.display} ({self.direction}, {mode})")
             stmts = m.up if self.direction == "up" else (m.down or ())
             if m.transactional:
                 out.append("BEGIN;")
@@ -362,6 +483,10 @@ def _error_line(statement: Statement, exc: BaseException) -> int:
     return statement.line + statement.sql.count("\n", 0, offset)
 
 
+Target = int | str
+"""A version to migrate to: ``N`` (chatkeep's), ``"N"`` or ``"namespace:N"``."""
+
+
 class Migrator:
     """Applies, reverts and checks migrations over one connection.
 
@@ -372,7 +497,11 @@ class Migrator:
 
     Args:
         conn: an open connection, as a role that may change the schema.
-        migrations: the parsed files (default: ``load_migrations(directory)``).
+        migrations: the parsed files (default: ``load_locations(locations, directory)``).
+        directory: a folder to use instead of chatkeep's shipped migrations.
+        locations: an application's folders of migrations (:class:`MigrationLocation`, or
+            ``"NAME=DIR"`` / a path), applied after chatkeep's in the order given, each
+            under its own history namespace.
         lock_timeout: seconds to wait for another migrator before giving up.
         statement_lock_timeout: ``lock_timeout`` for each migration statement.
         statement_timeout: ``statement_timeout`` for each migration statement.
@@ -391,6 +520,7 @@ class Migrator:
         migrations: Sequence[Migration] | None = None,
         *,
         directory: Path | None = None,
+        locations: Sequence[MigrationLocation | str | Path] = (),
         lock_timeout: float = 60.0,
         statement_lock_timeout: float = 10.0,
         statement_timeout: float = 600.0,
@@ -409,8 +539,14 @@ class Migrator:
                 raise InvalidInput(field_name, "must be greater than 0 seconds")
         self._conn = conn
         self.role = role
+        found = migrations if migrations is not None else load_locations(locations, directory)
+        # chatkeep's first, then each namespace in the order it first appears.
+        self.namespaces: tuple[str, ...] = tuple(
+            dict.fromkeys([CHATKEEP_NAMESPACE, *(m.namespace for m in found)])
+        )
+        rank = {ns: i for i, ns in enumerate(self.namespaces)}
         self.migrations: tuple[Migration, ...] = tuple(
-            migrations if migrations is not None else load_migrations(directory)
+            sorted(found, key=lambda m: (rank[m.namespace], m.version))
         )
         self.directory = directory or DEFAULT_MIGRATIONS_DIR
         self.lock_timeout = lock_timeout
@@ -430,11 +566,17 @@ class Migrator:
         *,
         database_url: str | None = None,
         directory: Path | None = None,
+        locations: Sequence[MigrationLocation | str | Path] | None = None,
         **options: Any,
     ) -> AsyncIterator[Migrator]:
-        """Open a connection (``database_url``, else the migrate URL) and yield a runner."""
+        """Open a connection (``database_url``, else the migrate URL) and yield a runner.
+
+        ``locations`` defaults to the settings' ``migration_locations``.
+        """
         dsn = database_url or _settings_migrate_url(settings)
-        migrations = load_migrations(directory)
+        if locations is None:
+            locations = settings.migration_locations
+        migrations = load_locations(locations, directory)
         conn = await connect(
             dsn, settings, application_name="chatkeep-migrate", operation="migrate"
         )
@@ -454,66 +596,87 @@ class Migrator:
         found = await self._conn.fetchval("SELECT to_regclass($1) IS NOT NULL", HISTORY_TABLE)
         return bool(found)
 
-    async def _read_history(self) -> dict[int, AppliedMigration]:
-        """The applied migrations by version, replaying the history's ups, downs, repairs."""
-        applied: dict[int, AppliedMigration] = {}
-        if not await self._history_exists():
+    async def _read_history(self) -> dict[tuple[str, int], AppliedMigration]:
+        """The applied migrations by (namespace, version), replaying ups, downs, repairs."""
+        applied: dict[tuple[str, int], AppliedMigration] = {}
+        (shape,) = await self._conn.fetch(_HISTORY_SHAPE)
+        if not shape["present"]:
             return applied
-        for row in await self._conn.fetch(_READ_HISTORY):
-            version = row["version"]
+        query = _READ_HISTORY if shape["namespaced"] else _READ_OLD_HISTORY
+        for row in await self._conn.fetch(query):
+            key = (row["namespace"], row["version"])
             if row["direction"] == "up":
-                applied[version] = AppliedMigration(
-                    version,
+                applied[key] = AppliedMigration(
+                    row["version"],
                     row["name"],
                     row["checksum"],
                     row["finished_at"],
                     row["db_user"],
                     row["id"],
+                    row["namespace"],
                 )
             elif row["direction"] == "down":
-                applied.pop(version, None)
-            elif version in applied:  # repair: the file's new text is accepted
-                old = applied[version]
-                applied[version] = AppliedMigration(
+                applied.pop(key, None)
+            elif key in applied:  # repair: the file's new text is accepted
+                old = applied[key]
+                applied[key] = AppliedMigration(
                     old.version,
                     old.name,
                     row["checksum"],
                     old.applied_at,
                     old.applied_by,
                     old.order,
+                    old.namespace,
                 )
         return applied
 
-    def _classify(self, applied_by_version: dict[int, AppliedMigration]) -> list[StatusEntry]:
-        by_version = {m.version: m for m in self.migrations}
-        newest_applied = max(applied_by_version, default=0)
+    def _classify(
+        self, applied_by_key: dict[tuple[str, int], AppliedMigration]
+    ) -> list[StatusEntry]:
+        by_key = {(m.namespace, m.version): m for m in self.migrations}
+        newest_applied: dict[str, int] = {}
+        for ns, version in applied_by_key:
+            newest_applied[ns] = max(version, newest_applied.get(ns, 0))
+        # Namespaces registered here first, in their order; then any only the history knows
+        # (an application's whose location was not given: listed, never judged).
+        namespaces = list(dict.fromkeys([*self.namespaces, *sorted(newest_applied)]))
         entries: list[StatusEntry] = []
-        for version in sorted(set(by_version) | set(applied_by_version)):
-            applied = applied_by_version.get(version)
-            migration = by_version.get(version)
-            name = migration.name if migration else applied.name if applied else "?"
-            state: MigrationState
-            if applied is None:
-                state = "out-of-order" if version < newest_applied else "pending"
-            elif migration is None:
-                state = "missing"
-            elif applied.checksum != migration.checksum:
-                state = "changed"
-            else:
-                state = "applied"
-            entries.append(
-                StatusEntry(
-                    version,
-                    name,
-                    state,
-                    applied.applied_at if applied else None,
-                    applied.applied_by if applied else None,
+        for ns in namespaces:
+            registered = ns in self.namespaces
+            versions = {v for n, v in by_key if n == ns} | {v for n, v in applied_by_key if n == ns}
+            for version in sorted(versions):
+                applied = applied_by_key.get((ns, version))
+                migration = by_key.get((ns, version))
+                name = migration.name if migration else applied.name if applied else "?"
+                state: MigrationState
+                if applied is None:
+                    state = "out-of-order" if version < newest_applied.get(ns, 0) else "pending"
+                elif not registered:
+                    state = "applied"
+                elif migration is None:
+                    state = "missing"
+                elif applied.checksum != migration.checksum:
+                    state = "changed"
+                else:
+                    state = "applied"
+                entries.append(
+                    StatusEntry(
+                        version,
+                        name,
+                        state,
+                        applied.applied_at if applied else None,
+                        applied.applied_by if applied else None,
+                        ns,
+                    )
                 )
-            )
         return entries
 
     async def status(self) -> list[StatusEntry]:
-        """Every known version with its state; reads only, takes no lock."""
+        """Every known version with its state; reads only, takes no lock.
+
+        chatkeep's come first, then each registered location's; a namespace only the
+        history knows (its location was not registered) is listed as applied, unchecked.
+        """
         with translate_errors("migrate status"):
             return self._classify(await self._read_history())
 
@@ -521,73 +684,130 @@ class Migrator:
         changed = [e for e in entries if e.state == "changed"]
         if changed and self.validate_checksums:
             first = changed[0]
+            repair = _qualified(first.namespace, str(first.version))
             raise ChecksumMismatch(
-                f"{first.version:03d}_{first.name}.sql was edited after it was applied "
+                f"{first.label}.sql was edited after it was applied "
                 "(its checksum differs from the history). Restore the file, or run "
-                f"`chatkeep migrate repair {first.version}` if the change is deliberate",
+                f"`chatkeep migrate repair {repair}` if the change is deliberate",
                 version=first.version,
             )
         missing = [e for e in entries if e.state == "missing"]
         if missing and not self.allow_missing:
-            names = ", ".join(f"{e.version:03d}_{e.name}" for e in missing)
+            names = ", ".join(e.label for e in missing)
             raise MigrationOrderError(
                 f"applied migrations missing from {self.directory}: {names} "
+                "(pass allow_missing / --allow-missing to carry on)"
+                if all(e.namespace == CHATKEEP_NAMESPACE for e in missing)
+                else f"applied migrations missing from their folders: {names} "
                 "(pass allow_missing / --allow-missing to carry on)"
             )
         late = [e for e in entries if e.state == "out-of-order"]
         if late and not self.allow_out_of_order:
-            names = ", ".join(f"{e.version:03d}_{e.name}" for e in late)
+            names = ", ".join(e.label for e in late)
             raise MigrationOrderError(
                 f"unapplied migrations older than the newest applied one: {names} "
                 "(pass allow_out_of_order / --allow-out-of-order to apply them)"
             )
 
-    def _version_exists(self, version: int) -> None:
-        if version != 0 and version not in {m.version for m in self.migrations}:
-            raise MigrationError(f"no migration has version {version}")
+    def target(self, to: Target, *, what: str = "migration") -> tuple[str, int]:
+        """``to`` as (namespace, version), checked against the known files.
 
-    async def plan_up(self, to: int | None = None) -> MigrationPlan:
-        """The migrations ``up(to)`` would apply now, in order."""
-        if to is not None:
-            self._version_exists(to)
+        Raises:
+            MigrationError: no such namespace or version.
+        """
+        namespace, version = CHATKEEP_NAMESPACE, to
+        if isinstance(to, str):
+            ns, sep, number = to.rpartition(":")
+            if sep:
+                namespace = ns
+            try:
+                version = int(number)
+            except ValueError:
+                raise MigrationError(
+                    f"{to!r} is not a version: give N or namespace:N (e.g. 9 or myapp:2)"
+                ) from None
+        assert isinstance(version, int)  # noqa: S101 - narrowed above for the type checker
+        if namespace not in self.namespaces:
+            raise MigrationError(
+                f"no migration location has namespace {namespace!r} "
+                f"(registered: {', '.join(self.namespaces)})"
+            )
+        known = {m.version for m in self.migrations if m.namespace == namespace}
+        if version != 0 and version not in known:
+            raise MigrationError(f"no {what} has version {_qualified(namespace, str(version))}")
+        return namespace, version
+
+    async def plan_up(self, to: Target | None = None) -> MigrationPlan:
+        """The migrations ``up(to)`` would apply now, in order.
+
+        Up to ``namespace:N``: every pending migration of the namespaces before it (they
+        come first), and its own pending ones numbered N or below.
+        """
+        target = self.target(to) if to is not None else None
         with translate_errors("migrate plan"):
             entries = self._classify(await self._read_history())
         self._check(entries)
-        pending = {e.version for e in entries if e.state in ("pending", "out-of-order")}
+        pending = {
+            (e.namespace, e.version) for e in entries if e.state in ("pending", "out-of-order")
+        }
+        rank = {ns: i for i, ns in enumerate(self.namespaces)}
+
+        def wanted(m: Migration) -> bool:
+            if target is None:
+                return True
+            ns, version = target
+            return rank[m.namespace] < rank[ns] or (m.namespace == ns and m.version <= version)
+
         chosen = tuple(
-            m for m in self.migrations if m.version in pending and (to is None or m.version <= to)
+            m for m in self.migrations if (m.namespace, m.version) in pending and wanted(m)
         )
         return MigrationPlan("up", chosen, self.statement_lock_timeout, self.statement_timeout)
 
-    async def plan_down(self, *, to: int | None = None, steps: int | None = None) -> MigrationPlan:
-        """The migrations ``down`` would revert now, newest-applied first."""
+    async def plan_down(
+        self, *, to: Target | None = None, steps: int | None = None
+    ) -> MigrationPlan:
+        """The migrations ``down`` would revert now, newest-applied first.
+
+        Down to ``namespace:N`` reverts its versions above N and, first, whatever later
+        locations applied after the earliest of them (they may depend on it).
+        """
         if to is not None and steps is not None:
             raise MigrationError("give either a target version or a number of steps, not both")
         if steps is not None and steps < 0:
             raise MigrationError("steps must be zero or more")
-        if to is not None:
-            self._version_exists(to)
+        target = self.target(to) if to is not None else None
         with translate_errors("migrate plan"):
-            applied_by_version = await self._read_history()
-        entries = self._classify(applied_by_version)
+            applied_by_key = await self._read_history()
+        entries = self._classify(applied_by_key)
         self._check(entries)
-        by_version = {m.version: m for m in self.migrations}
-        applied = sorted(applied_by_version.values(), key=lambda a: a.order, reverse=True)
-        if to is not None:
-            targets = [a for a in applied if a.version > to]
+        by_key = {(m.namespace, m.version): m for m in self.migrations}
+        applied = sorted(applied_by_key.values(), key=lambda a: a.order, reverse=True)
+        if target is not None:
+            ns, version = target
+            rank = {n: i for i, n in enumerate(self.namespaces)}
+            own = [a for a in applied if a.namespace == ns and a.version > version]
+            first = min((a.order for a in own), default=None)
+            targets = [
+                a
+                for a in applied
+                if a in own
+                or (
+                    first is not None
+                    and a.order > first
+                    and rank.get(a.namespace, len(rank)) > rank[ns]
+                )
+            ]
         else:
             targets = applied[: 1 if steps is None else steps]
         chosen: list[Migration] = []
-        for target in targets:
-            migration = by_version.get(target.version)
+        for found in targets:
+            migration = by_key.get((found.namespace, found.version))
             if migration is None:
-                raise MigrationError(
-                    f"cannot revert {target.version:03d}_{target.name}: its file is missing"
-                )
+                label = _qualified(found.namespace, f"{found.version:03d}_{found.name}")
+                raise MigrationError(f"cannot revert {label}: its file is missing")
             if migration.down is None or not migration.down:
                 raise MigrationError(
-                    f"cannot revert {migration.path.name}: it has no down part; nothing was "
-                    "reverted"
+                    f"cannot revert {migration.display}: it has no down part; nothing was reverted"
                 )
             chosen.append(migration)
         return MigrationPlan(
@@ -624,8 +844,11 @@ class Migrator:
                     await self._conn.execute(f"SET ROLE {_quote_ident(role)}")
                 # Only when missing (safe: the lock is held): CREATE OR REPLACE on every run
                 # would rewrite the catalog each time and need ownership of the function.
-                if not await self._history_exists():
+                (shape,) = await self._conn.fetch(_HISTORY_SHAPE)
+                if not shape["present"]:
                     await self._conn.execute(_HISTORY_DDL)
+                elif not shape["namespaced"]:
+                    await self._conn.execute(_ADD_NAMESPACE)
             yield
         finally:
             if not self._conn.is_closed():
@@ -642,7 +865,7 @@ class Migrator:
             return found
         return self.role
 
-    async def up(self, to: int | None = None) -> list[Migration]:
+    async def up(self, to: Target | None = None) -> list[Migration]:
         """Apply pending migrations (up to and including ``to``); returns what was applied.
 
         Raises:
@@ -656,7 +879,7 @@ class Migrator:
                 await self._run(migration, "up")
             return list(plan.migrations)
 
-    async def down(self, *, to: int | None = None, steps: int | None = None) -> list[Migration]:
+    async def down(self, *, to: Target | None = None, steps: int | None = None) -> list[Migration]:
         """Revert applied migrations, newest-applied first.
 
         Reverts ``steps`` of them (default 1) or all above version ``to``. Refuses, before
@@ -668,14 +891,16 @@ class Migrator:
                 await self._run(migration, "down")
             return list(plan.migrations)
 
-    async def repair(self, version: int) -> None:
+    async def repair(self, version: Target) -> None:
         """Accept the current text of applied migration ``version`` (record its new checksum)."""
-        migration = next((m for m in self.migrations if m.version == version), None)
+        key = self.target(version, what="migration file")
+        # target() found the version: 0 is the one it lets through, and no file has it.
+        migration = next((m for m in self.migrations if (m.namespace, m.version) == key), None)
         if migration is None:
-            raise MigrationError(f"no migration file has version {version}")
+            raise MigrationError(f"no migration file has version {_qualified(*map(str, key))}")
         async with self._locked():
-            if version not in await self._read_history():
-                raise MigrationError(f"{migration.path.name} is not applied; nothing to repair")
+            if key not in await self._read_history():
+                raise MigrationError(f"{migration.display} is not applied; nothing to repair")
             with translate_errors("migrate repair"):
                 started = await self._conn.fetchval("SELECT clock_timestamp()")
                 await self._conn.execute(
@@ -688,6 +913,7 @@ class Migrator:
                     started,
                     "success",
                     None,
+                    migration.namespace,
                 )
             logger.info(
                 "repaired %s: checksum %s accepted", migration.label, migration.checksum[:12]
@@ -724,6 +950,7 @@ class Migrator:
                 started_at,
                 "success",
                 None,
+                migration.namespace,
             )
 
         timeouts = (
@@ -753,7 +980,7 @@ class Migrator:
             )
             await self._record_failure(migration, direction, started_at, detail)
             raise MigrationFailed(
-                f"{migration.path.name}{where} failed ({direction}): {detail}{what}{kept}",
+                f"{migration.display}{where} failed ({direction}): {detail}{what}{kept}",
                 version=migration.version,
                 statement=current.sql if current else None,
             ) from exc
@@ -785,6 +1012,7 @@ class Migrator:
                 started_at,
                 "failed",
                 detail[:2000],
+                migration.namespace,
             )
 
     async def verify(self) -> list[str]:
@@ -823,17 +1051,18 @@ class Migrator:
                 )
                 async with runner._locked():
                     for migration in self.migrations:
+                        label = _qualified(migration.namespace, migration.label)
                         before = await catalog.snapshot(scratch_conn)
                         await runner._run(migration, "up")
                         after_up = await catalog.snapshot(scratch_conn)
                         if migration.down is None:
-                            report.append(f"{migration.label}: up ok (no down part)")
+                            report.append(f"{label}: up ok (no down part)")
                             continue
                         await runner._run(migration, "down")
                         diff = catalog.diff_snapshots(before, await catalog.snapshot(scratch_conn))
                         if diff:
                             raise MigrationError(
-                                f"{migration.path.name}: down does not restore the schema:\n"
+                                f"{migration.display}: down does not restore the schema:\n"
                                 + "\n".join(diff[:40])
                             )
                         await runner._run(migration, "up")
@@ -842,10 +1071,10 @@ class Migrator:
                         )
                         if diff:
                             raise MigrationError(
-                                f"{migration.path.name}: up gives a different schema the "
+                                f"{migration.display}: up gives a different schema the "
                                 "second time:\n" + "\n".join(diff[:40])
                             )
-                        report.append(f"{migration.label}: up, down, up ok")
+                        report.append(f"{label}: up, down, up ok")
             finally:
                 await scratch_conn.close()
         finally:
@@ -878,6 +1107,7 @@ async def migrate_up(
     *,
     database_url: str | None = None,
     directory: Path | None = None,
+    locations: Sequence[MigrationLocation | str | Path] | None = None,
 ) -> list[Migration]:
     """Apply every pending migration; for applications that migrate at startup.
 
@@ -889,6 +1119,8 @@ async def migrate_up(
             ``migrate_*`` timeouts.
         database_url: a URL to use instead of the settings' one.
         directory: a folder of migration files instead of the shipped ones.
+        locations: the application's own folders of migrations, applied after chatkeep's
+            (default: the settings' ``migration_locations``).
 
     Returns:
         The migrations this call applied (empty when the schema was already current).
@@ -899,6 +1131,6 @@ async def migrate_up(
         Unavailable, ConfigurationError: the database cannot be reached or the URL is wrong.
     """
     async with Migrator.connect(
-        settings, database_url=database_url, directory=directory
+        settings, database_url=database_url, directory=directory, locations=locations
     ) as migrator:
         return await migrator.up()
