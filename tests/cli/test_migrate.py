@@ -191,7 +191,9 @@ def test_repair_accepts_an_edit(chatkeep: Callable[..., Result], three: Path) ->
     assert result.exit_code == 0
     assert "repaired version 1" in result.stdout
     assert chatkeep("status", "--exit-code").exit_code == 0
-    assert chatkeep("repair", "9").exit_code == 1
+    unknown = chatkeep("repair", "9")
+    assert unknown.exit_code == 2  # a usage error, found in the files before connecting
+    assert "no migration file has version 9" in unknown.stderr
 
 
 def test_failed_migration_is_a_clear_error(
@@ -267,7 +269,7 @@ def test_bad_urls_and_missing_databases_are_messages(cli_env: Env, admin_url: st
     result = runner.invoke(
         app, ["migrate", "status", "--database-url", "mysql://u:topsecret@h/db"], env=env
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, before any server is contacted
     assert "database_url: must start with postgresql://" in result.stderr
     assert "topsecret" not in result.output
     missing = maintenance_url(admin_url, "chatkeep_no_such_db")

@@ -7,7 +7,7 @@ Every command reads its settings from the environment (``DATABASE_URL``, ``REDIS
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
@@ -15,7 +15,7 @@ from chatkeep import __version__
 from chatkeep.cli import audit as audit_cli
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import setup_logging
-from chatkeep.cli.admin import doctor, schema_app, setup
+from chatkeep.cli.admin import doctor, schema_app, setup, wait
 from chatkeep.cli.demo import demo
 from chatkeep.cli.ops import backup, metrics, prune_changes, restore
 from chatkeep.cli.seed import seed
@@ -23,12 +23,34 @@ from chatkeep.ops import logging as ops_logging
 
 __all__ = ["app", "main"]
 
+# The exit codes every command keeps to; shown by `chatkeep --help` and in docs/cli.md.
+EXIT_CODES: Final = (
+    "**Exit codes** (every command):\n\n"
+    "| code | meaning |\n"
+    "|------|---------|\n"
+    "| 0 | done |\n"
+    "| 1 | the command ran and failed: a server unreachable or refusing, a migration failed, "
+    "a `doctor` check failed, `wait` timed out, migrations pending "
+    "(`migrate status --exit-code`) |\n"
+    "| 2 | a usage error, found before any server is started or contacted: an unknown "
+    "option, a value out of range or not among the choices, a bad URL or setting (every "
+    "problem named), an unknown migration version |\n"
+    "| 3 | the migration history and the files disagree (`migrate status --exit-code`, "
+    "`restore`) |\n\n"
+    "Output: tables are drawn on a terminal and printed as tab-separated lines when piped "
+    "or redirected; `status`, `doctor`, `audit tail` and `setup` have `--json` for scripts. "
+    "Progress goes to stderr.\n"
+)
+
 app = typer.Typer(
     name="chatkeep",
     help="chatkeep: the data layer of a real-time chat backend (PostgreSQL + Redis).",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(migrate_cli.app, name="migrate")
 app.add_typer(schema_app, name="schema")
@@ -41,6 +63,7 @@ app.command()(backup)
 app.command()(restore)
 app.command()(metrics)
 app.command("prune-changes")(prune_changes)
+app.command()(wait)
 
 
 def _version(value: bool) -> None:

@@ -7,12 +7,25 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Final, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
 
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints, resolve_endpoints
@@ -20,8 +33,30 @@ from chatkeep.errors import ChatkeepError
 
 T = TypeVar("T")
 
-console = Console()
-err_console = Console(stderr=True)
+# Exit code of a usage error (a bad option value, a bad URL): click's own, and the one
+# every check made before a server is contacted uses.
+EXIT_USAGE: Final = 2
+
+
+class _Console(Console):
+    """A rich console that wraps and crops only on a terminal.
+
+    Piped or redirected output keeps every line whole (a printed command stays one line);
+    tables go through :func:`show_table`, which prints them plain there.
+    """
+
+    @property
+    def soft_wrap(self) -> bool:
+        return not self.is_terminal
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:
+        # Console.__init__ sets it; whether the output is a terminal decides instead.
+        pass
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -31,11 +66,30 @@ DatabaseUrlOption = Annotated[
         show_default=False,
     ),
 ]
+RedisUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        help="Redis URL to use instead of REDIS_URL (or the embedded server).",
+        show_default=False,
+    ),
+]
+LocationOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--location",
+        help="An application's folder of migrations, DIR or NAME=DIR, applied after "
+        "chatkeep's under its own namespace; repeatable, in order. Replaces "
+        "CHATKEEP_MIGRATION_LOCATIONS.",
+        show_default=False,
+    ),
+]
 MigrationsDirOption = Annotated[
     Path | None,
     typer.Option(
         "--migrations-dir",
-        help="Folder of NNN_name.sql files to use instead of the shipped migrations.",
+        help="Folder of NNN_name.sql files to use instead of chatkeep's shipped migrations "
+        "(for testing the runner); to add an application's own, use --location.",
         exists=True,
         file_okay=False,
         dir_okay=True,
@@ -64,15 +118,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_settings(database_url: str | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, with command-line overrides on top."""
+def load_settings(
+    database_url: str | None = None, redis_url: str | None = None, **overrides: Any
+) -> Settings:
+    """Settings from the environment, with command-line overrides on top.
+
+    A bad setting is a usage error (exit 2), reported before any server is started or
+    contacted, every problem named.
+    """
     if database_url is not None:
         overrides["database_url"] = database_url
         overrides.setdefault("migrate_database_url", database_url)
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
     try:
         return Settings.load(**overrides)
     except ChatkeepError as exc:
-        fail(str(exc))
+        fail(str(exc), code=EXIT_USAGE)
 
 
 @contextlib.contextmanager
@@ -120,3 +182,60 @@ def human_size(octets: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"  # pragma: no cover - the loop returns at GiB
+
+
+def show_table(table: Table) -> None:
+    """A rich table on a terminal; tab-separated plain lines when piped or redirected.
+
+    A pipe has no width: rich would wrap or crop cells to 80 columns, and its box drawing
+    gets in the way of ``cut`` and ``awk``. Each cell's markup is dropped, tabs and line
+    breaks in it become spaces.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+
+    def plain(cell: object) -> str:
+        text = Text.from_markup(cell) if isinstance(cell, str) else cell
+        value = text.plain if isinstance(text, Text) else str(text)
+        return " ".join(value.split())
+
+    columns = table.columns
+    lines: list[str] = []
+    if table.title:
+        lines.append(f"# {plain(table.title)}")
+    if table.show_header:
+        lines.append("\t".join(plain(c.header) for c in columns))
+    cells = [list(c.cells) for c in columns]
+    for row in range(table.row_count):
+        lines.append("\t".join(plain(column[row]) for column in cells))
+    console.file.write("".join(f"{line}\n" for line in lines))
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second, as rich measures it (``TransferSpeedColumn`` counts bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f}/s", style="progress.data.speed")
+
+
+def progress_display(*, transient: bool = True) -> Progress:
+    """The progress bar of every long command: on stderr, with done/total, rate and ETA.
+
+    Tasks are added with ``description`` and a ``detail`` field (extra words after the
+    bar, e.g. bytes written).
+    """
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description:<12}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=err_console,
+        transient=transient,
+    )

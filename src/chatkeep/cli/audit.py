@@ -11,8 +11,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from chatkeep.cli._common import DatabaseUrlOption, console, endpoints, fail, load_settings, run
-from chatkeep.storage.audit import AUDIT_ACTIONS, AuditEntry, tail
+from chatkeep.cli._common import (
+    DatabaseUrlOption,
+    console,
+    endpoints,
+    fail,
+    load_settings,
+    run,
+    show_table,
+)
+from chatkeep.storage.audit import AUDIT_ACTIONS, MAX_LIMIT, AuditEntry, tail
 from chatkeep.storage.database import connect
 
 app = typer.Typer(name="audit", help="Read the audit trail.", no_args_is_help=True)
@@ -27,12 +35,26 @@ def _uuid(value: str | None, name: str) -> uuid.UUID | None:
         fail(f"{name} must be a UUID", code=2)
 
 
+def _check_action(value: str | None) -> str | None:
+    # A usage error (exit 2), found while parsing: before any server is started.
+    if value is not None and value not in AUDIT_ACTIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(sorted(AUDIT_ACTIONS))}")
+    return value
+
+
 @app.command("tail")
 def tail_command(
-    limit: Annotated[int, typer.Option("-n", "--limit", help="How many entries (1-1000).")] = 20,
+    limit: Annotated[
+        int, typer.Option("-n", "--limit", min=1, max=MAX_LIMIT, help="How many entries.")
+    ] = 20,
     action: Annotated[
         str | None,
-        typer.Option("--action", help=f"Only this action: {', '.join(sorted(AUDIT_ACTIONS))}."),
+        typer.Option(
+            "--action",
+            callback=_check_action,
+            help=f"Only this action: {', '.join(sorted(AUDIT_ACTIONS))}.",
+            show_default=False,
+        ),
     ] = None,
     actor: Annotated[str | None, typer.Option("--actor", help="Only this user's acts.")] = None,
     room: Annotated[str | None, typer.Option("--room", help="Only this room.")] = None,
@@ -76,4 +98,4 @@ def tail_command(
             e.db_role,
             f"{e.application_name} {e.client_addr or 'local'}",
         )
-    console.print(table)
+    show_table(table)

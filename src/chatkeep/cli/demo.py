@@ -20,7 +20,15 @@ import typer
 from pydantic import SecretStr
 from rich.table import Table
 
-from chatkeep.cli._common import DatabaseUrlOption, console, endpoints, load_settings, run
+from chatkeep.cli._common import (
+    DatabaseUrlOption,
+    RedisUrlOption,
+    console,
+    endpoints,
+    load_settings,
+    run,
+    show_table,
+)
 from chatkeep.config import Settings
 from chatkeep.errors import ChatkeepError, RateLimited
 from chatkeep.facade import ChatKeep
@@ -242,16 +250,17 @@ def _summary(scene: _Scene, counts: list[tuple[str, int]]) -> None:
         latency.add_row(
             name, str(len(values)), f"{statistics.median(values):.2f}", f"{max(values):.2f}"
         )
-    console.print(stored)
-    console.print(latency)
+    show_table(stored)
+    show_table(latency)
 
 
 def demo(
     database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
     node_id: Annotated[str, typer.Option(help="Node id of this demo process.")] = "demo",
 ) -> None:
     """Migrate, then play a short live chat through the facade and check every step."""
-    settings = load_settings(database_url)
+    settings = load_settings(database_url, redis_url)
     with endpoints(settings) as found:
 
         async def go() -> tuple[_Scene, list[tuple[str, int]]]:

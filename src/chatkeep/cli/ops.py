@@ -12,26 +12,21 @@ from typing import Annotated, Final
 
 import typer
 from pydantic import SecretStr
-from rich.progress import (
-    BarColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import TaskID
 from rich.table import Table
 
 from chatkeep.cli._common import (
     DatabaseUrlOption,
+    RedisUrlOption,
     console,
     endpoints,
     err_console,
     fail,
     human_size,
     load_settings,
+    progress_display,
     run,
+    show_table,
 )
 from chatkeep.config import Settings
 from chatkeep.ops import backup as ops_backup
@@ -73,23 +68,14 @@ def _database_only(settings: Settings) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _progress_display() -> Iterator[pgtools.ProgressCallback]:
-    """A rich progress bar on stderr, fed by backup/restore progress callbacks."""
-    display = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.fields[phase]:<7}[/]"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
+    """The common progress bar on stderr, fed by backup/restore progress callbacks."""
+    display = progress_display()
     tasks: dict[str, TaskID] = {}
 
     def update(progress: pgtools.Progress) -> None:
         if progress.phase not in tasks:
             tasks[progress.phase] = display.add_task(
-                progress.phase, total=max(progress.total, 1), phase=progress.phase, detail=""
+                progress.phase, total=max(progress.total, 1), detail=""
             )
         detail = progress.item[:60]
         if progress.written:
@@ -201,7 +187,7 @@ def restore(
         f"{result.pg_restore.path.name} {result.pg_restore.version}, {result.duration:.1f} s)",
         highlight=False,
     )
-    console.print(_history_table(result.history))
+    show_table(_history_table(result.history))
     if result.problems:
         names = ", ".join(f"{e.version:03d} ({e.state})" for e in result.problems)
         fail(
@@ -255,6 +241,7 @@ def metrics(
         ),
     ] = "",
     database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
 ) -> None:
     """Serve chatkeep's Prometheus metrics for a quick look, or print the dashboard and alerts.
 
@@ -270,7 +257,7 @@ def metrics(
     from chatkeep.realtime import RedisClient
     from chatkeep.storage import Database
 
-    settings = load_settings(database_url)
+    settings = load_settings(database_url, redis_url)
     with endpoints(settings) as found:
 
         async def go() -> bytes:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import TaskID
 from rich.table import Table
 
-from chatkeep.cli._common import DatabaseUrlOption, console, endpoints, load_settings, run
+from chatkeep.cli._common import (
+    DatabaseUrlOption,
+    endpoints,
+    load_settings,
+    progress_display,
+    run,
+    show_table,
+)
 from chatkeep.config import Settings
 from chatkeep.storage.database import Database
 from chatkeep.storage.seed import SeedReport
@@ -28,19 +28,12 @@ async def _run(
     dsn: str, settings: Settings, users: int, rooms: int, messages: int, rng_seed: int | None
 ) -> SeedReport:
     async with Database(settings, dsn=dsn, min_size=1, max_size=2) as db:
-        with Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
+        with progress_display(transient=False) as bar:
             tasks: dict[str, TaskID] = {}
 
             def progress(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=max(total, 1))
+                    tasks[stage] = bar.add_task(stage, total=max(total, 1), detail="")
                 bar.update(tasks[stage], completed=done if total else 1)
 
             return await seed_database(
@@ -89,4 +82,4 @@ def seed(
         ("password", report.password),
     ):
         table.add_row(name, str(value))
-    console.print(table)
+    show_table(table)

@@ -55,7 +55,7 @@ from chatkeep.ops.pgtools import (
     tool_env,
     tool_failure,
 )
-from chatkeep.storage.bootstrap import database_name, ensure_database
+from chatkeep.storage.bootstrap import database_name, ensure_database, maintenance_url
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
 from chatkeep.storage.migrate import CHATKEEP_NAMESPACE, HISTORY_TABLE, Migrator, StatusEntry
@@ -437,8 +437,6 @@ async def restore(
     """
     started = time.monotonic()
     url = source_url(settings, database_url)
-    database = database_name(url)
-    where = redact_url(url)
     info = await read_archive(archive, pg_bin_dirs=pg_bin_dirs)
     if not any(_HISTORY_ENTRY.match(e) for e in info.entries):
         raise InvalidInput(
@@ -455,8 +453,89 @@ async def restore(
     )
     await _verify_archive(reader, archive, len(info.entries), progress)
 
+    created = False
     if create:
-        await ensure_database(url, settings)
+        # Everything that can refuse the archive (the target server's version, the tools)
+        # is checked on the server before the database exists: a refusal leaves nothing.
+        target_major = await _server_major_of(maintenance_url(url), settings)
+        _restore_tools(tools, info, target_major)
+        created = await ensure_database(url, settings)
+    try:
+        return await _restore_into(
+            settings,
+            archive,
+            info,
+            tools,
+            url,
+            allow_non_empty=allow_non_empty,
+            no_owner=no_owner,
+            progress=progress,
+            started=started,
+        )
+    except BaseException:
+        if created:
+            await _drop_created(url, settings)
+        raise
+
+
+async def _server_major_of(url: str, settings: Settings) -> int:
+    conn = await connect(url, settings, application_name="chatkeep-restore", operation="restore")
+    try:
+        major, _ = await server_major(conn, "restore")
+        return major
+    finally:
+        await asyncio.shield(conn.close())
+
+
+async def _drop_created(url: str, settings: Settings) -> None:
+    """Drop the database this restore created; a failed restore leaves no empty one behind."""
+    name = database_name(url)
+    conn = await connect(maintenance_url(url), settings, operation="restore")
+    try:
+        with translate_errors("restore"):
+            await asyncio.shield(conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        logger.info("dropped database %s, which the failed restore had created", name)
+    finally:
+        await asyncio.shield(conn.close())
+
+
+def _restore_tools(
+    tools: Sequence[PgTool], info: ArchiveInfo, target_major: int
+) -> tuple[PgTool, RestoreMode, Path | None]:
+    """The pg_restore, the mode and (in script mode) the psql for this archive and target."""
+    tool, mode = plan_restore(
+        tools,
+        dumped_from_major=info.dumped_from_major,
+        dumped_by_major=info.dumped_by_major,
+        target_major=target_major,
+    )
+    psql: Path | None = None
+    if mode == "script":
+        psql = tool.path.with_name("psql")
+        if not psql.is_file():
+            raise ConfigurationError(
+                f"{tool} needs psql beside it to restore into PostgreSQL {target_major}; "
+                f"install postgresql-client-{target_major} or point --pg-bin-dir at a folder "
+                "with both",
+                field="pg_bin_dir",
+            )
+    return tool, mode, psql
+
+
+async def _restore_into(
+    settings: Settings,
+    archive: Path,
+    info: ArchiveInfo,
+    tools: Sequence[PgTool],
+    url: str,
+    *,
+    allow_non_empty: bool,
+    no_owner: bool,
+    progress: ProgressCallback | None,
+    started: float,
+) -> RestoreResult:
+    database = database_name(url)
+    where = redact_url(url)
     conn = await connect(url, settings, application_name="chatkeep-restore", operation="restore")
     try:
         target_major, _ = await server_major(conn, "restore")
@@ -474,22 +553,7 @@ async def restore(
     finally:
         await asyncio.shield(conn.close())
 
-    tool, mode = plan_restore(
-        tools,
-        dumped_from_major=info.dumped_from_major,
-        dumped_by_major=info.dumped_by_major,
-        target_major=target_major,
-    )
-    psql: Path | None = None
-    if mode == "script":
-        psql = tool.path.with_name("psql")
-        if not psql.is_file():
-            raise ConfigurationError(
-                f"{tool} needs psql beside it to restore into PostgreSQL {target_major}; "
-                f"install postgresql-client-{target_major} or point --pg-bin-dir at a folder "
-                "with both",
-                field="pg_bin_dir",
-            )
+    tool, mode, psql = _restore_tools(tools, info, target_major)
     target = libpq_target(url, settings, "restore")
     entries = [e for e in info.entries if not _PUBLIC_SCHEMA_ENTRY.match(e)]
     total = len(entries)

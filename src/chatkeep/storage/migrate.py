@@ -87,6 +87,7 @@ __all__ = [
     "load_migrations",
     "migrate_up",
     "normalise",
+    "resolve_target",
 ]
 
 logger = logging.getLogger("chatkeep.migrate")
@@ -487,6 +488,40 @@ Target = int | str
 """A version to migrate to: ``N`` (chatkeep's), ``"N"`` or ``"namespace:N"``."""
 
 
+def resolve_target(
+    migrations: Sequence[Migration], to: Target, *, what: str = "migration"
+) -> tuple[str, int]:
+    """``to`` (``N``, ``"N"`` or ``"namespace:N"``) as (namespace, version), checked.
+
+    Version 0 means "before the first" and is always accepted.
+
+    Raises:
+        MigrationError: not a version, no such namespace, or no such version in it.
+    """
+    namespace, version = CHATKEEP_NAMESPACE, to
+    if isinstance(to, str):
+        ns, sep, number = to.rpartition(":")
+        if sep:
+            namespace = ns
+        try:
+            version = int(number)
+        except ValueError:
+            raise MigrationError(
+                f"{to!r} is not a version: give N or namespace:N (e.g. 9 or myapp:2)"
+            ) from None
+    assert isinstance(version, int)  # noqa: S101 - narrowed above for the type checker
+    namespaces = list(dict.fromkeys([CHATKEEP_NAMESPACE, *(m.namespace for m in migrations)]))
+    if namespace not in namespaces:
+        raise MigrationError(
+            f"no migration location has namespace {namespace!r} "
+            f"(registered: {', '.join(namespaces)})"
+        )
+    known = {m.version for m in migrations if m.namespace == namespace}
+    if version != 0 and version not in known:
+        raise MigrationError(f"no {what} has version {_qualified(namespace, str(version))}")
+    return namespace, version
+
+
 class Migrator:
     """Applies, reverts and checks migrations over one connection.
 
@@ -710,32 +745,8 @@ class Migrator:
             )
 
     def target(self, to: Target, *, what: str = "migration") -> tuple[str, int]:
-        """``to`` as (namespace, version), checked against the known files.
-
-        Raises:
-            MigrationError: no such namespace or version.
-        """
-        namespace, version = CHATKEEP_NAMESPACE, to
-        if isinstance(to, str):
-            ns, sep, number = to.rpartition(":")
-            if sep:
-                namespace = ns
-            try:
-                version = int(number)
-            except ValueError:
-                raise MigrationError(
-                    f"{to!r} is not a version: give N or namespace:N (e.g. 9 or myapp:2)"
-                ) from None
-        assert isinstance(version, int)  # noqa: S101 - narrowed above for the type checker
-        if namespace not in self.namespaces:
-            raise MigrationError(
-                f"no migration location has namespace {namespace!r} "
-                f"(registered: {', '.join(self.namespaces)})"
-            )
-        known = {m.version for m in self.migrations if m.namespace == namespace}
-        if version != 0 and version not in known:
-            raise MigrationError(f"no {what} has version {_qualified(namespace, str(version))}")
-        return namespace, version
+        """``to`` as (namespace, version): :func:`resolve_target` over these migrations."""
+        return resolve_target(self.migrations, to, what=what)
 
     async def plan_up(self, to: Target | None = None) -> MigrationPlan:
         """The migrations ``up(to)`` would apply now, in order.
@@ -905,7 +916,7 @@ class Migrator:
                 started = await self._conn.fetchval("SELECT clock_timestamp()")
                 await self._conn.execute(
                     _INSERT_HISTORY,
-                    version,
+                    migration.version,
                     migration.name,
                     migration.checksum,
                     "repair",
