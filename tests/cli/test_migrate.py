@@ -13,7 +13,7 @@ from typer.testing import CliRunner, Result
 from chatkeep.cli import app
 from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.migrate import load_migrations
-from tests.migration_files import table_migration
+from tests.migration_files import table_migration, write
 
 Env = Callable[..., dict[str, str]]
 
@@ -289,3 +289,72 @@ def test_environment_urls_are_used(cli_env: Env, emptied_database_url: str, thre
     result = CliRunner().invoke(app, ["migrate", "up", "--migrations-dir", str(three)], env=env)
     assert result.exit_code == 0, result.output
     assert "3 migration(s) applied" in result.stdout
+
+
+def test_up_to_a_version_applies_what_is_pending_below_it_and_says_what_is_left(
+    chatkeep: Callable[..., Result], emptied_database_url: str
+) -> None:
+    """issue 16: after `down -n 1`, `up --to 2` said "up to date" with 003 pending."""
+    assert chatkeep("up").exit_code == 0
+    assert chatkeep("down", "-n", "1").exit_code == 0
+    result = chatkeep("up", "--to", "2")
+    assert result.exit_code == 0, result.output
+    assert "up to date" not in result.stdout
+    assert "nothing to apply up to version 2: every migration at or below it is applied" in (
+        result.stdout
+    )
+    assert "still pending above version 2: 003_create_c (run `chatkeep migrate up`" in (
+        result.stdout
+    )
+    # A pending one at or below the target is applied, whatever reverted it.
+    assert chatkeep("down", "--to", "1").exit_code == 0
+    result = chatkeep("up", "--to", "2")
+    assert "apply 002_create_b.sql" in result.stdout
+    assert "still pending above version 2: 003_create_c" in result.stdout
+    assert tables_in(emptied_database_url) == {"a", "b"}
+    # An unknown target is a usage error, found in the files before any server is asked.
+    unknown = chatkeep("up", "--to", "9")
+    assert unknown.exit_code == 2
+    assert "no migration has version 9" in unknown.stderr
+    assert chatkeep("up").stdout.count("apply ") == 1
+
+
+def test_migrate_new_numbers_the_next_file(cli_env: Env, tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = cli_env()
+    folder = tmp_path / "shop" / "migrations"
+    first = runner.invoke(
+        app, ["migrate", "new", "create_carts", "--location", str(folder)], env=env
+    )
+    assert first.exit_code == 0, first.output
+    assert first.stdout.strip() == str(folder / "001_create_carts.sql")
+    text = (folder / "001_create_carts.sql").read_text(encoding="utf-8")
+    assert text.index("-- chatkeep:up") < text.index("-- chatkeep:down")
+    write(folder, "007_later.sql", table_migration("later"))
+    second = runner.invoke(
+        app, ["migrate", "new", "create_orders", "--location", f"shop={folder}"], env=env
+    )
+    assert second.stdout.strip() == str(folder / "008_create_orders.sql")
+    # The setting names the folder when --location is not given.
+    third = runner.invoke(
+        app,
+        ["migrate", "new", "add_index"],
+        env=cli_env(CHATKEEP_MIGRATION_LOCATIONS=str(folder)),
+    )
+    assert third.stdout.strip() == str(folder / "009_add_index.sql")
+    # Usage errors: a bad name, no folder, several folders.
+    bad = runner.invoke(app, ["migrate", "new", "Create Carts", "--location", str(folder)], env=env)
+    assert bad.exit_code == 2
+    assert "lower-case letters, digits and _" in bad.stderr
+    nowhere = runner.invoke(app, ["migrate", "new", "x"], env=cli_env())
+    assert nowhere.exit_code == 2
+    assert "give --location DIR" in nowhere.stderr
+    several = runner.invoke(
+        app, ["migrate", "new", "x"], env=cli_env(CHATKEEP_MIGRATION_LOCATIONS="a,b")
+    )
+    assert several.exit_code == 2
+    assert "names several" in several.stderr
+    # The runner refuses the scaffold until its up part is written.
+    lint = runner.invoke(app, ["migrate", "lint", "--location", str(folder)], env=env)
+    assert lint.exit_code == 1
+    assert "001_create_carts.sql: the up part has no statements" in lint.stderr

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
+import uuid
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
 from chatkeep.ops import pgtools, restore
 from chatkeep.ops.backup import backup
+from tests.conftest import url_for
 from tests.ops.conftest import MakeDatabase, embedded_bin, seeded_backup, settings, tool
 from tests.ops.seed import fingerprints, object_count, seed, server_major
 
@@ -296,3 +300,78 @@ def test_script_filter_drops_the_setting_only_outside_copy_data() -> None:
         b"\\.",
     ]
     assert state == {"copy": False}
+
+
+# -- --create -------------------------------------------------------------------------------
+
+
+async def database_exists(admin_url: str, name: str) -> bool:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await admin.close()
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_create_refuses_an_incompatible_archive_before_making_the_database(
+    database_url: str, admin_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16: --create made the database, then refused the archive, leaving it behind."""
+    result = await seeded_backup(database_url, tmp_path)
+    real = restore.read_archive
+
+    async def from_a_newer_server(*args: Any, **kwargs: Any) -> restore.ArchiveInfo:
+        # A backup of a newer major version than the server: a real one needs that server.
+        return dataclasses.replace(await real(*args, **kwargs), dumped_from="99.0")
+
+    monkeypatch.setattr(restore, "read_archive", from_a_newer_server)
+    name = f"chatkeep_created_{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(InvalidInput, match="is a downgrade"):
+            await restore.restore(
+                settings(), result.path, database_url=url_for(admin_url, name), create=True
+            )
+        assert not await database_exists(admin_url, name)
+    finally:
+        await drop_database(admin_url, name)
+
+
+async def test_create_drops_the_database_it_made_when_the_restore_fails(
+    database_url: str, admin_url: str, tmp_path: Path
+) -> None:
+    result = await seeded_backup(database_url, tmp_path)
+    real = embedded_bin()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "psql").symlink_to(real / "psql")
+    script = folder / "pg_restore"
+    # The real pg_restore, except the restore itself (either mode), which fails.
+    script.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" --single-transaction "*|*" --file=- "*)'
+        ' echo "pg_restore: error: simulated failure" >&2; exit 1;; esac\n'
+        f'exec "{real / "pg_restore"}" "$@"\n',
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    name = f"chatkeep_created_{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(ChatkeepError, match="simulated failure"):
+            await restore.restore(
+                settings(),
+                result.path,
+                database_url=url_for(admin_url, name),
+                create=True,
+                pg_bin_dirs=[folder],
+            )
+        assert not await database_exists(admin_url, name)
+    finally:
+        await drop_database(admin_url, name)

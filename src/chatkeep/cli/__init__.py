@@ -7,14 +7,17 @@ Every command reads its settings from the environment (``DATABASE_URL``, ``REDIS
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any, Final
 
 import typer
+from typer.core import TyperGroup
 
 from chatkeep import __version__
 from chatkeep.cli import audit as audit_cli
 from chatkeep.cli import migrate as migrate_cli
-from chatkeep.cli._common import setup_logging
+from chatkeep.cli._common import err_console, setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup, wait
 from chatkeep.cli.demo import demo
 from chatkeep.cli.ops import backup, metrics, prune_changes, restore
@@ -42,7 +45,41 @@ EXIT_CODES: Final = (
     "Progress goes to stderr.\n"
 )
 
+
+class _Group(TyperGroup):
+    """The root command: usage errors as rich panels on a terminal, plain lines elsewhere.
+
+    typer draws its error panel at 80 columns when stderr is a pipe or a file, cutting the
+    message across box lines; click's own plain message keeps it whole.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode or err_console.is_terminal:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:  # click's usage errors, as typer vendors them
+            show = getattr(exc, "show", None)
+            if show is not None:
+                show()
+            else:  # pragma: no cover - every usage error typer raises has show()
+                sys.stderr.write(f"Error: {exc.format_message()}\n")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.stderr.write("Aborted!\n")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="chatkeep",
     help="chatkeep: the data layer of a real-time chat backend (PostgreSQL + Redis).",
     epilog=EXIT_CODES,
