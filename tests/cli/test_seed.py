@@ -42,8 +42,13 @@ def test_seed_fills_the_database(cli_env: Env, database_url: str) -> None:
         "--database-url", database_url,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "seeded" in result.output
-    assert "chatkeep-seed" in result.output
+    assert "# seeded" in result.stdout  # piped: the table is plain lines
+    assert "password\tchatkeep-seed" in result.stdout
+    # Progress goes to stderr, as backup's does, with a rate and an ETA; stdout is the report.
+    assert "users" in result.stderr
+    assert "/s" in result.stderr
+    assert "eta" in result.stderr
+    assert "━" not in result.stdout
     assert count(database_url, "users") == 30
     assert count(database_url, "messages") == 500
 

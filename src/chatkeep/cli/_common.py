@@ -217,6 +217,9 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:
+            # A stage done in one step has no samples to measure a speed from: the average.
+            speed = task.completed / task.elapsed
         return Text("" if speed is None else f"{speed:,.0f}/s", style="progress.data.speed")
 
 

@@ -168,7 +168,7 @@ async def _postgres_checks(found: Endpoints, settings: Settings) -> list[Check]:
             )
         )
         checks.extend(await _role_checks(conn, row["role"], row["superuser"], row["bypassrls"]))
-        migrator = Migrator(conn)
+        migrator = Migrator(conn, locations=settings.migration_locations)
         entries = await migrator.status()
         counts: dict[str, int] = {}
         for e in entries:
