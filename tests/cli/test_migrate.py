@@ -193,7 +193,7 @@ def test_repair_accepts_an_edit(chatkeep: Callable[..., Result], three: Path) ->
     assert chatkeep("status", "--exit-code").exit_code == 0
     unknown = chatkeep("repair", "9")
     assert unknown.exit_code == 2  # a usage error, found in the files before connecting
-    assert "no migration file has version 9" in unknown.stderr
+    assert "no migration has version 9" in unknown.stderr
 
 
 def test_failed_migration_is_a_clear_error(
