@@ -33,7 +33,15 @@ from tests.servers import RedisServer
 # fixtures as the suite always has and adds the ones only chatkeep's own tests need.
 pytest_plugins = ["chatkeep.testing", "pytester", "tests.migration_files"]
 
-__all__ = ["chdir", "redis_test_url", "scratch_database", "url_as", "url_for"]
+__all__ = [
+    "chdir",
+    "database_exists",
+    "drop_database",
+    "redis_test_url",
+    "scratch_database",
+    "url_as",
+    "url_for",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +67,15 @@ def servers(chatkeep_servers: Endpoints) -> Endpoints:
 def admin_url(chatkeep_admin_url: str) -> str:
     """A URL to the server's maintenance database, for creating and dropping databases."""
     return chatkeep_admin_url
+
+
+async def database_exists(admin_url: str, name: str) -> bool:
+    """Whether the server ``admin_url`` reaches has a database called ``name``."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 from chatkeep.cli import app
 from chatkeep.cli.admin import DIAGRAM_END, DIAGRAM_START
 from chatkeep.storage.bootstrap import database_name, maintenance_url
+from tests.conftest import database_exists
 
 Env = Callable[..., dict[str, str]]
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,14 +26,6 @@ def invoke(env: dict[str, str], *args: str) -> Result:
     result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **env})
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
-
-
-async def database_exists(admin_url: str, name: str) -> bool:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
-    finally:
-        await admin.close()
 
 
 # -- setup --------------------------------------------------------------------------------

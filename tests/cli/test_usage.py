@@ -141,17 +141,12 @@ def test_every_command_that_uses_redis_takes_redis_url() -> None:
 # -- wait -----------------------------------------------------------------------------------
 
 
+def wait(env: dict[str, str], database_url: str, redis_url: str, *extra: str) -> Result:
+    return invoke(env, "wait", "--database-url", database_url, "--redis-url", redis_url, *extra)
+
+
 def test_wait_returns_once_both_answer(cli_env: Env, database_url: str, redis_url: str) -> None:
-    result = invoke(
-        cli_env(COLUMNS="300"),
-        "wait",
-        "--database-url",
-        database_url,
-        "--redis-url",
-        redis_url,
-        "--timeout",
-        "10",
-    )
+    result = wait(cli_env(COLUMNS="300"), database_url, redis_url, "--timeout", "10")
     assert result.exit_code == 0, result.output
     assert "ready postgresql" in result.stdout
     assert "ready redis" in result.stdout
@@ -160,18 +155,8 @@ def test_wait_returns_once_both_answer(cli_env: Env, database_url: str, redis_ur
 def test_wait_gives_up_at_the_timeout_naming_what_did_not_answer(
     cli_env: Env, database_url: str
 ) -> None:
-    result = invoke(
-        cli_env(COLUMNS="300"),
-        "wait",
-        "--database-url",
-        database_url,
-        "--redis-url",
-        NOWHERE_REDIS,
-        "--timeout",
-        "0.6",
-        "--interval",
-        "0.1",
-    )
+    env = cli_env(COLUMNS="300")
+    result = wait(env, database_url, NOWHERE_REDIS, "--timeout", "0.6", "--interval", "0.1")
     assert result.exit_code == 1
     assert "ready postgresql" in result.stdout
     message = " ".join(result.stderr.split())

@@ -29,6 +29,7 @@ import pytest
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, Settings
 from chatkeep.realtime import RateLimit
 from chatkeep.storage.bootstrap import APP_ROLE
+from tests.conftest import drop_database
 from tests.faults.conftest import FaultStores
 from tests.faults.history import (
     History,
@@ -79,11 +80,7 @@ async def scenario_database(stores: FaultStores) -> AsyncIterator[str]:
     try:
         yield name
     finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(admin_url, name)
 
 
 async def read_store(

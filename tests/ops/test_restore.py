@@ -18,7 +18,7 @@ import pytest
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
 from chatkeep.ops import pgtools, restore
 from chatkeep.ops.backup import backup
-from tests.conftest import url_for
+from tests.conftest import database_exists, drop_database, url_for
 from tests.ops.conftest import MakeDatabase, embedded_bin, seeded_backup, settings, tool
 from tests.ops.seed import fingerprints, object_count, seed, server_major
 
@@ -303,22 +303,6 @@ def test_script_filter_drops_the_setting_only_outside_copy_data() -> None:
 
 
 # -- --create -------------------------------------------------------------------------------
-
-
-async def database_exists(admin_url: str, name: str) -> bool:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
-    finally:
-        await admin.close()
-
-
-async def drop_database(admin_url: str, name: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def test_create_refuses_an_incompatible_archive_before_making_the_database(

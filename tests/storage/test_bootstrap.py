@@ -11,14 +11,7 @@ import pytest
 from chatkeep.config import Settings
 from chatkeep.errors import InvalidInput, Unavailable
 from chatkeep.storage.bootstrap import database_name, ensure_database, maintenance_url
-
-
-async def exists(admin_url: str, name: str) -> bool:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        return bool(await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
-    finally:
-        await admin.close()
+from tests.conftest import database_exists
 
 
 @pytest.mark.parametrize(
@@ -59,9 +52,9 @@ async def test_creates_the_database_once(
 ) -> None:
     settings = make_settings()
     name = database_name(fresh_url)
-    assert not await exists(admin_url, name)
+    assert not await database_exists(admin_url, name)
     assert await ensure_database(fresh_url, settings) is True
-    assert await exists(admin_url, name)
+    assert await database_exists(admin_url, name)
     # The second run finds it and changes nothing.
     assert await ensure_database(fresh_url, settings) is False
     conn = await asyncpg.connect(fresh_url)
@@ -77,7 +70,7 @@ async def test_concurrent_runs_all_succeed_and_one_creates(
     settings = make_settings()
     results = await asyncio.gather(*(ensure_database(fresh_url, settings) for _ in range(4)))
     assert sorted(results) == [False, False, False, True]
-    assert await exists(admin_url, database_name(fresh_url))
+    assert await database_exists(admin_url, database_name(fresh_url))
 
 
 @pytest.mark.parametrize("name", ["chat-app", 'x"; DROP DATABASE postgres; --', "a" * 64])
@@ -87,7 +80,7 @@ async def test_unsafe_database_names_are_refused(
     with pytest.raises(InvalidInput) as info:
         await ensure_database(maintenance_url(admin_url, name), make_settings())
     assert info.value.field == "database_url"
-    assert not await exists(admin_url, name[:63])
+    assert not await database_exists(admin_url, name[:63])
 
 
 async def test_unreachable_server_is_unavailable(make_settings: Callable[..., Settings]) -> None:
