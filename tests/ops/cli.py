@@ -13,7 +13,7 @@ from chatkeep.cli import app
 async def invoke(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     """Run ``chatkeep ARGS`` in a thread (it runs its own event loop, as from a shell).
 
-    Returns the exit code, all output and stderr alone, with rich's line wrapping undone in
+    Returns the exit code, all output and stderr alone, with whitespace runs made one space in
     the first. The root logger, which the command reconfigures, is put back afterwards.
     """
     root = logging.getLogger()

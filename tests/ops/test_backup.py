@@ -201,6 +201,9 @@ async def test_cli_backup_and_restore(
     archive = tmp_path / archive_name
     assert "wrote" in made_out
     assert "sha256" in made_out
+    # Piped output is never wrapped (issue 16): a long path is not cut across lines (invoke
+    # joins lines with spaces, so a cut would show as a space inside the path).
+    assert f"restore with: chatkeep restore {archive} --database-url URL" in made_out
 
     target = await make_database()
     restored_code, restored_out, _ = await invoke(
@@ -208,6 +211,7 @@ async def test_cli_backup_and_restore(
     )
     assert restored_code == 0, restored_out
     assert f"schema version {NEWEST:03d}: current" in restored_out
+    assert "version name state 001 create_users applied" in restored_out  # plain, no box
     assert await fingerprints(target) == await fingerprints(database_url)
 
     refused_code, refused_out, _ = await invoke(
