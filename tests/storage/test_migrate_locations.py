@@ -126,8 +126,9 @@ async def test_up_down_and_status_with_a_location(database_url: str, tmp_path: P
             await runner.up(to="shop:7")
         with pytest.raises(MigrationError, match="no migration location has namespace 'x'"):
             await runner.up(to="x:1")
-        with pytest.raises(MigrationError, match="is not a version"):
-            await runner.up(to="shop:two")
+        for wrong in ("shop:two", 1.5, True, -1):
+            with pytest.raises(MigrationError, match="is not a version"):
+                await runner.up(to=wrong)  # type: ignore[arg-type]
 
         # Checksums and order are checked per namespace.
         write(shop, "001_create_carts.sql", "-- edited\n" + table_migration("carts"))

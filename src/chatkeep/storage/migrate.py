@@ -509,7 +509,8 @@ def resolve_target(
             raise MigrationError(
                 f"{to!r} is not a version: give N or namespace:N (e.g. 9 or myapp:2)"
             ) from None
-    assert isinstance(version, int)  # noqa: S101 - narrowed above for the type checker
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise MigrationError(f"{to!r} is not a version: give N or namespace:N (e.g. 9 or myapp:2)")
     namespaces = list(dict.fromkeys([CHATKEEP_NAMESPACE, *(m.namespace for m in migrations)]))
     if namespace not in namespaces:
         raise MigrationError(
