@@ -945,12 +945,14 @@ class ChatKeep:
         async with self._flow(name) as flow:
             key = check_id("message_id", message_id)
             user = check_id("user_id", user_id)
+            flow.about(user_id=user)
             change = self.reactions.react if added else self.reactions.unreact
             async with flow.acting_as(user, hide="message"):
                 if not await change(key, user, emoji):
                     return False
                 logged = await self.change_log.last_change()
             if logged is not None:  # pragma: no branch - the trigger logs every change
+                flow.about(room_id=logged.room_id)
                 event = ReactionAdded if added else ReactionRemoved
                 flow.publish(
                     event(
@@ -979,6 +981,7 @@ class ChatKeep:
         async with self._flow("room_position", after_commit=False) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
             async with flow.acting_as(user, hide="room"):
                 return await self.change_log.position(room)
@@ -1010,6 +1013,7 @@ class ChatKeep:
         async with self._flow("changes", after_commit=False) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
             async with flow.acting_as(user, hide="room"):
                 return await self.change_log.changes(room, after=after, limit=limit)
