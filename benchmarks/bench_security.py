@@ -23,8 +23,9 @@ Run (PostgreSQL 15 here; the chatapp_* roles must exist: ``chatkeep setup`` once
     python benchmarks/bench_security.py --database-url postgresql://root@127.0.0.1:5432/postgres
 
 ``--to N`` migrates the benchmark's database up or down to schema version ``N`` first, so
-two policy versions can be compared in alternating runs on one fixture (``--to 11`` is the
-array-scanning policies, ``--to 12`` the hashed ones).
+two schema versions can be compared in alternating runs on one fixture (the hashed
+policies once measured as 012 were reverted before release; 012 is now the room change
+log, whose history pages also read reaction counts, so ``--to 11`` no longer runs them).
 
 The URL names a server and a superuser; the script works in its own database
 (``chatkeep_bench_rls``) and connects to it as ``chatapp_app`` without a password, so the
