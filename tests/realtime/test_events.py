@@ -18,17 +18,22 @@ from chatkeep.realtime import (
     EventSubscription,
     MemberJoined,
     MemberLeft,
+    MemberRoleChanged,
     MessageCreated,
     MessageDeleted,
     MessageEdited,
     MessagesRead,
     PresenceChanged,
+    ReactionAdded,
+    ReactionRemoved,
     RedisClient,
     RoomGap,
+    RoomUpdated,
     TypingChanged,
     decode_event,
     encode_event,
 )
+from chatkeep.realtime.events import PUBLISHED_MARK_TTL_MS
 from tests.realtime.conftest import ClientFactory, wait_until
 from tests.servers import RedisServer
 
@@ -52,8 +57,16 @@ def every_kind() -> list[Event]:
         MessagesRead(room_id=ROOM, user_id=USER, last_read_seq=1),
         TypingChanged(room_id=ROOM, user_id=USER, typing=True),
         PresenceChanged(room_id=ROOM, user_id=USER, status="offline", last_seen=datetime.now(UTC)),
-        MemberJoined(room_id=ROOM, user_id=USER, role="member"),
+        MemberJoined(room_id=ROOM, user_id=USER, role="member", position=3),
         MemberLeft(room_id=ROOM, user_id=USER),
+        MemberRoleChanged(room_id=ROOM, user_id=USER, role="admin", position=4),
+        ReactionAdded(
+            room_id=ROOM, message_id=message, seq=1, user_id=USER, emoji="👍", count=1, position=5
+        ),
+        ReactionRemoved(
+            room_id=ROOM, message_id=message, seq=1, user_id=USER, emoji="👍", count=0, position=6
+        ),
+        RoomUpdated(room_id=ROOM, name="general", description=None, is_active=False, position=7),
     ]
 
 
@@ -184,6 +197,29 @@ async def test_publish_many_keeps_order_and_rooms(make_client: ClientFactory) ->
         received = [await next_item(sub) for _ in events]
     assert received == events
     assert await bus.publish_many([]) == []
+
+
+async def test_publishing_positions_raises_the_rooms_published_mark(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    bus = EventBus(client)
+    first, second = uuid4(), uuid4()
+    assert await bus.published(first) == 0
+    events: list[Event] = [
+        MemberLeft(room_id=first, user_id=USER, position=5),
+        MemberLeft(room_id=first, user_id=USER, position=3),
+        MemberLeft(room_id=second, user_id=USER, position=2),
+        TypingChanged(room_id=second, user_id=USER, typing=True),  # not in the log
+    ]
+    await bus.publish_many(events)
+    assert (await bus.published(first), await bus.published(second)) == (5, 2)
+    # A late publisher of an older position (a relay, a slow node) never lowers it.
+    await bus.publish(MemberLeft(room_id=first, user_id=USER, position=4))
+    await bus.publish(MemberLeft(room_id=second, user_id=USER, position=9))
+    assert (await bus.published(first), await bus.published(second)) == (5, 9)
+    ttl = await client.redis.pttl(client.keys.room_published(first))
+    assert 0 < ttl <= PUBLISHED_MARK_TTL_MS
 
 
 async def test_add_and_remove_rooms(make_client: ClientFactory) -> None:

@@ -78,18 +78,10 @@ WIRE_VERSION: Final = 1
 PUBLISHED_MARK_TTL_MS: Final = 7 * 24 * 3600 * 1000
 """How long a room's published mark outlives its last publish with a position (7 days)."""
 
-# Raise the room's published mark to ARGV[1] if it is higher (never lower it), and push
-# its expiry forward.
-_MARK_PUBLISHED: Final = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local position = tonumber(ARGV[1])
-if position > current then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return position
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return current
-"""
+# The mark is a sorted set with one member, so ZADD GT raises it and never lowers it: a
+# plain command in the publish's pipeline (a script there would cost a SCRIPT EXISTS
+# round trip on every execute).
+_MARK_MEMBER: Final = "published"
 
 
 def _now() -> datetime:
@@ -427,7 +419,6 @@ class EventBus:
 
     def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
         self._client = client
-        self._mark = client.script(_MARK_PUBLISHED)
         self._node = validate_id(node_id, "node_id") if node_id is not None else None
         # Optional observer of every event and gap its subscriptions hand out (metrics).
         self.on_receive: Callable[[Event | RoomGap], None] | None = None
@@ -475,7 +466,7 @@ class EventBus:
         """
         key = self._client.keys.room_published(room_id)
         with self._client.guard("events.published"):
-            value = await self._client.redis.get(key)
+            value = await self._client.redis.zscore(key, _MARK_MEMBER)
         return 0 if value is None else int(value)
 
     async def publish_many(self, events: Iterable[Event]) -> list[int]:
@@ -500,14 +491,11 @@ class EventBus:
         pipe = self._client.pipeline()
         for channel, data in encoded:
             pipe.publish(channel, data)
+        for room, position in marks.items():
+            key = self._client.keys.room_published(room)
+            pipe.zadd(key, {_MARK_MEMBER: position}, gt=True)
+            pipe.pexpire(key, PUBLISHED_MARK_TTL_MS)
         with self._client.guard("events.publish_many"):
-            for room, position in marks.items():
-                # Queued in the pipeline (awaiting it sends nothing yet).
-                await self._mark(
-                    keys=[self._client.keys.room_published(room)],
-                    args=[position, PUBLISHED_MARK_TTL_MS],
-                    client=pipe,
-                )
             results = await pipe.execute()
         return [int(n) for n in results[: len(encoded)]]
 

@@ -214,7 +214,7 @@ class KeySpace:
         return self._name("room", _uuid(room_id, "room_id"), "events")
 
     def room_published(self, room_id: UUID) -> str:
-        """String: the highest change-log position published for the room."""
+        """Sorted set of one member: the highest change-log position published for the room."""
         return self._name("room", _uuid(room_id, "room_id"), "published")
 
     def room_of_events_channel(self, channel: str) -> UUID | None:
