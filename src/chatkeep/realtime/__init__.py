@@ -29,6 +29,7 @@ from chatkeep.realtime.cache import (
 from chatkeep.realtime.client import RedisClient, RedisHealth
 from chatkeep.realtime.errors import translate_error
 from chatkeep.realtime.events import (
+    PUBLISHED_MARK_TTL_MS,
     WIRE_VERSION,
     Event,
     EventBus,
@@ -66,6 +67,7 @@ from chatkeep.realtime.tokens import IssuedRefreshToken, RefreshTokenStore, Toke
 from chatkeep.realtime.typing_indicators import TypingIndicators
 
 __all__ = [
+    "PUBLISHED_MARK_TTL_MS",
     "WIRE_VERSION",
     "CacheStats",
     "ChannelSubscription",
