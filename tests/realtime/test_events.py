@@ -379,3 +379,83 @@ async def test_subscribing_is_not_held_up_by_a_reader_backing_off(
     assert await bus.publish(MemberJoined(room_id=first, user_id=USER)) == 1
     assert isinstance(await next_item(sub), MemberJoined)
     await sub.aclose()
+
+
+def positioned(room: UUID, position: int) -> MemberJoined:
+    return MemberJoined(room_id=room, user_id=USER, position=position)
+
+
+async def test_a_position_jump_is_a_gap_for_that_room_before_the_event(
+    make_client: ClientFactory,
+) -> None:
+    bus = EventBus(await make_client())
+    listener = EventBus(await make_client())
+    room, other = uuid4(), uuid4()
+    async with await listener.subscribe(room, other) as sub:
+        sent = [positioned(room, 3), positioned(room, 4), positioned(other, 9)]
+        sent.append(positioned(room, 7))  # 5 and 6 never arrived
+        await bus.publish_many(sent)
+        received = [await next_item(sub) for _ in range(5)]
+    assert received[:3] == sent[:3]
+    gap = received[3]
+    assert isinstance(gap, RoomGap)
+    assert gap.room_ids == {room}
+    assert gap.reason == "position"
+    assert gap.positions == {room: 4}
+    assert received[4] == sent[3]
+    assert sub.positions == {room: 7, other: 9}
+
+
+async def test_duplicates_by_position_are_dropped_and_unpositioned_events_pass(
+    make_client: ClientFactory,
+) -> None:
+    bus = EventBus(await make_client())
+    listener = EventBus(await make_client())
+    room = uuid4()
+    async with await listener.subscribe(room) as sub:
+        typing = TypingChanged(room_id=room, user_id=USER, typing=True)
+        sent: list[Event] = [positioned(room, 1), positioned(room, 2), positioned(room, 1)]
+        sent += [positioned(room, 2), typing, typing, positioned(room, 3)]
+        await bus.publish_many(sent)
+        received = [await next_item(sub) for _ in range(5)]
+        assert received == [sent[0], sent[1], typing, typing, sent[6]]
+        assert sub.ready == 0
+
+
+async def test_advance_sets_the_baseline_a_catch_up_reached(make_client: ClientFactory) -> None:
+    bus = EventBus(await make_client())
+    listener = EventBus(await make_client())
+    room = uuid4()
+    async with await listener.subscribe(room) as sub:
+        sub.advance(room, 10)
+        sub.advance(room, 4)  # never backwards
+        assert sub.positions == {room: 10}
+        late = positioned(room, 12)
+        await bus.publish_many([positioned(room, 9), positioned(room, 10), late])
+        gap = await next_item(sub)
+        assert isinstance(gap, RoomGap)
+        assert gap.positions == {room: 10}
+        assert sub.ready >= 1  # the event that revealed the gap waits behind it
+        assert await next_item(sub) == late
+        for bad in (-1, "3", True):
+            with pytest.raises(InvalidInput) as caught:
+                sub.advance(room, bad)  # type: ignore[arg-type]
+            assert caught.value.field == "position"
+        await sub.remove_rooms(room)
+        assert sub.positions == {}
+
+
+async def test_an_overflow_gap_names_the_last_positions_seen(make_client: ClientFactory) -> None:
+    client = await make_client(subscription_queue_size=2)
+    bus = EventBus(client)
+    room = uuid4()
+    async with await bus.subscribe(room) as sub:
+        await bus.publish(positioned(room, 5))
+        first = await next_item(sub)
+        assert isinstance(first, MemberJoined)
+        assert first.position == 5
+        for n in range(6, 12):
+            await bus.publish(positioned(room, n))
+        gap = await next_item(sub)
+    assert isinstance(gap, RoomGap)
+    assert (gap.reason, gap.positions) == ("overflow", {room: 5})

@@ -571,7 +571,7 @@ class ChatkeepMetrics:
         self.pubsub_received.inc(count)
 
     def gap(self, reason: str) -> None:
-        """Subscribers were told to catch up (``reconnected`` or ``overflow``)."""
+        """Subscribers were told to catch up (``reconnected``, ``overflow`` or ``position``)."""
         self.pubsub_gaps.labels(reason).inc()
 
     def rate_limited(self, action: str) -> None:

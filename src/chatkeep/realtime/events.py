@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Annotated, Final, Literal, Self
@@ -51,6 +53,7 @@ __all__ = [
     "Event",
     "EventBus",
     "EventSubscription",
+    "GapReason",
     "MemberJoined",
     "MemberLeft",
     "MemberRoleChanged",
@@ -266,20 +269,33 @@ _EVENT_TYPES: Final = (
 )
 
 
+GapReason = Literal["reconnected", "overflow", "position"]
+"""Why a :class:`RoomGap` was reported."""
+
+
 @dataclass(frozen=True, slots=True)
 class RoomGap:
     """Events of ``room_ids`` may have been missed: catch up from PostgreSQL.
 
     Attributes:
-        room_ids: the rooms concerned (every room of the subscription).
+        room_ids: the rooms concerned (every room of the subscription for a reconnect or
+            an overflow; the one room whose positions jumped for ``"position"``).
         reason: ``"reconnected"`` or ``"overflow"`` (see
-            :class:`~chatkeep.realtime.pubsub.SubscriptionGap`).
+            :class:`~chatkeep.realtime.pubsub.SubscriptionGap`), or ``"position"``: an
+            event's ``position`` was more than one past the last one this subscription
+            handed out for its room (an event was published out of order, dropped, or
+            never published; the event itself follows the notice).
         since: wall-clock time (Unix seconds) when the gap began.
+        positions: the last position this subscription handed out (or was told of with
+            :meth:`EventSubscription.advance`) for each room of ``room_ids`` that has
+            one: catch up with ``changes(after=positions[room])``. Rooms it never saw a
+            position of are absent.
     """
 
     room_ids: frozenset[UUID]
-    reason: Literal["reconnected", "overflow"]
+    reason: GapReason
     since: float
+    positions: Mapping[UUID, int] = field(default_factory=dict, hash=False)
 
 
 def _check_event(event: object) -> Event:
@@ -332,11 +348,23 @@ class EventSubscription:
 
     Made by :meth:`EventBus.subscribe`. Yields :data:`Event` models and :class:`RoomGap`
     notices; undecodable payloads are skipped.
+
+    Events that carry a ``position`` (the changes of the room's log) are checked per
+    room against the last position handed out: one at or below it is a duplicate (the
+    relay republishes what a writer may already have published) and is dropped; one
+    more than a step past it is preceded by a ``RoomGap`` with reason ``"position"``
+    naming the room and the last position seen, so the caller catches up from there.
+    The first positioned event of a room sets its baseline unless :meth:`advance` set
+    one. Events without a position (typing, presence, read, or from older publishers)
+    pass unchanged.
     """
 
     def __init__(self, bus: EventBus, inner: ChannelSubscription) -> None:
         self._bus = bus
         self._inner = inner
+        self._positions: dict[UUID, int] = {}
+        # An event that follows the position gap just returned.
+        self._pending: deque[Event] = deque()
 
     @property
     def room_ids(self) -> frozenset[UUID]:
@@ -344,6 +372,31 @@ class EventSubscription:
         return frozenset(
             room for room in map(self._bus.room_of_channel, self._inner.channels) if room
         )
+
+    @property
+    def positions(self) -> Mapping[UUID, int]:
+        """The last position handed out (or advanced to) per room, read-only."""
+        return dict(self._positions)
+
+    @property
+    def ready(self) -> int:
+        """How many items :meth:`get` can return without waiting (at least)."""
+        return len(self._pending) + self._inner.ready
+
+    def advance(self, room_id: UUID, position: int) -> None:
+        """Note that the caller has everything of ``room_id`` up to ``position``.
+
+        Later events at or below it are dropped as duplicates, and one past
+        ``position + 1`` is reported as a gap. A position below the one already noted is
+        ignored (positions only move forward).
+
+        Raises:
+            InvalidInput: ``position`` is not a non-negative int.
+        """
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise InvalidInput("position", "must be an int >= 0")
+        if position > self._positions.get(room_id, -1):
+            self._positions[room_id] = position
 
     async def add_rooms(self, *room_ids: UUID) -> None:
         """Listen to more rooms; returns once Redis confirmed.
@@ -355,8 +408,10 @@ class EventSubscription:
         await self._inner.add(*self._bus.channels(room_ids))
 
     async def remove_rooms(self, *room_ids: UUID) -> None:
-        """Stop listening to rooms (unknown ones are ignored)."""
+        """Stop listening to rooms (unknown ones are ignored); their positions are forgotten."""
         await self._inner.remove(*self._bus.channels(room_ids))
+        for room in room_ids:
+            self._positions.pop(room, None)
 
     async def get(self) -> Event | RoomGap | None:
         """The next event or gap notice (waiting for it); ``None`` once closed.
@@ -364,34 +419,51 @@ class EventSubscription:
         Bound the wait with ``asyncio.timeout`` if needed.
         """
         while True:
+            if self._pending:
+                return self._observed(self._pending.popleft())
             item = await self._inner.get()
             if item is None:
                 return None
             converted = self._convert(item)
             if converted is not None:
-                return converted
+                return self._observed(converted)
 
     def _convert(self, item: PubSubMessage | SubscriptionGap) -> Event | RoomGap | None:
+        """The event or gap ``item`` stands for; ``None`` to skip it (unreadable, a duplicate)."""
         if isinstance(item, SubscriptionGap):
             rooms = frozenset(
                 room for room in map(self._bus.room_of_channel, item.channels) if room
             )
-            converted: Event | RoomGap | None = RoomGap(rooms, item.reason, item.since)
-        else:
-            converted = decode_event(item.data)
+            known = {room: self._positions[room] for room in rooms if room in self._positions}
+            return RoomGap(rooms, item.reason, item.since, known)
+        event = decode_event(item.data)
+        if event is None or event.position is None:
+            return event
+        room, position = event.room_id, event.position
+        last = self._positions.get(room)
+        if last is not None and position <= last:
+            return None  # already handed out (or caught up past it): at-least-once de-dup
+        self._positions[room] = position
+        if last is not None and position > last + 1:
+            self._pending.append(event)
+            return RoomGap(frozenset((room,)), "position", time.time(), {room: last})
+        return event
+
+    def _observed(self, item: Event | RoomGap) -> Event | RoomGap:
         observer = self._bus.on_receive
-        if observer is not None and converted is not None:
-            observer(converted)
-        return converted
+        if observer is not None:
+            observer(item)
+        return item
 
     def __aiter__(self) -> AsyncIterator[Event | RoomGap]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event | RoomGap]:
-        async for item in self._inner:
-            converted = self._convert(item)
-            if converted is not None:
-                yield converted
+        while True:
+            item = await self.get()
+            if item is None:
+                return
+            yield item
 
     async def aclose(self) -> None:
         """Unsubscribe from every room and end iteration."""

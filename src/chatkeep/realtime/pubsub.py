@@ -96,6 +96,11 @@ class ChannelSubscription:
         """True once :meth:`aclose` has run."""
         return self._closed
 
+    @property
+    def ready(self) -> int:
+        """How many items :meth:`get` can return without waiting."""
+        return self._queue.qsize()
+
     async def add(self, *channels: str) -> None:
         """Listen to more channels; returns once Redis confirmed the subscription.
 
