@@ -20,7 +20,7 @@ from chatkeep.realtime import (
     RedisClient,
     SubscriptionGap,
 )
-from tests.realtime.conftest import ClientFactory
+from tests.realtime.conftest import ClientFactory, wait_until
 
 
 def test_the_hub_names_are_importable_from_their_old_home() -> None:
@@ -139,3 +139,22 @@ async def test_closed_client_refuses_new_subscriptions(make_client: ClientFactor
     assert sub.closed
     with pytest.raises(Unavailable):
         await made.subscribe("c")
+
+
+async def test_get_nowait_never_waits_and_keeps_the_end_marker(client: RedisClient) -> None:
+    sub = await client.subscribe("chan:nowait")
+    assert sub.get_nowait() is None
+    await client.publish("chan:nowait", b"x")
+    got: list[object] = []
+
+    def arrived() -> bool:
+        got.append(sub.get_nowait())
+        return got[-1] is not None
+
+    await wait_until(arrived)
+    item = got[-1]
+    assert isinstance(item, PubSubMessage)
+    assert item.data == b"x"
+    await sub.aclose()
+    assert sub.get_nowait() is None
+    assert await sub.get() is None

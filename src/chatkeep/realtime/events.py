@@ -378,11 +378,6 @@ class EventSubscription:
         """The last position handed out (or advanced to) per room, read-only."""
         return dict(self._positions)
 
-    @property
-    def ready(self) -> int:
-        """How many items :meth:`get` can return without waiting (at least)."""
-        return len(self._pending) + self._inner.ready
-
     def advance(self, room_id: UUID, position: int) -> None:
         """Note that the caller has everything of ``room_id`` up to ``position``.
 
@@ -422,6 +417,21 @@ class EventSubscription:
             if self._pending:
                 return self._observed(self._pending.popleft())
             item = await self._inner.get()
+            if item is None:
+                return None
+            converted = self._convert(item)
+            if converted is not None:
+                return self._observed(converted)
+
+    def poll(self) -> Event | RoomGap | None:
+        """The next event or gap notice if one has arrived, else ``None``; never waits.
+
+        For a reader that handles a burst at once (several events → one catch-up read).
+        """
+        while True:
+            if self._pending:
+                return self._observed(self._pending.popleft())
+            item = self._inner.get_nowait()
             if item is None:
                 return None
             converted = self._convert(item)

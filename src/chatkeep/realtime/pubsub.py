@@ -96,11 +96,6 @@ class ChannelSubscription:
         """True once :meth:`aclose` has run."""
         return self._closed
 
-    @property
-    def ready(self) -> int:
-        """How many items :meth:`get` can return without waiting."""
-        return self._queue.qsize()
-
     async def add(self, *channels: str) -> None:
         """Listen to more channels; returns once Redis confirmed the subscription.
 
@@ -122,6 +117,15 @@ class ChannelSubscription:
         if self._closed and self._queue.empty():
             return None
         return await self._queue.get()
+
+    def get_nowait(self) -> PubSubMessage | SubscriptionGap | None:
+        """The next message or gap notice if one is queued, else ``None``; never waits."""
+        if self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if item is None and self._closed:
+            self._queue.put_nowait(None)  # keep the end marker for get()
+        return item
 
     def __aiter__(self) -> AsyncIterator[PubSubMessage | SubscriptionGap]:
         return self._iterate()
