@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         validation_alias="CHATKEEP_MIGRATE_DATABASE_URL",
         description="URL migrations and setup connect with (defaults to database_url).",
     )
+    relay_database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="CHATKEEP_RELAY_DATABASE_URL",
+        description=(
+            "URL the outbox relay reads every room's change log with: a role row security "
+            "does not confine to one user, such as chatapp_readonly (defaults to database_url)."
+        ),
+    )
     redis_url: SecretStr | None = Field(
         default=None,
         validation_alias="REDIS_URL",
@@ -205,7 +213,7 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("database_url", "migrate_database_url")
+    @field_validator("database_url", "migrate_database_url", "relay_database_url")
     @classmethod
     def _check_postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
@@ -248,7 +256,7 @@ class Settings(BaseSettings):
         return self
 
     def _check_production_tls(self) -> None:
-        for name in ("database_url", "migrate_database_url"):
+        for name in ("database_url", "migrate_database_url", "relay_database_url"):
             secret: SecretStr | None = getattr(self, name)
             if secret is None:
                 if name == "database_url":

@@ -110,6 +110,7 @@ from chatkeep.realtime import (
     UserProfileCache,
 )
 from chatkeep.realtime.keys import MAX_ID_LENGTH
+from chatkeep.relay import OutboxRelay
 from chatkeep.storage import Database, MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
@@ -215,6 +216,12 @@ def _receipt_counter(metrics: ChatkeepMetrics) -> Callable[[Event | RoomGap], No
             metrics.received()
 
     return count
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Log why a background task stopped (cancellation is the normal end)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("%s stopped: %s", task.get_name(), exc, exc_info=exc)
 
 
 class _Flow:
@@ -394,6 +401,8 @@ class ChatKeep:
         )
         self.members = RoomMembersCache(redis, self._load_members)
         self.metrics = metrics
+        # The relay :meth:`run_relay` runs, once started (for tests and metrics).
+        self.relay: OutboxRelay | None = None
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
         if metrics is not None:
@@ -1466,6 +1475,94 @@ class ChatKeep:
             Unavailable: Redis could not be reached.
         """
         return await self.events.subscribe(*(check_id("room_ids", r) for r in room_ids))
+
+    # -- background work: the presence sweeper and the outbox relay -------------------------
+
+    async def run_relay(
+        self,
+        *,
+        database_url: str | None = None,
+        interval: float = 0.1,
+        grace: float = 0.25,
+        standby_interval: float = 1.0,
+    ) -> None:
+        """Run the outbox relay forever (as a task; cancel it to stop).
+
+        Every process may run one: a PostgreSQL advisory lock makes one of them the
+        leader, the others stand by (see :mod:`chatkeep.relay`). :meth:`background`
+        starts it with the presence sweeper.
+
+        Args:
+            database_url: a URL whose role sees every room (default:
+                ``Settings.relay_database_url``, else this facade's own URL, which works
+                only when its role is not ``chatapp_app``).
+            interval: seconds between the leader's rounds.
+            grace: seconds a change may stay unannounced before the relay announces it.
+            standby_interval: seconds between a standby's attempts to lead.
+
+        Raises:
+            ConfigurationError: the relay's role is ``chatapp_app``, or its credentials
+                are wrong.
+            InvalidInput: a timing option is out of range.
+        """
+        settings = self.db.settings
+        if database_url is None:
+            configured = settings.relay_database_url
+            database_url = self.db.dsn if configured is None else configured.get_secret_value()
+        elif not isinstance(database_url, str):
+            raise InvalidInput("database_url", "must be a PostgreSQL URL")
+        relay = OutboxRelay(
+            self.events,
+            self.redis,
+            settings,
+            database_url,
+            interval=interval,
+            grace=grace,
+            standby_interval=standby_interval,
+        )
+        self.relay = relay
+        await relay.run()
+
+    @contextlib.asynccontextmanager
+    async def background(
+        self, *, relay: bool = True, sweep_interval: float = 5.0
+    ) -> AsyncIterator[None]:
+        """Run the presence sweeper and the outbox relay while the block runs.
+
+        One line in an application's lifespan::
+
+            async with ChatKeep.connect() as chat, chat.background():
+                yield  # serve
+
+        The tasks are cancelled (and awaited) when the block ends. A task that stops on
+        an error (a relay refused its role, say) logs it at ERROR; the other keeps going.
+
+        Args:
+            relay: also run :meth:`run_relay` with its defaults.
+            sweep_interval: seconds between presence sweeps.
+
+        Raises:
+            InvalidInput: ``sweep_interval`` is out of range (0.01 to 3600 s).
+        """
+        if isinstance(sweep_interval, bool) or not isinstance(sweep_interval, int | float):
+            raise InvalidInput("sweep_interval", "must be a number of seconds")
+        if not 0.01 <= sweep_interval <= 3600.0:
+            raise InvalidInput("sweep_interval", "must be from 0.01 to 3600 seconds")
+        tasks = [
+            asyncio.create_task(
+                self.presence.run_sweeper(sweep_interval), name="chatkeep-presence-sweeper"
+            )
+        ]
+        if relay:
+            tasks.append(asyncio.create_task(self.run_relay(), name="chatkeep-relay"))
+        for task in tasks:
+            task.add_done_callback(_log_failure)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def health(self) -> Health:
         """Latency and state of both stores.

@@ -31,6 +31,7 @@ from chatkeep.realtime.errors import translate_error
 from chatkeep.realtime.events import (
     PUBLISHED_MARK_TTL_MS,
     WIRE_VERSION,
+    ChangesAvailable,
     Event,
     EventBus,
     EventSubscription,
@@ -71,6 +72,7 @@ __all__ = [
     "PUBLISHED_MARK_TTL_MS",
     "WIRE_VERSION",
     "CacheStats",
+    "ChangesAvailable",
     "ChannelSubscription",
     "Event",
     "EventBus",

@@ -50,6 +50,7 @@ from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, Subscri
 __all__ = [
     "PUBLISHED_MARK_TTL_MS",
     "WIRE_VERSION",
+    "ChangesAvailable",
     "Event",
     "EventBus",
     "EventSubscription",
@@ -235,6 +236,20 @@ class RoomUpdated(RoomEvent):
     is_active: bool = True
 
 
+class ChangesAvailable(RoomEvent):
+    """The room's log holds changes up to ``position`` that were never announced.
+
+    Published by the outbox relay (:mod:`chatkeep.relay`) when a writer committed a
+    change but did not publish it (it died, or Redis refused it): read the room's
+    changes after the last position you have. ``after`` is the room's published mark
+    when the relay looked, so the first unannounced change is ``after + 1``.
+    """
+
+    type: Literal["changes"] = "changes"
+    position: int = Field(ge=1)
+    after: int = Field(ge=0)
+
+
 Event = Annotated[
     MessageCreated
     | MessageEdited
@@ -247,7 +262,8 @@ Event = Annotated[
     | MemberRoleChanged
     | ReactionAdded
     | ReactionRemoved
-    | RoomUpdated,
+    | RoomUpdated
+    | ChangesAvailable,
     Field(discriminator="type"),
 ]
 """Any event, discriminated by its ``type`` field."""
@@ -266,6 +282,7 @@ _EVENT_TYPES: Final = (
     ReactionAdded,
     ReactionRemoved,
     RoomUpdated,
+    ChangesAvailable,
 )
 
 

@@ -285,6 +285,11 @@ class Database:
             f"chatkeep_tx_{id(self)}", default=None
         )
 
+    @property
+    def dsn(self) -> str:
+        """The URL this pool connects with (secret: it may hold a password; never log it)."""
+        return self._dsn
+
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
         return f"<Database {redact_url(self._dsn)} {state} max_size={self._max_size}>"
