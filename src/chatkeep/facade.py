@@ -1509,8 +1509,10 @@ class ChatKeep:
         if database_url is None:
             configured = settings.relay_database_url
             database_url = self.db.dsn if configured is None else configured.get_secret_value()
-        elif not isinstance(database_url, str):
-            raise InvalidInput("database_url", "must be a PostgreSQL URL")
+        elif not isinstance(database_url, str) or not database_url.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise InvalidInput("database_url", "must be a postgresql:// URL")
         relay = OutboxRelay(
             self.events,
             self.redis,

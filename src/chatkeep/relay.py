@@ -173,7 +173,7 @@ class OutboxRelay:
             self._lagging.clear()
             logger.info("outbox relay: leading")
             while True:
-                await self.tick(conn)
+                await self._tick(conn)
                 await asyncio.sleep(self.interval)
         finally:
             self._leader = False
@@ -193,7 +193,7 @@ class OutboxRelay:
             values = await client.redis.mget(keys)
         return {room: None if v is None else int(v) for room, v in zip(rooms, values, strict=True)}
 
-    async def tick(self, conn: asyncpg.Connection) -> int:
+    async def _tick(self, conn: asyncpg.Connection) -> int:
         """One round as the leader; returns how many rooms it announced.
 
         Raises:

@@ -44,6 +44,7 @@ from chatkeep.realtime import (
     UserProfileCache,
 )
 from chatkeep.realtime.events import _EVENT_TYPES
+from chatkeep.relay import OutboxRelay
 from chatkeep.storage import MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.changes import ChangeRepository
 from chatkeep.storage.reactions import ReactionRepository
@@ -71,6 +72,7 @@ CLASSES: tuple[type, ...] = (
     LoginThrottle,
     UserProfileCache,
     RoomMembersCache,
+    OutboxRelay,
 )
 
 
@@ -372,6 +374,27 @@ SPECS: dict[str, Spec] = {
         _chat,
         lambda w: {"room_id": w.public.id, "user_id": w.member.id, "typing": True},
         {"room_id": P(ID), "user_id": P(ID), "typing": P(BOOL)},
+    ),
+    "ChatKeep.run_relay": Spec(
+        _chat,
+        lambda w: {
+            "database_url": None,
+            "interval": 0.1,
+            "grace": 0.25,
+            "standby_interval": 1.0,
+        },
+        {
+            "database_url": P(OPT_STR),
+            "interval": P(NUMBER),
+            "grace": P(NUMBER),
+            "standby_interval": P(NUMBER),
+        },
+        forever=True,
+    ),
+    "OutboxRelay.run": Spec(
+        lambda w: OutboxRelay(w.chat.events, w.chat.redis, w.chat.db.settings, w.chat.db.dsn),
+        lambda w: {},
+        forever=True,
     ),
     "ChatKeep.subscribe": Spec(_chat, lambda w: {"room_ids": (w.public.id,)}, {"room_ids": P(ID)}),
     "ChatKeep.health": Spec(_chat, lambda w: {}),
