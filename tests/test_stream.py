@@ -34,6 +34,7 @@ class Log:
         self.oldest: dict[UUID, int] = {}
         self.reads = 0
         self.failures = 0
+        self.delay = 0.0
 
     def room(self) -> UUID:
         room = uuid4()
@@ -69,6 +70,7 @@ class Log:
         self, room_id: UUID, user_id: UUID, *, after: int, limit: int = 100
     ) -> ChangePage:
         self.reads += 1
+        await asyncio.sleep(self.delay)
         if self.failures:
             self.failures -= 1
             raise Unavailable("database is down")
@@ -223,3 +225,22 @@ async def test_bad_input_and_misuse_are_refused(log: Log) -> None:
     log.members[room].clear()
     with pytest.raises(NotFound):
         await ChangeStream(log, [room], USER).open()
+
+
+async def test_a_caller_cancelled_mid_read_loses_nothing(log: Log) -> None:
+    room, other = log.room(), log.room()
+    async with ChangeStream(log, [room, other], USER) as stream:
+        log.delay = 0.3
+        await log.change(room)
+        await log.change(other)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await anext(stream)
+        assert stream.positions == {room: 0, other: 0}
+        log.delay = 0
+        got = await take(stream, 2)
+        assert sorted((item.room_id == room, item.position) for item in got) == [
+            (False, 1),
+            (True, 1),
+        ]
+        assert stream.positions == {room: 1, other: 1}

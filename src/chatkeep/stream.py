@@ -196,7 +196,8 @@ class ChangeStream:
         self._page_size = page_size
         self._subscription: EventSubscription | None = None
         self._closed = False
-        self._last: dict[UUID, int] = {}
+        self._last: dict[UUID, int] = {}  # read up to, per room
+        self._handed: dict[UUID, int] = {}  # handed out up to, per room
         self._dirty: set[UUID] = set()
         self._ready: deque[StreamItem] = deque()
         self._retry = _RETRY_FIRST
@@ -206,7 +207,9 @@ class ChangeStream:
     @property
     def positions(self) -> Mapping[UUID, int]:
         """The last position handed out per followed room: pass it as ``since`` to resume."""
-        return dict(self._last)
+        if not self._ready:  # everything read was handed out (and reads may skip positions)
+            return {room: self._last[room] for room in self._rooms}
+        return {room: self._handed[room] for room in self._rooms}
 
     @property
     def room_ids(self) -> frozenset[UUID]:
@@ -235,6 +238,7 @@ class ChangeStream:
                 else:
                     self._last[room] = await self._source.room_position(room, self._user)
                 subscription.advance(room, self._last[room])
+                self._handed[room] = self._last[room]
         except BaseException:
             await self.aclose()
             raise
@@ -264,7 +268,10 @@ class ChangeStream:
     async def __anext__(self) -> StreamItem:
         while True:
             if self._ready:
-                return self._ready.popleft()
+                item = self._ready.popleft()
+                if not isinstance(item, RoomClosed):
+                    self._handed[item.room_id] = item.position
+                return item
             subscription = self._subscription
             if subscription is None:
                 if self._closed:
@@ -294,25 +301,36 @@ class ChangeStream:
             self._dirty.add(room)
 
     async def _catch_up(self, subscription: EventSubscription) -> None:
-        """Read every room marked as having news, concurrently, one read chain each."""
+        """Read every room marked as having news, concurrently, one read chain each.
+
+        The reads change nothing; their results are taken in one step after all of them
+        ended, so a caller cancelled meanwhile (a timeout around ``anext``) loses no
+        change: the rooms are still marked and the next call reads them again.
+        """
         rooms = sorted(self._dirty)
-        self._dirty.clear()
         found = await asyncio.gather(*(self._read(room) for room in rooms), return_exceptions=True)
         failed: list[Unavailable] = []
+        gone: list[UUID] = []
         for room, result in zip(rooms, found, strict=True):
             if isinstance(result, Unavailable):
                 # PostgreSQL is down or the pool is exhausted: the stream outlives it, and
                 # the room's position did not move, so the next read starts where this one did.
                 failed.append(result)
-                self._dirty.add(room)
                 continue
             if isinstance(result, BaseException):
                 raise result
-            self._ready.extend(result)
-            if room in self._rooms:
-                subscription.advance(room, self._last[room])
+            items, last, closed = result
+            self._dirty.discard(room)
+            self._ready.extend(items)
+            if closed:
+                self._rooms.discard(room)
+                self._last.pop(room, None)
+                gone.append(room)
             else:
-                await subscription.remove_rooms(room)
+                self._last[room] = last
+                subscription.advance(room, last)
+        if gone:
+            await subscription.remove_rooms(*gone)
         if failed:
             logger.warning(
                 "change stream read failed, retrying in %.1f s: %s", self._retry, failed[0]
@@ -322,8 +340,12 @@ class ChangeStream:
         else:
             self._retry = _RETRY_FIRST
 
-    async def _read(self, room: UUID) -> list[StreamItem]:
-        """Every change of ``room`` after the last one handed out (all pages)."""
+    async def _read(self, room: UUID) -> tuple[list[StreamItem], int, bool]:
+        """Every change of ``room`` after the last one read (all pages).
+
+        Returns the items, the position reached, and whether the stream stops following
+        the room. Changes no state of the stream (see :meth:`_catch_up`).
+        """
         after = self._last[room]
         items: list[StreamItem] = []
         while True:
@@ -337,37 +359,26 @@ class ChangeStream:
                 after = exc.position
                 continue
             except NotFound:
-                self._drop(room, after)
                 items.append(RoomClosed(room, after, "not visible"))
-                return items
+                return items, after, True
             for change in page.items:
                 if change.position <= after:
                     continue
                 items.append(change)
                 after = change.position
                 if self._ends_membership(change):
-                    self._drop(room, after)
                     items.append(RoomClosed(room, after, "left"))
-                    return items
+                    return items, after, True
             # A page may hold fewer items than positions (the log drops a created or
             # edited change of a message deleted since: its tombstone follows), so the
             # page's own markers, not its last item, say how far it reached.
             if page.next_after is None:
-                after = max(after, page.position)
-                break
+                return items, max(after, page.position), False
             if page.next_after <= after and not page.items:  # pragma: no cover - defensive
-                break
+                return items, after, False
             after = max(after, page.next_after)
-        self._last[room] = after
-        return items
 
     def _ends_membership(self, change: Change) -> bool:
         if change.kind in _ROOM_ENDS:
             return True
         return change.kind in _MEMBER_ENDS and str(change.data.get("user_id")) == str(self._user)
-
-    def _drop(self, room: UUID, position: int) -> None:
-        self._rooms.discard(room)
-        self._last.pop(room, None)
-        self._dirty.discard(room)
-        logger.debug("change stream stopped following room %s at %d", room, position)
