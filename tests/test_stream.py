@@ -46,7 +46,7 @@ class Log:
     def position(self, room: UUID) -> int:
         return len(self.logs[room])
 
-    def record(self, room: UUID, kind: str = "message.created", **data: Any) -> Change:
+    def record(self, room: UUID, kind: Any = "message.created", **data: Any) -> Change:
         change = Change(
             room_id=room,
             position=self.position(room) + 1,
@@ -60,7 +60,7 @@ class Log:
         self.logs[room].append(change)
         return change
 
-    async def change(self, room: UUID, kind: str = "message.created", **data: Any) -> Change:
+    async def change(self, room: UUID, kind: Any = "message.created", **data: Any) -> Change:
         """Record a change and publish its nudge, as a writer does."""
         change = self.record(room, kind, **data)
         await self.bus.publish(MemberJoined(room_id=room, user_id=USER, position=change.position))

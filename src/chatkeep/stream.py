@@ -268,10 +268,10 @@ class ChangeStream:
     async def __anext__(self) -> StreamItem:
         while True:
             if self._ready:
-                item = self._ready.popleft()
-                if not isinstance(item, RoomClosed):
-                    self._handed[item.room_id] = item.position
-                return item
+                ready = self._ready.popleft()
+                if not isinstance(ready, RoomClosed):
+                    self._handed[ready.room_id] = ready.position
+                return ready
             subscription = self._subscription
             if subscription is None:
                 if self._closed:
