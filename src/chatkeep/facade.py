@@ -42,7 +42,15 @@ import hashlib
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, Self
 
@@ -120,6 +128,7 @@ from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
+from chatkeep.stream import ChangeStream
 
 if TYPE_CHECKING:  # the metrics (prometheus-client) and otel extras are optional
     from opentelemetry.trace import Span
@@ -222,6 +231,35 @@ def _log_failure(task: asyncio.Task[None]) -> None:
     """Log why a background task stopped (cancellation is the normal end)."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         logger.error("%s stopped: %s", task.get_name(), exc, exc_info=exc)
+
+
+class _StreamSource:
+    """What one :class:`~chatkeep.stream.ChangeStream` reads: the facade, reads shared.
+
+    It notes when the stream's subscription was confirmed, so that the stream only
+    shares reads that started after it (see :meth:`ChatKeep._shared_changes`).
+    """
+
+    __slots__ = ("_chat", "_subscribed")
+
+    def __init__(self, chat: ChatKeep) -> None:
+        self._chat = chat
+        self._subscribed = float("inf")
+
+    async def changes(
+        self, room_id: uuid.UUID, user_id: uuid.UUID, *, after: int, limit: int = 100
+    ) -> ChangePage:
+        return await self._chat._shared_changes(
+            room_id, user_id, after=after, limit=limit, not_before=self._subscribed
+        )
+
+    async def room_position(self, room_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        return await self._chat.room_position(room_id, user_id)
+
+    async def subscribe(self, *room_ids: uuid.UUID) -> EventSubscription:
+        subscription = await self._chat.subscribe(*room_ids)
+        self._subscribed = asyncio.get_running_loop().time()
+        return subscription
 
 
 class _Flow:
@@ -403,6 +441,10 @@ class ChatKeep:
         self.metrics = metrics
         # The relay :meth:`run_relay` runs, once started (for tests and metrics).
         self.relay: OutboxRelay | None = None
+        # Reads of the change log in flight, shared by identical concurrent stream reads.
+        self._change_reads: dict[
+            tuple[uuid.UUID, int, int], tuple[float, asyncio.Future[ChangePage]]
+        ] = {}
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
         if metrics is not None:
@@ -1475,6 +1517,74 @@ class ChatKeep:
             Unavailable: Redis could not be reached.
         """
         return await self.events.subscribe(*(check_id("room_ids", r) for r in room_ids))
+
+    def stream(
+        self,
+        room_ids: Iterable[uuid.UUID],
+        user_id: uuid.UUID,
+        *,
+        since: Mapping[uuid.UUID, int] | None = None,
+    ) -> ChangeStream:
+        """Every change of ``room_ids`` the user can see, caught up and then live.
+
+        Open it with ``async with`` (that is what releases its subscription, whatever way
+        the loop ends) and iterate it::
+
+            async with chat.stream(rooms, user_id, since=positions) as stream:
+                async for item in stream:
+                    ...  # a Change, a RoomReset or a RoomClosed
+
+        It subscribes first, then reads each room's log after ``since[room]`` (a room
+        absent from ``since`` starts at its current position: no history replay), drops
+        what it already handed out, yields changes in position order per room, and reads
+        the log again by itself after any gap (see :mod:`chatkeep.stream`). Identical
+        concurrent reads of a room by this process's streams share one query (each
+        caller's membership is still checked). ``stream.positions`` is what to pass as
+        ``since`` to resume.
+
+        Raises:
+            InvalidInput: a bad id, or ``since`` naming another room or a bad position
+                (at once); ``NotFound`` (a room the user is not in) and ``Unavailable``
+                come from ``async with``.
+        """
+        return ChangeStream(_StreamSource(self), room_ids, user_id, since=since)
+
+    async def _shared_changes(
+        self, room: uuid.UUID, user: uuid.UUID, *, after: int, limit: int, not_before: float
+    ) -> ChangePage:
+        """:meth:`changes`, sharing identical concurrent reads of a room in this process.
+
+        The log a member reads does not depend on which member reads it, so after this
+        caller's own membership check it may take the page of a read another stream
+        started, but only one started after ``not_before`` (this caller's subscription,
+        on the loop's clock): an older read's snapshot could predate a change whose event
+        came before the subscription, and the stream would miss it.
+        """
+        await self._require_member_or_hide(room, user)
+        key = (room, after, limit)
+        found = self._change_reads.get(key)
+        if found is not None and found[0] >= not_before:
+            try:
+                return await asyncio.shield(found[1])
+            except NotFound:
+                # The leading reader's own membership ended meanwhile: read as this caller.
+                return await self.changes(room, user, after=after, limit=limit)
+        flight = asyncio.ensure_future(self.changes(room, user, after=after, limit=limit))
+        entry = (asyncio.get_running_loop().time(), flight)
+        self._change_reads[key] = entry
+        flight.add_done_callback(lambda done: self._read_done(key, entry))
+        return await asyncio.shield(flight)
+
+    def _read_done(
+        self,
+        key: tuple[uuid.UUID, int, int],
+        entry: tuple[float, asyncio.Future[ChangePage]],
+    ) -> None:
+        if self._change_reads.get(key) is entry:
+            del self._change_reads[key]
+        done = entry[1]
+        if not done.cancelled():
+            done.exception()  # retrieved: a reader that was cancelled never awaits it
 
     # -- background work: the presence sweeper and the outbox relay -------------------------
 

@@ -48,6 +48,7 @@ from chatkeep.relay import OutboxRelay
 from chatkeep.storage import MessageRepository, RoomRepository, UserRepository
 from chatkeep.storage.changes import ChangeRepository
 from chatkeep.storage.reactions import ReactionRepository
+from chatkeep.stream import ChangeStream
 from tests.fuzz.conftest import PASSWORD, World
 
 Accepts = Callable[[object], bool]
@@ -73,6 +74,7 @@ CLASSES: tuple[type, ...] = (
     UserProfileCache,
     RoomMembersCache,
     OutboxRelay,
+    ChangeStream,
 )
 
 
@@ -391,6 +393,9 @@ SPECS: dict[str, Spec] = {
         },
         forever=True,
     ),
+    # The stream's input is checked when it is made (ChatKeep.stream); these take none.
+    "ChangeStream.open": Spec(lambda w: w.chat.stream([w.public.id], w.member.id), lambda w: {}),
+    "ChangeStream.aclose": Spec(lambda w: w.chat.stream([w.public.id], w.member.id), lambda w: {}),
     "OutboxRelay.run": Spec(
         lambda w: OutboxRelay(w.chat.events, w.chat.redis, w.chat.db.settings, w.chat.db.dsn),
         lambda w: {},
