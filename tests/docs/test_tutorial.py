@@ -26,7 +26,9 @@ from chatkeep import (
     Settings,
     Unavailable,
 )
-from chatkeep.realtime import MessageCreated, RateLimit, RoomGap
+from chatkeep.models import Change
+from chatkeep.realtime import RateLimit
+from chatkeep.stream import RoomReset
 
 # --8<-- [start:errors]
 STATUS = {InvalidInput: 400, PermissionDenied: 403, NotFound: 404, Conflict: 409}
@@ -95,38 +97,32 @@ class ChatEndpoint:
 
 
 # --8<-- [start:stream]
-async def stream_room(
+async def stream_rooms(
     chat: ChatKeep,
     user_id: uuid.UUID,
-    room_id: uuid.UUID,
-    last_seq: int,
+    since: dict[uuid.UUID, int],
     push: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
-    """Push a room's new messages to one client, in order, none missed, none twice.
+    """Push every change of a user's rooms to one client: in order, none missed, none twice.
 
-    Subscribe first, then catch up from PostgreSQL: a message sent in between arrives
-    both ways and is pushed once. Redis pub/sub is only a nudge; after a gap (Redis
-    restarted, or this reader fell behind) PostgreSQL is read again by ``seq``.
+    ``since`` maps each room to the last position the client has (0: everything from the
+    room's start). It is kept up to date as changes go out, so a client that reconnects
+    passes the same dict again and resumes exactly where it left off.
     """
-
-    async def catch_up(after: int) -> int:
-        page = await chat.catch_up(room_id, user_id, after_seq=after)
-        while True:
-            for m in page.items:
-                await push({"seq": m.seq, "from": m.user.username, "text": m.content})
-                after = m.seq
-            if page.after is None:
-                return after
-            page = await chat.catch_up(room_id, user_id, cursor=page.after)
-
-    async with await chat.subscribe(room_id) as events:
-        last_seq = await catch_up(last_seq)
-        async for event in events:
-            if isinstance(event, RoomGap):
-                last_seq = await catch_up(last_seq)
-            elif isinstance(event, MessageCreated) and event.seq > last_seq:
-                # The event says "something new"; PostgreSQL says what, in seq order.
-                last_seq = await catch_up(last_seq)
+    async with chat.stream(since, user_id, since=since) as stream:
+        async for item in stream:
+            room = str(item.room_id)
+            if isinstance(item, Change):
+                # Changes carry the resulting state: applying one twice is harmless.
+                await push({"room": room, "kind": item.kind, "text": item.data.get("content")})
+                since[item.room_id] = item.position
+            elif isinstance(item, RoomReset):
+                # The log no longer reaches back that far: reload the room (history).
+                await push({"room": room, "kind": "reload"})
+                since[item.room_id] = item.position
+            else:  # RoomClosed: the user left, was removed, or the room was deleted
+                await push({"room": room, "kind": "closed"})
+                del since[item.room_id]
 
 
 # --8<-- [end:stream]
@@ -178,11 +174,13 @@ async def test_the_tutorial(chat: ChatKeep, database_url: str, redis_url: str) -
     got_two = asyncio.Event()
 
     async def push(item: dict[str, Any]) -> None:
-        received.append(item)
+        if item["kind"] == "message.created":
+            received.append(item)
         if len(received) == 2:
             got_two.set()
 
-    listener = asyncio.create_task(stream_room(chat, bob.id, general.id, 0, push))
+    positions = {general.id: 0}
+    listener = asyncio.create_task(stream_rooms(chat, bob.id, positions, push))
 
     # --8<-- [start:requests]
     sent = await endpoint.handle(
@@ -201,13 +199,22 @@ async def test_the_tutorial(chat: ChatKeep, database_url: str, redis_url: str) -
     await asyncio.wait_for(got_two.wait(), timeout=10)
     listener.cancel()
     await asyncio.gather(listener, return_exceptions=True)
+    room = str(general.id)
     assert received == [
-        {"seq": 1, "from": "alice", "text": "hi bob"},
-        {"seq": 2, "from": "alice", "text": "lunch?"},
+        {"room": room, "kind": "message.created", "text": "hi bob"},
+        {"room": room, "kind": "message.created", "text": "lunch?"},
     ]
+    assert positions[general.id] == await chat.room_position(general.id, bob.id)
 
     history = await endpoint.handle(bob_token, {"op": "history", "room": general.id, "after": 0})
-    assert history == {"status": 200, "messages": received, "more": False}
+    assert history == {
+        "status": 200,
+        "messages": [
+            {"seq": 1, "from": "alice", "text": "hi bob"},
+            {"seq": 2, "from": "alice", "text": "lunch?"},
+        ],
+        "more": False,
+    }
     assert await endpoint.handle(bob_token, {"op": "unread"}) == {
         "status": 200,
         "unread": {str(general.id): 2},
