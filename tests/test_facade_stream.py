@@ -38,6 +38,7 @@ from chatkeep.models import Change
 from chatkeep.realtime import Event, RedisClient
 from chatkeep.relay import OutboxRelay
 from chatkeep.stream import RoomClosed, RoomReset
+from tests.conftest import url_as
 from tests.realtime.conftest import FAST, wait_until
 
 ROUNDS = 10
@@ -408,9 +409,11 @@ async def test_one_relay_leads_and_a_standby_takes_over(
 ) -> None:
     chat, relay_url = system
     settings = chat.db.settings
+    # As the reporting role, as operations.md tells production to run it.
+    readonly = url_as(relay_url, "chatapp_readonly")
     async with RedisClient(redis_url, **FAST) as client:
         relays = [
-            OutboxRelay(chat.events, client, settings, relay_url, standby_interval=0.05)
+            OutboxRelay(chat.events, client, settings, readonly, standby_interval=0.05)
             for _ in range(2)
         ]
         tasks = [asyncio.create_task(relay.run()) for relay in relays]
@@ -425,6 +428,7 @@ async def test_one_relay_leads_and_a_standby_takes_over(
             await asyncio.gather(tasks[leader], return_exceptions=True)
             await wait_until(lambda: standby.is_leader)
             assert standby.stats.leaderships == 1
+            await wait_until(lambda: standby.stats.ticks >= 2)  # its rounds read every room
             assert not relays[leader].is_leader
         finally:
             for task in tasks:
