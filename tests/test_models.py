@@ -17,9 +17,11 @@ from chatkeep.errors import InvalidInput
 from chatkeep.models import (
     CONTENT_MAX_LENGTH,
     CreateMessageDto,
+    CreateRoomBody,
     CreateRoomDto,
     CreateUserDto,
     CursorPage,
+    EditMessageBody,
     Message,
     MessageReadStatus,
     MessageWithUser,
@@ -28,6 +30,7 @@ from chatkeep.models import (
     RoomSummary,
     RoomUser,
     RoomWithUsers,
+    SendMessageBody,
     UnreadCounts,
     UpdateRoomDto,
     UpdateUserDto,
@@ -50,7 +53,7 @@ def user_dto(**overrides: Any) -> CreateUserDto:
         "password": "correct horse",
     }
     values.update(overrides)
-    return CreateUserDto(**values)
+    return CreateUserDto.checked(**values)
 
 
 def error_of(call: Any) -> InvalidInput | None:
@@ -200,9 +203,9 @@ def test_update_user_dto_tracks_what_was_given() -> None:
     assert UpdateUserDto().model_dump(exclude_unset=True) == {}
     assert UpdateUserDto(avatar_url=None).model_dump(exclude_unset=True) == {"avatar_url": None}
     assert UpdateUserDto(username="Zed").username == "zed"
-    assert rule_of(lambda: UpdateUserDto(username=None))[0] == "username"
+    assert rule_of(lambda: UpdateUserDto.checked(username=None))[0] == "username"
     extra: dict[str, Any] = {"nickname": "x"}
-    assert rule_of(lambda: UpdateUserDto(**extra))[0] == "nickname"
+    assert rule_of(lambda: UpdateUserDto.checked(**extra))[0] == "nickname"
 
 
 # -- content ------------------------------------------------------------------------------
@@ -211,13 +214,13 @@ def test_update_user_dto_tracks_what_was_given() -> None:
 def message_dto(**overrides: Any) -> CreateMessageDto:
     values: dict[str, Any] = {"room_id": ROOM, "user_id": USER, "content": "hello"}
     values.update(overrides)
-    return CreateMessageDto(**values)
+    return CreateMessageDto.checked(**values)
 
 
 @pytest.mark.parametrize(
     ("content", "rule_part"),
     [
-        ("", "empty"),
+        ("", "at least 1 character"),
         (" \t\r\n", "empty"),
         ("x" * (CONTENT_MAX_LENGTH + 1), "at most 10000"),
         ("a\x00b", "NUL"),
@@ -228,7 +231,7 @@ def message_dto(**overrides: Any) -> CreateMessageDto:
 def test_bad_content_is_refused(content: Any, rule_part: str) -> None:
     field, rule = rule_of(lambda: message_dto(content=content))
     assert field == "content"
-    assert rule_part in rule
+    assert rule_part.lower() in rule.lower()
 
 
 def test_content_at_the_limit_and_helper() -> None:
@@ -244,7 +247,7 @@ def test_message_dto_other_fields() -> None:
         assert rule_of(lambda bad=bad: message_dto(client_msg_id=bad))[0] == "client_msg_id"
     assert rule_of(lambda: message_dto(type="video"))[0] == "type"
     assert rule_of(lambda: message_dto(room_id="not-a-uuid"))[0] == "room_id"
-    assert rule_of(lambda: CreateMessageDto.model_validate({"room_id": ROOM}))[0] == "user_id"
+    assert rule_of(lambda: CreateMessageDto.checked(room_id=ROOM))[0] == "user_id"
     assert (
         CreateMessageDto.model_validate(
             {"room_id": str(ROOM), "user_id": str(USER), "content": "x"}
@@ -260,17 +263,22 @@ def test_room_dtos() -> None:
     dto = CreateRoomDto(name="  general  ", created_by=USER)
     assert dto.name == "general"
     assert dto.type == "public"
-    assert rule_of(lambda: CreateRoomDto(name="   ", created_by=USER))[0] == "name"
-    assert rule_of(lambda: CreateRoomDto(name="x" * 101, created_by=USER))[0] == "name"
-    assert rule_of(lambda: CreateRoomDto(name="x\x00", created_by=USER))[0] == "name"
-    assert rule_of(lambda: CreateRoomDto(name="dm", type="direct", created_by=USER))[0] == "type"
+    assert rule_of(lambda: CreateRoomDto.checked(name="   ", created_by=USER))[0] == "name"
+    assert rule_of(lambda: CreateRoomDto.checked(name="x" * 101, created_by=USER))[0] == "name"
+    assert rule_of(lambda: CreateRoomDto.checked(name="x\x00", created_by=USER))[0] == "name"
+    assert (
+        rule_of(lambda: CreateRoomDto.checked(name="dm", type="direct", created_by=USER))[0]
+        == "type"
+    )
     long_description = "d" * 1001
     assert (
-        rule_of(lambda: CreateRoomDto(name="a", description=long_description, created_by=USER))[0]
+        rule_of(
+            lambda: CreateRoomDto.checked(name="a", description=long_description, created_by=USER)
+        )[0]
         == "description"
     )
     assert UpdateRoomDto(description=None).model_dump(exclude_unset=True) == {"description": None}
-    assert rule_of(lambda: UpdateRoomDto(name=None))[0] == "name"
+    assert rule_of(lambda: UpdateRoomDto.checked(name=None))[0] == "name"
 
 
 def test_dtos_are_frozen() -> None:
@@ -367,7 +375,7 @@ def test_any_text_either_passes_or_names_the_field(text: str) -> None:
         (lambda: user_dto(email=text), "email"),
         (lambda: user_dto(password=text), "password"),
         (lambda: message_dto(content=text), "content"),
-        (lambda: CreateRoomDto(name=text, created_by=USER), "name"),
+        (lambda: CreateRoomDto.checked(name=text, created_by=USER), "name"),
     ):
         error = error_of(build)
         if error is not None:
@@ -550,3 +558,86 @@ def test_a_page_copies_with_replace() -> None:
     }
     assert dataclasses.replace(page, before="b").before == "b"
     assert page.before is None
+
+
+# -- pydantic-native validation (issue 15) ------------------------------------------------
+
+
+def test_a_dto_reports_every_problem_as_a_validation_error() -> None:
+    # Before: the first problem only, as InvalidInput raised while pydantic validated, so
+    # FastAPI answered 500 instead of 422.
+    with pytest.raises(ValidationError) as info:
+        CreateUserDto(email="nope", username="_x", password="short", avatar_url="ftp://x")
+    assert [error["loc"] for error in info.value.errors()] == [
+        ("email",),
+        ("username",),
+        ("password",),
+        ("avatar_url",),
+    ]
+    assert "short" not in str(info.value)  # inputs are hidden from the text
+    with pytest.raises(ValidationError):
+        CreateMessageDto.model_validate({"room_id": ROOM})
+    with pytest.raises(ValidationError):
+        TypeAdapter(CreateRoomDto).validate_json('{"name": " ", "created_by": "x"}')
+
+
+def test_invalid_input_carries_every_problem() -> None:
+    with pytest.raises(InvalidInput) as info:
+        CreateMessageDto.checked(room_id="x", user_id=USER, content="", client_msg_id="a b")
+    error = info.value
+    problems = [(problem.field, problem.rule) for problem in error.errors]
+    assert [field for field, _ in problems] == ["room_id", "content", "client_msg_id"]
+    assert problems[1][1] == "String should have at least 1 character"
+    assert (error.field, error.rule) == problems[0]
+    assert "UUID" in error.rule
+    assert "pattern" in problems[2][1]
+    assert str(error).count(";") == 2
+    assert error.__cause__ is None
+    single = InvalidInput("f", "r")
+    assert single.errors == (single,)
+
+
+def test_the_json_schema_states_the_rules() -> None:
+    user = CreateUserDto.model_json_schema()
+    props = user["properties"]
+    assert props["email"]["format"] == "email"
+    assert props["email"]["maxLength"] == 254
+    assert (props["username"]["minLength"], props["username"]["maxLength"]) == (3, 32)
+    assert props["username"]["pattern"]
+    assert props["password"]["minLength"] == 8
+    assert props["password"]["writeOnly"] is True
+    assert props["avatar_url"]["anyOf"][0]["format"] == "uri"
+    message = CreateMessageDto.model_json_schema()["properties"]
+    assert message["content"]["maxLength"] == CONTENT_MAX_LENGTH
+    assert message["room_id"]["format"] == "uuid"
+    assert message["client_msg_id"]["anyOf"][0]["maxLength"] == 64
+    room = CreateRoomDto.model_json_schema()["properties"]
+    assert room["name"]["maxLength"] == 100
+    assert room["description"]["anyOf"][0]["maxLength"] == 1000
+    for model in (
+        CreateUserDto,
+        CreateMessageDto,
+        CreateRoomDto,
+        CreateRoomBody,
+        SendMessageBody,
+        UpdateUserDto,
+        UpdateRoomDto,
+    ):
+        text = json.dumps(model.model_json_schema())
+        assert ">>>" not in text
+        assert ":class:" not in text
+        assert "``" not in text
+
+
+def test_request_bodies_leave_out_what_the_server_knows() -> None:
+    body = CreateRoomBody(name=" plans ", type="private")
+    assert "created_by" not in CreateRoomBody.model_fields
+    dto = body.by(USER)
+    assert (dto.name, dto.type, dto.created_by) == ("plans", "private", USER)
+    assert rule_of(lambda: body.by("not-a-uuid"))[0] == "created_by"  # type: ignore[arg-type]
+    assert set(SendMessageBody.model_fields) == {"content", "type", "client_msg_id"}
+    with pytest.raises(ValidationError):
+        SendMessageBody(content="x", type="system")  # the server's to write
+    assert EditMessageBody(content="again").content == "again"
+    with pytest.raises(ValidationError):
+        EditMessageBody(content=" \n")

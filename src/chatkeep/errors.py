@@ -65,12 +65,28 @@ class ConfigurationError(ChatkeepError):
 
 
 class InvalidInput(ChatkeepError):
-    """A value broke a rule; ``field`` names the value and ``rule`` the rule broken."""
+    """A value broke a rule; ``field`` names the value and ``rule`` the rule broken.
 
-    def __init__(self, field: str, rule: str, message: str | None = None) -> None:
+    Attributes:
+        field: the (first) field at fault; a dotted path for a nested value.
+        rule: the rule it broke, in words (never the value itself).
+        errors: every problem found, each an ``InvalidInput`` of one field and rule, the
+            first being this one's ``field`` and ``rule``. Validating a DTO reports all of
+            its fields at once; other checks stop at the first problem.
+    """
+
+    def __init__(
+        self,
+        field: str,
+        rule: str,
+        message: str | None = None,
+        *,
+        errors: tuple[InvalidInput, ...] = (),
+    ) -> None:
         super().__init__(message or f"{field}: {rule}")
         self.field = field
         self.rule = rule
+        self.errors = errors or (self,)
 
 
 class NotFound(ChatkeepError):

@@ -873,7 +873,7 @@ class ChatKeep:
             InvalidInput: the content or ids break a rule.
         """
         async with self._flow("send_message") as flow:
-            dto = CreateMessageDto(
+            dto = CreateMessageDto.checked(
                 room_id=room_id,
                 user_id=user_id,
                 content=content,

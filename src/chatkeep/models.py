@@ -3,9 +3,16 @@
 Two kinds of model live here:
 
 * **DTOs** (``CreateUserDto``, ``UpdateUserDto``, ``CreateRoomDto``, ``UpdateRoomDto``,
-  ``CreateMessageDto``) carry caller input. Constructing one validates every rule below
-  and raises :class:`chatkeep.errors.InvalidInput` naming the field and the rule; callers
-  never see pydantic's ``ValidationError``.
+  ``CreateMessageDto``) carry caller input, and the **request bodies** (``CreateRoomBody``,
+  ``SendMessageBody``, ``EditMessageBody``) the same rules without the fields a server
+  takes from the logged-in user. They are plain pydantic models: constructing or
+  validating one checks every rule below and raises pydantic's ``ValidationError`` with
+  *every* problem at once, which web frameworks answer themselves (FastAPI with a 422),
+  and the rules are in their JSON schema (lengths, patterns, formats). For chatkeep's own
+  exception instead, build one with ``Dto.checked(...)``, or convert with
+  :func:`invalid_input`: :class:`chatkeep.errors.InvalidInput` names the first field and
+  rule and carries all of them in ``errors``. The library's own calls raise
+  ``InvalidInput``, never ``ValidationError``.
 * **Read models** (``User``, ``UserProfile``, ``Room``, ``RoomWithUsers``, ``RoomMember``,
   ``RoomSummary``, ``Message``, ``MessageWithUser``, ``RoomUser``, ``MessageReadStatus``,
   ``CursorPage``) describe stored rows. They are frozen standard-library dataclasses, not
@@ -18,7 +25,7 @@ Two kinds of model live here:
   ``dataclasses.asdict(row)`` gives its fields as a dict. ``UnreadCounts`` is a read-only
   mapping that pydantic serialises as ``dict[UUID, int]``.
 
-Rules (each fails with ``InvalidInput(field, rule)``):
+Rules (each is one ``(field, rule)`` problem):
 
 ========== ==============================================================================
 email      ``local@domain``, ASCII, at most 254 characters (local part at most 64); stored
@@ -52,6 +59,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
+    Annotated,
     Any,
     ClassVar,
     Final,
@@ -64,7 +72,9 @@ from typing import (
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -85,15 +95,18 @@ __all__ = [
     "EMOJI_MAX_BYTES",
     "PASSWORD_MAX_BYTES",
     "PASSWORD_MIN_LENGTH",
+    "SCHEMA_CONFIG",
     "USERNAME_MAX_LENGTH",
     "USERNAME_MIN_LENGTH",
     "Change",
     "ChangeKind",
     "ChangePage",
     "CreateMessageDto",
+    "CreateRoomBody",
     "CreateRoomDto",
     "CreateUserDto",
     "CursorPage",
+    "EditMessageBody",
     "Message",
     "MessageReadStatus",
     "MessageType",
@@ -106,6 +119,7 @@ __all__ = [
     "RoomType",
     "RoomUser",
     "RoomWithUsers",
+    "SendMessageBody",
     "UnreadCounts",
     "UpdateRoomDto",
     "UpdateUserDto",
@@ -116,6 +130,8 @@ __all__ = [
     "check_content",
     "check_emoji",
     "check_password",
+    "invalid_input",
+    "plain_description",
 ]
 
 RoomType = Literal["public", "private", "direct"]
@@ -139,13 +155,16 @@ _USERNAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _EMAIL_ATOM: Final = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _EMAIL_LOCAL_RE: Final = re.compile(rf"{_EMAIL_ATOM}(?:\.{_EMAIL_ATOM})*")
 _EMAIL_LABEL_RE: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_CLIENT_MSG_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,64}")
+_CLIENT_MSG_ID_PATTERN: Final = r"^[\x21-\x7e]+$"
+# What the JSON schema shows of a username (before folding: any case is taken).
+_USERNAME_PATTERN: Final = r"^\s*[A-Za-z0-9][A-Za-z0-9_.-]*\s*$"
 # What the database's CHECK trims before testing "not only whitespace".
 _CONTENT_BLANKS: Final = " \t\r\n"
 
 
 def _rule(rule: str) -> PydanticCustomError:
-    # Our validators report the rule itself; _invalid() turns it into InvalidInput.
+    # Our validators report the rule itself: pydantic collects it with the other problems
+    # (its ``msg`` is the rule), invalid_input() turns it into InvalidInput.
     return PydanticCustomError("chatkeep_rule", "{rule}", {"rule": rule})
 
 
@@ -163,13 +182,49 @@ def _check_text(value: str, *, allow_nul: bool = False) -> None:
             raise _rule("must be valid Unicode (no lone surrogates)") from None
 
 
-def _invalid(exc: ValidationError) -> InvalidInput:
-    """The first error of a pydantic failure as InvalidInput (never echoing the value)."""
-    first = exc.errors(include_input=False, include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"]) or exc.title
-    ctx = first.get("ctx") or {}
-    rule = str(ctx["rule"]) if first["type"] == "chatkeep_rule" else str(first["msg"])
-    return InvalidInput(field, rule)
+def invalid_input(exc: ValidationError) -> InvalidInput:
+    """A pydantic ``ValidationError`` as :class:`~chatkeep.errors.InvalidInput`.
+
+    ``field`` and ``rule`` are the first problem's; ``errors`` holds every problem, each
+    an ``InvalidInput`` of one field (a dotted path) and rule. The values are never
+    echoed, as one may be a password; raise it ``from None`` for the same reason.
+    """
+    problems = tuple(
+        InvalidInput(".".join(str(part) for part in error["loc"]) or exc.title, error["msg"])
+        for error in exc.errors(include_input=False, include_url=False)
+    )
+    first = problems[0]
+    message = "; ".join(str(problem) for problem in problems)
+    return InvalidInput(first.field, first.rule, message, errors=problems)
+
+
+# What docstrings say in reStructuredText for the docs site, said plainly for a JSON schema.
+_DOC_ROLE: Final = re.compile(r":[a-z:]+:`~?([^`]*?)(?:\s*<[^`>]*>)?`")
+
+
+def _plain_role(match: re.Match[str]) -> str:
+    text = match.group(1)
+    # :class:`~a.b.C` shows C; :meth:`text <target>` shows text.
+    return text.rsplit(".", 1)[-1] if " " not in text else text
+
+
+def plain_description(schema: dict[str, Any]) -> None:
+    """Make a JSON schema's ``description`` (taken from a docstring) plain prose.
+
+    The docstring's first paragraph, without reStructuredText roles or literals: the
+    sections after it (examples, attributes) are for the documentation site, not for
+    OpenAPI readers. A ``json_schema_extra`` hook; every public model of chatkeep that
+    may appear in an API schema uses it.
+    """
+    doc = schema.get("description")
+    if isinstance(doc, str):
+        summary = doc.strip().split("\n\n", 1)[0]
+        summary = _DOC_ROLE.sub(_plain_role, summary).replace("``", "")
+        schema["description"] = " ".join(summary.split())
+
+
+SCHEMA_CONFIG: Final = ConfigDict(json_schema_extra=plain_description)
+"""The pydantic config of chatkeep's dataclasses that pydantic (and FastAPI) may serialise."""
 
 
 # -- canonical forms, usable without building a DTO (look-ups use them) --------------------
@@ -357,25 +412,119 @@ def _check_description(value: str | None) -> str | None:
 # -- base classes ------------------------------------------------------------------------
 
 
+def _password(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return _check_password(value)
+
+
+# The field types of the DTOs and bodies. Each rule pydantic can state is a constraint
+# (so it shows in the JSON schema and is reported with every other problem); validators
+# keep what it cannot: canonical forms (NFKC, case), bcrypt's limit in bytes, NUL, lone
+# surrogates, "not only whitespace" and URL schemes. Constraints come before validators
+# in each Annotated, so they apply to the string itself, then the validator wraps it.
+Email = Annotated[
+    str,
+    Field(
+        max_length=EMAIL_MAX_LENGTH,
+        json_schema_extra={"format": "email"},
+        description="An email address (ASCII); stored lower-cased.",
+    ),
+    BeforeValidator(_canonical_email),
+]
+Username = Annotated[
+    str,
+    Field(
+        min_length=USERNAME_MIN_LENGTH,
+        max_length=USERNAME_MAX_LENGTH,
+        pattern=_USERNAME_PATTERN,
+        description=(
+            "3 to 32 letters, digits, underscores, dots or hyphens, starting with a letter "
+            "or digit; stored NFKC-normalised and lower-cased."
+        ),
+    ),
+    BeforeValidator(_canonical_username),
+]
+Password = Annotated[
+    SecretStr,
+    Field(
+        min_length=PASSWORD_MIN_LENGTH,
+        max_length=PASSWORD_MAX_BYTES,
+        description="At least 8 characters and at most 72 bytes in UTF-8; no NUL.",
+    ),
+    BeforeValidator(_password),
+]
+AvatarUrl = Annotated[
+    str,
+    Field(
+        max_length=URL_MAX_LENGTH,
+        json_schema_extra={"format": "uri"},
+        description="An http:// or https:// URL with a host.",
+    ),
+    AfterValidator(_check_url),
+]
+Content = Annotated[
+    str,
+    Field(
+        strict=True,
+        min_length=1,
+        max_length=CONTENT_MAX_LENGTH,
+        description="The message text: not only whitespace, no NUL; kept verbatim.",
+    ),
+    AfterValidator(_check_content),
+]
+RoomName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=ROOM_NAME_MAX_LENGTH,
+        description="The room's name: not only whitespace, no NUL; stored stripped.",
+    ),
+    AfterValidator(_check_room_name),
+]
+RoomDescription = Annotated[
+    str,
+    Field(max_length=ROOM_DESCRIPTION_MAX_LENGTH, description="What the room is about."),
+    AfterValidator(_check_description),
+]
+ClientMsgId = Annotated[
+    str,
+    Field(
+        strict=True,
+        min_length=1,
+        max_length=CLIENT_MSG_ID_MAX_LENGTH,
+        pattern=_CLIENT_MSG_ID_PATTERN,
+        description=(
+            "The sender's id for this message (printable ASCII, no spaces): sending again "
+            "with the same id returns the first message instead of storing a copy."
+        ),
+    ),
+]
+
+
 class _Dto(BaseModel):
-    """Caller input: validated on construction, InvalidInput on failure."""
+    """Caller input: validated on construction; pydantic's ValidationError lists every problem."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
-
-    def __init__(self, /, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            # from None: pydantic's error would carry the input (maybe a password).
-            raise _invalid(exc) from None
+    # hide_input_in_errors: a ValidationError's text never shows a value (maybe a password).
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        hide_input_in_errors=True,
+        json_schema_extra=plain_description,
+    )
 
     @classmethod
-    def model_validate(cls, obj: Any, **options: Any) -> Self:
-        """Validate ``obj``; raises :class:`~chatkeep.errors.InvalidInput`, not pydantic's."""
+    def checked(cls, **fields: Any) -> Self:
+        """Build and validate, raising chatkeep's error instead of pydantic's.
+
+        Raises:
+            InvalidInput: a field breaks a rule (``errors`` lists every problem found).
+        """
         try:
-            return super().model_validate(obj, **options)
+            return cls(**fields)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            # from None: pydantic's error would carry the input (maybe a password).
+            raise invalid_input(exc) from None
 
 
 _new = object.__new__
@@ -399,6 +548,7 @@ class _Row:
     """
 
     __slots__ = ()
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG
     # Declared for type checkers (``dataclasses.fields(row_class)``); every row class is a
     # dataclass, which sets it.
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
@@ -469,59 +619,26 @@ class User(_Row):
 
 
 class CreateUserDto(_Dto):
-    """A new account. ``password`` is a :class:`~pydantic.SecretStr`: it never shows in reprs.
+    """A new account. The password never shows in reprs or dumps."""
 
-    Example:
-        >>> dto = CreateUserDto(email="Ann@Example.org", username="Ann", password="hunter2!!")
-        >>> dto.email, dto.username, str(dto.password)
-        ('ann@example.org', 'ann', '**********')
-    """
-
-    email: str
-    username: str
-    password: SecretStr
-    avatar_url: str | None = None
-
-    @field_validator("email", mode="before")
-    @classmethod
-    def _email(cls, value: Any) -> str:
-        return _canonical_email(value)
-
-    @field_validator("username", mode="before")
-    @classmethod
-    def _username(cls, value: Any) -> str:
-        return _canonical_username(value)
-
-    @field_validator("password", mode="before")
-    @classmethod
-    def _password(cls, value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        return _check_password(value)
-
-    @field_validator("avatar_url")
-    @classmethod
-    def _avatar(cls, value: str | None) -> str | None:
-        return _check_url(value)
+    email: Email
+    username: Username
+    password: Password
+    avatar_url: AvatarUrl | None = None
 
 
 class UpdateUserDto(_Dto):
-    """A profile change: only the fields given are changed; ``avatar_url=None`` clears it."""
+    """A profile change: only the fields given are changed; a null avatar_url clears it."""
 
-    username: str | None = None
-    avatar_url: str | None = None
+    username: Username | None = None
+    avatar_url: AvatarUrl | None = None
 
     @field_validator("username", mode="before")
     @classmethod
-    def _username(cls, value: Any) -> str:
+    def _username(cls, value: Any) -> Any:
         if value is None:
             raise _rule("must not be null (leave it out to keep the current one)")
-        return _canonical_username(value)
-
-    @field_validator("avatar_url")
-    @classmethod
-    def _avatar(cls, value: str | None) -> str | None:
-        return _check_url(value)
+        return value
 
 
 # -- rooms --------------------------------------------------------------------------------
@@ -572,42 +689,46 @@ class RoomWithUsers(Room):
     members: tuple[RoomMember, ...] = ()
 
 
-class CreateRoomDto(_Dto):
-    """A new public or private room; direct rooms come from ``RoomRepository.open_direct``."""
+class CreateRoomBody(_Dto):
+    """A new public or private room, as a client asks for it: the creator is the caller.
 
-    name: str
-    description: str | None = None
+    ``body.by(user_id)`` gives the :class:`CreateRoomDto` to create it with.
+    """
+
+    name: RoomName
+    description: RoomDescription | None = None
     type: Literal["public", "private"] = "public"
-    created_by: uuid.UUID
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _check_room_name(value)
+    def by(self, created_by: uuid.UUID) -> CreateRoomDto:
+        """The room to create, made by ``created_by`` (who becomes its owner).
 
-    @field_validator("description")
-    @classmethod
-    def _description(cls, value: str | None) -> str | None:
-        return _check_description(value)
+        Raises:
+            InvalidInput: ``created_by`` is not a UUID.
+        """
+        return CreateRoomDto.checked(**self.model_dump(), created_by=created_by)
+
+
+class CreateRoomDto(_Dto):
+    """A new public or private room; direct rooms are opened per pair of users instead."""
+
+    name: RoomName
+    description: RoomDescription | None = None
+    type: Literal["public", "private"] = "public"
+    created_by: uuid.UUID = Field(description="The creator, who becomes the room's owner.")
 
 
 class UpdateRoomDto(_Dto):
     """A change of name or description: only the fields given are changed."""
 
-    name: str | None = None
-    description: str | None = None
+    name: RoomName | None = None
+    description: RoomDescription | None = None
 
     @field_validator("name", mode="before")
     @classmethod
-    def _name(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise _rule("must be a string")
-        return _check_room_name(value)
-
-    @field_validator("description")
-    @classmethod
-    def _description(cls, value: str | None) -> str | None:
-        return _check_description(value)
+    def _name(cls, value: Any) -> Any:
+        if value is None:
+            raise _rule("must not be null (leave it out to keep the current one)")
+        return value
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -651,34 +772,28 @@ class MessageWithUser(Message):
 
 
 class CreateMessageDto(_Dto):
-    """A message to send.
-
-    ``client_msg_id`` (1-64 printable ASCII characters, no spaces) makes the send
-    idempotent: sending again with the same id returns the first message.
-    """
+    """A message to send; a client_msg_id makes the send idempotent."""
 
     room_id: uuid.UUID
     user_id: uuid.UUID
-    content: str
+    content: Content
     type: MessageType = "text"
-    client_msg_id: str | None = Field(default=None)
+    client_msg_id: ClientMsgId | None = None
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise _rule("must be a string")
-        return _check_content(value)
 
-    @field_validator("client_msg_id", mode="before")
-    @classmethod
-    def _client_msg_id(cls, value: Any) -> str | None:
-        if value is not None and not isinstance(value, str):
-            # Before pydantic's lax mode, which turned b"x" into "x".
-            raise _rule("must be a string")
-        if value is not None and not _CLIENT_MSG_ID_RE.fullmatch(value):
-            raise _rule("1 to 64 printable ASCII characters without spaces")
-        return value
+class SendMessageBody(_Dto):
+    """A message as a client sends it: the room and the sender come from the request."""
+
+    content: Content
+    # "system" messages are the server's to write, not a client's.
+    type: Literal["text", "image", "file"] = "text"
+    client_msg_id: ClientMsgId | None = None
+
+
+class EditMessageBody(_Dto):
+    """The new content of a message, as its author sends it."""
+
+    content: Content
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -717,6 +832,8 @@ class CursorPage(Generic[T]):
     ``None`` when there was nothing newer when this page was read (``newest`` gives the
     cursor to poll for new items from there).
     """
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG
 
     items: tuple[T, ...]
     before: str | None = None
