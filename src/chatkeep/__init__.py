@@ -17,6 +17,7 @@ from chatkeep.errors import (
     PermissionDenied,
     RateLimited,
     ResyncRequired,
+    Unauthenticated,
     Unavailable,
 )
 from chatkeep.facade import ChatKeep, Health, LoginResult
@@ -80,6 +81,7 @@ __all__ = [
     "RoomWithUsers",
     "SendMessageBody",
     "Settings",
+    "Unauthenticated",
     "Unavailable",
     "UnreadCounts",
     "UpdateRoomDto",

@@ -11,6 +11,7 @@ still on ``__cause__`` for logs and debuggers.
     ├── InvalidInput                   a value broke a rule (``.field`` and ``.rule`` say which)
     ├── NotFound                       the row (or a row it refers to) does not exist
     ├── Conflict                       a unique rule was broken (``.constraint`` names it)
+    ├── Unauthenticated                no valid session: log in (again)
     ├── PermissionDenied               the acting user may not do this
     ├── RateLimited                    too many attempts (``.retry_after`` in seconds)
     ├── Unavailable                    a store is down, timed out or the pool is exhausted
@@ -41,6 +42,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "ResyncRequired",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -103,6 +105,14 @@ class Conflict(ChatkeepError):
     def __init__(self, message: str, *, constraint: str | None = None) -> None:
         super().__init__(message)
         self.constraint = constraint
+
+
+class Unauthenticated(ChatkeepError):
+    """The caller is not logged in: no session token, or one unknown, expired or revoked.
+
+    Web integrations answer it with 401 (``chatkeep.integrations.fastapi``); the library's
+    own flows report a refused token as :class:`PermissionDenied` or ``None``.
+    """
 
 
 class PermissionDenied(ChatkeepError):

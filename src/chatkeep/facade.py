@@ -52,7 +52,9 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
+
+from pydantic import ConfigDict
 
 from chatkeep.config import Settings
 from chatkeep.embedded import resolve_endpoints
@@ -64,6 +66,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.models import (
+    SCHEMA_CONFIG,
     ChangePage,
     CreateMessageDto,
     CreateRoomDto,
@@ -152,6 +155,8 @@ class LoginResult:
     token) ends them all.
     """
 
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
+
     user: User
     session: IssuedSession
     refresh: IssuedRefreshToken
@@ -160,6 +165,8 @@ class LoginResult:
 @dataclass(frozen=True, slots=True)
 class Health:
     """Both stores' health in one value."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
 
     database: DatabaseHealth
     redis: RedisHealth

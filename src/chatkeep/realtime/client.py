@@ -39,9 +39,10 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, ClassVar, Final, Self
 
 import redis.asyncio as aioredis
+from pydantic import ConfigDict
 from redis import exceptions as rex
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import Connection
@@ -51,6 +52,7 @@ from redis.commands.core import AsyncScript
 
 from chatkeep.config import Settings, redact_url
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
+from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.ops import tracing
 from chatkeep.realtime.errors import translate_error
 from chatkeep.realtime.keys import KeySpace
@@ -86,6 +88,8 @@ class RedisHealth:
         latency_ms: round-trip time of the ping, if it answered.
         error: why it did not answer (no secrets), if it did not.
     """
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
 
     ok: bool
     latency_ms: float | None

@@ -24,10 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Annotated, Any, ClassVar, Final
 from uuid import UUID
 
+from pydantic import ConfigDict, PlainSerializer
+
 from chatkeep.errors import InvalidInput
+from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import from_ms, seconds
 
@@ -130,18 +133,25 @@ class Session:
         metadata: what the caller stored at creation (device, IP address...).
     """
 
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
+
     session_id: str
     user_id: UUID
     created_at: datetime
     last_active_at: datetime
     expires_at: datetime
     absolute_expires_at: datetime
-    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # A read-only view, which pydantic (and so FastAPI) cannot serialise as it is.
+    metadata: Annotated[Mapping[str, str], PlainSerializer(dict, return_type=dict[str, str])] = (
+        field(default_factory=lambda: MappingProxyType({}))
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class IssuedSession:
     """A new session and its bearer token (give the token to the client, once)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
 
     token: str = field(repr=False)
     session: Session

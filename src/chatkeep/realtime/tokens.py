@@ -41,10 +41,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final
+from typing import ClassVar, Final
 from uuid import UUID, uuid4
 
+from pydantic import ConfigDict
+
 from chatkeep.errors import InvalidInput, PermissionDenied
+from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import from_ms, seconds
 
@@ -142,6 +145,8 @@ return out
 @dataclass(frozen=True, slots=True)
 class IssuedRefreshToken:
     """A refresh token to hand to the client (shown once; only its hash is stored)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
 
     token: str = field(repr=False)
     family_id: UUID

@@ -36,10 +36,11 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, ClassVar, Final, Literal, Self, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from pydantic import ConfigDict
 
 from chatkeep.config import Settings, redact_url
 from chatkeep.errors import (
@@ -49,6 +50,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.ids import check_id
+from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.ops import tracing
 from chatkeep.storage.errors import (
     DRIVER_ERRORS,
@@ -154,6 +156,8 @@ class OperationStats:
 @dataclass(frozen=True, slots=True)
 class DatabaseHealth:
     """What :meth:`Database.health` saw: a round trip's latency and the pool's state."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = SCHEMA_CONFIG  # plain schema text
 
     latency_ms: float
     server_version: str

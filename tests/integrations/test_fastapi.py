@@ -1,0 +1,514 @@
+"""chatkeep.integrations.fastapi: a real app on the real stores, through TestClient and
+through uvicorn on a socket (HTTP and WebSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from chatkeep import (
+    ChatkeepError,
+    ConfigurationError,
+    Conflict,
+    CursorPage,
+    Health,
+    InvalidInput,
+    LoginResult,
+    Message,
+    MessageReadStatus,
+    MessageWithUser,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Room,
+    RoomMember,
+    RoomSummary,
+    RoomUser,
+    RoomWithUsers,
+    Settings,
+    Unauthenticated,
+    Unavailable,
+    UnreadCounts,
+    User,
+    UserProfile,
+)
+from chatkeep.integrations.fastapi import (
+    ERROR_STATUS,
+    Chat,
+    CurrentUser,
+    CurrentUserId,
+    TokenResponse,
+    add_error_handlers,
+    chat_router,
+    lifespan,
+)
+from chatkeep.realtime import IssuedRefreshToken, IssuedSession, RateLimit, RedisHealth, Session
+from chatkeep.storage.database import DatabaseHealth
+from tests.integrations.serving import uvicorn_server
+
+ROUNDS = 10
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+PASSWORD = "correct horse"
+
+
+def make_app(settings: Settings, **options: Any) -> FastAPI:
+    app = FastAPI(lifespan=lifespan(settings, bcrypt_rounds=ROUNDS, sweep_interval=0.5, **options))
+    add_error_handlers(app)
+    app.include_router(chat_router(), prefix="/api")
+    return app
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], app_url: str, redis_url: str) -> Settings:
+    return make_settings(database_url=app_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    app = make_app(settings, send_limit=RateLimit(limit=3, period=60.0))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def register(client: TestClient | httpx2.Client, name: str) -> dict[str, Any]:
+    answer = client.post(
+        "/api/auth/register",
+        json={"email": f"{name}@example.org", "username": name, "password": PASSWORD},
+    )
+    assert answer.status_code == 201, answer.text
+    return dict(answer.json())
+
+
+def login(client: TestClient | httpx2.Client, name: str) -> dict[str, Any]:
+    answer = client.post(
+        "/api/auth/login", json={"email": f"{name}@example.org", "password": PASSWORD}
+    )
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def bearer(token: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token['access_token']}"}
+
+
+# -- every public return type is a response model ------------------------------------------
+
+
+def _samples() -> dict[str, tuple[Any, Any]]:
+    profile = UserProfile(id=uuid.uuid4(), username="ann")
+    user = User(
+        id=profile.id, email="ann@example.org", username="ann", created_at=NOW, updated_at=NOW
+    )
+    room = Room(
+        id=uuid.uuid4(),
+        name="general",
+        type="public",
+        created_by=user.id,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    message = Message(
+        id=uuid.uuid4(), room_id=room.id, user_id=user.id, seq=1, content="hi", created_at=NOW
+    )
+    with_user = MessageWithUser(**vars(message), user=profile)
+    member = RoomMember(user=profile, role="owner", joined_at=NOW)
+    session = Session(
+        session_id="s1",
+        user_id=user.id,
+        created_at=NOW,
+        last_active_at=NOW,
+        expires_at=NOW,
+        absolute_expires_at=NOW,
+    )
+    login_result = LoginResult(
+        user,
+        IssuedSession(token="t", session=session),
+        IssuedRefreshToken(token="r", family_id=uuid.uuid4(), user_id=user.id, expires_at=NOW),
+    )
+    health = Health(
+        database=DatabaseHealth(
+            latency_ms=1.0,
+            server_version="15",
+            pool_size=1,
+            pool_min_size=1,
+            pool_max_size=2,
+            idle=1,
+            busy=0,
+        ),
+        redis=RedisHealth(ok=True, latency_ms=0.5),
+    )
+    return {
+        "user": (User, user),
+        "profile": (UserProfile, profile),
+        "room": (Room, room),
+        "room_user": (
+            RoomUser,
+            RoomUser(room_id=room.id, user_id=user.id, role="owner", joined_at=NOW),
+        ),
+        "room_with_users": (RoomWithUsers, RoomWithUsers(**vars(room), members=(member,))),
+        "summary": (
+            list[RoomSummary],
+            [
+                RoomSummary(
+                    room=room, role="owner", last_read_seq=0, unread_count=1, last_message=with_user
+                )
+            ],
+        ),
+        "message": (Message, message),
+        "page": (CursorPage[MessageWithUser], CursorPage(items=(with_user,), newest="n")),
+        "read_status": (
+            MessageReadStatus,
+            MessageReadStatus(message_id=message.id, user_id=user.id),
+        ),
+        "unread": (UnreadCounts, UnreadCounts([(room.id, 3)])),
+        "login": (LoginResult, login_result),
+        "token": (TokenResponse, TokenResponse.of(login_result)),
+        "health": (Health, health),
+    }
+
+
+def _returning(annotation: Any, value: Any) -> Callable[[], Any]:
+    async def route() -> Any:
+        return value
+
+    route.__annotations__["return"] = annotation
+    return route
+
+
+def test_every_public_return_type_is_a_response_model() -> None:
+    app = FastAPI()
+    samples = _samples()
+    for name, (annotation, value) in samples.items():
+        app.get(f"/{name}")(_returning(annotation, value))  # FastAPI builds the model here
+    schema = app.openapi()
+    components = schema["components"]["schemas"]
+    for needed in ("User", "Room", "MessageWithUser", "LoginResult", "Health", "TokenResponse"):
+        assert needed in components
+    text = json.dumps(schema)
+    for markup in (">>>", ":class:", ":meth:", "``", "Attributes:", "Example"):
+        assert markup not in text, markup
+    with TestClient(app) as client:
+        for name in samples:
+            answer = client.get(f"/{name}")
+            assert answer.status_code == 200, (name, answer.text)
+        room_id = str(samples["room"][1].id)
+        assert client.get("/unread").json() == {room_id: 3}
+        assert client.get("/login").json()["session"]["token"] == "t"
+        assert client.get("/health").json()["redis"] == {
+            "ok": True,
+            "latency_ms": 0.5,
+            "error": None,
+        }
+        assert client.get("/page").json()["items"][0]["user"]["username"] == "ann"
+        assert "password_hash" not in client.get("/user").json()
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _raising(error: ChatkeepError) -> Callable[[], Any]:
+    async def route() -> None:
+        raise error
+
+    return route
+
+
+def test_every_error_class_has_its_status_and_body() -> None:
+    app = FastAPI()
+    add_error_handlers(app)
+    raised: dict[str, ChatkeepError] = {
+        "invalid": InvalidInput("content", "must not be empty"),
+        "unauthenticated": Unauthenticated("log in"),
+        "denied": PermissionDenied("not yours"),
+        "missing": NotFound("room not found", entity="room"),
+        "conflict": Conflict("taken", constraint="users_email_key"),
+        "limited": RateLimited("slow down", retry_after=1.2),
+        "down": Unavailable("redis is down"),
+        "other": ConfigurationError("secret detail"),
+    }
+    for name, error in raised.items():
+        app.get(f"/{name}")(_raising(error))
+    with TestClient(app) as client:
+        answers = {name: client.get(f"/{name}") for name in raised}
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        "invalid": 422,
+        "unauthenticated": 401,
+        "denied": 403,
+        "missing": 404,
+        "conflict": 409,
+        "limited": 429,
+        "down": 503,
+        "other": 500,
+    }
+    assert answers["invalid"].json() == {
+        "error": {
+            "code": "invalid_input",
+            "message": "content: must not be empty",
+            "field": "content",
+            "errors": [{"field": "content", "rule": "must not be empty"}],
+        }
+    }
+    assert answers["missing"].json() == {
+        "error": {"code": "not_found", "message": "room not found"}
+    }
+    assert answers["limited"].headers["Retry-After"] == "2"
+    assert answers["unauthenticated"].headers["WWW-Authenticate"] == "Bearer"
+    assert answers["other"].json() == {"error": {"code": "internal", "message": "internal"}}
+    codes = {answer.json()["error"]["code"] for answer in answers.values()}
+    assert codes == {code for _, code in ERROR_STATUS.values()} | {"internal"}
+
+
+# -- the router, through TestClient ---------------------------------------------------------
+
+
+def test_bad_input_is_422_with_every_problem_and_no_values(client: TestClient) -> None:
+    # Before: InvalidInput raised inside pydantic's validation made FastAPI answer 500.
+    answer = client.post(
+        "/api/auth/register",
+        json={"email": "nope", "username": "_x", "password": "sekrit!", "avatar_url": "ftp://x"},
+    )
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_input"
+    assert error["field"] == "email"
+    assert [problem["field"] for problem in error["errors"]] == [
+        "email",
+        "username",
+        "password",
+        "avatar_url",
+    ]
+    assert "sekrit" not in answer.text
+    assert client.post("/api/auth/register", json=[]).status_code == 422
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schema["CreateUserDto"]["properties"]["username"]["maxLength"] == 32
+    assert "created_by" not in schema["CreateRoomBody"]["properties"]
+
+
+def test_a_whole_conversation(client: TestClient) -> None:
+    ann = register(client, "ann")
+    register(client, "bob")
+    assert (
+        client.post(
+            "/api/auth/login", json={"email": "ann@example.org", "password": "wrong password"}
+        ).status_code
+        == 401
+    )
+    assert (
+        client.post(
+            "/api/auth/register",
+            json={"email": "ann@example.org", "username": "ann2", "password": PASSWORD},
+        ).status_code
+        == 409
+    )
+    token = login(client, "ann")
+    bob = bearer(login(client, "bob"))
+    auth = bearer(token)
+    assert token["token_type"] == "bearer"
+    assert token["user"]["id"] == ann["id"]
+    assert client.get("/api/me", headers=auth).json()["username"] == "ann"
+
+    room = client.post("/api/rooms", headers=auth, json={"name": " general "})
+    assert room.status_code == 201
+    room_id = room.json()["id"]
+    assert room.json()["name"] == "general"
+    assert room.json()["created_by"] == ann["id"]
+    # A room body with created_by is refused: the creator is the caller.
+    spoofed = client.post("/api/rooms", headers=auth, json={"name": "x", "created_by": ann["id"]})
+    assert spoofed.status_code == 422
+
+    sent = client.post(
+        f"/api/rooms/{room_id}/messages",
+        headers=auth,
+        json={"content": "hello", "client_msg_id": "c-1"},
+    )
+    assert sent.status_code == 201
+    again = client.post(
+        f"/api/rooms/{room_id}/messages",
+        headers=auth,
+        json={"content": "hello", "client_msg_id": "c-1"},
+    )
+    assert again.json()["id"] == sent.json()["id"]  # idempotent
+    # bob is not a member yet: 403, then he joins and reads.
+    assert (
+        client.post(
+            f"/api/rooms/{room_id}/messages", headers=bob, json={"content": "hi"}
+        ).status_code
+        == 403
+    )
+    assert client.post(f"/api/rooms/{room_id}/join", headers=bob).json()["role"] == "member"
+    assert client.get("/api/unread", headers=bob).json() == {room_id: 1}
+    page = client.get(f"/api/rooms/{room_id}/messages", headers=bob, params={"limit": 10}).json()
+    assert [m["content"] for m in page["items"]] == ["hello"]
+    assert page["items"][0]["user"]["username"] == "ann"
+    assert client.post(f"/api/rooms/{room_id}/read", headers=bob).json() == {"last_read_seq": 1}
+    assert client.get("/api/unread", headers=bob).json() == {room_id: 0}
+    rooms = client.get("/api/rooms", headers=bob).json()
+    assert [(r["room"]["id"], r["unread_count"]) for r in rooms] == [(room_id, 0)]
+
+    message_id = sent.json()["id"]
+    edited = client.patch(f"/api/messages/{message_id}", headers=auth, json={"content": "hello!"})
+    assert (edited.status_code, edited.json()["is_edited"]) == (200, True)
+    assert (
+        client.patch(f"/api/messages/{message_id}", headers=bob, json={"content": "no"}).status_code
+        == 403
+    )
+    assert (
+        client.post(f"/api/rooms/{room_id}/typing", headers=bob, json={"typing": True}).status_code
+        == 204
+    )
+    assert client.delete(f"/api/messages/{message_id}", headers=auth).status_code == 204
+    assert client.delete(f"/api/messages/{message_id}", headers=auth).status_code == 404
+    assert client.post(f"/api/rooms/{room_id}/leave", headers=bob).status_code == 204
+    assert client.post(f"/api/rooms/{room_id}/leave", headers=bob).status_code == 404
+    assert client.get(f"/api/rooms/{uuid.uuid4()}/messages", headers=auth).status_code == 404
+    assert (
+        client.get("/api/rooms/not-a-uuid/messages", headers=auth).json()["error"]["field"]
+        == "room_id"
+    )
+
+    # Three sends a minute (the app's limit); the third above was the idempotent retry.
+    for n in range(2):
+        client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": f"m{n}"})
+    limited = client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": "more"})
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_sessions_refresh_and_logout(client: TestClient) -> None:
+    register(client, "cid")
+    for headers in (
+        {},
+        {"Authorization": "Bearer nonsense"},
+        {"Authorization": f"Bearer {uuid.uuid4()}.x"},
+    ):
+        answer = client.get("/api/me", headers=headers)
+        assert answer.status_code == 401
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+        assert answer.json()["error"]["code"] == "unauthenticated"
+    first = login(client, "cid")
+    renewed = client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert renewed.status_code == 200
+    assert client.get("/api/me", headers=bearer(renewed.json())).status_code == 200
+    # A spent refresh token is refused (and ends that login): 401, log in again.
+    reused = client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert reused.status_code == 401
+    assert client.get("/api/me", headers=bearer(renewed.json())).status_code == 401
+
+    second = login(client, "cid")
+    out = client.post(
+        "/api/auth/logout", headers=bearer(second), json={"refresh_token": second["refresh_token"]}
+    )
+    assert out.status_code == 204
+    assert client.get("/api/me", headers=bearer(second)).status_code == 401
+    assert (
+        client.post(
+            "/api/auth/refresh", json={"refresh_token": second["refresh_token"]}
+        ).status_code
+        == 401
+    )
+    third = login(client, "cid")
+    assert client.post("/api/auth/logout", headers=bearer(third)).status_code == 204
+    assert client.get("/api/me", headers=bearer(third)).status_code == 401
+
+
+def test_the_websocket_streams_a_room(client: TestClient) -> None:
+    register(client, "dee")
+    auth = bearer(login(client, "dee"))
+    room_id = client.post("/api/rooms", headers=auth, json={"name": "ws"}).json()["id"]
+    client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": "before"})
+    with client.websocket_connect(f"/api/rooms/{room_id}/events?after_seq=0", headers=auth) as ws:
+        assert ws.receive_json()["message"]["content"] == "before"  # caught up
+        client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": "live"})
+        item = ws.receive_json()
+        assert (item["kind"], item["message"]["content"], item["message"]["seq"]) == (
+            "message",
+            "live",
+            2,
+        )
+        client.post(f"/api/rooms/{room_id}/typing", headers=auth, json={"typing": True})
+        event = ws.receive_json()
+        assert (event["kind"], event["event"]["type"]) == ("event", "typing")
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect(f"/api/rooms/{room_id}/events") as ws,
+    ):
+        ws.receive_json()
+    assert refused.value.code == 4401
+    with (
+        pytest.raises(WebSocketDisconnect) as missing,
+        client.websocket_connect(f"/api/rooms/{uuid.uuid4()}/events", headers=auth) as ws,
+    ):
+        ws.receive_json()
+    assert missing.value.code == 4404
+
+
+# -- the same app over a real socket --------------------------------------------------------
+
+
+async def test_over_uvicorn_http_and_websocket(settings: Settings) -> None:
+    app = make_app(settings)
+
+    def serve_and_call(base: str) -> tuple[str, str, str]:
+        with httpx2.Client(base_url=f"http://{base}") as http:
+            register(http, "eve")
+            token = login(http, "eve")
+            room_id = http.post("/api/rooms", headers=bearer(token), json={"name": "net"}).json()[
+                "id"
+            ]
+            return token["access_token"], room_id, base
+
+    with uvicorn_server(app) as base:
+        access, room_id, _ = await asyncio.to_thread(serve_and_call, base)
+        url = f"ws://{base}/api/rooms/{room_id}/events?token={access}"
+        async with ws_connect(url) as ws:
+            async with httpx2.AsyncClient(base_url=f"http://{base}") as http:
+                sent = await http.post(
+                    f"/api/rooms/{room_id}/messages",
+                    headers={"Authorization": f"Bearer {access}"},
+                    json={"content": "over the wire"},
+                )
+                assert sent.status_code == 201
+            item = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+            assert item["message"]["content"] == "over the wire"
+        async with ws_connect(f"ws://{base}/api/rooms/{room_id}/events") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), timeout=10)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 4401
+
+
+# -- dependencies on their own -------------------------------------------------------------
+
+
+def test_dependencies_in_an_app_of_ones_own(settings: Settings) -> None:
+    app = FastAPI(lifespan=lifespan(settings, bcrypt_rounds=ROUNDS, sweep_interval=None))
+    add_error_handlers(app)
+    app.include_router(chat_router(websocket=False), prefix="/api")
+
+    @app.get("/whoami")
+    async def whoami(chat: Chat, user: CurrentUser, user_id: CurrentUserId) -> dict[str, Any]:
+        assert user.id == user_id
+        profile = await chat.profile(user_id)
+        assert profile is not None
+        return {"name": profile.username}
+
+    with TestClient(app) as client:
+        register(client, "fay")
+        assert client.get("/whoami", headers=bearer(login(client, "fay"))).json() == {"name": "fay"}
+        assert client.get("/whoami").status_code == 401
+        assert "/api/rooms/{room_id}/events" not in {
+            getattr(route, "path", None) for route in app.routes
+        }
+    assert not hasattr(app.state, "chatkeep")  # closed and forgotten at shutdown
