@@ -71,11 +71,6 @@ def make_app(settings: Settings, **options: Any) -> FastAPI:
 
 
 @pytest.fixture
-def settings(make_settings: Callable[..., Settings], app_url: str, redis_url: str) -> Settings:
-    return make_settings(database_url=app_url)
-
-
-@pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     app = make_app(settings, send_limit=RateLimit(limit=3, period=60.0))
     with TestClient(app) as test_client:

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -50,15 +50,13 @@ from starlette.websockets import WebSocketDisconnect
 from chatkeep.config import Settings
 from chatkeep.errors import (
     ChatkeepError,
-    Conflict,
     InvalidInput,
     NotFound,
     PermissionDenied,
-    RateLimited,
     Unauthenticated,
-    Unavailable,
 )
 from chatkeep.facade import ChatKeep, LoginResult
+from chatkeep.integrations.http import ERROR_STATUS, error_body, error_headers
 from chatkeep.integrations.streams import room_stream
 from chatkeep.models import (
     CreateRoomBody,
@@ -99,18 +97,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("chatkeep.integrations.fastapi")
-
-ERROR_STATUS: Final[Mapping[type[ChatkeepError], tuple[int, str]]] = {
-    InvalidInput: (422, "invalid_input"),
-    Unauthenticated: (401, "unauthenticated"),
-    PermissionDenied: (403, "permission_denied"),
-    NotFound: (404, "not_found"),
-    Conflict: (409, "conflict"),
-    RateLimited: (429, "rate_limited"),
-    Unavailable: (503, "unavailable"),
-}
-"""HTTP status and error ``code`` of each error class (subclasses too); others: 500,
-``internal``."""
 
 # Where FastAPI says a request value was: left out of a field's name ("body.content").
 _LOCATIONS: Final = frozenset({"body", "query", "path", "header", "cookie"})
@@ -256,42 +242,12 @@ _ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
-def _status_of(exc: ChatkeepError) -> tuple[int, str]:
-    for cls in type(exc).__mro__:
-        found = ERROR_STATUS.get(cls)
-        if found is not None:
-            return found
-    return 500, "internal"
-
-
-def error_body(exc: ChatkeepError) -> tuple[int, dict[str, Any]]:
-    """The HTTP status and JSON body answering ``exc`` (see the module docstring).
-
-    A 500's message is generic: an unexpected error's text is for the logs only.
-    """
-    status, code = _status_of(exc)
-    detail: dict[str, Any] = {"code": code, "message": str(exc) if status != 500 else code}
-    if isinstance(exc, InvalidInput):
-        detail["field"] = exc.field
-        detail["errors"] = [{"field": e.field, "rule": e.rule} for e in exc.errors]
-    return status, {"error": detail}
-
-
-def _headers(exc: ChatkeepError) -> dict[str, str] | None:
-    if isinstance(exc, Unauthenticated):
-        return {"WWW-Authenticate": "Bearer"}
-    if isinstance(exc, RateLimited):
-        # Whole seconds, rounded up: Retry-After takes no fractions.
-        return {"Retry-After": str(max(1, int(-(-exc.retry_after // 1))))}
-    return None
-
-
 async def _chatkeep_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatkeepError)  # noqa: S101 - registered for it alone
     status, body = error_body(exc)
     if status == 500:
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(body, status_code=status, headers=_headers(exc))
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
 
 
 def _field_name(loc: Sequence[int | str]) -> str:
