@@ -28,6 +28,8 @@ Messages never contain passwords, tokens or message contents.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "ChatkeepError",
     "ChecksumMismatch",
@@ -89,6 +91,17 @@ class InvalidInput(ChatkeepError):
         self.field = field
         self.rule = rule
         self.errors = errors or (self,)
+
+    @classmethod
+    def of_all(cls, problems: Iterable[tuple[str, str]]) -> InvalidInput:
+        """One error for several ``(field, rule)`` problems (at least one).
+
+        Its ``field`` and ``rule`` are the first problem's, ``errors`` holds them all, and
+        the message joins them with ``; ``.
+        """
+        found = tuple(cls(field, rule) for field, rule in problems)
+        first = found[0]
+        return cls(first.field, first.rule, "; ".join(map(str, found)), errors=found)
 
 
 class NotFound(ChatkeepError):

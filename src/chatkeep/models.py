@@ -189,13 +189,10 @@ def invalid_input(exc: ValidationError) -> InvalidInput:
     an ``InvalidInput`` of one field (a dotted path) and rule. The values are never
     echoed, as one may be a password; raise it ``from None`` for the same reason.
     """
-    problems = tuple(
-        InvalidInput(".".join(str(part) for part in error["loc"]) or exc.title, error["msg"])
+    return InvalidInput.of_all(
+        (".".join(str(part) for part in error["loc"]) or exc.title, error["msg"])
         for error in exc.errors(include_input=False, include_url=False)
     )
-    first = problems[0]
-    message = "; ".join(str(problem) for problem in problems)
-    return InvalidInput(first.field, first.rule, message, errors=problems)
 
 
 # What docstrings say in reStructuredText for the docs site, said plainly for a JSON schema.

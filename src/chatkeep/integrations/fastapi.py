@@ -259,16 +259,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it alone
     # The values are not echoed (one may be a password), unlike FastAPI's default answer.
     problems = [
-        InvalidInput(_field_name(error.get("loc", ())), str(error.get("msg", "invalid")))
+        (_field_name(error.get("loc", ())), str(error.get("msg", "invalid")))
         for error in exc.errors()
-    ] or [InvalidInput("body", "invalid")]
-    first = problems[0]
-    invalid = InvalidInput(
-        first.field,
-        first.rule,
-        "; ".join(str(problem) for problem in problems),
-        errors=tuple(problems),
-    )
+    ]
+    invalid = InvalidInput.of_all(problems or [("body", "invalid")])
     return await _chatkeep_error(request, invalid)
 
 
