@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -507,3 +508,23 @@ def test_dependencies_in_an_app_of_ones_own(settings: Settings) -> None:
             getattr(route, "path", None) for route in app.routes
         }
     assert not hasattr(app.state, "chatkeep")  # closed and forgotten at shutdown
+
+
+def test_the_lifespan_sweeps_presence(settings: Settings) -> None:
+    app = FastAPI(
+        lifespan=lifespan(settings, bcrypt_rounds=ROUNDS, presence_timeout=0.3, sweep_interval=0.1)
+    )
+    add_error_handlers(app)
+    app.include_router(chat_router(websocket=False), prefix="/api")
+    with TestClient(app) as client:
+        user_id = uuid.UUID(register(client, "gus")["id"])
+        auth = bearer(login(client, "gus"))
+        assert client.get("/api/me", headers=auth).json()["last_seen"] is None
+        assert client.portal is not None
+        client.portal.call(app.state.chatkeep.connect_socket, user_id, "socket-1")
+        # No heartbeat: the lifespan's sweeper takes the user offline, which writes
+        # last_seen (nothing else sweeps here).
+        deadline = time.monotonic() + 10
+        while client.get("/api/me", headers=auth).json()["last_seen"] is None:
+            assert time.monotonic() < deadline, "the sweeper never ran"
+            time.sleep(0.1)
