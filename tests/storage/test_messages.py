@@ -211,7 +211,7 @@ def test_content_is_stored_verbatim(database_url: str) -> None:
         def check(text: str) -> None:
             if "\x00" in text or not text.strip(" \t\r\n"):
                 with pytest.raises(InvalidInput, match="content"):
-                    CreateMessageDto(room_id=room_id, user_id=user_id, content=text)
+                    CreateMessageDto.checked(room_id=room_id, user_id=user_id, content=text)
                 return
             dto = CreateMessageDto(room_id=room_id, user_id=user_id, content=text)
             sent = loop.run_until_complete(repo.send(dto))
