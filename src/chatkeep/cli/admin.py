@@ -62,7 +62,7 @@ def setup(
     password, printed here once and stored nowhere.
     """
     settings = load_settings(database_url)
-    with endpoints(settings, redis=False, create_database=False) as found:
+    with endpoints(settings, redis=False, create_database=False, migrate_only=True) as found:
         report = run(
             bootstrap(
                 found.admin_database_url,

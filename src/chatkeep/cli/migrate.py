@@ -124,7 +124,7 @@ def _with_migrator(
             resolve_target(migrations, to)
         except MigrationError as exc:
             fail(str(exc), code=EXIT_USAGE)
-    with endpoints(settings, redis=False) as found:
+    with endpoints(settings, redis=False, migrate_only=True) as found:
         url = found.admin_database_url if admin else found.migrate_database_url
 
         async def go() -> T:
