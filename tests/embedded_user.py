@@ -43,7 +43,9 @@ async def answer(settings: Settings, found: Endpoints, line: str) -> str:
 
 def main() -> None:
     postgres = "--no-postgres" not in sys.argv
-    overrides: dict[str, Any] = {} if postgres else {"database_url": "postgresql://unused@127.0.0.1:1/x"}
+    overrides: dict[str, Any] = (
+        {} if postgres else {"database_url": "postgresql://unused@127.0.0.1:1/x"}
+    )
     settings = Settings.load(**overrides)
     with resolve_endpoints(settings) as found:
         print(

@@ -66,7 +66,9 @@ def data_dir() -> Path:
 async def test_starts_both_servers_and_reuses_the_data_folder(
     data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings(data_dir=data_dir)
+    # A migration URL for a real server is never used on the embedded one (issue 16.6).
+    real = "postgresql://owner:pw@db.internal/chatapp_db"
+    settings = Settings(data_dir=data_dir, migrate_database_url=real)
     caplog.set_level(logging.INFO, logger="chatkeep.embedded")
     with resolve_endpoints(settings, announce=True) as found:
         assert found.embedded_database
@@ -99,6 +101,11 @@ async def test_starts_both_servers_and_reuses_the_data_folder(
     # Each server says what it stands in for, and at which URL.
     assert f"serves DATABASE_URL (unset): {found.database_url}" in messages
     assert f"embedded Valkey serves REDIS_URL (unset): {valkey_url}" in messages
+    assert (
+        "CHATKEEP_MIGRATE_DATABASE_URL (postgresql://owner:***@db.internal/chatapp_db) is not used"
+        in messages
+    )
+    assert "pw@" not in messages
 
     # A second block finds the same data: no new initdb, the table and its row are there.
     with resolve_endpoints(settings, redis=False) as again:

@@ -358,3 +358,27 @@ def test_migrate_new_numbers_the_next_file(cli_env: Env, tmp_path: Path) -> None
     lint = runner.invoke(app, ["migrate", "lint", "--location", str(folder)], env=env)
     assert lint.exit_code == 1
     assert "001_create_carts.sql: the up part has no statements" in lint.stderr
+
+
+def test_a_migration_url_alone_starts_nothing_embedded(
+    cli_env: Env, emptied_database_url: str, three: Path, tmp_path: Path
+) -> None:
+    # Issue 16.6: with only CHATKEEP_MIGRATE_DATABASE_URL set, `migrate up` migrated that
+    # server but also started an embedded PostgreSQL, made chatapp_db and roles in it, and
+    # logged that it was running "instead of DATABASE_URL".
+    data_dir = tmp_path / "data"
+    env = cli_env(
+        CHATKEEP_MIGRATE_DATABASE_URL=emptied_database_url,
+        CHATKEEP_DATA_DIR=str(data_dir),
+        COLUMNS="200",
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["migrate", "up", "--migrations-dir", str(three)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "3 migration(s) applied" in result.stdout
+    assert tables_in(emptied_database_url) == {"a", "b", "c"}
+    assert "embedded" not in result.output
+    assert not data_dir.exists()  # no server, no data folder, no state file
+    status = runner.invoke(app, ["migrate", "status", "--migrations-dir", str(three)], env=env)
+    assert status.exit_code == 0, status.output
+    assert not data_dir.exists()
