@@ -31,7 +31,12 @@ from tests.servers import RedisServer
 
 # The harness is chatkeep.testing, the plugin applications use; this file names its
 # fixtures as the suite always has and adds the ones only chatkeep's own tests need.
-pytest_plugins = ["chatkeep.testing", "pytester", "tests.migration_files"]
+pytest_plugins = [
+    "chatkeep.testing",
+    "pytester",
+    "tests.migration_files",
+    "tests.embedded_processes",
+]
 
 __all__ = [
     "chdir",

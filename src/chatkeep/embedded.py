@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from chatkeep.config import DEFAULT_DATABASE_NAME, Settings, redact_url
 from chatkeep.errors import ConfigurationError, Unavailable
 
-__all__ = ["Endpoints", "embedded_postgres_bin_dir", "resolve_endpoints"]
+__all__ = ["Endpoints", "embedded_postgres_bin_dir", "other_users", "resolve_endpoints"]
 
 logger = logging.getLogger("chatkeep.embedded")
 
@@ -367,6 +367,18 @@ def _lease(data_dir: Path, *, postgres: bool, valkey: bool) -> Iterator[tuple[st
                 del _BLOCKS[data_dir]
         if last:
             _leave(data_dir)
+
+
+def other_users(data_dir: Path) -> list[int]:
+    """Pids of the other live processes using the embedded servers of ``data_dir``.
+
+    When this list is empty as this process leaves, the servers stop with it.
+    """
+    data_dir = data_dir.resolve()
+    if not (data_dir / LOCK_FILE).exists():
+        return []
+    with _locked(data_dir) as state:
+        return [int(u["pid"]) for u in state["users"] if u["pid"] != os.getpid()]
 
 
 def _release(data_dir: Path, state: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from chatkeep import __version__
 from chatkeep.cli import audit as audit_cli
+from chatkeep.cli import dev as dev_cli
 from chatkeep.cli import migrate as migrate_cli
 from chatkeep.cli._common import err_console, setup_logging
 from chatkeep.cli.admin import doctor, schema_app, setup, wait
@@ -92,6 +93,7 @@ app = typer.Typer(
 app.add_typer(migrate_cli.app, name="migrate")
 app.add_typer(schema_app, name="schema")
 app.add_typer(audit_cli.app, name="audit")
+app.add_typer(dev_cli.app, name="dev")
 app.command()(setup)
 app.command()(doctor)
 app.command()(demo)
