@@ -17,19 +17,17 @@ from chatkeep.storage.migrate import migrate_up
 
 __all__ = ["app"]
 
-app = typer.Typer(
-    help="Run the embedded PostgreSQL and Valkey for development, and open psql on them.",
-    no_args_is_help=False,
-)
+app = typer.Typer(no_args_is_help=False)
 
 
 @app.callback(invoke_without_command=True)
 def dev(ctx: typer.Context) -> None:
-    """Run the embedded servers in the foreground until Ctrl-C, migrated and ready.
+    """Run the embedded PostgreSQL and Valkey in the foreground until Ctrl-C.
 
-    Every process started in this folder with no DATABASE_URL / REDIS_URL (uvicorn
-    workers, tests, other commands) uses these same servers. Ctrl-C stops them unless
-    other processes still use them: then the last of those stops them.
+    The database is set up and migrated, and the URLs are printed for psql and redis-cli.
+    Every process started with the same data folder and no DATABASE_URL / REDIS_URL
+    (uvicorn workers, tests, other commands) uses these same servers. Ctrl-C stops them
+    unless other processes still use them: then the last of those stops them.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -93,7 +91,7 @@ def shell(
 ) -> None:
     """Open psql on the database (the embedded server unless DATABASE_URL is set).
 
-    Extra arguments go to psql: ``chatkeep dev shell -- -c 'SELECT 1'``.
+    Arguments after -- go to psql (chatkeep dev shell -- -l lists the databases).
     """
     settings = load_settings()
     with endpoints(settings, redis=False) as found:
