@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -20,8 +22,14 @@ from typer.testing import CliRunner
 
 from chatkeep.cli import app
 from chatkeep.config import DEFAULT_DATABASE_NAME, Settings
-from chatkeep.embedded import embedded_postgres_bin_dir, resolve_endpoints
-from chatkeep.errors import ConfigurationError
+from chatkeep.embedded import (
+    STATE_FILE,
+    _sigterm_exits,
+    embedded_postgres_bin_dir,
+    other_users,
+    resolve_endpoints,
+)
+from chatkeep.errors import ConfigurationError, Unavailable
 from chatkeep.storage.bootstrap import ensure_database, maintenance_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,3 +237,41 @@ def test_cli_without_the_extra_says_how_to_get_it(
 def test_url_helpers_work_on_the_embedded_socket_url(tmp_path: Path) -> None:
     url = "postgresql://postgres@/chatapp_db?host=/tmp/x%20y"
     assert maintenance_url(url) == "postgresql://postgres@/postgres?host=/tmp/x%20y"
+
+
+def test_a_dead_valkey_is_replaced_and_a_failed_start_leaves_no_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(database_url="postgresql://u@127.0.0.1:1/x", data_dir=tmp_path)
+    with resolve_endpoints(settings):
+        state = json.loads((tmp_path / STATE_FILE).read_text())
+        assert [u["pid"] for u in state["users"]] == [os.getpid()]
+        assert other_users(tmp_path) == []
+        os.kill(state["valkey"]["pid"], signal.SIGKILL)
+        # A block opened now finds the recorded Valkey gone and starts another.
+        with resolve_endpoints(settings) as second:
+            assert asyncio.run(ping(second.redis_url))
+            replaced = json.loads((tmp_path / STATE_FILE).read_text())["valkey"]["pid"]
+            assert replaced != state["valkey"]["pid"]
+        assert asyncio.run(ping(second.redis_url))  # the outer block still holds the lease
+    assert not listening(second.redis_url)
+    assert not (tmp_path / STATE_FILE).exists()
+
+    # Simulated: a Valkey that cannot start (a real one fails only on a broken install).
+    def broken(data_dir: Path, state: dict[str, object]) -> str:
+        raise Unavailable("could not start the embedded Valkey")
+
+    monkeypatch.setattr("chatkeep.embedded._start_valkey", broken)
+    with pytest.raises(Unavailable), resolve_endpoints(settings):
+        pass  # pragma: no cover
+    assert not (tmp_path / STATE_FILE).exists()
+    assert other_users(tmp_path) == []
+
+
+def test_a_lease_lets_sigterm_unwind_the_process() -> None:
+    # Taking a lease installed this when SIGTERM had no handler (see test_embedded_sharing
+    # for the real signal); a handler of the application's own is left alone.
+    assert other_users(ROOT / ".chatkeep" / "no-such-folder") == []
+    with pytest.raises(SystemExit) as info:
+        _sigterm_exits(signal.SIGTERM, None)
+    assert info.value.code == 128 + signal.SIGTERM
