@@ -52,27 +52,23 @@ def test_dev_serves_until_ctrl_c_and_leaves_them_to_other_users(project_dir: Pat
 
 
 def test_dev_shell_runs_psql_on_the_embedded_database(project_dir: Path) -> None:
-    shell = subprocess.run(
-        [*CHATKEEP, "dev", "shell", "--", "-Atc", "SELECT current_database(), current_user"],
-        cwd=ROOT,
-        env=clean_env(project_dir),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert shell.returncode == 0, shell.stderr
-    assert shell.stdout.strip() == "chatapp_db|postgres"
-    app_role = subprocess.run(
-        [*CHATKEEP, "dev", "shell", "--app", "--", "-Atc", "SELECT current_user"],
-        cwd=ROOT,
-        env=clean_env(project_dir),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert app_role.stdout.strip() == "chatapp_app"
+    def shell(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CHATKEEP, "dev", "shell", *args],
+            cwd=ROOT,
+            env=clean_env(project_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    superuser = shell("--", "-Atc", "SELECT current_database(), current_user")
+    assert superuser.returncode == 0, superuser.stderr
+    assert superuser.stdout.strip() == "chatapp_db|postgres"
+    assert shell("--app", "--", "-Atc", "SELECT current_user").stdout.strip() == "chatapp_app"
+    failing = shell("--", "-c", "SELECT no_such_column")
+    assert failing.returncode == 1  # psql's exit code is the command's
     assert servers(project_dir) == {}  # the shell's servers stopped with it
 
 
