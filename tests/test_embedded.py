@@ -248,8 +248,11 @@ def test_a_dead_valkey_is_replaced_and_a_failed_start_leaves_no_lease(
         assert [u["pid"] for u in state["users"]] == [os.getpid()]
         assert other_users(tmp_path) == []
         os.kill(state["valkey"]["pid"], signal.SIGKILL)
+        # Its port is taken by another program, which answers nothing.
+        squatter = socket.create_server(("127.0.0.1", state["valkey"]["port"]))
         # A block opened now finds the recorded Valkey gone and starts another.
-        with resolve_endpoints(settings) as second:
+        with squatter, resolve_endpoints(settings) as second:
+            assert urlsplit(second.redis_url).port != state["valkey"]["port"]
             assert asyncio.run(ping(second.redis_url))
             replaced = json.loads((tmp_path / STATE_FILE).read_text())["valkey"]["pid"]
             assert replaced != state["valkey"]["pid"]

@@ -195,10 +195,23 @@ def _valkey_healthy(found: dict[str, Any]) -> bool:
     try:  # the port answers, and it is our server that answers (not a newcomer on it)
         with socket.create_connection(("127.0.0.1", int(found["port"])), timeout=1) as conn:
             conn.sendall(b"INFO server\r\n")
-            reply = conn.recv(65536)
-    except OSError:
+            reply = b""
+            # A bulk reply: "$<length>\r\n<text>\r\n", perhaps in several reads.
+            while not reply.endswith(b"\r\n") or len(reply) < _bulk_size(reply):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return False
+                reply += chunk
+    except (OSError, ValueError):
         return False
     return f"process_id:{found['pid']}\r\n".encode() in reply
+
+
+def _bulk_size(reply: bytes) -> int:
+    header, _, _ = reply.partition(b"\r\n")
+    if not header.startswith(b"$"):
+        raise ValueError("not a RESP bulk string")  # another program on the port
+    return len(header) + 2 + int(header[1:]) + 2
 
 
 def _start_valkey(data_dir: Path, state: dict[str, Any]) -> str:
