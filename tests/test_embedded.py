@@ -31,6 +31,7 @@ from chatkeep.embedded import (
 )
 from chatkeep.errors import ConfigurationError, Unavailable
 from chatkeep.storage.bootstrap import ensure_database, maintenance_url
+from tests.embedded_processes import wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,6 +249,7 @@ def test_a_dead_valkey_is_replaced_and_a_failed_start_leaves_no_lease(
         assert [u["pid"] for u in state["users"]] == [os.getpid()]
         assert other_users(tmp_path) == []
         os.kill(state["valkey"]["pid"], signal.SIGKILL)
+        assert wait_gone(state["valkey"]["pid"])  # its listening socket goes with it
         # Its port is taken by another program, which answers nothing.
         squatter = socket.create_server(("127.0.0.1", state["valkey"]["port"]))
         # A block opened now finds the recorded Valkey gone and starts another.
