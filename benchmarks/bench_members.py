@@ -160,18 +160,24 @@ async def rate(
     """Pages of ``chat.history`` per second from ``tasks`` concurrent tasks."""
     counts = [0] * tasks
     stop = False
+    progressed = asyncio.Event()
 
     async def worker(index: int) -> None:
         user = askers[index % len(askers)]
         while not stop:
             await chat.history(room, user, limit=50)
             counts[index] += 1
+            progressed.set()
 
     running = [asyncio.create_task(worker(i)) for i in range(tasks)]
     await asyncio.sleep(min(0.5, seconds / 4))  # warm-up (fills the cache), not counted
     before = sum(counts)
     start = time.perf_counter()
+    progressed.clear()
     await asyncio.sleep(seconds)
+    # A loaded machine may finish no page in a short window: time the first one instead
+    # of reporting a rate of zero (and dividing by it).
+    await progressed.wait()
     done = sum(counts) - before
     elapsed = time.perf_counter() - start
     stop = True
