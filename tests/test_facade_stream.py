@@ -434,3 +434,55 @@ async def test_one_relay_leads_and_a_standby_takes_over(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def log_reads(chat: ChatKeep) -> int:
+    """How many times this facade read a room's change log from PostgreSQL."""
+    found = chat.db.stats.get("changes.after")
+    return found.calls if found is not None else 0
+
+
+async def resume_to(chat: ChatKeep, room: uuid.UUID, user: uuid.UUID, since: int) -> list[int]:
+    """Resume ``room`` from ``since`` with a stream; the positions it hands out up to now."""
+    head = await chat.room_position(room, user)
+    seen: list[int] = []
+    async with chat.stream([room], user, since={room: since}) as stream:
+        async with asyncio.timeout(10):
+            while stream.positions.get(room, since) < head:
+                item = await anext(stream)
+                assert isinstance(item, Change)
+                seen.append(item.position)
+    return seen
+
+
+async def test_resumes_reuse_a_finished_read_until_the_published_mark_moves(
+    system: tuple[ChatKeep, str],
+) -> None:
+    """Streams resuming at one place one after another share one read of the log while
+    nothing newer was published; a publish, or a mark Redis no longer has, means a new read
+    (and the new change is handed out, never hidden by the reused page)."""
+    chat, _ = system
+    owner = await register(chat, "herdowner")
+    reader = await register(chat, "herdreader")
+    room = (await chat.create_room(CreateRoomDto(name="herd", created_by=owner))).id
+    await chat.join(room, reader)
+    since = await chat.room_position(room, reader)
+    for n in range(3):
+        await chat.send_message(room, owner, f"before {n}")
+    head = await chat.room_position(room, reader)
+    expected = list(range(since + 1, head + 1))
+
+    reads = log_reads(chat)
+    for _ in range(5):
+        assert await resume_to(chat, room, reader, since) == expected
+    assert log_reads(chat) - reads == 1  # one read, four reuses
+
+    await chat.send_message(room, owner, "after")  # the mark moves past the page
+    reads = log_reads(chat)
+    assert await resume_to(chat, room, reader, since) == [*expected, head + 1]
+    assert log_reads(chat) - reads == 1
+
+    await chat.redis.redis.delete(chat.redis.keys.room_published(room))  # Redis lost it
+    reads = log_reads(chat)
+    assert await resume_to(chat, room, reader, since) == [*expected, head + 1]
+    assert log_reads(chat) - reads == 1  # no mark proves nothing: read again

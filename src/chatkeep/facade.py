@@ -37,6 +37,7 @@ publish events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -200,6 +201,12 @@ ROOM_NOT_FOUND: Final = "room not found"
 """What every flow answers about a room its user cannot see, whether it exists or not."""
 MESSAGE_NOT_FOUND: Final = "message not found"
 """The same for a message (in a room its user cannot see, or none at all)."""
+
+_RECENT_CHANGE_PAGES: Final = 1024
+"""Finished change-log reads a facade keeps for streams that resume at the same place."""
+
+_RECENT_CHANGE_SECONDS: Final = 2.0
+"""How long a finished read may be reused (while the published mark allows it)."""
 
 
 @contextlib.contextmanager
@@ -452,6 +459,11 @@ class ChatKeep:
         self._change_reads: dict[
             tuple[uuid.UUID, int, int], tuple[float, asyncio.Future[ChangePage]]
         ] = {}
+        # Reads of the change log that just finished (when, page), reused by a stream that
+        # subscribed after them while the room's published mark shows nothing newer.
+        self._recent_changes: collections.OrderedDict[
+            tuple[uuid.UUID, int, int], tuple[float, ChangePage]
+        ] = collections.OrderedDict()
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
         if metrics is not None:
@@ -1563,19 +1575,36 @@ class ChatKeep:
 
         The log a member reads does not depend on which member reads it, so after this
         caller's own membership check it may take the page of a read another stream
-        started, but only one started after ``not_before`` (this caller's subscription,
-        on the loop's clock): an older read's snapshot could predate a change whose event
-        came before the subscription, and the stream would miss it.
+        started after ``not_before`` (this caller's subscription, on the loop's clock). A
+        read that started earlier (still in flight, or finished lately) is taken only when
+        the room's published mark, read after the subscription, shows nothing past its
+        page (see :meth:`_page_still_whole`): otherwise its snapshot could predate a change
+        whose event came before the subscription, and the stream would miss it.
         """
         await self._require_member_or_hide(room, user)
         key = (room, after, limit)
         found = self._change_reads.get(key)
-        if found is not None and found[0] >= not_before:
+        if found is not None:
             try:
-                return await asyncio.shield(found[1])
+                page = await asyncio.shield(found[1])
             except NotFound:
                 # The leading reader's own membership ended meanwhile: read as this caller.
                 return await self.changes(room, user, after=after, limit=limit)
+            except ChatkeepError:
+                if found[0] >= not_before:
+                    raise  # its failure is this caller's too
+                page = None  # an older read failed: read for this caller
+            if page is not None and (
+                found[0] >= not_before or await self._page_still_whole(room, page, not_before)
+            ):
+                return page
+        else:
+            recent = self._recent_changes.get(key)
+            if recent is not None:
+                if asyncio.get_running_loop().time() - recent[0] > _RECENT_CHANGE_SECONDS:
+                    del self._recent_changes[key]
+                elif await self._page_still_whole(room, recent[1], not_before):
+                    return recent[1]
         flight = asyncio.ensure_future(self.changes(room, user, after=after, limit=limit))
         entry = (asyncio.get_running_loop().time(), flight)
         self._change_reads[key] = entry
@@ -1590,8 +1619,34 @@ class ChatKeep:
         if self._change_reads.get(key) is entry:
             del self._change_reads[key]
         done = entry[1]
-        if not done.cancelled():
-            done.exception()  # retrieved: a reader that was cancelled never awaits it
+        if done.cancelled() or done.exception() is not None:
+            return  # (the exception is retrieved: a cancelled reader never awaits it)
+        self._recent_changes[key] = (asyncio.get_running_loop().time(), done.result())
+        self._recent_changes.move_to_end(key)
+        while len(self._recent_changes) > _RECENT_CHANGE_PAGES:
+            self._recent_changes.popitem(last=False)
+
+    async def _page_still_whole(self, room: uuid.UUID, page: ChangePage, not_before: float) -> bool:
+        """Whether a page read before a stream subscribed (at ``not_before``) serves it.
+
+        The writers raise the room's published mark *before* they publish (in one
+        pipeline), so a mark read now, after the subscription, at or below the page's
+        position means every later change is published after the subscription: the
+        stream receives it, or the relay's notice of it. No mark at all (Redis lost it, or
+        never had one) proves nothing. A page with a next page is a closed range of
+        positions, whole whenever it was read: the stream reads what follows it afterwards
+        (a message's content in it may be older than a later edit, which that later read
+        brings).
+        """
+        if page.next_after is not None:
+            return True
+        if not_before > asyncio.get_running_loop().time():
+            return False
+        try:
+            mark = await self.events.published(room)
+        except Unavailable:
+            return False
+        return 0 < mark <= page.position
 
     # -- background work: the presence sweeper and the outbox relay -------------------------
 

@@ -588,15 +588,18 @@ class EventBus:
             if event.position is not None:
                 marks[event.room_id] = max(event.position, marks.get(event.room_id, 0))
         pipe = self._client.pipeline()
-        for channel, data in encoded:
-            pipe.publish(channel, data)
+        # The marks go first: a reader that subscribed, then saw a mark below a change's
+        # position, is sure to receive that change's publish (the facade's stream reuses a
+        # finished read of the log on that proof).
         for room, position in marks.items():
             key = self._client.keys.room_published(room)
             pipe.zadd(key, {_MARK_MEMBER: position}, gt=True)
             pipe.pexpire(key, PUBLISHED_MARK_TTL_MS)
+        for channel, data in encoded:
+            pipe.publish(channel, data)
         with self._client.guard("events.publish_many"):
             results = await pipe.execute()
-        return [int(n) for n in results[: len(encoded)]]
+        return [int(n) for n in results[2 * len(marks) :]]
 
     async def subscribe(self, *room_ids: UUID) -> EventSubscription:
         """Subscribe to the events of ``room_ids`` (at least one).
