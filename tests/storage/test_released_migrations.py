@@ -34,7 +34,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "least_privilege_for_the_app",
         "00c1eaa0cab23832807dc60a1991d53525de50d214dc96948bbe7636183a9ec9",
     ),
-    12: ("room_change_log", "c6bb9670c147547ebfca784aaf5e39ad915b2974e9814885218af01cb6b79936"),
+    12: ("room_change_log", "1d6ce9d6445e51a736c1e09932408068aba88cd15aa640d0ea2fa12a23ff04a9"),
 }
 
 

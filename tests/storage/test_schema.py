@@ -48,6 +48,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool, str]]] = {
         ("direct_user_high", "uuid", False, ""),
         ("created_at", TIMESTAMPTZ, True, "now()"),
         ("updated_at", TIMESTAMPTZ, True, "now()"),
+        ("position", "bigint", True, "0"),
     ],
     "messages": [
         ("id", "uuid", True, "chatkeep_uuidv7()"),
@@ -212,6 +213,8 @@ async def test_every_timestamp_is_timestamptz(tx: asyncpg.Connection) -> None:
         ("messages", ["id"]),
         ("room_users", ["room_id", "user_id"]),
         ("message_read_status", ["message_id", "user_id"]),
+        ("room_changes", ["room_id", "position"]),
+        ("message_reactions", ["message_id", "emoji", "user_id"]),
     ],
 )
 async def test_primary_keys(tx: asyncpg.Connection, table: str, columns: list[str]) -> None:
@@ -257,6 +260,9 @@ async def test_foreign_keys_are_the_expected_ones(tx: asyncpg.Connection) -> Non
         ("room_users", "room_users_user_id_fkey", "users"),
         ("message_read_status", "message_read_status_message_id_fkey", "messages"),
         ("message_read_status", "message_read_status_user_id_fkey", "users"),
+        ("room_changes", "room_changes_room_id_fkey", "rooms"),
+        ("message_reactions", "message_reactions_message_id_fkey", "messages"),
+        ("message_reactions", "message_reactions_user_id_fkey", "users"),
     }
 
 
@@ -333,6 +339,8 @@ async def test_deleting_a_user_cascades_to_everything_of_theirs(tx: asyncpg.Conn
             "btree (user_id, room_id) INCLUDE (role, last_read_seq)",
         ),
         ("message_read_status_user_id_idx", "message_read_status", "btree (user_id)"),
+        ("room_changes_occurred_at_idx", "room_changes", "USING brin (occurred_at)"),
+        ("message_reactions_user_id_idx", "message_reactions", "btree (user_id)"),
     ],
 )
 async def test_expected_indexes_exist(
