@@ -1,0 +1,1 @@
+"""The example chat application: ``uvicorn examples.chat.app:app``."""
