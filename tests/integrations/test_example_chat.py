@@ -303,6 +303,8 @@ def test_two_people_chat_and_a_dropped_one_catches_up(
         ann.wait(lambda _: not ann.element("load-older").is_displayed(), "no older page")
 
         screenshot = os.environ.get("CHATKEEP_EXAMPLE_SCREENSHOT")
-        if screenshot:
-            bob.element("message-input").send_keys("see you")
-            bob.driver.get_screenshot_as_file(str(Path(screenshot)))
+        if screenshot:  # bob's screen, ann typing
+            ann.element("message-input").send_keys("see you")
+            bob.wait(lambda _: bob.element("typing").text == "ann is typing…", "ann typing")
+            bob.element("message-input").send_keys("see you too")
+            assert bob.driver.get_screenshot_as_file(str(Path(screenshot)))
