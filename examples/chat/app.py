@@ -12,7 +12,8 @@ rooms, messages, read state, typing). The example adds only what the router lack
 * ``GET /api/rooms/{room_id}/members``: a room's members, each with an ``online`` flag;
 * ``WS /api/rooms/{room_id}/live``: the router's room WebSocket
   (:func:`chatkeep.integrations.fastapi.room_events`), with the socket registered for
-  presence while it is open (heartbeats from the server, the socket dropped at the end).
+  presence in all of the user's rooms while it is open (heartbeats from the server, the
+  socket dropped at the end).
 
 The page (``static/index.html``) is plain HTML and JavaScript, no build step.
 """
@@ -23,7 +24,7 @@ import asyncio
 import contextlib
 import uuid
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, FastAPI, Query, WebSocket
 from fastapi.responses import FileResponse
@@ -119,11 +120,17 @@ async def live_room(
     socket_id = f"example:{uuid.uuid4().hex}"
     try:
         user_id = await current_user_id(chat, websocket, None)
-        await chat.connect_socket(user_id, socket_id, rooms=[room_id])
+        # Registered in all of the user's rooms, not just this one: presence is the
+        # user's, so coming online (the first socket) and going offline (the last) are
+        # told to every room, whichever room's socket that is.
+        rooms = [summary.room.id for summary in await chat.rooms_of(user_id)]
+        if room_id not in rooms:
+            raise PermissionDenied("not a member of this room")
+        await chat.connect_socket(user_id, socket_id, rooms=rooms)
     except ChatkeepError:
         await room_events(websocket, chat, room_id, after_seq)
         return
-    beating = asyncio.create_task(_heartbeat(chat, user_id, socket_id, room_id))
+    beating = asyncio.create_task(_heartbeat(chat, user_id, socket_id, rooms))
     try:
         await room_events(websocket, chat, room_id, after_seq)
     finally:
@@ -134,18 +141,26 @@ async def live_room(
             await chat.disconnect_socket(socket_id)
 
 
-async def _heartbeat(chat: ChatKeep, user_id: uuid.UUID, socket_id: str, room: uuid.UUID) -> None:
+async def _heartbeat(
+    chat: ChatKeep, user_id: uuid.UUID, socket_id: str, rooms: list[uuid.UUID]
+) -> None:
     # While the socket is open the user is present; a connection that died silently is
     # noticed by uvicorn's WebSocket pings, which ends room_events and this loop.
     while True:
         await asyncio.sleep(10)
         with contextlib.suppress(ChatkeepError):
-            await chat.heartbeat(user_id, socket_id, rooms=[room])
+            await chat.heartbeat(user_id, socket_id, rooms=rooms)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The example app (``settings``: ``None`` reads them from the environment)."""
-    app = FastAPI(title="chatkeep example chat", lifespan=lifespan(settings))
+def create_app(settings: Settings | None = None, **options: Any) -> FastAPI:
+    """The example app.
+
+    Args:
+        settings: chatkeep's settings (``None``: read from the environment).
+        **options: keyword arguments of :meth:`ChatKeep.connect
+            <chatkeep.ChatKeep.connect>` (``bcrypt_rounds``...).
+    """
+    app = FastAPI(title="chatkeep example chat", lifespan=lifespan(settings, **options))
     add_error_handlers(app)
     app.include_router(chat_router(), prefix="/api")
     app.include_router(example_router(), prefix="/api")

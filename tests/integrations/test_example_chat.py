@@ -31,6 +31,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from chatkeep import Settings
+from chatkeep.storage.users import MIN_BCRYPT_ROUNDS
 from examples.chat.app import create_app
 from tests.integrations.serving import uvicorn_server
 
@@ -175,10 +176,12 @@ class ChatPage:
         text: str = self.driver.execute_script(BADGE_JS, f"# {room}")
         return text
 
-    def member_online(self, name: str) -> bool:
-        online: bool = self.driver.execute_script(
-            "return [...document.querySelectorAll('#members li')].some("
-            "(li) => li.textContent === arguments[0] && li.dataset.online === 'true');",
+    def member_online(self, name: str) -> bool | None:
+        """Whether the open room's member list shows ``name`` online (``None``: not listed)."""
+        online: bool | None = self.driver.execute_script(
+            "const li = [...document.querySelectorAll('#members li')].find("
+            "(li) => li.textContent === arguments[0]);"
+            "return li ? li.dataset.online === 'true' : null;",
             name,
         )
         return online
@@ -225,7 +228,7 @@ def browsers() -> Iterator[Callable[[], webdriver.Chrome]]:
 def test_two_people_chat_and_a_dropped_one_catches_up(
     browsers: Callable[[], webdriver.Chrome], settings: Settings
 ) -> None:
-    with uvicorn_server(create_app(settings)) as address:
+    with uvicorn_server(create_app(settings, bcrypt_rounds=MIN_BCRYPT_ROUNDS)) as address:
         base_url = f"http://{address}/?page=3"
         ann, bob = ChatPage(browsers(), base_url), ChatPage(browsers(), base_url)
         ann.register("ann")
@@ -244,7 +247,7 @@ def test_two_people_chat_and_a_dropped_one_catches_up(
         bob.send("hi ann")
         ann.wait_messages(["ann: hello bob", "bob: hi ann"])
         # Presence dots and the typing indicator.
-        ann.wait(lambda _: ann.member_online("bob"), "bob's dot online on ann's screen")
+        ann.wait(lambda _: ann.member_online("bob") is True, "bob's dot online on ann's screen")
         bob.element("message-input").send_keys("typ")
         ann.wait(lambda _: ann.element("typing").text == "bob is typing…", "bob typing")
         bob.element("message-input").clear()
@@ -261,6 +264,7 @@ def test_two_people_chat_and_a_dropped_one_catches_up(
         # Ann's network goes; bob sends, edits and deletes meanwhile.
         ann.set_offline(True)
         ann.wait(lambda _: not ann.connected(), "ann's socket to drop")
+        bob.wait(lambda _: bob.member_online("ann") is False, "ann's dot grey for bob")
         bob.send("while you were away")
         bob.send("a typo here")
         bob.send("and one more")
@@ -279,6 +283,7 @@ def test_two_people_chat_and_a_dropped_one_catches_up(
         ann.set_offline(False)
         ann.wait(lambda _: ann.connected(), "ann reconnected")
         ann.wait_messages(expected)
+        bob.wait(lambda _: bob.member_online("ann") is True, "ann's dot green again for bob")
 
         # Ann closes the page; bob edits and deletes again; ann's reloaded page matches.
         ann.driver.get("about:blank")
