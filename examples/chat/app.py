@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Final
 
+import anyio
 from fastapi import APIRouter, FastAPI, Query, WebSocket
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -46,6 +47,7 @@ from chatkeep.integrations.fastapi import (
 __all__ = ["Member", "PublicRoom", "app", "create_app"]
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
+_CLEANUP_TIMEOUT: Final = 5.0  # seconds to take a closed socket's user offline
 
 # chatkeep has no listing of public rooms yet: one query of the example's own, as the
 # user (row security shows every active public room to any user).
@@ -134,11 +136,14 @@ async def live_room(
     try:
         await room_events(websocket, chat, room_id, after_seq)
     finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
-        with contextlib.suppress(ChatkeepError):
-            await chat.disconnect_socket(socket_id)
+        # Shielded: the server cancels the endpoint when the client goes (or at shutdown),
+        # and the user must still be taken offline.
+        with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            with contextlib.suppress(ChatkeepError):
+                await chat.disconnect_socket(socket_id)
 
 
 async def _heartbeat(

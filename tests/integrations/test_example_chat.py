@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
@@ -29,6 +31,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
+from starlette.websockets import WebSocketDisconnect
 
 from chatkeep import Settings
 from chatkeep.storage.users import MIN_BCRYPT_ROUNDS
@@ -313,3 +316,78 @@ def test_two_people_chat_and_a_dropped_one_catches_up(
             bob.wait(lambda _: bob.element("typing").text == "ann is typing…", "ann typing")
             bob.element("message-input").send_keys("see you too")
             assert bob.driver.get_screenshot_as_file(str(Path(screenshot)))
+
+
+def test_without_a_browser_it_skips_and_under_ci_it_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium and chromedriver not found"):
+        find_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI needs the browser test"):
+        find_browser()
+
+
+# -- what the example adds to the router, through its HTTP API ------------------------------
+
+
+def login(client: TestClient, name: str) -> dict[str, str]:
+    account = {"email": f"{name}@example.org", "username": name, "password": "correct horse"}
+    assert client.post("/api/auth/register", json=account).status_code == 201
+    found = client.post(
+        "/api/auth/login", json={"email": account["email"], "password": account["password"]}
+    )
+    return {"Authorization": f"Bearer {found.json()['access_token']}"}
+
+
+def test_public_rooms_members_and_the_live_socket(settings: Settings) -> None:
+    with TestClient(create_app(settings, bcrypt_rounds=MIN_BCRYPT_ROUNDS)) as client:
+        ann, bob = login(client, "ann"), login(client, "bob")
+        lobby = client.post("/api/rooms", headers=ann, json={"name": "lobby"}).json()["id"]
+        hidden = client.post(
+            "/api/rooms", headers=ann, json={"name": "hidden", "type": "private"}
+        ).json()["id"]
+
+        # Public rooms only, for anyone logged in.
+        listed = client.get("/api/public-rooms", headers=bob).json()
+        assert [(room["id"], room["name"]) for room in listed] == [(lobby, "lobby")]
+        assert client.get("/api/public-rooms").status_code == 401
+
+        # Members, for members only; online while a live socket is open.
+        assert client.get(f"/api/rooms/{lobby}/members", headers=bob).status_code == 403
+        assert client.get(f"/api/rooms/{hidden}/members", headers=bob).status_code == 404
+        client.post(f"/api/rooms/{lobby}/join", headers=bob)
+        members = client.get(f"/api/rooms/{lobby}/members", headers=bob).json()
+        assert {(m["username"], m["role"], m["online"]) for m in members} == {
+            ("ann", "owner", False),
+            ("bob", "member", False),
+        }
+        client.post(f"/api/rooms/{lobby}/messages", headers=ann, json={"content": "hi"})
+        token = ann["Authorization"].removeprefix("Bearer ")
+        with client.websocket_connect(f"/api/rooms/{lobby}/live?token={token}") as ws:
+            assert ws.receive_json()["message"]["content"] == "hi"  # the router's stream
+            online = client.get(f"/api/rooms/{lobby}/members", headers=bob).json()
+            assert {m["username"]: m["online"] for m in online} == {"ann": True, "bob": False}
+        # Closed: ann goes offline with her last socket (once the server has seen it go).
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            offline = client.get(f"/api/rooms/{lobby}/members", headers=bob).json()
+            if not any(m["online"] for m in offline):
+                break
+            time.sleep(0.05)
+        assert {m["username"]: m["online"] for m in offline} == {"ann": False, "bob": False}
+
+        # Refused sockets close as the router's do: 4000 + the HTTP status.
+        bob_token = bob["Authorization"].removeprefix("Bearer ")
+        for path, code in (
+            (f"/api/rooms/{lobby}/live", 4401),
+            (f"/api/rooms/{hidden}/live?token={bob_token}", 4404),
+        ):
+            with (
+                pytest.raises(WebSocketDisconnect) as refused,
+                client.websocket_connect(path) as ws,
+            ):
+                ws.receive_json()
+            assert refused.value.code == code
