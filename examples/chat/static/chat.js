@@ -106,7 +106,10 @@ async function loadRooms() {
       state.rooms.set(summary.room.id, entry);
       connect(summary.room.id);
     }
-    entry.unread = summary.room.id === state.current ? 0 : summary.unread_count;
+    if (summary.room.id === state.current) entry.unread = 0;
+    // The server's count is the truth unless the socket has already brought newer ones.
+    else if (summary.room.last_seq >= entry.lastSeq) entry.unread = summary.unread_count;
+    entry.lastSeq = Math.max(entry.lastSeq, summary.room.last_seq);
   }
   renderRooms();
 }
@@ -206,9 +209,8 @@ function connect(roomId) {
       // Back after a drop: read the shown messages again for edits and deletions.
       resync();
       loadMembers();
-    } else {
-      loadRooms(); // unread counts may have moved meanwhile
     }
+    // Other rooms: the socket streams what was missed, each message once, to count.
   });
   socket.addEventListener("message", (event) => received(roomId, JSON.parse(event.data)));
   socket.addEventListener("close", (event) => {
@@ -253,6 +255,7 @@ function received(roomId, item) {
   const isCurrent = roomId === state.current;
   if (item.kind === "message") {
     const message = item.message;
+    const counted = message.seq <= entry.lastSeq; // already in the room list's count
     entry.lastSeq = Math.max(entry.lastSeq, message.seq);
     if (isCurrent) {
       const atBottom = nearBottom();
@@ -261,13 +264,13 @@ function received(roomId, item) {
       renderMessages();
       if (atBottom) scrollToBottom();
       markRead();
-    } else if (message.user_id !== state.me.id) {
+    } else if (message.user_id !== state.me.id && !counted) {
       entry.unread += 1;
       renderRooms();
     }
   } else if (item.kind === "gap") {
+    // Messages are caught up by the stream itself; edits and deletions are not.
     if (isCurrent) resync();
-    else loadRooms();
   } else if (item.kind === "event" && isCurrent) {
     roomEvent(item.event);
   }
