@@ -9,17 +9,22 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
+from chatkeep import embedded
 from chatkeep.cli import app
 from chatkeep.config import DEFAULT_DATABASE_NAME, Settings
 from chatkeep.embedded import (
@@ -280,3 +285,27 @@ def test_a_lease_lets_sigterm_unwind_the_process() -> None:
     with pytest.raises(SystemExit) as info:
         _sigterm_exits(signal.SIGTERM, None)
     assert info.value.code == 128 + signal.SIGTERM
+
+
+def test_a_stale_postmaster_pid_naming_a_zombie_waits_for_its_reaping(tmp_path: Path) -> None:
+    # A killed postmaster stays a zombie until init reaps it; kill(pid, 0) still finds it,
+    # so a start that did not wait would reuse a dead server (or PostgreSQL would refuse
+    # the data directory). Here the test process is the parent that reaps late.
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (tmp_path / "postmaster.pid").write_text(f"{child.pid}\n/data\n")
+    reaper = threading.Timer(0.3, child.wait)
+    reaper.start()
+    started = time.monotonic()
+    embedded._await_reaped_postmaster(tmp_path)
+    assert time.monotonic() - started >= 0.25  # it waited for the reaping
+    assert child.returncode == 0
+    reaper.join()
+    # Nothing stale, or a live server: no wait.
+    (tmp_path / "postmaster.pid").write_text(f"{os.getpid()}\n")
+    embedded._await_reaped_postmaster(tmp_path)
+    (tmp_path / "postmaster.pid").write_text("not a pid\n")
+    embedded._await_reaped_postmaster(tmp_path)

