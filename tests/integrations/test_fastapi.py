@@ -528,3 +528,252 @@ def test_the_lifespan_sweeps_presence(settings: Settings) -> None:
         while client.get("/api/me", headers=auth).json()["last_seen"] is None:
             assert time.monotonic() < deadline, "the sweeper never ran"
             time.sleep(0.1)
+
+
+# -- every change of a user's rooms: /changes ------------------------------------------------
+
+Shown = dict[str, tuple[str, bool, dict[str, int]]]  # message id -> content, edited, reactions
+
+
+def apply_change(state: Shown, change: dict[str, Any]) -> None:
+    """What a client does with a change: its data is the resulting state."""
+    message_id, data = change["message_id"], change["data"]
+    if change["kind"] in ("message.created", "message.edited"):
+        reactions = state[message_id][2] if message_id in state else {}
+        state[message_id] = (data["content"], data["is_edited"], reactions)
+    elif change["kind"] == "message.deleted":
+        state.pop(message_id, None)
+    elif change["kind"] in ("reaction.added", "reaction.removed") and message_id in state:
+        reactions = state[message_id][2]
+        reactions[data["emoji"]] = data["count"]
+        if not data["count"]:
+            del reactions[data["emoji"]]
+
+
+def history_state(client: TestClient, room_id: str, auth: dict[str, str]) -> Shown:
+    page = client.get(f"/api/rooms/{room_id}/messages", headers=auth, params={"limit": 200})
+    assert page.status_code == 200, page.text
+    return {
+        item["id"]: (
+            item["content"],
+            item["is_edited"],
+            {reaction["emoji"]: reaction["count"] for reaction in item["reactions"]},
+        )
+        for item in page.json()["items"]
+    }
+
+
+def receive_changes(ws: Any, count: int) -> list[dict[str, Any]]:
+    items = [ws.receive_json() for _ in range(count)]
+    assert [item["kind"] for item in items] == ["change"] * count, items
+    return [item["change"] for item in items]
+
+
+def test_the_changes_websocket_delivers_every_change_and_resumes(settings: Settings) -> None:
+    with TestClient(make_app(settings)) as client:
+        register(client, "fay")
+        register(client, "gus")
+        fay, gus = bearer(login(client, "fay")), bearer(login(client, "gus"))
+        room_id = client.post("/api/rooms", headers=fay, json={"name": "log"}).json()["id"]
+        assert client.post(f"/api/rooms/{room_id}/join", headers=gus).status_code == 200
+        chat = client.app.state.chatkeep  # type: ignore[attr-defined]
+        fay_id = client.get("/api/me", headers=fay).json()["id"]
+        assert client.portal is not None
+        portal = client.portal
+
+        def send(content: str) -> str:
+            sent = client.post(
+                f"/api/rooms/{room_id}/messages", headers=fay, json={"content": content}
+            )
+            assert sent.status_code == 201, sent.text
+            return str(sent.json()["id"])
+
+        def edit(message_id: str, content: str) -> None:
+            edited = client.patch(
+                f"/api/messages/{message_id}", headers=fay, json={"content": content}
+            )
+            assert edited.status_code == 200, edited.text
+
+        def delete(message_id: str) -> None:
+            assert client.delete(f"/api/messages/{message_id}", headers=fay).status_code == 204
+
+        def react(message_id: str, emoji: str) -> None:
+            assert portal.call(chat.react, uuid.UUID(message_id), uuid.UUID(fay_id), emoji)
+
+        state: Shown = history_state(client, room_id, gus)  # the snapshot: empty
+        with client.websocket_connect(f"/api/changes?room={room_id}", headers=gus) as ws:
+            ready = ws.receive_json()
+            assert ready["kind"] == "ready"
+            assert list(ready["positions"]) == [room_id]
+            first = send("one")
+            edit(first, "one, edited")
+            react(first, "👍")
+            kept = send("kept")
+            delete(first)
+            live = receive_changes(ws, 5)
+        assert [(c["kind"], c["message_id"]) for c in live] == [
+            ("message.created", first),
+            ("message.edited", first),
+            ("reaction.added", first),
+            ("message.created", kept),
+            ("message.deleted", first),
+        ]
+        assert live[0]["data"]["content"] in ("one", "one, edited")  # the state when read
+        assert live[1]["data"]["content"] == "one, edited"
+        assert (live[2]["data"]["emoji"], live[2]["data"]["count"]) == ("👍", 1)
+        assert live[0]["actor_id"] == fay_id
+        assert {c["room_id"] for c in live} == {room_id}
+        positions = [c["position"] for c in live]
+        assert positions == list(range(positions[0], positions[0] + 5))  # gapless, in order
+        for change in live:
+            apply_change(state, change)
+        last = positions[-1]
+
+        # Away: fay sends, edits, reacts and deletes; nothing reaches gus.
+        second = send("two")
+        third = send("three")
+        edit(second, "two, edited")
+        react(kept, "🎉")
+        delete(third)
+        with client.websocket_connect(
+            f"/api/changes?room={room_id}:{last}&token={gus['Authorization'][7:]}"
+        ) as ws:
+            assert ws.receive_json() == {"kind": "ready", "positions": {room_id: last}}
+            missed = receive_changes(ws, 4)
+            marker = send("marker")  # the next item is the marker: nothing else was missed
+            after = receive_changes(ws, 1)
+        # The log drops the created change of a message deleted since: its tombstone says.
+        assert [(c["kind"], c["message_id"]) for c in missed] == [
+            ("message.created", second),
+            ("message.edited", second),
+            ("reaction.added", kept),
+            ("message.deleted", third),
+        ]
+        assert [c["position"] for c in missed + after] == [last + n for n in (1, 3, 4, 5, 6)]
+        assert (after[0]["kind"], after[0]["message_id"]) == ("message.created", marker)
+        for change in missed + after:
+            apply_change(state, change)
+        assert state == history_state(client, room_id, gus)
+        assert state == {
+            kept: ("kept", False, {"🎉": 1}),
+            second: ("two, edited", True, {}),
+            marker: ("marker", False, {}),
+        }
+
+
+def test_the_changes_websocket_ends_when_no_room_is_left(settings: Settings) -> None:
+    with TestClient(make_app(settings)) as client:
+        register(client, "hal")
+        register(client, "ivy")
+        owner, auth = bearer(login(client, "hal")), bearer(login(client, "ivy"))
+        room_id = client.post("/api/rooms", headers=owner, json={"name": "bye"}).json()["id"]
+        assert client.post(f"/api/rooms/{room_id}/join", headers=auth).status_code == 200
+        with client.websocket_connect(f"/api/changes?room={room_id}", headers=dict(auth)) as ws:
+            assert ws.receive_json()["kind"] == "ready"  # subscribed: nothing is missed now
+            assert client.post(f"/api/rooms/{room_id}/leave", headers=auth).status_code == 204
+            # The member.left change when the log could still show it, then the close.
+            items = [ws.receive_json()]
+            if items[0]["kind"] == "change":
+                assert items[0]["change"]["kind"] == "member.left"
+                items.append(ws.receive_json())
+            closed = items[-1]
+            assert (closed["kind"], closed["room_id"]) == ("closed", room_id), items
+            assert closed["reason"] in ("left", "not visible")
+            with pytest.raises(WebSocketDisconnect) as ended:
+                ws.receive_json()
+            assert (ended.value.code, ended.value.reason) == (1000, "no room left")
+
+
+@pytest.mark.parametrize(
+    ("query", "code", "reason"),
+    [
+        ("room={room}", 4401, "unauthenticated"),  # no token
+        ("room={missing}", 4404, "not_found"),
+        ("room={private}", 4404, "not_found"),  # another user's room: not seen
+        ("room={room}&room={private}", 4404, "not_found"),
+        ("", 4422, "invalid_input"),  # no room
+        ("room=not-a-uuid", 4422, "invalid_input"),
+        ("room={room}:abc", 4422, "invalid_input"),
+        ("room={room}:-1", 4422, "invalid_input"),
+        ("room={room}:", 4422, "invalid_input"),
+        ("room={room}:1&room={room}", 4422, "invalid_input"),  # twice
+        ("room={room}:999999", 4422, "invalid_input"),  # a position the room has not reached
+        ("room={room}:99999999999999999999", 4422, "invalid_input"),
+        (
+            "room=" + "&room=".join(str(uuid.UUID(int=n)) for n in range(1, 102)),
+            4422,
+            "invalid_input",
+        ),
+    ],
+)
+def test_the_changes_websocket_refuses(
+    client: TestClient, query: str, code: int, reason: str
+) -> None:
+    register(client, "ida")
+    register(client, "jon")
+    auth, other = bearer(login(client, "ida")), bearer(login(client, "jon"))
+    room = client.post("/api/rooms", headers=auth, json={"name": "mine"}).json()["id"]
+    private = client.post(
+        "/api/rooms", headers=other, json={"name": "theirs", "type": "private"}
+    ).json()["id"]
+    url = "/api/changes?" + query.format(room=room, missing=uuid.uuid4(), private=private)
+    headers = {} if code == 4401 else auth
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect(url, headers=headers) as ws,
+    ):
+        ws.receive_json()
+    assert (refused.value.code, refused.value.reason) == (code, reason)
+
+
+async def test_the_changes_websocket_over_uvicorn_resumes(settings: Settings) -> None:
+    app = make_app(settings)
+
+    def account(base: str) -> tuple[str, str]:
+        with httpx2.Client(base_url=f"http://{base}") as http:
+            register(http, "kim")
+            token = login(http, "kim")["access_token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            room_id = http.post("/api/rooms", headers=auth, json={"name": "wire"}).json()["id"]
+            return token, room_id
+
+    async def next_change(ws: Any) -> dict[str, Any]:
+        item = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+        assert item["kind"] == "change", item
+        return dict(item["change"])
+
+    with uvicorn_server(app) as base:
+        token, room_id = await asyncio.to_thread(account, base)
+        async with httpx2.AsyncClient(
+            base_url=f"http://{base}", headers={"Authorization": f"Bearer {token}"}
+        ) as http:
+
+            async def send(content: str) -> str:
+                sent = await http.post(f"/api/rooms/{room_id}/messages", json={"content": content})
+                assert sent.status_code == 201, sent.text
+                return str(sent.json()["id"])
+
+            async with ws_connect(f"ws://{base}/api/changes?room={room_id}&token={token}") as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["kind"] == "ready"
+                first = await send("over the wire")
+                change = await next_change(ws)
+                assert (change["kind"], change["message_id"]) == ("message.created", first)
+            last = change["position"]
+            away = await send("while away")
+            edited = await http.patch(f"/api/messages/{away}", json={"content": "edited away"})
+            assert edited.status_code == 200
+            async with ws_connect(
+                f"ws://{base}/api/changes?room={room_id}:{last}&token={token}"
+            ) as ws:
+                ready = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+                assert ready == {"kind": "ready", "positions": {room_id: last}}
+                missed = [await next_change(ws), await next_change(ws)]
+            assert [(c["kind"], c["position"], c["data"]["content"]) for c in missed] == [
+                ("message.created", last + 1, "edited away"),  # its state when read
+                ("message.edited", last + 2, "edited away"),
+            ]
+        async with ws_connect(f"ws://{base}/api/changes?room={room_id}:x&token={token}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), timeout=10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4422, "invalid_input")

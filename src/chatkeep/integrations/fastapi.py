@@ -24,7 +24,8 @@ Install with ``pip install chatkeep[fastapi]``. The smallest app::
   invalid input only; ``message`` is for people, never parse it. Bad input answers 422,
   whether FastAPI or chatkeep found it, so a client has one status to handle.
 * :func:`chat_router` is a ready-made :class:`fastapi.APIRouter` (accounts, rooms,
-  messages, read state, typing, and a WebSocket of a room's events) to mount or copy.
+  messages, read state, typing; WebSockets of every change of the user's rooms and of a
+  room's events) to mount or copy.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -57,7 +58,7 @@ from chatkeep.errors import (
 )
 from chatkeep.facade import ChatKeep, LoginResult
 from chatkeep.integrations.http import ERROR_STATUS, error_body, error_headers
-from chatkeep.integrations.streams import room_stream
+from chatkeep.integrations.streams import changes_stream, room_stream
 from chatkeep.models import (
     CreateRoomBody,
     CreateUserDto,
@@ -75,6 +76,7 @@ from chatkeep.models import (
 
 __all__ = [
     "ERROR_STATUS",
+    "MAX_STREAM_ROOMS",
     "Chat",
     "CurrentUser",
     "CurrentUserId",
@@ -368,6 +370,9 @@ def chat_router(*, websocket: bool = True) -> APIRouter:
     POST   /rooms/{room_id}/read            mark read (up to ``seq``)
     GET    /unread                          unread counts per room
     POST   /rooms/{room_id}/typing          start or stop typing (204)
+    WS     /changes                         every change of the user's rooms
+                                            (``room=<id>[:<position>]``, repeated;
+                                            ``token``)
     WS     /rooms/{room_id}/events          the room's live events (``after_seq``,
                                             ``token``)
     ====== ================================ ==============================================
@@ -376,7 +381,7 @@ def chat_router(*, websocket: bool = True) -> APIRouter:
     :func:`add_error_handlers` too, for the error bodies.
 
     Args:
-        websocket: include the WebSocket endpoint.
+        websocket: include the WebSocket endpoints.
     """
     router = APIRouter(responses=_ERROR_RESPONSES)
 
@@ -491,6 +496,7 @@ def chat_router(*, websocket: bool = True) -> APIRouter:
         await chat.set_typing(room_id, user_id, body.typing)
 
     if websocket:
+        router.add_api_websocket_route("/changes", room_changes)
         router.add_api_websocket_route("/rooms/{room_id}/events", room_events)
     return router
 
@@ -499,6 +505,61 @@ def chat_router(*, websocket: bool = True) -> APIRouter:
 
 # Close codes of the WebSocket endpoint: 4000 + the HTTP status the error would have had.
 _WS_CLOSE_BASE: Final = 4000
+
+
+# Rooms one /changes socket may follow (each is a subscription and a read per nudge).
+MAX_STREAM_ROOMS: Final = 100
+
+
+async def room_changes(
+    websocket: WebSocket,
+    chat: Chat,
+    room: Annotated[list[str] | None, Query()] = None,
+) -> None:
+    """Send a member every change of some rooms as JSON (:func:`changes_stream`'s items).
+
+    The rooms come from the query, one ``room`` parameter each: ``room=<id>:<position>``
+    resumes after the last position the client received, ``room=<id>`` starts at the
+    room's current position (no history replay). Authenticates like every endpoint (or
+    with a ``token`` query parameter). A refused connection is closed with 4000 + the
+    HTTP status (4401 no valid token, 4422 bad rooms or positions, 4404 a room the user
+    is not in) and the error's code as the reason; the socket closes with 1000 when the
+    user can see none of the rooms any more.
+    """
+
+    def items(user_id: uuid.UUID) -> AsyncGenerator[dict[str, Any], None]:
+        room_ids, since = _stream_rooms(room or [])
+        return changes_stream(chat, room_ids, user_id, since=since)
+
+    await _serve_stream(websocket, chat, items, "no room left")
+
+
+def _stream_rooms(values: Sequence[str]) -> tuple[list[uuid.UUID], dict[uuid.UUID, int]]:
+    """``room`` query values (``<id>`` or ``<id>:<position>``) as rooms and positions.
+
+    Raises:
+        InvalidInput: none, too many, a bad id or position, or a room named twice.
+    """
+    if not values:
+        raise InvalidInput("room", "name at least one room: room=<id> or room=<id>:<position>")
+    if len(values) > MAX_STREAM_ROOMS:
+        raise InvalidInput("room", f"at most {MAX_STREAM_ROOMS} rooms per socket")
+    rooms: list[uuid.UUID] = []
+    since: dict[uuid.UUID, int] = {}
+    for value in values:
+        text, colon, position = value.partition(":")
+        try:
+            room_id = uuid.UUID(text)
+        except ValueError:
+            raise InvalidInput("room", "must be <id> or <id>:<position>, id a UUID") from None
+        if room_id in rooms:
+            raise InvalidInput("room", "names a room twice")
+        rooms.append(room_id)
+        if colon:
+            if not position.isascii() or not position.isdecimal() or len(position) > 18:
+                raise InvalidInput("room", "a position must be an int >= 0")
+            since[room_id] = int(position)
+    return rooms, since
 
 
 async def room_events(
@@ -514,6 +575,24 @@ async def room_events(
     on. A refused connection is closed with 4000 + the HTTP status (4401, 4403, 4404...)
     and the error's code as the reason.
     """
+
+    def items(user_id: uuid.UUID) -> AsyncGenerator[dict[str, Any], None]:
+        return room_stream(chat, room_id, user_id, after_seq=after_seq)
+
+    await _serve_stream(websocket, chat, items, "left the room")
+
+
+async def _serve_stream(
+    websocket: WebSocket,
+    chat: ChatKeep,
+    items: Callable[[uuid.UUID], AsyncGenerator[dict[str, Any], None]],
+    ended: str,
+) -> None:
+    """Accept, authenticate, send ``items(user)`` as JSON until it ends or the client goes.
+
+    A chatkeep error (from authentication, ``items`` or the stream) closes the socket
+    with 4000 + its HTTP status; the stream's end closes it with 1000 and ``ended``.
+    """
     await websocket.accept()
     try:
         user_id = await current_user_id(chat, websocket, None)
@@ -525,8 +604,10 @@ async def room_events(
     async def send() -> None:
         nonlocal closing
         try:
-            await _send_stream(websocket, chat, room_id, user_id, after_seq)
-            closing = (1000, "left the room")
+            async with contextlib.aclosing(items(user_id)) as stream:
+                async for item in stream:
+                    await websocket.send_json(item)
+            closing = (1000, ended)
         except ChatkeepError as exc:
             closing = _close_reason(exc)
         except (WebSocketDisconnect, OSError):
@@ -534,7 +615,7 @@ async def room_events(
         group.cancel_scope.cancel()
 
     async def read() -> None:
-        # The client may go away while the room is quiet: noticing it ends the stream
+        # The client may go away while the rooms are quiet: noticing it ends the stream
         # (and its subscription) now, not at the next event.
         await _until_disconnected(websocket)
         group.cancel_scope.cancel()
@@ -549,14 +630,6 @@ async def room_events(
 def _close_reason(exc: ChatkeepError) -> tuple[int, str]:
     status, body = error_body(exc)
     return _WS_CLOSE_BASE + status, str(body["error"]["code"])
-
-
-async def _send_stream(
-    websocket: WebSocket, chat: ChatKeep, room_id: uuid.UUID, user_id: uuid.UUID, after: int
-) -> None:
-    async with contextlib.aclosing(room_stream(chat, room_id, user_id, after_seq=after)) as items:
-        async for item in items:
-            await websocket.send_json(item)
 
 
 async def _until_disconnected(websocket: WebSocket) -> None:

@@ -1,12 +1,37 @@
-"""A room's live events for one client, in order, without loss: what a socket sends.
+"""What a WebSocket sends one client: a room's live events, or every change of its rooms.
 
-:func:`room_stream` is the one place that turns chatkeep's event bus and history into
-what a client of a room receives. It subscribes first, then reads PostgreSQL from the
+Two streams, both JSON-ready dicts with a ``kind``:
+
+* :func:`changes_stream` (recommended): every change of the client's rooms (messages,
+  edits, deletions, reactions, membership, room updates), once and in order per room,
+  each with its ``position``; a client that reconnects with the positions it last
+  received gets exactly what it missed. Built on :meth:`ChatKeep.stream
+  <chatkeep.ChatKeep.stream>`.
+* :func:`room_stream`: one room's new messages in ``seq`` order plus the bus's other
+  events as they come; after a gap only messages are caught up. For message-only
+  clients.
+
+``changes_stream`` yields:
+
+* first, once subscribed: ``{"kind": "ready", "positions": {room_id: position}}``, where
+  each room starts (what the client sent, or the room's current position): changes
+  after it follow;
+* ``{"kind": "change", "change": {...}}``: a :class:`~chatkeep.models.Change`
+  (``room_id``, ``position``, ``kind``, ``occurred_at``, ``actor_id``, ``message_id``,
+  ``seq``, ``data``);
+* ``{"kind": "reset", "room_id": ..., "position": ..., "oldest_position": ...}``: the
+  room's log no longer reaches back to the client's position: reload the room (history),
+  then apply the changes that follow (after ``position``);
+* ``{"kind": "closed", "room_id": ..., "position": ..., "reason": ...}``: the user can no
+  longer see the room (``"left"`` or ``"not visible"``); when no room is left the stream
+  ends.
+
+:func:`room_stream` turns chatkeep's event bus and history into what a message-only
+client of a room receives. It subscribes first, then reads PostgreSQL from the
 client's last ``seq``, so a message sent in between arrives both ways and is sent once;
 after a gap in the bus (Redis restarted, a slow reader) it reads PostgreSQL again. The
-FastAPI WebSocket endpoint and the aiohttp recipe send what it yields as JSON.
-
-Each item is a JSON-ready dict with a ``kind``:
+FastAPI ``/rooms/{room_id}/events`` endpoint and the aiohttp recipe send what it yields.
+Its items:
 
 * ``{"kind": "message", "message": {...}}``: a new message (a
   :class:`~chatkeep.models.MessageWithUser`), in ``seq`` order, each once;
@@ -18,26 +43,76 @@ Each item is a JSON-ready dict with a ``kind``:
 The stream ends when the user leaves (or is removed from) the room.
 
 It is built on :meth:`ChatKeep.subscribe <chatkeep.ChatKeep.subscribe>` and
-:meth:`ChatKeep.catch_up <chatkeep.ChatKeep.catch_up>`; when the facade offers a stream
-of its own that does both, this function becomes a thin adapter over it and its callers
-do not change.
+:meth:`ChatKeep.catch_up <chatkeep.ChatKeep.catch_up>`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from chatkeep.facade import ChatKeep
-from chatkeep.models import MessageWithUser
+from chatkeep.models import Change, MessageWithUser
 from chatkeep.realtime import MemberLeft, MessageCreated, RoomGap
+from chatkeep.stream import RoomClosed, RoomReset, StreamItem
 
-__all__ = ["room_stream"]
+__all__ = ["change_item", "changes_stream", "room_stream"]
 
 _MESSAGE: TypeAdapter[MessageWithUser] = TypeAdapter(MessageWithUser)
+_CHANGE: TypeAdapter[Change] = TypeAdapter(Change)
+
+
+async def changes_stream(
+    chat: ChatKeep,
+    room_ids: Iterable[uuid.UUID],
+    user_id: uuid.UUID,
+    *,
+    since: Mapping[uuid.UUID, int] | None = None,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Yield every change of the user's rooms as JSON-ready items (see the module).
+
+    Close the generator when done (``contextlib.aclosing``): that ends the subscription.
+    The generator ends when the user can see none of the rooms any more.
+
+    Args:
+        chat: the facade.
+        room_ids: the rooms to follow (the user must be a member of each).
+        user_id: whose view.
+        since: the last position the client has per room (a room absent starts at its
+            current position: no history replay).
+
+    Raises:
+        InvalidInput: a bad id, ``since`` naming another room or a bad position.
+        NotFound: a room the user cannot see.
+        Unavailable: Redis or PostgreSQL could not be reached.
+    """
+    async with chat.stream(room_ids, user_id, since=since) as stream:
+        positions = {str(room): position for room, position in stream.positions.items()}
+        yield {"kind": "ready", "positions": positions}
+        async for item in stream:
+            yield change_item(item)
+
+
+def change_item(item: StreamItem) -> dict[str, Any]:
+    """One item of :meth:`ChatKeep.stream <chatkeep.ChatKeep.stream>` as JSON-ready data."""
+    if isinstance(item, RoomReset):
+        return {
+            "kind": "reset",
+            "room_id": str(item.room_id),
+            "position": item.position,
+            "oldest_position": item.oldest_position,
+        }
+    if isinstance(item, RoomClosed):
+        return {
+            "kind": "closed",
+            "room_id": str(item.room_id),
+            "position": item.position,
+            "reason": item.reason,
+        }
+    return {"kind": "change", "change": _CHANGE.dump_python(item, mode="json")}
 
 
 async def room_stream(
