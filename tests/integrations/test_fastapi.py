@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import httpx2
 import pytest
@@ -684,31 +684,28 @@ def test_the_changes_websocket_ends_when_no_room_is_left(settings: Settings) -> 
             assert (ended.value.code, ended.value.reason) == (1000, "no room left")
 
 
-@pytest.mark.parametrize(
-    ("query", "code", "reason"),
-    [
-        ("room={room}", 4401, "unauthenticated"),  # no token
-        ("room={missing}", 4404, "not_found"),
-        ("room={private}", 4404, "not_found"),  # another user's room: not seen
-        ("room={room}&room={private}", 4404, "not_found"),
-        ("", 4422, "invalid_input"),  # no room
-        ("room=not-a-uuid", 4422, "invalid_input"),
-        ("room={room}:abc", 4422, "invalid_input"),
-        ("room={room}:-1", 4422, "invalid_input"),
-        ("room={room}:", 4422, "invalid_input"),
-        ("room={room}:1&room={room}", 4422, "invalid_input"),  # twice
-        ("room={room}:999999", 4422, "invalid_input"),  # a position the room has not reached
-        ("room={room}:99999999999999999999", 4422, "invalid_input"),
-        (
-            "room=" + "&room=".join(str(uuid.UUID(int=n)) for n in range(1, 102)),
-            4422,
-            "invalid_input",
-        ),
-    ],
-)
-def test_the_changes_websocket_refuses(
-    client: TestClient, query: str, code: int, reason: str
-) -> None:
+REFUSALS: Final = [
+    ("room={room}", 4401, "unauthenticated"),  # no token
+    ("room={missing}", 4404, "not_found"),
+    ("room={private}", 4404, "not_found"),  # another user's room: not seen
+    ("room={room}&room={private}", 4404, "not_found"),
+    ("", 4422, "invalid_input"),  # no room
+    ("room=not-a-uuid", 4422, "invalid_input"),
+    ("room={room}:abc", 4422, "invalid_input"),
+    ("room={room}:-1", 4422, "invalid_input"),
+    ("room={room}:", 4422, "invalid_input"),
+    ("room={room}:1&room={room}", 4422, "invalid_input"),  # twice
+    ("room={room}:999999", 4422, "invalid_input"),  # a position the room has not reached
+    ("room={room}:99999999999999999999", 4422, "invalid_input"),
+    (
+        "room=" + "&room=".join(str(uuid.UUID(int=n)) for n in range(1, 102)),
+        4422,
+        "invalid_input",
+    ),
+]
+
+
+def test_the_changes_websocket_refuses(client: TestClient) -> None:
     register(client, "ida")
     register(client, "jon")
     auth, other = bearer(login(client, "ida")), bearer(login(client, "jon"))
@@ -716,14 +713,15 @@ def test_the_changes_websocket_refuses(
     private = client.post(
         "/api/rooms", headers=other, json={"name": "theirs", "type": "private"}
     ).json()["id"]
-    url = "/api/changes?" + query.format(room=room, missing=uuid.uuid4(), private=private)
-    headers = {} if code == 4401 else auth
-    with (
-        pytest.raises(WebSocketDisconnect) as refused,
-        client.websocket_connect(url, headers=headers) as ws,
-    ):
-        ws.receive_json()
-    assert (refused.value.code, refused.value.reason) == (code, reason)
+    for query, code, reason in REFUSALS:
+        url = "/api/changes?" + query.format(room=room, missing=uuid.uuid4(), private=private)
+        headers = {} if code == 4401 else dict(auth)
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            client.websocket_connect(url, headers=headers) as ws,
+        ):
+            ws.receive_json()
+        assert (refused.value.code, refused.value.reason) == (code, reason), query
 
 
 async def test_the_changes_websocket_over_uvicorn_resumes(settings: Settings) -> None:
