@@ -48,6 +48,7 @@ It is built on :meth:`ChatKeep.subscribe <chatkeep.ChatKeep.subscribe>` and
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
@@ -98,20 +99,10 @@ async def changes_stream(
 
 def change_item(item: StreamItem) -> dict[str, Any]:
     """One item of :meth:`ChatKeep.stream <chatkeep.ChatKeep.stream>` as JSON-ready data."""
-    if isinstance(item, RoomReset):
-        return {
-            "kind": "reset",
-            "room_id": str(item.room_id),
-            "position": item.position,
-            "oldest_position": item.oldest_position,
-        }
-    if isinstance(item, RoomClosed):
-        return {
-            "kind": "closed",
-            "room_id": str(item.room_id),
-            "position": item.position,
-            "reason": item.reason,
-        }
+    if isinstance(item, RoomReset | RoomClosed):
+        fields = dataclasses.asdict(item)
+        fields["room_id"] = str(item.room_id)
+        return {"kind": "reset" if isinstance(item, RoomReset) else "closed", **fields}
     return {"kind": "change", "change": _CHANGE.dump_python(item, mode="json")}
 
 
