@@ -720,6 +720,8 @@ def test_the_changes_websocket_refuses(client: TestClient) -> None:
             pytest.raises(WebSocketDisconnect) as refused,
             client.websocket_connect(url, headers=headers) as ws,
         ):
+            # A position is checked by the first read, after the "ready" frame.
+            assert ws.receive_json()["kind"] == "ready", query
             ws.receive_json()
         assert (refused.value.code, refused.value.reason) == (code, reason), query
 
