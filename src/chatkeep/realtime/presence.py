@@ -370,11 +370,17 @@ class Presence:
         the next tick, never ending the loop.
         """
         pause = seconds(interval, "interval", minimum=0.01, maximum=3600.0)
+        task = asyncio.current_task()
         while True:
             try:
                 while len(await self.sweep(limit=_SWEEP_LIMIT)) == _SWEEP_LIMIT:
                     pass  # more were due: keep claiming before sleeping
             except Exception:
+                if task is not None and task.cancelling():
+                    # The stop request arrived during a store call that answered it with
+                    # an error of its own (a timeout, Unavailable): stop as asked, rather
+                    # than sleeping on and leaving whoever cancelled waiting forever.
+                    raise asyncio.CancelledError from None
                 logger.exception(
                     "presence sweep failed; retrying in %.1f s",
                     pause,
