@@ -213,3 +213,29 @@ async def test_redis_down_is_unavailable(make_client: ClientFactory, dead_url: s
         await presence.is_online(uuid4())
     with pytest.raises(Unavailable):
         await presence.sweep()
+
+
+async def test_run_sweeper_stops_when_a_store_call_turns_the_cancel_into_an_error(
+    client: RedisClient,
+) -> None:
+    # A stop request that lands inside a store call may come back as that call's own error
+    # (a timeout, Unavailable); the sweeper must still stop, or whoever cancelled it (a
+    # web app's shutdown) waits forever.
+    presence = make_presence(client)
+    entered = asyncio.Event()
+
+    async def sweep(limit: int = 0) -> list[OfflineUser]:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise Unavailable("redis did not answer (the call was cut short)") from None
+        return []
+
+    presence.sweep = sweep  # type: ignore[method-assign]
+    task = asyncio.create_task(presence.run_sweeper(interval=0.01))
+    await entered.wait()
+    task.cancel()
+    async with asyncio.timeout(2):
+        with pytest.raises(asyncio.CancelledError):
+            await task
