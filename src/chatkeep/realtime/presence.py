@@ -386,4 +386,7 @@ class Presence:
                     pause,
                     extra={"operation": "presence.sweep", "retry_in_ms": round(pause * 1000)},
                 )
+            if task is not None and task.cancelling():
+                # Asked to stop, and a call below swallowed the CancelledError: stop.
+                raise asyncio.CancelledError
             await asyncio.sleep(pause)
