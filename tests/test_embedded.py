@@ -255,8 +255,16 @@ def test_a_dead_valkey_is_replaced_and_a_failed_start_leaves_no_lease(
         assert other_users(tmp_path) == []
         os.kill(state["valkey"]["pid"], signal.SIGKILL)
         assert wait_gone(state["valkey"]["pid"])  # its listening socket goes with it
-        # Its port is taken by another program, which answers nothing.
-        squatter = socket.create_server(("127.0.0.1", state["valkey"]["port"]))
+        # Its port is taken by another program, which answers nothing (the port may take
+        # a moment to be free after the kill).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                squatter = socket.create_server(("127.0.0.1", state["valkey"]["port"]))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed Valkey's port stayed taken"
+                time.sleep(0.05)
         # A block opened now finds the recorded Valkey gone and starts another.
         with squatter, resolve_endpoints(settings) as second:
             assert urlsplit(second.redis_url).port != state["valkey"]["port"]
