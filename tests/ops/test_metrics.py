@@ -123,6 +123,7 @@ async def test_every_family_is_exposed_with_real_values(
     assert value("chatkeep_db_pool_max") == db.pool.get_max_size()
     assert value("chatkeep_db_pool_min") == db.pool.get_min_size()
     assert value("chatkeep_db_pool_waiting") == 0
+    assert value("chatkeep_db_pool_long_waits_total") == 0  # no wait reached the threshold
     assert value("chatkeep_db_pool_acquire_seconds_count") == 5  # 3 probes, 1 broken, 1 health
     assert (
         value(

@@ -104,6 +104,7 @@ FAMILIES: Final = (
     "chatkeep_db_pool_connections",
     "chatkeep_db_pool_waiting",
     "chatkeep_db_pool_acquire_seconds",
+    "chatkeep_db_pool_long_waits_total",
     "chatkeep_operation_seconds",
     "chatkeep_db_statement_seconds",
     "chatkeep_db_statement_errors_total",
@@ -208,6 +209,11 @@ class DatabaseSource(Protocol):
     @property
     def stats(self) -> Mapping[str, OperationCounters]:
         """Counters per named operation."""
+        ...
+
+    @property
+    def pool_wait_stats(self) -> OperationCounters:
+        """Counters of the waits for a pooled connection (``slow``: the long ones)."""
         ...
 
     async def health(self) -> _Latency:
@@ -366,7 +372,13 @@ class _SourcesCollector(Collector):
         for name, counters in sorted(dict(database.stats).items()):
             errors.add_metric([name], counters.errors)
             slow.add_metric([name], counters.slow)
-        yield from (errors, slow)
+        long_waits = CounterMetricFamily(
+            "chatkeep_db_pool_long_waits",
+            "Waits for a pooled connection of the slow-query threshold or more (an "
+            "exhausted pool; never counted as slow statements).",
+            value=database.pool_wait_stats.slow,
+        )
+        yield from (errors, slow, long_waits)
 
     def _failures(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

@@ -8,7 +8,10 @@ everywhere.
 named helpers (``await db.fetch("messages.history", SQL, *args)``): the name is logged with
 the duration at DEBUG, counted in :attr:`Database.stats`, logged at WARNING when slower
 than ``slow_query_threshold`` (the name, never the parameters), and driver errors are
-translated to ``chatkeep.errors`` there, ``from`` the original. Inside
+translated to ``chatkeep.errors`` there, ``from`` the original. An operation's time
+counts from when it has its connection: the wait for a free one is measured apart
+(:attr:`Database.pool_wait_stats`, the metrics' pool-wait histogram, and a rate-limited
+"pool exhausted" warning), so a busy pool never shows up as slow statements. Inside
 ``async with db.transaction():`` every helper call from the same task runs on the
 transaction's connection, so repository methods called in the block join it.
 """
@@ -153,6 +156,12 @@ class OperationStats:
         return self.total_seconds / self.calls if self.calls else 0.0
 
 
+# At most one "waiting for a free connection" warning per this many seconds: a pool
+# exhausted for a minute under 500 tasks would otherwise log one line per waiting call
+# (about 1,000 in 25 s, issue 12). Each warning counts the long waits since the last.
+POOL_WARNING_INTERVAL: Final = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseHealth:
     """What :meth:`Database.health` saw: a round trip's latency and the pool's state."""
@@ -274,6 +283,13 @@ class Database:
         # becomes Unavailable instead of an unbounded queue of waiters.
         self._acquire_timeout = settings.connect_timeout
         self._stats: dict[str, OperationStats] = {}
+        self._pool_waits = OperationStats()
+        # The rate-limited pool warning: when it was last logged, and the long waits since.
+        self._pool_warned_at: float | None = None
+        self._long_waits = 0
+        self._longest_wait = 0.0
+        #: Seconds between two "waited for a free database connection" warnings.
+        self.pool_warning_interval = POOL_WARNING_INTERVAL
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
@@ -428,11 +444,23 @@ class Database:
         """Per-operation counters since open (a live, read-only view)."""
         return MappingProxyType(self._stats)
 
-    def reset_stats(self) -> None:
-        """Forget every counter."""
-        self._stats.clear()
+    @property
+    def pool_wait_stats(self) -> OperationStats:
+        """Waits for a pooled connection since open, apart from any statement's time.
 
-    def _record(self, name: str, seconds: float, failed: bool) -> None:
+        ``calls`` counts acquires by the named operations and transactions, ``errors``
+        those that gave up (pool exhausted past ``connect_timeout``), ``slow`` the waits of
+        ``slow_query_threshold`` or more, ``total_seconds``/``max_seconds`` the time waited.
+        """
+        return self._pool_waits
+
+    def reset_stats(self) -> None:
+        """Forget every counter (the pool waits' too)."""
+        self._stats.clear()
+        self._pool_waits = OperationStats()
+
+    def _record(self, name: str, seconds: float, failed: bool, waited: float = 0.0) -> None:
+        """Count one operation; ``seconds`` is its own time, ``waited`` its wait before it."""
         stats = self._stats.get(name)
         if stats is None:
             stats = self._stats[name] = OperationStats()
@@ -447,26 +475,31 @@ class Database:
             observer(name, seconds, failed)
         if seconds >= self._slow:
             stats.slow += 1
-            # The name only: parameters may hold message contents or emails.
+            # The name only: parameters may hold message contents or emails. Only the
+            # statement's own time makes it slow; the wait before it is reported beside it.
             logger.warning(
-                "slow database operation %s: %.1f ms",
+                "slow database operation %s: %.1f ms (after %.1f ms waiting for a connection)",
                 name,
                 seconds * 1000,
+                waited * 1000,
                 extra={
                     "operation": name,
                     "duration_ms": round(seconds * 1000, 3),
+                    "pool_wait_ms": round(waited * 1000, 3),
                     "failed": failed,
                 },
             )
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "%s: %.2f ms%s",
+                "%s: %.2f ms%s (pool wait %.2f ms)",
                 name,
                 seconds * 1000,
                 " (failed)" if failed else "",
+                waited * 1000,
                 extra={
                     "operation": name,
                     "duration_ms": round(seconds * 1000, 3),
+                    "pool_wait_ms": round(waited * 1000, 3),
                     "failed": failed,
                 },
             )
@@ -486,31 +519,67 @@ class Database:
             return tx
         return None
 
-    async def _acquire(self) -> PoolConnectionProxy:
+    async def _acquire(self) -> tuple[PoolConnectionProxy, float]:
+        """A pooled connection, and the seconds waited for it (measured apart)."""
         pool = self._pool
         if pool is None:
             raise Unavailable("the database is not open: call `await db.open()` first")
         timer = self.acquire_timer
+        waits = self._pool_waits
         began = time.perf_counter()
-        if timer is not None:
-            with timer():
+        try:
+            if timer is not None:
+                with timer():
+                    conn = await self._acquire_from(pool)
+            else:
                 conn = await self._acquire_from(pool)
-        else:
-            conn = await self._acquire_from(pool)
+        except Unavailable:
+            waits.errors += 1
+            raise
         self._in_use += 1
-        waited = time.perf_counter() - began
+        now = time.perf_counter()
+        waited = now - began
+        waits.calls += 1
+        waits.total_seconds += waited
+        if waited > waits.max_seconds:
+            waits.max_seconds = waited
         if tracing.tracer() is not None:
             tracing.pool_waited(waited)
         if waited >= self._slow:
-            # Told apart from slow statements: the cure is a bigger pool or fewer
-            # concurrent callers, not a faster query. Operations count from here.
-            logger.warning(
-                "waited %.1f ms for a free database connection (pool_max_size=%d)",
-                waited * 1000,
-                self._max_size,
-                extra={"pool_wait_ms": round(waited * 1000, 3), "pool_max_size": self._max_size},
-            )
-        return conn
+            waits.slow += 1
+            self._long_wait(waited, now)
+        return conn, waited
+
+    def _long_wait(self, waited: float, now: float) -> None:
+        """Note a wait of ``slow_query_threshold`` or more; warn at most once an interval.
+
+        Told apart from slow statements: the cure is a bigger pool or fewer concurrent
+        callers, not a faster query. One line per interval says how many waits were long
+        and the longest, instead of one line per waiting call.
+        """
+        self._long_waits += 1
+        self._longest_wait = max(self._longest_wait, waited)
+        last = self._pool_warned_at
+        if last is not None and now - last < self.pool_warning_interval:
+            return
+        count, longest = self._long_waits, self._longest_wait
+        self._pool_warned_at, self._long_waits, self._longest_wait = now, 0, 0.0
+        logger.warning(
+            "waited %.1f ms for a free database connection (pool_max_size=%d): the pool is "
+            "exhausted; %d wait(s) of %.0f ms or more since the last such warning, the "
+            "longest %.1f ms",
+            waited * 1000,
+            self._max_size,
+            count,
+            self._slow * 1000,
+            longest * 1000,
+            extra={
+                "pool_wait_ms": round(waited * 1000, 3),
+                "pool_max_size": self._max_size,
+                "long_waits": count,
+                "longest_wait_ms": round(longest * 1000, 3),
+            },
+        )
 
     async def _acquire_from(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         if self._in_use < self._max_size:
@@ -543,7 +612,7 @@ class Database:
             yield tx.connection
             return
         with translate_errors("acquire"):
-            conn = await self._acquire()
+            conn, _ = await self._acquire()
         pid = conn.get_server_pid()
         if pid in self._dirty:
             # A previous borrower left session state (a session-level acting user, say):
@@ -697,7 +766,7 @@ class Database:
         with _NO_SPAN if found is None else tracing.transaction(found, name):
             failed = True
             with translate_errors(name):
-                conn = await self._acquire()
+                conn, waited = await self._acquire()
             # A transaction's time starts once it has its connection (waits are logged apart).
             start = time.perf_counter()
             tx = Transaction(conn, name, asyncio.current_task())
@@ -769,7 +838,7 @@ class Database:
                 finally:
                     if not reusable:
                         self._dirty.discard(pid)  # terminated: the pid is free for a new session
-                    self._record(name, time.perf_counter() - start, failed)
+                    self._record(name, time.perf_counter() - start, failed, waited)
 
     def acting_user(self) -> uuid.UUID | None:
         """The user the current task's transaction acts as, or ``None``."""
@@ -794,6 +863,7 @@ class Database:
         found = tracing.tracer()
         with _NO_SPAN if found is None else tracing.statement(found, name, query):
             start = time.perf_counter()
+            waited = 0.0
             failed = True
             try:
                 tx = self._joined()
@@ -807,7 +877,7 @@ class Database:
                             tx._lost = True
                         raise
                 else:
-                    conn = await self._acquire()
+                    conn, waited = await self._acquire()
                     # The operation's time starts once it has a connection: a wait for a free
                     # one is logged apart (_acquire), not counted as a slow statement.
                     start = time.perf_counter()
@@ -836,7 +906,7 @@ class Database:
                 failed = False
                 return result
             finally:
-                self._record(name, time.perf_counter() - start, failed)
+                self._record(name, time.perf_counter() - start, failed, waited)
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``query`` and return every row. ``name`` labels it in logs and stats.
