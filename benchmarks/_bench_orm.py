@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import FetchedValue, ForeignKey, func, select
+from sqlalchemy import DateTime, FetchedValue, ForeignKey, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -50,7 +50,7 @@ class RoomUser(Base):
     room_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rooms.id"), primary_key=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), primary_key=True)
     last_read_seq: Mapped[int]
-    last_read_at: Mapped[datetime | None]
+    last_read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     room: Mapped[Room] = relationship(lazy="joined")
 
 
@@ -64,7 +64,9 @@ class Message(Base):
     seq: Mapped[int] = mapped_column(server_default=FetchedValue())
     content: Mapped[str]
     is_edited: Mapped[bool] = mapped_column(server_default=FetchedValue())
-    created_at: Mapped[datetime] = mapped_column(server_default=FetchedValue())
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=FetchedValue()
+    )
 
 
 def sqlalchemy_ops(url: str, fx: Fixture, pool_size: int) -> tuple[dict[str, Op], AsyncEngine]:

@@ -74,6 +74,7 @@ PAGE = 50
 # The facade's rate limit is checked on every send (a Redis round trip), as in production,
 # but set far above what the benchmark sends, so that no send is refused.
 NO_REAL_LIMIT = RateLimit(limit=1_000_000_000, period=1.0)
+HANG_SECONDS = 60.0  # a call still running this long after its round ended is reported
 
 Op = Callable[[int, random.Random], Awaitable[Any]]
 OPERATIONS = ("send_100", "send_hot", "history", "catch_up", "unread", "mark_read")
@@ -356,13 +357,16 @@ async def rate(op: Op, concurrency: int, seconds: float, latencies: list[float])
 
     async def worker(index: int) -> None:
         rng = random.Random(index * 7919 + int(time.time()))
-        while not stop:
-            began = time.perf_counter()
-            await op(index, rng)
-            if counting:
-                latencies.append(time.perf_counter() - began)
-            counts[index] += 1
-            progressed.set()
+        try:
+            while not stop:
+                began = time.perf_counter()
+                await op(index, rng)
+                if counting:
+                    latencies.append(time.perf_counter() - began)
+                counts[index] += 1
+                progressed.set()
+        finally:
+            progressed.set()  # a failed worker wakes the wait below; gather raises its error
 
     tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
     try:
@@ -379,7 +383,16 @@ async def rate(op: Op, concurrency: int, seconds: float, latencies: list[float])
         elapsed = time.perf_counter() - start
     finally:
         stop = True
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        # A call that never returns would hang the run: report where it is stuck instead.
+        _, stuck = await asyncio.wait(tasks, timeout=HANG_SECONDS)
+        if stuck:
+            for task in stuck:
+                task.print_stack(file=sys.stderr)
+                task.cancel()
+            raise SystemExit(
+                f"{len(stuck)} call(s) still running {HANG_SECONDS:g} s after the round"
+            )
+        results = [task.exception() for task in tasks]
     for result in results:
         if isinstance(result, BaseException):
             raise result

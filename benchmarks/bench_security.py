@@ -25,12 +25,16 @@ Run (PostgreSQL 15 here; the chatapp_* roles must exist: ``chatkeep setup`` once
 ``--to N`` migrates the benchmark's database up or down to schema version ``N`` first, so
 two schema versions can be compared in alternating runs on one fixture (the hashed
 policies once measured as 012 were reverted before release; 012 is now the room change
-log, whose history pages also read reaction counts, so ``--to 11`` no longer runs them).
+log and reactions, which today's history pages read, so below 12 only ``unread`` is
+measured and the history line says why).
 
 The URL names a server and a superuser; the script works in its own database
-(``chatkeep_bench_rls``) and connects to it as ``chatapp_app`` without a password, so the
-server must trust local connections (as test servers do) or the URL must carry the app
-role's password in ``--app-password``.
+(``chatkeep_bench_rls``, or ``--database-name``; ``--drop`` drops it at the end) and
+connects to it as ``chatapp_app`` without a password, so the server must trust local
+connections (as test servers do) or the URL must carry the app role's password in
+``--app-password``. ``--tiny`` runs one short round at 4 tasks for the
+public fixture and the 10-room tier, without judging the ratios, so a test or CI can run
+the whole script in seconds (tests/test_benchmarks.py does).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from bench_storage import HISTORY_MESSAGES, Fixture, bench_database, build_fixtu
 BENCH_DB = "chatkeep_bench_rls"
 TARGET = 0.9
 TIERS = (10, 200, 1000)
+REACTIONS = 12  # the schema whose message_reactions history pages read
 TIER_USERS = 4  # users in each tier, all in the same rooms
 NO_PASSWORD = "$2b$10$" + "b" * 53  # nobody signs in: the format is all the schema checks
 
@@ -235,7 +240,14 @@ async def main() -> int:
         default=",".join(map(str, TIERS)),
         help="private rooms per user, comma-separated (empty: the public fixture only)",
     )
+    parser.add_argument("--drop", action="store_true", help="drop the database at the end")
+    parser.add_argument(
+        "--tiny", action="store_true", help="one short round at 4 tasks, 10 rooms, no verdicts"
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.rounds, args.seconds, args.rooms = 1, 0.2, "10"
+        args.concurrency = min(args.concurrency, 4)
     tiers = tuple(int(n) for n in args.rooms.split(",") if n.strip())
     if any(n < 1 for n in tiers):
         parser.error("--rooms: each tier needs at least 1 room (the history room)")
@@ -260,6 +272,10 @@ async def main() -> int:
             f"{'rooms per user':<15} {'operation':<9} {'superuser':>10} {'chatapp_app':>12}"
             f" {'policy ratio':>13} {'bare superuser':>15} {'end-to-end':>11}"
         )
+        # History pages read reaction counts (012): a schema below it can time unread only.
+        names = ("history", "unread") if schema >= REACTIONS else ("unread",)
+        if schema < REACTIONS:
+            print(f"history: not measured below schema {REACTIONS} (pages read reactions)")
         failed = False
         for case, fx in cases.items():
             filtered = ops(MessageRepository(app), fx, acting=True)
@@ -267,15 +283,30 @@ async def main() -> int:
             bare = ops(MessageRepository(superuser), fx, acting=False)
             failed = (
                 await measure(
-                    case, filtered, unfiltered, bare, args.concurrency, args.seconds, args.rounds
+                    case,
+                    names,
+                    filtered,
+                    unfiltered,
+                    bare,
+                    args.concurrency,
+                    args.seconds,
+                    args.rounds,
                 )
                 or failed
             )
-    return 1 if failed else 0
+    if args.drop:
+        admin = await asyncpg.connect(maintenance_url(args.database_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{args.database_name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    # A tiny run measures too little to judge: it only shows the script still works.
+    return 1 if failed and not args.tiny else 0
 
 
 async def measure(
     case: str,
+    names: tuple[str, ...],
     filtered: dict[str, Op],
     unfiltered: dict[str, Op],
     bare: dict[str, Op],
@@ -285,7 +316,7 @@ async def measure(
 ) -> bool:
     """Prints one line per operation; True if a policy ratio is below the target."""
     failed = False
-    for name in ("history", "unread"):
+    for name in names:
         rates: dict[str, list[float]] = {"super": [], "app": [], "bare": []}
         policy: list[float] = []
         whole: list[float] = []
