@@ -89,10 +89,10 @@ def sqlalchemy_ops(url: str, fx: Fixture, pool_size: int) -> tuple[dict[str, Op]
 
     async def send_100(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
-        return await send(room, fx.users[index])
+        return await send(room, fx.user(index))
 
     async def send_hot(index: int, rng: random.Random) -> Any:
-        return await send(fx.hot_room, fx.users[index])
+        return await send(fx.hot_room, fx.user(index))
 
     async def page(where: Any, order: Any) -> Any:
         # What an ORM application writes: the message entities with their authors' rows.
@@ -119,14 +119,14 @@ def sqlalchemy_ops(url: str, fx: Fixture, pool_size: int) -> tuple[dict[str, Op]
             result = await session.execute(
                 select(RoomUser.room_id, func.greatest(Room.last_seq - RoomUser.last_read_seq, 0))
                 .join(Room, Room.id == RoomUser.room_id)
-                .where(RoomUser.user_id == fx.users[index])
+                .where(RoomUser.user_id == fx.user(index))
             )
             return result.all()
 
     async def mark_read(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
         async with sessions() as session, session.begin():
-            member = await session.get(RoomUser, (room, fx.users[index]))
+            member = await session.get(RoomUser, (room, fx.user(index)))
             if member is None:
                 raise PermissionError("not a member")
             if member.room.last_seq > member.last_read_seq:

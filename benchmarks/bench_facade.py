@@ -11,8 +11,9 @@ membership cache). This script measures those calls, in one run, against:
   ORM application would (a session per call, mapped classes), as a superuser. Orientation
   only: it shows what picking an ORM would cost or gain.
 
-Operations (``--concurrency`` tasks, 20 by default, each acting as its own user, every user
-a member of every room):
+Operations (``--concurrency`` tasks, 20 by default, each acting as its own user (beyond 20
+tasks, users are shared), every user a member of every room; each side has a pool of
+``--pool-size`` connections, by default as many as tasks up to 20):
 
 * ``send_100``: a message into one of 100 rooms at random;
 * ``send_hot``: a message into one shared room (one row lock orders every writer);
@@ -111,6 +112,10 @@ class Fixture:
     hot_room: uuid.UUID
     history_room: uuid.UUID
     history_messages: int
+
+    def user(self, task: int) -> uuid.UUID:
+        """The user task number ``task`` acts as (tasks beyond the users share them)."""
+        return self.users[task % len(self.users)]
 
 
 # -- the database ---------------------------------------------------------------------------
@@ -232,25 +237,25 @@ def facade_ops(chat: ChatKeep, fx: Fixture) -> dict[str, Op]:
 
     async def send_100(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
-        return await chat.send_message(room, fx.users[index], "hello from the facade")
+        return await chat.send_message(room, fx.user(index), "hello from the facade")
 
     async def send_hot(index: int, rng: random.Random) -> Any:
-        return await chat.send_message(fx.hot_room, fx.users[index], "hello from the facade")
+        return await chat.send_message(fx.hot_room, fx.user(index), "hello from the facade")
 
     async def history(index: int, rng: random.Random) -> Any:
         seq = _history_position(fx, rng)
-        return await chat.history(fx.history_room, fx.users[index], before_seq=seq, limit=PAGE)
+        return await chat.history(fx.history_room, fx.user(index), before_seq=seq, limit=PAGE)
 
     async def catch_up(index: int, rng: random.Random) -> Any:
         seq = _history_position(fx, rng) - PAGE
-        return await chat.catch_up(fx.history_room, fx.users[index], after_seq=seq, limit=PAGE)
+        return await chat.catch_up(fx.history_room, fx.user(index), after_seq=seq, limit=PAGE)
 
     async def unread(index: int, rng: random.Random) -> Any:
-        return await chat.unread_counts(fx.users[index])
+        return await chat.unread_counts(fx.user(index))
 
     async def mark_read(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
-        return await chat.mark_read(room, fx.users[index])
+        return await chat.mark_read(room, fx.user(index))
 
     return {
         "send_100": send_100,
@@ -304,10 +309,10 @@ def raw_ops(pool: asyncpg.Pool, fx: Fixture) -> dict[str, Op]:
 
     async def send_100(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
-        return await pool.fetchrow(RAW_SEND, uuid7(), room, fx.users[index], "hello from raw")
+        return await pool.fetchrow(RAW_SEND, uuid7(), room, fx.user(index), "hello from raw")
 
     async def send_hot(index: int, rng: random.Random) -> Any:
-        return await pool.fetchrow(RAW_SEND, uuid7(), fx.hot_room, fx.users[index], "hello raw")
+        return await pool.fetchrow(RAW_SEND, uuid7(), fx.hot_room, fx.user(index), "hello raw")
 
     async def history(index: int, rng: random.Random) -> Any:
         return await pool.fetch(RAW_HISTORY, fx.history_room, _history_position(fx, rng), PAGE)
@@ -317,11 +322,11 @@ def raw_ops(pool: asyncpg.Pool, fx: Fixture) -> dict[str, Op]:
         return await pool.fetch(RAW_CATCH_UP, fx.history_room, seq, PAGE)
 
     async def unread(index: int, rng: random.Random) -> Any:
-        return await pool.fetch(RAW_UNREAD, fx.users[index])
+        return await pool.fetch(RAW_UNREAD, fx.user(index))
 
     async def mark_read(index: int, rng: random.Random) -> Any:
         room = fx.send_rooms[rng.randrange(len(fx.send_rooms))]
-        return await pool.fetchval(RAW_MARK_READ, room, fx.users[index])
+        return await pool.fetchval(RAW_MARK_READ, room, fx.user(index))
 
     return {
         "send_100": send_100,
@@ -420,6 +425,9 @@ async def main() -> int:
     )
     parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument(
+        "--pool-size", type=int, default=None, help="connections per side (min(tasks, 20))"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=OPERATIONS, default=None)
@@ -434,20 +442,21 @@ async def main() -> int:
     if args.tiny:
         sizes, args.seconds, args.rounds = TINY, 0.2, 1
     concurrency = min(args.concurrency, sizes.users) if args.tiny else args.concurrency
-    if concurrency > sizes.users:
-        parser.error(f"--concurrency: at most {sizes.users} (one user per task)")
+    pool_size = args.pool_size or min(concurrency, 20)
+    if concurrency < 1 or pool_size < 1:
+        parser.error("--concurrency and --pool-size: at least 1")
 
     url = await database(args.database_url, args.database_name, fresh=args.fresh)
     fx = await build_fixture(url, sizes)
     app_url = urls.with_user(url, "chatapp_app", args.app_password or None)
     settings = Settings(database_url=app_url, redis_url=args.redis_url)
     raw_pool = await asyncpg.create_pool(
-        url, min_size=concurrency, max_size=concurrency, statement_cache_size=100
+        url, min_size=pool_size, max_size=pool_size, statement_cache_size=100
     )
     engine: Any = None
     try:
         async with (
-            Database(settings, min_size=concurrency, max_size=concurrency) as db,
+            Database(settings, min_size=pool_size, max_size=pool_size) as db,
             RedisClient.from_settings(settings) as redis,
         ):
             await redis.redis.flushdb()
@@ -460,11 +469,12 @@ async def main() -> int:
                 # Imported here: SQLAlchemy is the optional `bench` extra.
                 from _bench_orm import sqlalchemy_ops
 
-                sides["sqlalchemy"], engine = sqlalchemy_ops(url, fx, concurrency)
+                sides["sqlalchemy"], engine = sqlalchemy_ops(url, fx, pool_size)
             version = (await db.health()).server_version.split()[0]
             print(
                 f"PostgreSQL {version}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-                f"{concurrency} tasks, {args.rounds} rounds of {args.seconds:g} s per side"
+                f"{concurrency} tasks on pools of {pool_size}, "
+                f"{args.rounds} rounds of {args.seconds:g} s per side"
             )
             print(
                 "facade: ChatKeep as chatapp_app (row security) with Redis; raw: asyncpg, "
