@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import time
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -53,7 +54,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self, TypeVar
 
 from pydantic import ConfigDict
 
@@ -140,6 +141,11 @@ if TYPE_CHECKING:  # the metrics (prometheus-client) and otel extras are optiona
     from chatkeep.ops.metrics import ChatkeepMetrics
 
 __all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
+
+_T = TypeVar("_T")
+
+# Users whose last write time _wrote keeps before it forgets those older than the lag bound.
+_RECENT_WRITES_KEPT: Final = 10_000
 
 logger = logging.getLogger("chatkeep.facade")
 
@@ -295,11 +301,17 @@ class _Flow:
         "_user_named",
         "name",
         "span",
+        "writes",
     )
 
-    def __init__(self, chat: ChatKeep, name: str, span: Span | None = None) -> None:
+    def __init__(
+        self, chat: ChatKeep, name: str, span: Span | None = None, *, writes: bool = True
+    ) -> None:
         self._chat = chat
         self.name = name
+        #: Whether the flow may write: the users it acts as are then remembered as recent
+        #: writers, whose next reads a replica may serve only once it has their write.
+        self.writes = writes
         #: The flow's span (``chatkeep.<name>``), or ``None`` when not tracing.
         self.span = span
         self._user_named = False
@@ -329,10 +341,27 @@ class _Flow:
         if not self._user_named:  # the flow's own user, else the one it acts as
             self.about(user_id=user)
         with hiding:
-            async with self._chat._as_actor_or_system(
-                user, f"facade.{self.name}", isolation=isolation
-            ) as tx:
-                yield tx
+            try:
+                async with self._chat._as_actor_or_system(
+                    user, f"facade.{self.name}", isolation=isolation
+                ) as tx:
+                    yield tx
+            finally:
+                # Even when the block failed: a COMMIT whose answer was lost may have
+                # committed. Remembering a write that did not happen only costs a read
+                # on the primary.
+                if self.writes and user is not None:
+                    self._chat._wrote(user, self)
+
+    async def read_as(self, user: uuid.UUID, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Run the read ``work`` acting as ``user``, on a replica when one may serve it.
+
+        See :meth:`chatkeep.storage.Database.read_as`; a replica is used only once it has
+        ``user``'s own last write (read-your-writes, ``docs/design.md``).
+        """
+        if not self._user_named:
+            self.about(user_id=user)
+        return await self._chat._read_as(user, f"facade.{self.name}", work)
 
     def about(self, *, room_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None) -> None:
         """Name the room and user the flow is about, on its span (checked ids only)."""
@@ -466,6 +495,9 @@ class ChatKeep:
         ] = collections.OrderedDict()
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
+        # Read-your-writes with replicas: when each user's last write through this object
+        # finished (time.monotonic(), after its COMMIT returned). See _read_as.
+        self._recent_writes: dict[uuid.UUID, float] = {}
         if metrics is not None:
             metrics.attach(database=db, redis=redis)  # hooks the pool and the client too
             self.events.on_receive = _receipt_counter(metrics)
@@ -562,7 +594,69 @@ class ChatKeep:
             InvalidInput: ``user_id`` is not a UUID, or the task is already in a
                 transaction acting as someone else.
         """
-        return self.db.acting_as(user_id, "facade.acting_as")
+        return self._acting_as_writer(check_id("user_id", user_id))
+
+    @contextlib.asynccontextmanager
+    async def _acting_as_writer(self, user: uuid.UUID) -> AsyncIterator[Transaction]:
+        try:
+            async with self.db.acting_as(user, "facade.acting_as") as tx:
+                yield tx
+        finally:
+            # The block may have written: the user's next reads must see it.
+            self._wrote(user)
+        if self.db.replicas is not None and self.db.settings.replica_fence == "redis":
+            async with self._best_effort("the replica fence"):
+                await self._quietly("the replica fence", self._mark_recent_write(user))
+
+    # -- read replicas: read-your-writes ------------------------------------------------------
+
+    def _wrote(self, user: uuid.UUID, flow: _Flow | None = None) -> None:
+        """Remember that ``user`` just wrote, so their next reads see it (see _read_as)."""
+        replicas = self.db.replicas
+        if replicas is None:
+            return
+        now = time.monotonic()
+        recent = self._recent_writes
+        recent.pop(user, None)  # re-inserted last: the dict stays ordered by time
+        recent[user] = now
+        if len(recent) > _RECENT_WRITES_KEPT:
+            # Older than replica_max_lag, a write is on every replica that may be used.
+            horizon = now - replicas.max_lag
+            for old in [u for u, at in recent.items() if at < horizon]:
+                del recent[old]
+        if flow is not None and self.db.settings.replica_fence == "redis":
+            flow.clean_up("the replica fence", lambda: self._mark_recent_write(user))
+
+    async def _mark_recent_write(self, user: uuid.UUID) -> None:
+        # Lives replica_max_lag: a process that no longer finds it only uses a replica
+        # whose measured lag is at most that, so one that has this write.
+        replicas = self.db.replicas
+        lag = replicas.max_lag if replicas is not None else 0.0
+        with self.redis.guard("replica.mark_write"):
+            await self.redis.redis.set(
+                self.redis.keys.recent_write(user), b"1", px=round(lag * 1000) + 50
+            )
+
+    async def _wrote_elsewhere(self, user: uuid.UUID) -> bool:
+        with self.redis.guard("replica.fence", timeout=self.best_effort_timeout):
+            return bool(await self.redis.redis.exists(self.redis.keys.recent_write(user)))
+
+    async def _read_as(self, user: uuid.UUID, name: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``work`` as ``user`` on a replica that has the user's last write, else the primary.
+
+        In this process the rule is exact: a replica is used only if it is known to have
+        replayed past a primary position sampled after the user's last write here. Across
+        processes (``replica_fence=redis``) a write leaves a key in Redis for
+        ``replica_max_lag``; while it is there, every process reads that user from the primary.
+        """
+        fence = (
+            (lambda: self._wrote_elsewhere(user))
+            if self.db.settings.replica_fence == "redis"
+            else None
+        )
+        return await self.db.read_as(
+            user, name, work, fresh_since=self._recent_writes.get(user), fence=fence
+        )
 
     async def _went_offline(self, users: Sequence[OfflineUser]) -> None:
         # last_seen goes to PostgreSQL when a user goes offline, not on every heartbeat.
@@ -582,18 +676,21 @@ class ChatKeep:
         return self.metrics.time_operation(name)
 
     @contextlib.asynccontextmanager
-    async def _flow(self, name: str, *, after_commit: bool = True) -> AsyncIterator[_Flow]:
+    async def _flow(
+        self, name: str, *, after_commit: bool = True, reads: bool = False
+    ) -> AsyncIterator[_Flow]:
         """One call of flow ``name`` (see :class:`_Flow`), timed and its errors counted.
 
         A flow whose Redis work must follow its own commit (``after_commit``, every flow
         that invalidates or publishes what it wrote) refuses to run inside the caller's
         transaction, which could still roll back what the events announce. Queued Redis
-        work runs when the block ends without an error.
+        work runs when the block ends without an error. A flow that only ``reads`` leaves
+        no read-your-writes mark on the users it acts as.
         """
         with tracing.flow(name) as span, self._measured(name):
             if after_commit:
                 self._outside_transaction(name)
-            flow = _Flow(self, name, span)
+            flow = _Flow(self, name, span, writes=not reads)
             yield flow
             await flow.after_commit()
 
@@ -709,10 +806,12 @@ class ChatKeep:
             Conflict: the email or username is taken.
             InvalidInput: ``dto`` is not a CreateUserDto.
         """
-        async with self._flow("register", after_commit=False):
+        async with self._flow("register", after_commit=False) as flow:
             # A profile read of this id before it existed cached nothing (no negative
             # caching), so there is nothing to invalidate.
-            return await self.users.register(dto)
+            user = await self.users.register(dto)
+            self._wrote(user.id, flow)  # a replica may not know the new account yet
+            return user
 
     async def login(self, email: str, password: str) -> LoginResult | None:
         """Check a password (throttled per account) and start a session.
@@ -1048,7 +1147,7 @@ class ChatKeep:
             NotFound: no such room, or one the user is not in (``room not found``).
             InvalidInput: a bad id.
         """
-        async with self._flow("room_position", after_commit=False) as flow:
+        async with self._flow("room_position", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
@@ -1080,7 +1179,7 @@ class ChatKeep:
             InvalidInput: a bad id, a negative or future ``after``, or ``limit`` outside
                 1..1000.
         """
-        async with self._flow("changes", after_commit=False) as flow:
+        async with self._flow("changes", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
@@ -1118,10 +1217,9 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        async with self._flow("unread_counts", after_commit=False) as flow:
+        async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.messages.unread_counts(user)
+            return await flow.read_as(user, lambda: self.messages.unread_counts(user))
 
     async def catch_up(
         self,
@@ -1152,7 +1250,7 @@ class ChatKeep:
             InvalidInput: not exactly one of ``after_seq`` and ``cursor``, a cursor that
                 does not point forward or belongs to another room, or a bad ``limit``.
         """
-        async with self._flow("catch_up", after_commit=False) as flow:
+        async with self._flow("catch_up", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
@@ -1189,20 +1287,22 @@ class ChatKeep:
                 ``around`` names a message not in it.
             InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
         """
-        async with self._flow("history", after_commit=False) as flow:
+        async with self._flow("history", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member(room, user)
-            async with flow.acting_as(user):
-                return await self.messages.history(
+            return await flow.read_as(
+                user,
+                lambda: self.messages.history(
                     room,
                     cursor=cursor,
                     before_seq=before_seq,
                     after_seq=after_seq,
                     around=around,
                     limit=limit,
-                )
+                ),
+            )
 
     async def rooms_of(
         self, user_id: uuid.UUID, *, include_inactive: bool = False
@@ -1213,10 +1313,11 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        async with self._flow("rooms_of", after_commit=False) as flow:
+        async with self._flow("rooms_of", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.rooms.rooms_of(user, include_inactive=include_inactive)
+            return await flow.read_as(
+                user, lambda: self.rooms.rooms_of(user, include_inactive=include_inactive)
+            )
 
     # -- rooms and membership ---------------------------------------------------------------
 

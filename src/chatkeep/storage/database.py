@@ -50,6 +50,8 @@ from chatkeep.errors import (
     ChatkeepError,
     ConfigurationError,
     InvalidInput,
+    NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from chatkeep.ids import check_id
@@ -61,6 +63,7 @@ from chatkeep.storage.errors import (
     translate_error,
     translate_errors,
 )
+from chatkeep.storage.replicas import ReplicaSet
 from chatkeep.storage.security import connection_failed
 
 __all__ = [
@@ -304,6 +307,9 @@ class Database:
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
         )
+        #: The streaming replicas reads that tolerate lag may use (:meth:`read_as`), from
+        #: ``settings.replica_urls`` when the pool opens; ``None`` without replicas.
+        self.replicas: ReplicaSet | None = None
 
     @property
     def dsn(self) -> str:
@@ -376,6 +382,14 @@ class Database:
         with translate_errors(f"connect to {redact_url(self._dsn)}"):
             self._pool = await asyncpg.create_pool(self._dsn, **self.pool_options())
         took = (time.perf_counter() - start) * 1000
+        if settings_replicas := self._settings.replica_urls:
+            self.replicas = ReplicaSet(
+                self,
+                [url.get_secret_value() for url in settings_replicas],
+                self._settings,
+                application_name=self._application_name,
+            )
+            await self.replicas.start()
         logger.debug(
             "pool open: %s min=%d max=%d in %.1f ms",
             redact_url(self._dsn),
@@ -393,6 +407,9 @@ class Database:
 
     async def close(self) -> None:
         """Close every connection, waiting for the ones in use to come back."""
+        replicas, self.replicas = self.replicas, None
+        if replicas is not None:
+            await replicas.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             with translate_errors("close pool"):
@@ -844,6 +861,76 @@ class Database:
         """The user the current task's transaction acts as, or ``None``."""
         tx = self._joined()
         return tx.acting_user if tx is not None else None
+
+    # -- reads that may go to a replica ----------------------------------------------------
+
+    async def read_as(
+        self,
+        user_id: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        *,
+        fresh_since: float | None = None,
+        fence: Callable[[], Awaitable[bool]] | None = None,
+    ) -> _T:
+        """Run the read ``work`` acting as ``user_id``: on a replica if one may serve it.
+
+        ``work`` makes its statements through this database's helpers (repository calls),
+        as in an :meth:`acting_as` block; it is called again on the primary when the replica
+        fails under it, so it must only read. Without replicas, or when none is up, within
+        ``replica_max_lag`` and fresh as of ``fresh_since`` (see
+        :mod:`chatkeep.storage.replicas`), it runs on the primary. ``fence`` is asked last,
+        only when a replica qualifies: True means the user wrote too recently for any
+        replica (a record kept elsewhere, e.g. in Redis); an error there means the primary.
+
+        A replica that answers NotFound or PermissionDenied (a room or membership newer
+        than it) is not believed: the primary is asked. A replica that fails as
+        Unavailable is not used until its next check, and the read runs on the primary: a
+        caller never sees a replica's failure.
+
+        Raises:
+            ChatkeepError: what ``work`` raises on the primary.
+        """
+        replicas = self.replicas
+        if replicas is None:
+            return await self._read_on_primary(user_id, name, work)
+        if self._joined() is not None:
+            replicas.count_read("primary", "transaction")
+            return await self._read_on_primary(user_id, name, work)
+        replica, reason = replicas.choose(fresh_since)
+        if replica is not None and fence is not None:
+            try:
+                if await fence():
+                    replica, reason = None, "own_write"
+            except ChatkeepError:
+                replica, reason = None, "fence_unknown"
+        if replica is None:
+            replicas.count_read("primary", reason)
+            return await self._read_on_primary(user_id, name, work)
+        try:
+            async with replica.db.acting_as(user_id, name, readonly=True) as tx:
+                # Repository calls go through this database's helpers: they join the
+                # replica's transaction as they would one of this database's own.
+                token = self._tx.set(tx)
+                try:
+                    result = await work()
+                finally:
+                    self._tx.reset(token)
+        except Unavailable as exc:
+            replicas.failed(replica, exc)
+            replicas.count_read("primary", "error")
+        except (NotFound, PermissionDenied):
+            replicas.count_read("primary", "refused")
+        else:
+            replicas.count_read("replica")
+            return result
+        return await self._read_on_primary(user_id, name, work)
+
+    async def _read_on_primary(
+        self, user_id: uuid.UUID, name: str, work: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        async with self.acting_as(user_id, name):
+            return await work()
 
     # -- named operations -----------------------------------------------------------------
 
