@@ -498,6 +498,8 @@ class ChatKeep:
         # Read-your-writes with replicas: when each user's last write through this object
         # finished (time.monotonic(), after its COMMIT returned). See _read_as.
         self._recent_writes: dict[uuid.UUID, float] = {}
+        # This object's mark on a user's recent_write key in Redis (see _mark_recent_write).
+        self._fence_token = uuid.uuid4().hex.encode()
         if metrics is not None:
             metrics.attach(database=db, redis=redis)  # hooks the pool and the client too
             self.events.on_receive = _receipt_counter(metrics)
@@ -629,17 +631,22 @@ class ChatKeep:
 
     async def _mark_recent_write(self, user: uuid.UUID) -> None:
         # Lives replica_max_lag: a process that no longer finds it only uses a replica
-        # whose measured lag is at most that, so one that has this write.
+        # whose measured lag is at most that, so one that has this write. Its value names
+        # the process that set it last: that one may rely on its own record instead (the
+        # precise one), once moved past this SET, which came after every other process's
+        # SET for this user and so after every write they marked.
         replicas = self.db.replicas
         lag = replicas.max_lag if replicas is not None else 0.0
         with self.redis.guard("replica.mark_write"):
             await self.redis.redis.set(
-                self.redis.keys.recent_write(user), b"1", px=round(lag * 1000) + 50
+                self.redis.keys.recent_write(user), self._fence_token, px=round(lag * 1000) + 50
             )
+        self._recent_writes[user] = max(self._recent_writes.get(user, 0.0), time.monotonic())
 
     async def _wrote_elsewhere(self, user: uuid.UUID) -> bool:
         with self.redis.guard("replica.fence", timeout=self.best_effort_timeout):
-            return bool(await self.redis.redis.exists(self.redis.keys.recent_write(user)))
+            mark = await self.redis.redis.get(self.redis.keys.recent_write(user))
+        return mark is not None and mark != self._fence_token
 
     async def _read_as(self, user: uuid.UUID, name: str, work: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``work`` as ``user`` on a replica that has the user's last write, else the primary.
