@@ -34,7 +34,7 @@ from chatkeep.realtime import RateLimit, RedisClient
 from chatkeep.storage import Database
 from chatkeep.storage.replicas import ReplicaSet
 from chatkeep.testing import ensure_test_roles, make_template_database, url_as, url_for
-from tests.realtime.conftest import wait_until
+from tests.realtime.conftest import FAST, wait_until
 from tests.servers import PostgresServer, _postgres_bin_dir, temporary_folder
 
 PASSWORD = "correct horse"
@@ -359,3 +359,86 @@ async def test_a_replica_that_is_down_at_start_is_only_noted(
         assert [m.content for m in page.items] == ["first"]
         assert replicas_of(chat).fallbacks["down"] >= 1
         assert replicas_of(chat).replicas[0].last_error
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_replica_that_does_not_know_a_message_yet_is_not_believed(
+    settings: Callable[..., Settings], pair: Pair
+) -> None:
+    # alice sends while replay is paused; bob (who wrote nothing, so the replica within
+    # the bound may serve him) jumps to her message: the replica says NotFound, and the
+    # primary is asked instead.
+    async with facade(settings(replica_max_lag=60.0)) as chat:
+        world = await make_world(chat)
+        await until_fresh(chat)
+        await as_superuser(pair.standby, "SELECT pg_wal_replay_pause()")
+        try:
+            sent = await chat.send_message(world.room, world.alice.id, "look at this")
+            page = await chat.history(world.room, world.bob.id, around=sent.id)
+            assert [m.content for m in page.items] == ["first", "look at this"]
+            assert replicas_of(chat).fallbacks["refused"] == 1
+            # What the replica may serve is a consistent past: the newest page from
+            # before the pause, bounded by replica_max_lag (docs/design.md).
+            stale = await chat.history(world.room, world.bob.id)
+            assert [m.content for m in stale.items] == ["first"]
+        finally:
+            await as_superuser(pair.standby, "SELECT pg_wal_replay_resume()")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_reads_inside_a_callers_transaction_stay_on_the_primary(
+    settings: Callable[..., Settings],
+) -> None:
+    async with facade(settings()) as chat:
+        world = await make_world(chat)
+        await until_fresh(chat)
+        async with chat.db.acting_as(world.bob.id):
+            page = await chat.history(world.room, world.bob.id)
+        assert [m.content for m in page.items] == ["first"]
+        assert replicas_of(chat).fallbacks["transaction"] == 1
+        assert replica_transactions(chat, "facade.history") == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_without_an_answer_from_redis_the_primary_serves(
+    settings: Callable[..., Settings],
+) -> None:
+    async with facade(settings()) as chat:
+        world = await make_world(chat)
+        await until_fresh(chat)
+        dead = RedisClient(f"redis://127.0.0.1:{_free_port(set())}/0", **FAST)
+        try:
+            blind = ChatKeep(chat.db, dead, bcrypt_rounds=ROUNDS)
+            page = await blind.history(world.room, world.bob.id)
+        finally:
+            await dead.aclose()
+        assert [m.content for m in page.items] == ["first"]
+        assert replicas_of(chat).fallbacks["fence_unknown"] == 1
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_server_that_is_not_a_standby_is_not_used(
+    settings: Callable[..., Settings], pair: Pair
+) -> None:
+    async with facade(settings(replica_urls=pair.app_url(pair.primary))) as chat:
+        world = await make_world(chat)
+        assert [m.content for m in (await chat.history(world.room, world.bob.id)).items] == [
+            "first"
+        ]
+        replica = replicas_of(chat).replicas[0]
+        assert not replica.up
+        assert replica.last_error is not None
+        assert "not a standby" in replica.last_error
+        assert replicas_of(chat).fallbacks["down"] >= 1
+
+
+def test_replica_names_hide_passwords() -> None:
+    settings = Settings(database_url="postgresql://app@primary/db")
+    replicas = ReplicaSet(
+        Database(settings), ["postgresql://app:s3cret-pw@replica-1:5433/db"], settings
+    )
+    assert [r.name for r in replicas.replicas] == ["postgresql://app:***@replica-1:5433/db"]
+    assert "s3cret" not in repr(replicas)
+    # Nothing measured yet: no read may use it, and it says so.
+    assert replicas.choose() == (None, "unchecked")
+    assert replicas.replicas[0].lag() is None
