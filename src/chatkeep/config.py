@@ -383,6 +383,8 @@ class Settings(BaseSettings):
                 yield name, value  # SecretStr's own repr: '**********'
             elif isinstance(value, SecretStr):
                 yield name, redact_url(value.get_secret_value())
+            elif name == "replica_urls":
+                yield name, tuple(redact_url(url.get_secret_value()) for url in value)
             else:
                 yield name, value
 
