@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -442,3 +445,37 @@ def test_replica_names_hide_passwords() -> None:
     # Nothing measured yet: no read may use it, and it says so.
     assert replicas.choose() == (None, "unchecked")
     assert replicas.replicas[0].lag() is None
+
+
+def test_the_benchmark_runs_in_its_tiny_mode(pair: Pair, redis_url: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "bench_replica.py"),
+            "--tiny",
+            "--database-url",
+            pair.primary.url(),
+            "--replica-url",
+            pair.standby.url(),
+            "--redis-url",
+            redis_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line[:28].strip(): line[28:].split() for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {
+        "primary",
+        "replica/redis",
+        "replica/process",
+        "write+read, primary",
+        "write+read, replica/redis",
+    }
+    # Readers who do not write are served by the replica; writers by the primary.
+    assert rows["replica/process"][1] == "100%"
+    assert rows["write+read, replica/redis"][1] == "0%"

@@ -879,7 +879,7 @@ class Database:
         as in an :meth:`acting_as` block; it is called again on the primary when the replica
         fails under it, so it must only read. Without replicas, or when none is up, within
         ``replica_max_lag`` and fresh as of ``fresh_since`` (see
-        :mod:`chatkeep.storage.replicas`), it runs on the primary. ``fence`` is asked last,
+        ``chatkeep.storage.replicas``), it runs on the primary. ``fence`` is asked last,
         only when a replica qualifies: True means the user wrote too recently for any
         replica (a record kept elsewhere, e.g. in Redis); an error there means the primary.
 
