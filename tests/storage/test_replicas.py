@@ -476,6 +476,7 @@ def test_the_benchmark_runs_in_its_tiny_mode(pair: Pair, redis_url: str) -> None
         "write+read, primary",
         "write+read, replica/redis",
     }
-    # Readers who do not write are served by the replica; writers by the primary.
+    # Readers who do not write are served by the replica; writers reading right after
+    # their own send by the primary (a replica only once a check saw it has the send).
     assert rows["replica/process"][1] == "100%"
-    assert rows["write+read, replica/redis"][1] == "0%"
+    assert int(rows["write+read, replica/redis"][1].rstrip("%")) < 50
