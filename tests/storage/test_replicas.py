@@ -480,3 +480,23 @@ def test_the_benchmark_runs_in_its_tiny_mode(pair: Pair, redis_url: str) -> None
     # their own send by the primary (a replica only once a check saw it has the send).
     assert rows["replica/process"][1] == "100%"
     assert int(rows["write+read, replica/redis"][1].rstrip("%")) < 50
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_without_the_primary_no_replica_is_used(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The primary's database is not open: its WAL position cannot be sampled, so no
+    # replica can be shown fresh, however well it answers.
+    settings = Settings(database_url=pair.app_url(pair.primary), connect_timeout=1.0)
+    replicas = ReplicaSet(Database(settings), [pair.app_url(pair.standby)], settings)
+    try:
+        await replicas.check()
+        replica = replicas.replicas[0]
+        assert replica.up
+        assert replica.fresh_as_of is None
+        assert replicas.choose() == (None, "lag")
+        assert "the primary's WAL position is unknown" in caplog.text
+    finally:
+        await replicas.close()
+    assert not replicas.replicas[0].up
