@@ -186,6 +186,14 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
     redis_cluster_mode: bool = False
+    search_config: str = Field(
+        default="simple",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$",
+        description=(
+            "Text search configuration of ChatKeep.search (a name, optionally schema-"
+            "qualified); a GIN index on to_tsvector('<name>', content) must exist for it."
+        ),
+    )
     application_name: str = Field(default="chatkeep", min_length=1, max_length=63)
     data_dir: Path = Field(
         default=Path(".chatkeep"),

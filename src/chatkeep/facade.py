@@ -54,6 +54,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self, TypeVar
 
 from pydantic import ConfigDict
@@ -81,6 +82,7 @@ from chatkeep.models import (
     RoomRole,
     RoomSummary,
     RoomUser,
+    SearchPage,
     UnreadCounts,
     UpdateUserDto,
     User,
@@ -132,6 +134,7 @@ from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transactio
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
+from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 from chatkeep.stream import ChangeStream
 
@@ -465,6 +468,7 @@ class ChatKeep:
         self.users = UserRepository(db, bcrypt_rounds=bcrypt_rounds)
         self.rooms = RoomRepository(db)
         self.messages = MessageRepository(db)
+        self.search_index = SearchRepository(db)
         self.reactions = ReactionRepository(db)
         self.change_log = ChangeRepository(db)
         self.sessions = SessionStore(redis)
@@ -1310,6 +1314,51 @@ class ChatKeep:
                     limit=limit,
                 ),
             )
+
+    async def search(
+        self,
+        user_id: uuid.UUID,
+        query: str,
+        *,
+        room_id: uuid.UUID | None = None,
+        author_id: uuid.UUID | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        order: SearchOrder = "newest",
+        limit: int = DEFAULT_SEARCH_LIMIT,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """Full-text search over the messages the user may see, newest first or ranked.
+
+        Row security applies: only messages of the user's rooms are found. Filters: one
+        room, one author, ``since`` (inclusive) and ``until`` (exclusive). Each hit has a
+        highlighted ``snippet`` (:class:`~chatkeep.models.SearchHit`); ``page.next``
+        continues the same search. A query is parsed by ``websearch_to_tsquery``: any text
+        is safe, operators and all; one with no words gives an empty page, and so does a
+        room the user is not in.
+
+        Raises:
+            InvalidInput: a bad id, an empty, too long (> 256 characters) or too wordy
+                (> 32 terms) query, a naive datetime, ``since`` not before ``until``, an
+                unknown ``order``, ``limit`` outside 1-100, or a cursor that is malformed or
+                from another search.
+            ConfigurationError: ``search_config`` names no text search configuration.
+        """
+        async with self._flow("search", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            flow.about(user_id=user)
+            async with flow.acting_as(user):
+                return await self.search_index.search(
+                    user,
+                    query,
+                    room_id=room_id,
+                    author_id=author_id,
+                    since=since,
+                    until=until,
+                    order=order,
+                    limit=limit,
+                    cursor=cursor,
+                )
 
     async def rooms_of(
         self, user_id: uuid.UUID, *, include_inactive: bool = False

@@ -96,6 +96,8 @@ __all__ = [
     "PASSWORD_MAX_BYTES",
     "PASSWORD_MIN_LENGTH",
     "SCHEMA_CONFIG",
+    "SNIPPET_START",
+    "SNIPPET_STOP",
     "USERNAME_MAX_LENGTH",
     "USERNAME_MIN_LENGTH",
     "Change",
@@ -119,6 +121,8 @@ __all__ = [
     "RoomType",
     "RoomUser",
     "RoomWithUsers",
+    "SearchHit",
+    "SearchPage",
     "SendMessageBody",
     "UnreadCounts",
     "UpdateRoomDto",
@@ -836,6 +840,42 @@ class CursorPage(Generic[T]):
     before: str | None = None
     after: str | None = None
     newest: str | None = None
+
+
+# -- search -------------------------------------------------------------------------------
+
+#: Marks the start of a matched term in :attr:`SearchHit.snippet` (U+E000, private use).
+SNIPPET_START: Final = "\ue000"
+#: Marks the end of a matched term in :attr:`SearchHit.snippet` (U+E001, private use).
+SNIPPET_STOP: Final = "\ue001"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchHit(Message):
+    """A message that matched a search, with its highlighted snippet.
+
+    ``snippet`` is an extract of ``content`` (up to about 35 words) with each matched term
+    between :data:`SNIPPET_START` and :data:`SNIPPET_STOP`: two private-use characters,
+    removed from the content before the snippet is made, so they only ever mark matches.
+    The snippet is plain text: escape it for HTML as you would the content, then turn the
+    markers into ``<mark>`` tags. ``rank`` is the ``ts_rank`` score when the search was
+    ordered by rank, else ``None``.
+    """
+
+    snippet: str
+    rank: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchPage(_Row):
+    """A page of search results, best (or newest) first.
+
+    ``next`` is the opaque cursor of the following page, ``None`` when this page is the
+    last; it only continues the same search (same query, filters and order).
+    """
+
+    items: tuple[SearchHit, ...]
+    next: str | None = None
 
 
 ChangeKind = Literal[

@@ -174,6 +174,7 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_reaction_room",
         "chatkeep_relay_changes",
         "chatkeep_room_is_empty",
+        "chatkeep_search_messages",
     ]
     for row in rows:
         # A fixed search_path with no schema anyone else can create objects in.
