@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -27,9 +31,11 @@ from chatkeep.models import SNIPPET_START, SNIPPET_STOP
 from chatkeep.realtime import RateLimit
 from chatkeep.storage.search import MAX_QUERY_LENGTH, MAX_QUERY_TERMS, check_query
 
+ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 10
 # Tests send dozens of messages in a burst: the default send limit would stop them.
 UNLIMITED = RateLimit(limit=10_000, period=1.0)
+OPTIONS = {"bcrypt_rounds": ROUNDS, "send_limit": UNLIMITED}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -38,7 +44,9 @@ async def chat(
 ) -> AsyncIterator[ChatKeep]:
     """A facade connected as ``chatapp_app``: row security binds every search."""
     settings = make_settings(database_url=app_url)
-    async with ChatKeep.connect(settings, node_id="node-a", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED) as facade:
+    async with ChatKeep.connect(
+        settings, node_id="node-a", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED
+    ) as facade:
         yield facade
 
 
@@ -102,9 +110,7 @@ async def test_finds_matching_messages_newest_first_with_snippets(
     assert [h.id for h in (await chat.search(world.alice.id, "REPORT")).items] == [b.id, a.id]
     assert (await chat.search(world.alice.id, "reports")).items == ()
     # websearch syntax: quotes for phrases, "or", a leading minus.
-    assert [h.id for h in (await chat.search(world.alice.id, '"quarterly report"')).items] == [
-        a.id
-    ]
+    assert [h.id for h in (await chat.search(world.alice.id, '"quarterly report"')).items] == [a.id]
     assert [h.id for h in (await chat.search(world.alice.id, "report -late")).items] == [b.id]
     found = await chat.search(world.alice.id, "lunch or late")
     assert len(found.items) == 2
@@ -239,7 +245,8 @@ async def test_edited_messages_are_found_by_their_new_words_only(
     await chat.edit_message(m.id, world.bob.id, "meet at the lighthouse")
     assert (await chat.search(world.alice.id, "badger")).items == ()
     (hit,) = (await chat.search(world.alice.id, "lighthouse")).items
-    assert hit.id == m.id and hit.is_edited
+    assert hit.id == m.id
+    assert hit.is_edited
 
 
 @pytest.mark.parametrize(
@@ -282,9 +289,7 @@ async def test_cjk_runs_are_single_tokens_with_the_simple_configuration(
     # it is found by the whole run, or by a part set off with spaces or punctuation, never
     # by a word inside the run (docs/design.md, "Search": what to use instead).
     m = await chat.send_message(world.general.id, world.alice.id, "東京都の天気は晴れ、明日は雨")
-    assert [h.id for h in (await chat.search(world.alice.id, "東京都の天気は晴れ")).items] == [
-        m.id
-    ]
+    assert [h.id for h in (await chat.search(world.alice.id, "東京都の天気は晴れ")).items] == [m.id]
     assert [h.id for h in (await chat.search(world.alice.id, "明日は雨")).items] == [m.id]
     assert (await chat.search(world.alice.id, "東京")).items == ()
     assert (await chat.search(world.alice.id, "天気")).items == ()
@@ -306,7 +311,7 @@ async def test_cjk_runs_are_single_tokens_with_the_simple_configuration(
         ({"query": 42}, "query", "must be a string"),
         ({"room_id": "nope"}, "room_id", None),
         ({"author_id": 7}, "author_id", None),
-        ({"since": datetime(2026, 1, 1)}, "since", "a timezone-aware datetime"),  # noqa: DTZ001
+        ({"since": datetime(2026, 1, 1)}, "since", "a timezone-aware datetime"),
         ({"until": "2026-01-01"}, "until", "a timezone-aware datetime"),
         (
             {"since": datetime(2026, 1, 2, tzinfo=UTC), "until": datetime(2026, 1, 1, tzinfo=UTC)},
@@ -351,7 +356,7 @@ async def test_cursors_are_checked(chat: ChatKeep, world: World) -> None:
         await chat.search(world.alice.id, "lynx", room_id=world.general.id, cursor=first.next)
     # An edited cursor fails its tag.
     tampered = first.next[:-3] + ("A" if first.next[-3] != "A" else "B") + first.next[-2:]
-    with pytest.raises(InvalidInput, match="tampered|malformed"):
+    with pytest.raises(InvalidInput, match=r"tampered|malformed"):
         await chat.search(world.alice.id, "lynx", cursor=tampered)
     # The same search with surrounding spaces is the same search.
     again = await chat.search(world.alice.id, "  lynx ", limit=1, cursor=first.next)
@@ -366,7 +371,9 @@ async def test_an_unknown_search_configuration_is_a_configuration_error(
     make_settings: Callable[..., Settings], app_url: str, world: World, chat: ChatKeep
 ) -> None:
     settings = make_settings(database_url=app_url, search_config="klingon")
-    async with ChatKeep.connect(settings, node_id="node-b", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED) as other:
+    async with ChatKeep.connect(
+        settings, node_id="node-b", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED
+    ) as other:
         with pytest.raises(ConfigurationError) as caught:
             await other.search(world.alice.id, "hello")
     assert caught.value.field == "search_config"
@@ -388,7 +395,9 @@ async def test_another_configuration_works_once_it_has_its_index(
     )
     m = await chat.send_message(world.general.id, world.alice.id, "the ponies were running")
     settings = make_settings(database_url=app_url, search_config="english")
-    async with ChatKeep.connect(settings, node_id="node-c", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED) as english:
+    async with ChatKeep.connect(
+        settings, node_id="node-c", bcrypt_rounds=ROUNDS, send_limit=UNLIMITED
+    ) as english:
         (hit,) = (await english.search(world.bob.id, "pony runs")).items
         assert hit.id == m.id
         plan = await conn.fetch(
@@ -403,3 +412,30 @@ async def test_searches_run_concurrently(chat: ChatKeep, world: World) -> None:
     await chat.send_message(world.general.id, world.alice.id, "concurrent ibis")
     pages = await asyncio.gather(*(chat.search(world.bob.id, "ibis") for _ in range(10)))
     assert all(len(p.items) == 1 for p in pages)
+
+
+def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str) -> None:
+    name = f"chatkeep_bench_search_h5_t{os.getpid()}"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'benchmarks'}"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_search.py"),
+            "--tiny",
+            "--drop",
+            "--database-url",
+            admin_url,
+            "--database-name",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "messages: 5,000; rooms of the user: 5 of 20" in done.stdout
+    assert "index build (CREATE INDEX CONCURRENTLY)" in done.stdout
+    assert "ratio with/without" in done.stdout
+    assert done.stdout.count("p50") >= 2

@@ -35,6 +35,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "00c1eaa0cab23832807dc60a1991d53525de50d214dc96948bbe7636183a9ec9",
     ),
     12: ("room_change_log", "1d6ce9d6445e51a736c1e09932408068aba88cd15aa640d0ea2fa12a23ff04a9"),
+    16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
 }
 
 
