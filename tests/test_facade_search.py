@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 import subprocess
 import sys
@@ -439,3 +440,21 @@ def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str) -> None:
     assert "index build (CREATE INDEX CONCURRENTLY)" in done.stdout
     assert "ratio with/without" in done.stdout
     assert done.stdout.count("p50") >= 2
+
+
+async def test_the_tutorial_example(chat: ChatKeep, world: World) -> None:
+    alice, room = world.alice, world.general
+    await chat.send_message(room.id, alice.id, "the blue heron is back")
+    await chat.send_message(room.id, alice.id, "a grey heron today")
+    # --8<-- [start:search]
+    page = await chat.search(alice.id, "heron -grey", room_id=room.id, limit=20)
+    for hit in page.items:
+        shown = html.escape(hit.snippet)  # plain text: escape it like any content
+        shown = shown.replace(SNIPPET_START, "<mark>").replace(SNIPPET_STOP, "</mark>")
+        print(hit.created_at, shown)  # ... the blue <mark>heron</mark> is back
+    if page.next is not None:  # the same search, next page
+        page = await chat.search(alice.id, "heron -grey", room_id=room.id, cursor=page.next)
+    # --8<-- [end:search]
+    first = await chat.search(alice.id, "heron -grey", room_id=room.id)
+    assert [h.content for h in first.items] == ["the blue heron is back"]
+    assert shown == "the blue <mark>heron</mark> is back"
