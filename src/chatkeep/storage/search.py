@@ -44,11 +44,11 @@ MAX_QUERY_LENGTH: Final = 256
 #: Most whitespace-separated terms accepted in one query.
 MAX_QUERY_TERMS: Final = 32
 
-# ts_headline's options: up to two fragments of 15-35 words, matches between the two
-# private-use markers (removed from the content first, so a marker always means a match).
+# ts_headline's options: one extract of 15-35 words around the best match (a short message
+# whole), matches between the two private-use markers (removed from the content first, so
+# a marker always means a match).
 _HEADLINE_OPTIONS: Final = (
-    f'StartSel="{SNIPPET_START}", StopSel="{SNIPPET_STOP}", '
-    'MaxWords=35, MinWords=15, MaxFragments=2, FragmentDelimiter=" … "'
+    f'StartSel="{SNIPPET_START}", StopSel="{SNIPPET_STOP}", MaxWords=35, MinWords=15'
 )
 
 # The function's page (one more row than asked, to know whether another page follows),
