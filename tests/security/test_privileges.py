@@ -145,7 +145,13 @@ async def test_the_owner_owns_everything_and_the_definer_role_its_functions_alon
     for row in owners:
         by_owner.setdefault(row["owner"], set()).add(row["name"])
     assert set(by_owner) == {"chatapp_owner", "chatapp_rls"}
-    assert by_owner["chatapp_rls"] == {"chatkeep_acting_rooms", "chatkeep_room_is_empty"}
+    # Its two functions, and the policies' membership view (013) with its row types.
+    assert by_owner["chatapp_rls"] == {
+        "chatkeep_acting_rooms",
+        "chatkeep_room_is_empty",
+        "chatkeep_acting_memberships",
+        "_chatkeep_acting_memberships",
+    }
     role = await conn.fetchrow(
         "SELECT rolcanlogin, rolbypassrls, rolsuper FROM pg_roles WHERE rolname = 'chatapp_rls'"
     )
