@@ -356,15 +356,35 @@ class _Flow:
                 if self.writes and user is not None:
                     self._chat._wrote(user, self)
 
-    async def read_as(self, user: uuid.UUID, work: Callable[[], Awaitable[_T]]) -> _T:
+    async def read_as(
+        self, user: uuid.UUID, work: Callable[[], Awaitable[_T]], *, one_statement: bool = False
+    ) -> _T:
         """Run the read ``work`` acting as ``user``, on a replica when one may serve it.
 
         See :meth:`chatkeep.storage.Database.read_as`; a replica is used only once it has
         ``user``'s own last write (read-your-writes, ``docs/design.md``).
+        ``one_statement``: ``work`` acts as the user by itself, in one round trip
+        (``as_user=``), so no transaction is opened around it.
         """
         if not self._user_named:
             self.about(user_id=user)
-        return await self._chat._read_as(user, f"facade.{self.name}", work)
+        return await self._chat._read_as(
+            user, f"facade.{self.name}", work, one_statement=one_statement
+        )
+
+    def as_user(
+        self, user: uuid.UUID, *, hide: Literal["room", "message"] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The flow's one statement, run as ``user`` in one round trip: no transaction.
+
+        For ``as_user=`` of the repositories (:meth:`Database.fetch_as`); ``hide`` as for
+        :meth:`acting_as`.
+        """
+        if not self._user_named:
+            self.about(user_id=user)
+        if hide is None:
+            return contextlib.nullcontext()
+        return _hidden(hide, ROOM_NOT_FOUND if hide == "room" else MESSAGE_NOT_FOUND)
 
     def about(self, *, room_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None) -> None:
         """Name the room and user the flow is about, on its span (checked ids only)."""
@@ -652,7 +672,14 @@ class ChatKeep:
             mark = await self.redis.redis.get(self.redis.keys.recent_write(user))
         return mark is not None and mark != self._fence_token
 
-    async def _read_as(self, user: uuid.UUID, name: str, work: Callable[[], Awaitable[_T]]) -> _T:
+    async def _read_as(
+        self,
+        user: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        *,
+        one_statement: bool = False,
+    ) -> _T:
         """Run ``work`` as ``user`` on a replica that has the user's last write, else the primary.
 
         In this process the rule is exact: a replica is used only if it is known to have
@@ -666,7 +693,12 @@ class ChatKeep:
             else None
         )
         return await self.db.read_as(
-            user, name, work, fresh_since=self._recent_writes.get(user), fence=fence
+            user,
+            name,
+            work,
+            fresh_since=self._recent_writes.get(user),
+            fence=fence,
+            one_statement=one_statement,
         )
 
     async def _went_offline(self, users: Sequence[OfflineUser]) -> None:
@@ -1163,8 +1195,8 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
-            async with flow.acting_as(user, hide="room"):
-                return await self.change_log.position(room)
+            with flow.as_user(user, hide="room"):
+                return await self.change_log.position(room, as_user=user)
 
     async def changes(
         self,
@@ -1195,8 +1227,8 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
-            async with flow.acting_as(user, hide="room"):
-                return await self.change_log.changes(room, after=after, limit=limit)
+            with flow.as_user(user, hide="room"):
+                return await self.change_log.changes(room, after=after, limit=limit, as_user=user)
 
     async def mark_read(
         self, room_id: uuid.UUID, user_id: uuid.UUID, seq: int | None = None
@@ -1216,8 +1248,8 @@ class ChatKeep:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
-            async with flow.acting_as(user, hide="room"):
-                watermark = await self.messages.mark_read(room, user, seq)
+            with flow.as_user(user, hide="room"):
+                watermark = await self.messages.mark_read(room, user, seq, as_user=user)
             flow.publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
@@ -1270,9 +1302,9 @@ class ChatKeep:
             if cursor is not None and decode_cursor(cursor)[2] != "after":
                 raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
             await self._require_member(room, user)
-            async with flow.acting_as(user):
+            with flow.as_user(user):
                 return await self.messages.history(
-                    room, after_seq=after_seq, cursor=cursor, limit=limit
+                    room, after_seq=after_seq, cursor=cursor, limit=limit, as_user=user
                 )
 
     async def history(
@@ -1312,7 +1344,9 @@ class ChatKeep:
                     after_seq=after_seq,
                     around=around,
                     limit=limit,
+                    as_user=user,
                 ),
+                one_statement=True,
             )
 
     async def search(
@@ -1372,7 +1406,9 @@ class ChatKeep:
         async with self._flow("rooms_of", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
             return await flow.read_as(
-                user, lambda: self.rooms.rooms_of(user, include_inactive=include_inactive)
+                user,
+                lambda: self.rooms.rooms_of(user, include_inactive=include_inactive, as_user=user),
+                one_statement=True,
             )
 
     # -- rooms and membership ---------------------------------------------------------------

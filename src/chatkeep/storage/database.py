@@ -307,6 +307,10 @@ class Database:
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
         )
+        # The replica read_as(one_statement=True) chose for the task's single statements.
+        self._route: contextvars.ContextVar[Database | None] = contextvars.ContextVar(
+            f"chatkeep_route_{id(self)}", default=None
+        )
         #: The streaming replicas reads that tolerate lag may use (:meth:`read_as`), from
         #: ``settings.replica_urls`` when the pool opens; ``None`` without replicas.
         self.replicas: ReplicaSet | None = None
@@ -729,13 +733,7 @@ class Database:
             PermissionDenied: a write in the block was refused by row security; nothing
                 of the block is kept.
         """
-        user = check_id("user_id", user_id)
-        outer = self._joined()
-        if outer is not None and outer.acting_user != user:
-            who = "no one" if outer.acting_user is None else "another user"
-            raise InvalidInput(
-                "user_id", f"already in a transaction acting as {who}: act in its own block"
-            )
+        user = self._check_acting(user_id)
         async with self._transaction(name, isolation, readonly, user) as tx:
             yield tx
 
@@ -872,6 +870,7 @@ class Database:
         *,
         fresh_since: float | None = None,
         fence: Callable[[], Awaitable[bool]] | None = None,
+        one_statement: bool = False,
     ) -> _T:
         """Run the read ``work`` acting as ``user_id``: on a replica if one may serve it.
 
@@ -888,15 +887,19 @@ class Database:
         Unavailable is not used until its next check, and the read runs on the primary: a
         caller never sees a replica's failure.
 
+        ``one_statement``: ``work`` acts as the user by itself, one statement in one round
+        trip (:meth:`fetch_as`), so no transaction is opened for it: its statements outside
+        a transaction go to the chosen server's pool.
+
         Raises:
             ChatkeepError: what ``work`` raises on the primary.
         """
         replicas = self.replicas
         if replicas is None:
-            return await self._read_on_primary(user_id, name, work)
+            return await self._read_on_primary(user_id, name, work, one_statement)
         if self._joined() is not None:
             replicas.count_read("primary", "transaction")
-            return await self._read_on_primary(user_id, name, work)
+            return await self._read_on_primary(user_id, name, work, one_statement)
         replica, reason = replicas.choose(fresh_since)
         if replica is not None and fence is not None:
             try:
@@ -906,16 +909,23 @@ class Database:
                 replica, reason = None, "fence_unknown"
         if replica is None:
             replicas.count_read("primary", reason)
-            return await self._read_on_primary(user_id, name, work)
+            return await self._read_on_primary(user_id, name, work, one_statement)
         try:
-            async with replica.db.acting_as(user_id, name, readonly=True) as tx:
-                # Repository calls go through this database's helpers: they join the
-                # replica's transaction as they would one of this database's own.
-                token = self._tx.set(tx)
+            if one_statement:
+                route = self._route.set(replica.db)
                 try:
                     result = await work()
                 finally:
-                    self._tx.reset(token)
+                    self._route.reset(route)
+            else:
+                async with replica.db.acting_as(user_id, name, readonly=True) as tx:
+                    # Repository calls go through this database's helpers: they join the
+                    # replica's transaction as they would one of this database's own.
+                    token = self._tx.set(tx)
+                    try:
+                        result = await work()
+                    finally:
+                        self._tx.reset(token)
         except Unavailable as exc:
             replicas.failed(replica, exc)
             replicas.count_read("primary", "error")
@@ -924,11 +934,17 @@ class Database:
         else:
             replicas.count_read("replica")
             return result
-        return await self._read_on_primary(user_id, name, work)
+        return await self._read_on_primary(user_id, name, work, one_statement)
 
     async def _read_on_primary(
-        self, user_id: uuid.UUID, name: str, work: Callable[[], Awaitable[_T]]
+        self,
+        user_id: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        one_statement: bool,
     ) -> _T:
+        if one_statement:
+            return await work()
         async with self.acting_as(user_id, name):
             return await work()
 
@@ -947,6 +963,11 @@ class Database:
         session state on it). ``query`` is the SQL ``call`` sends, for the check of whether
         it may change session state; ``None`` when it sends none of the caller's (COPY).
         """
+        routed = self._route.get()
+        if routed is not None and self._joined() is None:
+            # read_as(one_statement=True) chose a replica: statements outside a
+            # transaction run on its pool, timed and counted there.
+            return await routed._run(name, query, call)
         found = tracing.tracer()
         with _NO_SPAN if found is None else tracing.statement(found, name, query):
             start = time.perf_counter()
@@ -1025,6 +1046,52 @@ class Database:
         """
         row = await self.fetchrow(name, query, *args)
         return None if row is None else row[0]
+
+    # -- one round trip as a user -----------------------------------------------------------
+
+    def _check_acting(self, user_id: uuid.UUID | str) -> uuid.UUID:
+        """``user_id`` checked, and the task's transaction (if any) acting as that user."""
+        user = check_id("user_id", user_id)
+        outer = self._joined()
+        if outer is not None and outer.acting_user != user:
+            who = "no one" if outer.acting_user is None else "another user"
+            raise InvalidInput(
+                "user_id", f"already in a transaction acting as {who}: act in its own block"
+            )
+        return user
+
+    async def fetch_as(
+        self, user_id: uuid.UUID | str, name: str, query: str, *args: Any
+    ) -> list[asyncpg.Record]:
+        """Run ``query`` as ``user_id`` in one round trip; return every row.
+
+        ``query`` calls a flow function of the schema (SECURITY INVOKER, so row security
+        binds it as the caller) that takes the acting user as its first argument and
+        starts with ``chatkeep_act_as(acting)``; the user is passed as ``$1`` and
+        ``args`` follow as ``$2``... The function sets the user local to the statement's
+        own transaction: outside a transaction that is the statement's implicit one (no
+        BEGIN, no COMMIT, nothing left on the connection); inside :meth:`acting_as` for
+        the same user, the block's. See ``docs/design.md``, "Flows in one round trip".
+
+        Raises:
+            InvalidInput: ``user_id`` is not a UUID, or the task is in a transaction
+                acting as someone else or as no one.
+            ChatkeepError: the driver's error, translated.
+        """
+        user = self._check_acting(user_id)
+        return await self.fetch(name, query, user, *args)
+
+    async def fetchrow_as(
+        self, user_id: uuid.UUID | str, name: str, query: str, *args: Any
+    ) -> asyncpg.Record | None:
+        """:meth:`fetch_as` for the first row only (``None`` if none).
+
+        Raises:
+            InvalidInput: as :meth:`fetch_as`.
+            ChatkeepError: the driver's error, translated.
+        """
+        user = self._check_acting(user_id)
+        return await self.fetchrow(name, query, user, *args)
 
     async def execute(self, name: str, query: str, *args: Any) -> str:
         """Run ``query`` and return its status tag (``"UPDATE 1"``).
