@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 # Scripts whose tiny run is tested in another module (beside the feature they measure).
-TESTED_ELSEWHERE = {"bench_members.py": "tests/test_facade_members.py"}
+TESTED_ELSEWHERE = {
+    "bench_members.py": "tests/test_facade_members.py",
+    "bench_security.py": "tests/security/test_bench_security.py",
+}
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a
 # database name of this run's own, ``{admin}`` a superuser URL, ``{redis}`` the tests' Redis.
@@ -38,10 +41,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "bench_storage.py": (
         ["--database-url", "{admin}", "--database-name", "{db}"],
         ["send ", "history ", "unread ", "mark_read "],
-    ),
-    "bench_security.py": (
-        ["--database-url", "{admin}", "--database-name", "{db}"],
-        ["201 public      history", "10 private      unread"],
     ),
     "bench_changes.py": (
         ["--database-url", "{admin}", "--database-name", "{db}"],
@@ -95,17 +94,7 @@ def test_every_benchmark_script_has_a_tiny_run_under_test() -> None:
 def test_the_benchmark_runs_in_its_tiny_mode(script: str, admin_url: str, redis_url: str) -> None:
     args, expected = CASES[script]
     db = f"chatkeep_{script.removesuffix('.py')}_t{os.getpid()}"
-    older = script == "bench_security.py"  # then again on an older schema, below
-    done = run_tiny(script, args, drop=not older, admin=admin_url, redis=redis_url, db=db)
+    done = run_tiny(script, args, admin=admin_url, redis=redis_url, db=db)
     assert done.returncode == 0, done.stdout + done.stderr
     for line in expected:
         assert line in done.stdout, (line, done.stdout)
-    if older:
-        # ``--to 11`` (before reactions, which history pages read) on the same fixture:
-        # unread is timed, and the history line says why it is not.
-        done = run_tiny(script, [*args, "--to", "11"], admin=admin_url, db=db)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "schema version 11" in done.stdout
-        assert "history: not measured below schema 12" in done.stdout
-        assert "10 private      unread" in done.stdout
-        assert "10 private      history" not in done.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str) -> None:
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "5 private       history" in out
-    assert "fixture, schema 13: server ms per statement" in out
+    assert re.search(r"fixture, schema \d+: server ms per statement", out)
     assert "2,000 rooms: server ms per statement" in out
     # The policies' plans start from the user's memberships: never a scan of all rooms.
     app_lines = [line for line in out.splitlines() if "private" in line and "ms" in line]
