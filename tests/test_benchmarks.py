@@ -21,6 +21,8 @@ BENCHMARKS = ROOT / "benchmarks"
 TESTED_ELSEWHERE = {
     "bench_members.py": "tests/test_facade_members.py",
     "bench_security.py": "tests/security/test_bench_security.py",
+    "bench_replica.py": "tests/storage/test_replicas.py",
+    "bench_search.py": "tests/test_facade_search.py",
 }
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a

@@ -176,6 +176,7 @@ async def make_world(chat: ChatKeep) -> World:
 
 
 def replica_transactions(chat: ChatKeep, name: str) -> int:
+    """Operations named ``name`` run on the first replica (a transaction, or one statement)."""
     stats = replicas_of(chat).replicas[0].db.stats.get(name)
     return 0 if stats is None else stats.calls
 
@@ -205,8 +206,8 @@ async def test_reads_go_to_the_replica_and_answer_as_the_primary(
         assert [m.content for m in page.items] == ["first"]
         assert [r.room.id for r in rooms] == [world.room]
         assert dict(unread) == {world.room: 1}
-        assert replica_transactions(chat, "facade.history") == 1
-        assert replica_transactions(chat, "facade.rooms_of") == 1
+        assert replica_transactions(chat, "messages.history") == 1
+        assert replica_transactions(chat, "rooms.rooms_of") == 1
         assert replica_transactions(chat, "facade.unread_counts") == 1
         assert replicas_of(chat).reads["replica"] == 3
         # The same reads on the primary alone give the same answers.
@@ -270,7 +271,7 @@ async def test_the_fence_is_what_keeps_a_writer_off_a_replica_that_lacks_the_wri
             # bob did not: the replica answers him, without it (it really is behind).
             theirs = await chat.history(world.room, world.bob.id)
             assert [m.content for m in theirs.items] == ["first"]
-            assert replica_transactions(chat, "facade.history") == 1
+            assert replica_transactions(chat, "messages.history") == 1
             # The other process finds her write in Redis and asks the primary too.
             elsewhere = await other.history(world.room, world.alice.id)
             assert elsewhere.items[-1].id == sent.id
@@ -312,10 +313,10 @@ async def test_a_lagging_replica_is_bypassed_and_used_again_once_resumed(
         finally:
             await as_superuser(pair.standby, "SELECT pg_wal_replay_resume()")
         await until_fresh(chat)
-        before = replica_transactions(chat, "facade.history")
+        before = replica_transactions(chat, "messages.history")
         page = await chat.history(world.room, world.bob.id)
         assert page.items[-1].id == sent.id
-        assert replica_transactions(chat, "facade.history") == before + 1
+        assert replica_transactions(chat, "messages.history") == before + 1
         text = metrics.exposition().decode()
         assert 'chatkeep_db_reads_total{target="replica"}' in text
 
@@ -344,10 +345,10 @@ async def test_a_stopped_replica_changes_nothing_for_callers(
         finally:
             await asyncio.to_thread(pair.standby.start)
         await until_fresh(chat, 30)
-        before = replica_transactions(chat, "facade.history")
+        before = replica_transactions(chat, "messages.history")
         page = await chat.history(world.room, world.bob.id, limit=3)
         assert page.items[-1].content == "down 19"
-        assert replica_transactions(chat, "facade.history") == before + 1
+        assert replica_transactions(chat, "messages.history") == before + 1
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -399,7 +400,7 @@ async def test_reads_inside_a_callers_transaction_stay_on_the_primary(
             page = await chat.history(world.room, world.bob.id)
         assert [m.content for m in page.items] == ["first"]
         assert replicas_of(chat).fallbacks["transaction"] == 1
-        assert replica_transactions(chat, "facade.history") == 0
+        assert replica_transactions(chat, "messages.history") == 0
 
 
 @pytest.mark.asyncio(loop_scope="session")

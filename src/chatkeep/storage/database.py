@@ -734,6 +734,17 @@ class Database:
                 of the block is kept.
         """
         user = self._check_acting(user_id)
+        routed = self._route.get()
+        if routed is not None and self._joined() is None:
+            # Inside read_as(one_statement=True) on a replica: a flow that needs a
+            # transaction after all (two statements) takes it there, read-only.
+            async with routed.acting_as(user, name, isolation=isolation, readonly=True) as tx:
+                token = self._tx.set(tx)
+                try:
+                    yield tx
+                finally:
+                    self._tx.reset(token)
+            return
         async with self._transaction(name, isolation, readonly, user) as tx:
             yield tx
 
