@@ -40,6 +40,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "0486b340fac1f5970a4ed4123bcd9df7f73e5fcde03611f5da250f1e87ba138b",
     ),
     16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
+    15: (
+        "threads_and_mentions",
+        "3c7d14e1a042e268b169c7be921160b58de99d6ade6e1af019c295f5710eee9f",
+    ),
 }
 
 
