@@ -75,14 +75,18 @@ from chatkeep.models import (
     CreateRoomDto,
     CreateUserDto,
     CursorPage,
+    FollowedThread,
+    Mention,
     Message,
     MessageType,
     MessageWithUser,
     Room,
+    RoomBadges,
     RoomRole,
     RoomSummary,
     RoomUser,
     SearchPage,
+    ThreadSummary,
     UnreadCounts,
     UpdateUserDto,
     User,
@@ -135,6 +139,7 @@ from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
+from chatkeep.storage.threads import DEFAULT_LIST_SIZE, ThreadRepository
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 from chatkeep.stream import ChangeStream
 
@@ -232,6 +237,21 @@ def _hidden(entity: str, message: str) -> Iterator[None]:
         if exc.entity != entity:
             raise
         raise NotFound(message, entity=entity) from exc
+
+
+@contextlib.contextmanager
+def _reply_errors() -> Iterator[None]:
+    """Name ``reply_to`` in the errors of a reply's checks (trigger ``messages_thread_root``)."""
+    try:
+        yield
+    except NotFound as exc:
+        if "messages_reply_to_fkey" not in str(exc):
+            raise
+        raise NotFound(f"reply_to: {MESSAGE_NOT_FOUND}", entity="message") from exc
+    except InvalidInput as exc:
+        if exc.field != "reply_to":
+            raise
+        raise InvalidInput("reply_to", "must be a message of the same room") from exc
 
 
 def _hidden_room() -> contextlib.AbstractContextManager[None]:
@@ -491,6 +511,7 @@ class ChatKeep:
         self.search_index = SearchRepository(db)
         self.reactions = ReactionRepository(db)
         self.change_log = ChangeRepository(db)
+        self.threads = ThreadRepository(db)
         self.sessions = SessionStore(redis)
         self.tokens = RefreshTokenStore(redis)
         self.sockets = SocketRegistry(redis, node_id=self.node_id)
@@ -1015,8 +1036,15 @@ class ChatKeep:
         *,
         client_msg_id: str | None = None,
         type: MessageType = "text",
+        reply_to: uuid.UUID | None = None,
     ) -> Message:
         """Rate-limit, persist, publish ``message.created``; returns the stored message.
+
+        With ``reply_to``, the message is a reply in the thread of that message (a reply to
+        a reply goes to its root): it is still a message of the room, with the room's next
+        ``seq``, and the database updates the thread's summary and followers. ``@username``
+        names members (others are ignored); ``@room``, ``@here`` and ``@all`` mention the
+        whole room when an owner or admin sends them (``docs/design.md``).
 
         A repeated ``client_msg_id`` returns the first message (its ``seq`` unchanged,
         nothing new stored) and publishes it again, so a retry after a lost publish
@@ -1030,8 +1058,11 @@ class ChatKeep:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).
             PermissionDenied: the user is not a member of the (public) room, or it is
                 archived.
-            NotFound: no such room, or one the user cannot see (``room not found``).
-            InvalidInput: the content or ids break a rule.
+            NotFound: no such room, or one the user cannot see (``room not found``);
+                ``reply_to`` names no message, a deleted one, or one the user cannot see
+                (``message not found``).
+            InvalidInput: the content or ids break a rule; ``reply_to`` is a message of
+                another room.
         """
         async with self._flow("send_message") as flow:
             dto = CreateMessageDto.checked(
@@ -1040,6 +1071,7 @@ class ChatKeep:
                 content=content,
                 type=type,
                 client_msg_id=client_msg_id,
+                reply_to=reply_to,
             )
             flow.about(room_id=dto.room_id, user_id=dto.user_id)
             # Fail open: an outage of the limiter must not stop messages.
@@ -1048,8 +1080,9 @@ class ChatKeep:
                     await self.limiter.enforce(str(dto.user_id), "send")
                 except Unavailable as exc:
                     logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-            async with flow.acting_as(dto.user_id, hide="room"):
-                message, position = await self.messages.send_logged(dto)
+            with _reply_errors():
+                async with flow.acting_as(dto.user_id, hide="room"):
+                    message, position = await self.messages.send_logged(dto)
             flow.publish(
                 MessageCreated(
                     position=position,
@@ -1059,6 +1092,7 @@ class ChatKeep:
                     sender_id=message.user_id,
                     client_msg_id=message.client_msg_id,
                     body=message.content,
+                    reply_to=message.reply_to,
                 )
             )
         return message
@@ -1263,6 +1297,193 @@ class ChatKeep:
         async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
             return await flow.read_as(user, lambda: self.messages.unread_counts(user))
+
+    async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
+        """What to badge each of the user's rooms with, in one query (no background job).
+
+        Per room: ``unread`` (as :meth:`unread_counts`), ``mentions`` (unread messages
+        naming the user, or the room by someone else), ``unread_threads`` (followed
+        threads with replies after the user's thread watermark) and ``thread_mentions``.
+        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was.
+
+        Raises:
+            InvalidInput: a bad id.
+        """
+        async with self._flow("badges", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.threads.badges(user)
+
+    # -- threads and mentions ---------------------------------------------------------------
+
+    async def thread(
+        self,
+        root_message_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """A page of a thread's replies for a member of its room, ascending ``seq``.
+
+        With no position, the newest page; otherwise one of ``cursor``, ``before_seq``,
+        ``after_seq`` or ``around`` (room seqs, as the replies carry them). The root
+        itself is not in the page (it is in the room's history; :meth:`thread_summary`
+        has the counts). A reply's id pages its root's thread.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see
+                (``message not found``).
+            InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
+        """
+        async with self._flow("thread", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.page(
+                    root,
+                    cursor=cursor,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                    around=around,
+                    limit=limit,
+                )
+
+    async def thread_summary(
+        self, root_message_id: uuid.UUID, user_id: uuid.UUID
+    ) -> ThreadSummary | None:
+        """The thread's reply count, last reply and participants; ``None`` with no replies.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        async with self._flow("thread_summary", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.summary(root)
+
+    async def room_threads(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        before_seq: int | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[ThreadSummary]:
+        """The room's threads for a member, latest reply first.
+
+        The collapsed view's companion: roots with their reply summary, read from the
+        thread table without reading any reply.
+
+        Pass the last item's ``last_reply_seq`` as ``before_seq`` for the next page.
+
+        Raises:
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
+            InvalidInput: a bad id, ``before_seq`` or ``limit`` (1..200).
+        """
+        async with self._flow("room_threads", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.threads.room_threads(room, before_seq=before_seq, limit=limit)
+
+    async def followed_threads(
+        self,
+        user_id: uuid.UUID,
+        *,
+        room_id: uuid.UUID | None = None,
+        before: ThreadSummary | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[FollowedThread]:
+        """The threads the user follows, latest reply first, with unread and mention counts.
+
+        Pass the last item's ``thread`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id, ``before`` or ``limit`` (1..200).
+        """
+        async with self._flow("followed_threads", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.threads.followed(
+                    user, room_id=room_id, before=before, limit=limit
+                )
+
+    async def mark_thread_read(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        """Move the user's read watermark in the thread to its last reply (never backward).
+
+        Returns:
+            The watermark after the call: the room seq of the last reply read (0 for a
+            thread without replies).
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        async with self._flow("mark_thread_read", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.mark_read(root, user)
+
+    async def follow_thread(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Follow the thread (its replies then count in :meth:`badges`).
+
+        Replying in a thread, being mentioned in it, or having written its root follows it
+        already. Following anew starts from the thread's last reply.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        await self._follow("follow_thread", root_message_id, user_id, following=True)
+
+    async def unfollow_thread(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Stop following the thread (until the user replies or is mentioned in it).
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        await self._follow("unfollow_thread", root_message_id, user_id, following=False)
+
+    async def _follow(
+        self, name: str, root_message_id: uuid.UUID, user_id: uuid.UUID, *, following: bool
+    ) -> None:
+        async with self._flow(name, after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                await self.threads.follow(root, user, following=following)
+
+    async def mentions(
+        self,
+        user_id: uuid.UUID,
+        *,
+        before: uuid.UUID | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[Mention]:
+        """The user's mentions inbox, newest first.
+
+        Messages naming them, and room mentions (``@room``) of their rooms by others.
+
+        Pass the last item's ``message_id`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id or ``limit`` (1..200).
+        """
+        async with self._flow("mentions", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.threads.mentions(user, before=before, limit=limit)
 
     async def catch_up(
         self,

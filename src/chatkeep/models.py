@@ -109,12 +109,15 @@ __all__ = [
     "CreateUserDto",
     "CursorPage",
     "EditMessageBody",
+    "FollowedThread",
+    "Mention",
     "Message",
     "MessageReadStatus",
     "MessageType",
     "MessageWithUser",
     "ReactionCount",
     "Room",
+    "RoomBadges",
     "RoomMember",
     "RoomRole",
     "RoomSummary",
@@ -124,6 +127,7 @@ __all__ = [
     "SearchHit",
     "SearchPage",
     "SendMessageBody",
+    "ThreadSummary",
     "UnreadCounts",
     "UpdateRoomDto",
     "UpdateUserDto",
@@ -749,6 +753,8 @@ class Message(_Row):
     is_edited: bool = False
     edited_at: datetime | None = None
     created_at: datetime
+    #: The root of the thread this message replies to (same room), or ``None``.
+    reply_to: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -780,6 +786,9 @@ class CreateMessageDto(_Dto):
     content: Content
     type: MessageType = "text"
     client_msg_id: ClientMsgId | None = None
+    reply_to: uuid.UUID | None = Field(
+        default=None, description="The message this one replies to (its thread's root)."
+    )
 
 
 class SendMessageBody(_Dto):
@@ -815,6 +824,71 @@ class RoomSummary(_Row):
     last_read_seq: int
     unread_count: int
     last_message: MessageWithUser | None = None
+
+
+# -- threads, mentions, badges ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThreadSummary(_Row):
+    """A thread's summary, kept by the database as replies come and go.
+
+    ``participants`` holds the first ten repliers, in the order they first replied.
+    """
+
+    root_id: uuid.UUID
+    room_id: uuid.UUID
+    root_seq: int
+    reply_count: int
+    last_reply_seq: int
+    last_reply_at: datetime
+    participants: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowedThread(_Row):
+    """A thread a user follows, with their read state in it.
+
+    ``unread`` counts the replies after their watermark, capped at
+    :data:`chatkeep.storage.threads.UNREAD_CAP` (a badge shows "99+", not an exact
+    count over a huge thread); ``mentions`` counts their unread mentions in it.
+    """
+
+    thread: ThreadSummary
+    last_read_seq: int
+    unread: int
+    mentions: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mention(_Row):
+    """A message that mentions a user (``room_wide``: through ``@room``/``@here``/``@all``)."""
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    seq: int
+    root_id: uuid.UUID | None = None
+    author_id: uuid.UUID
+    room_wide: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoomBadges(_Row):
+    """What a client badges a room with: all counted after the user's watermarks.
+
+    Attributes:
+        unread: messages after the room watermark (replies included: they are messages of
+            the room).
+        mentions: those that mention the user, or the room (by someone else).
+        unread_threads: followed threads with replies after the thread watermark.
+        thread_mentions: mentions of the user in followed threads after its watermark.
+    """
+
+    room_id: uuid.UUID
+    unread: int
+    mentions: int
+    unread_threads: int
+    thread_mentions: int
 
 
 # -- pages --------------------------------------------------------------------------------

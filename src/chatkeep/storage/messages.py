@@ -41,7 +41,8 @@ MAX_PAGE_SIZE: Final = 200
 _MAX_SEQ: Final = 2**63 - 1
 
 MESSAGE_COLUMNS: Final = (
-    "id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at, created_at"
+    "id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at, created_at,"
+    " reply_to"
 )
 _M_COLUMNS: Final = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
 _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
@@ -53,6 +54,8 @@ _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
 #    that orders concurrent senders and keeps seq gapless. The application role may not
 #    write last_seq (or seq) itself, so the counter moves only with a message;
 #  - the sender's own watermark follows their message (your own message is not unread).
+#  - reply_to ($7) is checked and attached to its thread's root by the messages_thread_root
+#    trigger (migration 015); the thread summary and mentions are kept by triggers too.
 #  - the trigger also logs message.created at the room's next position and leaves it in
 #    chatkeep.position, read back in RETURNING (after that row's trigger ran), so the
 #    event can carry it without another round trip; a retry returns NULL there.
@@ -64,8 +67,8 @@ WITH existing AS (
     SELECT {MESSAGE_COLUMNS} FROM messages
      WHERE room_id = $2 AND user_id = $3 AND client_msg_id = $4
 ), inserted AS (
-    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
-    SELECT $1, $2, $3, $4, $5, $6
+    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type, reply_to)
+    SELECT $1, $2, $3, $4, $5, $6, $7
      WHERE NOT EXISTS (SELECT 1 FROM existing)
        AND EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
        AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
@@ -300,7 +303,15 @@ class MessageRepository(BaseRepository[Message]):
         """
         if not isinstance(dto, CreateMessageDto):
             raise InvalidInput("dto", "must be a CreateMessageDto")
-        args = (uuid7(), dto.room_id, dto.user_id, dto.client_msg_id, dto.content, dto.type)
+        args = (
+            uuid7(),
+            dto.room_id,
+            dto.user_id,
+            dto.client_msg_id,
+            dto.content,
+            dto.type,
+            dto.reply_to,
+        )
         try:
             if self.db.in_transaction():
                 # A savepoint, so a lost client_msg_id race does not abort the caller's
@@ -644,7 +655,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     append = out.append
     for (
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
-        created_at, username, avatar_url, r_emoji, r_count, r_me,
+        created_at, reply_to, username, avatar_url, r_emoji, r_count, r_me,
     ) in rows:  # fmt: skip
         profile = known(username)
         if profile is None:
@@ -664,6 +675,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
                 "is_edited": is_edited,
                 "edited_at": edited_at,
                 "created_at": created_at,
+                "reply_to": reply_to,
                 "user": profile,
                 "reactions": () if r_emoji is None else tuple(_reactions(r_emoji, r_count, r_me)),
             },

@@ -317,7 +317,7 @@ CREATE TRIGGER thread_followers_room BEFORE INSERT ON thread_followers
 -- replies, and unread mentions in followed threads. Each count is an index range after a
 -- watermark over the sparse tables; nothing counts messages. For the acting user only:
 -- it reads no one else's rows, so it needs no row policy, and skips their per-row cost.
-CREATE FUNCTION chatkeep_badges()
+CREATE FUNCTION chatkeep_badges(for_user uuid)
 RETURNS TABLE (room_id uuid, unread bigint, mentions bigint, unread_threads bigint,
                thread_mentions bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -326,6 +326,10 @@ AS $$
 DECLARE
     acting uuid := nullif(current_setting('app.user_id', true), '')::uuid;
 BEGIN
+    IF acting IS DISTINCT FROM for_user THEN
+        RAISE EXCEPTION 'chatkeep_badges() answers for the acting user only'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     RETURN QUERY
     SELECT ru.room_id,
            GREATEST(r.last_seq - ru.last_read_seq, 0),
@@ -349,8 +353,8 @@ BEGIN
      WHERE ru.user_id = acting;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION chatkeep_badges() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION chatkeep_badges() TO chatapp_app, chatapp_owner;
+REVOKE EXECUTE ON FUNCTION chatkeep_badges(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_badges(uuid) TO chatapp_app, chatapp_owner;
 
 -- Row security: members of a thread's room see its summary and its mentions; a member
 -- sees and writes only their own follower rows, in rooms they are in. Nobody but the
@@ -407,7 +411,7 @@ GRANT SELECT ON threads, thread_followers, message_mentions TO chatapp_readonly;
 -- chatkeep:down
 REVOKE ALL ON threads, thread_followers, message_mentions FROM chatapp_app, chatapp_readonly;
 REVOKE INSERT (reply_to) ON messages FROM chatapp_app;
-DROP FUNCTION chatkeep_badges();
+DROP FUNCTION chatkeep_badges(uuid);
 DROP TRIGGER thread_followers_room ON thread_followers;
 DROP TRIGGER messages_thread_removed ON messages;
 DROP TRIGGER messages_thread_edited ON messages;
