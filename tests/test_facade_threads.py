@@ -372,3 +372,12 @@ async def test_badges_answer_for_the_acting_user_only(chat: ChatKeep, world: Wor
     assert await chat.badges(uuid.uuid4()) == {}
     with pytest.raises(InvalidInput):
         await chat.badges("x")  # type: ignore[arg-type]
+
+
+async def test_the_change_feed_carries_the_thread_root(chat: ChatKeep, world: World) -> None:
+    w = world
+    start = await chat.room_position(w.general.id, w.bob.id)
+    root, reply = await root_and_reply(chat, w)
+    page = await chat.changes(w.general.id, w.dave.id, after=start)
+    created = {c.message_id: c.data["reply_to"] for c in page.items}
+    assert created == {root.id: None, reply.id: root.id}

@@ -35,7 +35,7 @@ SELECT h.head, h.oldest,
        c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
        m.id AS m_id, m.user_id AS m_user_id, m.content AS m_content, m.type AS m_type,
        m.client_msg_id AS m_client_msg_id, m.is_edited AS m_is_edited,
-       m.edited_at AS m_edited_at, m.created_at AS m_created_at
+       m.edited_at AS m_edited_at, m.created_at AS m_created_at, m.reply_to AS m_reply_to
   FROM (SELECT r.position AS head,
                (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id) AS oldest
           FROM rooms r WHERE r.id = $1) AS h
@@ -101,6 +101,7 @@ def _data(row: Any, *, joined: bool = True) -> dict[str, Any]:
             "is_edited": row["m_is_edited"],
             "edited_at": row["m_edited_at"],
             "created_at": row["m_created_at"],
+            "reply_to": row["m_reply_to"],
         }
     data: dict[str, Any] = dict(row["data"])
     if "user_id" in data:
