@@ -381,3 +381,42 @@ async def test_the_change_feed_carries_the_thread_root(chat: ChatKeep, world: Wo
     page = await chat.changes(w.general.id, w.dave.id, after=start)
     created = {c.message_id: c.data["reply_to"] for c in page.items}
     assert created == {root.id: None, reply.id: root.id}
+
+
+async def test_the_collapsed_history_shows_roots_with_their_summary(
+    chat: ChatKeep, world: World
+) -> None:
+    w = world
+    first = await chat.send_message(w.general.id, w.alice.id, "first")
+    root, reply = await root_and_reply(chat, w)
+    await chat.send_message(w.general.id, w.dave.id, "again", reply_to=root.id)
+    last = await chat.send_message(w.general.id, w.bob.id, "last")
+    page = await chat.collapsed_history(w.general.id, w.bob.id)
+    assert [m.id for m in page.items] == [first.id, root.id, last.id]
+    thread = page.items[1].thread
+    assert thread is not None
+    assert (thread.reply_count, thread.participants) == (2, (w.bob.id, w.dave.id))
+    assert page.items[0].thread is None
+    assert page.items[1].user.username == "alice"
+    older = await chat.collapsed_history(w.general.id, w.bob.id, limit=2)
+    assert [m.id for m in older.items] == [root.id, last.id]
+    assert older.before is not None
+    rest = await chat.collapsed_history(w.general.id, w.bob.id, cursor=older.before)
+    assert [m.id for m in rest.items] == [first.id]
+    after = await chat.collapsed_history(w.general.id, w.bob.id, after_seq=first.seq, limit=1)
+    assert [m.id for m in after.items] == [root.id]
+    assert after.after is not None
+    tail = await chat.collapsed_history(w.general.id, w.bob.id, cursor=after.after)
+    assert [m.id for m in tail.items] == [last.id]
+    around = await chat.collapsed_history(w.general.id, w.bob.id, around=reply.seq, limit=2)
+    assert [m.id for m in around.items] == [root.id, last.id]
+    with pytest.raises(InvalidInput):
+        await chat.collapsed_history(w.general.id, w.bob.id, before_seq=1, after_seq=1)
+    await chat.send_message(w.other.id, w.bob.id, "elsewhere")
+    other = await chat.collapsed_history(w.other.id, w.bob.id)
+    assert other.newest is not None
+    with pytest.raises(InvalidInput) as caught:
+        await chat.collapsed_history(w.general.id, w.bob.id, cursor=other.newest)
+    assert caught.value.field == "cursor"
+    with pytest.raises(PermissionDenied):
+        await chat.collapsed_history(w.general.id, w.carol.id)

@@ -1367,6 +1367,43 @@ class ChatKeep:
             async with flow.acting_as(user, hide="message"):
                 return await self.threads.summary(root)
 
+    async def collapsed_history(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """The room's history for a member with thread replies left out.
+
+        Each root carries its summary in ``thread`` (reply count, last reply,
+        participants); :meth:`thread` pages its replies. Positions as :meth:`history`
+        takes them (``around`` a seq).
+
+        Raises:
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
+            InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
+        """
+        async with self._flow("collapsed_history", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.threads.collapsed_history(
+                    room,
+                    cursor=cursor,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                    around=around,
+                    limit=limit,
+                )
+
     async def room_threads(
         self,
         room_id: uuid.UUID,

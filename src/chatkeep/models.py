@@ -767,6 +767,22 @@ class ReactionCount(_Row):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThreadSummary(_Row):
+    """A thread's summary, kept by the database as replies come and go.
+
+    ``participants`` holds the first ten repliers, in the order they first replied.
+    """
+
+    root_id: uuid.UUID
+    room_id: uuid.UUID
+    root_seq: int
+    reply_count: int
+    last_reply_seq: int
+    last_reply_at: datetime
+    participants: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class MessageWithUser(Message):
     """A message with its author's public profile, as history pages return it.
 
@@ -776,6 +792,9 @@ class MessageWithUser(Message):
 
     user: UserProfile
     reactions: tuple[ReactionCount, ...] = ()
+    #: The thread's summary, on a root in a collapsed history page
+    #: (:meth:`chatkeep.ChatKeep.collapsed_history`); ``None`` everywhere else.
+    thread: ThreadSummary | None = None
 
 
 class CreateMessageDto(_Dto):
@@ -827,22 +846,6 @@ class RoomSummary(_Row):
 
 
 # -- threads, mentions, badges ------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ThreadSummary(_Row):
-    """A thread's summary, kept by the database as replies come and go.
-
-    ``participants`` holds the first ten repliers, in the order they first replied.
-    """
-
-    root_id: uuid.UUID
-    room_id: uuid.UUID
-    root_seq: int
-    reply_count: int
-    last_reply_seq: int
-    last_reply_at: datetime
-    participants: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

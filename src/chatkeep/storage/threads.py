@@ -12,6 +12,8 @@ why the tables have this shape.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -30,6 +32,7 @@ from chatkeep.storage.messages import (
     _MAX_SEQ,
     DEFAULT_PAGE_SIZE,
     MESSAGE_COLUMNS,
+    Direction,
     _messages,
     _page_size,
     _seq,
@@ -66,6 +69,44 @@ THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC')} LIMIT $3
 THREAD_AROUND: Final = _with_authors(
     f"({_thread_page('seq < $2', 'DESC')} LIMIT $3)"
     f" UNION ALL ({_thread_page('seq >= $2', 'ASC')} LIMIT $4)",
+    "ASC",
+)
+
+
+# The collapsed view: the room's messages that are not replies, each root with its thread
+# summary (a primary-key probe of threads per row of the page). It walks the room's
+# (room_id, seq) index and skips replies, so a page costs the replies between its roots
+# too: flat in the depth, not in how chatty the threads around it are.
+def _collapsed_page(where: str, order: str) -> str:
+    return (
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        f" WHERE room_id = $1 AND reply_to IS NULL AND {where} ORDER BY seq {order}"
+    )
+
+
+def _with_summaries(rows: str, order: str) -> str:
+    return f"""
+SELECT p.*, t.root_seq AS t_root_seq, t.reply_count AS t_reply_count,
+       t.last_reply_seq AS t_last_reply_seq, t.last_reply_at AS t_last_reply_at,
+       t.participants AS t_participants
+  FROM ({rows}) AS p
+  LEFT JOIN threads t ON t.root_id = p.id
+ ORDER BY p.seq {order}
+"""
+
+
+COLLAPSED_BEFORE: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq < $2', 'DESC')} LIMIT $3", "DESC"), "DESC"
+)
+COLLAPSED_AFTER: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq > $2', 'ASC')} LIMIT $3", "ASC"), "ASC"
+)
+COLLAPSED_AROUND: Final = _with_summaries(
+    _with_authors(
+        f"({_collapsed_page('seq < $2', 'DESC')} LIMIT $3)"
+        f" UNION ALL ({_collapsed_page('seq >= $2', 'ASC')} LIMIT $4)",
+        "ASC",
+    ),
     "ASC",
 )
 
@@ -172,6 +213,132 @@ SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_
 """
 
 
+@dataclass(frozen=True)
+class _Pages:
+    """The three keyset statements of one kind of page, and how to build its items."""
+
+    name: str
+    before: str
+    after: str
+    around: str
+    items: Callable[[Any], tuple[MessageWithUser, ...]]
+
+
+def _with_thread(rows: Any) -> tuple[MessageWithUser, ...]:
+    """Collapsed-view rows: the history columns, then the thread summary (or NULLs)."""
+    plain = _messages([tuple(row)[:_HISTORY_WIDTH] for row in rows])
+    out: list[MessageWithUser] = []
+    for message, row in zip(plain, rows, strict=True):
+        if row["t_reply_count"] is not None:
+            summary = ThreadSummary._adopt(
+                {
+                    "root_id": message.id,
+                    "room_id": message.room_id,
+                    "root_seq": row["t_root_seq"],
+                    "reply_count": row["t_reply_count"],
+                    "last_reply_seq": row["t_last_reply_seq"],
+                    "last_reply_at": row["t_last_reply_at"],
+                    "participants": tuple(row["t_participants"]),
+                }
+            )
+            message = MessageWithUser._adopt({**vars(message), "thread": summary})
+        out.append(message)
+    return tuple(out)
+
+
+# The history statement's columns (_messages unpacks exactly these).
+_HISTORY_WIDTH: Final = len(MESSAGE_COLUMNS.split(",")) + 5
+
+_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
+_COLLAPSED_PAGES: Final = _Pages(
+    "threads.collapsed_history", COLLAPSED_BEFORE, COLLAPSED_AFTER, COLLAPSED_AROUND, _with_thread
+)
+
+
+async def _paged(
+    db: Database,
+    pages: _Pages,
+    key: uuid.UUID,
+    decoded: tuple[uuid.UUID, int, Direction] | None,
+    before_seq: int | None,
+    after_seq: int | None,
+    around: int | None,
+    size: int,
+    *,
+    other: str,
+) -> CursorPage[MessageWithUser]:
+    if decoded is not None:
+        cursor_key, seq, direction = decoded
+        if cursor_key != key:
+            raise InvalidInput("cursor", other)
+        if direction == "before":
+            return await _before(db, pages, key, seq, size, newest=False)
+        return await _after(db, pages, key, seq, size)
+    if before_seq is not None:
+        return await _before(db, pages, key, _seq("before_seq", before_seq), size, newest=False)
+    if after_seq is not None:
+        return await _after(db, pages, key, _seq("after_seq", after_seq), size)
+    if around is not None:
+        return await _around(db, pages, key, _seq("around", around), size)
+    return await _before(db, pages, key, _MAX_SEQ, size, newest=True)
+
+
+async def _before(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int, *, newest: bool
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(pages.name, pages.before, key, seq, size + 1)
+    more = len(rows) > size
+    items = pages.items(rows[size - 1 :: -1] if more else rows[::-1])
+    if not items:
+        return CursorPage(items=(), newest=None if newest else encode_cursor(key, seq - 1, "after"))
+    tail = encode_cursor(key, items[-1].seq, "after")
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, items[0].seq, "before") if more else None,
+        after=None if newest else tail,
+        newest=tail,
+    )
+
+
+async def _after(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(f"{pages.name}_after", pages.after, key, seq, size + 1)
+    more = len(rows) > size
+    items = pages.items(rows[:size] if more else rows)
+    if not items:
+        return CursorPage(items=(), newest=encode_cursor(key, seq, "after"))
+    tail = encode_cursor(key, items[-1].seq, "after")
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, items[0].seq, "before") if seq > 0 else None,
+        after=tail if more else None,
+        newest=tail,
+    )
+
+
+async def _around(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(f"{pages.name}_around", pages.around, key, seq, size + 1, size + 1)
+    rows = sorted(rows, key=lambda row: row["seq"])
+    split = sum(1 for row in rows if row["seq"] < seq)
+    found_older, found_newer = split, len(rows) - split
+    take_older = min(found_older, size // 2)
+    take_newer = min(found_newer, size - take_older)
+    take_older = min(found_older, size - take_newer)
+    items = pages.items(rows[split - take_older : split + take_newer])
+    if not items:
+        return CursorPage(items=(), newest=encode_cursor(key, max(seq - 1, 0), "after"))
+    first, last = items[0].seq, items[-1].seq
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, first, "before") if found_older > take_older else None,
+        after=encode_cursor(key, last, "after") if found_newer > take_newer else None,
+        newest=encode_cursor(key, last, "after"),
+    )
+
+
 def _list_size(limit: object) -> int:
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_SIZE:
         raise InvalidInput("limit", f"an integer from 1 to {MAX_LIST_SIZE}")
@@ -249,72 +416,54 @@ class ThreadRepository:
             )
         decoded = None if cursor is None else decode_cursor(cursor)
         root, _ = await self.root_of(root_message_id)
-        if decoded is not None:
-            cursor_root, seq, direction = decoded
-            if cursor_root != root:
-                raise InvalidInput("cursor", "belongs to another thread")
-            if direction == "before":
-                return await self._before(root, seq, size, newest=False)
-            return await self._after(root, seq, size)
-        if before_seq is not None:
-            return await self._before(root, _seq("before_seq", before_seq), size, newest=False)
-        if after_seq is not None:
-            return await self._after(root, _seq("after_seq", after_seq), size)
-        if around is not None:
-            return await self._around(root, _seq("around", around), size)
-        return await self._before(root, _MAX_SEQ, size, newest=True)
+        return await _paged(
+            self.db,
+            _THREAD_PAGES,
+            root,
+            decoded,
+            before_seq,
+            after_seq,
+            around,
+            size,
+            other="belongs to another thread",
+        )
 
-    async def _before(
-        self, root: uuid.UUID, seq: int, size: int, *, newest: bool
+    async def collapsed_history(
+        self,
+        room_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
     ) -> CursorPage[MessageWithUser]:
-        rows = await self.db.fetch("threads.page", THREAD_BEFORE, root, seq, size + 1)
-        more = len(rows) > size
-        items = _messages(rows[size - 1 :: -1] if more else rows[::-1])
-        if not items:
-            return CursorPage(
-                items=(), newest=None if newest else encode_cursor(root, seq - 1, "after")
+        """The room's history without replies; each root carries its ``thread`` summary.
+
+        Positions as :meth:`page` takes them (cursors name the room).
+
+        Raises:
+            InvalidInput: more than one position, a bad cursor (or one of another room),
+                or ``limit`` outside 1..200.
+        """
+        room = check_id("room_id", room_id)
+        size = _page_size(limit)
+        given = sum(p is not None for p in (cursor, before_seq, after_seq, around))
+        if given > 1:
+            raise InvalidInput(
+                "cursor", "give at most one of cursor, before_seq, after_seq, around"
             )
-        tail = encode_cursor(root, items[-1].seq, "after")
-        return CursorPage(
-            items=items,
-            before=encode_cursor(root, items[0].seq, "before") if more else None,
-            after=None if newest else tail,
-            newest=tail,
-        )
-
-    async def _after(self, root: uuid.UUID, seq: int, size: int) -> CursorPage[MessageWithUser]:
-        rows = await self.db.fetch("threads.page_after", THREAD_AFTER, root, seq, size + 1)
-        more = len(rows) > size
-        items = _messages(rows[:size] if more else rows)
-        if not items:
-            return CursorPage(items=(), newest=encode_cursor(root, seq, "after"))
-        tail = encode_cursor(root, items[-1].seq, "after")
-        return CursorPage(
-            items=items,
-            before=encode_cursor(root, items[0].seq, "before") if seq > 0 else None,
-            after=tail if more else None,
-            newest=tail,
-        )
-
-    async def _around(self, root: uuid.UUID, seq: int, size: int) -> CursorPage[MessageWithUser]:
-        rows = await self.db.fetch(
-            "threads.page_around", THREAD_AROUND, root, seq, size + 1, size + 1
-        )
-        rows = sorted(rows, key=lambda row: row["seq"])
-        split = sum(1 for row in rows if row["seq"] < seq)
-        found_older, found_newer = split, len(rows) - split
-        take_older = min(found_older, size // 2)
-        take_newer = min(found_newer, size - take_older)
-        take_older = min(found_older, size - take_newer)
-        items = _messages(rows[split - take_older : split + take_newer])
-        if not items:
-            return CursorPage(items=(), newest=encode_cursor(root, max(seq - 1, 0), "after"))
-        first, last = items[0].seq, items[-1].seq
-        return CursorPage(
-            items=items,
-            before=encode_cursor(root, first, "before") if found_older > take_older else None,
-            after=encode_cursor(root, last, "after") if found_newer > take_newer else None,
-            newest=encode_cursor(root, last, "after"),
+        decoded = None if cursor is None else decode_cursor(cursor)
+        return await _paged(
+            self.db,
+            _COLLAPSED_PAGES,
+            room,
+            decoded,
+            before_seq,
+            after_seq,
+            around,
+            size,
+            other="belongs to another room",
         )
 
     async def room_threads(
