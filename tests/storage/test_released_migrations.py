@@ -42,7 +42,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
     15: (
         "threads_and_mentions",
-        "73d5232ed28ea59fe4d29d23b01d050bfb69ae3a7a4ba8caedc1d9984d5dd6b9",
+        "8d017f90b17ccb628e712afee56ca0e14d632b7c17079132a4ca11e9145628bb",
     ),
 }
 

@@ -111,12 +111,12 @@ SELECT {_R_COLUMNS},
        m.id AS m_id, m.user_id AS m_user_id, m.seq AS m_seq,
        m.client_msg_id AS m_client_msg_id, m.content AS m_content, m.type AS m_type,
        m.is_edited AS m_is_edited, m.edited_at AS m_edited_at, m.created_at AS m_created_at,
-       u.username AS m_username, u.avatar_url AS m_avatar_url
+       m.reply_to AS m_reply_to, u.username AS m_username, u.avatar_url AS m_avatar_url
   FROM room_users ru
   JOIN rooms r ON r.id = ru.room_id
   LEFT JOIN LATERAL (
         SELECT mm.id, mm.user_id, mm.seq, mm.client_msg_id, mm.content, mm.type,
-               mm.is_edited, mm.edited_at, mm.created_at
+               mm.is_edited, mm.edited_at, mm.created_at, mm.reply_to
           FROM messages mm
          WHERE mm.room_id = r.id
          ORDER BY mm.seq DESC
@@ -431,6 +431,7 @@ def _summary(row: Any) -> RoomSummary:
                 "is_edited": row["m_is_edited"],
                 "edited_at": row["m_edited_at"],
                 "created_at": row["m_created_at"],
+                "reply_to": row["m_reply_to"],
                 "user": UserProfile._from_row(
                     {
                         "id": row["m_user_id"],

@@ -62,7 +62,7 @@ CREATE INDEX threads_room_id_idx ON threads (room_id, last_reply_seq DESC);
 CREATE TABLE thread_followers (
     root_id       uuid        NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
     user_id       uuid        NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    room_id       uuid        NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    room_id       uuid        NOT NULL,
     following     boolean     NOT NULL DEFAULT true,
     last_read_seq bigint      NOT NULL DEFAULT 0,
     last_read_at  timestamptz,
@@ -72,15 +72,17 @@ CREATE TABLE thread_followers (
 COMMENT ON TABLE thread_followers IS
     'Per member and thread root: following or not, and the read watermark (a room seq)';
 
--- A user's followed threads, per room (the badge counts and the followed list).
+-- A user's threads, per room (the badge counts, the followed list, the cascade when a
+-- user goes). room_id has no foreign key of its own: the row goes with its root message,
+-- which goes with its room.
 -- squawk-ignore require-concurrent-index-creation
 CREATE INDEX thread_followers_user_id_idx ON thread_followers (user_id, room_id)
-    INCLUDE (root_id, last_read_seq) WHERE following;
+    INCLUDE (root_id, last_read_seq, following);
 
 CREATE TABLE message_mentions (
     message_id uuid   NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
     user_id    uuid   REFERENCES users (id) ON DELETE CASCADE,
-    room_id    uuid   NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    room_id    uuid   NOT NULL,
     seq        bigint NOT NULL,
     root_id    uuid,
     author_id  uuid   NOT NULL,
@@ -89,6 +91,8 @@ CREATE TABLE message_mentions (
 COMMENT ON TABLE message_mentions IS
     'Mentions only: one row per mentioned member, or one with user_id NULL for @room';
 COMMENT ON COLUMN message_mentions.user_id IS 'The mentioned member; NULL for a room mention';
+-- room_id, seq, root_id and author_id are the message's, copied for the indexes; no foreign
+-- keys of their own: a mention goes with its message, which goes with its room and author.
 
 -- Mentions of a user: per room after a watermark (badges), and newest first (the inbox).
 -- squawk-ignore require-concurrent-index-creation
