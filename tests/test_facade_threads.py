@@ -420,3 +420,18 @@ async def test_the_collapsed_history_shows_roots_with_their_summary(
     assert caught.value.field == "cursor"
     with pytest.raises(PermissionDenied):
         await chat.collapsed_history(w.general.id, w.carol.id)
+
+
+async def test_a_deleted_reply_is_no_longer_unread(chat: ChatKeep, world: World) -> None:
+    w = world
+    root, _ = await root_and_reply(chat, w)
+    await chat.mark_thread_read(root.id, w.alice.id)
+    assert (await chat.badges(w.alice.id))[w.general.id].unread_threads == 0
+    late = await chat.send_message(w.general.id, w.dave.id, "late, @alice", reply_to=root.id)
+    room = (await chat.badges(w.alice.id))[w.general.id]
+    assert (room.unread_threads, room.thread_mentions) == (1, 1)
+    assert await chat.delete_message(late.id, w.dave.id)
+    room = (await chat.badges(w.alice.id))[w.general.id]
+    assert (room.unread_threads, room.thread_mentions) == (0, 0)
+    [followed] = await chat.followed_threads(w.alice.id)
+    assert (followed.unread, followed.thread.reply_count) == (0, 1)

@@ -66,18 +66,24 @@ CREATE TABLE thread_followers (
     following     boolean     NOT NULL DEFAULT true,
     last_read_seq bigint      NOT NULL DEFAULT 0,
     last_read_at  timestamptz,
+    thread_seq    bigint      NOT NULL DEFAULT 0,
     PRIMARY KEY (root_id, user_id),
     CONSTRAINT thread_followers_last_read_seq_check CHECK (last_read_seq >= 0)
 );
 COMMENT ON TABLE thread_followers IS
     'Per member and thread root: following or not, and the read watermark (a room seq)';
+COMMENT ON COLUMN thread_followers.thread_seq IS
+    'The thread''s last reply seq, copied by the triggers: badges read followers alone';
 
 -- A user's threads, per room (the badge counts, the followed list, the cascade when a
--- user goes). room_id has no foreign key of its own: the row goes with its root message,
+-- user goes). thread_seq is in it so that "which followed threads have unread replies"
+-- is an index-only range per room, with no probe of threads (the copy costs one small
+-- update per follower of a thread on each reply; Mattermost copies thread state onto its
+-- membership rows for the same reason). room_id has no foreign key of its own: the row goes with its root message,
 -- which goes with its room.
 -- squawk-ignore require-concurrent-index-creation
 CREATE INDEX thread_followers_user_id_idx ON thread_followers (user_id, room_id)
-    INCLUDE (root_id, last_read_seq, following);
+    INCLUDE (root_id, last_read_seq, following, thread_seq);
 
 CREATE TABLE message_mentions (
     message_id uuid   NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
@@ -226,6 +232,8 @@ BEGIN
                    WHEN NEW.user_id = ANY (t.participants) OR cardinality(t.participants) >= 10
                    THEN t.participants
                    ELSE t.participants || NEW.user_id END;
+        UPDATE public.thread_followers SET thread_seq = NEW.seq
+         WHERE root_id = NEW.reply_to AND thread_seq < NEW.seq;
         -- The root's author follows the thread (unless they unfollowed it); the replier
         -- follows it and has read up to their own reply.
         INSERT INTO public.thread_followers (root_id, user_id, room_id)
@@ -272,12 +280,17 @@ BEGIN
                (SELECT max(m.seq) FROM public.messages m WHERE m.reply_to = OLD.reply_to),
                t.root_seq)
      WHERE t.root_id = OLD.reply_to;
+    UPDATE public.thread_followers f SET thread_seq = t.last_reply_seq
+      FROM public.threads t
+     WHERE t.root_id = OLD.reply_to AND f.root_id = OLD.reply_to
+       AND f.thread_seq <> t.last_reply_seq;
     RETURN NULL;
 END
 $$;
 
 -- A follower row takes its room from its root message (the insert policy then checks the
--- acting user is a member of that room), as message_reactions does.
+-- acting user is a member of that room), as message_reactions does, and the thread's last
+-- reply seq from threads (0 while it has none).
 CREATE FUNCTION chatkeep_thread_follower_room() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -290,6 +303,8 @@ BEGIN
                   CONSTRAINT = 'thread_followers_root_id_fkey',
                   TABLE = 'thread_followers';
     END IF;
+    NEW.thread_seq := coalesce(
+        (SELECT t.last_reply_seq FROM public.threads t WHERE t.root_id = NEW.root_id), 0);
     RETURN NEW;
 END
 $$;
@@ -343,17 +358,22 @@ BEGIN
            + (SELECT count(*) FROM public.message_mentions mm
                WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id
                  AND mm.seq > ru.last_read_seq AND mm.author_id <> acting),
-           (SELECT count(*) FROM public.thread_followers f
-              JOIN public.threads t ON t.root_id = f.root_id
-             WHERE f.user_id = acting AND f.room_id = ru.room_id AND f.following
-               AND t.last_reply_seq > f.last_read_seq),
-           (SELECT count(*) FROM public.thread_followers f
-              JOIN public.message_mentions mm
-                ON mm.root_id = f.root_id AND mm.user_id = acting
-               AND mm.seq > f.last_read_seq
-             WHERE f.user_id = acting AND f.room_id = ru.room_id AND f.following)
+           th.unread_threads,
+           th.thread_mentions
       FROM public.room_users ru
       JOIN public.rooms r ON r.id = ru.room_id
+      CROSS JOIN LATERAL (
+            -- One index-only range of the user's followed threads in the room, and a
+            -- mention probe for each thread with unread replies only.
+            SELECT count(*) AS unread_threads,
+                   coalesce(sum((SELECT count(*) FROM public.message_mentions mm
+                                  WHERE mm.root_id = f.root_id AND mm.user_id = acting
+                                    AND mm.seq > f.last_read_seq)), 0)::bigint
+                       AS thread_mentions
+              FROM public.thread_followers f
+             WHERE f.user_id = acting AND f.room_id = ru.room_id AND f.following
+               AND f.thread_seq > f.last_read_seq
+           ) AS th
      WHERE ru.user_id = acting;
 END
 $$;
