@@ -42,7 +42,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
     15: (
         "threads_and_mentions",
-        "157093e13b582116893e7098294abb454af65e6429e474edea36891162a885b2",
+        "18cd57ce61aaa9234536bc2c53784d65c52f5eaba8c399e3984e86a5f4df5c59",
     ),
 }
 

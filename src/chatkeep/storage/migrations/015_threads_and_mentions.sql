@@ -352,12 +352,15 @@ BEGIN
     RETURN QUERY
     SELECT ru.room_id,
            GREATEST(r.last_seq - ru.last_read_seq, 0),
-           (SELECT count(*) FROM public.message_mentions mm
-             WHERE mm.user_id = acting AND mm.room_id = ru.room_id
-               AND mm.seq > ru.last_read_seq)
-           + (SELECT count(*) FROM public.message_mentions mm
-               WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id
-                 AND mm.seq > ru.last_read_seq AND mm.author_id <> acting),
+           -- A room read to the end has no unread mention: no probe at all.
+           CASE WHEN r.last_seq > ru.last_read_seq THEN
+               (SELECT count(*) FROM public.message_mentions mm
+                 WHERE mm.user_id = acting AND mm.room_id = ru.room_id
+                   AND mm.seq > ru.last_read_seq)
+               + (SELECT count(*) FROM public.message_mentions mm
+                   WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id
+                     AND mm.seq > ru.last_read_seq AND mm.author_id <> acting)
+           ELSE 0 END,
            th.unread_threads,
            th.thread_mentions
       FROM public.room_users ru
