@@ -678,6 +678,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
                 "reply_to": reply_to,
                 "user": profile,
                 "reactions": () if r_emoji is None else tuple(_reactions(r_emoji, r_count, r_me)),
+                "thread": None,
             },
         )
         append(message)
