@@ -39,11 +39,11 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "flows_in_one_round_trip",
         "0486b340fac1f5970a4ed4123bcd9df7f73e5fcde03611f5da250f1e87ba138b",
     ),
-    16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
     15: (
         "threads_and_mentions",
         "18cd57ce61aaa9234536bc2c53784d65c52f5eaba8c399e3984e86a5f4df5c59",
     ),
+    16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
 }
 
 
