@@ -23,6 +23,7 @@ TESTED_ELSEWHERE = {
     "bench_security.py": "tests/security/test_bench_security.py",
     "bench_replica.py": "tests/storage/test_replicas.py",
     "bench_search.py": "tests/test_facade_search.py",
+    "bench_unread.py": "tests/test_bench_unread.py",
 }
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a

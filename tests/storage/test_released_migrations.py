@@ -41,7 +41,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     ),
     15: (
         "threads_and_mentions",
-        "18cd57ce61aaa9234536bc2c53784d65c52f5eaba8c399e3984e86a5f4df5c59",
+        "c9afeedb43c10b48de30c0ab90a68629abfe6e4e5be87db930429fc3598a3c85",
     ),
     16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
 }

@@ -435,7 +435,261 @@ GRANT INSERT (root_id, user_id, following, last_read_seq, last_read_at)
 GRANT UPDATE (following, last_read_seq, last_read_at) ON thread_followers TO chatapp_app;
 GRANT SELECT ON threads, thread_followers, message_mentions TO chatapp_readonly;
 
+-- The one-round-trip flow functions of 013 return reply_to too (their result types
+-- change, so they are dropped and created again; the bodies are 013's plus the column).
+-- (Only chatkeep calls them.)
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer);
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chatkeep_rooms_of(uuid, boolean);
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chatkeep_changes(uuid, uuid, bigint, integer);
+
+CREATE FUNCTION chatkeep_history(
+    acting uuid, room uuid, pivot bigint, older integer, newer integer
+) RETURNS TABLE (
+    id uuid, room_id uuid, user_id uuid, seq bigint, client_msg_id text, content text,
+    type message_type, is_edited boolean, edited_at timestamptz, created_at timestamptz,
+    reply_to uuid, username text, avatar_url text, emoji text[], n bigint[], me boolean[]
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT m.id, m.room_id, m.user_id, m.seq, m.client_msg_id, m.content, m.type,
+           m.is_edited, m.edited_at, m.created_at, m.reply_to, u.username, u.avatar_url,
+           rx.emoji, rx.n, rx.me
+      FROM ((SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at, x.reply_to
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq < chatkeep_history.pivot
+              ORDER BY x.seq DESC LIMIT chatkeep_history.older)
+            UNION ALL
+            (SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at, x.reply_to
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq >= chatkeep_history.pivot
+              ORDER BY x.seq ASC LIMIT chatkeep_history.newer)) AS m
+      JOIN users u ON u.id = m.user_id
+      LEFT JOIN LATERAL (
+            SELECT array_agg(g.emoji ORDER BY g.first, g.emoji) AS emoji,
+                   array_agg(g.n ORDER BY g.first, g.emoji) AS n,
+                   array_agg(g.me ORDER BY g.first, g.emoji) AS me
+              FROM (SELECT r.emoji, count(*) AS n, min(r.created_at) AS first,
+                           coalesce(bool_or(r.user_id = chatkeep_history.acting), false) AS me
+                      FROM message_reactions r
+                     WHERE r.message_id = m.id
+                     GROUP BY r.emoji) AS g
+           ) AS rx ON true
+     ORDER BY m.seq;
+END
+$$;
+
+CREATE FUNCTION chatkeep_rooms_of(acting uuid, include_inactive boolean)
+RETURNS TABLE (
+    id uuid, name text, description text, type room_type, created_by uuid,
+    is_active boolean, last_seq bigint, created_at timestamptz, updated_at timestamptz,
+    role room_role, last_read_seq bigint, unread_count bigint,
+    m_id uuid, m_user_id uuid, m_seq bigint, m_client_msg_id text, m_content text,
+    m_type message_type, m_is_edited boolean, m_edited_at timestamptz,
+    m_created_at timestamptz, m_reply_to uuid, m_username text, m_avatar_url text
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT r.id, r.name, r.description, r.type, r.created_by, r.is_active, r.last_seq,
+           r.created_at, r.updated_at, ru.role, ru.last_read_seq,
+           GREATEST(r.last_seq - ru.last_read_seq, 0),
+           m.id, m.user_id, m.seq, m.client_msg_id, m.content, m.type, m.is_edited,
+           m.edited_at, m.created_at, m.reply_to, u.username, u.avatar_url
+      FROM room_users ru
+      JOIN rooms r ON r.id = ru.room_id
+      LEFT JOIN LATERAL (
+            SELECT mm.id, mm.user_id, mm.seq, mm.client_msg_id, mm.content, mm.type,
+                   mm.is_edited, mm.edited_at, mm.created_at, mm.reply_to
+              FROM messages mm
+             WHERE mm.room_id = r.id
+             ORDER BY mm.seq DESC
+             LIMIT 1
+           ) m ON true
+      LEFT JOIN users u ON u.id = m.user_id
+     WHERE ru.user_id = acting AND (r.is_active OR chatkeep_rooms_of.include_inactive)
+     ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id;
+END
+$$;
+
+CREATE FUNCTION chatkeep_changes(acting uuid, room uuid, after_position bigint, max_rows integer)
+RETURNS TABLE (
+    head bigint, oldest bigint, "position" bigint, kind text, occurred_at timestamptz,
+    actor_id uuid, message_id uuid, seq bigint, data jsonb, m_id uuid, m_user_id uuid,
+    m_content text, m_type message_type, m_client_msg_id text, m_is_edited boolean,
+    m_edited_at timestamptz, m_created_at timestamptz, m_reply_to uuid
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT h.head, h.oldest,
+           c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+           m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited, m.edited_at,
+           m.created_at, m.reply_to
+      FROM (SELECT r.position AS head,
+                   (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id)
+                       AS oldest
+              FROM rooms r WHERE r.id = chatkeep_changes.room) AS h
+      LEFT JOIN LATERAL (
+            SELECT * FROM room_changes c
+             WHERE c.room_id = chatkeep_changes.room
+               AND c.position > chatkeep_changes.after_position AND c.position <= h.head
+             ORDER BY c.position
+             LIMIT chatkeep_changes.max_rows
+           ) AS c ON true
+      LEFT JOIN messages m
+             ON m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
+     ORDER BY c.position;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer) TO chatapp_app, chatapp_owner;
+REVOKE EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) TO chatapp_app, chatapp_owner;
+REVOKE EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) TO chatapp_app, chatapp_owner;
+
 -- chatkeep:down
+
+-- 013's flow functions, without reply_to.
+DROP FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer);
+DROP FUNCTION chatkeep_rooms_of(uuid, boolean);
+DROP FUNCTION chatkeep_changes(uuid, uuid, bigint, integer);
+
+CREATE FUNCTION chatkeep_history(
+    acting uuid, room uuid, pivot bigint, older integer, newer integer
+) RETURNS TABLE (
+    id uuid, room_id uuid, user_id uuid, seq bigint, client_msg_id text, content text,
+    type message_type, is_edited boolean, edited_at timestamptz, created_at timestamptz,
+    username text, avatar_url text, emoji text[], n bigint[], me boolean[]
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT m.id, m.room_id, m.user_id, m.seq, m.client_msg_id, m.content, m.type,
+           m.is_edited, m.edited_at, m.created_at, u.username, u.avatar_url,
+           rx.emoji, rx.n, rx.me
+      FROM ((SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq < chatkeep_history.pivot
+              ORDER BY x.seq DESC LIMIT chatkeep_history.older)
+            UNION ALL
+            (SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq >= chatkeep_history.pivot
+              ORDER BY x.seq ASC LIMIT chatkeep_history.newer)) AS m
+      JOIN users u ON u.id = m.user_id
+      LEFT JOIN LATERAL (
+            SELECT array_agg(g.emoji ORDER BY g.first, g.emoji) AS emoji,
+                   array_agg(g.n ORDER BY g.first, g.emoji) AS n,
+                   array_agg(g.me ORDER BY g.first, g.emoji) AS me
+              FROM (SELECT r.emoji, count(*) AS n, min(r.created_at) AS first,
+                           coalesce(bool_or(r.user_id = chatkeep_history.acting), false) AS me
+                      FROM message_reactions r
+                     WHERE r.message_id = m.id
+                     GROUP BY r.emoji) AS g
+           ) AS rx ON true
+     ORDER BY m.seq;
+END
+$$;
+
+CREATE FUNCTION chatkeep_rooms_of(acting uuid, include_inactive boolean)
+RETURNS TABLE (
+    id uuid, name text, description text, type room_type, created_by uuid,
+    is_active boolean, last_seq bigint, created_at timestamptz, updated_at timestamptz,
+    role room_role, last_read_seq bigint, unread_count bigint,
+    m_id uuid, m_user_id uuid, m_seq bigint, m_client_msg_id text, m_content text,
+    m_type message_type, m_is_edited boolean, m_edited_at timestamptz,
+    m_created_at timestamptz, m_username text, m_avatar_url text
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT r.id, r.name, r.description, r.type, r.created_by, r.is_active, r.last_seq,
+           r.created_at, r.updated_at, ru.role, ru.last_read_seq,
+           GREATEST(r.last_seq - ru.last_read_seq, 0),
+           m.id, m.user_id, m.seq, m.client_msg_id, m.content, m.type, m.is_edited,
+           m.edited_at, m.created_at, u.username, u.avatar_url
+      FROM room_users ru
+      JOIN rooms r ON r.id = ru.room_id
+      LEFT JOIN LATERAL (
+            SELECT mm.id, mm.user_id, mm.seq, mm.client_msg_id, mm.content, mm.type,
+                   mm.is_edited, mm.edited_at, mm.created_at
+              FROM messages mm
+             WHERE mm.room_id = r.id
+             ORDER BY mm.seq DESC
+             LIMIT 1
+           ) m ON true
+      LEFT JOIN users u ON u.id = m.user_id
+     WHERE ru.user_id = acting AND (r.is_active OR chatkeep_rooms_of.include_inactive)
+     ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id;
+END
+$$;
+
+CREATE FUNCTION chatkeep_changes(acting uuid, room uuid, after_position bigint, max_rows integer)
+RETURNS TABLE (
+    head bigint, oldest bigint, "position" bigint, kind text, occurred_at timestamptz,
+    actor_id uuid, message_id uuid, seq bigint, data jsonb, m_id uuid, m_user_id uuid,
+    m_content text, m_type message_type, m_client_msg_id text, m_is_edited boolean,
+    m_edited_at timestamptz, m_created_at timestamptz
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT h.head, h.oldest,
+           c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+           m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited, m.edited_at,
+           m.created_at
+      FROM (SELECT r.position AS head,
+                   (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id)
+                       AS oldest
+              FROM rooms r WHERE r.id = chatkeep_changes.room) AS h
+      LEFT JOIN LATERAL (
+            SELECT * FROM room_changes c
+             WHERE c.room_id = chatkeep_changes.room
+               AND c.position > chatkeep_changes.after_position AND c.position <= h.head
+             ORDER BY c.position
+             LIMIT chatkeep_changes.max_rows
+           ) AS c ON true
+      LEFT JOIN messages m
+             ON m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
+     ORDER BY c.position;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_history(uuid, uuid, bigint, integer, integer) TO chatapp_app, chatapp_owner;
+REVOKE EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) TO chatapp_app, chatapp_owner;
+REVOKE EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) TO chatapp_app, chatapp_owner;
+
 REVOKE ALL ON threads, thread_followers, message_mentions FROM chatapp_app, chatapp_readonly;
 REVOKE INSERT (reply_to) ON messages FROM chatapp_app;
 DROP FUNCTION chatkeep_badges(uuid);
