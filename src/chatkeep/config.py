@@ -194,6 +194,10 @@ class Settings(BaseSettings):
             "qualified); a GIN index on to_tsvector('<name>', content) must exist for it."
         ),
     )
+    citus: bool = Field(
+        default=False,
+        description="The database is a Citus coordinator set up by `chatkeep setup --citus`.",
+    )
     application_name: str = Field(default="chatkeep", min_length=1, max_length=63)
     data_dir: Path = Field(
         default=Path(".chatkeep"),

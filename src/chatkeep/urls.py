@@ -42,6 +42,7 @@ __all__ = [
     "user",
     "with_database",
     "with_default_database",
+    "with_host",
     "with_redis_db",
     "with_user",
 ]
@@ -231,6 +232,18 @@ def with_default_database(url: str, database: str) -> str:
     if parts.path.strip("/") or parts.param(*_DATABASE_PARAMS) is not None:
         return url
     return with_database(url, database)
+
+
+def with_host(url: str, host: str, port: int) -> str:
+    """The same credentials, database and options on another server (a Citus worker).
+
+    ``?host=``/``?port=`` in the query are dropped: libpq would prefer them.
+    """
+    parts = _split(url)
+    where = f"[{host}]" if ":" in host else quote(host, safe=".-_~")
+    return replace(
+        parts, hostport=f"{where}:{int(port)}", query=parts.without("host", "port")
+    ).build()
 
 
 def with_user(url: str, role: str, password: str | None = None) -> str:

@@ -33,7 +33,8 @@ from chatkeep.config import Settings, redact_url
 from chatkeep.embedded import Endpoints
 from chatkeep.errors import ChatkeepError
 from chatkeep.storage import catalog
-from chatkeep.storage.bootstrap import bootstrap
+from chatkeep.storage.bootstrap import ROLES, bootstrap
+from chatkeep.storage.citus import CITUS_ROLES, CitusReport, prepare_citus
 from chatkeep.storage.database import connect
 from chatkeep.storage.migrate import Migrator
 from chatkeep.storage.security import connection_failures
@@ -53,6 +54,15 @@ def setup(
         ),
     ] = False,
     database_url: DatabaseUrlOption = None,
+    citus: Annotated[
+        bool,
+        typer.Option(
+            "--citus",
+            help="The URL is a Citus coordinator: make the database on every worker, with "
+            "the citus extension, and let chatapp_owner and chatapp_rls log in "
+            "(docs/operations.md, Citus).",
+        ),
+    ] = False,
 ) -> None:
     """Create the database (chatapp_db unless the URL names another), its roles and grants.
 
@@ -62,14 +72,18 @@ def setup(
     password, printed here once and stored nowhere.
     """
     settings = load_settings(database_url)
+    cluster: CitusReport | None = None
     with endpoints(settings, redis=False, create_database=False, migrate_only=True) as found:
         report = run(
             bootstrap(
                 found.admin_database_url,
                 settings,
                 generate_passwords=not found.embedded_database,
+                roles=CITUS_ROLES if citus else ROLES,
             )
         )
+        if citus:
+            cluster = run(prepare_citus(found.admin_database_url, settings))
     roles = report.roles
     if as_json:
         sys.stdout.write(
@@ -81,6 +95,9 @@ def setup(
                     "roles_corrected": list(roles.corrected),
                     "passwords_set": list(roles.passwords_set),
                     "adopted": len(report.adopted),
+                    "citus_workers": (
+                        None if cluster is None else [f"{h}:{p}" for h, p in cluster.workers]
+                    ),
                     # Shown once and stored nowhere, as on the terminal.
                     "generated_passwords": {
                         role: secret.get_secret_value() for role, secret in roles.generated.items()
@@ -118,6 +135,9 @@ def setup(
             highlight=False,
             markup=True,
         )
+    if cluster is not None:
+        workers = ", ".join(f"{h}:{p}" for h, p in cluster.workers)
+        console.print(f"[green]ok[/] citus: database on the coordinator and workers {workers}")
     console.print("next: chatkeep migrate up")
 
 

@@ -408,7 +408,11 @@ async def prepare_database(conn: asyncpg.Connection) -> tuple[str, ...]:
 
 
 async def bootstrap(
-    dsn: str, settings: Settings, *, generate_passwords: bool = True
+    dsn: str,
+    settings: Settings,
+    *,
+    generate_passwords: bool = True,
+    roles: Sequence[RoleSpec] = ROLES,
 ) -> SetupReport:
     """Everything ``chatkeep setup`` does: the database, the roles, the database's grants.
 
@@ -417,6 +421,8 @@ async def bootstrap(
         settings: connection options and the roles' passwords.
         generate_passwords: make passwords for login roles created now (see
             :func:`ensure_roles`).
+        roles: the roles to ensure (Citus mode passes
+            :data:`chatkeep.storage.citus.CITUS_ROLES`).
 
     Raises:
         InvalidInput: the database name is not a plain identifier.
@@ -426,7 +432,9 @@ async def bootstrap(
     created = await ensure_database(dsn, settings)
     admin = await connect(maintenance_url(dsn), settings, operation="setup")
     try:
-        roles = await ensure_roles(admin, settings, generate_passwords=generate_passwords)
+        report = await ensure_roles(
+            admin, settings, generate_passwords=generate_passwords, roles=roles
+        )
     finally:
         await asyncio.shield(admin.close())
     target = await connect(dsn, settings, operation="setup")
@@ -434,4 +442,4 @@ async def bootstrap(
         adopted = await prepare_database(target)
     finally:
         await asyncio.shield(target.close())
-    return SetupReport(database_name(dsn), created, roles, adopted)
+    return SetupReport(database_name(dsn), created, report, adopted)

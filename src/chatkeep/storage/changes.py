@@ -46,7 +46,8 @@ SELECT h.head, h.oldest,
          LIMIT $3
        ) AS c ON true
   LEFT JOIN messages m
-         ON m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
+         ON m.room_id = $1 AND m.id = c.message_id
+        AND c.kind IN ('message.created', 'message.edited')
  ORDER BY c.position
 """
 POSITION: Final = "SELECT position FROM rooms WHERE id = $1"

@@ -720,9 +720,9 @@ class Database:
     ) -> AsyncIterator[Transaction]:
         """A transaction acting as ``user_id``: row security lets it see and write as them.
 
-        The user is set with ``set_config('app.user_id', ..., true)``, local to the
-        transaction, so it ends with it and never reaches the next user of the pooled
-        connection; it goes to the server with the ``BEGIN``, in one round trip.
+        The user is set with ``SET LOCAL app.user_id`` (as ``set_config(..., true)``),
+        local to the transaction, so it ends with it and never reaches the next user of
+        the pooled connection; it goes to the server with the ``BEGIN``, in one round trip.
         Repository calls in the block join it. Inside a block acting as the same user, a
         nested ``acting_as`` is a savepoint, like a nested :meth:`transaction`.
 
@@ -1233,7 +1233,10 @@ def _begin(
     if reset:
         sql += f"; {_SESSION_RESET}"
     if acting_user is not None:
-        sql += f"; SELECT set_config('app.user_id', '{acting_user}', true)"
+        # SET LOCAL rather than set_config(..., true), the same to PostgreSQL: Citus passes
+        # a SET LOCAL on to the workers (citus.propagate_set_commands = local), where row
+        # security runs, and a set_config call it does not.
+        sql += f"; SET LOCAL app.user_id = '{acting_user}'"
     return sql
 
 

@@ -84,13 +84,28 @@ SELECT {MESSAGE_COLUMNS}, position FROM inserted
 UNION ALL
 SELECT {MESSAGE_COLUMNS}, NULL FROM existing
 """
+# On Citus, SEND's data-modifying CTEs are planned as several distributed steps (not one
+# shard), and a RETURNING clause may not call current_setting(). A send there is four
+# single-shard statements in one transaction: the checks, the insert, the sender's own
+# watermark, and the position, read from the room whose row the insert's trigger locked
+# (so it is this send's). The retry of a client_msg_id is looked up first.
+SEND_INSERT_CITUS: Final = f"""
+INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING {MESSAGE_COLUMNS}
+"""
+SEND_SEEN_CITUS: Final = """
+UPDATE room_users SET last_read_seq = $3, last_read_at = $4
+ WHERE room_id = $1 AND user_id = $2 AND last_read_seq < $3
+"""
+ROOM_POSITION: Final = "SELECT position FROM rooms WHERE id = $1"
 FIND_BY_CLIENT_ID: Final = f"""
 SELECT {MESSAGE_COLUMNS} FROM messages
  WHERE room_id = $1 AND user_id = $2 AND client_msg_id = $3
 """
 WHY_NOT_SENT: Final = """
 SELECT r.is_active,
-       EXISTS (SELECT 1 FROM room_users WHERE room_id = r.id AND user_id = $2) AS member
+       EXISTS (SELECT 1 FROM room_users WHERE room_id = $1 AND user_id = $2) AS member
   FROM rooms r WHERE r.id = $1
 """
 EDIT: Final = f"""
@@ -124,7 +139,8 @@ def _page(where: str, order: str) -> str:
 
 
 # Reaction counts come in the same statement: one probe of message_reactions' primary key
-# per message of the page (no N+1 round trips), one entry per emoji in the order it was
+# per message of the page (no N+1 round trips; the room named too, which changes nothing
+# here and lets Citus keep the page on the room's shard), one entry per emoji in the order it was
 # first used, ``me`` for the acting user's own.
 def _with_authors(rows: str, order: str) -> str:
     return f"""
@@ -139,7 +155,7 @@ SELECT {_M_COLUMNS}, u.username, u.avatar_url, rx.emoji, rx.n, rx.me
                        coalesce(bool_or(r.user_id = (SELECT chatkeep_acting_user_id())),
                                 false) AS me
                   FROM message_reactions r
-                 WHERE r.message_id = m.id
+                 WHERE r.room_id = $1 AND r.message_id = m.id
                  GROUP BY r.emoji) AS x
        ) AS rx ON true
  ORDER BY m.seq {order}
@@ -172,6 +188,18 @@ UPDATE room_users ru
  WHERE ru.room_id = $1 AND ru.user_id = $2 AND r.id = ru.room_id
 RETURNING ru.last_read_seq
 """
+# On Citus an UPDATE may not call now() inside a CASE: the row is updated only when the
+# watermark moves, and the watermark is read back when it does not.
+MARK_READ_CITUS: Final = """
+UPDATE room_users ru
+   SET last_read_seq = target.seq, last_read_at = now()
+  FROM rooms r,
+       LATERAL (SELECT LEAST(COALESCE($3::bigint, r.last_seq), r.last_seq) AS seq) AS target
+ WHERE ru.room_id = $1 AND ru.user_id = $2 AND r.id = $1
+   AND target.seq > ru.last_read_seq
+RETURNING ru.last_read_seq
+"""
+READ_WATERMARK: Final = "SELECT last_read_seq FROM room_users WHERE room_id = $1 AND user_id = $2"
 # A receipt is written only when the watermark does not already say it: the table grows
 # with out-of-order reads, not with members x messages.
 # MARK_READ as the user in one round trip (013); room_visible tells NotFound from
@@ -193,6 +221,12 @@ SELECT EXISTS (SELECT 1 FROM m) AS found,
        EXISTS (SELECT 1 FROM member) AS is_member,
        EXISTS (SELECT 1 FROM receipt) AS written
 """
+# On Citus the receipt names its room (the distribution column, migrations/citus).
+MARK_MESSAGE_READ_CITUS: Final = MARK_MESSAGE_READ.replace(
+    "INSERT INTO message_read_status (message_id, user_id)\n    SELECT m.id, $2",
+    "INSERT INTO message_read_status (room_id, message_id, user_id)\n"
+    "    SELECT m.room_id, m.id, $2",
+).replace("ON CONFLICT (message_id, user_id)", "ON CONFLICT (room_id, message_id, user_id)")
 # Readers of a message: every other member whose watermark covers it, plus explicit
 # receipts ahead of the watermark. The receipt's time wins when both exist.
 READ_BY: Final = """
@@ -313,6 +347,8 @@ class MessageRepository(BaseRepository[Message]):
             dto.reply_to,
         )
         try:
+            if self.db.settings.citus:
+                return await self._send_citus(dto, args)
             if self.db.in_transaction():
                 # A savepoint, so a lost client_msg_id race does not abort the caller's
                 # transaction.
@@ -337,6 +373,38 @@ class MessageRepository(BaseRepository[Message]):
         values = dict(row)
         position = values.pop("position", None)  # FIND_BY_CLIENT_ID has none
         return Message._adopt(values), position
+
+    async def _send_citus(
+        self, dto: CreateMessageDto, args: tuple[object, ...]
+    ) -> tuple[Message, int | None]:
+        async with self.db.transaction("messages.send"):
+            if dto.client_msg_id is not None:
+                first = await self.db.fetchrow(
+                    "messages.find_by_client_id",
+                    FIND_BY_CLIENT_ID,
+                    dto.room_id,
+                    dto.user_id,
+                    dto.client_msg_id,
+                )
+                if first is not None:
+                    return Message._adopt(dict(first)), None
+            found = await self.db.fetchrow(
+                "messages.why_not_sent", WHY_NOT_SENT, dto.room_id, dto.user_id
+            )
+            if found is None or not found["member"] or not found["is_active"]:
+                await self._why_not_sent(dto.room_id, dto.user_id)
+            row = await self.db.fetchrow("messages.send", SEND_INSERT_CITUS, *args)
+            assert row is not None  # noqa: S101 - an INSERT ... VALUES returns its row
+            await self.db.execute(
+                "messages.send_seen",
+                SEND_SEEN_CITUS,
+                dto.room_id,
+                dto.user_id,
+                row["seq"],
+                row["created_at"],
+            )
+            position = await self.db.fetchval("messages.send_position", ROOM_POSITION, dto.room_id)
+        return Message._adopt(dict(row)), position
 
     async def _why_not_sent(self, room: uuid.UUID, user: uuid.UUID) -> NoReturn:
         found = await self.db.fetchrow("messages.why_not_sent", WHY_NOT_SENT, room, user)
@@ -566,7 +634,14 @@ class MessageRepository(BaseRepository[Message]):
                     raise not_found("room", room)
                 raise PermissionDenied("only members have read state in this room")
             return int(row["watermark"])
-        value = await self.db.fetchval("messages.mark_read", MARK_READ, room, user, upto)
+        if self.db.settings.citus:
+            value = await self.db.fetchval("messages.mark_read", MARK_READ_CITUS, room, user, upto)
+            if value is None:
+                value = await self.db.fetchval(
+                    "messages.read_watermark", READ_WATERMARK, room, user
+                )
+        else:
+            value = await self.db.fetchval("messages.mark_read", MARK_READ, room, user, upto)
         if value is None:
             await self._require("room", room)
             raise PermissionDenied("only members have read state in this room")
@@ -584,7 +659,8 @@ class MessageRepository(BaseRepository[Message]):
         """
         key = check_id("message_id", message_id)
         user = check_id("user_id", user_id)
-        row = await self.db.fetchrow("messages.mark_message_read", MARK_MESSAGE_READ, key, user)
+        query = MARK_MESSAGE_READ_CITUS if self.db.settings.citus else MARK_MESSAGE_READ
+        row = await self.db.fetchrow("messages.mark_message_read", query, key, user)
         if row is None or not row["found"]:
             raise not_found("message", key)
         if not row["is_member"]:

@@ -11,6 +11,14 @@ A ``-- chatkeep:no-transaction`` line before the up part runs the file's stateme
 one outside a transaction, for statements PostgreSQL refuses inside one (``CREATE INDEX
 CONCURRENTLY``); such a statement in an unmarked file is refused before anything runs.
 
+A ``-- chatkeep:citus`` part, between the up and the down parts, runs right after the up
+part, in its transaction, only on a database with the ``citus`` extension (``chatkeep setup
+--citus``): there a migration distributes what it created (``create_distributed_table(...,
+'room_id', colocate_with => 'rooms')``) and replaces what Citus cannot take. The released
+files 001-012 cannot be edited: their Citus part is ``migrations/citus/012_distribute.sql``,
+attached to 012 (a file ``citus/NNN_name.sql`` is the Citus part of version NNN). A Citus
+part is not in the file's checksum, and a migration that has one is not reverted on Citus.
+
 What the runner guarantees:
 
 * **Exactly once.** Runners take a session advisory lock, polled with backoff up to
@@ -48,7 +56,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -67,6 +75,7 @@ from chatkeep.errors import (
 )
 from chatkeep.storage import catalog
 from chatkeep.storage.bootstrap import OWNER_ROLE, maintenance_url
+from chatkeep.storage.citus import is_citus
 from chatkeep.storage.database import connect
 from chatkeep.storage.errors import translate_errors
 from chatkeep.storage.sqltext import Statement, code_only, split_statements
@@ -104,7 +113,7 @@ CHATKEEP_NAMESPACE: Final = "chatkeep"
 _NAMESPACE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 _FILE_NAME: Final = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
-_MARKER: Final = re.compile(r"^--\s*chatkeep:(up|down|no-transaction)\s*$", re.MULTILINE)
+_MARKER: Final = re.compile(r"^--\s*chatkeep:(up|down|no-transaction|citus)\s*$", re.MULTILINE)
 # Statements PostgreSQL will not run inside a transaction block.
 _NEEDS_NO_TRANSACTION: Final = re.compile(
     r"\b(?:CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY"
@@ -228,6 +237,7 @@ class Migration:
     transactional: bool
     checksum: str
     namespace: str = CHATKEEP_NAMESPACE
+    citus: tuple[Statement, ...] = ()  # run after ``up`` on Citus only
 
     @property
     def label(self) -> str:
@@ -300,6 +310,8 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
         raise MigrationError(f"{path.name}: needs exactly one '-- chatkeep:up' line")
     if kinds.count("down") > 1:
         raise MigrationError(f"{path.name}: has more than one '-- chatkeep:down' line")
+    if kinds.count("citus") > 1:
+        raise MigrationError(f"{path.name}: has more than one '-- chatkeep:citus' line")
     up_marker = next(m for m in markers if m.group(1) == "up")
     down_marker = next((m for m in markers if m.group(1) == "down"), None)
     no_tx = [m for m in markers if m.group(1) == "no-transaction"]
@@ -309,6 +321,12 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
         )
     if down_marker is not None and down_marker.start() < up_marker.start():
         raise MigrationError(f"{path.name}: the down part must follow the up part")
+    citus_marker = next((m for m in markers if m.group(1) == "citus"), None)
+    if citus_marker is not None and not (
+        up_marker.start() < citus_marker.start()
+        and (down_marker is None or citus_marker.start() < down_marker.start())
+    ):
+        raise MigrationError(f"{path.name}: the citus part must come between up and down")
 
     def statements(start: int, end: int) -> tuple[Statement, ...]:
         # Keep line numbers relative to the whole file: pad with the newlines before start.
@@ -316,6 +334,10 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
         return tuple(split_statements(padding + text[start:end]))
 
     up_end = down_marker.start() if down_marker else len(text)
+    citus: tuple[Statement, ...] = ()
+    if citus_marker is not None:
+        citus = statements(citus_marker.end(), up_end)
+        up_end = citus_marker.start()
     up = statements(up_marker.end(), up_end)
     down = statements(down_marker.end(), len(text)) if down_marker else None
     if not up:
@@ -330,7 +352,7 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
                         "transaction; put it in its own file marked "
                         f"'-- chatkeep:no-transaction': {stmt.summary(80)}"
                     )
-    return Migration(version, name, path, up, down, transactional, checksum(text), namespace)
+    return Migration(version, name, path, up, down, transactional, checksum(text), namespace, citus)
 
 
 def load_migrations(
@@ -360,7 +382,28 @@ def load_migrations(
                 f"duplicate version {version}: {found[version].path.name} and {path.name}"
             )
         found[version] = _parse(path, version, match.group(2), namespace)
+    _attach_citus_parts(directory / "citus", found)
     return [found[v] for v in sorted(found)]
+
+
+def _attach_citus_parts(directory: Path, found: dict[int, Migration]) -> None:
+    """Give each migration its Citus part from ``citus/NNN_name.sql`` (its up part)."""
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir()):
+        match = _FILE_NAME.match(path.name)
+        if path.suffix != ".sql" or not match:
+            continue
+        version = int(match.group(1))
+        migration = found.get(version)
+        if migration is None:
+            raise MigrationError(f"citus/{path.name}: no migration has version {version}")
+        if migration.citus:
+            raise MigrationError(
+                f"citus/{path.name}: {migration.path.name} has a citus part of its own"
+            )
+        part = _parse(path, version, match.group(2), migration.namespace)
+        found[version] = replace(migration, citus=part.up)
 
 
 def load_locations(
@@ -593,6 +636,7 @@ class Migrator:
         self.validate_checksums = validate_checksums
         self._dsn: str | None = None
         self._settings: Settings | None = None
+        self.citus = False  # known once the lock is held: the database has citus
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -856,6 +900,7 @@ class Migrator:
                     await self._conn.execute(f"SET ROLE {_quote_ident(role)}")
                 # Only when missing (safe: the lock is held): CREATE OR REPLACE on every run
                 # would rewrite the catalog each time and need ownership of the function.
+                self.citus = await is_citus(self._conn)
                 (shape,) = await self._conn.fetch(_HISTORY_SHAPE)
                 if not shape["present"]:
                     await self._conn.execute(_HISTORY_DDL)
@@ -899,6 +944,12 @@ class Migrator:
         """
         async with self._locked():
             plan = await self.plan_down(to=to, steps=steps)
+            distributed = [m.display for m in plan.migrations if m.citus and self.citus]
+            if distributed:
+                raise MigrationError(
+                    f"cannot revert {distributed[0]} on Citus: its tables are distributed "
+                    "(restore a backup instead); nothing was reverted"
+                )
             for migration in plan.migrations:
                 await self._run(migration, "down")
             return list(plan.migrations)
@@ -933,6 +984,8 @@ class Migrator:
 
     async def _run(self, migration: Migration, direction: Literal["up", "down"]) -> None:
         statements = migration.up if direction == "up" else (migration.down or ())
+        if direction == "up" and self.citus:
+            statements += migration.citus
         conn = self._conn
         started = time.monotonic()
         with translate_errors("migrate"):

@@ -31,6 +31,20 @@ WITH m AS (
 )
 SELECT EXISTS (SELECT 1 FROM m) AS found, EXISTS (SELECT 1 FROM added) AS changed
 """
+# On Citus the reaction names its room (the distribution column, migrations/citus): the
+# message's, which the trigger checks.
+REACT_CITUS: Final = (
+    REACT.replace("SELECT id FROM messages", "SELECT id, room_id FROM messages")
+    .replace(
+        "INSERT INTO message_reactions (message_id, emoji, user_id)\n    SELECT m.id, $3, $2",
+        "INSERT INTO message_reactions (room_id, message_id, emoji, user_id)\n"
+        "    SELECT m.room_id, m.id, $3, $2",
+    )
+    .replace(
+        "ON CONFLICT (message_id, emoji, user_id)",
+        "ON CONFLICT (room_id, message_id, emoji, user_id)",
+    )
+)
 UNREACT: Final = """
 WITH m AS (
     SELECT id FROM messages WHERE id = $1
@@ -58,7 +72,8 @@ class ReactionRepository:
             PermissionDenied: row security refused the row (acting as someone else).
             InvalidInput: a bad id, or ``emoji`` breaks the emoji rule.
         """
-        return await self._change("reactions.add", REACT, message_id, user_id, emoji)
+        query = REACT_CITUS if self.db.settings.citus else REACT
+        return await self._change("reactions.add", query, message_id, user_id, emoji)
 
     async def unreact(self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str) -> bool:
         """Remove the user's ``emoji`` from the message; False if it was not there.

@@ -1,0 +1,95 @@
+"""A real Citus cluster for the Citus suite: a coordinator and two workers on loopback.
+
+The cluster comes from ``../shared/citus/cluster.sh`` (``CHATKEEP_CITUS_CLUSTER_SH`` names
+another copy): started here when its coordinator does not answer, and stopped at the end
+of the session; a cluster already running (another session's, or a developer's) is used
+and left running. Without cluster.sh the suite is skipped, except under ``CI=true``, where
+it fails: CI must run it.
+
+Each test module gets a fresh database on the cluster, made as ``chatkeep setup --citus``
+makes it and migrated in Citus mode, dropped on every node at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from chatkeep import urls
+from chatkeep.config import Settings
+from chatkeep.storage.bootstrap import bootstrap
+from chatkeep.storage.citus import CITUS_ROLES, prepare_citus
+from chatkeep.storage.migrate import Migrator
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = int(os.environ.get("CITUS_PORT_BASE", "9700"))
+WORKERS = (PORT + 1, PORT + 2)
+
+
+def _cluster_script() -> Path:
+    named = os.environ.get("CHATKEEP_CITUS_CLUSTER_SH")
+    return Path(named) if named else ROOT.parent / "shared" / "citus" / "cluster.sh"
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def citus_coordinator() -> Iterator[str]:
+    """The coordinator's maintenance URL, the cluster started if it was not running."""
+    script = _cluster_script()
+    started = False
+    if not _answers(PORT):
+        if not script.is_file():
+            reason = f"no Citus cluster: {script} is missing"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{reason} (CI must run the Citus suite)")
+            pytest.skip(reason)
+        subprocess.run([str(script), "start"], check=True, capture_output=True, timeout=300)
+        started = True
+    user = os.environ.get("USER") or "root"
+    try:
+        yield f"postgresql://{user}@127.0.0.1:{PORT}/postgres"
+    finally:
+        if started:
+            subprocess.run([str(script), "stop"], check=False, capture_output=True, timeout=120)
+
+
+async def _drop_everywhere(admin_url: str, name: str) -> None:
+    for port in (PORT, *WORKERS):
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            conn = await asyncpg.connect(urls.with_host(admin_url, "127.0.0.1", port))
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def citus_database(citus_coordinator: str) -> AsyncIterator[str]:
+    """A superuser URL of a fresh database on the cluster, set up and migrated for Citus."""
+    name = f"chatkeep_h8_citus_{uuid.uuid4().hex[:8]}"
+    url = urls.with_database(citus_coordinator, name)
+    settings = Settings(database_url=url)
+    try:
+        await bootstrap(url, settings, generate_passwords=False, roles=CITUS_ROLES)
+        await prepare_citus(url, settings)
+        async with Migrator.connect(settings, database_url=url) as migrator:
+            await migrator.up()
+            assert migrator.citus
+        yield url
+    finally:
+        await asyncio.shield(_drop_everywhere(citus_coordinator, name))

@@ -1,0 +1,192 @@
+"""chatkeep on Citus: the schema distributed by room, per-room statements on one shard,
+and the facade's basic flows with row security, on a real coordinator and two workers.
+
+Run: ``CI=true pytest tests/citus`` (the cluster is started by tests/citus/conftest.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, NotFound, PermissionDenied, Settings
+from chatkeep.ids import uuid7
+from chatkeep.storage.messages import (
+    FIND_BY_CLIENT_ID,
+    HISTORY_AFTER,
+    HISTORY_BEFORE,
+    MARK_READ_CITUS,
+    READ_WATERMARK,
+    ROOM_POSITION,
+    SEND_INSERT_CITUS,
+    SEND_SEEN_CITUS,
+    WHY_NOT_SENT,
+)
+from chatkeep.testing import url_as
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PER_ROOM = (
+    "rooms",
+    "room_users",
+    "messages",
+    "room_changes",
+    "message_reactions",
+    "message_read_status",
+)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def chat(
+    citus_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ChatKeep]:
+    settings = Settings(
+        database_url=url_as(citus_database, "chatapp_app"),
+        redis_url=redis_url,
+        citus=True,
+        data_dir=tmp_path_factory.mktemp("data"),
+    )
+    async with ChatKeep.connect(settings, node_id="citus-a", bcrypt_rounds=10) as facade:
+        yield facade
+
+
+async def _users(chat: ChatKeep, *names: str) -> list[uuid.UUID]:
+    tag = uuid.uuid4().hex[:6]
+    found = []
+    for name in names:
+        user = await chat.register(
+            CreateUserDto(
+                email=f"{name}{tag}@example.com", username=f"{name}{tag}", password="correct horse"
+            )
+        )
+        found.append(user.id)
+    return found
+
+
+async def test_users_is_a_reference_table_and_rooms_are_colocated(citus_database: str) -> None:
+    conn = await asyncpg.connect(citus_database)
+    try:
+        rows = await conn.fetch(
+            "SELECT logicalrelid::text AS t, partmethod::text, colocationid,"
+            "       column_to_column_name(logicalrelid, partkey) AS key"
+            "  FROM pg_dist_partition"
+        )
+    finally:
+        await conn.close()
+    by_table = {r["t"]: r for r in rows}
+    assert by_table["users"]["partmethod"] == "n"  # reference: a copy on every node
+    for table in PER_ROOM:
+        assert by_table[table]["partmethod"] == "h", table
+        assert by_table[table]["key"] == ("id" if table == "rooms" else "room_id"), table
+    assert len({by_table[t]["colocationid"] for t in PER_ROOM}) == 1
+    assert "audit_log" not in by_table  # one plain table per node (migrations/citus)
+
+
+async def _plan(conn: asyncpg.Connection, user: uuid.UUID, query: str, *args: object) -> str:
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL app.user_id = '{user}'")
+        rows = await conn.fetch(f"EXPLAIN (COSTS OFF) {query}", *args)
+    return "\n".join(r[0] for r in rows)
+
+
+async def test_per_room_statements_are_single_shard_router_queries(
+    chat: ChatKeep, citus_database: str
+) -> None:
+    (alice,) = await _users(chat, "alice")
+    room = await chat.create_room(CreateRoomDto(name="plans", created_by=alice))
+    await chat.send_message(room.id, alice, "first")
+    conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
+    try:
+        plans = {
+            "send: retry look-up": await _plan(
+                conn, alice, FIND_BY_CLIENT_ID, room.id, alice, "c-1"
+            ),
+            "send: checks": await _plan(conn, alice, WHY_NOT_SENT, room.id, alice),
+            "send: insert": await _plan(
+                conn, alice, SEND_INSERT_CITUS, uuid7(), room.id, alice, None, "hello", "text"
+            ),
+            "send: own watermark": await _plan(
+                conn, alice, SEND_SEEN_CITUS, room.id, alice, 2, datetime.now(UTC)
+            ),
+            "send: position": await _plan(conn, alice, ROOM_POSITION, room.id),
+            "history": await _plan(conn, alice, HISTORY_BEFORE, room.id, 100, 50),
+            "catch-up": await _plan(conn, alice, HISTORY_AFTER, room.id, 0, 50),
+            "mark-read": await _plan(conn, alice, MARK_READ_CITUS, room.id, alice, None),
+            "mark-read: watermark": await _plan(conn, alice, READ_WATERMARK, room.id, alice),
+        }
+    finally:
+        await conn.close()
+    for flow, plan in plans.items():
+        assert "Custom Scan (Citus Adaptive)" in plan, (flow, plan)
+        counts = [line.strip() for line in plan.splitlines() if "Task Count" in line]
+        assert counts == ["Task Count: 1"], (flow, plan)
+
+
+async def test_the_cross_room_reads_fan_out(chat: ChatKeep, citus_database: str) -> None:
+    """A user's unread counts read every shard (measured, not routed): said plainly."""
+    from chatkeep.storage.messages import UNREAD_COUNTS
+
+    (alice,) = await _users(chat, "alice")
+    conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
+    try:
+        plan = await _plan(conn, alice, UNREAD_COUNTS, alice)
+    finally:
+        await conn.close()
+    counts = [line.strip() for line in plan.splitlines() if "Task Count" in line]
+    assert counts and counts != ["Task Count: 1"], plan
+
+
+async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
+    alice, bob = await _users(chat, "alice", "bob")
+    room = await chat.create_room(CreateRoomDto(name="general", created_by=alice))
+    await chat.join(room.id, bob)
+    sent = [await chat.send_message(room.id, alice, f"message {i}") for i in range(1, 6)]
+    assert [m.seq for m in sent] == [1, 2, 3, 4, 5]
+    again = await chat.send_message(room.id, alice, "retry", client_msg_id="c-1")
+    assert await chat.send_message(room.id, alice, "retry", client_msg_id="c-1") == again
+
+    page = await chat.history(room.id, bob, limit=3)
+    assert [m.content for m in page.items] == ["message 4", "message 5", "retry"]
+    caught = await chat.catch_up(room.id, bob, after_seq=2)
+    assert [m.seq for m in caught.items] == [3, 4, 5, 6]
+
+    assert (await chat.unread_counts(bob))[room.id] == 6
+    assert await chat.mark_read(room.id, bob, 4) == 4
+    assert (await chat.unread_counts(bob))[room.id] == 2
+    assert (await chat.unread_counts(alice))[room.id] == 0  # own messages are read
+
+
+async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: str) -> None:
+    alice, carol = await _users(chat, "alice", "carol")
+    room = await chat.create_room(CreateRoomDto(name="secret", type="private", created_by=alice))
+    await chat.send_message(room.id, alice, "for members only")
+    with pytest.raises((NotFound, PermissionDenied)):
+        await chat.history(room.id, carol)
+    with pytest.raises((NotFound, PermissionDenied)):
+        await chat.send_message(room.id, carol, "let me in")
+    # Straight to the table as the application role: the shards' policies hide the room.
+    conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
+    try:
+        for who, expected in ((carol, 0), (alice, 1)):
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL app.user_id = '{who}'")
+                seen = await conn.fetchval(
+                    "SELECT count(*) FROM messages WHERE room_id = $1", room.id
+                )
+            assert seen == expected, who
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL app.user_id = '{carol}'")
+            with pytest.raises(asyncpg.PostgresError):
+                await conn.execute(
+                    "INSERT INTO messages (id, room_id, user_id, content) VALUES ($1, $2, $3, 'x')",
+                    uuid7(),
+                    room.id,
+                    carol,
+                )
+    finally:
+        await conn.close()
