@@ -138,7 +138,8 @@ async def test_the_cross_room_reads_fan_out(chat: ChatKeep, citus_database: str)
     finally:
         await conn.close()
     counts = [line.strip() for line in plan.splitlines() if "Task Count" in line]
-    assert counts and counts != ["Task Count: 1"], plan
+    assert counts, plan
+    assert counts != ["Task Count: 1"], plan
 
 
 async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
