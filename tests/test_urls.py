@@ -190,3 +190,22 @@ def test_a_redis_database_that_is_not_a_number_is_invalid_input() -> None:
 
 def test_redis_schemes() -> None:
     assert {"redis", "rediss", "unix", "valkey", "valkeys"} == urls.REDIS_SCHEMES
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "expected"),
+    [
+        (
+            "postgresql://root:pw@coordinator:5432/chat?sslmode=require&port=1",
+            "10.0.0.2",
+            6432,
+            "postgresql://root:pw@10.0.0.2:6432/chat?sslmode=require",
+        ),
+        ("postgresql://root@127.0.0.1:9700/db", "::1", 9701, "postgresql://root@[::1]:9701/db"),
+        ("postgresql:///db?host=/tmp", "worker-1", 5432, "postgresql://worker-1:5432/db"),
+    ],
+)
+def test_with_host_keeps_credentials_and_options(
+    url: str, host: str, port: int, expected: str
+) -> None:
+    assert urls.with_host(url, host, port) == expected

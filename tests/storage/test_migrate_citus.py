@@ -1,0 +1,98 @@
+"""The migration runner's Citus parts, on plain PostgreSQL: parsed, attached, never run.
+
+Their effect on a real Citus cluster is tested by tests/citus/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from chatkeep.errors import MigrationError
+from chatkeep.storage.migrate import DEFAULT_MIGRATIONS_DIR, Migrator, load_migrations
+from tests.migration_files import write
+
+# A Citus part that fails on plain PostgreSQL: if the runner ran it, the test would see it.
+CITUS_ONLY = "SELECT create_distributed_table('a', 'id');\n"
+
+
+def test_the_shipped_citus_part_is_attached_to_012_and_not_checksummed() -> None:
+    found = {m.version: m for m in load_migrations()}
+    assert found[12].citus, "012 carries the Citus part of 001-012"
+    assert "create_distributed_table('messages'" in "\n".join(s.sql for s in found[12].citus)
+    assert not any(m.citus for v, m in found.items() if v != 12)
+    assert (DEFAULT_MIGRATIONS_DIR / "citus" / "012_distribute.sql").is_file()
+
+
+def test_an_inline_citus_part_sits_between_up_and_down(mdir: Path) -> None:
+    write(
+        mdir,
+        "001_a.sql",
+        f"-- chatkeep:up\nCREATE TABLE a (id int);\n-- chatkeep:citus\n{CITUS_ONLY}"
+        "-- chatkeep:down\nDROP TABLE a;\n",
+    )
+    (migration,) = load_migrations(mdir)
+    assert [s.sql for s in migration.up] == ["CREATE TABLE a (id int)"]
+    assert [s.sql for s in migration.citus] == [CITUS_ONLY.strip().rstrip(";")]
+    assert migration.citus[0].line == 4
+    assert migration.down is not None
+    assert [s.sql for s in migration.down] == ["DROP TABLE a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("-- chatkeep:citus\nSELECT 1;\n-- chatkeep:up\nSELECT 1;\n", "between up and down"),
+        (
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:down\nSELECT 1;\n-- chatkeep:citus\nSELECT 1;\n",
+            "between up and down",
+        ),
+        (
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:citus\nSELECT 1;\n-- chatkeep:citus\nSELECT 2;\n",
+            "more than one '-- chatkeep:citus'",
+        ),
+    ],
+)
+def test_misplaced_citus_parts_are_refused(mdir: Path, text: str, message: str) -> None:
+    write(mdir, "001_a.sql", text)
+    with pytest.raises(MigrationError, match=message):
+        load_migrations(mdir)
+
+
+def test_a_citus_file_must_name_a_migration_without_its_own_part(mdir: Path) -> None:
+    write(mdir, "001_a.sql", "-- chatkeep:up\nCREATE TABLE a (id int);\n")
+    (mdir / "citus").mkdir()
+    write(mdir / "citus", "002_b.sql", f"-- chatkeep:up\n{CITUS_ONLY}")
+    with pytest.raises(MigrationError, match="no migration has version 2"):
+        load_migrations(mdir)
+    (mdir / "citus" / "002_b.sql").unlink()
+    write(mdir / "citus", "001_a.sql", f"-- chatkeep:up\n{CITUS_ONLY}")
+    (migration,) = load_migrations(mdir)
+    assert [s.sql for s in migration.citus] == [CITUS_ONLY.strip().rstrip(";")]
+    write(
+        mdir,
+        "001_a.sql",
+        f"-- chatkeep:up\nCREATE TABLE a (id int);\n-- chatkeep:citus\n{CITUS_ONLY}",
+    )
+    with pytest.raises(MigrationError, match="has a citus part of its own"):
+        load_migrations(mdir)
+
+
+async def test_plain_postgresql_never_runs_a_citus_part(
+    econn: asyncpg.Connection, mdir: Path
+) -> None:
+    write(
+        mdir,
+        "001_a.sql",
+        f"-- chatkeep:up\nCREATE TABLE a (id int);\n-- chatkeep:citus\n{CITUS_ONLY}"
+        "-- chatkeep:down\nDROP TABLE a;\n",
+    )
+    runner = Migrator(econn, directory=mdir)
+    assert [m.version for m in await runner.up()] == [1]
+    assert runner.citus is False
+    assert await econn.fetchval("SELECT to_regclass('a') IS NOT NULL")
+    # On plain PostgreSQL a migration with a Citus part reverts as any other.
+    assert [m.version for m in await runner.down()] == [1]
+    assert not await econn.fetchval("SELECT to_regclass('a') IS NOT NULL")
