@@ -18,18 +18,15 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
+from typer.testing import CliRunner
 
 from chatkeep import urls
-from chatkeep.config import Settings
-from chatkeep.storage.bootstrap import bootstrap
-from chatkeep.storage.citus import CITUS_ROLES, prepare_citus
-from chatkeep.storage.migrate import Migrator
+from chatkeep.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("CITUS_PORT_BASE", "9700"))
@@ -78,18 +75,29 @@ async def _drop_everywhere(admin_url: str, name: str) -> None:
                 await conn.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def citus_database(citus_coordinator: str) -> AsyncIterator[str]:
-    """A superuser URL of a fresh database on the cluster, set up and migrated for Citus."""
+@pytest.fixture(scope="module")
+def citus_database(citus_coordinator: str) -> Iterator[str]:
+    """A superuser URL of a fresh database on the cluster, made as the docs say.
+
+    ``chatkeep setup --citus`` then ``chatkeep migrate up``, both through the command line.
+    """
     name = f"chatkeep_h8_citus_{uuid.uuid4().hex[:8]}"
     url = urls.with_database(citus_coordinator, name)
-    settings = Settings(database_url=url)
+    # Only what is passed: the caller's DATABASE_URL / CHATKEEP_* must not leak in.
+    env: dict[str, str | None] = {
+        key: None for key in os.environ if key == "DATABASE_URL" or key.startswith("CHATKEEP_")
+    }
     try:
-        await bootstrap(url, settings, generate_passwords=False, roles=CITUS_ROLES)
-        await prepare_citus(url, settings)
-        async with Migrator.connect(settings, database_url=url) as migrator:
-            await migrator.up()
-            assert migrator.citus
+        setup = CliRunner().invoke(
+            app, ["setup", "--citus", "--database-url", url], env={"COLUMNS": "200", **env}
+        )
+        assert setup.exit_code == 0, (setup.output, setup.exception)
+        workers = ", ".join(f"127.0.0.1:{port}" for port in WORKERS)
+        assert f"citus: database on the coordinator and workers {workers}" in setup.stdout
+        migrate = CliRunner().invoke(
+            app, ["migrate", "up", "--database-url", url], env={"COLUMNS": "200", **env}
+        )
+        assert migrate.exit_code == 0, (migrate.output, migrate.exception)
         yield url
     finally:
-        await asyncio.shield(_drop_everywhere(citus_coordinator, name))
+        asyncio.run(_drop_everywhere(citus_coordinator, name))
