@@ -18,7 +18,8 @@ def test_citus_roles_let_the_owner_and_the_rls_role_log_in_and_change_nothing_el
     plain = {r.name: r for r in ROLES}
     for spec in CITUS_ROLES:
         if spec.name in (OWNER_ROLE, RLS_ROLE):
-            assert spec.login and not plain[spec.name].login
+            assert spec.login
+            assert not plain[spec.name].login
             assert spec.bypass_rls == plain[spec.name].bypass_rls
         else:
             assert spec == plain[spec.name]

@@ -46,11 +46,13 @@ def test_an_inline_citus_part_sits_between_up_and_down(mdir: Path) -> None:
     [
         ("-- chatkeep:citus\nSELECT 1;\n-- chatkeep:up\nSELECT 1;\n", "between up and down"),
         (
-            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:down\nSELECT 1;\n-- chatkeep:citus\nSELECT 1;\n",
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:down\nSELECT 1;\n"
+            "-- chatkeep:citus\nSELECT 1;\n",
             "between up and down",
         ),
         (
-            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:citus\nSELECT 1;\n-- chatkeep:citus\nSELECT 2;\n",
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:citus\nSELECT 1;\n"
+            "-- chatkeep:citus\nSELECT 2;\n",
             "more than one '-- chatkeep:citus'",
         ),
     ],
