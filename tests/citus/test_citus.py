@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, NotFound, PermissionDenied, Settings
 from chatkeep.ids import uuid7
+from chatkeep.storage.changes import CHANGES
 from chatkeep.storage.messages import (
     FIND_BY_CLIENT_ID,
     HISTORY_AFTER,
@@ -115,6 +116,7 @@ async def test_per_room_statements_are_single_shard_router_queries(
             ),
             "send: position": await _plan(conn, alice, ROOM_POSITION, room.id),
             "history": await _plan(conn, alice, HISTORY_BEFORE, room.id, 100, 50),
+            "change log": await _plan(conn, alice, CHANGES, room.id, 0, 50),
             "catch-up": await _plan(conn, alice, HISTORY_AFTER, room.id, 0, 50),
             "mark-read": await _plan(conn, alice, MARK_READ_CITUS, room.id, alice, None),
             "mark-read: watermark": await _plan(conn, alice, READ_WATERMARK, room.id, alice),
@@ -160,6 +162,11 @@ async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
     assert await chat.mark_read(room.id, bob, 4) == 4
     assert (await chat.unread_counts(bob))[room.id] == 2
     assert (await chat.unread_counts(alice))[room.id] == 0  # own messages are read
+
+    # The room's change log (what a reconnecting client resumes from) reads on Citus too.
+    log = await chat.changes(room.id, bob, after=0)
+    created = [c.seq for c in log.items if c.kind == "message.created"]
+    assert created == [1, 2, 3, 4, 5, 6]
 
 
 async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: str) -> None:

@@ -27,9 +27,11 @@ _MESSAGE_KINDS: Final = frozenset({"message.created", "message.edited"})
 
 # One statement, so the room's position, the oldest position still logged and the page
 # come from one snapshot. The room's head bounds the page: a change is only ever read
-# with every change before it. Messages are joined as they are now (the log keeps no
-# content): created/edited changes of a message deleted since come back without it and
-# are dropped by the caller, as the message's tombstone follows them.
+# with every change before it. Every table names the room by $1 (Citus routes the read
+# to the room's shard; correlated on r.id, Citus 13.2's planner crashed on it). Messages
+# are joined as they are now (the log keeps no content): created/edited changes of a
+# message deleted since come back without it and are dropped by the caller, as the
+# message's tombstone follows them.
 CHANGES: Final = """
 SELECT h.head, h.oldest,
        c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
@@ -37,7 +39,7 @@ SELECT h.head, h.oldest,
        m.client_msg_id AS m_client_msg_id, m.is_edited AS m_is_edited,
        m.edited_at AS m_edited_at, m.created_at AS m_created_at, m.reply_to AS m_reply_to
   FROM (SELECT r.position AS head,
-               (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id) AS oldest
+               (SELECT min(x.position) FROM room_changes x WHERE x.room_id = $1) AS oldest
           FROM rooms r WHERE r.id = $1) AS h
   LEFT JOIN LATERAL (
         SELECT * FROM room_changes c
