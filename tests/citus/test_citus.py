@@ -17,6 +17,7 @@ import pytest_asyncio
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, NotFound, PermissionDenied, Settings
 from chatkeep.ids import uuid7
 from chatkeep.storage.changes import CHANGES
+from chatkeep.storage.rooms import direct_room_id
 from chatkeep.storage.messages import (
     FIND_BY_CLIENT_ID,
     HISTORY_AFTER,
@@ -198,3 +199,16 @@ async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: 
                 )
     finally:
         await conn.close()
+
+
+async def test_a_direct_room_is_one_per_pair(chat: ChatKeep) -> None:
+    alice, bob = await _users(chat, "alice", "bob")
+    first = await chat.open_direct(alice, bob)
+    again = await chat.open_direct(bob, alice)
+    assert again.id == first.id
+    assert first.id == direct_room_id(*sorted((alice, bob)))
+    sent = await chat.send_message(first.id, bob, "hello")
+    page = await chat.history(first.id, alice)
+    assert [m.id for m in page.items] == [sent.id]
+    notes = await chat.open_direct(alice, alice)  # notes to self: one member
+    assert notes.id == direct_room_id(alice, alice) != first.id

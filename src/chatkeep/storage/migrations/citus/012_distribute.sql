@@ -10,8 +10,8 @@
 --   (room_id, id), and the keys that pointed at messages (id) point at (room_id, id).
 --   message_read_status gets the room_id column it lacked (the application writes it).
 -- * rooms_direct_pair_key (the pair of a direct room) cannot hold on a table distributed
---   by room id: it is dropped, and opening a direct room is refused on Citus until the
---   pair has a table of its own (docs/scaling.md).
+--   by room id: a direct room's id is made from its pair (MD5 of the two ids) and a CHECK
+--   holds every direct room to it, so the primary key is the pair rule.
 -- * Policies on distributed tables may not hold subqueries, and a policy or trigger runs
 --   on the worker holding the shard: every membership test becomes a per-room function
 --   call, chatkeep_room_role_at_least(room, level), whose query is keyed by the room id and
@@ -421,8 +421,12 @@ BEGIN
 END
 $$;
 
--- The direct pair's unique key cannot include the room id (see above).
+-- The direct pair's unique key cannot include the room id: a direct room's id is made
+-- from its pair instead (chatkeep.storage.rooms.direct_room_id), so the primary key holds
+-- the pair rule, and this CHECK holds every direct room to that id.
 ALTER TABLE rooms DROP CONSTRAINT rooms_direct_pair_key;
+ALTER TABLE rooms ADD CONSTRAINT rooms_direct_id_check
+    CHECK (type <> 'direct' OR id = md5(direct_user_low::text || direct_user_high::text)::uuid);
 ALTER TABLE messages DROP CONSTRAINT messages_pkey;
 ALTER TABLE messages ADD CONSTRAINT messages_pkey PRIMARY KEY (room_id, id);
 
