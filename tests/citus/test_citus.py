@@ -17,7 +17,6 @@ import pytest_asyncio
 from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, NotFound, PermissionDenied, Settings
 from chatkeep.ids import uuid7
 from chatkeep.storage.changes import CHANGES
-from chatkeep.storage.rooms import direct_room_id
 from chatkeep.storage.messages import (
     FIND_BY_CLIENT_ID,
     HISTORY_AFTER,
@@ -29,6 +28,7 @@ from chatkeep.storage.messages import (
     SEND_SEEN_CITUS,
     WHY_NOT_SENT,
 )
+from chatkeep.storage.rooms import direct_room_id
 from chatkeep.testing import url_as
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
