@@ -6,6 +6,7 @@ Run: ``CI=true pytest tests/citus`` (the cluster is started by tests/citus/conft
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -130,6 +131,60 @@ async def test_per_room_statements_are_single_shard_router_queries(
         assert counts == ["Task Count: 1"], (flow, plan)
 
 
+_SHARD_NAME = re.compile(
+    r"\b(rooms|room_users|messages|room_changes|message_reactions|message_read_status)_(\d+)\b"
+)
+
+
+async def test_flow_functions_touch_only_the_rooms_shards(
+    chat: ChatKeep, citus_database: str
+) -> None:
+    """013's flow functions run inside PL/pgSQL, where EXPLAIN does not reach: the remote
+    commands Citus logs for a call name only the shards of the room's shard group."""
+    alice, bob = await _users(chat, "alice", "bob")
+    room = await chat.create_room(CreateRoomDto(name="routed", created_by=alice))
+    await chat.join(room.id, bob)
+    sent = await chat.send_message(room.id, alice, "hello")
+    await chat.react(sent.id, bob, "\N{THUMBS UP SIGN}")
+    conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
+    notices: list[str] = []
+    conn.add_log_listener(lambda _conn, message: notices.append(str(message)))
+    calls: dict[str, tuple[str, tuple[object, ...]]] = {
+        "history": ("SELECT * FROM chatkeep_history($1, $2, $3, 50, 50)", (bob, room.id, 1)),
+        "mark-read": ("SELECT * FROM chatkeep_mark_read($1, $2, NULL)", (bob, room.id)),
+        "changes": ("SELECT * FROM chatkeep_changes($1, $2, 0, 50)", (bob, room.id)),
+        "position": ("SELECT chatkeep_room_position($1, $2)", (bob, room.id)),
+    }
+    try:
+        shards = {
+            table: await conn.fetchval(
+                "SELECT get_shard_id_for_distribution_column($1::regclass, $2::uuid)",
+                table,
+                room.id,
+            )
+            for table in PER_ROOM
+        }
+        touched: dict[str, set[tuple[str, int]]] = {}
+        for flow, (query, args) in calls.items():
+            notices.clear()
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL app.user_id = '{bob}'")
+                await conn.execute("SET LOCAL citus.log_remote_commands = on")
+                rows = await conn.fetch(query, *args)
+            assert rows, flow
+            touched[flow] = {
+                (m.group(1), int(m.group(2))) for n in notices for m in _SHARD_NAME.finditer(n)
+            }
+    finally:
+        await conn.close()
+    for flow, names in touched.items():
+        assert names, (flow, "no remote command named a shard")
+        assert all(shards[table] == shard for table, shard in names), (flow, names, shards)
+    assert ("messages", shards["messages"]) in touched["history"]
+    assert ("message_reactions", shards["message_reactions"]) in touched["history"]
+    assert ("room_changes", shards["room_changes"]) in touched["changes"]
+
+
 async def test_the_cross_room_reads_fan_out(chat: ChatKeep, citus_database: str) -> None:
     """A user's unread counts read every shard (measured, not routed): said plainly."""
     from chatkeep.storage.messages import UNREAD_COUNTS
@@ -168,6 +223,21 @@ async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
     log = await chat.changes(room.id, bob, after=0)
     created = [c.seq for c in log.items if c.kind == "message.created"]
     assert created == [1, 2, 3, 4, 5, 6]
+    assert await chat.room_position(room.id, bob) == log.position
+
+    # Migration 013's flow functions, as the facade calls them on Citus: the room list (all
+    # of the user's shards), a watermark that does not move, reactions in a history page.
+    (summary,) = [s for s in await chat.rooms_of(bob) if s.room.id == room.id]
+    assert summary.unread_count == 2
+    assert summary.last_message is not None
+    assert summary.last_message.content == "retry"
+    assert await chat.mark_read(room.id, bob, 2) == 4  # never backward
+    await chat.react(sent[4].id, bob, "\N{THUMBS UP SIGN}")
+    page = await chat.history(room.id, bob, limit=2)
+    reacted = {m.id: m for m in page.items}[sent[4].id]
+    assert [(r.emoji, r.count, r.me) for r in reacted.reactions] == [
+        ("\N{THUMBS UP SIGN}", 1, True)
+    ]
 
 
 async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: str) -> None:

@@ -22,7 +22,9 @@ def test_the_shipped_citus_part_is_attached_to_012_and_not_checksummed() -> None
     found = {m.version: m for m in load_migrations()}
     assert found[12].citus, "012 carries the Citus part of 001-012"
     assert "create_distributed_table('messages'" in "\n".join(s.sql for s in found[12].citus)
-    assert not any(m.citus for v, m in found.items() if v != 12)
+    # Inline Citus parts of migrations after 012 (013: its flow functions in Citus forms).
+    assert found[13].citus
+    assert not any(m.citus for v, m in found.items() if v not in (12, 13))
     assert (DEFAULT_MIGRATIONS_DIR / "citus" / "012_distribute.sql").is_file()
 
 
@@ -98,3 +100,78 @@ async def test_plain_postgresql_never_runs_a_citus_part(
     # On plain PostgreSQL a migration with a Citus part reverts as any other.
     assert [m.version for m in await runner.down()] == [1]
     assert not await econn.fetchval("SELECT to_regclass('a') IS NOT NULL")
+
+
+PLAIN_REGION = (
+    "-- chatkeep:up\nCREATE TABLE a (id int);\n-- chatkeep:plain-only\n"
+    "-- a comment in the region\nALTER TABLE a ADD COLUMN b int;\nALTER TABLE a ADD COLUMN c int;\n"
+    "-- chatkeep:end-plain-only\nCREATE TABLE d (id int);\n-- chatkeep:citus\n{citus}"
+    "-- chatkeep:down\nDROP TABLE d;\nDROP TABLE a;\n"
+)
+
+
+def test_a_plain_only_region_is_skipped_on_citus(mdir: Path) -> None:
+    write(mdir, "001_a.sql", PLAIN_REGION.format(citus=CITUS_ONLY))
+    (migration,) = load_migrations(mdir)
+    plain = [s.sql for s in migration.up_on(citus=False)]
+    assert plain == [
+        "CREATE TABLE a (id int)",
+        "ALTER TABLE a ADD COLUMN b int",
+        "ALTER TABLE a ADD COLUMN c int",
+        "CREATE TABLE d (id int)",
+    ]
+    on_citus = [s.sql for s in migration.up_on(citus=True)]
+    assert on_citus == ["CREATE TABLE a (id int)", "CREATE TABLE d (id int)", CITUS_ONLY[:-2]]
+
+
+def test_013_skips_its_policies_on_citus() -> None:
+    found = {m.version: m for m in load_migrations()}
+    plain = "\n".join(s.sql for s in found[13].up_on(citus=False))
+    on_citus = "\n".join(s.sql for s in found[13].up_on(citus=True))
+    assert "ALTER POLICY" in plain
+    assert "ALTER POLICY" not in on_citus
+    assert "CREATE FUNCTION chatkeep_history" in on_citus
+    assert "CREATE OR REPLACE FUNCTION chatkeep_history" in on_citus
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:plain-only\nSELECT 2;\n",
+            "line 3: '-- chatkeep:plain-only' is never ended",
+        ),
+        (
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:end-plain-only\nSELECT 2;\n",
+            "line 3: '-- chatkeep:end-plain-only' without",
+        ),
+        (
+            "-- chatkeep:up\n-- chatkeep:plain-only\n-- chatkeep:plain-only\nSELECT 1;\n"
+            "-- chatkeep:end-plain-only\n",
+            "line 3: plain-only regions do not nest",
+        ),
+        (
+            "-- chatkeep:up\nSELECT 1;\n-- chatkeep:down\n-- chatkeep:plain-only\nSELECT 2;\n"
+            "-- chatkeep:end-plain-only\n",
+            "line 4: a plain-only region must lie inside the up part",
+        ),
+    ],
+)
+def test_misplaced_plain_only_regions_are_refused(mdir: Path, text: str, message: str) -> None:
+    write(mdir, "001_a.sql", text)
+    with pytest.raises(MigrationError, match=message):
+        load_migrations(mdir)
+
+
+async def test_plain_postgresql_runs_a_plain_only_region(
+    econn: asyncpg.Connection, mdir: Path
+) -> None:
+    write(mdir, "001_a.sql", PLAIN_REGION.format(citus=CITUS_ONLY))
+    runner = Migrator(econn, directory=mdir)
+    assert [m.version for m in await runner.up()] == [1]
+    columns = await econn.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'a'::regclass AND attnum > 0"
+        " ORDER BY attnum"
+    )
+    assert [c["attname"] for c in columns] == ["id", "b", "c"]
+    assert [m.version for m in await runner.down()] == [1]

@@ -37,7 +37,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     12: ("room_change_log", "1d6ce9d6445e51a736c1e09932408068aba88cd15aa640d0ea2fa12a23ff04a9"),
     13: (
         "flows_in_one_round_trip",
-        "0486b340fac1f5970a4ed4123bcd9df7f73e5fcde03611f5da250f1e87ba138b",
+        "59828e4edca805ad563a2aaeb4817d2871db890f561687c7c6f28fdffd8254c2",
     ),
     15: (
         "threads_and_mentions",

@@ -1083,6 +1083,8 @@ class Database:
         own transaction: outside a transaction that is the statement's implicit one (no
         BEGIN, no COMMIT, nothing left on the connection); inside :meth:`acting_as` for
         the same user, the block's. See ``docs/design.md``, "Flows in one round trip".
+        With ``Settings.citus`` it runs in a transaction acting as the user (three round
+        trips): Citus passes the user to its workers only from a ``SET LOCAL``.
 
         Raises:
             InvalidInput: ``user_id`` is not a UUID, or the task is in a transaction
@@ -1090,6 +1092,11 @@ class Database:
             ChatkeepError: the driver's error, translated.
         """
         user = self._check_acting(user_id)
+        if self.settings.citus and self._joined() is None:
+            # Citus passes the acting user to its workers (where row security runs) only
+            # as a SET LOCAL of a transaction block, never from the function's set_config.
+            async with self.acting_as(user, name):
+                return await self.fetch(name, query, user, *args)
         return await self.fetch(name, query, user, *args)
 
     async def fetchrow_as(
@@ -1102,6 +1109,9 @@ class Database:
             ChatkeepError: the driver's error, translated.
         """
         user = self._check_acting(user_id)
+        if self.settings.citus and self._joined() is None:
+            async with self.acting_as(user, name):
+                return await self.fetchrow(name, query, user, *args)
         return await self.fetchrow(name, query, user, *args)
 
     async def execute(self, name: str, query: str, *args: Any) -> str:

@@ -18,6 +18,9 @@ part, in its transaction, only on a database with the ``citus`` extension (``cha
 files 001-012 cannot be edited: their Citus part is ``migrations/citus/012_distribute.sql``,
 attached to 012 (a file ``citus/NNN_name.sql`` is the Citus part of version NNN). A Citus
 part is not in the file's checksum, and a migration that has one is not reverted on Citus.
+Statements of the up part that Citus cannot take at all (a policy with a subquery on a
+distributed table) sit between ``-- chatkeep:plain-only`` and ``-- chatkeep:end-plain-only``
+lines: plain PostgreSQL runs them, Citus skips them and runs the Citus part instead.
 
 What the runner guarantees:
 
@@ -114,6 +117,9 @@ _NAMESPACE: Final = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 _FILE_NAME: Final = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 _MARKER: Final = re.compile(r"^--\s*chatkeep:(up|down|no-transaction|citus)\s*$", re.MULTILINE)
+# A region of the up part that plain PostgreSQL runs and Citus skips (its Citus part says
+# what Citus does instead): from a `-- chatkeep:plain-only` line to `-- chatkeep:end-plain-only`.
+_PLAIN_ONLY: Final = re.compile(r"^--\s*chatkeep:(plain-only|end-plain-only)\s*$", re.MULTILINE)
 # Statements PostgreSQL will not run inside a transaction block.
 _NEEDS_NO_TRANSACTION: Final = re.compile(
     r"\b(?:CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY"
@@ -238,6 +244,16 @@ class Migration:
     checksum: str
     namespace: str = CHATKEEP_NAMESPACE
     citus: tuple[Statement, ...] = ()  # run after ``up`` on Citus only
+    citus_up: tuple[Statement, ...] | None = None  # ``up`` without its plain-only regions
+
+    def up_on(self, citus: bool) -> tuple[Statement, ...]:
+        """The up statements to run on plain PostgreSQL or on Citus.
+
+        On Citus: without the plain-only regions, then the Citus part.
+        """
+        if not citus:
+            return self.up
+        return (self.up if self.citus_up is None else self.citus_up) + self.citus
 
     @property
     def label(self) -> str:
@@ -342,6 +358,7 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
     down = statements(down_marker.end(), len(text)) if down_marker else None
     if not up:
         raise MigrationError(f"{path.name}: the up part has no statements")
+    citus_up = _without_plain_only(path, text, up, up_marker.end(), up_end)
     transactional = not no_tx
     if transactional:
         for part in (up, down or ()):
@@ -352,7 +369,43 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
                         "transaction; put it in its own file marked "
                         f"'-- chatkeep:no-transaction': {stmt.summary(80)}"
                     )
-    return Migration(version, name, path, up, down, transactional, checksum(text), namespace, citus)
+    return Migration(
+        version, name, path, up, down, transactional, checksum(text), namespace, citus, citus_up
+    )
+
+
+def _without_plain_only(
+    path: Path, text: str, up: tuple[Statement, ...], start: int, end: int
+) -> tuple[Statement, ...] | None:
+    """``up`` without the statements of its plain-only regions (``None``: it has none)."""
+    regions: list[tuple[int, int]] = []
+    opened: int | None = None
+    for found in _PLAIN_ONLY.finditer(text):
+        line = text.count("\n", 0, found.start()) + 1
+        if not start <= found.start() < end:
+            raise MigrationError(
+                f"{path.name}, line {line}: a plain-only region must lie inside the up part"
+            )
+        if found.group(1) == "plain-only":
+            if opened is not None:
+                raise MigrationError(f"{path.name}, line {line}: plain-only regions do not nest")
+            opened = line
+        else:
+            if opened is None:
+                raise MigrationError(
+                    f"{path.name}, line {line}: '-- chatkeep:end-plain-only' without a "
+                    "'-- chatkeep:plain-only' before it"
+                )
+            regions.append((opened, line))
+            opened = None
+    if opened is not None:
+        raise MigrationError(
+            f"{path.name}, line {opened}: '-- chatkeep:plain-only' is never ended "
+            "('-- chatkeep:end-plain-only')"
+        )
+    if not regions:
+        return None
+    return tuple(s for s in up if not any(a < s.line < b for a, b in regions))
 
 
 def load_migrations(
@@ -983,9 +1036,8 @@ class Migrator:
             )
 
     async def _run(self, migration: Migration, direction: Literal["up", "down"]) -> None:
-        statements = migration.up if direction == "up" else (migration.down or ())
-        if direction == "up" and self.citus:
-            statements += migration.citus
+        up = direction == "up"
+        statements = migration.up_on(self.citus) if up else (migration.down or ())
         conn = self._conn
         started = time.monotonic()
         with translate_errors("migrate"):

@@ -50,6 +50,9 @@ REVOKE CREATE ON SCHEMA public FROM chatapp_rls;
 REVOKE ALL ON chatkeep_acting_memberships FROM PUBLIC;
 GRANT SELECT ON chatkeep_acting_memberships TO chatapp_app;
 
+-- On Citus these policies stay as migrations/citus/012_distribute.sql made them (policies
+-- on distributed tables may not hold subqueries): the region is skipped there.
+-- chatkeep:plain-only
 -- Every membership test of the policies that filters rows (the 'member' level): from
 -- `room_id = ANY (<the user's rooms as an array>)`, a linear scan of the array per row,
 -- to an EXISTS probe of the view per row. Tests at the admin and owner levels stay on
@@ -135,6 +138,7 @@ ALTER POLICY message_reactions_delete ON message_reactions
         AND EXISTS (SELECT 1 FROM chatkeep_acting_memberships am
                      WHERE am.room_id = message_reactions.room_id)
     );
+-- chatkeep:end-plain-only
 
 -- The acting user of this statement's transaction: set it, or check it is already it.
 CREATE FUNCTION chatkeep_act_as(acting uuid) RETURNS void
@@ -321,6 +325,119 @@ GRANT EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) TO chatapp_app, chata
 GRANT EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer)
     TO chatapp_app, chatapp_owner;
 GRANT EXECUTE ON FUNCTION chatkeep_room_position(uuid, uuid) TO chatapp_app, chatapp_owner;
+
+-- chatkeep:citus
+-- On Citus (docs/design.md, "Citus mode"): the policies keep 012's Citus form (the region
+-- above is skipped), and the flow functions whose statements Citus cannot plan as they are
+-- get the forms the repositories use on Citus: every table of a per-room statement names
+-- the room by the function's parameter (one shard; the correlated forms either failed, a
+-- lateral join over a reference table, or crashed the Citus 13.2 planner), and mark-read
+-- updates only when the watermark moves (no now() in a CASE), then reads it back.
+-- Database.fetch_as calls them inside a transaction acting as the user on Citus, whose
+-- SET LOCAL reaches the workers (a set_config inside the function would not).
+CREATE OR REPLACE FUNCTION chatkeep_history(
+    acting uuid, room uuid, pivot bigint, older integer, newer integer
+) RETURNS TABLE (
+    id uuid, room_id uuid, user_id uuid, seq bigint, client_msg_id text, content text,
+    type message_type, is_edited boolean, edited_at timestamptz, created_at timestamptz,
+    username text, avatar_url text, emoji text[], n bigint[], me boolean[]
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT m.id, m.room_id, m.user_id, m.seq, m.client_msg_id, m.content, m.type,
+           m.is_edited, m.edited_at, m.created_at, u.username, u.avatar_url,
+           rx.emoji, rx.n, rx.me
+      FROM ((SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq < chatkeep_history.pivot
+              ORDER BY x.seq DESC LIMIT chatkeep_history.older)
+            UNION ALL
+            (SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq >= chatkeep_history.pivot
+              ORDER BY x.seq ASC LIMIT chatkeep_history.newer)) AS m
+      JOIN users u ON u.id = m.user_id
+      LEFT JOIN LATERAL (
+            SELECT array_agg(g.emoji ORDER BY g.first, g.emoji) AS emoji,
+                   array_agg(g.n ORDER BY g.first, g.emoji) AS n,
+                   array_agg(g.me ORDER BY g.first, g.emoji) AS me
+              FROM (SELECT r.emoji, count(*) AS n, min(r.created_at) AS first,
+                           coalesce(bool_or(r.user_id = chatkeep_history.acting), false) AS me
+                      FROM message_reactions r
+                     WHERE r.room_id = chatkeep_history.room AND r.message_id = m.id
+                     GROUP BY r.emoji) AS g
+           ) AS rx ON true
+     ORDER BY m.seq;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION chatkeep_mark_read(acting uuid, room uuid, upto bigint)
+RETURNS TABLE (watermark bigint, room_visible boolean)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    UPDATE room_users ru
+       SET last_read_seq = target.seq, last_read_at = now()
+      FROM rooms r,
+           LATERAL (SELECT LEAST(COALESCE(chatkeep_mark_read.upto, r.last_seq), r.last_seq)
+                           AS seq) AS target
+     WHERE ru.room_id = chatkeep_mark_read.room AND ru.user_id = acting
+       AND r.id = chatkeep_mark_read.room AND target.seq > ru.last_read_seq
+    RETURNING ru.last_read_seq INTO watermark;
+    IF watermark IS NULL THEN
+        SELECT ru.last_read_seq INTO watermark FROM room_users ru
+         WHERE ru.room_id = chatkeep_mark_read.room AND ru.user_id = acting;
+    END IF;
+    room_visible := watermark IS NOT NULL
+        OR EXISTS (SELECT 1 FROM rooms r WHERE r.id = chatkeep_mark_read.room);
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION chatkeep_changes(
+    acting uuid, room uuid, after_position bigint, max_rows integer
+)
+RETURNS TABLE (
+    head bigint, oldest bigint, "position" bigint, kind text, occurred_at timestamptz,
+    actor_id uuid, message_id uuid, seq bigint, data jsonb, m_id uuid, m_user_id uuid,
+    m_content text, m_type message_type, m_client_msg_id text, m_is_edited boolean,
+    m_edited_at timestamptz, m_created_at timestamptz
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT h.head, h.oldest,
+           c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+           m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited, m.edited_at,
+           m.created_at
+      FROM (SELECT r.position AS head,
+                   (SELECT min(x.position) FROM room_changes x
+                     WHERE x.room_id = chatkeep_changes.room) AS oldest
+              FROM rooms r WHERE r.id = chatkeep_changes.room) AS h
+      LEFT JOIN LATERAL (
+            SELECT * FROM room_changes c
+             WHERE c.room_id = chatkeep_changes.room
+               AND c.position > chatkeep_changes.after_position AND c.position <= h.head
+             ORDER BY c.position
+             LIMIT chatkeep_changes.max_rows
+           ) AS c ON true
+      LEFT JOIN messages m
+             ON m.room_id = chatkeep_changes.room AND m.id = c.message_id
+            AND c.kind IN ('message.created', 'message.edited')
+     ORDER BY c.position;
+END
+$$;
 
 -- chatkeep:down
 DROP FUNCTION chatkeep_room_position(uuid, uuid);
