@@ -15,7 +15,15 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from chatkeep import ChatKeep, CreateRoomDto, CreateUserDto, NotFound, PermissionDenied, Settings
+from chatkeep import (
+    ChatKeep,
+    CreateRoomDto,
+    CreateUserDto,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Settings,
+)
 from chatkeep.ids import uuid7
 from chatkeep.storage.changes import CHANGES
 from chatkeep.storage.messages import (
@@ -111,7 +119,7 @@ async def test_per_room_statements_are_single_shard_router_queries(
             ),
             "send: checks": await _plan(conn, alice, WHY_NOT_SENT, room.id, alice),
             "send: insert": await _plan(
-                conn, alice, SEND_INSERT_CITUS, uuid7(), room.id, alice, None, "hello", "text"
+                conn, alice, SEND_INSERT_CITUS, uuid7(), room.id, alice, None, "hello", "text", None
             ),
             "send: own watermark": await _plan(
                 conn, alice, SEND_SEEN_CITUS, room.id, alice, 2, datetime.now(UTC)
@@ -240,33 +248,30 @@ async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
     ]
 
 
-async def test_search_finds_only_the_users_rooms(chat: ChatKeep, citus_database: str) -> None:
-    """016's index and search function on Citus: the acting user's rooms on every shard."""
+async def test_replies_are_refused_on_citus(chat: ChatKeep, citus_database: str) -> None:
+    """015's threads are not distributed yet: a reply is refused, by the repository and by
+    015's Citus check for a hand-written statement, and nothing is stored."""
+    (alice,) = await _users(chat, "alice")
+    room = await chat.create_room(CreateRoomDto(name="no threads", created_by=alice))
+    root = await chat.send_message(room.id, alice, "root")
+    with pytest.raises(InvalidInput) as refused:
+        await chat.send_message(room.id, alice, "a reply", reply_to=root.id)
+    assert refused.value.field == "reply_to"
     conn = await asyncpg.connect(citus_database)
     try:
-        indexed = await conn.fetch(
-            "SELECT success, result FROM run_command_on_shards('messages', $$"
-            "SELECT count(*) FROM pg_indexes WHERE tablename = '%s'"
-            " AND indexdef LIKE '%%gin (to_tsvector(''simple''%%'$$)"
-        )
+        with pytest.raises(asyncpg.CheckViolationError, match="messages_no_replies_on_citus"):
+            await conn.execute(
+                "INSERT INTO messages (id, room_id, user_id, content, reply_to)"
+                " VALUES ($1, $2, $3, 'x', $4)",
+                uuid7(),
+                room.id,
+                alice,
+                root.id,
+            )
+        stored = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1", room.id)
     finally:
         await conn.close()
-    assert indexed, "messages has shards"
-    assert all(r["success"] and r["result"] == "1" for r in indexed), indexed
-    alice, bob, carol = await _users(chat, "alice", "bob", "carol")
-    rooms = [
-        await chat.create_room(CreateRoomDto(name=f"search {i}", created_by=alice))
-        for i in range(4)
-    ]
-    for room in rooms[:3]:
-        await chat.join(room.id, bob)
-        await chat.send_message(room.id, alice, f"the walrus sings in {room.name}")
-    await chat.send_message(rooms[3].id, alice, "the walrus sings alone")
-    page = await chat.search(bob, "walrus")
-    assert sorted(h.room_id for h in page.items) == sorted(r.id for r in rooms[:3])
-    ranked = await chat.search(bob, "walrus sings", room_id=rooms[1].id, order="rank")
-    assert [h.content for h in ranked.items] == ["the walrus sings in search 1"]
-    assert (await chat.search(carol, "walrus")).items == ()
+    assert stored == 1
 
 
 async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: str) -> None:

@@ -5,13 +5,20 @@ Their effect on a real Citus cluster is tested by tests/citus/.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from chatkeep.errors import MigrationError
-from chatkeep.storage.migrate import DEFAULT_MIGRATIONS_DIR, Migrator, load_migrations
+from chatkeep.storage.migrate import (
+    CITUS_BASELINE,
+    DEFAULT_MIGRATIONS_DIR,
+    Migrator,
+    _refuse_without_citus_part,
+    load_migrations,
+)
 from tests.migration_files import write
 
 # A Citus part that fails on plain PostgreSQL: if the runner ran it, the test would see it.
@@ -175,3 +182,31 @@ async def test_plain_postgresql_runs_a_plain_only_region(
     )
     assert [c["attname"] for c in columns] == ["id", "b", "c"]
     assert [m.version for m in await runner.down()] == [1]
+
+
+def test_an_empty_citus_part_marks_a_migration_ready(mdir: Path) -> None:
+    write(mdir, "001_a.sql", "-- chatkeep:up\nSELECT 1;\n-- chatkeep:citus\n-- nothing\n")
+    write(mdir, "002_b.sql", "-- chatkeep:up\nSELECT 2;\n")
+    first, second = load_migrations(mdir)
+    assert first.citus_ready
+    assert first.citus == ()
+    assert not second.citus_ready
+
+
+def test_citus_refuses_a_chatkeep_migration_without_a_citus_part() -> None:
+    shipped = load_migrations()
+    after = [m for m in shipped if m.version > CITUS_BASELINE]
+    assert after, "chatkeep has migrations after the Citus baseline"
+    ready = [replace(m, citus_ready=True) for m in shipped]
+    _refuse_without_citus_part(ready, ready)  # every one has a part: nothing refused
+    # Before the baseline, 012's attached part covers them: never refused.
+    _refuse_without_citus_part([m for m in shipped if m.version <= CITUS_BASELINE], shipped)
+    unready = replace(after[0], citus_ready=False)
+    plan = [m if m.version != unready.version else unready for m in ready]
+    with pytest.raises(MigrationError) as caught:
+        _refuse_without_citus_part(plan, plan)
+    message = str(caught.value)
+    assert f"{unready.path.name} has no '-- chatkeep:citus' part" in message
+    before = max(m.version for m in shipped if m.version < unready.version)
+    assert f"migrate up --to {before} applies" in message
+    assert "nothing was applied" in message

@@ -41,9 +41,9 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     ),
     15: (
         "threads_and_mentions",
-        "c9afeedb43c10b48de30c0ab90a68629abfe6e4e5be87db930429fc3598a3c85",
+        "2c8aed4bd5e6589618e73cdf4b109f0e148da4fe076816c35c3b22874afe75ab",
     ),
-    16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
+    16: ("message_search", "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e"),
 }
 
 

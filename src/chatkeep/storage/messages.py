@@ -90,8 +90,8 @@ SELECT {MESSAGE_COLUMNS}, NULL FROM existing
 # watermark, and the position, read from the room whose row the insert's trigger locked
 # (so it is this send's). The retry of a client_msg_id is looked up first.
 SEND_INSERT_CITUS: Final = f"""
-INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type, reply_to)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING {MESSAGE_COLUMNS}
 """
 SEND_SEEN_CITUS: Final = """
@@ -377,6 +377,9 @@ class MessageRepository(BaseRepository[Message]):
     async def _send_citus(
         self, dto: CreateMessageDto, args: tuple[object, ...]
     ) -> tuple[Message, int | None]:
+        if dto.reply_to is not None:
+            # 015's threads are not distributed yet: its Citus part refuses replies too.
+            raise InvalidInput("reply_to", "threads are not available on Citus yet")
         async with self.db.transaction("messages.send"):
             if dto.client_msg_id is not None:
                 first = await self.db.fetchrow(

@@ -245,6 +245,7 @@ class Migration:
     namespace: str = CHATKEEP_NAMESPACE
     citus: tuple[Statement, ...] = ()  # run after ``up`` on Citus only
     citus_up: tuple[Statement, ...] | None = None  # ``up`` without its plain-only regions
+    citus_ready: bool = False  # has a Citus part (inline, possibly empty, or attached)
 
     def up_on(self, citus: bool) -> tuple[Statement, ...]:
         """The up statements to run on plain PostgreSQL or on Citus.
@@ -370,7 +371,49 @@ def _parse(path: Path, version: int, name: str, namespace: str) -> Migration:
                         f"'-- chatkeep:no-transaction': {stmt.summary(80)}"
                     )
     return Migration(
-        version, name, path, up, down, transactional, checksum(text), namespace, citus, citus_up
+        version,
+        name,
+        path,
+        up,
+        down,
+        transactional,
+        checksum(text),
+        namespace,
+        citus,
+        citus_up,
+        citus_marker is not None,
+    )
+
+
+CITUS_BASELINE: Final = 12
+"""chatkeep's migrations up to this version run on Citus through 012's attached Citus part;
+each later one must carry a ``-- chatkeep:citus`` part of its own (empty when it runs on
+Citus unchanged), or ``migrate up`` refuses it on Citus."""
+
+
+def _refuse_without_citus_part(plan: Sequence[Migration], shipped: Sequence[Migration]) -> None:
+    """Refuse, before anything runs, a chatkeep migration without a Citus part.
+
+    Only on Citus, and only after :data:`CITUS_BASELINE`.
+    """
+    missing = [
+        m
+        for m in plan
+        if m.namespace == CHATKEEP_NAMESPACE and m.version > CITUS_BASELINE and not m.citus_ready
+    ]
+    if not missing:
+        return
+    first = missing[0]
+    ready = [
+        m.version
+        for m in shipped
+        if m.namespace == CHATKEEP_NAMESPACE and m.version < first.version
+    ]
+    last = max(ready, default=0)
+    raise MigrationError(
+        f"{first.display} has no '-- chatkeep:citus' part, so it cannot run on Citus "
+        f"(docs/scaling.md lists what is left); migrate up --to {last} applies what Citus "
+        "supports; nothing was applied"
     )
 
 
@@ -456,7 +499,7 @@ def _attach_citus_parts(directory: Path, found: dict[int, Migration]) -> None:
                 f"citus/{path.name}: {migration.path.name} has a citus part of its own"
             )
         part = _parse(path, version, match.group(2), migration.namespace)
-        found[version] = replace(migration, citus=part.up)
+        found[version] = replace(migration, citus=part.up, citus_ready=True)
 
 
 def load_locations(
@@ -985,6 +1028,8 @@ class Migrator:
         """
         async with self._locked():
             plan = await self.plan_up(to)  # re-read after the lock: another may have run
+            if self.citus:
+                _refuse_without_citus_part(plan.migrations, self.migrations)
             for migration in plan.migrations:
                 await self._run(migration, "up")
             return list(plan.migrations)
@@ -1079,6 +1124,11 @@ class Migrator:
             if migration.transactional:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL {timeouts}")
+                    if self.citus:
+                        # One connection per worker for the whole file: Citus refuses a
+                        # function's DDL after a parallel change to a distributed table in
+                        # the same transaction (015 adds a column, then replaces functions).
+                        await conn.execute("SET LOCAL citus.multi_shard_modify_mode = sequential")
                     await apply()
             else:
                 await conn.execute(f"SET {timeouts}")

@@ -42,6 +42,9 @@ COMMENT ON COLUMN messages.reply_to IS
 CREATE INDEX IF NOT EXISTS messages_reply_to_seq_idx ON messages (reply_to, seq)
     WHERE reply_to IS NOT NULL;
 
+-- On Citus only reply_to and the flow functions below apply (threads, mentions and badges
+-- are not distributed yet: docs/scaling.md); replies are refused there (the Citus part).
+-- chatkeep:plain-only
 CREATE TABLE threads (
     root_id        uuid        PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
     room_id        uuid        NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
@@ -425,15 +428,19 @@ CREATE POLICY message_mentions_readonly ON message_mentions FOR SELECT
 CREATE POLICY message_mentions_system ON message_mentions TO chatapp_owner
     USING (true) WITH CHECK (true);
 
+-- chatkeep:end-plain-only
+
 -- Least privilege (011): the app writes reply_to on a send, reads the thread state and
 -- mentions, and writes only its own follow flag and thread watermark.
 GRANT INSERT (reply_to) ON messages TO chatapp_app;
+-- chatkeep:plain-only
 GRANT SELECT ON threads, message_mentions TO chatapp_app;
 GRANT SELECT ON thread_followers TO chatapp_app;
 GRANT INSERT (root_id, user_id, following, last_read_seq, last_read_at)
     ON thread_followers TO chatapp_app;
 GRANT UPDATE (following, last_read_seq, last_read_at) ON thread_followers TO chatapp_app;
 GRANT SELECT ON threads, thread_followers, message_mentions TO chatapp_readonly;
+-- chatkeep:end-plain-only
 
 -- The one-round-trip flow functions of 013 return reply_to too (their result types
 -- change, so they are dropped and created again; the bodies are 013's plus the column).
@@ -563,6 +570,91 @@ REVOKE EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION chatkeep_rooms_of(uuid, boolean) TO chatapp_app, chatapp_owner;
 REVOKE EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION chatkeep_changes(uuid, uuid, bigint, integer) TO chatapp_app, chatapp_owner;
+
+
+-- chatkeep:citus
+-- On Citus (docs/design.md, "Citus mode"): no threads yet, so a message may not reply
+-- (the repositories refuse it first, with a clear error; this holds hand-written
+-- statements to it too), and history and the change log get 013's Citus forms again, with
+-- reply_to: every table of the statement names the room by the function's parameter.
+ALTER TABLE messages
+    ADD CONSTRAINT messages_no_replies_on_citus CHECK (reply_to IS NULL) NOT VALID;
+
+CREATE OR REPLACE FUNCTION chatkeep_history(
+    acting uuid, room uuid, pivot bigint, older integer, newer integer
+) RETURNS TABLE (
+    id uuid, room_id uuid, user_id uuid, seq bigint, client_msg_id text, content text,
+    type message_type, is_edited boolean, edited_at timestamptz, created_at timestamptz,
+    reply_to uuid, username text, avatar_url text, emoji text[], n bigint[], me boolean[]
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT m.id, m.room_id, m.user_id, m.seq, m.client_msg_id, m.content, m.type,
+           m.is_edited, m.edited_at, m.created_at, m.reply_to, u.username, u.avatar_url,
+           rx.emoji, rx.n, rx.me
+      FROM ((SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at, x.reply_to
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq < chatkeep_history.pivot
+              ORDER BY x.seq DESC LIMIT chatkeep_history.older)
+            UNION ALL
+            (SELECT x.id, x.room_id, x.user_id, x.seq, x.client_msg_id, x.content, x.type,
+                    x.is_edited, x.edited_at, x.created_at, x.reply_to
+               FROM messages x
+              WHERE x.room_id = chatkeep_history.room AND x.seq >= chatkeep_history.pivot
+              ORDER BY x.seq ASC LIMIT chatkeep_history.newer)) AS m
+      JOIN users u ON u.id = m.user_id
+      LEFT JOIN LATERAL (
+            SELECT array_agg(g.emoji ORDER BY g.first, g.emoji) AS emoji,
+                   array_agg(g.n ORDER BY g.first, g.emoji) AS n,
+                   array_agg(g.me ORDER BY g.first, g.emoji) AS me
+              FROM (SELECT r.emoji, count(*) AS n, min(r.created_at) AS first,
+                           coalesce(bool_or(r.user_id = chatkeep_history.acting), false) AS me
+                      FROM message_reactions r
+                     WHERE r.room_id = chatkeep_history.room AND r.message_id = m.id
+                     GROUP BY r.emoji) AS g
+           ) AS rx ON true
+     ORDER BY m.seq;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION chatkeep_changes(acting uuid, room uuid, after_position bigint, max_rows integer)
+RETURNS TABLE (
+    head bigint, oldest bigint, "position" bigint, kind text, occurred_at timestamptz,
+    actor_id uuid, message_id uuid, seq bigint, data jsonb, m_id uuid, m_user_id uuid,
+    m_content text, m_type message_type, m_client_msg_id text, m_is_edited boolean,
+    m_edited_at timestamptz, m_created_at timestamptz, m_reply_to uuid
+)
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM chatkeep_act_as(acting);
+    RETURN QUERY
+    SELECT h.head, h.oldest,
+           c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+           m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited, m.edited_at,
+           m.created_at, m.reply_to
+      FROM (SELECT r.position AS head,
+                   (SELECT min(x.position) FROM room_changes x WHERE x.room_id = chatkeep_changes.room)
+                       AS oldest
+              FROM rooms r WHERE r.id = chatkeep_changes.room) AS h
+      LEFT JOIN LATERAL (
+            SELECT * FROM room_changes c
+             WHERE c.room_id = chatkeep_changes.room
+               AND c.position > chatkeep_changes.after_position AND c.position <= h.head
+             ORDER BY c.position
+             LIMIT chatkeep_changes.max_rows
+           ) AS c ON true
+      LEFT JOIN messages m
+             ON m.room_id = chatkeep_changes.room AND m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
+     ORDER BY c.position;
+END
+$$;
 
 -- chatkeep:down
 

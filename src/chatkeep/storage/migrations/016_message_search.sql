@@ -81,6 +81,11 @@ GRANT EXECUTE ON FUNCTION chatkeep_search_messages(
     integer
 ) TO chatapp_app, chatapp_owner;
 
+-- chatkeep:citus
+-- Nothing more on Citus: CREATE INDEX CONCURRENTLY reaches every shard of messages, and the
+-- function runs on the coordinator as the definer over all of the user's shards (a
+-- fan-out, as any search over all of a user's rooms); tests/citus checks both.
+
 -- chatkeep:down
 DROP FUNCTION IF EXISTS chatkeep_search_messages(
     regconfig, text, uuid, uuid, timestamptz, timestamptz, boolean, timestamptz, real, uuid,
