@@ -248,6 +248,35 @@ async def test_send_history_read_and_unread_counts(chat: ChatKeep) -> None:
     ]
 
 
+async def test_search_finds_only_the_users_rooms(chat: ChatKeep, citus_database: str) -> None:
+    """016's index and search function on Citus: the acting user's rooms on every shard."""
+    conn = await asyncpg.connect(citus_database)
+    try:
+        indexed = await conn.fetch(
+            "SELECT success, result FROM run_command_on_shards('messages', $$"
+            "SELECT count(*) FROM pg_indexes WHERE tablename = '%s'"
+            " AND indexdef LIKE '%%gin (to_tsvector(''simple''%%'$$)"
+        )
+    finally:
+        await conn.close()
+    assert indexed, "messages has shards"
+    assert all(r["success"] and r["result"] == "1" for r in indexed), indexed
+    alice, bob, carol = await _users(chat, "alice", "bob", "carol")
+    rooms = [
+        await chat.create_room(CreateRoomDto(name=f"search {i}", created_by=alice))
+        for i in range(4)
+    ]
+    for room in rooms[:3]:
+        await chat.join(room.id, bob)
+        await chat.send_message(room.id, alice, f"the walrus sings in {room.name}")
+    await chat.send_message(rooms[3].id, alice, "the walrus sings alone")
+    page = await chat.search(bob, "walrus")
+    assert sorted(h.room_id for h in page.items) == sorted(r.id for r in rooms[:3])
+    ranked = await chat.search(bob, "walrus sings", room_id=rooms[1].id, order="rank")
+    assert [h.content for h in ranked.items] == ["the walrus sings in search 1"]
+    assert (await chat.search(carol, "walrus")).items == ()
+
+
 async def test_replies_are_refused_on_citus(chat: ChatKeep, citus_database: str) -> None:
     """015's threads are not distributed yet: a reply is refused, by the repository and by
     015's Citus check for a hand-written statement, and nothing is stored."""
