@@ -35,6 +35,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "00c1eaa0cab23832807dc60a1991d53525de50d214dc96948bbe7636183a9ec9",
     ),
     12: ("room_change_log", "1d6ce9d6445e51a736c1e09932408068aba88cd15aa640d0ea2fa12a23ff04a9"),
+    14: (
+        "send_in_one_round_trip",
+        "9a6191ac884f7112efbdc64d5f8ce93a08ac7498e1969a54f7d90194250489ae",
+    ),
 }
 
 
