@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     send_batch_window: float = Field(
         default=0.002,
         ge=0,
-        le=1,
+        le=10,
         description=(
             "Seconds a send may wait for a busy writer before its batch leaves anyway; "
             "a send that finds a free writer leaves at once."

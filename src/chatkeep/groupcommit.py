@@ -81,8 +81,8 @@ class SendBatcher:
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_SIZE:
             raise InvalidInput("size", f"an integer from 1 to {_MAX_SIZE}")
-        if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window <= 1:
-            raise InvalidInput("window", "seconds from 0 to 1")
+        if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window <= 10:
+            raise InvalidInput("window", "seconds from 0 to 10")
         if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
             raise InvalidInput("in_flight", "a positive integer")
         self._write = write
