@@ -16,7 +16,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from chatkeep import (
     ChatKeep,
@@ -62,7 +61,7 @@ async def make_place(conn: asyncpg.Connection, users: int, rooms: int) -> Place:
         [(r, f"r{i}", kinds[i], members[0]) for i, r in enumerate(room_ids)],
     )
     private, archived = room_ids[rooms], room_ids[rooms + 1]
-    pairs = [(r, u) for r in room_ids[:rooms] + [archived] for u in members]
+    pairs = [(r, u) for r in [*room_ids[:rooms], archived] for u in members]
     pairs.append((private, members[0]))
     await conn.executemany(
         "INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, 'member')", pairs
@@ -252,12 +251,18 @@ async def test_a_batch_keeps_its_order_and_answers_each_caller_with_its_own_erro
         done = await asyncio.gather(first, *pending, return_exceptions=True)
         assert gathered.batches == 2
     head, a, outsider, archived, nowhere, hidden, b, elsewhere, retry, *ordered = done
-    assert isinstance(head, Message) and head.seq == 1
-    assert isinstance(a, Message) and isinstance(b, Message) and isinstance(elsewhere, Message)
-    assert isinstance(outsider, PermissionDenied) and "members" in str(outsider)
-    assert isinstance(archived, PermissionDenied) and "archived" in str(archived)
+    assert isinstance(head, Message)
+    assert head.seq == 1
+    assert isinstance(a, Message)
+    assert isinstance(b, Message)
+    assert isinstance(elsewhere, Message)
+    assert isinstance(outsider, PermissionDenied)
+    assert "members" in str(outsider)
+    assert isinstance(archived, PermissionDenied)
+    assert "archived" in str(archived)
     # An unknown room and a private room the sender is not in answer alike.
-    assert isinstance(nowhere, NotFound) and isinstance(hidden, NotFound)
+    assert isinstance(nowhere, NotFound)
+    assert isinstance(hidden, NotFound)
     assert str(nowhere) == str(hidden) == "room not found"
     assert retry == a  # the retry inside the batch returns the first message
     assert [m.seq for m in ordered if isinstance(m, Message)] == list(range(4, 24))
@@ -294,7 +299,8 @@ async def test_the_rate_limits_of_a_batch_are_each_senders_own(
         "Message",
     ]
     limited = done[3]
-    assert isinstance(limited, RateLimited) and limited.retry_after > 0
+    assert isinstance(limited, RateLimited)
+    assert limited.retry_after > 0
     assert len(await seqs(conn, room)) == 4  # refused before PostgreSQL
 
 
@@ -348,7 +354,8 @@ async def test_cancelled_callers_lose_or_duplicate_no_one_elses_message(
             waiting[1].cancel()  # still waiting: it never leaves
             await asyncio.gather(in_flight, waiting[1], return_exceptions=True)
         first, third = await waiting[0], await waiting[2]
-        assert in_flight.cancelled() and waiting[1].cancelled()
+        assert in_flight.cancelled()
+        assert waiting[1].cancelled()
         assert gathered.sends == 3
     stored = await conn.fetch("SELECT content, seq FROM messages ORDER BY seq")
     assert [(r["content"], r["seq"]) for r in stored] == [
@@ -436,6 +443,6 @@ def test_batcher_options_are_checked() -> None:
 
     for bad in ({"size": 0}, {"size": True}, {"window": -1}, {"window": "1"}, {"in_flight": 0}):
         with pytest.raises(ChatkeepError):
-            SendBatcher(write, **bad)  # type: ignore[arg-type]
+            SendBatcher(write, **bad)
     with pytest.raises(ChatkeepError):
         Settings(send_batch_size=0)

@@ -622,16 +622,23 @@ async def test_send_many_answers_each_message_and_stores_the_good_ones(
     results = await messages.send_many(batch)
     assert len(results) == len(batch)
     one, elsewhere, denied, nowhere, late, two, again = results
-    assert not isinstance(one, Exception) and not isinstance(two, Exception)
-    assert not isinstance(elsewhere, Exception) and not isinstance(again, Exception)
+    assert not isinstance(one, Exception)
+    assert not isinstance(two, Exception)
+    assert not isinstance(elsewhere, Exception)
+    assert not isinstance(again, Exception)
     # Per room in the order given, gapless; each with its change-log position.
     assert (one[0].seq, two[0].seq, elsewhere[0].seq) == (1, 2, 1)
-    assert one[1] is not None and two[1] is not None and two[1] > one[1]
+    assert one[1] is not None
+    assert two[1] is not None
+    assert two[1] > one[1]
     # The retry returns the first message, with no new position.
     assert again == (one[0], None)
-    assert isinstance(denied, PermissionDenied) and "members" in str(denied)
-    assert isinstance(nowhere, NotFound) and nowhere.entity == "room"
-    assert isinstance(late, PermissionDenied) and "archived" in str(late)
+    assert isinstance(denied, PermissionDenied)
+    assert "members" in str(denied)
+    assert isinstance(nowhere, NotFound)
+    assert nowhere.entity == "room"
+    assert isinstance(late, PermissionDenied)
+    assert "archived" in str(late)
     assert await last_seq(db, room) == 2
     assert await last_seq(db, archived) == 0
     stored = await db.fetchval("t.count", "SELECT count(*) FROM messages")
@@ -656,7 +663,8 @@ async def test_a_row_that_raises_fails_only_itself(
         [msg(room, alice, "before"), bad, msg(room, alice, "after")]
     )
     assert isinstance(broken, InvalidInput)
-    assert not isinstance(first, Exception) and not isinstance(last, Exception)
+    assert not isinstance(first, Exception)
+    assert not isinstance(last, Exception)
     assert (first[0].seq, last[0].seq) == (1, 2)
     assert await last_seq(db, room) == 2
 
