@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,6 +38,7 @@ from chatkeep.storage import Database
 from tests.security.conftest import HASH
 
 GENEROUS = RateLimit(limit=100_000, period=1.0)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -446,3 +451,32 @@ def test_batcher_options_are_checked() -> None:
             SendBatcher(write, **bad)
     with pytest.raises(ChatkeepError):
         Settings(send_batch_size=0)
+
+
+def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str, redis_url: str) -> None:
+    name = f"chatkeep_bench_send_t{os.getpid()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_send.py"),
+            "--tiny",
+            "--drop",
+            "--database-url",
+            admin_url,
+            "--redis-url",
+            redis_url,
+            "--database-name",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for name in ("raw ", "3 round trips", "facade, group commit off", "facade, group commit on"):
+        assert sum(1 for line in lines if line.startswith(name)) == 2, done.stdout
+    assert "sends in" in done.stdout
