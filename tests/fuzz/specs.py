@@ -403,6 +403,8 @@ SPECS: dict[str, Spec] = {
     ),
     "ChatKeep.subscribe": Spec(_chat, lambda w: {"room_ids": (w.public.id,)}, {"room_ids": P(ID)}),
     "ChatKeep.health": Spec(_chat, lambda w: {}),
+    # A facade of its own on the world's stores: closing it leaves the world's facade open.
+    "ChatKeep.close": Spec(lambda w: ChatKeep(w.chat.db, w.chat.redis), lambda w: {}),
     # -- the repositories (as the system) ---------------------------------------------------
     **{
         f"UserRepository.{name}": spec
@@ -521,6 +523,9 @@ SPECS: dict[str, Spec] = {
     ),
     "MessageRepository.send_logged": Spec(
         _messages, lambda w: {"dto": _new_message(w)}, {"dto": P(of(CreateMessageDto))}
+    ),
+    "MessageRepository.send_many": Spec(
+        _messages, lambda w: {"dtos": [_new_message(w)]}, {"dtos": P(of(list, tuple))}
     ),
     "ChangeRepository.changes": Spec(
         lambda w: w.repos.changes,
@@ -733,6 +738,11 @@ SPECS: dict[str, Spec] = {
         lambda w: w.chat.limiter,
         lambda w: {"subject": f"u{w.n}", "action": "send", "limit": None, "cost": 1},
         _LIMIT,
+    ),
+    "RateLimiter.check_many": Spec(
+        lambda w: w.chat.limiter,
+        lambda w: {"subjects": [f"u{w.n}"], "action": "send"},
+        {"subjects": P(of(list, tuple), "subject"), "action": P(STR)},
     ),
     "RateLimiter.reset": Spec(
         lambda w: w.chat.limiter,

@@ -328,13 +328,16 @@ class MessageRepository(BaseRepository[Message]):
         in the order given, with consecutive seqs when nothing else writes there.
 
         Raises:
-            InvalidInput: ``dtos`` is not a sequence of CreateMessageDto, or holds more
+            InvalidInput: ``dtos`` is not a list or tuple of CreateMessageDto, or holds more
                 than :data:`MAX_SEND_BATCH`.
             Unavailable: PostgreSQL could not be reached; whether the batch was stored
                 is unknown (retry with the same ``client_msg_id`` to find out).
         """
-        if not isinstance(dtos, Sequence) or not all(isinstance(d, CreateMessageDto) for d in dtos):
-            raise InvalidInput("dtos", "must be a sequence of CreateMessageDto")
+        given: object = dtos
+        if not isinstance(given, list | tuple) or not all(
+            isinstance(d, CreateMessageDto) for d in given
+        ):
+            raise InvalidInput("dtos", "must be a list or tuple of CreateMessageDto")
         if len(dtos) > MAX_SEND_BATCH:
             raise InvalidInput("dtos", f"at most {MAX_SEND_BATCH} messages")
         if not dtos:
