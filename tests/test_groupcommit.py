@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from chatkeep import (
     Settings,
     Unavailable,
 )
-from chatkeep.groupcommit import SendBatcher
+from chatkeep.groupcommit import PendingSend, SendBatcher
 from chatkeep.ids import uuid7
+from chatkeep.models import CreateMessageDto
 from chatkeep.realtime import MessageCreated, RateLimit, RedisClient
 from chatkeep.storage import Database
 from tests.security.conftest import HASH
@@ -480,3 +481,42 @@ def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str, redis_url: str) -> 
     for name in ("raw ", "3 round trips", "facade, group commit off", "facade, group commit on"):
         assert sum(1 for line in lines if line.startswith(name)) == 2, done.stdout
     assert "sends in" in done.stdout
+
+
+# -- the batcher alone (no stores) -------------------------------------------------------------
+
+
+def _dto() -> CreateMessageDto:
+    return CreateMessageDto(room_id=uuid.uuid4(), user_id=uuid.uuid4(), content="x")
+
+
+async def test_a_write_that_fails_or_answers_nothing_fails_each_caller_with_an_error() -> None:
+    async def broken(batch: Sequence[PendingSend]) -> None:
+        raise Unavailable("the store went away")
+
+    failing = SendBatcher(broken)
+    results = await asyncio.gather(
+        *(failing.submit(_dto()) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, Unavailable) and "went away" in str(r) for r in results)
+
+    async def silent(batch: Sequence[PendingSend]) -> None:
+        del batch
+
+    with pytest.raises(Unavailable, match="no answer"):
+        await SendBatcher(silent).submit(_dto())
+
+    release = asyncio.Event()
+
+    async def stuck(batch: Sequence[PendingSend]) -> None:
+        await release.wait()
+
+    hanging = SendBatcher(stuck, in_flight=1)
+    caller = asyncio.create_task(hanging.submit(_dto()))
+    await until(lambda: bool(hanging._running))
+    for task in list(hanging._running):
+        task.cancel()  # the loop shutting down under a batch
+    with pytest.raises(Unavailable, match="cancelled"):
+        await caller
+    await hanging.close()
+    assert not hanging._running
