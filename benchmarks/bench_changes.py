@@ -20,7 +20,10 @@ Run (PostgreSQL 15 here; the chatapp_* roles must exist: ``chatkeep setup`` once
 
 The URL names a server and a superuser; the script works in its own databases
 (``chatkeep_bench_log`` and ``chatkeep_bench_nolog``) and connects to them as
-``chatapp_app`` without a password (``--app-password`` otherwise).
+``chatapp_app`` without a password (``--app-password`` otherwise); ``--database-name P``
+names them ``P_log`` and ``P_nolog`` instead, and ``--drop`` drops them at the end.
+``--tiny`` runs one short round at 4 tasks and a catch-up of 100 changes, without judging
+the ratio, so a test or CI can run the whole script in seconds (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from bench_storage import Fixture, rate
 from chatkeep.config import Settings
 from chatkeep.models import CreateMessageDto
 from chatkeep.storage import Database, MessageRepository
+from chatkeep.storage.bootstrap import maintenance_url
 from chatkeep.storage.changes import ChangeRepository
 
 TARGET = 0.9
@@ -79,13 +83,13 @@ async def timed(read: Callable[[], Awaitable[int]], repeat: int) -> tuple[float,
     return statistics.median(times), count
 
 
-async def catch_up(db: Database, fx: Fixture, repeat: int) -> None:
+async def catch_up(db: Database, fx: Fixture, repeat: int, count: int = CATCH_UP) -> None:
     messages, log = MessageRepository(db), ChangeRepository(db)
     user, room = fx.users[0], fx.rooms[0]
     async with db.acting_as(user):
         position = await log.position(room)
         seq = (await messages.history(room, limit=1)).items[-1].seq
-    for n in range(CATCH_UP):
+    for n in range(count):
         async with db.acting_as(user):
             await messages.send(CreateMessageDto(room_id=room, user_id=user, content=f"c {n}"))
 
@@ -93,7 +97,7 @@ async def catch_up(db: Database, fx: Fixture, repeat: int) -> None:
         async def read() -> int:
             got, after = 0, position
             async with db.acting_as(user):
-                while got < CATCH_UP:
+                while got < count:
                     page = await log.changes(room, after=after, limit=limit)
                     got += len(page.items)
                     if page.next_after is None:
@@ -106,20 +110,20 @@ async def catch_up(db: Database, fx: Fixture, repeat: int) -> None:
     async def history() -> int:
         got, after = 0, seq
         async with db.acting_as(user):
-            while got < CATCH_UP:
+            while got < count:
                 page = await messages.history(room, after_seq=after, limit=200)
                 got += len(page.items)
                 after = page.items[-1].seq
         return got
 
-    print(f"catch-up of {CATCH_UP:,} (one client, median of {repeat}):")
+    print(f"catch-up of {count:,} (one client, median of {repeat}):")
     for name, read in (
-        ("changes(), 1 page of 1,000", changes(1000)),
+        (f"changes(), 1 page of {count:,}", changes(count)),
         ("changes(), pages of 100", changes(100)),
         ("history(after_seq), pages of 200", history),
     ):
-        ms, count = await timed(read, repeat)
-        print(f"  {name:<34} {ms:>8.1f} ms  ({count:,} items)", flush=True)
+        ms, items = await timed(read, repeat)
+        print(f"  {name:<34} {ms:>8.1f} ms  ({items:,} items)", flush=True)
 
 
 async def commit_mode(url: str, *, synchronous: bool) -> None:
@@ -152,13 +156,23 @@ async def main() -> int:
         help="set synchronous_commit off in both databases (on again without the flag): "
         "on a machine whose commits wait on a slow disk, that wait hides the log's cost",
     )
-    args = parser.parse_args()
-
-    with_url, fixture, _, schema = await prepare(
-        args.database_url, "chatkeep_bench_log", args.fresh, None, ()
+    parser.add_argument(
+        "--database-name", default="chatkeep_bench", help="the databases' prefix (P_log, P_nolog)"
     )
+    parser.add_argument("--drop", action="store_true", help="drop both databases at the end")
+    parser.add_argument(
+        "--tiny", action="store_true", help="one short round at 4 tasks, no verdict (seconds)"
+    )
+    args = parser.parse_args()
+    count = CATCH_UP
+    if args.tiny:
+        args.rounds, args.seconds, args.repeat, count = 1, 0.2, 1, 100
+        args.concurrency = min(args.concurrency, 4)
+    names = (f"{args.database_name}_log", f"{args.database_name}_nolog")
+
+    with_url, fixture, _, schema = await prepare(args.database_url, names[0], args.fresh, None, ())
     without_url, other, _, old_schema = await prepare(
-        args.database_url, "chatkeep_bench_nolog", args.fresh, WITHOUT_LOG, ()
+        args.database_url, names[1], args.fresh, WITHOUT_LOG, ()
     )
     for url in (with_url, without_url):
         await commit_mode(url, synchronous=not args.async_commit)
@@ -196,8 +210,16 @@ async def main() -> int:
             f"{statistics.median(rates['no log']):,.0f}, ratio {ratio:.2f}  {verdict}",
             flush=True,
         )
-        await catch_up(logged, fixture, args.repeat)
-    return 0 if ratio >= TARGET else 1
+        await catch_up(logged, fixture, args.repeat, count)
+    if args.drop:
+        admin = await asyncpg.connect(maintenance_url(args.database_url))
+        try:
+            for name in names:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    # A tiny run measures too little to judge: it only shows the script still works.
+    return 0 if ratio >= TARGET or args.tiny else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Usage::
     python benchmarks/bench_realtime.py --url redis://127.0.0.1:6379/0
 
 Keys are written under a random ``bench-<hex>:`` prefix and deleted afterwards; nothing else
-in the database is touched.
+in the database is touched. ``--tiny`` runs one round of 20 operations per task and a batch
+test of 500 users, so a test or CI can run the whole script in seconds
+(tests/test_benchmarks.py does).
 """
 
 from __future__ import annotations
@@ -220,7 +222,10 @@ async def main() -> None:
         action="store_true",
         help="give the raw client no socket timeout (redis-py's default)",
     )
+    parser.add_argument("--tiny", action="store_true", help="one short round (seconds)")
     args = parser.parse_args()
+    if args.tiny:
+        args.per_task, args.rounds, args.users = 20, 1, 500
 
     prefix = f"bench-{secrets.token_hex(4)}:"
     fx = Fixture(TASKS)
@@ -270,7 +275,7 @@ async def main() -> None:
             )
         print(f"{'geometric mean':<20} {'':>15} {'':>12} {statistics.geometric_mean(ratios):>7.2f}")
 
-        for batch in (10_000, 2_500):
+        for batch in (args.users, max(1, args.users // 4)):
             result = await heartbeat_round_trips(args.url, prefix, args.users, batch)
             print(
                 f"heartbeat_many: {result['users']:,} users, batch {result['batch']:,}: "

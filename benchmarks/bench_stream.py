@@ -17,9 +17,9 @@ Run (PostgreSQL and Redis on this machine; the chatapp_* roles are made if missi
     python benchmarks/bench_stream.py --database-url postgresql://root@127.0.0.1:5432/postgres \\
         --redis-url redis://127.0.0.1:6379/14
 
-It works in its own database (``chatkeep_bench_stream``, made afresh each run and dropped
-with ``--drop``) and FLUSHes the logical Redis database of ``--redis-url``: give it one of
-its own. ``--tiny`` uses 20 clients.
+It works in its own database (``chatkeep_bench_stream`` or ``--database-name``, made afresh
+each run and dropped with ``--drop``) and FLUSHes the logical Redis database of
+``--redis-url``: give it one of its own. ``--tiny`` uses 20 clients.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ async def main() -> int:
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--tiny", action="store_true", help="20 clients (for tests and CI)")
     parser.add_argument("--drop", action="store_true", help="drop the database afterwards")
+    parser.add_argument("--database-name", default=BENCH_DB, help="the benchmark's database")
     args = parser.parse_args()
     if not args.database_url or not args.redis_url:
         parser.error("--database-url and --redis-url (or DATABASE_URL and REDIS_URL) are needed")
     clients = 20 if args.tiny else args.clients
-    url = await database(args.database_url, BENCH_DB, fresh=True)
+    url = await database(args.database_url, args.database_name, fresh=True)
     room, users = await seed(url, clients)
     async with RedisClient(args.redis_url) as flusher:
         await flusher.redis.flushdb()
@@ -140,7 +141,7 @@ async def main() -> int:
             after, calls_after = changes_time(chat.db)
             rows.append((label, after - before, calls_after - calls, wall))
     if args.drop:
-        await drop_database(args.database_url, BENCH_DB)
+        await drop_database(args.database_url, args.database_name)
     base = rows[0][1] or 1e-9
     print(f"{'':45} {'db time':>10} {'reads':>6} {'wall':>9} {'x one':>7}")
     for label, db_time, calls, wall in rows:

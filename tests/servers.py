@@ -97,10 +97,10 @@ class PostgresServer:
 
     superuser = "postgres"
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, port: int | None = None, bin_dir: Path | None = None) -> None:
         self.base = base
-        self.port = free_port()
-        self.bin_dir = _postgres_bin_dir()
+        self.port = free_port() if port is None else port
+        self.bin_dir = _postgres_bin_dir() if bin_dir is None else bin_dir
         self.data_dir = base / "pgdata"
         self.socket_dir = base / "socket"
         self.log_file = base / "postgres.log"
@@ -128,14 +128,61 @@ class PostgresServer:
                 group=self._account.pw_gid if self._account else None,
             )
 
+    def _make_folders(self) -> None:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        if self._account is not None:
+            self.base.chmod(0o755)
+            for path in (self.base, self.socket_dir):
+                os.chown(path, self._account.pw_uid, self._account.pw_gid)
+
+    def standby(self, base: Path, *, port: int | None = None) -> PostgresServer:
+        """A streaming replica of this (running) server: ``pg_basebackup -R`` into ``base``.
+
+        Returned unstarted; :meth:`start` it, then :meth:`wait_streaming` on this one.
+        """
+        replica = PostgresServer(base, port=port, bin_dir=self.bin_dir)
+        replica._make_folders()
+        self._run(
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            self.superuser,
+            "-D",
+            str(replica.data_dir),
+            "-R",  # standby.signal and primary_conninfo: it starts as a streaming standby
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        )
+        return replica
+
+    def wait_streaming(self, replicas: int = 1, timeout: float = _START_TIMEOUT) -> None:
+        """Wait until ``replicas`` standbys stream from this server."""
+        deadline = time.monotonic() + timeout
+        query = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+        while True:
+            done = subprocess.run(
+                [str(self.bin_dir / "psql"), "-At", "-c", query, self.url()],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if done.returncode == 0 and int(done.stdout.strip() or 0) >= replicas:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no streaming standby after {timeout:g} s: {done.stderr}")
+            time.sleep(0.1)
+
     def start(self) -> None:
         """Create the cluster on first use, then start it and wait until it accepts."""
         if not (self.data_dir / "PG_VERSION").exists():
-            self.socket_dir.mkdir(parents=True, exist_ok=True)
-            if self._account is not None:
-                self.base.chmod(0o755)
-                for path in (self.base, self.socket_dir):
-                    os.chown(path, self._account.pw_uid, self._account.pw_gid)
+            self._make_folders()
             self._run(
                 "initdb",
                 "-D",

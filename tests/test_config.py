@@ -203,6 +203,30 @@ def test_migration_locations_are_comma_separated(monkeypatch: pytest.MonkeyPatch
     assert Settings(migration_locations=["x"]).migration_locations == ("x",)
 
 
+def test_replica_urls_are_comma_separated_checked_and_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATKEEP_REPLICA_URLS", f"{PG}, postgresql://app@replica-2/ ,")
+    urls = [url.get_secret_value() for url in Settings().replica_urls]
+    assert urls == [PG, "postgresql://app@replica-2/chatapp_db"]  # a database, as for the rest
+    assert SECRET not in repr(Settings())
+    assert "postgresql://app:***@db.internal:5432/chatapp_db" in repr(Settings())
+    monkeypatch.delenv("CHATKEEP_REPLICA_URLS")
+    assert Settings().replica_urls == ()
+    assert Settings(replica_urls="").replica_urls == ()
+    for bad in ("mysql://x/db", ",".join([PG] * 17)):
+        with pytest.raises(ConfigurationError) as info:
+            Settings(replica_urls=bad)
+        assert info.value.field == "replica_urls"
+        assert SECRET not in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        Settings(replica_max_lag=0)
+    assert info.value.field == "replica_max_lag"
+    with pytest.raises(ConfigurationError) as info:
+        Settings(replica_fence="memcached")
+    assert info.value.field == "replica_fence"
+
+
 def test_ssl_ca_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError) as info:
         Settings(ssl_ca_file=tmp_path / "missing.pem")
@@ -242,6 +266,14 @@ def test_production_checks_the_migrate_url_too() -> None:
     with pytest.raises(ConfigurationError) as info:
         production(database_url=PG_TLS, migrate_database_url=PG, redis_url=REDIS_TLS)
     assert info.value.field == "migrate_database_url"
+
+
+def test_production_checks_the_replica_urls_too() -> None:
+    production(database_url=PG_TLS, replica_urls=f"{PG_TLS},{PG_TLS}", redis_url=REDIS_TLS)
+    with pytest.raises(ConfigurationError) as info:
+        production(database_url=PG_TLS, replica_urls=f"{PG_TLS},{PG}", redis_url=REDIS_TLS)
+    assert info.value.field == "replica_urls"
+    assert SECRET not in str(info.value)
 
 
 def test_production_refuses_missing_urls() -> None:

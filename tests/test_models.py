@@ -492,6 +492,7 @@ def _message_values() -> dict[str, Any]:
         "is_edited": False,
         "edited_at": None,
         "created_at": datetime.now(UTC),
+        "reply_to": None,
     }
 
 

@@ -9,7 +9,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 
-from chatkeep import ChatKeep, ConfigurationError, CreateUserDto, InvalidInput, Settings
+from chatkeep import (
+    ChatKeep,
+    ConfigurationError,
+    CreateUserDto,
+    InvalidInput,
+    Settings,
+    Unavailable,
+)
 from chatkeep.realtime import RedisClient
 from chatkeep.relay import OutboxRelay
 from tests.realtime.conftest import FAST
@@ -82,3 +89,32 @@ async def test_bad_options_are_refused(app_chat: ChatKeep, redis_url: str) -> No
             with pytest.raises(InvalidInput) as caught:
                 OutboxRelay(app_chat.events, client, app_chat.db.settings, "x", **options)
             assert caught.value.field == field
+
+
+@pytest.mark.parametrize("swallowed_as", ["error", "nothing"])
+async def test_the_relay_stops_when_a_call_below_swallows_the_cancel(
+    app_chat: ChatKeep, redis_url: str, swallowed_as: str
+) -> None:
+    # As the presence sweeper: a stop request answered below with an error of its own
+    # (Unavailable) or with nothing must still end the loop, or a lifespan's shutdown hangs.
+    async with RedisClient(redis_url, **FAST) as client:
+        relay = OutboxRelay(
+            app_chat.events, client, app_chat.db.settings, "x", standby_interval=0.01
+        )
+        entered = asyncio.Event()
+
+        async def session() -> None:
+            entered.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                if swallowed_as == "error":
+                    raise Unavailable("postgres did not answer (the call was cut short)") from None
+
+        relay._session = session  # type: ignore[method-assign]
+        task = asyncio.create_task(relay.run())
+        await entered.wait()
+        task.cancel()
+        async with asyncio.timeout(2):
+            with pytest.raises(asyncio.CancelledError):
+                await task

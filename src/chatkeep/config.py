@@ -87,6 +87,32 @@ class Settings(BaseSettings):
             "does not confine to one user, such as chatapp_readonly (defaults to database_url)."
         ),
     )
+    replica_urls: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        validation_alias="CHATKEEP_REPLICA_URLS",
+        description=(
+            "Streaming replicas of DATABASE_URL's server, comma-separated: reads that may lag "
+            "(history pages, room lists, unread counts) go there (docs/operations.md)."
+        ),
+    )
+    replica_max_lag: PositiveSeconds = Field(
+        default=2.0,
+        description=(
+            "A replica further behind the primary than this many seconds is bypassed "
+            "(reads go to the primary until it catches up)."
+        ),
+    )
+    replica_check_interval: PositiveSeconds = Field(
+        default=0.2,
+        description="Seconds between two measurements of each replica's replay position.",
+    )
+    replica_fence: Literal["redis", "process"] = Field(
+        default="redis",
+        description=(
+            "Where a user's recent writes are remembered for read-your-writes: `redis` (every "
+            "process of the deployment sees them) or `process` (this process only)."
+        ),
+    )
     redis_url: SecretStr | None = Field(
         default=None,
         validation_alias="REDIS_URL",
@@ -191,6 +217,14 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
     redis_cluster_mode: bool = False
+    search_config: str = Field(
+        default="simple",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?$",
+        description=(
+            "Text search configuration of ChatKeep.search (a name, optionally schema-"
+            "qualified); a GIN index on to_tsvector('<name>', content) must exist for it."
+        ),
+    )
     application_name: str = Field(default="chatkeep", min_length=1, max_length=63)
     data_dir: Path = Field(
         default=Path(".chatkeep"),
@@ -244,6 +278,21 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _split_replica_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("replica_urls")
+    @classmethod
+    def _check_replica_urls(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        checked = tuple(cls._check_postgres_url(url) for url in value)
+        if len(checked) > 16:
+            raise ValueError("at most 16 replicas")
+        return tuple(url for url in checked if url is not None)
+
     @field_validator("database_url", "migrate_database_url", "relay_database_url")
     @classmethod
     def _check_postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -287,8 +336,12 @@ class Settings(BaseSettings):
         return self
 
     def _check_production_tls(self) -> None:
-        for name in ("database_url", "migrate_database_url", "relay_database_url"):
-            secret: SecretStr | None = getattr(self, name)
+        named: list[tuple[str, SecretStr | None]] = [
+            (name, getattr(self, name))
+            for name in ("database_url", "migrate_database_url", "relay_database_url")
+        ]
+        named += [("replica_urls", url) for url in self.replica_urls]
+        for name, secret in named:
             if secret is None:
                 if name == "database_url":
                     raise ConfigurationError(
@@ -369,6 +422,8 @@ class Settings(BaseSettings):
                 yield name, value  # SecretStr's own repr: '**********'
             elif isinstance(value, SecretStr):
                 yield name, redact_url(value.get_secret_value())
+            elif name == "replica_urls":
+                yield name, tuple(redact_url(url.get_secret_value()) for url in value)
             else:
                 yield name, value
 

@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import time
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -53,7 +54,8 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
+from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self, TypeVar
 
 from pydantic import ConfigDict
 
@@ -75,13 +77,18 @@ from chatkeep.models import (
     CreateRoomDto,
     CreateUserDto,
     CursorPage,
+    FollowedThread,
+    Mention,
     Message,
     MessageType,
     MessageWithUser,
     Room,
+    RoomBadges,
     RoomRole,
     RoomSummary,
     RoomUser,
+    SearchPage,
+    ThreadSummary,
     UnreadCounts,
     UpdateUserDto,
     User,
@@ -133,6 +140,8 @@ from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transactio
 from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
+from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
+from chatkeep.storage.threads import DEFAULT_LIST_SIZE, ThreadRepository
 from chatkeep.storage.users import DEFAULT_BCRYPT_ROUNDS
 from chatkeep.stream import ChangeStream
 
@@ -142,6 +151,11 @@ if TYPE_CHECKING:  # the metrics (prometheus-client) and otel extras are optiona
     from chatkeep.ops.metrics import ChatkeepMetrics
 
 __all__ = ["DEFAULT_SEND_LIMIT", "ChatKeep", "Health", "LoginResult"]
+
+_T = TypeVar("_T")
+
+# Users whose last write time _wrote keeps before it forgets those older than the lag bound.
+_RECENT_WRITES_KEPT: Final = 10_000
 
 logger = logging.getLogger("chatkeep.facade")
 
@@ -227,6 +241,21 @@ def _hidden(entity: str, message: str) -> Iterator[None]:
         raise NotFound(message, entity=entity) from exc
 
 
+@contextlib.contextmanager
+def _reply_errors() -> Iterator[None]:
+    """Name ``reply_to`` in the errors of a reply's checks (trigger ``messages_thread_root``)."""
+    try:
+        yield
+    except NotFound as exc:
+        if "messages_reply_to_fkey" not in str(exc):
+            raise
+        raise NotFound(f"reply_to: {MESSAGE_NOT_FOUND}", entity="message") from exc
+    except InvalidInput as exc:
+        if exc.field != "reply_to":
+            raise
+        raise InvalidInput("reply_to", "must be a message of the same room") from exc
+
+
 def _hidden_room() -> contextlib.AbstractContextManager[None]:
     return _hidden("room", ROOM_NOT_FOUND)
 
@@ -297,11 +326,17 @@ class _Flow:
         "_user_named",
         "name",
         "span",
+        "writes",
     )
 
-    def __init__(self, chat: ChatKeep, name: str, span: Span | None = None) -> None:
+    def __init__(
+        self, chat: ChatKeep, name: str, span: Span | None = None, *, writes: bool = True
+    ) -> None:
         self._chat = chat
         self.name = name
+        #: Whether the flow may write: the users it acts as are then remembered as recent
+        #: writers, whose next reads a replica may serve only once it has their write.
+        self.writes = writes
         #: The flow's span (``chatkeep.<name>``), or ``None`` when not tracing.
         self.span = span
         self._user_named = False
@@ -331,10 +366,47 @@ class _Flow:
         if not self._user_named:  # the flow's own user, else the one it acts as
             self.about(user_id=user)
         with hiding:
-            async with self._chat._as_actor_or_system(
-                user, f"facade.{self.name}", isolation=isolation
-            ) as tx:
-                yield tx
+            try:
+                async with self._chat._as_actor_or_system(
+                    user, f"facade.{self.name}", isolation=isolation
+                ) as tx:
+                    yield tx
+            finally:
+                # Even when the block failed: a COMMIT whose answer was lost may have
+                # committed. Remembering a write that did not happen only costs a read
+                # on the primary.
+                if self.writes and user is not None:
+                    self._chat._wrote(user, self)
+
+    async def read_as(
+        self, user: uuid.UUID, work: Callable[[], Awaitable[_T]], *, one_statement: bool = False
+    ) -> _T:
+        """Run the read ``work`` acting as ``user``, on a replica when one may serve it.
+
+        See :meth:`chatkeep.storage.Database.read_as`; a replica is used only once it has
+        ``user``'s own last write (read-your-writes, ``docs/design.md``).
+        ``one_statement``: ``work`` acts as the user by itself, in one round trip
+        (``as_user=``), so no transaction is opened around it.
+        """
+        if not self._user_named:
+            self.about(user_id=user)
+        return await self._chat._read_as(
+            user, f"facade.{self.name}", work, one_statement=one_statement
+        )
+
+    def as_user(
+        self, user: uuid.UUID, *, hide: Literal["room", "message"] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The flow's one statement, run as ``user`` in one round trip: no transaction.
+
+        For ``as_user=`` of the repositories (:meth:`Database.fetch_as`); ``hide`` as for
+        :meth:`acting_as`.
+        """
+        if not self._user_named:
+            self.about(user_id=user)
+        if hide is None:
+            return contextlib.nullcontext()
+        return _hidden(hide, ROOM_NOT_FOUND if hide == "room" else MESSAGE_NOT_FOUND)
 
     def about(self, *, room_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None) -> None:
         """Name the room and user the flow is about, on its span (checked ids only)."""
@@ -438,8 +510,10 @@ class ChatKeep:
         self.users = UserRepository(db, bcrypt_rounds=bcrypt_rounds)
         self.rooms = RoomRepository(db)
         self.messages = MessageRepository(db)
+        self.search_index = SearchRepository(db)
         self.reactions = ReactionRepository(db)
         self.change_log = ChangeRepository(db)
+        self.threads = ThreadRepository(db)
         self.sessions = SessionStore(redis)
         self.tokens = RefreshTokenStore(redis)
         self.sockets = SocketRegistry(redis, node_id=self.node_id)
@@ -480,6 +554,11 @@ class ChatKeep:
             if settings.send_group_commit
             else None
         )
+        # Read-your-writes with replicas: when each user's last write through this object
+        # finished (time.monotonic(), after its COMMIT returned). See _read_as.
+        self._recent_writes: dict[uuid.UUID, float] = {}
+        # This object's mark on a user's recent_write key in Redis (see _mark_recent_write).
+        self._fence_token = uuid.uuid4().hex.encode()
         if metrics is not None:
             metrics.attach(database=db, redis=redis)  # hooks the pool and the client too
             self.events.on_receive = _receipt_counter(metrics)
@@ -590,7 +669,86 @@ class ChatKeep:
             InvalidInput: ``user_id`` is not a UUID, or the task is already in a
                 transaction acting as someone else.
         """
-        return self.db.acting_as(user_id, "facade.acting_as")
+        return self._acting_as_writer(check_id("user_id", user_id))
+
+    @contextlib.asynccontextmanager
+    async def _acting_as_writer(self, user: uuid.UUID) -> AsyncIterator[Transaction]:
+        try:
+            async with self.db.acting_as(user, "facade.acting_as") as tx:
+                yield tx
+        finally:
+            # The block may have written: the user's next reads must see it.
+            self._wrote(user)
+        if self.db.replicas is not None and self.db.settings.replica_fence == "redis":
+            async with self._best_effort("the replica fence"):
+                await self._quietly("the replica fence", self._mark_recent_write(user))
+
+    # -- read replicas: read-your-writes ------------------------------------------------------
+
+    def _wrote(self, user: uuid.UUID, flow: _Flow | None = None) -> None:
+        """Remember that ``user`` just wrote, so their next reads see it (see _read_as)."""
+        replicas = self.db.replicas
+        if replicas is None:
+            return
+        now = time.monotonic()
+        recent = self._recent_writes
+        recent.pop(user, None)  # re-inserted last: the dict stays ordered by time
+        recent[user] = now
+        if len(recent) > _RECENT_WRITES_KEPT:
+            # Older than replica_max_lag, a write is on every replica that may be used.
+            horizon = now - replicas.max_lag
+            for old in [u for u, at in recent.items() if at < horizon]:
+                del recent[old]
+        if flow is not None and self.db.settings.replica_fence == "redis":
+            flow.clean_up("the replica fence", lambda: self._mark_recent_write(user))
+
+    async def _mark_recent_write(self, user: uuid.UUID) -> None:
+        # Lives replica_max_lag: a process that no longer finds it only uses a replica
+        # whose measured lag is at most that, so one that has this write. Its value names
+        # the process that set it last: that one may rely on its own record instead (the
+        # precise one), once moved past this SET, which came after every other process's
+        # SET for this user and so after every write they marked.
+        replicas = self.db.replicas
+        lag = replicas.max_lag if replicas is not None else 0.0
+        with self.redis.guard("replica.mark_write"):
+            await self.redis.redis.set(
+                self.redis.keys.recent_write(user), self._fence_token, px=round(lag * 1000) + 50
+            )
+        self._recent_writes[user] = max(self._recent_writes.get(user, 0.0), time.monotonic())
+
+    async def _wrote_elsewhere(self, user: uuid.UUID) -> bool:
+        with self.redis.guard("replica.fence", timeout=self.best_effort_timeout):
+            mark = await self.redis.redis.get(self.redis.keys.recent_write(user))
+        return mark is not None and mark != self._fence_token
+
+    async def _read_as(
+        self,
+        user: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        *,
+        one_statement: bool = False,
+    ) -> _T:
+        """Run ``work`` as ``user`` on a replica that has the user's last write, else the primary.
+
+        In this process the rule is exact: a replica is used only if it is known to have
+        replayed past a primary position sampled after the user's last write here. Across
+        processes (``replica_fence=redis``) a write leaves a key in Redis for
+        ``replica_max_lag``; while it is there, every process reads that user from the primary.
+        """
+        fence = (
+            (lambda: self._wrote_elsewhere(user))
+            if self.db.settings.replica_fence == "redis"
+            else None
+        )
+        return await self.db.read_as(
+            user,
+            name,
+            work,
+            fresh_since=self._recent_writes.get(user),
+            fence=fence,
+            one_statement=one_statement,
+        )
 
     async def _went_offline(self, users: Sequence[OfflineUser]) -> None:
         # last_seen goes to PostgreSQL when a user goes offline, not on every heartbeat.
@@ -610,18 +768,21 @@ class ChatKeep:
         return self.metrics.time_operation(name)
 
     @contextlib.asynccontextmanager
-    async def _flow(self, name: str, *, after_commit: bool = True) -> AsyncIterator[_Flow]:
+    async def _flow(
+        self, name: str, *, after_commit: bool = True, reads: bool = False
+    ) -> AsyncIterator[_Flow]:
         """One call of flow ``name`` (see :class:`_Flow`), timed and its errors counted.
 
         A flow whose Redis work must follow its own commit (``after_commit``, every flow
         that invalidates or publishes what it wrote) refuses to run inside the caller's
         transaction, which could still roll back what the events announce. Queued Redis
-        work runs when the block ends without an error.
+        work runs when the block ends without an error. A flow that only ``reads`` leaves
+        no read-your-writes mark on the users it acts as.
         """
         with tracing.flow(name) as span, self._measured(name):
             if after_commit:
                 self._outside_transaction(name)
-            flow = _Flow(self, name, span)
+            flow = _Flow(self, name, span, writes=not reads)
             yield flow
             await flow.after_commit()
 
@@ -737,10 +898,12 @@ class ChatKeep:
             Conflict: the email or username is taken.
             InvalidInput: ``dto`` is not a CreateUserDto.
         """
-        async with self._flow("register", after_commit=False):
+        async with self._flow("register", after_commit=False) as flow:
             # A profile read of this id before it existed cached nothing (no negative
             # caching), so there is nothing to invalidate.
-            return await self.users.register(dto)
+            user = await self.users.register(dto)
+            self._wrote(user.id, flow)  # a replica may not know the new account yet
+            return user
 
     async def login(self, email: str, password: str) -> LoginResult | None:
         """Check a password (throttled per account) and start a session.
@@ -901,8 +1064,15 @@ class ChatKeep:
         *,
         client_msg_id: str | None = None,
         type: MessageType = "text",
+        reply_to: uuid.UUID | None = None,
     ) -> Message:
         """Rate-limit, persist, publish ``message.created``; returns the stored message.
+
+        With ``reply_to``, the message is a reply in the thread of that message (a reply to
+        a reply goes to its root): it is still a message of the room, with the room's next
+        ``seq``, and the database updates the thread's summary and followers. ``@username``
+        names members (others are ignored); ``@room``, ``@here`` and ``@all`` mention the
+        whole room when an owner or admin sends them (``docs/design.md``).
 
         A repeated ``client_msg_id`` returns the first message (its ``seq`` unchanged,
         nothing new stored) and publishes it again, so a retry after a lost publish
@@ -916,8 +1086,11 @@ class ChatKeep:
             RateLimited: the user sends too fast (``retry_after`` says how long to wait).
             PermissionDenied: the user is not a member of the (public) room, or it is
                 archived.
-            NotFound: no such room, or one the user cannot see (``room not found``).
-            InvalidInput: the content or ids break a rule.
+            NotFound: no such room, or one the user cannot see (``room not found``);
+                ``reply_to`` names no message, a deleted one, or one the user cannot see
+                (``message not found``).
+            InvalidInput: the content or ids break a rule; ``reply_to`` is a message of
+                another room.
         """
         async with self._flow("send_message") as flow:
             dto = CreateMessageDto.checked(
@@ -926,14 +1099,21 @@ class ChatKeep:
                 content=content,
                 type=type,
                 client_msg_id=client_msg_id,
+                reply_to=reply_to,
             )
             flow.about(room_id=dto.room_id, user_id=dto.user_id)
-            if self.send_batcher is not None:
-                message, _ = await self.send_batcher.submit(dto)
-            else:
-                pending = PendingSend(dto, asyncio.get_running_loop().create_future())
-                await self._write_sends([pending])
-                message, _ = await pending.future
+            try:
+                with _reply_errors():
+                    if self.send_batcher is not None:
+                        message, _ = await self.send_batcher.submit(dto)
+                    else:
+                        pending = PendingSend(dto, asyncio.get_running_loop().create_future())
+                        await self._write_sends([pending])
+                        message, _ = await pending.future
+            finally:
+                # As _Flow.acting_as does for every other write (read-your-writes with
+                # replicas), even when it failed: a lost COMMIT answer may have committed.
+                self._wrote(dto.user_id, flow)
         return message
 
     async def _write_sends(self, batch: Sequence[PendingSend]) -> None:
@@ -992,6 +1172,7 @@ class ChatKeep:
                     sender_id=message.user_id,
                     client_msg_id=message.client_msg_id,
                     body=message.content,
+                    reply_to=message.reply_to,
                 )
             )
         if events:
@@ -1127,13 +1308,13 @@ class ChatKeep:
             NotFound: no such room, or one the user is not in (``room not found``).
             InvalidInput: a bad id.
         """
-        async with self._flow("room_position", after_commit=False) as flow:
+        async with self._flow("room_position", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
-            async with flow.acting_as(user, hide="room"):
-                return await self.change_log.position(room)
+            with flow.as_user(user, hide="room"):
+                return await self.change_log.position(room, as_user=user)
 
     async def changes(
         self,
@@ -1159,13 +1340,13 @@ class ChatKeep:
             InvalidInput: a bad id, a negative or future ``after``, or ``limit`` outside
                 1..1000.
         """
-        async with self._flow("changes", after_commit=False) as flow:
+        async with self._flow("changes", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member_or_hide(room, user)
-            async with flow.acting_as(user, hide="room"):
-                return await self.change_log.changes(room, after=after, limit=limit)
+            with flow.as_user(user, hide="room"):
+                return await self.change_log.changes(room, after=after, limit=limit, as_user=user)
 
     async def mark_read(
         self, room_id: uuid.UUID, user_id: uuid.UUID, seq: int | None = None
@@ -1185,8 +1366,8 @@ class ChatKeep:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
-            async with flow.acting_as(user, hide="room"):
-                watermark = await self.messages.mark_read(room, user, seq)
+            with flow.as_user(user, hide="room"):
+                watermark = await self.messages.mark_read(room, user, seq, as_user=user)
             flow.publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark
 
@@ -1197,10 +1378,233 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        async with self._flow("unread_counts", after_commit=False) as flow:
+        async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
+            user = check_id("user_id", user_id)
+            return await flow.read_as(user, lambda: self.messages.unread_counts(user))
+
+    async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
+        """What to badge each of the user's rooms with, in one query (no background job).
+
+        Per room: ``unread`` (as :meth:`unread_counts`), ``mentions`` (unread messages
+        naming the user, or the room by someone else), ``unread_threads`` (followed
+        threads with replies after the user's thread watermark) and ``thread_mentions``.
+        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was.
+
+        Raises:
+            InvalidInput: a bad id.
+        """
+        async with self._flow("badges", after_commit=False) as flow:
             user = check_id("user_id", user_id)
             async with flow.acting_as(user):
-                return await self.messages.unread_counts(user)
+                return await self.threads.badges(user)
+
+    # -- threads and mentions ---------------------------------------------------------------
+
+    async def thread(
+        self,
+        root_message_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """A page of a thread's replies for a member of its room, ascending ``seq``.
+
+        With no position, the newest page; otherwise one of ``cursor``, ``before_seq``,
+        ``after_seq`` or ``around`` (room seqs, as the replies carry them). The root
+        itself is not in the page (it is in the room's history; :meth:`thread_summary`
+        has the counts). A reply's id pages its root's thread.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see
+                (``message not found``).
+            InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
+        """
+        async with self._flow("thread", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.page(
+                    root,
+                    cursor=cursor,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                    around=around,
+                    limit=limit,
+                )
+
+    async def thread_summary(
+        self, root_message_id: uuid.UUID, user_id: uuid.UUID
+    ) -> ThreadSummary | None:
+        """The thread's reply count, last reply and participants; ``None`` with no replies.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        async with self._flow("thread_summary", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.summary(root)
+
+    async def collapsed_history(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """The room's history for a member with thread replies left out.
+
+        Each root carries its summary in ``thread`` (reply count, last reply,
+        participants); :meth:`thread` pages its replies. Positions as :meth:`history`
+        takes them (``around`` a seq).
+
+        Raises:
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
+            InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
+        """
+        async with self._flow("collapsed_history", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.threads.collapsed_history(
+                    room,
+                    cursor=cursor,
+                    before_seq=before_seq,
+                    after_seq=after_seq,
+                    around=around,
+                    limit=limit,
+                )
+
+    async def room_threads(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        before_seq: int | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[ThreadSummary]:
+        """The room's threads for a member, latest reply first.
+
+        The collapsed view's companion: roots with their reply summary, read from the
+        thread table without reading any reply.
+
+        Pass the last item's ``last_reply_seq`` as ``before_seq`` for the next page.
+
+        Raises:
+            PermissionDenied: the user is not a member of a public room.
+            NotFound: no such room, or one the user cannot see (``room not found``).
+            InvalidInput: a bad id, ``before_seq`` or ``limit`` (1..200).
+        """
+        async with self._flow("room_threads", after_commit=False) as flow:
+            room = check_id("room_id", room_id)
+            user = check_id("user_id", user_id)
+            flow.about(room_id=room, user_id=user)
+            await self._require_member(room, user)
+            async with flow.acting_as(user):
+                return await self.threads.room_threads(room, before_seq=before_seq, limit=limit)
+
+    async def followed_threads(
+        self,
+        user_id: uuid.UUID,
+        *,
+        room_id: uuid.UUID | None = None,
+        before: ThreadSummary | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[FollowedThread]:
+        """The threads the user follows, latest reply first, with unread and mention counts.
+
+        Pass the last item's ``thread`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id, ``before`` or ``limit`` (1..200).
+        """
+        async with self._flow("followed_threads", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.threads.followed(
+                    user, room_id=room_id, before=before, limit=limit
+                )
+
+    async def mark_thread_read(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        """Move the user's read watermark in the thread to its last reply (never backward).
+
+        Returns:
+            The watermark after the call: the room seq of the last reply read (0 for a
+            thread without replies).
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        async with self._flow("mark_thread_read", after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                return await self.threads.mark_read(root, user)
+
+    async def follow_thread(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Follow the thread (its replies then count in :meth:`badges`).
+
+        Replying in a thread, being mentioned in it, or having written its root follows it
+        already. Following anew starts from the thread's last reply.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        await self._follow("follow_thread", root_message_id, user_id, following=True)
+
+    async def unfollow_thread(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Stop following the thread (until the user replies or is mentioned in it).
+
+        Raises:
+            NotFound: no such message, or one the user cannot see (``message not found``).
+            InvalidInput: a bad id.
+        """
+        await self._follow("unfollow_thread", root_message_id, user_id, following=False)
+
+    async def _follow(
+        self, name: str, root_message_id: uuid.UUID, user_id: uuid.UUID, *, following: bool
+    ) -> None:
+        async with self._flow(name, after_commit=False) as flow:
+            root = check_id("root_message_id", root_message_id)
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user, hide="message"):
+                await self.threads.follow(root, user, following=following)
+
+    async def mentions(
+        self,
+        user_id: uuid.UUID,
+        *,
+        before: uuid.UUID | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[Mention]:
+        """The user's mentions inbox, newest first.
+
+        Messages naming them, and room mentions (``@room``) of their rooms by others.
+
+        Pass the last item's ``message_id`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id or ``limit`` (1..200).
+        """
+        async with self._flow("mentions", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            async with flow.acting_as(user):
+                return await self.threads.mentions(user, before=before, limit=limit)
 
     async def catch_up(
         self,
@@ -1231,7 +1635,7 @@ class ChatKeep:
             InvalidInput: not exactly one of ``after_seq`` and ``cursor``, a cursor that
                 does not point forward or belongs to another room, or a bad ``limit``.
         """
-        async with self._flow("catch_up", after_commit=False) as flow:
+        async with self._flow("catch_up", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
@@ -1240,9 +1644,9 @@ class ChatKeep:
             if cursor is not None and decode_cursor(cursor)[2] != "after":
                 raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
             await self._require_member(room, user)
-            async with flow.acting_as(user):
+            with flow.as_user(user):
                 return await self.messages.history(
-                    room, after_seq=after_seq, cursor=cursor, limit=limit
+                    room, after_seq=after_seq, cursor=cursor, limit=limit, as_user=user
                 )
 
     async def history(
@@ -1268,19 +1672,68 @@ class ChatKeep:
                 ``around`` names a message not in it.
             InvalidInput: a bad id, more than one position, a bad cursor or ``limit``.
         """
-        async with self._flow("history", after_commit=False) as flow:
+        async with self._flow("history", after_commit=False, reads=True) as flow:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             await self._require_member(room, user)
-            async with flow.acting_as(user):
-                return await self.messages.history(
+            return await flow.read_as(
+                user,
+                lambda: self.messages.history(
                     room,
                     cursor=cursor,
                     before_seq=before_seq,
                     after_seq=after_seq,
                     around=around,
                     limit=limit,
+                    as_user=user,
+                ),
+                one_statement=True,
+            )
+
+    async def search(
+        self,
+        user_id: uuid.UUID,
+        query: str,
+        *,
+        room_id: uuid.UUID | None = None,
+        author_id: uuid.UUID | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        order: SearchOrder = "newest",
+        limit: int = DEFAULT_SEARCH_LIMIT,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """Full-text search over the messages the user may see, newest first or ranked.
+
+        Row security applies: only messages of the user's rooms are found. Filters: one
+        room, one author, ``since`` (inclusive) and ``until`` (exclusive). Each hit has a
+        highlighted ``snippet`` (:class:`~chatkeep.models.SearchHit`); ``page.next``
+        continues the same search. A query is parsed by ``websearch_to_tsquery``: any text
+        is safe, operators and all; one with no words gives an empty page, and so does a
+        room the user is not in.
+
+        Raises:
+            InvalidInput: a bad id, an empty, too long (> 256 characters) or too wordy
+                (> 32 terms) query, a naive datetime, ``since`` not before ``until``, an
+                unknown ``order``, ``limit`` outside 1-100, or a cursor that is malformed or
+                from another search.
+            ConfigurationError: ``search_config`` names no text search configuration.
+        """
+        async with self._flow("search", after_commit=False) as flow:
+            user = check_id("user_id", user_id)
+            flow.about(user_id=user)
+            async with flow.acting_as(user):
+                return await self.search_index.search(
+                    user,
+                    query,
+                    room_id=room_id,
+                    author_id=author_id,
+                    since=since,
+                    until=until,
+                    order=order,
+                    limit=limit,
+                    cursor=cursor,
                 )
 
     async def rooms_of(
@@ -1292,10 +1745,13 @@ class ChatKeep:
             NotFound: no such user.
             InvalidInput: a bad id.
         """
-        async with self._flow("rooms_of", after_commit=False) as flow:
+        async with self._flow("rooms_of", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.rooms.rooms_of(user, include_inactive=include_inactive)
+            return await flow.read_as(
+                user,
+                lambda: self.rooms.rooms_of(user, include_inactive=include_inactive, as_user=user),
+                one_statement=True,
+            )
 
     # -- rooms and membership ---------------------------------------------------------------
 

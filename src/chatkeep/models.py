@@ -96,6 +96,8 @@ __all__ = [
     "PASSWORD_MAX_BYTES",
     "PASSWORD_MIN_LENGTH",
     "SCHEMA_CONFIG",
+    "SNIPPET_START",
+    "SNIPPET_STOP",
     "USERNAME_MAX_LENGTH",
     "USERNAME_MIN_LENGTH",
     "Change",
@@ -107,19 +109,25 @@ __all__ = [
     "CreateUserDto",
     "CursorPage",
     "EditMessageBody",
+    "FollowedThread",
+    "Mention",
     "Message",
     "MessageReadStatus",
     "MessageType",
     "MessageWithUser",
     "ReactionCount",
     "Room",
+    "RoomBadges",
     "RoomMember",
     "RoomRole",
     "RoomSummary",
     "RoomType",
     "RoomUser",
     "RoomWithUsers",
+    "SearchHit",
+    "SearchPage",
     "SendMessageBody",
+    "ThreadSummary",
     "UnreadCounts",
     "UpdateRoomDto",
     "UpdateUserDto",
@@ -745,6 +753,8 @@ class Message(_Row):
     is_edited: bool = False
     edited_at: datetime | None = None
     created_at: datetime
+    #: The root of the thread this message replies to (same room), or ``None``.
+    reply_to: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -757,6 +767,22 @@ class ReactionCount(_Row):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThreadSummary(_Row):
+    """A thread's summary, kept by the database as replies come and go.
+
+    ``participants`` holds the first ten repliers, in the order they first replied.
+    """
+
+    root_id: uuid.UUID
+    room_id: uuid.UUID
+    root_seq: int
+    reply_count: int
+    last_reply_seq: int
+    last_reply_at: datetime
+    participants: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class MessageWithUser(Message):
     """A message with its author's public profile, as history pages return it.
 
@@ -766,6 +792,9 @@ class MessageWithUser(Message):
 
     user: UserProfile
     reactions: tuple[ReactionCount, ...] = ()
+    #: The thread's summary, on a root in a collapsed history page
+    #: (:meth:`chatkeep.ChatKeep.collapsed_history`); ``None`` everywhere else.
+    thread: ThreadSummary | None = None
 
 
 class CreateMessageDto(_Dto):
@@ -776,6 +805,9 @@ class CreateMessageDto(_Dto):
     content: Content
     type: MessageType = "text"
     client_msg_id: ClientMsgId | None = None
+    reply_to: uuid.UUID | None = Field(
+        default=None, description="The message this one replies to (its thread's root)."
+    )
 
 
 class SendMessageBody(_Dto):
@@ -813,6 +845,55 @@ class RoomSummary(_Row):
     last_message: MessageWithUser | None = None
 
 
+# -- threads, mentions, badges ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowedThread(_Row):
+    """A thread a user follows, with their read state in it.
+
+    ``unread`` counts the replies after their watermark, capped at
+    :data:`chatkeep.storage.threads.UNREAD_CAP` (a badge shows "99+", not an exact
+    count over a huge thread); ``mentions`` counts their unread mentions in it.
+    """
+
+    thread: ThreadSummary
+    last_read_seq: int
+    unread: int
+    mentions: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mention(_Row):
+    """A message that mentions a user (``room_wide``: through ``@room``/``@here``/``@all``)."""
+
+    message_id: uuid.UUID
+    room_id: uuid.UUID
+    seq: int
+    root_id: uuid.UUID | None = None
+    author_id: uuid.UUID
+    room_wide: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoomBadges(_Row):
+    """What a client badges a room with: all counted after the user's watermarks.
+
+    Attributes:
+        unread: messages after the room watermark (replies included: they are messages of
+            the room).
+        mentions: those that mention the user, or the room (by someone else).
+        unread_threads: followed threads with replies after the thread watermark.
+        thread_mentions: mentions of the user in followed threads after its watermark.
+    """
+
+    room_id: uuid.UUID
+    unread: int
+    mentions: int
+    unread_threads: int
+    thread_mentions: int
+
+
 # -- pages --------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -836,6 +917,42 @@ class CursorPage(Generic[T]):
     before: str | None = None
     after: str | None = None
     newest: str | None = None
+
+
+# -- search -------------------------------------------------------------------------------
+
+#: Marks the start of a matched term in :attr:`SearchHit.snippet` (U+E000, private use).
+SNIPPET_START: Final = "\ue000"
+#: Marks the end of a matched term in :attr:`SearchHit.snippet` (U+E001, private use).
+SNIPPET_STOP: Final = "\ue001"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchHit(Message):
+    """A message that matched a search, with its highlighted snippet.
+
+    ``snippet`` is an extract of ``content`` (up to about 35 words) with each matched term
+    between :data:`SNIPPET_START` and :data:`SNIPPET_STOP`: two private-use characters,
+    removed from the content before the snippet is made, so they only ever mark matches.
+    The snippet is plain text: escape it for HTML as you would the content, then turn the
+    markers into ``<mark>`` tags. ``rank`` is the ``ts_rank`` score when the search was
+    ordered by rank, else ``None``.
+    """
+
+    snippet: str
+    rank: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchPage(_Row):
+    """A page of search results, best (or newest) first.
+
+    ``next`` is the opaque cursor of the following page, ``None`` when this page is the
+    last; it only continues the same search (same query, filters and order).
+    """
+
+    items: tuple[SearchHit, ...]
+    next: str | None = None
 
 
 ChangeKind = Literal[
@@ -864,8 +981,9 @@ class Change(_Row):
 
     ==================== ==============================================================
     message.created      ``content``, ``type``, ``client_msg_id``, ``is_edited``,
-    message.edited       ``edited_at``, ``created_at``, ``user_id`` (the message as it
-                         is now: an edit made later shows in both)
+    message.edited       ``edited_at``, ``created_at``, ``user_id``, ``reply_to`` (the
+                         message as it is now: an edit made later shows in both;
+                         ``reply_to`` is its thread's root or ``None``)
     message.deleted      nothing: the content is gone (a tombstone)
     reaction.added       ``user_id``, ``emoji``, ``count`` (the emoji's count on the
     reaction.removed     message after the change)

@@ -39,6 +39,7 @@ from uuid import UUID
 
 import asyncpg
 
+from chatkeep._tasks import stop_if_asked
 from chatkeep.config import Settings
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
 from chatkeep.realtime.client import RedisClient
@@ -146,7 +147,9 @@ class OutboxRelay:
             except ConfigurationError:
                 raise
             except ChatkeepError as exc:
+                stop_if_asked()  # the stop request came back as a call's own error
                 logger.warning("outbox relay: %s; retrying in %.1f s", exc, self.standby_interval)
+            stop_if_asked()
             await asyncio.sleep(self.standby_interval)
 
     async def _session(self) -> None:
@@ -165,6 +168,7 @@ class OutboxRelay:
                 )
             locked = await self._try_lock(conn)
             while not locked:
+                stop_if_asked()
                 await asyncio.sleep(self.standby_interval)
                 locked = await self._try_lock(conn)
             self._leader = True
@@ -174,6 +178,7 @@ class OutboxRelay:
             logger.info("outbox relay: leading")
             while True:
                 await self._tick(conn)
+                stop_if_asked()
                 await asyncio.sleep(self.interval)
         finally:
             self._leader = False

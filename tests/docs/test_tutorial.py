@@ -266,3 +266,35 @@ async def test_the_tutorial(chat: ChatKeep, database_url: str, redis_url: str) -
         "error": "try again shortly",
     }
     assert error_response(ChatkeepError("odd"))["status"] == 500
+
+
+async def test_the_tutorial_threads(chat: ChatKeep) -> None:
+    alice = await chat.register(
+        CreateUserDto(email="alice@example.org", username="alice", password="correct horse")
+    )
+    bob = await chat.register(
+        CreateUserDto(email="bob@example.org", username="bob", password="battery staple")
+    )
+    general = await chat.create_room(CreateRoomDto(name="general", created_by=alice.id))
+    await chat.join(general.id, bob.id)
+    # --8<-- [start:threads]
+    question = await chat.send_message(general.id, alice.id, "who has the keys?")
+    answer = await chat.send_message(general.id, bob.id, "I do, @alice", reply_to=question.id)
+    assert answer.reply_to == question.id  # a reply to `answer` would attach here too
+
+    page = await chat.thread(question.id, alice.id)  # keyset pages, like history
+    assert [m.content for m in page.items] == ["I do, @alice"]
+    summary = await chat.thread_summary(question.id, alice.id)
+    assert summary is not None
+    assert summary.reply_count == 1
+
+    badges = await chat.badges(alice.id)  # one query for every room of alice
+    room = badges[general.id]
+    assert (room.unread, room.mentions, room.unread_threads, room.thread_mentions) == (1, 1, 1, 1)
+    assert [m.message_id for m in await chat.mentions(alice.id)] == [answer.id]
+
+    await chat.mark_thread_read(question.id, alice.id)  # forward only
+    await chat.mark_read(general.id, alice.id)
+    room = (await chat.badges(alice.id))[general.id]
+    assert (room.unread, room.mentions, room.unread_threads) == (0, 0, 0)
+    # --8<-- [end:threads]

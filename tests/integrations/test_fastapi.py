@@ -38,6 +38,8 @@ from chatkeep import (
     RoomSummary,
     RoomUser,
     RoomWithUsers,
+    SearchHit,
+    SearchPage,
     Settings,
     Unauthenticated,
     Unavailable,
@@ -163,6 +165,10 @@ def _samples() -> dict[str, tuple[Any, Any]]:
             ],
         ),
         "message": (Message, message),
+        "search": (
+            SearchPage,
+            SearchPage(items=(SearchHit(**vars(message), snippet="\ue000hi\ue001"),), next="c"),
+        ),
         "page": (CursorPage[MessageWithUser], CursorPage(items=(with_user,), newest="n")),
         "read_status": (
             MessageReadStatus,
@@ -208,6 +214,7 @@ def test_every_public_return_type_is_a_response_model() -> None:
             "error": None,
         }
         assert client.get("/page").json()["items"][0]["user"]["username"] == "ann"
+        assert client.get("/search").json()["items"][0]["snippet"] == "\ue000hi\ue001"
         assert "password_hash" not in client.get("/user").json()
 
 
@@ -380,6 +387,44 @@ def test_a_whole_conversation(client: TestClient) -> None:
     limited = client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": "more"})
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_search(client: TestClient) -> None:
+    auth = bearer(login(client, register(client, "ann")["username"]))
+    outsider = bearer(login(client, register(client, "bob")["username"]))
+    room_id = client.post("/api/rooms", headers=auth, json={"name": "general"}).json()["id"]
+    for text in ("the blue heron", "a grey heron", "no birds"):
+        sent = client.post(f"/api/rooms/{room_id}/messages", headers=auth, json={"content": text})
+        assert sent.status_code == 201, sent.text
+    first = client.get("/api/search", headers=auth, params={"q": "heron", "limit": 1})
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [hit["content"] for hit in page["items"]] == ["a grey heron"]
+    assert "\ue000heron\ue001" in page["items"][0]["snippet"]
+    rest = client.get(
+        "/api/search",
+        headers=auth,
+        params={"q": "heron", "limit": 1, "cursor": page["next"], "room_id": room_id},
+    )
+    assert rest.status_code == 422  # a cursor of another search (no room filter)
+    assert rest.json()["error"]["field"] == "cursor"
+    rest = client.get("/api/search", headers=auth, params={"q": "heron", "cursor": page["next"]})
+    assert [hit["content"] for hit in rest.json()["items"]] == ["the blue heron"]
+    assert rest.json()["next"] is None
+    ranked = client.get("/api/search", headers=auth, params={"q": "heron", "order": "rank"})
+    assert all(hit["rank"] > 0 for hit in ranked.json()["items"])
+    assert client.get("/api/search", headers=outsider, params={"q": "heron"}).json() == {
+        "items": [],
+        "next": None,
+    }
+    empty = client.get("/api/search", headers=auth, params={"q": "   "})
+    assert empty.status_code == 422
+    assert empty.json()["error"]["field"] == "query"
+    huge = client.get("/api/search", headers=auth, params={"q": "x" * 300})
+    assert huge.status_code == 422
+    assert huge.json()["error"]["errors"] == [{"field": "query", "rule": "at most 256 characters"}]
+    assert client.get("/api/search", headers=auth, params={"q": "a & !(b"}).status_code == 200
+    assert client.get("/api/search", params={"q": "heron"}).status_code == 401
 
 
 def test_sessions_refresh_and_logout(client: TestClient) -> None:

@@ -90,7 +90,7 @@ def rules() -> list[dict[str, Any]]:
 
 def test_the_rules_pass_promtool_check_and_their_unit_tests(promtool: str) -> None:
     shipped = ROOT / "src/chatkeep/ops/deploy" / deploy.RULES
-    assert "SUCCESS: 8 rules found" in run_promtool(promtool, "check", "rules", str(shipped))
+    assert "SUCCESS: 9 rules found" in run_promtool(promtool, "check", "rules", str(shipped))
     assert "SUCCESS" in run_promtool(promtool, "test", "rules", str(RULE_TESTS))
 
 

@@ -21,6 +21,7 @@ APP_TABLES = (
     "messages",
     "message_read_status",
     "message_reactions",
+    "thread_followers",
 )
 
 
@@ -145,7 +146,13 @@ async def test_the_owner_owns_everything_and_the_definer_role_its_functions_alon
     for row in owners:
         by_owner.setdefault(row["owner"], set()).add(row["name"])
     assert set(by_owner) == {"chatapp_owner", "chatapp_rls"}
-    assert by_owner["chatapp_rls"] == {"chatkeep_acting_rooms", "chatkeep_room_is_empty"}
+    # Its two functions, and the policies' membership view (013) with its row types.
+    assert by_owner["chatapp_rls"] == {
+        "chatkeep_acting_rooms",
+        "chatkeep_room_is_empty",
+        "chatkeep_acting_memberships",
+        "_chatkeep_acting_memberships",
+    }
     role = await conn.fetchrow(
         "SELECT rolcanlogin, rolbypassrls, rolsuper FROM pg_roles WHERE rolname = 'chatapp_rls'"
     )
@@ -166,14 +173,22 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_acting_rooms",
         "chatkeep_assign_message_seq",
         "chatkeep_audit_row",
+        "chatkeep_badges",
         "chatkeep_log_change",
         "chatkeep_log_member",
         "chatkeep_log_message",
         "chatkeep_log_reaction",
         "chatkeep_log_room",
+        "chatkeep_message_edited",
+        "chatkeep_message_removed",
+        "chatkeep_message_stored",
         "chatkeep_reaction_room",
+        "chatkeep_record_mentions",
         "chatkeep_relay_changes",
         "chatkeep_room_is_empty",
+        "chatkeep_search_messages",
+        "chatkeep_thread_follower_room",
+        "chatkeep_thread_root",
     ]
     for row in rows:
         # A fixed search_path with no schema anyone else can create objects in.
@@ -228,10 +243,26 @@ APP_WRITES = {
     ("rooms", "UPDATE"): {"name", "description"},
     ("room_users", "INSERT"): {"room_id", "user_id", "role"},
     ("room_users", "UPDATE"): {"role", "last_read_seq", "last_read_at"},
-    ("messages", "INSERT"): {"id", "room_id", "user_id", "client_msg_id", "content", "type"},
+    ("messages", "INSERT"): {
+        "id",
+        "room_id",
+        "user_id",
+        "client_msg_id",
+        "content",
+        "type",
+        "reply_to",
+    },
     ("messages", "UPDATE"): {"content", "is_edited", "edited_at"},
     ("message_read_status", "INSERT"): {"message_id", "user_id"},
     ("message_reactions", "INSERT"): {"message_id", "emoji", "user_id"},
+    ("thread_followers", "INSERT"): {
+        "root_id",
+        "user_id",
+        "following",
+        "last_read_seq",
+        "last_read_at",
+    },
+    ("thread_followers", "UPDATE"): {"following", "last_read_seq", "last_read_at"},
 }
 APP_DELETES = {"users", "rooms", "room_users", "messages", "message_reactions"}
 

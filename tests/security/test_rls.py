@@ -608,10 +608,13 @@ async def test_no_function_or_view_of_the_schema_changes_session_state(
     # reaches the next borrower. Any other setter, or a session-wide one, fails here.
     # The send function sets each row's sender as the acting user the same way, and
     # restores the caller's value before it returns.
+    # chatkeep_act_as() (013) names the acting user of the one-round-trip flows' own
+    # statement the same way, local to its implicit transaction.
     local_only = {
+        "chatkeep_act_as(uuid)",
         "chatkeep_assign_message_seq()",
         "chatkeep_log_change(uuid,text,uuid,bigint,jsonb)",
-        "chatkeep_send_messages(uuid[],uuid[],uuid[],text[],text[],message_type[])",
+        "chatkeep_send_messages(uuid[],uuid[],uuid[],text[],text[],message_type[],uuid[])",
     }
     assert sorted(r["what"] for r in setters) == sorted(local_only)
     sources = await conn.fetch(
@@ -673,3 +676,69 @@ async def test_policies_cost_one_lookup_per_statement(
     scans = [n for n in nodes if n.get("Relation Name") == "messages"]
     assert [s["Index Name"] for s in scans] == ["messages_room_seq_key"]
     assert scans[0]["Actual Rows"] == 50
+
+
+async def test_membership_is_probed_per_row_and_never_scans_rooms(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, world: World
+) -> None:
+    """Migration 013's plan shape, for a user in 1,000 private rooms among 20,000.
+
+    History is filtered by one probe of the user's membership per row (a SubPlan over
+    room_users' index, not a hash of all 1,000 rooms), and the statements over all of the
+    user's rooms start from their memberships: no sequential scan of rooms (the hashed
+    form tried before 013 seq-scanned rooms at 200,000 rooms; docs/performance.md).
+    """
+    await conn.execute(
+        "INSERT INTO messages (room_id, user_id, content)"
+        " SELECT $1, $2, 'm' || g FROM generate_series(1, 300) g",
+        world.private,
+        world.carol,
+    )
+    await conn.execute("SET session_replication_role = replica")  # no log/audit triggers
+    await conn.execute(
+        "INSERT INTO rooms (id, name, type, created_by)"
+        " SELECT gen_random_uuid(), 'bulk ' || g, 'private', $1"
+        "   FROM generate_series(1, 20000) g",
+        world.alice,
+    )
+    await conn.execute(
+        "INSERT INTO room_users (room_id, user_id)"
+        " SELECT id, $1 FROM rooms WHERE name LIKE 'bulk %' ORDER BY id LIMIT 1000",
+        world.dave,
+    )
+    await conn.execute(
+        "INSERT INTO room_users (room_id, user_id) VALUES ($1, $2)", world.private, world.dave
+    )
+    await conn.execute("RESET session_replication_role")
+    await conn.execute("ANALYZE rooms, room_users, messages")
+
+    async def plan(sql: str, *args: object) -> list[dict[str, Any]]:
+        async with acting_as(app_conn, world.dave) as c:
+            raw = await c.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        return plan_nodes(json.loads(raw)[0]["Plan"])
+
+    history = await plan(
+        "SELECT m.id FROM messages m WHERE m.room_id = $1 AND m.seq < $2"
+        " ORDER BY m.seq DESC LIMIT 50",
+        world.private,
+        250,
+    )
+    scan = next(n for n in history if n.get("Relation Name") == "messages")
+    assert scan["Node Type"] == "Index Scan"
+    assert scan["Actual Rows"] == 50
+    assert "SubPlan" in scan["Filter"]
+    assert "hashed" not in scan["Filter"]
+    probes = [n for n in history if n.get("Relation Name") == "room_users"]
+    assert probes
+    assert all(n["Node Type"] == "Index Only Scan" for n in probes)
+    assert all(n["Actual Loops"] == 50 for n in probes)  # one per row of the page
+
+    unread = await plan(
+        "SELECT ru.room_id FROM room_users ru JOIN rooms r ON r.id = ru.room_id"
+        " WHERE ru.user_id = $1",
+        world.dave,
+    )
+    assert sum(n.get("Actual Rows", 0) for n in unread[:1]) == 1001
+    seq_scanned = {n.get("Relation Name") for n in unread if n["Node Type"] == "Seq Scan"}
+    # (room_users here is almost all dave's rows: scanning it whole is fair.)
+    assert "rooms" not in seq_scanned

@@ -122,6 +122,26 @@ EXPECTED_BY_TABLE: dict[str, dict[str, tuple[Expect, ...]]] = {
         "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "delete":     row(OK,     HIDDEN, HIDDEN, HIDDEN, HIDDEN,  HIDDEN,  HIDDEN),
     },
+    # The author's message is a thread root: alice replied, mentioning the author, so the
+    # author follows it (their follower row) and is mentioned (their mention row).
+    "threads": {
+        "select":     row(OK,     OK,     OK,     OK,     HIDDEN,  HIDDEN,  HIDDEN),
+        "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+    },
+    "thread_followers": {
+        "select":     row(OK,     HIDDEN, HIDDEN, HIDDEN, HIDDEN,  HIDDEN,  HIDDEN),
+        "insert":     row(OK,     OK,     OK,     OK,     DENIED,  DENIED,  DENIED),
+        "update":     row(OK,     HIDDEN, HIDDEN, HIDDEN, HIDDEN,  HIDDEN,  HIDDEN),
+        "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+    },
+    "message_mentions": {
+        "select":     row(OK,     OK,     OK,     OK,     HIDDEN,  HIDDEN,  HIDDEN),
+        "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+    },
     "audit_log": {
         "select":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
@@ -193,6 +213,11 @@ async def contexts(conn: asyncpg.Connection, world: World) -> dict[str, Context]
     react = "INSERT INTO message_reactions (message_id, emoji, user_id) VALUES ($1, '👍', $2)"
     await conn.execute(react, world.msg[("private", "carol")], world.carol)
     await conn.execute(react, world.msg[("public", "bob")], world.bob)
+    reply = "INSERT INTO messages (room_id, user_id, content, reply_to) VALUES ($1, $2, $3, $4)"
+    await conn.execute(
+        reply, world.private, world.alice, "@carol yes", world.msg[("private", "carol")]
+    )
+    await conn.execute(reply, world.public, world.alice, "@bob yes", world.msg[("public", "bob")])
     return {
         "private": Context(
             room=world.private,
@@ -328,6 +353,57 @@ STATEMENTS: dict[tuple[str, str], Statement] = {
         "DELETE FROM message_reactions WHERE message_id = $1 AND user_id = $2",
         (c.message, who),
     ),
+    ("threads", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM threads WHERE root_id = $1",
+        (c.message,),
+    ),
+    ("threads", "insert"): lambda c, a, who: (
+        "INSERT INTO threads (root_id, room_id, root_seq, last_reply_seq, last_reply_at)"
+        " VALUES ($1, $2, 1, 1, now())",
+        (c.fresh, c.room),
+    ),
+    ("threads", "update"): lambda c, a, who: (
+        "UPDATE threads SET reply_count = 99 WHERE root_id = $1",
+        (c.message,),
+    ),
+    ("threads", "delete"): lambda c, a, who: (
+        "DELETE FROM threads WHERE root_id = $1",
+        (c.message,),
+    ),
+    ("thread_followers", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM thread_followers WHERE root_id = $1 AND user_id = $2",
+        (c.message, who),
+    ),
+    # Following another thread (of the fresh message) as oneself.
+    ("thread_followers", "insert"): lambda c, a, who: (
+        "INSERT INTO thread_followers (root_id, user_id) VALUES ($1, $2)",
+        (c.fresh, _as(a, who)),
+    ),
+    ("thread_followers", "update"): lambda c, a, who: (
+        "UPDATE thread_followers SET following = false WHERE root_id = $1 AND user_id = $2",
+        (c.message, who),
+    ),
+    ("thread_followers", "delete"): lambda c, a, who: (
+        "DELETE FROM thread_followers WHERE root_id = $1 AND user_id = $2",
+        (c.message, who),
+    ),
+    ("message_mentions", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM message_mentions WHERE user_id = $1 AND room_id = $2",
+        (who, c.room),
+    ),
+    ("message_mentions", "insert"): lambda c, a, who: (
+        "INSERT INTO message_mentions (message_id, user_id, room_id, seq, author_id)"
+        " VALUES ($1, $2, $3, 1, $2)",
+        (c.fresh, who, c.room),
+    ),
+    ("message_mentions", "update"): lambda c, a, who: (
+        "UPDATE message_mentions SET seq = seq WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("message_mentions", "delete"): lambda c, a, who: (
+        "DELETE FROM message_mentions WHERE room_id = $1",
+        (c.room,),
+    ),
     ("audit_log", "select"): lambda c, a, who: ("SELECT count(*) FROM audit_log", ()),
     ("audit_log", "insert"): lambda c, a, who: (
         "INSERT INTO audit_log (action, table_name, row_id) VALUES ('user.delete', 'users', $1)",
@@ -461,7 +537,7 @@ BATCHED_SEND: dict[str, Expect] = {
 _SEND_OUTCOME = {"sent": OK, "no_room": NOT_FOUND, "not_member": DENIED, "archived": DENIED}
 SEND_BATCH = (
     "SELECT idx, outcome, id FROM chatkeep_send_messages($1::uuid[], $2::uuid[], $3::uuid[],"
-    " $4::text[], $5::text[], $6::message_type[])"
+    " $4::text[], $5::text[], $6::message_type[], $7::uuid[])"
 )
 
 
@@ -484,6 +560,7 @@ async def test_matrix_of_the_batched_send(
         [None] * len(cases),
         ["hi"] * len(cases),
         ["text"] * len(cases),
+        [None] * len(cases),
     )
     stored = await conn.fetchval(
         "SELECT count(*) FROM messages WHERE id = ANY ($1::uuid[])",

@@ -151,6 +151,108 @@ async def test_a_wait_for_a_free_connection_is_not_a_slow_statement(
         assert db.stats["t.quick"].max_seconds < 0.1
 
 
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_crowd_on_a_small_pool_waits_but_raises_no_slow_statement_warning(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 tasks on 2 connections: the waits are measured apart, and warned about once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chatkeep.ops.metrics import ChatkeepMetrics
+
+    settings = Settings(database_url=database_url, slow_query_threshold=0.25)
+    async with Database(settings, min_size=2, max_size=2) as db:
+        metrics = ChatkeepMetrics()
+        metrics.attach(database=db)
+        with caplog.at_level(logging.WARNING, logger="chatkeep.storage"):
+            # 200 statements of ~5 ms on 2 connections: the last ones wait about half a
+            # second for a connection, and none takes long itself.
+            results = await asyncio.gather(
+                *(db.fetchval("t.fast", "SELECT pg_sleep(0.005)::text") for _ in range(200))
+            )
+        assert len(results) == 200
+        warnings = _warnings(caplog)
+        assert not [w for w in warnings if "slow database operation" in w.getMessage()]
+        assert db.stats["t.fast"].slow == 0
+        assert db.stats["t.fast"].calls == 200
+        waits = db.pool_wait_stats
+        assert waits.calls == 200
+        assert waits.errors == 0
+        assert waits.max_seconds >= 0.25
+        assert waits.total_seconds > waits.max_seconds
+        # Many long waits, one pool warning for them (rate-limited), naming the pool size.
+        assert waits.slow > 1
+        pool_lines = [w for w in warnings if "free database connection" in w.getMessage()]
+        assert len(pool_lines) == 1
+        assert "pool_max_size=2" in pool_lines[0].getMessage()
+        assert pool_lines[0].__dict__["long_waits"] == 1  # the first long wait warns at once
+        await metrics.sample()
+        found = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for s in family.samples
+        }
+        assert found[("chatkeep_db_pool_acquire_seconds_count", ())] >= 200
+        assert found[("chatkeep_db_pool_acquire_seconds_sum", ())] >= waits.max_seconds
+        assert found[("chatkeep_db_pool_long_waits_total", ())] == waits.slow
+        assert found[("chatkeep_db_slow_statements_total", (("operation", "t.fast"),))] == 0
+
+        # Past the interval, the next long wait warns again and counts the ones held back.
+        held_back = waits.slow - 1
+        caplog.clear()
+        db.pool_warning_interval = 0.0
+        with caplog.at_level(logging.WARNING, logger="chatkeep.storage"):
+            await asyncio.gather(
+                *(db.fetchval("t.fast", "SELECT pg_sleep(0.005)::text") for _ in range(200))
+            )
+        pool_lines = [r for r in _warnings(caplog) if "free database connection" in r.getMessage()]
+        assert pool_lines
+        assert pool_lines[0].__dict__["long_waits"] == held_back + 1
+        assert f"; {held_back + 1} wait(s) of 250 ms or more" in pool_lines[0].getMessage()
+
+
+async def test_a_slow_statement_warns_with_its_own_time_and_its_wait_apart(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(database_url=database_url, slow_query_threshold=0.1)
+    async with Database(settings, min_size=1, max_size=1) as db:
+        with caplog.at_level(logging.WARNING, logger="chatkeep.storage"):
+            await db.fetchval("t.sleepy", "SELECT pg_sleep(0.15)::text")
+        (line,) = _warnings(caplog)
+        assert line.getMessage().startswith("slow database operation t.sleepy: ")
+        assert "waiting for a connection" in line.getMessage()
+        assert line.__dict__["duration_ms"] >= 150
+        assert 0 <= line.__dict__["pool_wait_ms"] < 100
+        assert db.stats["t.sleepy"].slow == 1
+        assert db.pool_wait_stats.slow == 0
+        db.reset_stats()
+        assert db.pool_wait_stats.calls == 0
+
+
+async def test_an_exhausted_pool_counts_the_acquire_that_gave_up(database_url: str) -> None:
+    settings = Settings(database_url=database_url, connect_timeout=0.2)
+    async with Database(settings, min_size=1, max_size=1) as db:
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with db.transaction("t.holder"):
+                held.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        with pytest.raises(Unavailable, match="database pool exhausted"):
+            await db.fetchval("t.starved", "SELECT 1")
+        release.set()
+        await holder
+        assert db.pool_wait_stats.errors == 1
+        assert db.pool_wait_stats.calls == 1  # the holder's acquire; the starved one failed
+
+
 @pytest.mark.parametrize(
     ("sql", "error"),
     [

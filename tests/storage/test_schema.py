@@ -61,6 +61,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool, str]]] = {
         ("is_edited", "boolean", True, "false"),
         ("edited_at", TIMESTAMPTZ, False, ""),
         ("created_at", TIMESTAMPTZ, True, "now()"),
+        ("reply_to", "uuid", False, ""),
     ],
     "room_users": [
         ("room_id", "uuid", True, ""),
@@ -263,6 +264,12 @@ async def test_foreign_keys_are_the_expected_ones(tx: asyncpg.Connection) -> Non
         ("room_changes", "room_changes_room_id_fkey", "rooms"),
         ("message_reactions", "message_reactions_message_id_fkey", "messages"),
         ("message_reactions", "message_reactions_user_id_fkey", "users"),
+        ("threads", "threads_root_id_fkey", "messages"),
+        ("threads", "threads_room_id_fkey", "rooms"),
+        ("thread_followers", "thread_followers_root_id_fkey", "messages"),
+        ("thread_followers", "thread_followers_user_id_fkey", "users"),
+        ("message_mentions", "message_mentions_message_id_fkey", "messages"),
+        ("message_mentions", "message_mentions_user_id_fkey", "users"),
     }
 
 

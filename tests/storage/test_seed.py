@@ -21,7 +21,15 @@ async def test_seed_writes_a_consistent_realistic_database(
         rng_seed=11,
         progress=lambda stage, done, total: stages.append(stage),
     )
-    assert {"users", "rooms", "memberships", "messages", "receipts", "analyze"} <= set(stages)
+    assert {
+        "users",
+        "rooms",
+        "memberships",
+        "messages",
+        "receipts",
+        "reactions",
+        "analyze",
+    } <= set(stages)
     assert (report.users, report.rooms, report.messages) == (60, 15, 3_000)
     assert report.direct_rooms == 3
     assert await conn.fetchval("SELECT count(*) FROM users") == 60
@@ -29,6 +37,29 @@ async def test_seed_writes_a_consistent_realistic_database(
     assert await conn.fetchval("SELECT count(*) FROM room_users") == report.memberships
     assert await conn.fetchval("SELECT count(*) FROM messages") == 3_000
     assert await conn.fetchval("SELECT count(*) FROM message_read_status") == report.receipts
+
+    # Threads, mentions and reactions, in realistic proportions, built by the triggers.
+    replies = await conn.fetchval("SELECT count(*) FROM messages WHERE reply_to IS NOT NULL")
+    assert replies == report.replies
+    assert 0.05 * 3_000 < replies < 0.2 * 3_000
+    assert await conn.fetchval("SELECT sum(reply_count) FROM threads") == replies
+    longest = await conn.fetchval("SELECT max(reply_count) FROM threads")
+    threads = await conn.fetchval("SELECT count(*) FROM threads")
+    assert longest >= 3 * replies / threads  # a few long threads, many short ones
+    assert threads < replies / 2
+    # Every reply's root is in its room and is not itself a reply.
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM messages r JOIN messages t ON t.id = r.reply_to"
+            " WHERE t.room_id <> r.room_id OR t.reply_to IS NOT NULL"
+        )
+        == 0
+    )
+    mentioned = await conn.fetchval("SELECT count(DISTINCT message_id) FROM message_mentions")
+    assert 0 < mentioned <= report.mentions
+    assert report.mentions < 0.06 * 3_000
+    reactions = await conn.fetchval("SELECT count(*) FROM message_reactions")
+    assert reactions == report.reactions > 0
 
     # seq is 1..last_seq in every room, and in time order.
     bad_rooms = await conn.fetchval(

@@ -69,6 +69,7 @@ _SQUAWK_EXCLUDE_DOWN: Final = (
     "ban-drop-column",
     "ban-drop-function",
     "ban-drop-type",
+    "ban-drop-view",
     "require-concurrent-index-deletion",
 )
 

@@ -78,6 +78,9 @@ def seed(
         ("memberships", report.memberships),
         ("messages", report.messages),
         ("receipts", report.receipts),
+        ("thread replies", report.replies),
+        ("mentions", report.mentions),
+        ("reactions", report.reactions),
         ("time", f"{report.seconds:.1f} s"),
         ("password", report.password),
     ):

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, WebSocket
@@ -69,6 +69,7 @@ from chatkeep.models import (
     Room,
     RoomSummary,
     RoomUser,
+    SearchPage,
     SendMessageBody,
     UnreadCounts,
     User,
@@ -484,6 +485,33 @@ def chat_router(*, websocket: bool = True) -> APIRouter:
     ) -> ReadState:
         seq = body.seq if body is not None else None
         return ReadState(last_read_seq=await chat.mark_read(room_id, user_id, seq))
+
+    @router.get("/search", tags=["messages"])
+    async def search(
+        chat: Chat,
+        user_id: CurrentUserId,
+        q: Annotated[str, Query(max_length=1000)],
+        room_id: uuid.UUID | None = None,
+        author_id: uuid.UUID | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        order: Literal["newest", "rank"] = "newest",
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> SearchPage:
+        # The query's own rules (not empty, <= 256 characters, <= 32 terms) are the
+        # facade's, so the error body names them exactly as a library caller sees them.
+        return await chat.search(
+            user_id,
+            q,
+            room_id=room_id,
+            author_id=author_id,
+            since=since,
+            until=until,
+            order=order,
+            cursor=cursor,
+            limit=limit,
+        )
 
     @router.get("/unread", tags=["messages"])
     async def unread(chat: Chat, user_id: CurrentUserId) -> UnreadCounts:

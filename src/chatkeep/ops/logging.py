@@ -71,6 +71,8 @@ STRUCTURED_FIELDS: Final = (
     "duration_ms",
     "failed",
     "pool_wait_ms",
+    "long_waits",
+    "longest_wait_ms",
     "pool_min_size",
     "pool_max_size",
     "rows",

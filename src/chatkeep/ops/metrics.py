@@ -63,6 +63,7 @@ from chatkeep.errors import (
     Unavailable,
 )
 from chatkeep.ops.deploy import DEFAULT_PORT
+from chatkeep.storage.replicas import FALLBACK_REASONS, READ_TARGETS, ReplicaSet
 
 try:
     from prometheus_client import (
@@ -84,6 +85,7 @@ except ImportError as exc:  # pragma: no cover - the dev extra installs it
 __all__ = [
     "DEFAULT_PORT",
     "FAMILIES",
+    "REPLICA_FAMILIES",
     "ChatkeepMetrics",
     "ConnectionFailure",
     "DatabaseSource",
@@ -104,11 +106,16 @@ FAMILIES: Final = (
     "chatkeep_db_pool_connections",
     "chatkeep_db_pool_waiting",
     "chatkeep_db_pool_acquire_seconds",
+    "chatkeep_db_pool_long_waits_total",
     "chatkeep_operation_seconds",
     "chatkeep_db_statement_seconds",
     "chatkeep_db_statement_errors_total",
     "chatkeep_db_slow_statements_total",
     "chatkeep_db_connection_failures_total",
+    "chatkeep_db_reads_total",
+    "chatkeep_db_replica_fallbacks_total",
+    "chatkeep_db_replica_lag_seconds",
+    "chatkeep_db_replica_up",
     "chatkeep_redis_command_seconds",
     "chatkeep_redis_pubsub_reconnects_total",
     "chatkeep_pubsub_published_total",
@@ -119,6 +126,9 @@ FAMILIES: Final = (
     "chatkeep_errors_total",
 )
 """Every metric family a :class:`ChatkeepMetrics` registry exposes (with its suffix)."""
+
+REPLICA_FAMILIES: Final = ("chatkeep_db_replica_lag_seconds", "chatkeep_db_replica_up")
+"""The families with one series per read replica: absent when none is configured."""
 
 
 # A chat backend's calls: a cached read or a PING takes well under a millisecond, a send a
@@ -208,6 +218,11 @@ class DatabaseSource(Protocol):
     @property
     def stats(self) -> Mapping[str, OperationCounters]:
         """Counters per named operation."""
+        ...
+
+    @property
+    def pool_wait_stats(self) -> OperationCounters:
+        """Counters of the waits for a pooled connection (``slow``: the long ones)."""
         ...
 
     async def health(self) -> _Latency:
@@ -366,7 +381,54 @@ class _SourcesCollector(Collector):
         for name, counters in sorted(dict(database.stats).items()):
             errors.add_metric([name], counters.errors)
             slow.add_metric([name], counters.slow)
-        yield from (errors, slow)
+        long_waits = CounterMetricFamily(
+            "chatkeep_db_pool_long_waits",
+            "Waits for a pooled connection of the slow-query threshold or more (an "
+            "exhausted pool; never counted as slow statements).",
+            value=database.pool_wait_stats.slow,
+        )
+        yield from (errors, slow, long_waits)
+        yield from self._replicas(getattr(database, "replicas", None))
+
+    def _replicas(self, replicas: ReplicaSet | None) -> Iterator[Metric]:
+        reads = CounterMetricFamily(
+            "chatkeep_db_reads",
+            "Reads that may go to a read replica (history, room lists, unread counts), by "
+            "where they went.",
+            labels=["target"],
+        )
+        fallbacks = CounterMetricFamily(
+            "chatkeep_db_replica_fallbacks",
+            "Reads that may go to a replica but went to the primary, by reason.",
+            labels=["reason"],
+        )
+        counted = replicas.reads if replicas is not None else dict.fromkeys(READ_TARGETS, 0)
+        for target, count in counted.items():
+            reads.add_metric([target], count)
+        why = replicas.fallbacks if replicas is not None else dict.fromkeys(FALLBACK_REASONS, 0)
+        for reason, count in why.items():
+            fallbacks.add_metric([reason], count)
+        yield from (reads, fallbacks)
+        if replicas is None:
+            return
+        lag = GaugeMetricFamily(
+            "chatkeep_db_replica_lag_seconds",
+            "Seconds the replica is behind the primary, as last measured (absent before its "
+            "first measurement).",
+            labels=["replica"],
+        )
+        up = GaugeMetricFamily(
+            "chatkeep_db_replica_up",
+            "1 when the replica answered its last check as a streaming standby, else 0.",
+            labels=["replica"],
+        )
+        now = time.monotonic()
+        for replica in replicas.replicas:
+            seconds = replica.lag(now)
+            if seconds is not None:
+                lag.add_metric([replica.name], seconds)
+            up.add_metric([replica.name], 1 if replica.up else 0)
+        yield from (lag, up)
 
     def _failures(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

@@ -136,6 +136,8 @@ class MessageCreated(RoomEvent):
         validation_alias=AliasChoices("client_msg_id", "client_message_id"),
     )
     body: str | None = None
+    #: The root of the thread the message replies to, or ``None``.
+    reply_to: UUID | None = None
 
 
 class MessageEdited(RoomEvent):

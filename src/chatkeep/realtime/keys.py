@@ -44,6 +44,7 @@ _PATTERNS: Final[dict[str, str]] = {
     "refresh_family": "refresh_family:{familyId}",
     "refresh_family_sessions": "refresh_family:{familyId}:sessions",
     "user_refresh_families": "user:{userId}:refresh_families",
+    "recent_write": "user:{userId}:recent_write",
     "presence": "presence:{userId}",
     "presence_deadlines": "presence:deadlines",
     "room_presence": "room:{roomId}:presence",
@@ -176,6 +177,10 @@ class KeySpace:
     def user_refresh_families(self, user_id: UUID) -> str:
         """SET of a user's refresh-token family ids (for "log out everywhere")."""
         return self._name("user", _uuid(user_id, "user_id"), "refresh_families")
+
+    def recent_write(self, user_id: UUID) -> str:
+        """STRING present while a user's last write may be missing on a read replica."""
+        return self._name("user", _uuid(user_id, "user_id"), "recent_write")
 
     # -- presence, typing, sockets -------------------------------------------------------
 

@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import Any, Final
 from uuid import UUID
 
+from chatkeep._tasks import stop_if_asked
 from chatkeep.errors import InvalidInput
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import Clock, from_ms, seconds
@@ -370,23 +371,16 @@ class Presence:
         the next tick, never ending the loop.
         """
         pause = seconds(interval, "interval", minimum=0.01, maximum=3600.0)
-        task = asyncio.current_task()
         while True:
             try:
                 while len(await self.sweep(limit=_SWEEP_LIMIT)) == _SWEEP_LIMIT:
                     pass  # more were due: keep claiming before sleeping
             except Exception:
-                if task is not None and task.cancelling():
-                    # The stop request arrived during a store call that answered it with
-                    # an error of its own (a timeout, Unavailable): stop as asked, rather
-                    # than sleeping on and leaving whoever cancelled waiting forever.
-                    raise asyncio.CancelledError from None
+                stop_if_asked()  # the stop request came back as the store call's own error
                 logger.exception(
                     "presence sweep failed; retrying in %.1f s",
                     pause,
                     extra={"operation": "presence.sweep", "retry_in_ms": round(pause * 1000)},
                 )
-            if task is not None and task.cancelling():
-                # Asked to stop, and a call below swallowed the CancelledError: stop.
-                raise asyncio.CancelledError
+            stop_if_asked()
             await asyncio.sleep(pause)

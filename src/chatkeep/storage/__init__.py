@@ -13,6 +13,7 @@ from chatkeep.storage.base import BaseRepository
 from chatkeep.storage.database import Database, DatabaseHealth, OperationStats, Transaction
 from chatkeep.storage.messages import MessageRepository
 from chatkeep.storage.rooms import RoomRepository
+from chatkeep.storage.threads import ThreadRepository
 from chatkeep.storage.users import UserRepository
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "MessageRepository",
     "OperationStats",
     "RoomRepository",
+    "ThreadRepository",
     "Transaction",
     "UserRepository",
 ]

@@ -35,7 +35,7 @@ SELECT h.head, h.oldest,
        c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
        m.id AS m_id, m.user_id AS m_user_id, m.content AS m_content, m.type AS m_type,
        m.client_msg_id AS m_client_msg_id, m.is_edited AS m_is_edited,
-       m.edited_at AS m_edited_at, m.created_at AS m_created_at
+       m.edited_at AS m_edited_at, m.created_at AS m_created_at, m.reply_to AS m_reply_to
   FROM (SELECT r.position AS head,
                (SELECT min(x.position) FROM room_changes x WHERE x.room_id = r.id) AS oldest
           FROM rooms r WHERE r.id = $1) AS h
@@ -50,6 +50,9 @@ SELECT h.head, h.oldest,
  ORDER BY c.position
 """
 POSITION: Final = "SELECT position FROM rooms WHERE id = $1"
+# The same as a user in one round trip (migration 013's flow functions).
+CHANGES_AS: Final = "SELECT * FROM chatkeep_changes($1, $2, $3, $4)"
+POSITION_AS: Final = "SELECT chatkeep_room_position($1, $2)"
 # The position the current transaction's last change took (set by the log's triggers).
 LAST_POSITION: Final = "SELECT nullif(current_setting('chatkeep.position', true), '')::bigint"
 LAST_CHANGE: Final = """
@@ -98,6 +101,7 @@ def _data(row: Any, *, joined: bool = True) -> dict[str, Any]:
             "is_edited": row["m_is_edited"],
             "edited_at": row["m_edited_at"],
             "created_at": row["m_created_at"],
+            "reply_to": row["m_reply_to"],
         }
     data: dict[str, Any] = dict(row["data"])
     if "user_id" in data:
@@ -127,11 +131,17 @@ class ChangeRepository:
         self.db = db
 
     async def changes(
-        self, room_id: uuid.UUID, *, after: int, limit: int = DEFAULT_CHANGES_LIMIT
+        self,
+        room_id: uuid.UUID,
+        *,
+        after: int,
+        limit: int = DEFAULT_CHANGES_LIMIT,
+        as_user: uuid.UUID | None = None,
     ) -> ChangePage:
         """The room's changes after position ``after``, ascending, at most ``limit``.
 
-        Row security shows a member only their rooms' changes: call it acting as one.
+        Row security shows a member only their rooms' changes: call it acting as one, or
+        pass ``as_user`` to read as that user in one round trip outside any transaction.
 
         Raises:
             NotFound: no such room (or one the acting user cannot see).
@@ -142,7 +152,12 @@ class ChangeRepository:
         room = check_id("room_id", room_id)
         start = check_position("after", after)
         size = _limit(limit)
-        rows = await self.db.fetch("changes.after", CHANGES, room, start, size)
+        if as_user is None:
+            rows = await self.db.fetch("changes.after", CHANGES, room, start, size)
+        else:
+            rows = await self.db.fetch_as(
+                check_id("as_user", as_user), "changes.after", CHANGES_AS, room, start, size
+            )
         if not rows:
             raise not_found("room", room)
         head: int = rows[0]["head"]
@@ -172,15 +187,23 @@ class ChangeRepository:
             room_id=room, items=items, position=head, next_after=last if last < head else None
         )
 
-    async def position(self, room_id: uuid.UUID) -> int:
+    async def position(self, room_id: uuid.UUID, *, as_user: uuid.UUID | None = None) -> int:
         """The room's current position (0 for a room that never changed).
+
+        ``as_user``: as that user in one round trip, outside any transaction.
 
         Raises:
             NotFound: no such room (or one the acting user cannot see).
             InvalidInput: a bad id.
         """
         room = check_id("room_id", room_id)
-        value = await self.db.fetchval("changes.position", POSITION, room)
+        if as_user is None:
+            value = await self.db.fetchval("changes.position", POSITION, room)
+        else:
+            found = await self.db.fetchrow_as(
+                check_id("as_user", as_user), "changes.position", POSITION_AS, room
+            )
+            value = None if found is None else found[0]
         if value is None:
             raise not_found("room", room)
         return int(value)

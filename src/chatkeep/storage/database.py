@@ -8,7 +8,10 @@ everywhere.
 named helpers (``await db.fetch("messages.history", SQL, *args)``): the name is logged with
 the duration at DEBUG, counted in :attr:`Database.stats`, logged at WARNING when slower
 than ``slow_query_threshold`` (the name, never the parameters), and driver errors are
-translated to ``chatkeep.errors`` there, ``from`` the original. Inside
+translated to ``chatkeep.errors`` there, ``from`` the original. An operation's time
+counts from when it has its connection: the wait for a free one is measured apart
+(:attr:`Database.pool_wait_stats`, the metrics' pool-wait histogram, and a rate-limited
+"pool exhausted" warning), so a busy pool never shows up as slow statements. Inside
 ``async with db.transaction():`` every helper call from the same task runs on the
 transaction's connection, so repository methods called in the block join it.
 """
@@ -47,6 +50,8 @@ from chatkeep.errors import (
     ChatkeepError,
     ConfigurationError,
     InvalidInput,
+    NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from chatkeep.ids import check_id
@@ -58,6 +63,7 @@ from chatkeep.storage.errors import (
     translate_error,
     translate_errors,
 )
+from chatkeep.storage.replicas import ReplicaSet
 from chatkeep.storage.security import connection_failed
 
 __all__ = [
@@ -151,6 +157,12 @@ class OperationStats:
     def mean_seconds(self) -> float:
         """Average duration of a call, 0 before the first."""
         return self.total_seconds / self.calls if self.calls else 0.0
+
+
+# At most one "waiting for a free connection" warning per this many seconds: a pool
+# exhausted for a minute under 500 tasks would otherwise log one line per waiting call
+# (about 1,000 in 25 s, issue 12). Each warning counts the long waits since the last.
+POOL_WARNING_INTERVAL: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +286,13 @@ class Database:
         # becomes Unavailable instead of an unbounded queue of waiters.
         self._acquire_timeout = settings.connect_timeout
         self._stats: dict[str, OperationStats] = {}
+        self._pool_waits = OperationStats()
+        # The rate-limited pool warning: when it was last logged, and the long waits since.
+        self._pool_warned_at: float | None = None
+        self._long_waits = 0
+        self._longest_wait = 0.0
+        #: Seconds between two "waited for a free database connection" warnings.
+        self.pool_warning_interval = POOL_WARNING_INTERVAL
         # Optional observer wrapped around every pool acquire (``ChatkeepMetrics.time_acquire``);
         # unset, acquiring pays nothing for it.
         self.acquire_timer: Callable[[], contextlib.AbstractContextManager[object]] | None = None
@@ -288,6 +307,13 @@ class Database:
         self._tx: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
             f"chatkeep_tx_{id(self)}", default=None
         )
+        # The replica read_as(one_statement=True) chose for the task's single statements.
+        self._route: contextvars.ContextVar[Database | None] = contextvars.ContextVar(
+            f"chatkeep_route_{id(self)}", default=None
+        )
+        #: The streaming replicas reads that tolerate lag may use (:meth:`read_as`), from
+        #: ``settings.replica_urls`` when the pool opens; ``None`` without replicas.
+        self.replicas: ReplicaSet | None = None
 
     @property
     def dsn(self) -> str:
@@ -360,6 +386,14 @@ class Database:
         with translate_errors(f"connect to {redact_url(self._dsn)}"):
             self._pool = await asyncpg.create_pool(self._dsn, **self.pool_options())
         took = (time.perf_counter() - start) * 1000
+        if settings_replicas := self._settings.replica_urls:
+            self.replicas = ReplicaSet(
+                self,
+                [url.get_secret_value() for url in settings_replicas],
+                self._settings,
+                application_name=self._application_name,
+            )
+            await self.replicas.start()
         logger.debug(
             "pool open: %s min=%d max=%d in %.1f ms",
             redact_url(self._dsn),
@@ -377,6 +411,9 @@ class Database:
 
     async def close(self) -> None:
         """Close every connection, waiting for the ones in use to come back."""
+        replicas, self.replicas = self.replicas, None
+        if replicas is not None:
+            await replicas.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             with translate_errors("close pool"):
@@ -428,11 +465,23 @@ class Database:
         """Per-operation counters since open (a live, read-only view)."""
         return MappingProxyType(self._stats)
 
-    def reset_stats(self) -> None:
-        """Forget every counter."""
-        self._stats.clear()
+    @property
+    def pool_wait_stats(self) -> OperationStats:
+        """Waits for a pooled connection since open, apart from any statement's time.
 
-    def _record(self, name: str, seconds: float, failed: bool) -> None:
+        ``calls`` counts acquires by the named operations and transactions, ``errors``
+        those that gave up (pool exhausted past ``connect_timeout``), ``slow`` the waits of
+        ``slow_query_threshold`` or more, ``total_seconds``/``max_seconds`` the time waited.
+        """
+        return self._pool_waits
+
+    def reset_stats(self) -> None:
+        """Forget every counter (the pool waits' too)."""
+        self._stats.clear()
+        self._pool_waits = OperationStats()
+
+    def _record(self, name: str, seconds: float, failed: bool, waited: float = 0.0) -> None:
+        """Count one operation; ``seconds`` is its own time, ``waited`` its wait before it."""
         stats = self._stats.get(name)
         if stats is None:
             stats = self._stats[name] = OperationStats()
@@ -447,26 +496,31 @@ class Database:
             observer(name, seconds, failed)
         if seconds >= self._slow:
             stats.slow += 1
-            # The name only: parameters may hold message contents or emails.
+            # The name only: parameters may hold message contents or emails. Only the
+            # statement's own time makes it slow; the wait before it is reported beside it.
             logger.warning(
-                "slow database operation %s: %.1f ms",
+                "slow database operation %s: %.1f ms (after %.1f ms waiting for a connection)",
                 name,
                 seconds * 1000,
+                waited * 1000,
                 extra={
                     "operation": name,
                     "duration_ms": round(seconds * 1000, 3),
+                    "pool_wait_ms": round(waited * 1000, 3),
                     "failed": failed,
                 },
             )
         elif logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "%s: %.2f ms%s",
+                "%s: %.2f ms%s (pool wait %.2f ms)",
                 name,
                 seconds * 1000,
                 " (failed)" if failed else "",
+                waited * 1000,
                 extra={
                     "operation": name,
                     "duration_ms": round(seconds * 1000, 3),
+                    "pool_wait_ms": round(waited * 1000, 3),
                     "failed": failed,
                 },
             )
@@ -486,31 +540,67 @@ class Database:
             return tx
         return None
 
-    async def _acquire(self) -> PoolConnectionProxy:
+    async def _acquire(self) -> tuple[PoolConnectionProxy, float]:
+        """A pooled connection, and the seconds waited for it (measured apart)."""
         pool = self._pool
         if pool is None:
             raise Unavailable("the database is not open: call `await db.open()` first")
         timer = self.acquire_timer
+        waits = self._pool_waits
         began = time.perf_counter()
-        if timer is not None:
-            with timer():
+        try:
+            if timer is not None:
+                with timer():
+                    conn = await self._acquire_from(pool)
+            else:
                 conn = await self._acquire_from(pool)
-        else:
-            conn = await self._acquire_from(pool)
+        except Unavailable:
+            waits.errors += 1
+            raise
         self._in_use += 1
-        waited = time.perf_counter() - began
+        now = time.perf_counter()
+        waited = now - began
+        waits.calls += 1
+        waits.total_seconds += waited
+        if waited > waits.max_seconds:
+            waits.max_seconds = waited
         if tracing.tracer() is not None:
             tracing.pool_waited(waited)
         if waited >= self._slow:
-            # Told apart from slow statements: the cure is a bigger pool or fewer
-            # concurrent callers, not a faster query. Operations count from here.
-            logger.warning(
-                "waited %.1f ms for a free database connection (pool_max_size=%d)",
-                waited * 1000,
-                self._max_size,
-                extra={"pool_wait_ms": round(waited * 1000, 3), "pool_max_size": self._max_size},
-            )
-        return conn
+            waits.slow += 1
+            self._long_wait(waited, now)
+        return conn, waited
+
+    def _long_wait(self, waited: float, now: float) -> None:
+        """Note a wait of ``slow_query_threshold`` or more; warn at most once an interval.
+
+        Told apart from slow statements: the cure is a bigger pool or fewer concurrent
+        callers, not a faster query. One line per interval says how many waits were long
+        and the longest, instead of one line per waiting call.
+        """
+        self._long_waits += 1
+        self._longest_wait = max(self._longest_wait, waited)
+        last = self._pool_warned_at
+        if last is not None and now - last < self.pool_warning_interval:
+            return
+        count, longest = self._long_waits, self._longest_wait
+        self._pool_warned_at, self._long_waits, self._longest_wait = now, 0, 0.0
+        logger.warning(
+            "waited %.1f ms for a free database connection (pool_max_size=%d): the pool is "
+            "exhausted; %d wait(s) of %.0f ms or more since the last such warning, the "
+            "longest %.1f ms",
+            waited * 1000,
+            self._max_size,
+            count,
+            self._slow * 1000,
+            longest * 1000,
+            extra={
+                "pool_wait_ms": round(waited * 1000, 3),
+                "pool_max_size": self._max_size,
+                "long_waits": count,
+                "longest_wait_ms": round(longest * 1000, 3),
+            },
+        )
 
     async def _acquire_from(self, pool: asyncpg.Pool) -> PoolConnectionProxy:
         if self._in_use < self._max_size:
@@ -543,7 +633,7 @@ class Database:
             yield tx.connection
             return
         with translate_errors("acquire"):
-            conn = await self._acquire()
+            conn, _ = await self._acquire()
         pid = conn.get_server_pid()
         if pid in self._dirty:
             # A previous borrower left session state (a session-level acting user, say):
@@ -643,13 +733,18 @@ class Database:
             PermissionDenied: a write in the block was refused by row security; nothing
                 of the block is kept.
         """
-        user = check_id("user_id", user_id)
-        outer = self._joined()
-        if outer is not None and outer.acting_user != user:
-            who = "no one" if outer.acting_user is None else "another user"
-            raise InvalidInput(
-                "user_id", f"already in a transaction acting as {who}: act in its own block"
-            )
+        user = self._check_acting(user_id)
+        routed = self._route.get()
+        if routed is not None and self._joined() is None:
+            # Inside read_as(one_statement=True) on a replica: a flow that needs a
+            # transaction after all (two statements) takes it there, read-only.
+            async with routed.acting_as(user, name, isolation=isolation, readonly=True) as tx:
+                token = self._tx.set(tx)
+                try:
+                    yield tx
+                finally:
+                    self._tx.reset(token)
+            return
         async with self._transaction(name, isolation, readonly, user) as tx:
             yield tx
 
@@ -697,7 +792,7 @@ class Database:
         with _NO_SPAN if found is None else tracing.transaction(found, name):
             failed = True
             with translate_errors(name):
-                conn = await self._acquire()
+                conn, waited = await self._acquire()
             # A transaction's time starts once it has its connection (waits are logged apart).
             start = time.perf_counter()
             tx = Transaction(conn, name, asyncio.current_task())
@@ -769,12 +864,100 @@ class Database:
                 finally:
                     if not reusable:
                         self._dirty.discard(pid)  # terminated: the pid is free for a new session
-                    self._record(name, time.perf_counter() - start, failed)
+                    self._record(name, time.perf_counter() - start, failed, waited)
 
     def acting_user(self) -> uuid.UUID | None:
         """The user the current task's transaction acts as, or ``None``."""
         tx = self._joined()
         return tx.acting_user if tx is not None else None
+
+    # -- reads that may go to a replica ----------------------------------------------------
+
+    async def read_as(
+        self,
+        user_id: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        *,
+        fresh_since: float | None = None,
+        fence: Callable[[], Awaitable[bool]] | None = None,
+        one_statement: bool = False,
+    ) -> _T:
+        """Run the read ``work`` acting as ``user_id``: on a replica if one may serve it.
+
+        ``work`` makes its statements through this database's helpers (repository calls),
+        as in an :meth:`acting_as` block; it is called again on the primary when the replica
+        fails under it, so it must only read. Without replicas, or when none is up, within
+        ``replica_max_lag`` and fresh as of ``fresh_since`` (see
+        ``chatkeep.storage.replicas``), it runs on the primary. ``fence`` is asked last,
+        only when a replica qualifies: True means the user wrote too recently for any
+        replica (a record kept elsewhere, e.g. in Redis); an error there means the primary.
+
+        A replica that answers NotFound or PermissionDenied (a room or membership newer
+        than it) is not believed: the primary is asked. A replica that fails as
+        Unavailable is not used until its next check, and the read runs on the primary: a
+        caller never sees a replica's failure.
+
+        ``one_statement``: ``work`` acts as the user by itself, one statement in one round
+        trip (:meth:`fetch_as`), so no transaction is opened for it: its statements outside
+        a transaction go to the chosen server's pool.
+
+        Raises:
+            ChatkeepError: what ``work`` raises on the primary.
+        """
+        replicas = self.replicas
+        if replicas is None:
+            return await self._read_on_primary(user_id, name, work, one_statement)
+        if self._joined() is not None:
+            replicas.count_read("primary", "transaction")
+            return await self._read_on_primary(user_id, name, work, one_statement)
+        replica, reason = replicas.choose(fresh_since)
+        if replica is not None and fence is not None:
+            try:
+                if await fence():
+                    replica, reason = None, "own_write"
+            except ChatkeepError:
+                replica, reason = None, "fence_unknown"
+        if replica is None:
+            replicas.count_read("primary", reason)
+            return await self._read_on_primary(user_id, name, work, one_statement)
+        try:
+            if one_statement:
+                route = self._route.set(replica.db)
+                try:
+                    result = await work()
+                finally:
+                    self._route.reset(route)
+            else:
+                async with replica.db.acting_as(user_id, name, readonly=True) as tx:
+                    # Repository calls go through this database's helpers: they join the
+                    # replica's transaction as they would one of this database's own.
+                    token = self._tx.set(tx)
+                    try:
+                        result = await work()
+                    finally:
+                        self._tx.reset(token)
+        except Unavailable as exc:
+            replicas.failed(replica, exc)
+            replicas.count_read("primary", "error")
+        except (NotFound, PermissionDenied):
+            replicas.count_read("primary", "refused")
+        else:
+            replicas.count_read("replica")
+            return result
+        return await self._read_on_primary(user_id, name, work, one_statement)
+
+    async def _read_on_primary(
+        self,
+        user_id: uuid.UUID,
+        name: str,
+        work: Callable[[], Awaitable[_T]],
+        one_statement: bool,
+    ) -> _T:
+        if one_statement:
+            return await work()
+        async with self.acting_as(user_id, name):
+            return await work()
 
     # -- named operations -----------------------------------------------------------------
 
@@ -791,9 +974,15 @@ class Database:
         session state on it). ``query`` is the SQL ``call`` sends, for the check of whether
         it may change session state; ``None`` when it sends none of the caller's (COPY).
         """
+        routed = self._route.get()
+        if routed is not None and self._joined() is None:
+            # read_as(one_statement=True) chose a replica: statements outside a
+            # transaction run on its pool, timed and counted there.
+            return await routed._run(name, query, call)
         found = tracing.tracer()
         with _NO_SPAN if found is None else tracing.statement(found, name, query):
             start = time.perf_counter()
+            waited = 0.0
             failed = True
             try:
                 tx = self._joined()
@@ -807,7 +996,7 @@ class Database:
                             tx._lost = True
                         raise
                 else:
-                    conn = await self._acquire()
+                    conn, waited = await self._acquire()
                     # The operation's time starts once it has a connection: a wait for a free
                     # one is logged apart (_acquire), not counted as a slow statement.
                     start = time.perf_counter()
@@ -836,7 +1025,7 @@ class Database:
                 failed = False
                 return result
             finally:
-                self._record(name, time.perf_counter() - start, failed)
+                self._record(name, time.perf_counter() - start, failed, waited)
 
     async def fetch(self, name: str, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``query`` and return every row. ``name`` labels it in logs and stats.
@@ -868,6 +1057,52 @@ class Database:
         """
         row = await self.fetchrow(name, query, *args)
         return None if row is None else row[0]
+
+    # -- one round trip as a user -----------------------------------------------------------
+
+    def _check_acting(self, user_id: uuid.UUID | str) -> uuid.UUID:
+        """``user_id`` checked, and the task's transaction (if any) acting as that user."""
+        user = check_id("user_id", user_id)
+        outer = self._joined()
+        if outer is not None and outer.acting_user != user:
+            who = "no one" if outer.acting_user is None else "another user"
+            raise InvalidInput(
+                "user_id", f"already in a transaction acting as {who}: act in its own block"
+            )
+        return user
+
+    async def fetch_as(
+        self, user_id: uuid.UUID | str, name: str, query: str, *args: Any
+    ) -> list[asyncpg.Record]:
+        """Run ``query`` as ``user_id`` in one round trip; return every row.
+
+        ``query`` calls a flow function of the schema (SECURITY INVOKER, so row security
+        binds it as the caller) that takes the acting user as its first argument and
+        starts with ``chatkeep_act_as(acting)``; the user is passed as ``$1`` and
+        ``args`` follow as ``$2``... The function sets the user local to the statement's
+        own transaction: outside a transaction that is the statement's implicit one (no
+        BEGIN, no COMMIT, nothing left on the connection); inside :meth:`acting_as` for
+        the same user, the block's. See ``docs/design.md``, "Flows in one round trip".
+
+        Raises:
+            InvalidInput: ``user_id`` is not a UUID, or the task is in a transaction
+                acting as someone else or as no one.
+            ChatkeepError: the driver's error, translated.
+        """
+        user = self._check_acting(user_id)
+        return await self.fetch(name, query, user, *args)
+
+    async def fetchrow_as(
+        self, user_id: uuid.UUID | str, name: str, query: str, *args: Any
+    ) -> asyncpg.Record | None:
+        """:meth:`fetch_as` for the first row only (``None`` if none).
+
+        Raises:
+            InvalidInput: as :meth:`fetch_as`.
+            ChatkeepError: the driver's error, translated.
+        """
+        user = self._check_acting(user_id)
+        return await self.fetchrow(name, query, user, *args)
 
     async def execute(self, name: str, query: str, *args: Any) -> str:
         """Run ``query`` and return its status tag (``"UPDATE 1"``).

@@ -55,7 +55,8 @@ MAX_PAGE_SIZE: Final = 200
 _MAX_SEQ: Final = 2**63 - 1
 
 MESSAGE_COLUMNS: Final = (
-    "id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at, created_at"
+    "id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at, created_at,"
+    " reply_to"
 )
 _M_COLUMNS: Final = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
 _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
@@ -74,12 +75,15 @@ _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
 #  - the trigger logs message.created at the room's next position, returned as position
 #    (NULL for a retry);
 #  - a row refused by the rules comes back with its outcome, and its neighbours are stored.
+#  - reply_to is checked and attached to its thread's root by the messages_thread_root
+#    trigger (migration 015, which gave the function its reply_tos argument); the thread
+#    summary and mentions are kept by triggers too.
 # This is the one place listing the columns a send writes: SEND_ARRAYS and the function's
 # arguments follow it.
 SEND_MANY: Final = f"""
 SELECT idx, outcome, {MESSAGE_COLUMNS}, position
   FROM chatkeep_send_messages($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                              $6::message_type[])
+                              $6::message_type[], $7::uuid[])
 """
 MAX_SEND_BATCH: Final = 1000
 """The most messages :meth:`MessageRepository.send_many` takes in one call."""
@@ -97,6 +101,7 @@ def _send_arrays(dtos: Sequence[CreateMessageDto]) -> tuple[list[Any], ...]:
         [d.client_msg_id for d in dtos],
         [d.content for d in dtos],
         [d.type for d in dtos],
+        [d.reply_to for d in dtos],
     )
 
 
@@ -170,6 +175,11 @@ HISTORY_AROUND: Final = _with_authors(
     "ASC",
 )
 SEQ_OF: Final = "SELECT room_id, seq FROM messages WHERE id = $1"
+# The same pages in one round trip as a user (Database.fetch_as): migration 013's
+# chatkeep_history(acting, room, pivot, older, newer) runs HISTORY_AROUND's shape with the
+# acting user set for its own statement, ascending seq. before: (seq, n, 0); after:
+# (seq + 1, 0, n); around: (seq, n, n).
+HISTORY_AS: Final = "SELECT * FROM chatkeep_history($1, $2, $3, $4, $5)"
 
 # The watermark moves forward only (GREATEST), never past the room's newest message, and
 # last_read_at changes only when it moves. rooms is read, not locked: marking read never
@@ -186,6 +196,9 @@ RETURNING ru.last_read_seq
 """
 # A receipt is written only when the watermark does not already say it: the table grows
 # with out-of-order reads, not with members x messages.
+# MARK_READ as the user in one round trip (013); room_visible tells NotFound from
+# PermissionDenied when no row moved, in the same statement.
+MARK_READ_AS: Final = "SELECT watermark, room_visible FROM chatkeep_mark_read($1, $2, $3)"
 MARK_MESSAGE_READ: Final = """
 WITH m AS (
     SELECT id, room_id, seq FROM messages WHERE id = $1
@@ -430,6 +443,7 @@ class MessageRepository(BaseRepository[Message]):
         after_seq: int | None = None,
         around: int | uuid.UUID | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
+        as_user: uuid.UUID | None = None,
     ) -> CursorPage[MessageWithUser]:
         """A page of the room's messages in ascending ``seq``, authors joined.
 
@@ -438,6 +452,11 @@ class MessageRepository(BaseRepository[Message]):
         older / newer than that seq: ``after_seq=N`` is how a reconnecting client catches
         up, ``after_seq=0`` starts from the oldest), or ``around`` (a seq or a message id:
         half the page older than it, the rest from it on).
+
+        ``as_user``: read as that user in one round trip, outside any transaction (the
+        flow function of migration 013, :meth:`Database.fetch_as`); ``None`` reads in the
+        caller's transaction, as whoever it acts as. An ``around`` message id costs a
+        second statement, so that case opens a transaction acting as the user.
 
         Raises:
             InvalidInput: more than one position, a bad cursor (malformed, tampered with,
@@ -451,25 +470,36 @@ class MessageRepository(BaseRepository[Message]):
             raise InvalidInput(
                 "cursor", "give at most one of cursor, before_seq, after_seq, around"
             )
+        acting = None if as_user is None else check_id("as_user", as_user)
         if cursor is not None:
             cursor_room, seq, direction = decode_cursor(cursor)
             if cursor_room != room:
                 raise InvalidInput("cursor", "belongs to another room")
             if direction == "before":
-                return await self._before(room, seq, size, newest=False)
-            return await self._after(room, seq, size)
+                return await self._before(room, seq, size, newest=False, acting=acting)
+            return await self._after(room, seq, size, acting)
         if before_seq is not None:
-            return await self._before(room, _seq("before_seq", before_seq), size, newest=False)
+            seq = _seq("before_seq", before_seq)
+            return await self._before(room, seq, size, newest=False, acting=acting)
         if after_seq is not None:
-            return await self._after(room, _seq("after_seq", after_seq), size)
+            return await self._after(room, _seq("after_seq", after_seq), size, acting)
         if around is not None:
-            return await self._around(room, around, size)
-        return await self._before(room, _MAX_SEQ, size, newest=True)
+            if acting is not None and isinstance(around, uuid.UUID):
+                async with self.db.acting_as(acting, "messages.history_around"):
+                    return await self._around(room, around, size, None)
+            return await self._around(room, around, size, acting)
+        return await self._before(room, _MAX_SEQ, size, newest=True, acting=acting)
 
     async def _before(
-        self, room: uuid.UUID, seq: int, size: int, *, newest: bool
+        self, room: uuid.UUID, seq: int, size: int, *, newest: bool, acting: uuid.UUID | None
     ) -> CursorPage[MessageWithUser]:
-        rows = await self.db.fetch("messages.history", HISTORY_BEFORE, room, seq, size + 1)
+        if acting is None:
+            rows = await self.db.fetch("messages.history", HISTORY_BEFORE, room, seq, size + 1)
+        else:  # ascending from the function: newest first, as HISTORY_BEFORE gives them
+            found = await self.db.fetch_as(
+                acting, "messages.history", HISTORY_AS, room, seq, size + 1, 0
+            )
+            rows = found[::-1]
         more = len(rows) > size
         items = _messages(rows[size - 1 :: -1] if more else rows[::-1])
         if not items:
@@ -485,8 +515,17 @@ class MessageRepository(BaseRepository[Message]):
             newest=tail,
         )
 
-    async def _after(self, room: uuid.UUID, seq: int, size: int) -> CursorPage[MessageWithUser]:
-        rows = await self.db.fetch("messages.history_after", HISTORY_AFTER, room, seq, size + 1)
+    async def _after(
+        self, room: uuid.UUID, seq: int, size: int, acting: uuid.UUID | None
+    ) -> CursorPage[MessageWithUser]:
+        if acting is None:
+            rows = await self.db.fetch("messages.history_after", HISTORY_AFTER, room, seq, size + 1)
+        elif seq == _MAX_SEQ:  # nothing comes after the largest seq (and seq + 1 overflows)
+            rows = []
+        else:
+            rows = await self.db.fetch_as(
+                acting, "messages.history_after", HISTORY_AS, room, seq + 1, 0, size + 1
+            )
         more = len(rows) > size
         items = _messages(rows[:size] if more else rows)
         if not items:
@@ -501,7 +540,7 @@ class MessageRepository(BaseRepository[Message]):
         )
 
     async def _around(
-        self, room: uuid.UUID, anchor: int | uuid.UUID, size: int
+        self, room: uuid.UUID, anchor: int | uuid.UUID, size: int, acting: uuid.UUID | None
     ) -> CursorPage[MessageWithUser]:
         if isinstance(anchor, uuid.UUID):
             found = await self.db.fetchrow("messages.seq_of", SEQ_OF, anchor)
@@ -512,9 +551,14 @@ class MessageRepository(BaseRepository[Message]):
             seq = _seq("around", anchor)
         # Half the page on each side of the anchor; a short side lends its room to the
         # other, so a page near either end of the room is still full.
-        rows = await self.db.fetch(
-            "messages.history_around", HISTORY_AROUND, room, seq, size + 1, size + 1
-        )
+        if acting is None:
+            rows = await self.db.fetch(
+                "messages.history_around", HISTORY_AROUND, room, seq, size + 1, size + 1
+            )
+        else:
+            rows = await self.db.fetch_as(
+                acting, "messages.history_around", HISTORY_AS, room, seq, size + 1, size + 1
+            )
         # UNION ALL keeps branch order in practice; SQL does not promise it, so sort.
         rows = sorted(rows, key=lambda row: row["seq"])
         split = sum(1 for row in rows if row["seq"] < seq)
@@ -539,20 +583,38 @@ class MessageRepository(BaseRepository[Message]):
     # -- read state -----------------------------------------------------------------------
 
     async def mark_read(
-        self, room_id: uuid.UUID, user_id: uuid.UUID, seq: int | None = None
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        seq: int | None = None,
+        *,
+        as_user: uuid.UUID | None = None,
     ) -> int:
         """Move the member's watermark forward to ``seq`` (default: the newest message).
 
         Never moves it backward and never past the room's newest message; one row update
         whatever the number of unread messages. Returns the watermark after the call.
 
+        ``as_user`` (it must be ``user_id``): as that user in one round trip, outside any
+        transaction (migration 013's ``chatkeep_mark_read``).
+
         Raises:
             NotFound: the room does not exist.
             PermissionDenied: the user is not a member.
+            InvalidInput: a bad id or ``seq``, or ``as_user`` is someone else.
         """
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
         upto = None if seq is None else _seq("seq", seq)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user marks only their own read state")
+            row = await self.db.fetchrow_as(user, "messages.mark_read", MARK_READ_AS, room, upto)
+            if row is None or row["watermark"] is None:
+                if row is None or not row["room_visible"]:
+                    raise not_found("room", room)
+                raise PermissionDenied("only members have read state in this room")
+            return int(row["watermark"])
         value = await self.db.fetchval("messages.mark_read", MARK_READ, room, user, upto)
         if value is None:
             await self._require("room", room)
@@ -642,7 +704,7 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
     append = out.append
     for (
         id_, room_id, user_id, seq, client_msg_id, content, type_, is_edited, edited_at,
-        created_at, username, avatar_url, r_emoji, r_count, r_me,
+        created_at, reply_to, username, avatar_url, r_emoji, r_count, r_me,
     ) in rows:  # fmt: skip
         profile = known(username)
         if profile is None:
@@ -662,8 +724,10 @@ def _messages(rows: Any) -> tuple[MessageWithUser, ...]:
                 "is_edited": is_edited,
                 "edited_at": edited_at,
                 "created_at": created_at,
+                "reply_to": reply_to,
                 "user": profile,
                 "reactions": () if r_emoji is None else tuple(_reactions(r_emoji, r_count, r_me)),
+                "thread": None,
             },
         )
         append(message)

@@ -111,12 +111,12 @@ SELECT {_R_COLUMNS},
        m.id AS m_id, m.user_id AS m_user_id, m.seq AS m_seq,
        m.client_msg_id AS m_client_msg_id, m.content AS m_content, m.type AS m_type,
        m.is_edited AS m_is_edited, m.edited_at AS m_edited_at, m.created_at AS m_created_at,
-       u.username AS m_username, u.avatar_url AS m_avatar_url
+       m.reply_to AS m_reply_to, u.username AS m_username, u.avatar_url AS m_avatar_url
   FROM room_users ru
   JOIN rooms r ON r.id = ru.room_id
   LEFT JOIN LATERAL (
         SELECT mm.id, mm.user_id, mm.seq, mm.client_msg_id, mm.content, mm.type,
-               mm.is_edited, mm.edited_at, mm.created_at
+               mm.is_edited, mm.edited_at, mm.created_at, mm.reply_to
           FROM messages mm
          WHERE mm.room_id = r.id
          ORDER BY mm.seq DESC
@@ -126,6 +126,9 @@ SELECT {_R_COLUMNS},
  WHERE ru.user_id = $1 AND (r.is_active OR $2)
  ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id
 """
+
+# ROOMS_OF as the user in one round trip (migration 013's chatkeep_rooms_of).
+ROOMS_OF_AS: Final = "SELECT * FROM chatkeep_rooms_of($1, $2)"
 
 _ROOM_FIELDS: Final = tuple(field.name for field in dataclasses.fields(Room))
 
@@ -382,20 +385,31 @@ class RoomRepository(BaseRepository[Room]):
         return RoomWithUsers._from_row(values)
 
     async def rooms_of(
-        self, user_id: uuid.UUID, *, include_inactive: bool = False
+        self,
+        user_id: uuid.UUID,
+        *,
+        include_inactive: bool = False,
+        as_user: uuid.UUID | None = None,
     ) -> list[RoomSummary]:
         """The user's rooms, newest activity first, with last message and unread count.
 
-        One query, whatever the number of rooms.
+        One query, whatever the number of rooms. ``as_user`` (it must be ``user_id``):
+        as that user in one round trip, outside any transaction (migration 013).
 
         Raises:
             NotFound: no such user.
-            InvalidInput: a bad id, or ``include_inactive`` is not a bool.
+            InvalidInput: a bad id, ``include_inactive`` is not a bool, or ``as_user`` is
+                someone else.
         """
         user = check_id("user_id", user_id)
         if not isinstance(include_inactive, bool):
             raise InvalidInput("include_inactive", "must be a bool")
-        rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, include_inactive)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user lists only their own rooms")
+            rows = await self.db.fetch_as(user, "rooms.rooms_of", ROOMS_OF_AS, include_inactive)
+        else:
+            rows = await self.db.fetch("rooms.rooms_of", ROOMS_OF, user, include_inactive)
         if not rows:
             await self._require("user", user)
         return [_summary(row) for row in rows]
@@ -417,6 +431,7 @@ def _summary(row: Any) -> RoomSummary:
                 "is_edited": row["m_is_edited"],
                 "edited_at": row["m_edited_at"],
                 "created_at": row["m_created_at"],
+                "reply_to": row["m_reply_to"],
                 "user": UserProfile._from_row(
                     {
                         "id": row["m_user_id"],

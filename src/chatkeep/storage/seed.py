@@ -11,7 +11,13 @@ behind). The shape follows real chat systems rather than uniform noise:
   limit), with the odd image, file, system notice and edit;
 * ``seq`` is assigned per room in time order and ``rooms.last_seq`` matches it;
 * read state is real: most members are caught up, many are somewhat behind, some never
-  read; a few explicit receipts sit ahead of a watermark, as out-of-order reads leave them.
+  read; a few explicit receipts sit ahead of a watermark, as out-of-order reads leave them;
+* conversations have threads, mentions and reactions: in group rooms about one message in
+  eight replies to one of the room's recent messages (so a few threads grow long and most
+  stay short), about one in thirty names another member (`@name`; an owner now and then
+  says `@room`), and about one in twelve gets reactions. The database's own triggers
+  (migration 015) build the thread summaries, followers and mention rows from them, as
+  they do for live traffic.
 
 Every seeded user has the same password (:data:`SEED_PASSWORD`), hashed once with bcrypt.
 """
@@ -56,8 +62,12 @@ MEMBER_COLUMNS: Final = (
 )  # fmt: skip
 MESSAGE_COLUMNS: Final = (
     "id", "room_id", "user_id", "seq", "client_msg_id", "content", "type", "is_edited",
-    "edited_at", "created_at",
+    "edited_at", "created_at", "reply_to",
 )  # fmt: skip
+REACTION_COLUMNS: Final = ("message_id", "emoji", "user_id", "created_at")
+REPLY_SHARE: Final = 0.15
+MENTION_SHARE: Final = 0.035
+REACTION_SHARE: Final = 0.08
 
 RECEIPT_COLUMNS: Final = ("message_id", "user_id", "read_at")
 SCHEMA_READY: Final = "SELECT to_regclass('messages') IS NOT NULL"
@@ -86,6 +96,9 @@ class SeedReport:
     receipts: int
     seconds: float
     password: str = SEED_PASSWORD
+    replies: int = 0
+    mentions: int = 0
+    reactions: int = 0
 
 
 def _check_count(name: str, value: object, low: int, high: int) -> int:
@@ -188,6 +201,11 @@ class _Plan:
         # (room index, seq) -> users who read that message ahead of their watermark.
         self.receipts_wanted: dict[tuple[int, int], list[int]] = {}
         self.receipts: list[tuple[uuid.UUID, uuid.UUID, datetime]] = []
+        self.tag = ""
+        self.owners = {index: members[0] for index, members in enumerate(self.members)}
+        self.replies = 0
+        self.mentions = 0
+        self.reactions: list[tuple[uuid.UUID, str, uuid.UUID, datetime]] = []
 
 
 def _user_records(plan: _Plan, tag: str, password_hash: str) -> Iterator[tuple[Any, ...]]:
@@ -289,6 +307,8 @@ def _message_records(plan: _Plan, messages: int) -> Iterator[tuple[Any, ...]]:
     random_ = rng.random
     wanted = plan.receipts_wanted
     receipts = plan.receipts
+    recent_roots: dict[int, list[uuid.UUID]] = {}
+    active_threads: dict[int, uuid.UUID] = {}
     for i, room in enumerate(plan.message_rooms):
         seqs[room] += 1
         at = plan.start + i * step + random_() * step * 0.5
@@ -316,6 +336,38 @@ def _message_records(plan: _Plan, messages: int) -> Iterator[tuple[Any, ...]]:
             content = "joined the room"
         edited = random_() < 0.02 and kind == "text"
         message_id = _uuid7_at(ms, rng)
+        reply_to = None
+        group = plan.direct_pairs[room] is None
+        if kind == "text" and group:
+            recent = recent_roots.setdefault(room, [])
+            if recent and random_() < REPLY_SHARE:
+                # A conversation goes on in the room's active thread two times in three,
+                # else one of the latest messages starts (or revives) one: thread lengths
+                # come out geometric, a few long and most short.
+                active = active_threads.get(room)
+                if active is None or random_() < 0.35:
+                    active = recent[-1 - int(len(recent) * random_() ** 2)]
+                    active_threads[room] = active
+                reply_to = active
+                plan.replies += 1
+            else:
+                recent.append(message_id)
+                if len(recent) > 8:
+                    del recent[0]
+            if random_() < MENTION_SHARE and len(talkers) > 1:
+                named = talkers[int(random_() * len(talkers))]
+                if named != author:
+                    content = f"@s{plan.tag}_{named} {content}"[:10_000]
+                    plan.mentions += 1
+                elif author == plan.owners[room]:
+                    content = f"@room {content}"[:10_000]
+                    plan.mentions += 1
+        if random_() < REACTION_SHARE and len(talkers) > 1:
+            for reactor in {talkers[int(random_() * len(talkers))] for _ in range(3)}:
+                emoji = _EMOJI[int(random_() * len(_EMOJI))]
+                plan.reactions.append(
+                    (message_id, emoji, user_ids[reactor], created + timedelta(minutes=1))
+                )
         readers = wanted.get((room, seqs[room]))
         if readers is not None:
             read_at = created + timedelta(minutes=3)
@@ -333,6 +385,7 @@ def _message_records(plan: _Plan, messages: int) -> Iterator[tuple[Any, ...]]:
             edited,
             created + timedelta(minutes=2) if edited else None,
             created,
+            reply_to,
         )
 
 
@@ -386,6 +439,7 @@ async def seed(
     tag = uuid.uuid4().hex[:6]
     password_hash = bcrypt.hashpw(SEED_PASSWORD.encode(), bcrypt.gensalt(10)).decode()
     plan = _Plan(users, rooms, messages, rng, time.time())
+    plan.tag = tag
     memberships = sum(len(m) for m in plan.members)
     report = progress or (lambda stage, done, total: None)
 
@@ -414,10 +468,16 @@ async def seed(
         await load(
             "receipts", "message_read_status", RECEIPT_COLUMNS, iter(plan.receipts), receipts
         )
+        reactions = len(plan.reactions)
+        await load(
+            "reactions", "message_reactions", REACTION_COLUMNS, iter(plan.reactions), reactions
+        )
     # Fresh statistics, so the first queries after a seed get good plans.
     report("analyze", 0, 1)
     await db.execute(
-        "seed.analyze", "ANALYZE users, rooms, room_users, messages, message_read_status"
+        "seed.analyze",
+        "ANALYZE users, rooms, room_users, messages, message_read_status, message_reactions,"
+        " threads, thread_followers, message_mentions",
     )
     report("analyze", 1, 1)
     return SeedReport(
@@ -428,4 +488,7 @@ async def seed(
         messages=messages,
         receipts=receipts,
         seconds=time.perf_counter() - started,
+        replies=plan.replies,
+        mentions=plan.mentions,
+        reactions=reactions,
     )

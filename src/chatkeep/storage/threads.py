@@ -1,0 +1,588 @@
+"""Threads, mentions and unread badges (migration 015): read them, follow, mark read.
+
+The database keeps all of it: triggers on ``messages`` attach a reply to its thread's root,
+keep the thread's summary (``threads``), make repliers and mentioned members followers
+(``thread_followers``) and resolve ``@username`` / ``@room`` mentions to members
+(``message_mentions``). This module only reads that state and writes a member's own
+follow flag and thread watermark. Call it acting as the member: row security confines
+every statement to their rooms. ``docs/design.md`` ("Threads, mentions and badges") says
+why the tables have this shape.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from chatkeep.errors import InvalidInput
+from chatkeep.models import (
+    CursorPage,
+    FollowedThread,
+    Mention,
+    MessageWithUser,
+    RoomBadges,
+    ThreadSummary,
+)
+from chatkeep.storage.base import check_id, not_found
+from chatkeep.storage.database import Database
+from chatkeep.storage.messages import (
+    _MAX_SEQ,
+    DEFAULT_PAGE_SIZE,
+    MESSAGE_COLUMNS,
+    Direction,
+    _messages,
+    _page_size,
+    _seq,
+    _with_authors,
+    decode_cursor,
+    encode_cursor,
+)
+
+__all__ = ["DEFAULT_LIST_SIZE", "MAX_LIST_SIZE", "UNREAD_CAP", "ThreadRepository"]
+
+#: A followed thread's ``unread`` counts at most this many replies ("99+" on a badge).
+UNREAD_CAP: Final = 100
+DEFAULT_LIST_SIZE: Final = 50
+MAX_LIST_SIZE: Final = 200
+
+# The root a message id names: itself, or its root when it is a reply. Through row
+# security: a message the user cannot see (or a deleted one) is not found.
+ROOT_OF: Final = """
+SELECT coalesce(m.reply_to, m.id) AS root_id, m.room_id FROM messages m WHERE m.id = $1
+"""
+
+
+# Thread pages: keyset over the (reply_to, seq) index, like room history over (room_id,
+# seq): the cost of a page does not depend on its depth.
+def _thread_page(where: str, order: str) -> str:
+    return (
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        f" WHERE reply_to = $1 AND {where} ORDER BY seq {order}"
+    )
+
+
+THREAD_BEFORE: Final = _with_authors(f"{_thread_page('seq < $2', 'DESC')} LIMIT $3", "DESC")
+THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC')} LIMIT $3", "ASC")
+THREAD_AROUND: Final = _with_authors(
+    f"({_thread_page('seq < $2', 'DESC')} LIMIT $3)"
+    f" UNION ALL ({_thread_page('seq >= $2', 'ASC')} LIMIT $4)",
+    "ASC",
+)
+
+
+# The collapsed view: the room's messages that are not replies, each root with its thread
+# summary (a primary-key probe of threads per row of the page). It walks the room's
+# (room_id, seq) index and skips replies, so a page costs the replies between its roots
+# too: flat in the depth, not in how chatty the threads around it are.
+def _collapsed_page(where: str, order: str) -> str:
+    return (
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        f" WHERE room_id = $1 AND reply_to IS NULL AND {where} ORDER BY seq {order}"
+    )
+
+
+def _with_summaries(rows: str, order: str) -> str:
+    return f"""
+SELECT p.*, t.root_seq AS t_root_seq, t.reply_count AS t_reply_count,
+       t.last_reply_seq AS t_last_reply_seq, t.last_reply_at AS t_last_reply_at,
+       t.participants AS t_participants
+  FROM ({rows}) AS p
+  LEFT JOIN threads t ON t.root_id = p.id
+ ORDER BY p.seq {order}
+"""
+
+
+COLLAPSED_BEFORE: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq < $2', 'DESC')} LIMIT $3", "DESC"), "DESC"
+)
+COLLAPSED_AFTER: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq > $2', 'ASC')} LIMIT $3", "ASC"), "ASC"
+)
+COLLAPSED_AROUND: Final = _with_summaries(
+    _with_authors(
+        f"({_collapsed_page('seq < $2', 'DESC')} LIMIT $3)"
+        f" UNION ALL ({_collapsed_page('seq >= $2', 'ASC')} LIMIT $4)",
+        "ASC",
+    ),
+    "ASC",
+)
+
+_SUMMARY_COLUMNS: Final = (
+    "t.root_id, t.room_id, t.root_seq, t.reply_count, t.last_reply_seq, t.last_reply_at,"
+    " t.participants"
+)
+SUMMARY: Final = f"SELECT {_SUMMARY_COLUMNS} FROM threads t WHERE t.root_id = $1"
+
+# A room's threads, latest reply first; last_reply_seq is unique in a room (it is the seq
+# of one message), so it is the whole keyset.
+ROOM_THREADS: Final = f"""
+SELECT {_SUMMARY_COLUMNS} FROM threads t
+ WHERE t.room_id = $1 AND t.last_reply_seq < $2
+ ORDER BY t.last_reply_seq DESC
+ LIMIT $3
+"""
+
+# The user's followed threads, latest reply first, keyset on (last_reply_at, root_id).
+# unread is counted on the (reply_to, seq) index and capped; mentions on the sparse
+# mentions' (root_id, user_id, seq) index.
+FOLLOWED: Final = f"""
+SELECT {_SUMMARY_COLUMNS}, f.last_read_seq,
+       (SELECT count(*) FROM (SELECT 1 FROM messages m
+                               WHERE m.reply_to = t.root_id AND m.seq > f.last_read_seq
+                               LIMIT {UNREAD_CAP}) AS x) AS unread,
+       (SELECT count(*) FROM message_mentions mm
+         WHERE mm.root_id = t.root_id AND mm.user_id = $1
+           AND mm.seq > f.last_read_seq) AS mentions
+  FROM thread_followers f
+  JOIN threads t ON t.root_id = f.root_id
+ WHERE f.user_id = $1 AND f.following
+   AND ($2::uuid IS NULL OR f.room_id = $2)
+   AND ($3::timestamptz IS NULL OR (t.last_reply_at, t.root_id) < ($3, $4::uuid))
+ ORDER BY t.last_reply_at DESC, t.root_id DESC
+ LIMIT $5
+"""
+
+# The watermark moves forward only (GREATEST) to the thread's last reply; last_read_at
+# changes only when it moves. A first read makes a row that does not follow the thread.
+MARK_THREAD_READ: Final = """
+WITH root AS (
+    SELECT coalesce(m.reply_to, m.id) AS id FROM messages m WHERE m.id = $1
+), target AS (
+    SELECT root.id, coalesce(t.last_reply_seq, 0) AS seq
+      FROM root LEFT JOIN threads t ON t.root_id = root.id
+), marked AS (
+    INSERT INTO thread_followers AS f (root_id, user_id, following, last_read_seq, last_read_at)
+    SELECT target.id, $2, false, target.seq, now() FROM target
+    ON CONFLICT (root_id, user_id) DO UPDATE
+       SET last_read_seq = GREATEST(f.last_read_seq, EXCLUDED.last_read_seq),
+           last_read_at = CASE WHEN EXCLUDED.last_read_seq > f.last_read_seq
+                               THEN EXCLUDED.last_read_at ELSE f.last_read_at END
+    RETURNING f.last_read_seq
+)
+SELECT (SELECT last_read_seq FROM marked) AS watermark
+"""
+
+# Following anew starts from the thread's last reply (what is there is not news);
+# following again, or unfollowing, keeps the watermark.
+FOLLOW: Final = """
+WITH root AS (
+    SELECT coalesce(m.reply_to, m.id) AS id FROM messages m WHERE m.id = $1
+), target AS (
+    SELECT root.id, coalesce(t.last_reply_seq, 0) AS seq
+      FROM root LEFT JOIN threads t ON t.root_id = root.id
+), changed AS (
+    INSERT INTO thread_followers AS f (root_id, user_id, following, last_read_seq, last_read_at)
+    SELECT target.id, $2, $3, target.seq, now() FROM target
+    ON CONFLICT (root_id, user_id) DO UPDATE SET following = EXCLUDED.following
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM changed) AS found
+"""
+
+# The mentions inbox, newest first by message id (time-ordered), keyset on it: the user's
+# own mentions from their index, and room mentions (by someone else) of each of their
+# rooms, a short index range per room. Row security drops rooms the user has left.
+MENTIONS: Final = """
+SELECT message_id, room_id, seq, root_id, author_id, room_wide FROM (
+    (SELECT mm.message_id, mm.room_id, mm.seq, mm.root_id, mm.author_id, false AS room_wide
+       FROM message_mentions mm
+      WHERE mm.user_id = $1 AND ($2::uuid IS NULL OR mm.message_id < $2)
+      ORDER BY mm.message_id DESC
+      LIMIT $3)
+    UNION ALL
+    (SELECT x.message_id, x.room_id, x.seq, x.root_id, x.author_id, true
+       FROM room_users ru
+       CROSS JOIN LATERAL (
+             SELECT mm.message_id, mm.room_id, mm.seq, mm.root_id, mm.author_id
+               FROM message_mentions mm
+              WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id AND mm.author_id <> $1
+                AND ($2::uuid IS NULL OR mm.message_id < $2)
+              ORDER BY mm.message_id DESC
+              LIMIT $3) AS x
+      WHERE ru.user_id = $1)
+) AS both_kinds
+ORDER BY message_id DESC
+LIMIT $3
+"""
+
+BADGES: Final = """
+SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_badges($1)
+"""
+
+
+@dataclass(frozen=True)
+class _Pages:
+    """The three keyset statements of one kind of page, and how to build its items."""
+
+    name: str
+    before: str
+    after: str
+    around: str
+    items: Callable[[Any], tuple[MessageWithUser, ...]]
+
+
+def _with_thread(rows: Any) -> tuple[MessageWithUser, ...]:
+    """Collapsed-view rows: the history columns, then the thread summary (or NULLs)."""
+    plain = _messages([tuple(row)[:_HISTORY_WIDTH] for row in rows])
+    out: list[MessageWithUser] = []
+    for message, row in zip(plain, rows, strict=True):
+        if row["t_reply_count"] is not None:
+            summary = ThreadSummary._adopt(
+                {
+                    "root_id": message.id,
+                    "room_id": message.room_id,
+                    "root_seq": row["t_root_seq"],
+                    "reply_count": row["t_reply_count"],
+                    "last_reply_seq": row["t_last_reply_seq"],
+                    "last_reply_at": row["t_last_reply_at"],
+                    "participants": tuple(row["t_participants"]),
+                }
+            )
+            message = MessageWithUser._adopt({**vars(message), "thread": summary})
+        out.append(message)
+    return tuple(out)
+
+
+# The history statement's columns (_messages unpacks exactly these).
+_HISTORY_WIDTH: Final = len(MESSAGE_COLUMNS.split(",")) + 5
+
+_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
+_COLLAPSED_PAGES: Final = _Pages(
+    "threads.collapsed_history", COLLAPSED_BEFORE, COLLAPSED_AFTER, COLLAPSED_AROUND, _with_thread
+)
+
+
+async def _paged(
+    db: Database,
+    pages: _Pages,
+    key: uuid.UUID,
+    decoded: tuple[uuid.UUID, int, Direction] | None,
+    before_seq: int | None,
+    after_seq: int | None,
+    around: int | None,
+    size: int,
+    *,
+    other: str,
+) -> CursorPage[MessageWithUser]:
+    if decoded is not None:
+        cursor_key, seq, direction = decoded
+        if cursor_key != key:
+            raise InvalidInput("cursor", other)
+        if direction == "before":
+            return await _before(db, pages, key, seq, size, newest=False)
+        return await _after(db, pages, key, seq, size)
+    if before_seq is not None:
+        return await _before(db, pages, key, _seq("before_seq", before_seq), size, newest=False)
+    if after_seq is not None:
+        return await _after(db, pages, key, _seq("after_seq", after_seq), size)
+    if around is not None:
+        return await _around(db, pages, key, _seq("around", around), size)
+    return await _before(db, pages, key, _MAX_SEQ, size, newest=True)
+
+
+async def _before(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int, *, newest: bool
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(pages.name, pages.before, key, seq, size + 1)
+    more = len(rows) > size
+    items = pages.items(rows[size - 1 :: -1] if more else rows[::-1])
+    if not items:
+        return CursorPage(items=(), newest=None if newest else encode_cursor(key, seq - 1, "after"))
+    tail = encode_cursor(key, items[-1].seq, "after")
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, items[0].seq, "before") if more else None,
+        after=None if newest else tail,
+        newest=tail,
+    )
+
+
+async def _after(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(f"{pages.name}_after", pages.after, key, seq, size + 1)
+    more = len(rows) > size
+    items = pages.items(rows[:size] if more else rows)
+    if not items:
+        return CursorPage(items=(), newest=encode_cursor(key, seq, "after"))
+    tail = encode_cursor(key, items[-1].seq, "after")
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, items[0].seq, "before") if seq > 0 else None,
+        after=tail if more else None,
+        newest=tail,
+    )
+
+
+async def _around(
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+) -> CursorPage[MessageWithUser]:
+    rows = await db.fetch(f"{pages.name}_around", pages.around, key, seq, size + 1, size + 1)
+    rows = sorted(rows, key=lambda row: row["seq"])
+    split = sum(1 for row in rows if row["seq"] < seq)
+    found_older, found_newer = split, len(rows) - split
+    take_older = min(found_older, size // 2)
+    take_newer = min(found_newer, size - take_older)
+    take_older = min(found_older, size - take_newer)
+    items = pages.items(rows[split - take_older : split + take_newer])
+    if not items:
+        return CursorPage(items=(), newest=encode_cursor(key, max(seq - 1, 0), "after"))
+    first, last = items[0].seq, items[-1].seq
+    return CursorPage(
+        items=items,
+        before=encode_cursor(key, first, "before") if found_older > take_older else None,
+        after=encode_cursor(key, last, "after") if found_newer > take_newer else None,
+        newest=encode_cursor(key, last, "after"),
+    )
+
+
+def _list_size(limit: object) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_SIZE:
+        raise InvalidInput("limit", f"an integer from 1 to {MAX_LIST_SIZE}")
+    return limit
+
+
+def _summary(row: Any) -> ThreadSummary:
+    return ThreadSummary._adopt(
+        {
+            "root_id": row["root_id"],
+            "room_id": row["room_id"],
+            "root_seq": row["root_seq"],
+            "reply_count": row["reply_count"],
+            "last_reply_seq": row["last_reply_seq"],
+            "last_reply_at": row["last_reply_at"],
+            "participants": tuple(row["participants"]),
+        }
+    )
+
+
+class ThreadRepository:
+    """A member's view of threads and mentions (call it acting as the member)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def root_of(self, message_id: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+        """The thread root a message id names (itself, or its root) and its room.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see.
+        """
+        key = check_id("root_message_id", message_id)
+        row = await self.db.fetchrow("threads.root_of", ROOT_OF, key)
+        if row is None:
+            raise not_found("message", key)
+        return row["root_id"], row["room_id"]
+
+    async def summary(self, root_message_id: uuid.UUID) -> ThreadSummary | None:
+        """The thread's summary, or ``None`` while it has never had a reply.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see.
+        """
+        root, _ = await self.root_of(root_message_id)
+        row = await self.db.fetchrow("threads.summary", SUMMARY, root)
+        return None if row is None else _summary(row)
+
+    async def page(
+        self,
+        root_message_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """A page of the thread's replies in ascending ``seq`` (room seqs), authors joined.
+
+        With no position, the newest page; otherwise exactly one of ``cursor``,
+        ``before_seq``, ``after_seq`` or ``around`` (a seq), as room history takes them.
+        A reply's id pages its root's thread.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see.
+            InvalidInput: more than one position, a bad cursor (or one of another
+                thread), or ``limit`` outside 1..200.
+        """
+        size = _page_size(limit)
+        given = sum(p is not None for p in (cursor, before_seq, after_seq, around))
+        if given > 1:
+            raise InvalidInput(
+                "cursor", "give at most one of cursor, before_seq, after_seq, around"
+            )
+        decoded = None if cursor is None else decode_cursor(cursor)
+        root, _ = await self.root_of(root_message_id)
+        return await _paged(
+            self.db,
+            _THREAD_PAGES,
+            root,
+            decoded,
+            before_seq,
+            after_seq,
+            around,
+            size,
+            other="belongs to another thread",
+        )
+
+    async def collapsed_history(
+        self,
+        room_id: uuid.UUID,
+        *,
+        cursor: str | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        around: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> CursorPage[MessageWithUser]:
+        """The room's history without replies; each root carries its ``thread`` summary.
+
+        Positions as :meth:`page` takes them (cursors name the room).
+
+        Raises:
+            InvalidInput: more than one position, a bad cursor (or one of another room),
+                or ``limit`` outside 1..200.
+        """
+        room = check_id("room_id", room_id)
+        size = _page_size(limit)
+        given = sum(p is not None for p in (cursor, before_seq, after_seq, around))
+        if given > 1:
+            raise InvalidInput(
+                "cursor", "give at most one of cursor, before_seq, after_seq, around"
+            )
+        decoded = None if cursor is None else decode_cursor(cursor)
+        return await _paged(
+            self.db,
+            _COLLAPSED_PAGES,
+            room,
+            decoded,
+            before_seq,
+            after_seq,
+            around,
+            size,
+            other="belongs to another room",
+        )
+
+    async def room_threads(
+        self,
+        room_id: uuid.UUID,
+        *,
+        before_seq: int | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[ThreadSummary]:
+        """The room's threads, latest reply first; reads ``threads``, never the replies.
+
+        Pass the last one's ``last_reply_seq`` as ``before_seq`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id, ``before_seq`` or ``limit``.
+        """
+        room = check_id("room_id", room_id)
+        upto = _MAX_SEQ if before_seq is None else _seq("before_seq", before_seq)
+        size = _list_size(limit)
+        rows = await self.db.fetch("threads.room_threads", ROOM_THREADS, room, upto, size)
+        return [_summary(row) for row in rows]
+
+    async def followed(
+        self,
+        user_id: uuid.UUID,
+        *,
+        room_id: uuid.UUID | None = None,
+        before: ThreadSummary | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[FollowedThread]:
+        """The threads the user follows (optionally in one room), latest reply first.
+
+        Pass the last item's ``thread`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id, ``before`` or ``limit``.
+        """
+        user = check_id("user_id", user_id)
+        room = None if room_id is None else check_id("room_id", room_id)
+        if before is not None and not isinstance(before, ThreadSummary):
+            raise InvalidInput("before", "must be a ThreadSummary of a previous page")
+        size = _list_size(limit)
+        at: datetime | None = None if before is None else before.last_reply_at
+        after_root = None if before is None else before.root_id
+        rows = await self.db.fetch("threads.followed", FOLLOWED, user, room, at, after_root, size)
+        return [
+            FollowedThread._adopt(
+                {
+                    "thread": _summary(row),
+                    "last_read_seq": row["last_read_seq"],
+                    "unread": row["unread"],
+                    "mentions": row["mentions"],
+                }
+            )
+            for row in rows
+        ]
+
+    async def mark_read(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        """Move the user's watermark in the thread to its last reply; never backward.
+
+        Returns the watermark after the call (a room seq; 0 for a thread without
+        replies).
+
+        Raises:
+            NotFound: no such message, or one the user cannot see.
+        """
+        key = check_id("root_message_id", root_message_id)
+        user = check_id("user_id", user_id)
+        value = await self.db.fetchval("threads.mark_read", MARK_THREAD_READ, key, user)
+        if value is None:
+            raise not_found("message", key)
+        return int(value)
+
+    async def follow(
+        self, root_message_id: uuid.UUID, user_id: uuid.UUID, *, following: bool = True
+    ) -> None:
+        """Follow (or stop following) the thread of ``root_message_id``.
+
+        Raises:
+            NotFound: no such message, or one the user cannot see.
+        """
+        key = check_id("root_message_id", root_message_id)
+        user = check_id("user_id", user_id)
+        if not isinstance(following, bool):
+            raise InvalidInput("following", "must be a bool")
+        found = await self.db.fetchval("threads.follow", FOLLOW, key, user, following)
+        if not found:
+            raise not_found("message", key)
+
+    async def mentions(
+        self,
+        user_id: uuid.UUID,
+        *,
+        before: uuid.UUID | None = None,
+        limit: int = DEFAULT_LIST_SIZE,
+    ) -> list[Mention]:
+        """The user's mentions inbox, newest first: messages naming them or their rooms.
+
+        Pass the last item's ``message_id`` as ``before`` for the next page.
+
+        Raises:
+            InvalidInput: a bad id or ``limit``.
+        """
+        user = check_id("user_id", user_id)
+        older = None if before is None else check_id("before", before)
+        size = _list_size(limit)
+        rows = await self.db.fetch("threads.mentions", MENTIONS, user, older, size)
+        return [Mention._from_row(row) for row in rows]
+
+    async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
+        """Per room of the acting user: unread, mentions, unread threads, thread mentions.
+
+        One statement (``chatkeep_badges``), for the acting user, who must be
+        ``user_id``. Empty for a user in no room (or no such user).
+
+        Raises:
+            InvalidInput: a bad id.
+            PermissionDenied: ``user_id`` is not the acting user.
+        """
+        user = check_id("user_id", user_id)
+        rows = await self.db.fetch("threads.badges", BADGES, user)
+        return {row["room_id"]: RoomBadges._from_row(row) for row in rows}

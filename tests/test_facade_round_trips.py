@@ -1,0 +1,249 @@
+"""Read flows cost one round trip to PostgreSQL, with row security still binding them.
+
+Every statement the facade's connections send is logged by asyncpg's query logger (BEGIN
+and COMMIT included: the control below proves the logger sees them), so "one round trip"
+is asserted as "exactly one statement, the flow's function, and no BEGIN/COMMIT".
+The member cache is warmed first: its loader (a cache miss) is Redis-side work, not the
+flow's own statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from chatkeep import (
+    ChatKeep,
+    CreateRoomDto,
+    CreateUserDto,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Settings,
+    User,
+)
+from chatkeep.realtime import RedisClient
+from chatkeep.storage import Database
+
+ROUNDS = 10
+
+
+@dataclass
+class Logged:
+    """The statements sent on the facade's connections since the last ``clear``."""
+
+    queries: list[str]
+
+    def clear(self) -> None:
+        self.queries.clear()
+
+
+@dataclass(frozen=True)
+class Setup:
+    chat: ChatKeep
+    log: Logged
+    alice: User
+    bob: User
+    carol: User
+    room: uuid.UUID  # private: alice (owner) and bob
+    public: uuid.UUID  # alice only
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def setup(
+    make_settings: Callable[..., Settings], app_url: str, redis_url: str
+) -> AsyncIterator[Setup]:
+    log = Logged([])
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: log.queries.append(record.query))
+
+    settings = make_settings(database_url=app_url)
+    async with Database(settings, init=init) as db:
+        client = RedisClient(redis_url)
+        try:
+            chat = ChatKeep(db, client, bcrypt_rounds=ROUNDS)
+            users = [
+                await chat.register(
+                    CreateUserDto(email=f"{n}@example.org", username=n, password="correct horse")
+                )
+                for n in ("alice", "bob", "carol")
+            ]
+            alice, bob, carol = users
+            room = await chat.create_room(
+                CreateRoomDto(name="secret", type="private", created_by=alice.id)
+            )
+            await chat.join(room.id, bob.id, by=alice.id)
+            public = await chat.create_room(CreateRoomDto(name="open", created_by=alice.id))
+            for i in range(5):
+                await chat.send_message(room.id, alice.id, f"m{i}")
+            yield Setup(chat, log, alice, bob, carol, room.id, public.id)
+        finally:
+            await client.aclose()
+
+
+def only_statement(log: Logged, function: str) -> None:
+    assert len(log.queries) == 1, log.queries
+    assert function in log.queries[0], log.queries
+    assert not any(q.lstrip().upper().startswith(("BEGIN", "COMMIT")) for q in log.queries)
+
+
+async def test_the_logger_sees_a_transaction_round_trips(setup: Setup) -> None:
+    """The control: the old path (acting_as, then the statement) logs three statements."""
+    for _ in range(2):  # the first run also introspects the result's types
+        setup.log.clear()
+        async with setup.chat.acting_as(setup.bob.id):
+            await setup.chat.messages.history(setup.room, limit=5)
+    assert len(setup.log.queries) == 3, setup.log.queries
+    assert setup.log.queries[0].startswith("BEGIN")
+    assert setup.log.queries[-1].startswith("COMMIT")
+
+
+async def test_history_and_catch_up_are_one_round_trip(setup: Setup) -> None:
+    chat, log = setup.chat, setup.log
+    await chat.history(setup.room, setup.bob.id)  # warms the member cache
+    log.clear()
+    page = await chat.history(setup.room, setup.bob.id, limit=3)
+    only_statement(log, "chatkeep_history(")
+    assert [m.content for m in page.items] == ["m2", "m3", "m4"]
+    assert page.before is not None
+    assert page.after is None
+    log.clear()
+    older = await chat.history(setup.room, setup.bob.id, cursor=page.before, limit=3)
+    only_statement(log, "chatkeep_history(")
+    assert [m.content for m in older.items] == ["m0", "m1"]
+    log.clear()
+    around = await chat.history(setup.room, setup.bob.id, around=3, limit=2)
+    only_statement(log, "chatkeep_history(")
+    assert [m.seq for m in around.items] == [2, 3]
+    log.clear()
+    caught = await chat.catch_up(setup.room, setup.bob.id, after_seq=3)
+    only_statement(log, "chatkeep_history(")
+    assert [m.content for m in caught.items] == ["m3", "m4"]
+    assert caught.after is None
+    log.clear()
+    assert (await chat.catch_up(setup.room, setup.bob.id, after_seq=2**63 - 1)).items == ()
+    assert log.queries == []  # nothing can come after the largest seq: no statement at all
+
+
+async def test_history_around_a_message_id_still_works_in_a_transaction(setup: Setup) -> None:
+    chat = setup.chat
+    page = await chat.history(setup.room, setup.bob.id, limit=5)
+    anchor = page.items[2]
+    around = await chat.history(setup.room, setup.bob.id, around=anchor.id, limit=2)
+    assert [m.id for m in around.items] == [page.items[1].id, anchor.id]
+    with pytest.raises(NotFound):
+        await chat.history(setup.room, setup.bob.id, around=uuid.uuid4(), limit=2)
+
+
+async def test_mark_read_is_one_round_trip_and_keeps_its_errors(setup: Setup) -> None:
+    chat, log = setup.chat, setup.log
+    log.clear()
+    assert await chat.mark_read(setup.room, setup.bob.id, 2) == 2
+    only_statement(log, "chatkeep_mark_read(")
+    log.clear()
+    assert await chat.mark_read(setup.room, setup.bob.id) == 5
+    only_statement(log, "chatkeep_mark_read(")
+    # carol cannot see the private room: the same NotFound as a made-up id.
+    with pytest.raises(NotFound) as hidden:
+        await chat.mark_read(setup.room, setup.carol.id)
+    with pytest.raises(NotFound) as made_up:
+        await chat.mark_read(uuid.uuid4(), setup.carol.id)
+    assert str(hidden.value) == str(made_up.value)
+    # A public room she is not in: visible, so a refusal, not a NotFound.
+    with pytest.raises(PermissionDenied):
+        await chat.mark_read(setup.public, setup.carol.id)
+
+
+async def test_rooms_of_is_one_round_trip(setup: Setup) -> None:
+    chat, log = setup.chat, setup.log
+    log.clear()
+    rooms = await chat.rooms_of(setup.bob.id)
+    only_statement(log, "chatkeep_rooms_of(")
+    assert [r.room.id for r in rooms] == [setup.room]
+    assert rooms[0].last_message is not None
+    assert rooms[0].last_message.content == "m4"
+    assert await chat.rooms_of(setup.carol.id) == []
+    with pytest.raises(NotFound):
+        await chat.rooms_of(uuid.uuid4())
+
+
+async def test_changes_and_room_position_are_one_round_trip(setup: Setup) -> None:
+    chat, log = setup.chat, setup.log
+    position = await chat.room_position(setup.room, setup.bob.id)  # warms the member cache
+    log.clear()
+    assert await chat.room_position(setup.room, setup.bob.id) == position
+    only_statement(log, "chatkeep_room_position(")
+    log.clear()
+    page = await chat.changes(setup.room, setup.bob.id, after=0)
+    only_statement(log, "chatkeep_changes(")
+    assert page.position == position
+    assert [c.kind for c in page.items].count("message.created") == 5
+    with pytest.raises(NotFound):
+        await chat.changes(setup.room, setup.carol.id, after=0)
+
+
+async def test_repositories_refuse_to_act_for_someone_else(setup: Setup) -> None:
+    chat = setup.chat
+    with pytest.raises(InvalidInput) as exc:
+        await chat.messages.mark_read(setup.room, setup.bob.id, as_user=setup.alice.id)
+    assert exc.value.field == "as_user"
+    with pytest.raises(InvalidInput) as exc:
+        await chat.rooms.rooms_of(setup.bob.id, as_user=setup.alice.id)
+    assert exc.value.field == "as_user"
+
+
+# -- Database.fetch_as ------------------------------------------------------------------------
+
+ROOMS_OF = "SELECT id FROM chatkeep_rooms_of($1, false)"
+
+
+async def test_fetch_as_leaves_nothing_on_the_connection(
+    setup: Setup, make_settings: Callable[..., Settings], app_url: str
+) -> None:
+    async with Database(make_settings(database_url=app_url), min_size=1, max_size=1) as db:
+        rows = await db.fetch_as(setup.bob.id, "t.rooms", ROOMS_OF)
+        assert [r["id"] for r in rows] == [setup.room]
+        # The same, only connection: the user ended with the statement's own transaction.
+        assert await db.fetchval("t.who", "SELECT chatkeep_acting_user_id()") is None
+        assert await db.fetchval("t.count", "SELECT count(*) FROM messages") == 0
+        row = await db.fetchrow_as(
+            setup.bob.id, "t.pos", "SELECT chatkeep_room_position($1, $2)", setup.room
+        )
+        assert row is not None
+        assert row[0] > 0
+        assert await db.fetchval("t.who", "SELECT chatkeep_acting_user_id()") is None
+
+
+async def test_fetch_as_joins_a_block_acting_as_the_same_user_only(
+    setup: Setup, make_settings: Callable[..., Settings], app_url: str
+) -> None:
+    async with Database(make_settings(database_url=app_url), min_size=1, max_size=1) as db:
+        async with db.acting_as(setup.bob.id):
+            assert len(await db.fetch_as(setup.bob.id, "t.rooms", ROOMS_OF)) == 1
+            with pytest.raises(InvalidInput, match="another user") as exc:
+                await db.fetch_as(setup.alice.id, "t.rooms", ROOMS_OF)
+            assert exc.value.field == "user_id"
+        async with db.transaction():
+            with pytest.raises(InvalidInput, match="no one"):
+                await db.fetch_as(setup.bob.id, "t.rooms", ROOMS_OF)
+        with pytest.raises(InvalidInput):
+            await db.fetch_as("not-a-uuid", "t.rooms", ROOMS_OF)
+
+
+async def test_the_functions_refuse_to_switch_the_acting_user(
+    setup: Setup, make_settings: Callable[..., Settings], app_url: str
+) -> None:
+    """Called by hand in a transaction acting as alice, a flow function may not act as bob
+    (the rest of the transaction would then run as bob)."""
+    async with Database(make_settings(database_url=app_url), min_size=1, max_size=1) as db:
+        with pytest.raises(PermissionDenied):
+            async with db.acting_as(setup.alice.id):
+                await db.fetch("t.switch", ROOMS_OF, setup.bob.id)
+        with pytest.raises(InvalidInput):
+            await db.fetch("t.nobody", ROOMS_OF, None)
