@@ -592,7 +592,7 @@ async def test_a_batched_send_never_widens_the_callers_acting_user(
             await set_acting_user(app_conn, member)
             try:
                 rows = await app_conn.fetch(
-                    SEND_BATCH, [uuid7()], [public.room], [sender], [None], ["hi"], ["text"]
+                    SEND_BATCH, [uuid7()], [public.room], [sender], [None], ["hi"], ["text"], [None]
                 )
                 got = _SEND_OUTCOME[rows[0]["outcome"]]
             except asyncpg.PostgresError as exc:
