@@ -24,6 +24,7 @@ TESTED_ELSEWHERE = {
     "bench_replica.py": "tests/storage/test_replicas.py",
     "bench_search.py": "tests/test_facade_search.py",
     "bench_unread.py": "tests/test_bench_unread.py",
+    "bench_send.py": "tests/test_groupcommit.py",
 }
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a

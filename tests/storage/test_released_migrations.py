@@ -39,11 +39,18 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "flows_in_one_round_trip",
         "59828e4edca805ad563a2aaeb4817d2871db890f561687c7c6f28fdffd8254c2",
     ),
+    14: (
+        "send_in_one_round_trip",
+        "c68e4bbb6c9bf93253f7d165ec66a8f9411c37b42e8d713655a500dcff0e900c",
+    ),
     15: (
         "threads_and_mentions",
-        "2c8aed4bd5e6589618e73cdf4b109f0e148da4fe076816c35c3b22874afe75ab",
+        "225dec146ace41803971bc30de484bf264b318d5a41d3855ff046df2b222a821",
     ),
-    16: ("message_search", "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e"),
+    16: (
+        "message_search",
+        "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
+    ),
 }
 
 
