@@ -553,7 +553,8 @@ class EventBus:
         data = encode_event(self._stamp(event))
         channel = self._client.keys.room_events(event.room_id)
         with self._client.guard("events.publish"):
-            return int(await self._client.redis.publish(channel, data))
+            command = self._client.publish_command  # SPUBLISH on a cluster
+            return int(await self._client.redis.execute_command(command, channel, data))
 
     async def published(self, room_id: UUID) -> int:
         """The highest change-log position published for the room (0: none known).
@@ -598,7 +599,7 @@ class EventBus:
             pipe.zadd(key, {_MARK_MEMBER: position}, gt=True)
             pipe.pexpire(key, PUBLISHED_MARK_TTL_MS)
         for channel, data in encoded:
-            pipe.publish(channel, data)
+            pipe.execute_command(self._client.publish_command, channel, data)
         with self._client.guard("events.publish_many"):
             results = await pipe.execute()
         return [int(n) for n in results[2 * len(marks) :]]
