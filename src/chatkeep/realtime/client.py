@@ -355,7 +355,7 @@ class RedisClient:
                     client_name=f"{client_name}-pubsub",
                     **link_options,
                 )
-                return aioredis.Redis(connection_pool=pool, auto_close_connection_pool=True)
+                return aioredis.Redis(connection_pool=pool)
 
             self._hub = _ShardedPubSubHub(
                 topology,

@@ -78,7 +78,8 @@ class _Link:
         with contextlib.suppress(rex.RedisError, OSError):
             await asyncio.shield(self.pubsub.aclose())  # type: ignore[no-untyped-call]
         with contextlib.suppress(rex.RedisError, OSError):
-            await asyncio.shield(self.client.aclose())
+            # The pool is the link's own: it goes with the link.
+            await asyncio.shield(self.client.aclose(close_connection_pool=True))
 
 
 class _ShardedPubSubHub:
