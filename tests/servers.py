@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -405,6 +405,10 @@ class RedisServer:
         self.close()
 
 
+def _command(client: redis.Redis, *args: str | int) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 class RedisClusterServers:
     """A Redis (or Valkey) Cluster of the test's own: three masters with one replica each.
 
@@ -453,15 +457,15 @@ class RedisClusterServers:
             server.start()
         clients = [self._client(port) for port in self.ports]
         try:
-            ids = [str(c.execute_command("CLUSTER", "MYID"), "ascii") for c in clients]
+            ids = [str(_command(c, "CLUSTER", "MYID"), "ascii") for c in clients]
             for c in clients[1:]:
-                c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+                _command(c, "CLUSTER", "MEET", "127.0.0.1", self.ports[0])
             bounds = [0, 5461, 10923, 16384]
             for index, c in enumerate(clients[:3]):
-                c.execute_command("CLUSTER", "ADDSLOTSRANGE", bounds[index], bounds[index + 1] - 1)
+                _command(c, "CLUSTER", "ADDSLOTSRANGE", bounds[index], bounds[index + 1] - 1)
             self._wait(lambda: all(self._known(c) == 6 for c in clients), "nodes meeting")
             for index, c in enumerate(clients[3:]):
-                c.execute_command("CLUSTER", "REPLICATE", ids[index])
+                _command(c, "CLUSTER", "REPLICATE", ids[index])
             self._wait(lambda: all(self._ok(c) for c in clients), "cluster_state:ok")
             self._wait(lambda: self._replicas_in_sync(clients[:3]), "replicas in sync")
         finally:
@@ -471,12 +475,12 @@ class RedisClusterServers:
 
     @staticmethod
     def _known(client: redis.Redis) -> int:
-        text = str(client.execute_command("CLUSTER", "NODES"), "ascii")
+        text = str(_command(client, "CLUSTER", "NODES"), "ascii")
         return sum(1 for line in text.splitlines() if "connected" in line)
 
     @staticmethod
     def _ok(client: redis.Redis) -> bool:
-        info = str(client.execute_command("CLUSTER", "INFO"), "ascii")
+        info = str(_command(client, "CLUSTER", "INFO"), "ascii")
         return "cluster_state:ok" in info
 
     @staticmethod
@@ -505,8 +509,8 @@ class RedisClusterServers:
             if not node.running:
                 continue
             with contextlib.suppress(redis.RedisError), self._client(port) as c:
-                slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
-                for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                slot = int(_command(c, "CLUSTER", "KEYSLOT", key))
+                for start, end, master, *_ in _command(c, "CLUSTER", "SLOTS"):
                     if int(start) <= slot <= int(end):
                         return int(master[1])
         raise RuntimeError("no live node answered CLUSTER SLOTS")
@@ -522,7 +526,7 @@ class RedisClusterServers:
             for server in self.nodes:
                 if server.running:
                     with self._client(server.port) as c:
-                        for _start, _end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                        for _start, _end, master, *_ in _command(c, "CLUSTER", "SLOTS"):
                             if int(master[1]) == port:
                                 return False
             return True
