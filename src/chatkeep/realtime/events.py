@@ -571,6 +571,29 @@ class EventBus:
             value = await self._client.redis.zscore(key, _MARK_MEMBER)
         return 0 if value is None else int(value)
 
+    async def published_marks(self, room_ids: Iterable[UUID]) -> dict[UUID, int | None]:
+        """Each room's published mark (``None``: no mark kept), in one round trip per node.
+
+        Raises:
+            InvalidInput: ``room_ids`` is not a collection of UUIDs.
+            Unavailable: Redis could not be reached.
+        """
+        rooms = validate_collection(room_ids, "room_ids")
+        keys = [self._client.keys.room_published(room) for room in rooms]
+        if not keys:
+            return {}
+        # ZSCORE per room, pipelined: the marks are sorted sets (MGET reads them as nil),
+        # and on a cluster the rooms' keys live in different slots.
+        pipe = self._client.pipeline()
+        for key in keys:
+            pipe.zscore(key, _MARK_MEMBER)
+        with self._client.guard("events.published_marks"):
+            values = await pipe.execute()
+        return {
+            room: None if value is None else int(value)
+            for room, value in zip(rooms, values, strict=True)
+        }
+
     async def publish_many(self, events: Iterable[Event]) -> list[int]:
         """Publish several events in one round trip, in order.
 
