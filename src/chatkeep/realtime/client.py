@@ -55,7 +55,7 @@ from chatkeep.config import Settings, redact_url
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
 from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.ops import tracing
-from chatkeep.realtime.errors import translate_error
+from chatkeep.realtime.errors import DRIVER_ERRORS, translate_error
 from chatkeep.realtime.keys import KeySpace
 from chatkeep.realtime.pubsub import (
     ChannelSubscription,
@@ -554,7 +554,7 @@ class RedisClient:
         deadline = _Deadline(seconds)
         try:
             yield
-        except (rex.RedisError, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise translate_error(exc, operation) from exc
         except asyncio.CancelledError:
             if deadline.expired():

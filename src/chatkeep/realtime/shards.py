@@ -38,7 +38,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.backoff import AbstractBackoff
 
 from chatkeep.errors import Unavailable
-from chatkeep.realtime.errors import translate_error
+from chatkeep.realtime.errors import DRIVER_ERRORS, translate_error
 from chatkeep.realtime.pubsub import (
     ChannelSubscription,
     PubSubMessage,
@@ -186,11 +186,11 @@ class _ShardedPubSubHub:
         try:
             try:
                 await self._place(channels)
-            except (rex.RedisError, OSError, TimeoutError):
+            except (*DRIVER_ERRORS, TimeoutError):
                 logger.debug("sharded subscribe failed; refreshing the slot map", exc_info=True)
                 await self._refresh()
                 await self._place(channels)
-        except (rex.RedisError, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise translate_error(exc, "pubsub.subscribe") from exc
         except TimeoutError as exc:
             raise Unavailable("redis did not confirm the subscription in time") from exc
@@ -337,7 +337,7 @@ class _ShardedPubSubHub:
                 try:
                     await self._refresh()
                     await self._place(orphans)
-                except (rex.RedisError, OSError, TimeoutError) as exc:
+                except (*DRIVER_ERRORS, TimeoutError) as exc:
                     failures += 1
                     logger.debug("shard healing attempt %d failed: %r", failures, exc)
                 else:
