@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -36,6 +40,8 @@ async def make_client(cluster_url: str) -> AsyncIterator[ClientFactory]:
 
 
 pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def hub_of(client: RedisClient) -> _ShardedPubSubHub:
@@ -174,3 +180,29 @@ async def test_the_cluster_refuses_keys_of_two_slots_in_one_script(
     # Through the guard every service uses, that is a ChatkeepError naming the operation.
     with pytest.raises(ChatkeepError, match=r"test\.crossslot"), client.guard("test.crossslot"):
         await client.redis.eval("return #KEYS", 2, *untagged)
+
+
+def test_the_benchmark_runs_in_its_tiny_mode(
+    redis_cluster: RedisClusterServers, chatkeep_redis_url: str
+) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_cluster_pubsub.py"),
+            "--tiny",
+            "--standalone-url",
+            chatkeep_redis_url,
+            "--cluster-url",
+            redis_cluster.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for mode in ("standalone", "cluster-classic", "cluster-sharded"):
+        assert mode in done.stdout
+    assert "ratio msg/s sharded/classic:" in done.stdout

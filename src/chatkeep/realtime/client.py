@@ -309,6 +309,7 @@ class RedisClient:
         self._cluster = "+cluster://" in url.split("@", 1)[0]
         self._url = _plain_url(url)
         self._operation_timeout = float(operation_timeout)
+        self._connect_timeout = float(connect_timeout)
         # A cluster needs every multi-key operation in one slot: hash tags are not optional.
         self._keys = KeySpace(key_prefix, cluster_mode=cluster_mode or self._cluster)
         self._retry = Retry(
@@ -532,6 +533,10 @@ class RedisClient:
             Unavailable: Redis could not be reached, or did not answer in time.
         """
         seconds = self._operation_timeout if timeout is None else timeout
+        if self._cluster and getattr(self._redis, "_initialize", False):
+            # A cluster client's first command first discovers the cluster (CLUSTER
+            # SLOTS, COMMAND): that has the connect timeout of its own on top.
+            seconds += self._connect_timeout
         timer = self.command_timer
         found = tracing.tracer()
         if found is not None:
