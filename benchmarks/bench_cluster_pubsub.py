@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import secrets
+import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -268,6 +269,7 @@ def cli() -> None:
 
             ports = tuple(range(args.start_cluster, args.start_cluster + 6))
             folder = Path(temporary_folder("chatkeep-bench-cluster-"))
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
             url = stack.enter_context(RedisClusterServers(folder / "cluster", ports)).url
             if args.standalone_url is None:
                 server = stack.enter_context(RedisServer(folder / "single"))
