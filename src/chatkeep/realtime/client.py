@@ -230,7 +230,7 @@ class RedisClient:
             never logged or shown), or ``redis+cluster://host:port`` (``rediss+cluster://``
             with TLS) for a Redis Cluster reached through that seed node (the other
             nodes are discovered): commands then go through redis-py's ``RedisCluster``
-            and room events through sharded pub/sub (:mod:`chatkeep.realtime.shards`).
+            and room events through sharded pub/sub (``chatkeep.realtime.shards``).
         key_prefix: namespace put in front of every key (``Settings.redis_key_prefix``).
         cluster_mode: hash-tag ids in key names (``Settings.redis_cluster_mode``); always
             on with a cluster URL.

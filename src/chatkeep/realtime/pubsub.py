@@ -69,7 +69,7 @@ class SubscriptionGap:
 class _Hub(Protocol):
     """What a subscription needs of its hub.
 
-    The classic one here, or the sharded one (:mod:`chatkeep.realtime.shards`) on a cluster.
+    The classic one here, or the sharded one (``chatkeep.realtime.shards``) on a cluster.
     """
 
     async def attach(self, sub: ChannelSubscription, channels: frozenset[str]) -> None: ...
