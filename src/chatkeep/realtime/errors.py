@@ -13,7 +13,7 @@ from redis import exceptions as rex
 
 from chatkeep.errors import ChatkeepError, ConfigurationError, Unavailable
 
-__all__ = ["DRIVER_ERRORS", "translate_error"]
+__all__ = ["translate_error"]
 
 DRIVER_ERRORS: Final = (rex.RedisError, rex.RedisClusterException, OSError)
 """What redis-py (and the socket layer) raise; its cluster client's own errors
