@@ -452,6 +452,14 @@ class RedisClusterServers:
 
     def start(self) -> Self:
         """Start the six servers, join them into a cluster, wait until it is ``ok``."""
+        for port in self.ports:
+            # A server left over by a crashed run would answer in place of ours.
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    raise RuntimeError(
+                        f"port {port} is taken (a cluster left by another run?); "
+                        "stop it or set TEST_REDIS_CLUSTER_PORTS"
+                    )
         for server in self.nodes:
             shutil.rmtree(server.base, ignore_errors=True)
             server.start()
