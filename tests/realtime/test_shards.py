@@ -14,6 +14,7 @@ from uuid import uuid4
 import pytest
 import pytest_asyncio
 import redis
+from redis.asyncio.cluster import NodesManager
 
 from chatkeep.config import Settings
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput
@@ -206,3 +207,80 @@ def test_the_benchmark_runs_in_its_tiny_mode(
     for mode in ("standalone", "cluster-classic", "cluster-sharded"):
         assert mode in done.stdout
     assert "ratio msg/s sharded/classic:" in done.stdout
+
+
+async def _concurrent_sets(client: RedisClient, key: str, count: int) -> list[BaseException | None]:
+    async def one(index: int) -> BaseException | None:
+        try:
+            with client.guard("test.set"):
+                await client.redis.set(f"{key}:{index}", b"x")
+        except ChatkeepError as exc:
+            return exc
+        return None
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def test_a_new_clients_first_commands_go_to_their_slots_owner(
+    make_client: ClientFactory,
+    redis_cluster: RedisClusterServers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # redis-py's cluster client, before it knows the cluster, sends a keyed command to a
+    # random master: 60 concurrent first commands drew dozens of MOVED replies, and every
+    # fifth MOVED closed every connection of the client, the ones other commands were
+    # reading from included ("Connection closed by server"); and more commands than a
+    # node's max_connections (50) failed at once. Discovered first, none moves; the
+    # commands past 50 wait for a permit.
+    client = await make_client()
+    cluster = client.redis
+    assert isinstance(cluster, redis.asyncio.RedisCluster)
+    key = f"{{{uuid4()}}}"
+    slot = cluster.keyslot(key)
+    moved = _count_moved(client, monkeypatch)
+    assert await _concurrent_sets(client, key, 60) == [None] * 60
+    assert moved == []
+    owner = cluster.get_node_from_key(key)
+    assert owner is not None
+    assert owner.port == redis_cluster.master_of(key)
+    assert cluster.keyslot(f"{key}:1") == slot
+
+
+async def test_a_moved_storm_does_not_close_the_connections_of_other_commands(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a failover or a slot migration does to a busy client: its slot table is out of
+    # date, so every command in flight on the moved slot gets MOVED at once. Each patches
+    # its slot and goes on; none closes a connection another command is reading from.
+    client = await make_client()
+    key = f"{{{uuid4()}}}"
+    await client.ping()  # discovered
+    cluster = client.redis
+    assert isinstance(cluster, redis.asyncio.RedisCluster)
+    nodes = cluster.nodes_manager
+    slot = cluster.keyslot(key)
+    owner = nodes.slots_cache[slot][0]
+    wrong = next(n for n in cluster.get_primaries() if n.name != owner.name)
+    nodes.slots_cache[slot] = [wrong]
+    moved = _count_moved(client, monkeypatch)
+    results = await _concurrent_sets(client, key, 60)
+    assert results == [None] * 60
+    assert len(moved) >= 1
+    assert nodes.slots_cache[slot][0].name == owner.name
+
+
+def _count_moved(client: RedisClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every MOVED reply this client's commands get (each patches its slot)."""
+    seen: list[str] = []
+    cluster = client.redis
+    assert isinstance(cluster, redis.asyncio.RedisCluster)
+    mine = cluster.nodes_manager
+    real = NodesManager.move_slot
+
+    async def move_slot(self: NodesManager, exc: Any) -> None:
+        if self is mine:
+            seen.append(str(exc))
+        await real(self, exc)
+
+    monkeypatch.setattr(NodesManager, "move_slot", move_slot)
+    return seen

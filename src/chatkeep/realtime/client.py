@@ -37,9 +37,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self, cast
 
 import redis.asyncio as aioredis
 from pydantic import ConfigDict
@@ -131,12 +132,73 @@ class _Redis(aioredis.Redis):
         return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
+# Set while an operation holds one of its cluster client's permits, so that what it runs
+# inside (a pipeline's redirected commands, a multi-node command's tasks) takes no other.
+_HOLDS_PERMIT: ContextVar[bool] = ContextVar("chatkeep_cluster_permit", default=False)
+
+
 class _RedisCluster(aioredis.RedisCluster):
-    """redis-py's cluster client, naming each command to the traced operation running it."""
+    """redis-py's cluster client, made safe for many concurrent tasks.
+
+    It names each command to the traced operation running it, and corrects three things
+    redis-py's asyncio cluster client does under concurrency (docs/design.md, "Redis
+    Cluster"): before it has discovered the cluster it sends a keyed command to a random
+    master (so a new client's first burst of commands drew a MOVED each), and every fifth
+    MOVED made it close every connection of every node, those other tasks were reading
+    from included (they failed with "Connection closed by server"): the client discovers
+    the cluster before its first command and is built with ``reinitialize_steps=0`` (a
+    MOVED patches its slot, a lost connection still rediscovers everything). And a node
+    whose ``max_connections`` are all in use fails the next command at once
+    (``MaxConnectionsError``) where the single-server pool waits: here an operation waits
+    for one of ``max_connections`` permits instead (bounded by the guard's deadline), so
+    no node is ever asked for more connections than it has.
+    """
+
+    _permits: asyncio.Semaphore
+
+    def limit(self, operations: int) -> None:
+        """Let at most ``operations`` commands or pipelines run at once."""
+        self._permits = asyncio.Semaphore(operations)
+
+    async def _with_permit(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        if _HOLDS_PERMIT.get():
+            return await work()
+        async with self._permits:
+            token = _HOLDS_PERMIT.set(True)
+            try:
+                if self._initialize:
+                    await self.initialize()
+                return await work()
+            finally:
+                _HOLDS_PERMIT.reset(token)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         tracing.redis_commands(args[:1])
-        return await super().execute_command(*args, **kwargs)
+        run = super().execute_command
+        return await self._with_permit(lambda: run(*args, **kwargs))
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            raise rex.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline that runs under one of its client's permits."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        run = super().execute
+        client = self.cluster_client
+        if not isinstance(client, _RedisCluster):  # pragma: no cover - made by _RedisCluster
+            return await run(raise_on_error, allow_redirections)
+        result: list[Any] = await client._with_permit(
+            lambda: run(raise_on_error, allow_redirections)
+        )
+        return result
 
 
 def _plain_url(url: str) -> str:
@@ -146,7 +208,7 @@ def _plain_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-def _cluster_client(url: str, **options: Any) -> aioredis.RedisCluster:
+def _cluster_client(url: str, **options: Any) -> _RedisCluster:
     """A cluster client seeded by ``url``'s node (the others are discovered)."""
     try:
         parts = parse_url(url)
@@ -159,11 +221,14 @@ def _cluster_client(url: str, **options: Any) -> aioredis.RedisCluster:
             "redis_url: a Redis Cluster has only database 0", field="redis_url"
         )
     try:
-        return _RedisCluster.from_url(url, **options)
+        # A MOVED patches its slot alone: reinitializing closes connections in use.
+        client = cast(_RedisCluster, _RedisCluster.from_url(url, reinitialize_steps=0, **options))
     except (ValueError, rex.RedisClusterException) as exc:
         raise ConfigurationError(
             f"redis_url: not a usable cluster URL ({redact_url(url)}): {exc}", field="redis_url"
         ) from exc
+    client.limit(int(options.get("max_connections", 50)))
+    return client
 
 
 def _node_options(url: str) -> dict[str, Any]:
