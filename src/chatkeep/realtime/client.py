@@ -307,8 +307,9 @@ class RedisClient:
         backoff_cap: longest backoff between two tries, in seconds.
         max_connections: size of the command connection pool.
         pool_timeout: seconds a command waits for a free pooled connection before
-            :class:`Unavailable` (single server; a cluster's per-node pools of
-            ``max_connections`` fail at once when full).
+            :class:`Unavailable` (single server; on a cluster at most
+            ``max_connections`` operations run at once, the others wait for their turn
+            within their ``operation_timeout``).
         operation_timeout: seconds a guarded operation may take in all (waiting for a
             connection, connecting, retries and backoff included) before
             :class:`Unavailable`; see :meth:`guard`.
