@@ -26,6 +26,7 @@ TESTED_ELSEWHERE = {
     "bench_unread.py": "tests/test_bench_unread.py",
     # It needs the session's Redis Cluster, a fixture of the cluster tests.
     "bench_cluster_pubsub.py": "tests/realtime/test_shards.py",
+    "bench_send.py": "tests/test_groupcommit.py",
 }
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a

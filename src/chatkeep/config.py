@@ -156,6 +156,37 @@ class Settings(BaseSettings):
             "invalidations and events after the commit) before it goes on without it."
         ),
     )
+    send_group_commit: bool = Field(
+        default=True,
+        description=(
+            "Gather concurrent send_message calls of this process into one statement "
+            "(group commit); False sends each alone, in its caller's task."
+        ),
+    )
+    send_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description=(
+            "The most sends in one group-commit batch (one statement; 1 writes each "
+            "send alone but still gathers nothing)."
+        ),
+    )
+    send_batch_window: float = Field(
+        default=0.002,
+        ge=0,
+        le=10,
+        description=(
+            "Seconds a send may wait for a busy writer before its batch leaves anyway; "
+            "a send that finds a free writer leaves at once."
+        ),
+    )
+    send_batches_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Batches written at once before sends start to gather.",
+    )
     slow_query_threshold: PositiveSeconds = Field(
         default=0.5, description="Operations slower than this are logged at WARNING."
     )

@@ -66,8 +66,10 @@ from chatkeep.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    RateLimited,
     Unavailable,
 )
+from chatkeep.groupcommit import PendingSend, SendBatcher
 from chatkeep.models import (
     SCHEMA_CONFIG,
     ChangePage,
@@ -540,6 +542,18 @@ class ChatKeep:
         ] = collections.OrderedDict()
         # What a write gives Redis work it can do without (see _best_effort).
         self.best_effort_timeout = db.settings.redis_best_effort_timeout
+        # Group commit of send_message (see chatkeep.groupcommit); None: each send alone.
+        settings = db.settings
+        self.send_batcher: SendBatcher | None = (
+            SendBatcher(
+                self._write_sends,
+                size=settings.send_batch_size,
+                window=settings.send_batch_window,
+                in_flight=settings.send_batches_in_flight,
+            )
+            if settings.send_group_commit
+            else None
+        )
         # Read-your-writes with replicas: when each user's last write through this object
         # finished (time.monotonic(), after its COMMIT returned). See _read_as.
         self._recent_writes: dict[uuid.UUID, float] = {}
@@ -583,7 +597,7 @@ class ChatKeep:
                 Database(settings, dsn=found.database_url) as db,
                 RedisClient.from_settings(settings, url=found.redis_url) as redis,
             ):
-                yield cls(
+                chat = cls(
                     db,
                     redis,
                     node_id=node_id,
@@ -593,6 +607,20 @@ class ChatKeep:
                     bcrypt_rounds=bcrypt_rounds,
                     metrics=metrics,
                 )
+                try:
+                    yield chat
+                finally:
+                    await chat.close()
+
+    async def close(self) -> None:
+        """Stop taking sends and finish the batches of sends in flight.
+
+        :meth:`connect` calls it when its block ends; call it before closing the stores
+        you handed to the constructor. Every send already accepted is answered (stored
+        or failed) before it returns; a later :meth:`send_message` raises Unavailable.
+        """
+        if self.send_batcher is not None:
+            await self.send_batcher.close()
 
     # -- loaders for the caches (PostgreSQL reads) -------------------------------------------
 
@@ -1074,16 +1102,68 @@ class ChatKeep:
                 reply_to=reply_to,
             )
             flow.about(room_id=dto.room_id, user_id=dto.user_id)
-            # Fail open: an outage of the limiter must not stop messages.
-            async with self._best_effort("the send rate limit check"):
-                try:
-                    await self.limiter.enforce(str(dto.user_id), "send")
-                except Unavailable as exc:
-                    logger.warning("send rate limit not checked (redis unavailable): %s", exc)
-            with _reply_errors():
-                async with flow.acting_as(dto.user_id, hide="room"):
-                    message, position = await self.messages.send_logged(dto)
-            flow.publish(
+            try:
+                with _reply_errors():
+                    if self.send_batcher is not None:
+                        message, _ = await self.send_batcher.submit(dto)
+                    else:
+                        pending = PendingSend(dto, asyncio.get_running_loop().create_future())
+                        await self._write_sends([pending])
+                        message, _ = await pending.future
+            finally:
+                # As _Flow.acting_as does for every other write (read-your-writes with
+                # replicas), even when it failed: a lost COMMIT answer may have committed.
+                self._wrote(dto.user_id, flow)
+        return message
+
+    async def _write_sends(self, batch: Sequence[PendingSend]) -> None:
+        """Write one batch of sends and answer each (the group commit's ``write``).
+
+        The senders' rate limits in one Redis pipeline (fail open), then one PostgreSQL
+        statement storing every allowed message as its own sender under row security,
+        then the ``message.created`` events in one pipeline; each caller is answered
+        after the commit and the publish, with its own message or its own error.
+        """
+        allowed = list(batch)
+        # Fail open: an outage of the limiter must not stop messages.
+        async with self._best_effort("the send rate limit check"):
+            try:
+                checks = await self.limiter.check_many([str(p.dto.user_id) for p in batch], "send")
+            except Unavailable as exc:
+                logger.warning("send rate limit not checked (redis unavailable): %s", exc)
+            else:
+                allowed = []
+                for pending, check in zip(batch, checks, strict=True):
+                    if check.allowed:
+                        allowed.append(pending)
+                        continue
+                    # As RateLimiter.enforce says it; the caller's flow counts it.
+                    pending.answer(
+                        RateLimited(
+                            f"rate limit of 'send' reached; retry in {check.retry_after:.3f} s",
+                            retry_after=check.retry_after,
+                            action="send",
+                        )
+                    )
+        if not allowed:
+            return
+        try:
+            results = await self.messages.send_many([p.dto for p in allowed])
+        except ChatkeepError as exc:
+            for pending in allowed:
+                pending.answer(exc)
+            return
+        events: list[Event] = []
+        answers: list[tuple[PendingSend, tuple[Message, int | None] | ChatkeepError]] = []
+        for pending, result in zip(allowed, results, strict=True):
+            if isinstance(result, NotFound) and result.entity == "room":
+                # A room the sender cannot see answers as one that does not exist.
+                result = NotFound(ROOM_NOT_FOUND, entity="room")
+            answers.append((pending, result))
+            if isinstance(result, ChatkeepError):
+                continue
+            message, position = result
+            events.append(
                 MessageCreated(
                     position=position,
                     room_id=message.room_id,
@@ -1095,7 +1175,11 @@ class ChatKeep:
                     reply_to=message.reply_to,
                 )
             )
-        return message
+        if events:
+            async with self._best_effort("send_message's publish"):
+                await self._publish(*events)
+        for pending, result in answers:
+            pending.answer(result)
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str

@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from chatkeep import (
@@ -26,7 +26,7 @@ from chatkeep import (
     CreateUserDto,
     UpdateUserDto,
 )
-from chatkeep.models import UpdateRoomDto
+from chatkeep.models import ThreadSummary, UpdateRoomDto
 from chatkeep.realtime import (
     EventBus,
     EventSubscription,
@@ -182,6 +182,19 @@ _HISTORY = {
     "limit": P(INT),
 }
 _NO_POSITION = {"cursor": None, "before_seq": None, "after_seq": None, "around": None}
+# A thread page, or the room's collapsed timeline: positions are seqs only.
+_THREAD_PAGE = {**_HISTORY, "around": P(OPT_INT)}
+
+
+def _thread_call() -> Spec:
+    """A call on the member's message as a thread root, as the member."""
+    return Spec(
+        _chat,
+        lambda w: {"root_message_id": w.message.id, "user_id": w.member.id},
+        {"root_message_id": P(ID), "user_id": P(ID)},
+    )
+
+
 _SOCKET = {"user_id": P(UUID_ONLY), "socket_id": P(STR), "rooms": P(collection)}
 _LIMIT = {
     "subject": P(STR),
@@ -253,6 +266,7 @@ SPECS: dict[str, Spec] = {
             "content": "hi",
             "client_msg_id": None,
             "type": "text",
+            "reply_to": None,
         },
         {
             "room_id": P(ID),
@@ -260,6 +274,7 @@ SPECS: dict[str, Spec] = {
             "content": P(STR),
             "client_msg_id": P(OPT_STR),
             "type": P(STR),
+            "reply_to": P(OPT_ID),
         },
     ),
     "ChatKeep.edit_message": Spec(
@@ -312,6 +327,71 @@ SPECS: dict[str, Spec] = {
         _chat,
         lambda w: {"room_id": w.public.id, "user_id": w.member.id, **_NO_POSITION, "limit": 50},
         {"room_id": P(ID), "user_id": P(ID), **_HISTORY},
+    ),
+    "ChatKeep.collapsed_history": Spec(
+        _chat,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, **_NO_POSITION, "limit": 50},
+        {"room_id": P(ID), "user_id": P(ID), **_THREAD_PAGE},
+    ),
+    "ChatKeep.thread": Spec(
+        _chat,
+        lambda w: {
+            "root_message_id": w.message.id,
+            "user_id": w.member.id,
+            **_NO_POSITION,
+            "limit": 50,
+        },
+        {"root_message_id": P(ID), "user_id": P(ID), **_THREAD_PAGE},
+    ),
+    "ChatKeep.thread_summary": _thread_call(),
+    "ChatKeep.follow_thread": _thread_call(),
+    "ChatKeep.unfollow_thread": _thread_call(),
+    "ChatKeep.mark_thread_read": _thread_call(),
+    "ChatKeep.room_threads": Spec(
+        _chat,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "before_seq": None, "limit": 50},
+        {"room_id": P(ID), "user_id": P(ID), "before_seq": P(OPT_INT), "limit": P(INT)},
+    ),
+    "ChatKeep.followed_threads": Spec(
+        _chat,
+        lambda w: {"user_id": w.member.id, "room_id": None, "before": None, "limit": 50},
+        {
+            "user_id": P(ID),
+            "room_id": P(OPT_ID),
+            "before": P(of(ThreadSummary, NONE)),
+            "limit": P(INT),
+        },
+    ),
+    "ChatKeep.mentions": Spec(
+        _chat,
+        lambda w: {"user_id": w.member.id, "before": None, "limit": 50},
+        {"user_id": P(ID), "before": P(OPT_ID), "limit": P(INT)},
+    ),
+    "ChatKeep.badges": Spec(_chat, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}),
+    "ChatKeep.search": Spec(
+        _chat,
+        lambda w: {
+            "user_id": w.member.id,
+            "query": "hello world",
+            "room_id": None,
+            "author_id": None,
+            "since": None,
+            "until": None,
+            "order": "newest",
+            "limit": 20,
+            "cursor": None,
+        },
+        {
+            "user_id": P(ID),
+            "query": P(STR),
+            "room_id": P(OPT_ID),
+            "author_id": P(OPT_ID),
+            "since": P(of(datetime, NONE)),
+            "until": P(of(datetime, NONE)),
+            "order": P(STR),
+            "limit": P(INT),
+            "cursor": P(OPT_STR),
+        },
     ),
     "ChatKeep.rooms_of": Spec(
         _chat,
@@ -403,6 +483,8 @@ SPECS: dict[str, Spec] = {
     ),
     "ChatKeep.subscribe": Spec(_chat, lambda w: {"room_ids": (w.public.id,)}, {"room_ids": P(ID)}),
     "ChatKeep.health": Spec(_chat, lambda w: {}),
+    # A facade of its own on the world's stores: closing it leaves the world's facade open.
+    "ChatKeep.close": Spec(lambda w: ChatKeep(w.chat.db, w.chat.redis), lambda w: {}),
     # -- the repositories (as the system) ---------------------------------------------------
     **{
         f"UserRepository.{name}": spec
@@ -495,8 +577,8 @@ SPECS: dict[str, Spec] = {
     "RoomRepository.members": Spec(_rooms, lambda w: {"room_id": w.public.id}, {"room_id": P(ID)}),
     "RoomRepository.rooms_of": Spec(
         _rooms,
-        lambda w: {"user_id": w.member.id, "include_inactive": False},
-        {"user_id": P(ID), "include_inactive": P(BOOL)},
+        lambda w: {"user_id": w.member.id, "include_inactive": False, "as_user": None},
+        {"user_id": P(ID), "include_inactive": P(BOOL), "as_user": P(OPT_ID)},
     ),
     # A message has no generic create/update: it is sent and edited (see below).
     **{
@@ -522,13 +604,18 @@ SPECS: dict[str, Spec] = {
     "MessageRepository.send_logged": Spec(
         _messages, lambda w: {"dto": _new_message(w)}, {"dto": P(of(CreateMessageDto))}
     ),
+    "MessageRepository.send_many": Spec(
+        _messages, lambda w: {"dtos": [_new_message(w)]}, {"dtos": P(of(list, tuple))}
+    ),
     "ChangeRepository.changes": Spec(
         lambda w: w.repos.changes,
-        lambda w: {"room_id": w.public.id, "after": 0, "limit": 100},
-        {"room_id": P(ID), "after": P(INT), "limit": P(INT)},
+        lambda w: {"room_id": w.public.id, "after": 0, "limit": 100, "as_user": None},
+        {"room_id": P(ID), "after": P(INT), "limit": P(INT), "as_user": P(OPT_ID)},
     ),
     "ChangeRepository.position": Spec(
-        lambda w: w.repos.changes, lambda w: {"room_id": w.public.id}, {"room_id": P(ID)}
+        lambda w: w.repos.changes,
+        lambda w: {"room_id": w.public.id, "as_user": None},
+        {"room_id": P(ID), "as_user": P(OPT_ID)},
     ),
     "ChangeRepository.last_position": Spec(lambda w: w.repos.changes, lambda w: {}),
     "ChangeRepository.last_change": Spec(lambda w: w.repos.changes, lambda w: {}),
@@ -547,13 +634,13 @@ SPECS: dict[str, Spec] = {
     ),
     "MessageRepository.history": Spec(
         _messages,
-        lambda w: {"room_id": w.public.id, **_NO_POSITION, "limit": 50},
-        {"room_id": P(ID), **_HISTORY},
+        lambda w: {"room_id": w.public.id, **_NO_POSITION, "limit": 50, "as_user": None},
+        {"room_id": P(ID), **_HISTORY, "as_user": P(OPT_ID)},
     ),
     "MessageRepository.mark_read": Spec(
         _messages,
-        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "seq": None},
-        {"room_id": P(ID), "user_id": P(ID), "seq": P(OPT_INT)},
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "seq": None, "as_user": None},
+        {"room_id": P(ID), "user_id": P(ID), "seq": P(OPT_INT), "as_user": P(OPT_ID)},
     ),
     "MessageRepository.mark_message_read": Spec(
         _messages,
@@ -738,6 +825,11 @@ SPECS: dict[str, Spec] = {
         lambda w: w.chat.limiter,
         lambda w: {"subject": f"u{w.n}", "action": "send", "limit": None, "cost": 1},
         _LIMIT,
+    ),
+    "RateLimiter.check_many": Spec(
+        lambda w: w.chat.limiter,
+        lambda w: {"subjects": [f"u{w.n}"], "action": "send"},
+        {"subjects": P(of(list, tuple), "subject"), "action": P(STR)},
     ),
     "RateLimiter.reset": Spec(
         lambda w: w.chat.limiter,

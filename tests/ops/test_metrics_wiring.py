@@ -67,7 +67,10 @@ async def test_facade_flows_feed_every_hook(
 
     assert value(metrics, "chatkeep_db_pool_acquire_seconds_count") > 0
     assert value(metrics, "chatkeep_db_pool_waiting") == 0  # every waiter was served
-    assert value(metrics, "chatkeep_redis_command_seconds_count", command="ratelimit.check") == 3
+    # The send limit is checked per batch of sends, in one pipeline (one batch per send here).
+    assert (
+        value(metrics, "chatkeep_redis_command_seconds_count", command="ratelimit.check_many") == 3
+    )
     assert value(metrics, "chatkeep_redis_command_seconds_count", command="events.publish_many")
     assert redis_command_count(metrics) >= 5
     # Two sends were published, each to the one subscribed node.

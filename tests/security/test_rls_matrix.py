@@ -521,3 +521,86 @@ async def test_matrix(
                         f"expected {wanted.value}"
                     )
     assert wrong == []
+
+
+# The batched send (chatkeep_send_messages, migration 014): each row acts as its own sender,
+# so the relation is the sender's; "nobody" does not arise (the function always names the
+# row's sender). All the rows of both rooms go in ONE batch: each is judged on its own.
+BATCHED_SEND: dict[str, Expect] = {
+    "author": OK,
+    "member": OK,
+    "admin": OK,
+    "owner": OK,
+    "outsider": NF_DENY,
+    "removed": NF_DENY,
+}
+_SEND_OUTCOME = {"sent": OK, "no_room": NOT_FOUND, "not_member": DENIED, "archived": DENIED}
+SEND_BATCH = (
+    "SELECT idx, outcome, id FROM chatkeep_send_messages($1::uuid[], $2::uuid[], $3::uuid[],"
+    " $4::text[], $5::text[], $6::message_type[], $7::uuid[])"
+)
+
+
+async def test_matrix_of_the_batched_send(
+    app_conn: asyncpg.Connection, conn: asyncpg.Connection, contexts: dict[str, Context]
+) -> None:
+    cases = [
+        (relation, name, contexts[name].actors[relation])
+        for relation in BATCHED_SEND
+        for name in ROOMS
+    ]
+    rooms = [contexts[name].room for _, name, _ in cases]
+    senders = [sender for _, _, sender in cases]
+    # Committed (this test's database is its own): the superuser counts what was stored.
+    rows = await app_conn.fetch(
+        SEND_BATCH,
+        [uuid7() for _ in cases],
+        rooms,
+        senders,
+        [None] * len(cases),
+        ["hi"] * len(cases),
+        ["text"] * len(cases),
+        [None] * len(cases),
+    )
+    stored = await conn.fetchval(
+        "SELECT count(*) FROM messages WHERE id = ANY ($1::uuid[])",
+        [row["id"] for row in rows if row["outcome"] == "sent"],
+    )
+    got = {row["idx"]: _SEND_OUTCOME[row["outcome"]] for row in rows}
+    wrong = []
+    for index, (relation, name, _) in enumerate(cases, start=1):
+        expect = BATCHED_SEND[relation]
+        wanted = expect[ROOMS.index(name)] if isinstance(expect, tuple) else expect
+        if got[index] is not wanted:
+            wrong.append(f"batched send as {relation} ({name} room): {got[index].value}")
+    assert wrong == []
+    assert stored == sum(1 for outcome in got.values() if outcome is OK) == 8
+    # The batched path never answers more generously than a plain INSERT as the sender.
+    for relation, expect in BATCHED_SEND.items():
+        assert EXPECTED[("messages", "insert", relation)] == expect
+
+
+async def test_a_batched_send_never_widens_the_callers_acting_user(
+    app_conn: asyncpg.Connection, contexts: dict[str, Context]
+) -> None:
+    public = contexts["public"]
+    member, author = public.actors["member"], public.actors["author"]
+    for sender, wanted in ((member, OK), (author, DENIED)):
+        transaction = app_conn.transaction()
+        await transaction.start()
+        try:
+            await set_acting_user(app_conn, member)
+            try:
+                rows = await app_conn.fetch(
+                    SEND_BATCH, [uuid7()], [public.room], [sender], [None], ["hi"], ["text"], [None]
+                )
+                got = _SEND_OUTCOME[rows[0]["outcome"]]
+            except asyncpg.PostgresError as exc:
+                got = DENIED if isinstance(translate_error(exc, "m"), PermissionDenied) else OK
+            # The caller's acting user is what it was.
+            if got is OK:
+                who = await app_conn.fetchval("SELECT current_setting('app.user_id')")
+                assert who == str(member)
+        finally:
+            await transaction.rollback()
+        assert got is wanted, (sender, got)

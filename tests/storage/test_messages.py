@@ -597,3 +597,107 @@ async def test_history_limits_messages_before_joining_authors(
     parents = _parents_of_message_scans(plan)
     assert parents
     assert set(parents) == {"Limit"}
+
+
+# -- send_many: a batch in one statement ----------------------------------------------------
+
+
+async def test_send_many_answers_each_message_and_stores_the_good_ones(
+    messages: MessageRepository, make_user: MakeUser, make_room: MakeRoom, db: Database
+) -> None:
+    alice, bob, outsider = await make_user(), await make_user(), await make_user()
+    room = await make_room(alice, bob)
+    other = await make_room(bob)
+    archived = await make_room(alice)
+    await db.execute("t.archive", "UPDATE rooms SET is_active = false WHERE id = $1", archived.id)
+    batch = [
+        msg(room, alice, "one", client_msg_id="k-1"),
+        msg(other, bob, "elsewhere"),
+        msg(room, outsider, "let me in"),
+        CreateMessageDto(room_id=uuid.uuid4(), user_id=alice.id, content="nowhere"),
+        msg(archived, alice, "too late"),
+        msg(room, bob, "two"),
+        msg(room, alice, "one again", client_msg_id="k-1"),  # a retry inside the batch
+    ]
+    results = await messages.send_many(batch)
+    assert len(results) == len(batch)
+    one, elsewhere, denied, nowhere, late, two, again = results
+    assert not isinstance(one, Exception)
+    assert not isinstance(two, Exception)
+    assert not isinstance(elsewhere, Exception)
+    assert not isinstance(again, Exception)
+    # Per room in the order given, gapless; each with its change-log position.
+    assert (one[0].seq, two[0].seq, elsewhere[0].seq) == (1, 2, 1)
+    assert one[1] is not None
+    assert two[1] is not None
+    assert two[1] > one[1]
+    # The retry returns the first message, with no new position.
+    assert again == (one[0], None)
+    assert isinstance(denied, PermissionDenied)
+    assert "members" in str(denied)
+    assert isinstance(nowhere, NotFound)
+    assert nowhere.entity == "room"
+    assert isinstance(late, PermissionDenied)
+    assert "archived" in str(late)
+    assert await last_seq(db, room) == 2
+    assert await last_seq(db, archived) == 0
+    stored = await db.fetchval("t.count", "SELECT count(*) FROM messages")
+    assert stored == 3
+    # A retry in a later batch still returns the first message.
+    (later,) = await messages.send_many([msg(room, alice, "one", client_msg_id="k-1")])
+    assert later == (one[0], None)
+    assert await messages.send_many([]) == []
+
+
+async def test_a_row_that_raises_fails_only_itself(
+    messages: MessageRepository, make_user: MakeUser, make_room: MakeRoom, db: Database
+) -> None:
+    alice = await make_user()
+    room = await make_room(alice)
+    # A message the model would refuse, built without its checks: the table refuses it,
+    # the whole statement fails, and each message is then sent alone.
+    bad = CreateMessageDto.model_construct(
+        room_id=room.id, user_id=alice.id, content=" ", type="text", client_msg_id=None
+    )
+    first, broken, last = await messages.send_many(
+        [msg(room, alice, "before"), bad, msg(room, alice, "after")]
+    )
+    assert isinstance(broken, InvalidInput)
+    assert not isinstance(first, Exception)
+    assert not isinstance(last, Exception)
+    assert (first[0].seq, last[0].seq) == (1, 2)
+    assert await last_seq(db, room) == 2
+
+
+async def test_send_many_refuses_bad_input(messages: MessageRepository) -> None:
+    with pytest.raises(InvalidInput, match="dtos"):
+        await messages.send_many("not a batch")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="dtos"):
+        await messages.send_many([{"content": "x"}])  # type: ignore[list-item]
+    dto = CreateMessageDto(room_id=uuid.uuid4(), user_id=uuid.uuid4(), content="x")
+    with pytest.raises(InvalidInput, match="at most"):
+        await messages.send_many([dto] * 1001)
+
+
+async def test_inside_a_transaction_a_batch_sends_only_as_its_acting_user(
+    app_url: str, make_user: MakeUser, make_room: MakeRoom
+) -> None:
+    alice, bob = await make_user(), await make_user()
+    room = await make_room(alice, bob)
+    async with Database(Settings(database_url=app_url), min_size=1, max_size=2) as app:
+        repo = MessageRepository(app)
+        async with app.acting_as(alice.id):
+            sent = await repo.send(msg(room, alice, "mine"))
+            # Another sender is refused and the block goes on acting as alice.
+            with pytest.raises(PermissionDenied):
+                await repo.send(msg(room, bob, "as bob"))
+            who = await app.fetchval("t.who", "SELECT current_setting('app.user_id')")
+            assert who == str(alice.id)
+        # Outside a transaction the statement acts as each sender by itself, and the
+        # setting ends with it.
+        theirs = await repo.send(msg(room, bob, "bob's"))
+        assert (sent.seq, theirs.seq) == (1, 2)
+        assert await app.fetchval("t.who", "SELECT current_setting('app.user_id', true)") in (
+            None,
+            "",
+        )

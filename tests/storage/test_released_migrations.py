@@ -39,11 +39,18 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "flows_in_one_round_trip",
         "0486b340fac1f5970a4ed4123bcd9df7f73e5fcde03611f5da250f1e87ba138b",
     ),
+    14: (
+        "send_in_one_round_trip",
+        "9a6191ac884f7112efbdc64d5f8ce93a08ac7498e1969a54f7d90194250489ae",
+    ),
     15: (
         "threads_and_mentions",
-        "c9afeedb43c10b48de30c0ab90a68629abfe6e4e5be87db930429fc3598a3c85",
+        "302be6f7f959a915df68307561455fa7f6c7adc19853bfcc5843ec0d359e88e6",
     ),
-    16: ("message_search", "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2"),
+    16: (
+        "message_search",
+        "d11a6c62307414334e1ed186b743ab94718b9538719ea74f7ad5ab96cf1f36b2",
+    ),
 }
 
 

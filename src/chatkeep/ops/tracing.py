@@ -18,7 +18,7 @@ The spans, each under the one current when it starts (an HTTP request's span, sa
 * ``chatkeep.<flow>`` (``chatkeep.send_message``...): one call of a facade flow, with
   ``chatkeep.flow`` and, where the flow has them, ``chatkeep.room_id`` and
   ``chatkeep.user_id`` (ids only: never a message's content, an email or a token);
-* a transaction (its name, ``facade.send_message``), and in it or alone one span per named
+* a transaction (its name, ``facade.mark_read``), and in it or alone one span per named
   database operation (``messages.send``): ``db.system`` ``postgresql``,
   ``db.operation.name`` (the statement's SQL verb), ``chatkeep.operation`` (the name);
   never the SQL's parameters. A wait for a free pooled connection is an event

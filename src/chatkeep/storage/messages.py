@@ -15,10 +15,17 @@ import binascii
 import hashlib
 import struct
 import uuid
-from collections.abc import Iterator
-from typing import Any, ClassVar, Final, Literal, NoReturn
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Final, Literal
 
-from chatkeep.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from chatkeep.errors import (
+    ChatkeepError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from chatkeep.ids import uuid7
 from chatkeep.models import (
     CreateMessageDto,
@@ -34,7 +41,14 @@ from chatkeep.models import (
 )
 from chatkeep.storage.base import BaseRepository, check_id, not_found
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "MessageRepository", "decode_cursor"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "MAX_SEND_BATCH",
+    "MessageRepository",
+    "SendResult",
+    "decode_cursor",
+]
 
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 200
@@ -47,52 +61,60 @@ MESSAGE_COLUMNS: Final = (
 _M_COLUMNS: Final = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
 _MESSAGE_KEYS: Final = tuple(c.strip() for c in MESSAGE_COLUMNS.split(","))
 
-# One statement, so one round trip and atomic without BEGIN/COMMIT:
+# One statement, so one round trip and atomic without BEGIN/COMMIT, for one message or a
+# batch (the group commit of ChatKeep.send_message): chatkeep_send_messages (migration 014,
+# SECURITY INVOKER) sets each row's sender as the acting user, so row security judges every
+# row as it judges a hand-written INSERT, and stores it with the statement of this module's
+# earlier versions:
 #  - a retried send (same client_msg_id) finds the first message and inserts nothing;
 #  - only a member of an active room inserts; the seq comes from the messages_assign_seq
 #    trigger (migration 011), which moves rooms.last_seq under the room row lock, the lock
-#    that orders concurrent senders and keeps seq gapless. The application role may not
-#    write last_seq (or seq) itself, so the counter moves only with a message;
-#  - the sender's own watermark follows their message (your own message is not unread).
-#  - reply_to ($7) is checked and attached to its thread's root by the messages_thread_root
-#    trigger (migration 015); the thread summary and mentions are kept by triggers too.
-#  - the trigger also logs message.created at the room's next position and leaves it in
-#    chatkeep.position, read back in RETURNING (after that row's trigger ran), so the
-#    event can carry it without another round trip; a retry returns NULL there.
-# Two concurrent first sends with one client_msg_id: the loser's INSERT hits
-# messages_client_msg_id_key and the whole statement (counter included) rolls back, so no
-# seq is burnt; send() then returns the winner's row.
-SEND: Final = f"""
-WITH existing AS (
-    SELECT {MESSAGE_COLUMNS} FROM messages
-     WHERE room_id = $2 AND user_id = $3 AND client_msg_id = $4
-), inserted AS (
-    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type, reply_to)
-    SELECT $1, $2, $3, $4, $5, $6, $7
-     WHERE NOT EXISTS (SELECT 1 FROM existing)
-       AND EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
-       AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
-    RETURNING {MESSAGE_COLUMNS},
-              nullif(current_setting('chatkeep.position', true), '')::bigint AS position
-), seen AS (
-    UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
-      FROM inserted
-     WHERE room_users.room_id = $2 AND room_users.user_id = $3
-       AND room_users.last_read_seq < inserted.seq
-)
-SELECT {MESSAGE_COLUMNS}, position FROM inserted
-UNION ALL
-SELECT {MESSAGE_COLUMNS}, NULL FROM existing
+#    that orders concurrent senders and keeps seq gapless. Rows are taken in room id order,
+#    so concurrent batches take room locks in one order and never deadlock;
+#  - the sender's own watermark follows their message (your own message is not unread);
+#  - the trigger logs message.created at the room's next position, returned as position
+#    (NULL for a retry);
+#  - a row refused by the rules comes back with its outcome, and its neighbours are stored.
+#  - reply_to is checked and attached to its thread's root by the messages_thread_root
+#    trigger (migration 015, which gave the function its reply_tos argument); the thread
+#    summary and mentions are kept by triggers too.
+# This is the one place listing the columns a send writes: SEND_ARRAYS and the function's
+# arguments follow it.
+SEND_MANY: Final = f"""
+SELECT idx, outcome, {MESSAGE_COLUMNS}, position
+  FROM chatkeep_send_messages($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                              $6::message_type[], $7::uuid[])
 """
-FIND_BY_CLIENT_ID: Final = f"""
-SELECT {MESSAGE_COLUMNS} FROM messages
- WHERE room_id = $1 AND user_id = $2 AND client_msg_id = $3
-"""
-WHY_NOT_SENT: Final = """
-SELECT r.is_active,
-       EXISTS (SELECT 1 FROM room_users WHERE room_id = r.id AND user_id = $2) AS member
-  FROM rooms r WHERE r.id = $1
-"""
+MAX_SEND_BATCH: Final = 1000
+"""The most messages :meth:`MessageRepository.send_many` takes in one call."""
+
+SendResult = tuple[Message, int | None] | ChatkeepError
+"""One message of :meth:`MessageRepository.send_many`: (message, position) or its error."""
+
+
+def _send_arrays(dtos: Sequence[CreateMessageDto]) -> tuple[list[Any], ...]:
+    """The statement's arguments: one array per written column, in the batch's order."""
+    return (
+        [uuid7() for _ in dtos],
+        [d.room_id for d in dtos],
+        [d.user_id for d in dtos],
+        [d.client_msg_id for d in dtos],
+        [d.content for d in dtos],
+        [d.type for d in dtos],
+        [d.reply_to for d in dtos],
+    )
+
+
+def _refusal(outcome: str, room: uuid.UUID) -> ChatkeepError:
+    if outcome == "no_room":
+        return not_found("room", room)
+    if outcome == "not_member":
+        return PermissionDenied("only members may send to this room")
+    if outcome == "archived":
+        return PermissionDenied("the room is archived")
+    return ChatkeepError(f"messages.send: unknown outcome {outcome!r}")  # pragma: no cover
+
+
 EDIT: Final = f"""
 UPDATE messages SET content = $3, is_edited = true, edited_at = now()
  WHERE id = $1 AND user_id = $2
@@ -303,48 +325,75 @@ class MessageRepository(BaseRepository[Message]):
         """
         if not isinstance(dto, CreateMessageDto):
             raise InvalidInput("dto", "must be a CreateMessageDto")
-        args = (
-            uuid7(),
-            dto.room_id,
-            dto.user_id,
-            dto.client_msg_id,
-            dto.content,
-            dto.type,
-            dto.reply_to,
-        )
-        try:
-            if self.db.in_transaction():
-                # A savepoint, so a lost client_msg_id race does not abort the caller's
-                # transaction.
-                async with self.db.transaction("messages.send_savepoint"):
-                    row = await self.db.fetchrow("messages.send", SEND, *args)
-            else:
-                row = await self.db.fetchrow("messages.send", SEND, *args)
-        except Conflict as exc:
-            if exc.constraint != "messages_client_msg_id_key":
-                raise
-            row = await self.db.fetchrow(
-                "messages.find_by_client_id",
-                FIND_BY_CLIENT_ID,
-                dto.room_id,
-                dto.user_id,
-                dto.client_msg_id,
-            )
-            if row is None:  # pragma: no cover - the winner was deleted in between
-                raise
-        if row is None:
-            await self._why_not_sent(dto.room_id, dto.user_id)
-        values = dict(row)
-        position = values.pop("position", None)  # FIND_BY_CLIENT_ID has none
-        return Message._adopt(values), position
+        result = (await self.send_many([dto]))[0]
+        if isinstance(result, ChatkeepError):
+            raise result
+        return result
 
-    async def _why_not_sent(self, room: uuid.UUID, user: uuid.UUID) -> NoReturn:
-        found = await self.db.fetchrow("messages.why_not_sent", WHY_NOT_SENT, room, user)
-        if found is None:
-            raise not_found("room", room)
-        if not found["member"]:
-            raise PermissionDenied("only members may send to this room")
-        raise PermissionDenied("the room is archived")
+    async def send_many(self, dtos: Sequence[CreateMessageDto]) -> list[SendResult]:
+        """Store a batch of messages, each as its own sender, in one statement.
+
+        Outside a transaction the batch is one round trip and commits on its own; inside
+        one, every message must come from the user the transaction acts as. Each message
+        gets its own answer, in the order given: ``(message, position)`` as
+        :meth:`send_logged` returns it, or the error :meth:`send` would raise for it alone
+        (one refused message never fails its neighbours). Messages to one room are stored
+        in the order given, with consecutive seqs when nothing else writes there.
+
+        Raises:
+            InvalidInput: ``dtos`` is not a list or tuple of CreateMessageDto, or holds more
+                than :data:`MAX_SEND_BATCH`.
+            Unavailable: PostgreSQL could not be reached; whether the batch was stored
+                is unknown (retry with the same ``client_msg_id`` to find out).
+        """
+        given: object = dtos
+        if not isinstance(given, list | tuple) or not all(
+            isinstance(d, CreateMessageDto) for d in given
+        ):
+            raise InvalidInput("dtos", "must be a list or tuple of CreateMessageDto")
+        if len(dtos) > MAX_SEND_BATCH:
+            raise InvalidInput("dtos", f"at most {MAX_SEND_BATCH} messages")
+        if not dtos:
+            return []
+        try:
+            rows = await self._send_statement(dtos)
+        except Unavailable:
+            raise
+        except ChatkeepError as exc:
+            if len(dtos) > 1:
+                # A row raised (a client_msg_id raced by another transaction, say) and the
+                # statement stored nothing: each message alone, so it fails only itself.
+                return [await self._send_alone(d) for d in dtos]
+            if not (isinstance(exc, Conflict) and exc.constraint == "messages_client_msg_id_key"):
+                raise
+            # Lost a first-send race on its client_msg_id: the retry finds the winner.
+            rows = await self._send_statement(dtos)
+        results: list[SendResult] = [ChatkeepError("unanswered")] * len(dtos)
+        for row in rows:
+            i = row["idx"] - 1
+            if row["outcome"] in ("sent", "existing"):
+                values = {k: row[k] for k in _MESSAGE_KEYS}
+                results[i] = (Message._adopt(values), row["position"])
+            else:
+                results[i] = _refusal(row["outcome"], dtos[i].room_id)
+        return results
+
+    async def _send_alone(self, dto: CreateMessageDto) -> SendResult:
+        try:
+            return (await self.send_many([dto]))[0]
+        except Unavailable:
+            raise
+        except ChatkeepError as exc:
+            return exc
+
+    async def _send_statement(self, dtos: Sequence[CreateMessageDto]) -> list[Any]:
+        args = _send_arrays(dtos)
+        if self.db.in_transaction():
+            # A savepoint, so a lost client_msg_id race does not abort the caller's
+            # transaction.
+            async with self.db.transaction("messages.send_savepoint"):
+                return await self.db.fetch("messages.send", SEND_MANY, *args)
+        return await self.db.fetch("messages.send", SEND_MANY, *args)
 
     async def edit(self, message_id: uuid.UUID, content: str, *, by: uuid.UUID) -> Message:
         """Replace the content of the author's own message; sets is_edited and edited_at.

@@ -1,0 +1,336 @@
+"""What does ``send_message`` cost an application? The facade against raw asyncpg, in one run.
+
+Issue 12 measured the facade's send at 0.18x raw asyncpg over 100 rooms and 0.29x in one hot
+room: three round trips per send (BEGIN + set_config, the INSERT, COMMIT) with the room row
+lock held across the COMMIT's. This benchmark sends messages from ``--concurrency`` tasks
+(20), each sending one message after another, for ``--seconds`` per variant and round, over
+two workloads: ``100 rooms`` (each task writes to the rooms in turn) and ``hot room`` (every
+task writes to one room). The variants:
+
+* ``raw``: asyncpg as a superuser, one statement per message doing the same job (insert with
+  the seq and change-log trigger, move the sender's watermark); no row security, no Redis;
+* ``3 round trips``: the shape of the send before issue 12 (BEGIN + set_config as
+  ``chatapp_app``, the statement, COMMIT), with the rate limit and the publish around it;
+* ``facade, group commit off``: ``ChatKeep.send_message`` as ``chatapp_app``, one statement
+  (one round trip) per send, rate limit and publish included;
+* ``facade, group commit on``: the same with the sends of all tasks gathered into batches.
+
+Variants run in turn within each round (the order rotates between rounds), and the script
+prints messages/s and p50/p99 latency (medians over rounds) and the median of per-round
+ratios against ``raw``. It prints numbers only: no timed assertion.
+
+Run (PostgreSQL and Redis on this machine; the chatapp_* roles must exist, or the script
+makes them)::
+
+    python benchmarks/bench_send.py --database-url postgresql://root@127.0.0.1:5432/postgres \\
+        --redis-url redis://127.0.0.1:6379/1
+
+The script works in its own database (``--database-name``, by default
+``chatkeep_bench_send``, kept for the next run unless ``--drop``) and FLUSHes the logical
+Redis database of ``--redis-url``: give it one of its own. ``--tiny`` measures for a fraction
+of a second with few tasks and rooms, so a test can run the whole script in seconds
+(tests/test_groupcommit.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import bcrypt
+from bench_members import database, drop_database
+
+from chatkeep import ChatKeep, urls
+from chatkeep.config import Settings
+from chatkeep.ids import uuid7
+from chatkeep.models import CreateMessageDto
+from chatkeep.realtime import MessageCreated, RateLimit, RedisClient
+from chatkeep.storage import Database
+
+BENCH_DB = "chatkeep_bench_send"
+USERS = 20
+GENEROUS = RateLimit(limit=1_000_000, period=1.0)
+
+# The same job as the facade's send, in one statement, as a superuser (row security does
+# not bind it): store the message (the trigger takes its seq and change-log position under
+# the room lock) and move the sender's watermark to it.
+RAW_SEND = """
+WITH inserted AS (
+    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
+    VALUES ($1, $2, $3, $4, $5, 'text')
+    RETURNING id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at,
+              created_at
+), seen AS (
+    UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
+      FROM inserted
+     WHERE room_users.room_id = $2 AND room_users.user_id = $3
+       AND room_users.last_read_seq < inserted.seq
+)
+SELECT * FROM inserted
+"""
+# The statement the send sent inside its transaction before issue 12 (the guards of
+# membership and active room in the statement, row security around it).
+OLD_SEND = """
+WITH inserted AS (
+    INSERT INTO messages (id, room_id, user_id, client_msg_id, content, type)
+    SELECT $1, $2, $3, $4, $5, 'text'
+     WHERE EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
+       AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
+    RETURNING id, room_id, user_id, seq, client_msg_id, content, type, is_edited, edited_at,
+              created_at, nullif(current_setting('chatkeep.position', true), '')::bigint AS pos
+), seen AS (
+    UPDATE room_users SET last_read_seq = inserted.seq, last_read_at = inserted.created_at
+      FROM inserted
+     WHERE room_users.room_id = $2 AND room_users.user_id = $3
+       AND room_users.last_read_seq < inserted.seq
+)
+SELECT * FROM inserted
+"""
+
+
+@dataclass(frozen=True)
+class Place:
+    users: list[uuid.UUID]
+    rooms: list[uuid.UUID]
+    hot: uuid.UUID
+
+
+async def build(url: str, rooms: int) -> Place:
+    """``USERS`` users, each a member of ``rooms`` public rooms and of one hot room."""
+    conn = await asyncpg.connect(url)
+    try:
+        tag = f"send{rooms}"
+        found = await conn.fetch(
+            "SELECT id FROM rooms WHERE name LIKE $1 ORDER BY name", f"{tag} %"
+        )
+        if len(found) != rooms + 1:
+            return await _seed(conn, tag, rooms)
+        room_ids = [r["id"] for r in found]
+        users = [
+            r["user_id"]
+            for r in await conn.fetch(
+                "SELECT user_id FROM room_users WHERE room_id = $1 ORDER BY user_id", room_ids[0]
+            )
+        ]
+        return Place(users, room_ids[1:], room_ids[0])
+    finally:
+        await conn.close()
+
+
+async def _seed(conn: asyncpg.Connection, tag: str, rooms: int) -> Place:
+    hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(4)).decode()
+    users = [uuid7() for _ in range(USERS)]
+    room_ids = [uuid7() for _ in range(rooms + 1)]
+    async with conn.transaction():
+        await conn.copy_records_to_table(
+            "users",
+            records=[
+                (u, f"{tag}_{i}@example.org", f"{tag}_{i}", hashed) for i, u in enumerate(users)
+            ],
+            columns=["id", "email", "username", "password_hash"],
+        )
+        # "send20 0000" is the hot room: it sorts first.
+        await conn.copy_records_to_table(
+            "rooms",
+            records=[(r, f"{tag} {i:04d}", "public", users[0]) for i, r in enumerate(room_ids)],
+            columns=["id", "name", "type", "created_by"],
+        )
+        await conn.copy_records_to_table(
+            "room_users",
+            records=[(r, u) for r in room_ids for u in users],
+            columns=["room_id", "user_id"],
+        )
+    await conn.execute("VACUUM ANALYZE users, rooms, room_users")
+    return Place(users, room_ids[1:], room_ids[0])
+
+
+Send = Callable[[uuid.UUID, uuid.UUID, str], Awaitable[Any]]
+
+
+@dataclass
+class Measured:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def measure(send: Send, place: Place, hot: bool, tasks: int, seconds: float) -> Measured:
+    """Messages per second and latencies of ``send`` from ``tasks`` concurrent tasks."""
+    latencies: list[float] = []
+    stop = False
+    counting = False
+    counted = asyncio.Event()
+
+    async def worker(index: int) -> None:
+        user = place.users[index % len(place.users)]
+        k = 0
+        while not stop:
+            room = place.hot if hot else place.rooms[(index * 7 + k) % len(place.rooms)]
+            started = time.perf_counter()
+            await send(room, user, f"message {index}-{k}")
+            if counting:
+                latencies.append(time.perf_counter() - started)
+                counted.set()
+            k += 1
+
+    running = [asyncio.create_task(worker(i)) for i in range(tasks)]
+    await asyncio.sleep(min(0.3, seconds / 4))  # warm-up: statements prepared, pools full
+    counting = True
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    await counted.wait()  # a loaded machine may finish nothing in a short window
+    done = len(latencies)
+    elapsed = time.perf_counter() - start
+    stop = True
+    await asyncio.gather(*running)
+    ordered = sorted(latencies)
+    return Measured(
+        rate=done / elapsed,
+        p50_ms=ordered[len(ordered) // 2] * 1000,
+        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+    )
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"),
+        help="a superuser URL of the server; the benchmark uses its own database there",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/1"),
+        help="a Redis logical database of the benchmark's own (it is flushed)",
+    )
+    parser.add_argument("--database-name", default=BENCH_DB)
+    parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per variant and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="send_batches_in_flight of the group commit"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="send_batch_size")
+    parser.add_argument("--tiny", action="store_true", help="few rooms, short rounds")
+    parser.add_argument("--fresh", action="store_true", help="drop and rebuild the database")
+    parser.add_argument("--drop", action="store_true", help="drop the database at the end")
+    args = parser.parse_args()
+    logging.getLogger("chatkeep").setLevel(logging.ERROR)
+    if args.tiny:
+        args.rooms, args.seconds, args.rounds = 4, 0.2, 1
+        args.concurrency = min(args.concurrency, 4)
+
+    url = await database(args.database_url, args.database_name, fresh=args.fresh)
+    place = await build(url, args.rooms)
+    app_url = urls.with_user(url, "chatapp_app", args.app_password or None)
+    n = args.concurrency
+    on = Settings(
+        database_url=app_url,
+        redis_url=args.redis_url,
+        send_batches_in_flight=args.in_flight,
+        send_batch_size=args.batch_size,
+    )
+    raw_pool = await asyncpg.create_pool(url, min_size=n, max_size=n)
+    assert raw_pool is not None
+    try:
+        async with (
+            Database(on, min_size=n, max_size=n) as db,
+            RedisClient.from_settings(on) as redis,
+        ):
+            await redis.redis.flushdb()
+            # One pool for every facade variant (the server's connection slots are shared);
+            # the group commit is switched off on one facade as send_group_commit=False does.
+            chat_on = ChatKeep(db, redis, node_id="bench-on", send_limit=GENEROUS)
+            chat_off = ChatKeep(db, redis, node_id="bench-off", send_limit=GENEROUS)
+            chat_off.send_batcher = None
+
+            async def raw(room: uuid.UUID, user: uuid.UUID, text: str) -> Any:
+                return await raw_pool.fetchrow(RAW_SEND, uuid7(), room, user, None, text)
+
+            async def three_round_trips(room: uuid.UUID, user: uuid.UUID, text: str) -> Any:
+                # The flow before issue 12: limit, BEGIN + set_config, statement, COMMIT,
+                # publish.
+                dto = CreateMessageDto(room_id=room, user_id=user, content=text)
+                await chat_off.limiter.enforce(str(user), "send")
+                async with db.acting_as(user, "bench.old_send"):
+                    row = await db.fetchrow(
+                        "bench.old_send", OLD_SEND, uuid7(), room, user, None, dto.content
+                    )
+                assert row is not None
+                await chat_off.events.publish_many(
+                    [
+                        MessageCreated(
+                            position=row["pos"],
+                            room_id=room,
+                            message_id=row["id"],
+                            seq=row["seq"],
+                            sender_id=user,
+                            body=text,
+                        )
+                    ]
+                )
+                return row
+
+            variants: dict[str, Send] = {
+                "raw": raw,
+                "3 round trips": three_round_trips,
+                "facade, group commit off": chat_off.send_message,
+                "facade, group commit on": chat_on.send_message,
+            }
+            print(
+                f"{n} tasks, {args.rounds} rounds of {args.seconds:g} s per variant; "
+                f"{args.rooms} rooms and one hot room, {USERS} senders in each; group commit "
+                f"of up to {args.batch_size} sends, {args.in_flight} batch(es) in flight"
+            )
+            for workload, hot in ((f"{args.rooms} rooms", False), ("hot room", True)):
+                results: dict[str, list[Measured]] = {name: [] for name in variants}
+                ratios: dict[str, list[float]] = {name: [] for name in variants}
+                names = list(variants)
+                for round_ in range(args.rounds):
+                    order = names[round_ % len(names) :] + names[: round_ % len(names)]
+                    measured = {
+                        name: await measure(variants[name], place, hot, n, args.seconds)
+                        for name in order
+                    }
+                    for name in names:
+                        results[name].append(measured[name])
+                        ratios[name].append(measured[name].rate / measured["raw"].rate)
+                print(f"\n{workload}:")
+                print(f"{'variant':<26} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'÷ raw':>7}")
+                for name in names:
+                    rate = statistics.median(m.rate for m in results[name])
+                    p50 = statistics.median(m.p50_ms for m in results[name])
+                    p99 = statistics.median(m.p99_ms for m in results[name])
+                    ratio = statistics.median(ratios[name])
+                    print(f"{name:<26} {rate:>9,.0f} {p50:>8.2f} {p99:>8.2f} {ratio:>7.2f}")
+                per_round = " ".join(f"{r:.2f}" for r in ratios["facade, group commit on"])
+                print(f"group commit on ÷ raw per round: {per_round}")
+            batcher = chat_on.send_batcher
+            assert batcher is not None
+            print(
+                f"\ngroup commit: {batcher.sends:,} sends in {batcher.batches:,} batches "
+                f"({batcher.sends / max(batcher.batches, 1):.1f} per batch)"
+            )
+            await chat_on.close()
+            await chat_off.close()
+    finally:
+        await raw_pool.close()
+    if args.drop:
+        await drop_database(args.database_url, args.database_name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
