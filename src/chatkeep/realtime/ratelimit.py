@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from chatkeep.errors import InvalidInput, RateLimited
 from chatkeep.realtime.client import RedisClient
@@ -234,7 +235,11 @@ class RateLimiter:
         ]
 
     async def _run_pipeline(
-        self, pipe: Pipeline, subjects: Sequence[str], action: str, args: list[str | int]
+        self,
+        pipe: Pipeline | ClusterPipeline,
+        subjects: Sequence[str],
+        action: str,
+        args: list[str | int],
     ) -> list[Any]:
         for subject in subjects:
             await self._gcra(
