@@ -3,8 +3,9 @@
 In one run, on two databases of one server with the same fixture (the storage benchmark's:
 20 users, all in 200 public rooms), both as ``chatapp_app`` with row security on:
 
-* send: ``async with db.acting_as(user): await messages.send(...)`` into the task's own
-  room (the facade's PostgreSQL path, without Redis), at ``--concurrency`` tasks (20), for
+* send: ``async with db.acting_as(user):`` one guarded ``INSERT`` into the task's own room
+  (``PLAIN_SEND``: the statement the repository sent when the log came; today's sends go
+  through 014's function, which a database at 011 lacks), at ``--concurrency`` tasks (20), for
   ``--seconds`` per side and round, on the database migrated to the full schema (with the
   log: migration 012) and on one migrated to 011 (today's path, without it). Rounds
   alternate which side goes first; the ratio printed is the median of the back-to-back
@@ -46,6 +47,7 @@ from bench_security import as_role, prepare
 from bench_storage import Fixture, rate
 
 from chatkeep.config import Settings
+from chatkeep.ids import uuid7
 from chatkeep.models import CreateMessageDto
 from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import maintenance_url
@@ -58,16 +60,24 @@ CATCH_UP = 1000
 Op = Callable[[int, random.Random], Awaitable[Any]]
 
 
-def send_op(db: Database, fx: Fixture) -> Op:
-    messages = MessageRepository(db)
+# The send both schemas can run: the repository's own statement needs what later
+# migrations added (013-016), so the comparison sends this one on both sides, in the
+# acting user's transaction, and what differs is the log's trigger work.
+PLAIN_SEND = """
+INSERT INTO messages (id, room_id, user_id, content, type)
+SELECT $1, $2, $3, $4, 'text'
+ WHERE EXISTS (SELECT 1 FROM rooms WHERE id = $2 AND is_active)
+   AND EXISTS (SELECT 1 FROM room_users WHERE room_id = $2 AND user_id = $3)
+RETURNING seq
+"""
 
+
+def send_op(db: Database, fx: Fixture) -> Op:
     async def send(index: int, rng: random.Random) -> Any:
         user = fx.users[index % len(fx.users)]
-        dto = CreateMessageDto(
-            room_id=fx.rooms[index % len(fx.rooms)], user_id=user, content="benchmark message"
-        )
+        room = fx.rooms[index % len(fx.rooms)]
         async with db.acting_as(user):
-            return await messages.send(dto)
+            return await db.fetchval("bench.send", PLAIN_SEND, uuid7(), room, user, "benchmark")
 
     return send
 

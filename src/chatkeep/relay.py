@@ -191,12 +191,13 @@ class OutboxRelay:
             return bool(await conn.fetchval(TRY_LOCK, RELAY_LOCK_KEY))
 
     async def _marks(self, rooms: list[UUID]) -> dict[UUID, int | None]:
-        """Each room's published mark (``None``: no mark kept), in one round trip."""
-        client = self._redis
-        keys = [client.keys.room_published(room) for room in rooms]
-        with client.guard("relay.published_marks"):
-            values = await client.redis.mget(keys)
-        return {room: None if v is None else int(v) for room, v in zip(rooms, values, strict=True)}
+        """Each room's published mark (``None``: no mark kept), in one round trip per node.
+
+        The marks are one-member sorted sets (``ZADD GT`` in the publish pipeline): read
+        with ``ZSCORE``, as an ``MGET`` would see none of them (and on a cluster would
+        refuse keys of several slots).
+        """
+        return await self._bus.published_marks(rooms)
 
     async def _tick(self, conn: asyncpg.Connection) -> int:
         """One round as the leader; returns how many rooms it announced.

@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from chatkeep.errors import InvalidInput
 
 __all__ = [
+    "REDIS_CLUSTER_SCHEMES",
     "REDIS_SCHEMES",
     "database_name",
     "hosts",
@@ -49,6 +50,11 @@ __all__ = [
 
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix", "valkey", "valkeys"})
 """The schemes redis-py reads (``valkey``/``valkeys`` are ``redis``/``rediss``)."""
+REDIS_CLUSTER_SCHEMES: Final = frozenset(
+    {"redis+cluster", "rediss+cluster", "valkey+cluster", "valkeys+cluster"}
+)
+"""A Redis Cluster reached through the URL's seed node (database 0 only); see
+:class:`~chatkeep.realtime.RedisClient`."""
 
 # Query parameters libpq and asyncpg read a secret from.
 _SECRET_PARAMS: Final = frozenset({"password", "sslpassword"})

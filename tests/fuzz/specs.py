@@ -794,6 +794,11 @@ SPECS: dict[str, Spec] = {
     "EventBus.published": Spec(
         lambda w: w.chat.events, lambda w: {"room_id": w.public.id}, {"room_id": P(UUID_ONLY)}
     ),
+    "EventBus.published_marks": Spec(
+        lambda w: w.chat.events,
+        lambda w: {"room_ids": [w.public.id]},
+        {"room_ids": P(collection, "room_id")},
+    ),
     "EventBus.subscribe": Spec(
         lambda w: w.chat.events,
         lambda w: {"room_ids": (w.public.id,)},

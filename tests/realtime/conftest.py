@@ -26,6 +26,40 @@ FAST: dict[str, Any] = {
 ClientFactory = Callable[..., Awaitable[RedisClient]]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests marked ``standalone_only`` on the single server alone.
+
+    Each such mark says why: counting a single connection's round trips, say, has no
+    meaning on a cluster client that holds one pool per node.
+    """
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cluster = callspec is not None and callspec.params.get("redis_url") == "cluster"
+        if on_cluster and item.get_closest_marker("standalone_only") is not None:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(params=["standalone", pytest.param("cluster", marks=pytest.mark.cluster)])
+def redis_url(request: pytest.FixtureRequest, chatkeep_redis_url: str) -> str:
+    """The realtime suite runs twice: on the test Redis, and on the session's cluster.
+
+    The cluster run proves every operation chatkeep has keeps its keys in one slot
+    (a script or a pipeline touching two slots fails there with ``CROSSSLOT``) and works
+    through ``RedisCluster`` and sharded pub/sub.
+    """
+    if request.param == "standalone":
+        return chatkeep_redis_url
+    url: str = request.getfixturevalue("cluster_url")
+    return url
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def make_client(redis_url: str) -> AsyncIterator[ClientFactory]:
     """Build RedisClients on the test database (or another URL); all closed after the test."""

@@ -77,6 +77,9 @@ def test_retry_policy_is_redis_pys_own_with_jittered_backoff(client: RedisClient
     assert retry.get_retries() == 1
 
 
+@pytest.mark.standalone_only(
+    "counts the attempts of one connection class; a cluster client takes none"
+)
 async def test_connection_and_timeout_errors_are_retried(make_client: ClientFactory) -> None:
     connection_class, attempts = flaky_connection(
         [rex.ConnectionError("reset"), rex.TimeoutError("slow")]
@@ -88,6 +91,9 @@ async def test_connection_and_timeout_errors_are_retried(make_client: ClientFact
     assert await flaky.redis.get(MARKER) == b"1"
 
 
+@pytest.mark.standalone_only(
+    "counts the attempts of one connection class; a cluster client takes none"
+)
 async def test_retries_stop_after_the_configured_count(make_client: ClientFactory) -> None:
     connection_class, attempts = flaky_connection([rex.ConnectionError("x")] * 5)
     flaky = await make_client(retries=2, connection_class=connection_class)
@@ -96,6 +102,9 @@ async def test_retries_stop_after_the_configured_count(make_client: ClientFactor
     assert attempts[0] == 3
 
 
+@pytest.mark.standalone_only(
+    "counts the attempts of one connection class; a cluster client takes none"
+)
 async def test_other_errors_are_not_retried(make_client: ClientFactory) -> None:
     connection_class, attempts = flaky_connection([rex.ResponseError("ERR boom")])
     flaky = await make_client(retries=3, connection_class=connection_class)

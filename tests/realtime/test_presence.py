@@ -140,6 +140,7 @@ async def test_heartbeat_many_reports_who_came_online(client: RedisClient) -> No
     assert await presence.online_among(users) == set(users)
 
 
+@pytest.mark.standalone_only("counts round trips of one connection (a cluster sends one per node)")
 async def test_ten_thousand_heartbeats_are_one_round_trip_per_batch(
     make_client: ClientFactory,
 ) -> None:

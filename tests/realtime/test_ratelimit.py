@@ -25,6 +25,19 @@ async def test_a_fresh_subject_gets_exactly_its_burst(client: RedisClient) -> No
     assert (await limiter.check("u2", "send")).allowed
 
 
+async def test_check_many_counts_each_subject_in_order(client: RedisClient) -> None:
+    # Standalone: one pipeline; on a cluster the subjects' keys sit in many slots.
+    limiter = RateLimiter(client, {"send": RateLimit(5, 60.0, burst=2)})
+    subjects = [f"batch-{i}" for i in range(12)]
+    results = await limiter.check_many([*subjects, subjects[0], subjects[0]], "send")
+    assert [r.allowed for r in results] == [True] * 13 + [False]
+    assert [r.remaining for r in results[:12]] == [1] * 12
+    # What check() sees next agrees with what check_many counted.
+    assert not (await limiter.check(subjects[0], "send")).allowed
+    assert (await limiter.check(subjects[1], "send")).allowed
+    assert await limiter.check_many([], "send") == []
+
+
 async def hammer(
     client: RedisClient, limit: RateLimit, *, tasks: int, window: float
 ) -> tuple[int, float, float]:

@@ -37,15 +37,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self, cast
 
 import redis.asyncio as aioredis
 from pydantic import ConfigDict
 from redis import exceptions as rex
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import Connection
+from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
@@ -54,7 +56,7 @@ from chatkeep.config import Settings, redact_url
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
 from chatkeep.models import SCHEMA_CONFIG
 from chatkeep.ops import tracing
-from chatkeep.realtime.errors import translate_error
+from chatkeep.realtime.errors import DRIVER_ERRORS, translate_error
 from chatkeep.realtime.keys import KeySpace
 from chatkeep.realtime.pubsub import (
     ChannelSubscription,
@@ -62,6 +64,7 @@ from chatkeep.realtime.pubsub import (
     SubscriptionGap,
     _PubSubHub,
 )
+from chatkeep.realtime.shards import _ShardedPubSubHub
 
 __all__ = [
     # Re-exported from their own modules (their home before the split), so that existing
@@ -74,6 +77,17 @@ __all__ = [
     "translate_error",
 ]
 
+_SCHEMES: Final = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "valkey://",
+    "valkeys://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "valkey+cluster://",
+    "valkeys+cluster://",
+)
 DEFAULT_SOCKET_TIMEOUT: Final = 5.0
 DEFAULT_OPERATION_TIMEOUT: Final = 1.0
 DEFAULT_QUEUE_SIZE: Final = 10_000
@@ -116,6 +130,113 @@ class _Redis(aioredis.Redis):
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+# Set while an operation holds one of its cluster client's permits, so that what it runs
+# inside (a pipeline's redirected commands, a multi-node command's tasks) takes no other.
+_HOLDS_PERMIT: ContextVar[bool] = ContextVar("chatkeep_cluster_permit", default=False)
+
+
+class _RedisCluster(aioredis.RedisCluster):
+    """redis-py's cluster client, made safe for many concurrent tasks.
+
+    It names each command to the traced operation running it, and corrects three things
+    redis-py's asyncio cluster client does under concurrency (docs/design.md, "Redis
+    Cluster"): before it has discovered the cluster it sends a keyed command to a random
+    master (so a new client's first burst of commands drew a MOVED each), and every fifth
+    MOVED made it close every connection of every node, those other tasks were reading
+    from included (they failed with "Connection closed by server"): the client discovers
+    the cluster before its first command and is built with ``reinitialize_steps=0`` (a
+    MOVED patches its slot, a lost connection still rediscovers everything). And a node
+    whose ``max_connections`` are all in use fails the next command at once
+    (``MaxConnectionsError``) where the single-server pool waits: here an operation waits
+    for one of ``max_connections`` permits instead (bounded by the guard's deadline), so
+    no node is ever asked for more connections than it has.
+    """
+
+    _permits: asyncio.Semaphore
+
+    def limit(self, operations: int) -> None:
+        """Let at most ``operations`` commands or pipelines run at once."""
+        self._permits = asyncio.Semaphore(operations)
+
+    async def _with_permit(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        if _HOLDS_PERMIT.get():
+            return await work()
+        async with self._permits:
+            token = _HOLDS_PERMIT.set(True)
+            try:
+                if self._initialize:
+                    await self.initialize()
+                return await work()
+            finally:
+                _HOLDS_PERMIT.reset(token)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        tracing.redis_commands(args[:1])
+        run = super().execute_command
+        return await self._with_permit(lambda: run(*args, **kwargs))
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            raise rex.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline that runs under one of its client's permits."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        run = super().execute
+        client = self.cluster_client
+        if not isinstance(client, _RedisCluster):  # pragma: no cover - made by _RedisCluster
+            return await run(raise_on_error, allow_redirections)
+        result: list[Any] = await client._with_permit(
+            lambda: run(raise_on_error, allow_redirections)
+        )
+        return result
+
+
+def _plain_url(url: str) -> str:
+    """``url`` with the scheme redis-py knows (``valkey`` and ``+cluster`` taken off)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.removesuffix("+cluster").replace("valkey", "redis", 1)
+    return f"{scheme}{sep}{rest}"
+
+
+def _cluster_client(url: str, **options: Any) -> _RedisCluster:
+    """A cluster client seeded by ``url``'s node (the others are discovered)."""
+    try:
+        parts = parse_url(url)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"redis_url: cannot be parsed ({redact_url(url)})", field="redis_url"
+        ) from exc
+    if int(parts.get("db", 0) or 0) != 0:
+        raise ConfigurationError(
+            "redis_url: a Redis Cluster has only database 0", field="redis_url"
+        )
+    try:
+        # A MOVED patches its slot alone: reinitializing closes connections in use.
+        client = cast(_RedisCluster, _RedisCluster.from_url(url, reinitialize_steps=0, **options))
+    except (ValueError, rex.RedisClusterException) as exc:
+        raise ConfigurationError(
+            f"redis_url: not a usable cluster URL ({redact_url(url)}): {exc}", field="redis_url"
+        ) from exc
+    client.limit(int(options.get("max_connections", 50)))
+    return client
+
+
+def _node_options(url: str) -> dict[str, Any]:
+    """The connection options of ``url`` (credentials, TLS) for a link to any node."""
+    parts: dict[str, Any] = dict(parse_url(url))
+    for name in ("host", "port", "db", "path"):
+        parts.pop(name, None)
+    return parts
 
 
 def _check_positive(name: str, value: float, *, maximum: float = 3600.0) -> None:
@@ -171,9 +292,13 @@ class RedisClient:
 
     Args:
         url: ``redis://``, ``rediss://`` or ``unix://`` URL (may hold a password: it is
-            never logged or shown).
+            never logged or shown), or ``redis+cluster://host:port`` (``rediss+cluster://``
+            with TLS) for a Redis Cluster reached through that seed node (the other
+            nodes are discovered): commands then go through redis-py's ``RedisCluster``
+            and room events through sharded pub/sub (``chatkeep.realtime.shards``).
         key_prefix: namespace put in front of every key (``Settings.redis_key_prefix``).
-        cluster_mode: hash-tag ids in key names (``Settings.redis_cluster_mode``).
+        cluster_mode: hash-tag ids in key names (``Settings.redis_cluster_mode``); always
+            on with a cluster URL.
         socket_timeout: seconds a command may wait for its reply.
         connect_timeout: seconds a new connection may take.
         retries: how many times a command is retried after a connection or timeout error
@@ -182,7 +307,9 @@ class RedisClient:
         backoff_cap: longest backoff between two tries, in seconds.
         max_connections: size of the command connection pool.
         pool_timeout: seconds a command waits for a free pooled connection before
-            :class:`Unavailable`.
+            :class:`Unavailable` (single server; on a cluster at most
+            ``max_connections`` operations run at once, the others wait for their turn
+            within their ``operation_timeout``).
         operation_timeout: seconds a guarded operation may take in all (waiting for a
             connection, connecting, retries and backoff included) before
             :class:`Unavailable`; see :meth:`guard`.
@@ -193,7 +320,8 @@ class RedisClient:
         subscription_queue_size: messages a slow subscriber may fall behind before its
             backlog is replaced by a :class:`SubscriptionGap`.
         client_name: ``CLIENT SETNAME`` of every connection (visible in ``CLIENT LIST``).
-        connection_class: a redis-py connection class (for TLS tuning or instrumentation).
+        connection_class: a redis-py connection class (for TLS tuning or instrumentation;
+            single server only).
 
     Raises:
         InvalidInput: a numeric option is out of range.
@@ -238,16 +366,99 @@ class RedisClient:
             raise InvalidInput("health_check_interval", "must be from 0 to 3600 seconds")
         if not isinstance(subscription_queue_size, int) or subscription_queue_size < 1:
             raise InvalidInput("subscription_queue_size", "must be a positive integer")
-        if not url.startswith(("redis://", "rediss://", "unix://", "valkey://", "valkeys://")):
+        if not url.startswith(_SCHEMES):
             raise ConfigurationError(
-                "redis_url: must start with redis://, rediss:// or unix://", field="redis_url"
+                "redis_url: must start with redis://, rediss://, unix:// or, for a cluster, "
+                "redis+cluster:// or rediss+cluster://",
+                field="redis_url",
             )
-        self._url = url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
+        self._cluster = "+cluster://" in url.split("@", 1)[0]
+        self._url = _plain_url(url)
         self._operation_timeout = float(operation_timeout)
-        self._keys = KeySpace(key_prefix, cluster_mode=cluster_mode)
+        self._connect_timeout = float(connect_timeout)
+        # A cluster needs every multi-key operation in one slot: hash tags are not optional.
+        self._keys = KeySpace(key_prefix, cluster_mode=cluster_mode or self._cluster)
         self._retry = Retry(
             ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base), retries
         )
+        backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base)
+        # Optional observer wrapped around every guarded command, given its operation name
+        # (``ChatkeepMetrics.time_redis``); unset, commands pay nothing for it.
+        self.command_timer: Callable[[str], contextlib.AbstractContextManager[object]] | None = None
+        self._pool: aioredis.BlockingConnectionPool | None = None
+        self._pubsub_pool: aioredis.ConnectionPool | None = None
+        self._pubsub_redis: aioredis.Redis | None = None
+        self._hub: _PubSubHub | _ShardedPubSubHub
+        if self._cluster:
+            if connection_class is not None:
+                raise InvalidInput("connection_class", "is not supported on a cluster URL")
+            common: dict[str, Any] = {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": connect_timeout,
+                "health_check_interval": health_check_interval,
+                "client_name": client_name,
+            }
+            self._redis: aioredis.Redis | aioredis.RedisCluster = _cluster_client(
+                self._url,
+                max_connections=max_connections,
+                retry=self._retry,
+                retry_on_error=[],
+                **common,
+            )
+            topology = _cluster_client(
+                self._url, max_connections=2, retry=Retry(NoBackoff(), 0), **common
+            )
+            link_options = _node_options(self._url)
+
+            def make_link(host: str, port: int) -> aioredis.Redis:
+                pool = aioredis.ConnectionPool(
+                    host=host,
+                    port=port,
+                    max_connections=2,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=connect_timeout,
+                    retry=Retry(NoBackoff(), 0),
+                    retry_on_error=[],
+                    client_name=f"{client_name}-pubsub",
+                    **link_options,
+                )
+                return aioredis.Redis(connection_pool=pool)
+
+            self._hub = _ShardedPubSubHub(
+                topology,
+                make_link,
+                backoff=backoff,
+                confirm_timeout=socket_timeout,
+                ping_interval=pubsub_ping_interval,
+            )
+        else:
+            self._redis, self._hub = self._standalone(
+                max_connections=max_connections,
+                pool_timeout=pool_timeout,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                health_check_interval=health_check_interval,
+                pubsub_ping_interval=pubsub_ping_interval,
+                client_name=client_name,
+                connection_class=connection_class,
+                backoff=backoff,
+            )
+        self._queue_size = subscription_queue_size
+        self._closed = False
+
+    def _standalone(
+        self,
+        *,
+        max_connections: int,
+        pool_timeout: float,
+        socket_timeout: float,
+        connect_timeout: float,
+        health_check_interval: float,
+        pubsub_ping_interval: float,
+        client_name: str,
+        connection_class: type[Connection] | None,
+        backoff: ExponentialWithJitterBackoff,
+    ) -> tuple[aioredis.Redis, _PubSubHub]:
         extra: dict[str, Any] = {}
         if connection_class is not None:
             extra["connection_class"] = connection_class
@@ -267,12 +478,8 @@ class RedisClient:
             )
         except ValueError as exc:
             raise ConfigurationError(
-                f"redis_url: cannot be parsed ({redact_url(url)})", field="redis_url"
+                f"redis_url: cannot be parsed ({redact_url(self._url)})", field="redis_url"
             ) from exc
-        self._redis: aioredis.Redis = _Redis(connection_pool=self._pool)
-        # Optional observer wrapped around every guarded command, given its operation name
-        # (``ChatkeepMetrics.time_redis``); unset, commands pay nothing for it.
-        self.command_timer: Callable[[str], contextlib.AbstractContextManager[object]] | None = None
         self._pubsub_pool = aioredis.ConnectionPool.from_url(
             self._url,
             max_connections=2,
@@ -286,14 +493,13 @@ class RedisClient:
             **extra,
         )
         self._pubsub_redis = aioredis.Redis(connection_pool=self._pubsub_pool)
-        self._hub = _PubSubHub(
+        hub = _PubSubHub(
             self._pubsub_redis.pubsub,
-            backoff=ExponentialWithJitterBackoff(cap=backoff_cap, base=backoff_base),
+            backoff=backoff,
             confirm_timeout=socket_timeout,
             ping_interval=pubsub_ping_interval,
         )
-        self._queue_size = subscription_queue_size
-        self._closed = False
+        return _Redis(connection_pool=self._pool), hub
 
     @classmethod
     def from_settings(cls, settings: Settings, *, url: str | None = None, **options: Any) -> Self:
@@ -328,9 +534,23 @@ class RedisClient:
     # -- accessors -------------------------------------------------------------------------
 
     @property
-    def redis(self) -> aioredis.Redis:
-        """The underlying redis-py client (commands through it are not translated)."""
+    def redis(self) -> aioredis.Redis | aioredis.RedisCluster:
+        """The underlying redis-py client (commands through it are not translated).
+
+        A :class:`redis.asyncio.RedisCluster` when the URL names a cluster: it routes each
+        command by its key's slot and follows ``MOVED`` after a failover.
+        """
         return self._redis
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the URL named a Redis Cluster (``redis+cluster://``)."""
+        return self._cluster
+
+    @property
+    def publish_command(self) -> str:
+        """``SPUBLISH`` on a cluster (sharded pub/sub), ``PUBLISH`` on a single server."""
+        return "SPUBLISH" if self._cluster else "PUBLISH"
 
     @property
     def keys(self) -> KeySpace:
@@ -379,6 +599,10 @@ class RedisClient:
             Unavailable: Redis could not be reached, or did not answer in time.
         """
         seconds = self._operation_timeout if timeout is None else timeout
+        if self._cluster and getattr(self._redis, "_initialize", False):
+            # A cluster client's first command first discovers the cluster (CLUSTER
+            # SLOTS, COMMAND): that has the connect timeout of its own on top.
+            seconds += self._connect_timeout
         timer = self.command_timer
         found = tracing.tracer()
         if found is not None:
@@ -401,7 +625,7 @@ class RedisClient:
         deadline = _Deadline(seconds)
         try:
             yield
-        except (rex.RedisError, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise translate_error(exc, operation) from exc
         except asyncio.CancelledError:
             if deadline.expired():
@@ -412,8 +636,12 @@ class RedisClient:
         finally:
             deadline.close()
 
-    def pipeline(self, *, transaction: bool = False) -> Pipeline:
-        """A redis-py pipeline: its commands travel in one round trip on ``execute()``."""
+    def pipeline(self, *, transaction: bool = False) -> Pipeline | ClusterPipeline:
+        """A redis-py pipeline: its commands travel in one round trip on ``execute()``.
+
+        On a cluster, one round trip per node its keys live on (one, for keys of one room
+        or one user); a transaction's keys must share a slot.
+        """
         return self._redis.pipeline(transaction=transaction)
 
     def script(self, source: str) -> AsyncScript:
@@ -446,7 +674,7 @@ class RedisClient:
             Unavailable: Redis could not be reached.
         """
         with self.guard("publish"):
-            return int(await self._redis.publish(channel, data))
+            return int(await self._redis.execute_command(self.publish_command, channel, data))
 
     async def subscribe(self, *channels: str) -> ChannelSubscription:
         """Subscribe to ``channels`` on the shared pub/sub connection.
@@ -474,10 +702,12 @@ class RedisClient:
         self._closed = True
         await self._hub.aclose()
         for client, pool in ((self._pubsub_redis, self._pubsub_pool), (self._redis, self._pool)):
-            with contextlib.suppress(rex.RedisError, OSError):
-                await asyncio.shield(client.aclose())
-            with contextlib.suppress(rex.RedisError, OSError):
-                await asyncio.shield(pool.aclose())
+            if client is not None:
+                with contextlib.suppress(rex.RedisError, OSError):
+                    await asyncio.shield(client.aclose())
+            if pool is not None:
+                with contextlib.suppress(rex.RedisError, OSError):
+                    await asyncio.shield(pool.aclose())
 
     async def __aenter__(self) -> Self:
         return self
@@ -491,4 +721,5 @@ class RedisClient:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"RedisClient(url={redact_url(self._url)!r}, keys={self._keys!r})"
+        kind = ", cluster=True" if self._cluster else ""
+        return f"RedisClient(url={redact_url(self._url)!r}{kind}, keys={self._keys!r})"

@@ -15,12 +15,18 @@ from chatkeep.errors import ChatkeepError, ConfigurationError, Unavailable
 
 __all__ = ["translate_error"]
 
+DRIVER_ERRORS: Final = (rex.RedisError, rex.RedisClusterException, OSError)
+"""What redis-py (and the socket layer) raise; its cluster client's own errors
+(``RedisClusterException``: no node reachable, a slot not covered, keys of two slots) do
+not derive from ``RedisError``."""
+
 # Errors that mean "the store cannot serve now": worth an Unavailable, not a bug report.
 _UNAVAILABLE_RESPONSES: Final = (
     rex.ReadOnlyError,
     rex.OutOfMemoryError,
     rex.ClusterDownError,
     rex.TryAgainError,
+    rex.SlotNotCoveredError,
 )
 _CREDENTIAL_ERRORS: Final = (
     rex.AuthenticationError,
@@ -51,4 +57,7 @@ def translate_error(exc: BaseException, operation: str) -> ChatkeepError:
         return Unavailable(f"redis unavailable during {operation}: {kind}: {exc}")
     if isinstance(exc, _UNAVAILABLE_RESPONSES):
         return Unavailable(f"redis cannot serve {operation}: {kind}: {exc}")
+    if type(exc) is rex.RedisClusterException:
+        # Raised by itself when no node of the cluster answers (slot-map refreshes).
+        return Unavailable(f"redis cluster unreachable during {operation}: {exc}")
     return ChatkeepError(f"redis failed {operation}: {kind}: {exc}")

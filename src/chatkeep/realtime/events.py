@@ -553,7 +553,8 @@ class EventBus:
         data = encode_event(self._stamp(event))
         channel = self._client.keys.room_events(event.room_id)
         with self._client.guard("events.publish"):
-            return int(await self._client.redis.publish(channel, data))
+            command = self._client.publish_command  # SPUBLISH on a cluster
+            return int(await self._client.redis.execute_command(command, channel, data))
 
     async def published(self, room_id: UUID) -> int:
         """The highest change-log position published for the room (0: none known).
@@ -569,6 +570,29 @@ class EventBus:
         with self._client.guard("events.published"):
             value = await self._client.redis.zscore(key, _MARK_MEMBER)
         return 0 if value is None else int(value)
+
+    async def published_marks(self, room_ids: Iterable[UUID]) -> dict[UUID, int | None]:
+        """Each room's published mark (``None``: no mark kept), in one round trip per node.
+
+        Raises:
+            InvalidInput: ``room_ids`` is not a collection of UUIDs.
+            Unavailable: Redis could not be reached.
+        """
+        rooms = validate_collection(room_ids, "room_ids")
+        keys = [self._client.keys.room_published(room) for room in rooms]
+        if not keys:
+            return {}
+        # ZSCORE per room, pipelined: the marks are sorted sets (MGET reads them as nil),
+        # and on a cluster the rooms' keys live in different slots.
+        pipe = self._client.pipeline()
+        for key in keys:
+            pipe.zscore(key, _MARK_MEMBER)
+        with self._client.guard("events.published_marks"):
+            values = await pipe.execute()
+        return {
+            room: None if value is None else int(value)
+            for room, value in zip(rooms, values, strict=True)
+        }
 
     async def publish_many(self, events: Iterable[Event]) -> list[int]:
         """Publish several events in one round trip, in order.
@@ -598,7 +622,7 @@ class EventBus:
             pipe.zadd(key, {_MARK_MEMBER: position}, gt=True)
             pipe.pexpire(key, PUBLISHED_MARK_TTL_MS)
         for channel, data in encoded:
-            pipe.publish(channel, data)
+            pipe.execute_command(self._client.publish_command, channel, data)
         with self._client.guard("events.publish_many"):
             results = await pipe.execute()
         return [int(n) for n in results[2 * len(marks) :]]

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NoReturn, Self
+from typing import Any, Literal, NoReturn, Protocol, Self
 
 from redis import exceptions as rex
 from redis.asyncio.client import PubSub
@@ -66,6 +66,17 @@ class SubscriptionGap:
     since: float
 
 
+class _Hub(Protocol):
+    """What a subscription needs of its hub.
+
+    The classic one here, or the sharded one (``chatkeep.realtime.shards``) on a cluster.
+    """
+
+    async def attach(self, sub: ChannelSubscription, channels: frozenset[str]) -> None: ...
+
+    async def detach(self, sub: ChannelSubscription, channels: frozenset[str]) -> None: ...
+
+
 class ChannelSubscription:
     """A live subscription to some channels; iterate it for messages and gap notices.
 
@@ -80,7 +91,7 @@ class ChannelSubscription:
                     handle(item.data)
     """
 
-    def __init__(self, hub: _PubSubHub, maxsize: int) -> None:
+    def __init__(self, hub: _Hub, maxsize: int) -> None:
         self._hub = hub
         self._queue: asyncio.Queue[PubSubMessage | SubscriptionGap | None] = asyncio.Queue(maxsize)
         self._channels: set[str] = set()

@@ -19,11 +19,12 @@ one counter.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from redis.asyncio.client import Pipeline
 
@@ -218,11 +219,14 @@ class RateLimiter:
             validate_id(subject, "subject")
         if not subjects:
             return []
+        if self._client.cluster:
+            return await self._check_many_on_a_cluster(subjects, action)
         args: list[str | int] = [repr(policy.emission_interval_ms), policy.effective_burst, 1]
         # Reset on the way out: a pipeline cut off mid-execute (a timeout, Redis gone)
         # would otherwise keep its connection until it is garbage collected.
         async with self._client.pipeline() as pipe:
-            replies = await self._run_pipeline(pipe, subjects, action, args)
+            # One server here (a cluster took the branch above): a plain Pipeline.
+            replies = await self._run_pipeline(cast(Pipeline, pipe), subjects, action, args)
         return [
             RateLimitResult(
                 allowed=bool(allowed),
@@ -233,8 +237,29 @@ class RateLimiter:
             for allowed, remaining, retry_ms, reset_ms in replies
         ]
 
+    async def _check_many_on_a_cluster(
+        self, subjects: Sequence[str], action: str
+    ) -> list[RateLimitResult]:
+        # The subjects' keys live in many slots: one GCRA call each, different subjects at
+        # once, a subject named twice in order (as two check() calls would count it).
+        places: dict[str, list[int]] = {}
+        for i, subject in enumerate(subjects):
+            places.setdefault(subject, []).append(i)
+        results: dict[int, RateLimitResult] = {}
+
+        async def count(subject: str, indexes: list[int]) -> None:
+            for i in indexes:
+                results[i] = await self.check(subject, action)
+
+        await asyncio.gather(*(count(s, indexes) for s, indexes in places.items()))
+        return [results[i] for i in range(len(subjects))]
+
     async def _run_pipeline(
-        self, pipe: Pipeline, subjects: Sequence[str], action: str, args: list[str | int]
+        self,
+        pipe: Pipeline,
+        subjects: Sequence[str],
+        action: str,
+        args: list[str | int],
     ) -> list[Any]:
         for subject in subjects:
             await self._gcra(

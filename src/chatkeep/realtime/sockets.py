@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.typing import EncodableT, FieldT
 
 from chatkeep.errors import InvalidInput
@@ -133,7 +134,9 @@ class SocketRegistry:
         """The registry's clock, in Unix milliseconds."""
         return int(self._clock() * 1000)
 
-    def stage_touch(self, pipe: Pipeline, touches: Sequence[SocketTouch], *, ttl_ms: int) -> None:
+    def stage_touch(
+        self, pipe: Pipeline | ClusterPipeline, touches: Sequence[SocketTouch], *, ttl_ms: int
+    ) -> None:
         """Queue the commands that (re)write the mappings of ``touches`` into ``pipe``.
 
         Used by :meth:`register` and by presence heartbeats, so that a heartbeat of
