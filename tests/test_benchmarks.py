@@ -27,6 +27,7 @@ TESTED_ELSEWHERE = {
     # It needs the session's Redis Cluster, a fixture of the cluster tests.
     "bench_cluster_pubsub.py": "tests/realtime/test_shards.py",
     "bench_send.py": "tests/test_groupcommit.py",
+    "bench_citus.py": "tests/citus/test_bench_citus.py",
 }
 
 # script -> (its arguments beyond --tiny, lines its output must contain). ``{db}`` is a

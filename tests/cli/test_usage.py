@@ -179,8 +179,10 @@ def test_setup_json(cli_env: Env, fresh_url: str) -> None:
         "roles_corrected",
         "passwords_set",
         "adopted",
+        "citus_workers",
         "generated_passwords",
     }
+    assert report["citus_workers"] is None  # not --citus
     # Every role made now without a password from the environment has one, shown here.
     assert set(report["generated_passwords"]) == {
         r
