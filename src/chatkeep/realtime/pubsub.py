@@ -196,6 +196,29 @@ def _channel_names(channels: Iterable[str]) -> frozenset[str]:
     return names
 
 
+def _forget_channels(
+    subs: dict[str, set[ChannelSubscription]],
+    sub: ChannelSubscription,
+    channels: Iterable[str],
+) -> list[str]:
+    """Drop ``sub`` from ``channels`` in a hub's registry; the channels nobody holds now.
+
+    Both hubs (classic and sharded) keep ``subs`` (channel -> subscriptions) and
+    unsubscribe from Redis the channels this returns.
+    """
+    gone: list[str] = []
+    for name in channels:
+        sub._channels.discard(name)
+        holders = subs.get(name)
+        if holders is None:
+            continue
+        holders.discard(sub)
+        if not holders:
+            del subs[name]
+            gone.append(name)
+    return gone
+
+
 class _PubSubHub:
     """The one pub/sub connection of a client, shared by every subscription.
 
@@ -264,17 +287,7 @@ class _PubSubHub:
                     logger.debug("pub/sub unsubscribe failed; ignored", exc_info=True)
 
     def _forget(self, sub: ChannelSubscription, channels: Iterable[str]) -> list[str]:
-        gone: list[str] = []
-        for name in channels:
-            sub._channels.discard(name)
-            holders = self._subs.get(name)
-            if holders is None:
-                continue
-            holders.discard(sub)
-            if not holders:
-                del self._subs[name]
-                gone.append(name)
-        return gone
+        return _forget_channels(self._subs, sub, channels)
 
     async def _subscribe_confirmed(self, channels: list[str]) -> None:
         loop = asyncio.get_running_loop()

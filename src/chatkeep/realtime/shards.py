@@ -43,6 +43,7 @@ from chatkeep.realtime.pubsub import (
     ChannelSubscription,
     PubSubMessage,
     SubscriptionGap,
+    _forget_channels,
     _stopped_answering,
 )
 
@@ -169,17 +170,7 @@ class _ShardedPubSubHub:
                     logger.debug("sharded unsubscribe failed; ignored", exc_info=True)
 
     def _forget(self, sub: ChannelSubscription, channels: Iterable[str]) -> list[str]:
-        gone: list[str] = []
-        for name in channels:
-            sub._channels.discard(name)
-            holders = self._subs.get(name)
-            if holders is None:
-                continue
-            holders.discard(sub)
-            if not holders:
-                del self._subs[name]
-                gone.append(name)
-        return gone
+        return _forget_channels(self._subs, sub, channels)
 
     async def _subscribe(self, channels: list[str]) -> None:
         """Place ``channels``; once more after a topology refresh if a node refused."""
