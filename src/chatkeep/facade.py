@@ -408,6 +408,23 @@ class _Flow:
             return contextlib.nullcontext()
         return _hidden(hide, ROOM_NOT_FOUND if hide == "room" else MESSAGE_NOT_FOUND)
 
+    @contextlib.contextmanager
+    def writing_as(
+        self, user: uuid.UUID, *, hide: Literal["room", "message"] | None = None
+    ) -> Iterator[None]:
+        """The flow's one writing statement, run as ``user`` in one round trip.
+
+        :meth:`as_user` for a write (migration 018's flow functions): the same hiding,
+        and the same read-your-writes mark as :meth:`acting_as` leaves, even when the
+        statement failed (its commit may have happened all the same).
+        """
+        try:
+            with self.as_user(user, hide=hide):
+                yield
+        finally:
+            if self.writes:
+                self._chat._wrote(user, self)
+
     def about(self, *, room_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None) -> None:
         """Name the room and user the flow is about, on its span (checked ids only)."""
         if user_id is not None:
@@ -1194,9 +1211,13 @@ class ChatKeep:
         async with self._flow("edit_message") as flow:
             editor = check_id("user_id", user_id)
             key = check_id("message_id", message_id)
-            async with flow.acting_as(editor, hide="message"):
-                message = await self.messages.edit(key, content, by=editor)
-                position = await self.change_log.last_position()
+            if self.db.settings.citus:  # no flow functions there (migration 018)
+                async with flow.acting_as(editor, hide="message"):
+                    message = await self.messages.edit(key, content, by=editor)
+                    position = await self.change_log.last_position()
+            else:
+                with flow.writing_as(editor, hide="message"):
+                    message, position = await self.messages.edit_logged(key, content, by=editor)
             flow.about(room_id=message.room_id)
             flow.publish(
                 MessageEdited(
@@ -1225,17 +1246,26 @@ class ChatKeep:
         async with self._flow("delete_message") as flow:
             key = check_id("message_id", message_id)
             actor = check_id("user_id", user_id)
-            async with flow.acting_as(actor):
-                found = await self.messages.find_by_id(key)
-                if found is None or not await self.messages.delete(key, by=actor):
+            if self.db.settings.citus:  # no flow functions there (migration 018)
+                async with flow.acting_as(actor):
+                    found = await self.messages.find_by_id(key)
+                    if found is None or not await self.messages.delete(key, by=actor):
+                        return False
+                    position = await self.change_log.last_position()
+                deleted = (found.room_id, found.seq, position)
+            else:
+                with flow.writing_as(actor):
+                    gone = await self.messages.delete_logged(key, by=actor)
+                if gone is None:
                     return False
-                position = await self.change_log.last_position()
+                deleted = gone
+            room, seq, position = deleted
             flow.publish(
                 MessageDeleted(
                     position=position,
-                    room_id=found.room_id,
-                    message_id=found.id,
-                    seq=found.seq,
+                    room_id=room,
+                    message_id=key,
+                    seq=seq,
                     deleted_by=actor,
                 )
             )
@@ -1276,11 +1306,18 @@ class ChatKeep:
             key = check_id("message_id", message_id)
             user = check_id("user_id", user_id)
             flow.about(user_id=user)
-            change = self.reactions.react if added else self.reactions.unreact
-            async with flow.acting_as(user, hide="message"):
-                if not await change(key, user, emoji):
+            if self.db.settings.citus:  # no flow functions there (migration 018)
+                change = self.reactions.react if added else self.reactions.unreact
+                async with flow.acting_as(user, hide="message"):
+                    if not await change(key, user, emoji):
+                        return False
+                    logged = await self.change_log.last_change()
+            else:
+                logging = self.reactions.react_logged if added else self.reactions.unreact_logged
+                with flow.writing_as(user, hide="message"):
+                    logged = await logging(key, user, emoji)
+                if logged is None:
                     return False
-                logged = await self.change_log.last_change()
             if logged is not None:  # pragma: no branch - the trigger logs every change
                 flow.about(room_id=logged.room_id)
                 event = ReactionAdded if added else ReactionRemoved
@@ -1552,8 +1589,11 @@ class ChatKeep:
         async with self._flow("mark_thread_read", after_commit=False) as flow:
             root = check_id("root_message_id", root_message_id)
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user, hide="message"):
-                return await self.threads.mark_read(root, user)
+            if self.db.settings.citus:  # no flow functions there (migration 018)
+                async with flow.acting_as(user, hide="message"):
+                    return await self.threads.mark_read(root, user)
+            with flow.writing_as(user, hide="message"):
+                return await self.threads.mark_read(root, user, as_user=user)
 
     async def follow_thread(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> None:
         """Follow the thread (its replies then count in :meth:`badges`).
@@ -1582,8 +1622,12 @@ class ChatKeep:
         async with self._flow(name, after_commit=False) as flow:
             root = check_id("root_message_id", root_message_id)
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user, hide="message"):
-                await self.threads.follow(root, user, following=following)
+            if self.db.settings.citus:  # no flow functions there (migration 018)
+                async with flow.acting_as(user, hide="message"):
+                    await self.threads.follow(root, user, following=following)
+                return
+            with flow.writing_as(user, hide="message"):
+                await self.threads.follow(root, user, following=following, as_user=user)
 
     async def mentions(
         self,

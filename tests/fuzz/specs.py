@@ -627,6 +627,18 @@ SPECS: dict[str, Spec] = {
     ),
     "ReactionRepository.react": _reaction(lambda w: w.repos.reactions),
     "ReactionRepository.unreact": _reaction(lambda w: w.repos.reactions),
+    "ReactionRepository.react_logged": _reaction(lambda w: w.repos.reactions),
+    "ReactionRepository.unreact_logged": _reaction(lambda w: w.repos.reactions),
+    "MessageRepository.edit_logged": Spec(
+        _messages,
+        lambda w: {"message_id": w.message.id, "content": "edited", "by": w.member.id},
+        {"message_id": P(ID), "content": P(STR), "by": P(ID)},
+    ),
+    "MessageRepository.delete_logged": Spec(
+        _messages,
+        lambda w: {"message_id": w.message.id, "by": w.member.id},
+        {"message_id": P(ID), "by": P(ID)},
+    ),
     "MessageRepository.edit": Spec(
         _messages,
         lambda w: {"message_id": w.message.id, "content": "edited", "by": w.member.id},

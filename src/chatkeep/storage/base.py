@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
 import asyncpg
 
-from chatkeep.errors import InvalidInput, NotFound
+from chatkeep.errors import ChatkeepError, InvalidInput, NotFound
 from chatkeep.ids import check_id
 from chatkeep.models import _Row
 from chatkeep.storage.database import Database
@@ -56,6 +56,20 @@ def quote_ident(name: str) -> str:
 def not_found(entity: str, key: object) -> NotFound:
     """The error for a row that does not exist (one wording for every repository)."""
     return NotFound(f"{entity} {key} does not exist", entity=entity)
+
+
+def refuse_on_citus(db: Database, operation: str, instead: str) -> None:
+    """Refuse ``operation``, a call of a plain-only flow function, in Citus mode.
+
+    Those functions set the acting user with ``set_config`` inside the statement, which
+    Citus never passes to its workers (only a transaction's ``SET LOCAL``): on Citus the
+    flows keep their transaction acting as the user, calling ``instead``.
+    """
+    if db.settings.citus:
+        raise ChatkeepError(
+            f"{operation} is not available with Settings.citus: call {instead} in a "
+            "transaction acting as the user"
+        )
 
 
 class BaseRepository(Generic[ModelT]):

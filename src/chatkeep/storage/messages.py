@@ -39,7 +39,7 @@ from chatkeep.models import (
     _dict_setter,
     check_content,
 )
-from chatkeep.storage.base import BaseRepository, check_id, not_found
+from chatkeep.storage.base import BaseRepository, check_id, not_found, refuse_on_citus
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -154,6 +154,12 @@ DELETE FROM messages m
                       AND ru.role IN ('owner', 'admin')))
 RETURNING m.id
 """
+# The same two writes as their flows' one round trip (migration 018): the statement as the
+# acting user, the change-log position it took, and why nothing was written, in one call.
+EDIT_AS: Final = f"SELECT outcome, {MESSAGE_COLUMNS}, position FROM chatkeep_edit_message($1, $2, $3)"
+DELETE_LOGGED_AS: Final = (
+    "SELECT outcome, room_id, seq, position FROM chatkeep_delete_message($1, $2)"
+)
 
 
 # History: keyset over messages (room_id, seq), one index range scan in either direction.
@@ -539,6 +545,57 @@ class MessageRepository(BaseRepository[Message]):
         if not await self._exists("message", key):
             return False
         raise PermissionDenied("only the author or a room owner/admin may delete a message")
+
+    async def edit_logged(
+        self, message_id: uuid.UUID, content: str, *, by: uuid.UUID
+    ) -> tuple[Message, int | None]:
+        """:meth:`edit` as ``by`` in one round trip, with the position its change took.
+
+        Runs outside any transaction (or in one acting as ``by``): migration 018's
+        ``chatkeep_edit_message`` sets ``by`` as the acting user for its own statement, so
+        row security binds it as it binds :meth:`edit` in :meth:`Database.acting_as`.
+        Not on Citus (the function is plain-only): there, call :meth:`edit` in a
+        transaction acting as ``by``.
+
+        Raises:
+            NotFound: no such message, or one ``by`` cannot see.
+            PermissionDenied: ``by`` is not the author.
+            InvalidInput: ``content`` breaks a rule, a bad id, or the task is in a
+                transaction acting as someone else.
+        """
+        key = check_id("message_id", message_id)
+        actor = check_id("by", by)
+        text = check_content(content)
+        refuse_on_citus(self.db, "messages.edit_logged", "messages.edit")
+        row = await self.db.fetchrow_as(actor, "messages.edit", EDIT_AS, key, text)
+        if row is not None and row["outcome"] == "edited":
+            return Message._adopt({k: row[k] for k in _MESSAGE_KEYS}), row["position"]
+        if row is not None and row["outcome"] == "not_author":
+            raise PermissionDenied("only the author may edit a message")
+        raise not_found("message", key)
+
+    async def delete_logged(
+        self, message_id: uuid.UUID, *, by: uuid.UUID
+    ) -> tuple[uuid.UUID, int, int | None] | None:
+        """:meth:`delete` with ``by``, as ``by`` in one round trip (migration 018).
+
+        Returns the deleted message's room, seq and the position of its change, or
+        ``None`` when there was no such message for ``by`` (one they cannot see is none).
+        Not on Citus, as :meth:`edit_logged`.
+
+        Raises:
+            PermissionDenied: ``by`` may not delete this message.
+            InvalidInput: a bad id, or the task is in a transaction acting as someone else.
+        """
+        key = check_id("message_id", message_id)
+        actor = check_id("by", by)
+        refuse_on_citus(self.db, "messages.delete_logged", "messages.delete")
+        row = await self.db.fetchrow_as(actor, "messages.delete", DELETE_LOGGED_AS, key)
+        if row is not None and row["outcome"] == "deleted":
+            return row["room_id"], int(row["seq"]), row["position"]
+        if row is not None and row["outcome"] == "denied":
+            raise PermissionDenied("only the author or a room owner/admin may delete a message")
+        return None
 
     # -- history --------------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from chatkeep.models import check_emoji
-from chatkeep.storage.base import check_id, not_found
+from chatkeep.models import Change, check_emoji
+from chatkeep.storage.base import check_id, not_found, refuse_on_citus
+from chatkeep.storage.changes import _change, _data
 from chatkeep.storage.database import Database
 
 __all__ = ["ReactionRepository"]
@@ -57,6 +58,14 @@ WITH m AS (
 SELECT EXISTS (SELECT 1 FROM m) AS found, EXISTS (SELECT 1 FROM removed) AS changed
 """
 
+# Either, as the reacting user in one round trip, with the change the log's trigger
+# recorded (migration 018's chatkeep_react: the statements above, then changes.py's
+# LAST_CHANGE).
+REACT_AS: Final = """
+SELECT visible, changed, position, kind, occurred_at, actor_id, message_id, seq, data, room_id
+  FROM chatkeep_react($1, $2, $3, $4)
+"""
+
 
 class ReactionRepository:
     """A member's reactions to messages of their rooms (call it acting as the member)."""
@@ -94,3 +103,44 @@ class ReactionRepository:
         if row is None or not row["found"]:
             raise not_found("message", key)
         return bool(row["changed"])
+
+    async def react_logged(
+        self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str
+    ) -> Change | None:
+        """:meth:`react` as ``user_id`` in one round trip; the ``reaction.added`` change.
+
+        ``None`` if the user had already reacted with it (nothing changed). Runs outside
+        any transaction (or in one acting as ``user_id``); not on Citus (migration 018's
+        function is plain-only): there, call :meth:`react` in a transaction acting as
+        the user.
+
+        Raises:
+            NotFound: no such message, a deleted one, or one the user cannot see.
+            InvalidInput: a bad id, ``emoji`` breaks the emoji rule, or the task is in a
+                transaction acting as someone else.
+        """
+        refuse_on_citus(self.db, "reactions.react_logged", "reactions.react")
+        return await self._change_as("reactions.add", message_id, user_id, emoji, adding=True)
+
+    async def unreact_logged(
+        self, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str
+    ) -> Change | None:
+        """:meth:`unreact` as ``user_id`` in one round trip; the ``reaction.removed`` change.
+
+        ``None`` if the user had not reacted with it. As :meth:`react_logged` otherwise.
+        """
+        refuse_on_citus(self.db, "reactions.unreact_logged", "reactions.unreact")
+        return await self._change_as("reactions.remove", message_id, user_id, emoji, adding=False)
+
+    async def _change_as(
+        self, name: str, message_id: uuid.UUID, user_id: uuid.UUID, emoji: str, *, adding: bool
+    ) -> Change | None:
+        key = check_id("message_id", message_id)
+        user = check_id("user_id", user_id)
+        text = check_emoji(emoji)
+        row = await self.db.fetchrow_as(user, name, REACT_AS, key, text, adding)
+        if row is None or not row["visible"]:
+            raise not_found("message", key)
+        if not row["changed"]:
+            return None
+        return _change(row["room_id"], row, _data(row, joined=False))

@@ -26,7 +26,7 @@ from chatkeep.models import (
     RoomBadges,
     ThreadSummary,
 )
-from chatkeep.storage.base import check_id, not_found
+from chatkeep.storage.base import check_id, not_found, refuse_on_citus
 from chatkeep.storage.database import Database
 from chatkeep.storage.messages import (
     _MAX_SEQ,
@@ -181,6 +181,10 @@ WITH root AS (
 )
 SELECT EXISTS (SELECT 1 FROM changed) AS found
 """
+
+# Both as the user in one round trip (migration 018's flow functions: the statements above).
+MARK_THREAD_READ_AS: Final = "SELECT chatkeep_mark_thread_read($1, $2)"
+FOLLOW_AS: Final = "SELECT chatkeep_follow_thread($1, $2, $3)"
 
 # The mentions inbox, newest first by message id (time-ordered), keyset on it: the user's
 # own mentions from their index, and room mentions (by someone else) of each of their
@@ -359,6 +363,11 @@ def _summary(row: Any) -> ThreadSummary:
     )
 
 
+def _only_self(as_user: uuid.UUID, user: uuid.UUID) -> None:
+    if check_id("as_user", as_user) != user:
+        raise InvalidInput("as_user", "a user marks and follows only their own threads")
+
+
 class ThreadRepository:
     """A member's view of threads and mentions (call it acting as the member)."""
 
@@ -521,35 +530,61 @@ class ThreadRepository:
             for row in rows
         ]
 
-    async def mark_read(self, root_message_id: uuid.UUID, user_id: uuid.UUID) -> int:
+    async def mark_read(
+        self, root_message_id: uuid.UUID, user_id: uuid.UUID, *, as_user: uuid.UUID | None = None
+    ) -> int:
         """Move the user's watermark in the thread to its last reply; never backward.
 
         Returns the watermark after the call (a room seq; 0 for a thread without
-        replies).
+        replies). ``as_user`` (it must be ``user_id``): as that user in one round trip,
+        outside any transaction (migration 018's ``chatkeep_mark_thread_read``; not on
+        Citus).
 
         Raises:
             NotFound: no such message, or one the user cannot see.
+            InvalidInput: a bad id, or ``as_user`` is someone else.
         """
         key = check_id("root_message_id", root_message_id)
         user = check_id("user_id", user_id)
-        value = await self.db.fetchval("threads.mark_read", MARK_THREAD_READ, key, user)
+        if as_user is not None:
+            _only_self(as_user, user)
+            refuse_on_citus(self.db, "threads.mark_read(as_user=)", "threads.mark_read")
+            row = await self.db.fetchrow_as(user, "threads.mark_read", MARK_THREAD_READ_AS, key)
+            value = None if row is None else row[0]
+        else:
+            value = await self.db.fetchval("threads.mark_read", MARK_THREAD_READ, key, user)
         if value is None:
             raise not_found("message", key)
         return int(value)
 
     async def follow(
-        self, root_message_id: uuid.UUID, user_id: uuid.UUID, *, following: bool = True
+        self,
+        root_message_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        following: bool = True,
+        as_user: uuid.UUID | None = None,
     ) -> None:
         """Follow (or stop following) the thread of ``root_message_id``.
 
+        ``as_user`` (it must be ``user_id``): as that user in one round trip, outside any
+        transaction (migration 018's ``chatkeep_follow_thread``; not on Citus).
+
         Raises:
             NotFound: no such message, or one the user cannot see.
+            InvalidInput: a bad id or ``following``, or ``as_user`` is someone else.
         """
         key = check_id("root_message_id", root_message_id)
         user = check_id("user_id", user_id)
         if not isinstance(following, bool):
             raise InvalidInput("following", "must be a bool")
-        found = await self.db.fetchval("threads.follow", FOLLOW, key, user, following)
+        if as_user is not None:
+            _only_self(as_user, user)
+            refuse_on_citus(self.db, "threads.follow(as_user=)", "threads.follow")
+            row = await self.db.fetchrow_as(user, "threads.follow", FOLLOW_AS, key, following)
+            found = None if row is None else row[0]
+        else:
+            found = await self.db.fetchval("threads.follow", FOLLOW, key, user, following)
         if not found:
             raise not_found("message", key)
 
