@@ -45,6 +45,17 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "mark_read",
         ],
     ),
+    "bench_write_flows.py": (
+        ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
+        [
+            "facade/before",
+            "edit_message",
+            "delete_message",
+            "react / unreact",
+            "mark_thread_read",
+            "follow / unfollow_thread",
+        ],
+    ),
     "bench_storage.py": (
         ["--database-url", "{admin}", "--database-name", "{db}"],
         ["send ", "history ", "unread ", "mark_read "],

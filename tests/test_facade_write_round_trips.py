@@ -122,8 +122,8 @@ async def test_edit_is_one_round_trip_and_keeps_its_errors(setup: Setup) -> None
     with pytest.raises(InvalidInput) as bad:
         await chat.edit_message(sent.id, setup.bob.id, "   ")
     assert bad.value.field == "content"
-    page = await chat.history(setup.room, setup.bob.id)
-    assert [m.content for m in page.items if m.id == sent.id] == ["third"]
+    history = await chat.history(setup.room, setup.bob.id)
+    assert [m.content for m in history.items if m.id == sent.id] == ["third"]
 
 
 async def test_delete_is_one_round_trip_and_keeps_its_errors(setup: Setup) -> None:
@@ -280,7 +280,7 @@ async def test_the_one_round_trip_methods_refuse_citus_mode(
         ThreadRepository(db).follow(key, user, as_user=user),
     ]
     for call in calls:
-        with pytest.raises(ChatkeepError, match="not available with Settings.citus"):
+        with pytest.raises(ChatkeepError, match=r"not available with Settings\.citus"):
             await call
 
 

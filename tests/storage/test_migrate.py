@@ -85,7 +85,12 @@ def states(entries: list[Any]) -> dict[int, str]:
 def test_shipped_migrations_load_in_order_with_up_and_down() -> None:
     migrations = load_migrations()
     assert [m.label for m in migrations[:7]] == FOUNDATION
-    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    versions = [m.version for m in migrations]
+    # Numbered in order from 1. 017 is assigned to work being built beside 018 (issue 12):
+    # until it lands the one gap allowed is its number; afterwards they run 1..N again.
+    assert versions == sorted(set(versions))
+    assert set(range(1, versions[-1] + 1)) - set(versions) <= {17}
+    assert 18 in versions
     # 016 builds its search index concurrently, which no transaction may hold.
     assert [m.version for m in migrations if not m.transactional] == [16]
     for m in migrations:

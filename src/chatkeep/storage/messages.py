@@ -156,7 +156,9 @@ RETURNING m.id
 """
 # The same two writes as their flows' one round trip (migration 018): the statement as the
 # acting user, the change-log position it took, and why nothing was written, in one call.
-EDIT_AS: Final = f"SELECT outcome, {MESSAGE_COLUMNS}, position FROM chatkeep_edit_message($1, $2, $3)"
+EDIT_AS: Final = (
+    f"SELECT outcome, {MESSAGE_COLUMNS}, position FROM chatkeep_edit_message($1, $2, $3)"
+)
 DELETE_LOGGED_AS: Final = (
     "SELECT outcome, room_id, seq, position FROM chatkeep_delete_message($1, $2)"
 )
