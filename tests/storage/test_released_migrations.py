@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    18: (
+        "write_flows_in_one_round_trip",
+        "e9c170017e8f2f09fad02de1f3a8c35b26e852728300b621c3f711f1b09e16ac",
+    ),
 }
 
 
