@@ -122,7 +122,7 @@ class Fixture:
 # -- the fixture ----------------------------------------------------------------------------
 
 
-async def build_fixture(url: str, sizes: Sizes, rounds: int) -> Fixture:
+async def build_fixture(url: str, sizes: Sizes, rounds: int, concurrency: int) -> Fixture:
     """Users, rooms, one message per user and room, a thread per room; fresh victims."""
     tag = sizes.tag
     conn = await asyncpg.connect(url)
@@ -137,13 +137,14 @@ async def build_fixture(url: str, sizes: Sizes, rounds: int) -> Fixture:
                 "SELECT id FROM users WHERE username LIKE $1 ORDER BY username", f"{tag}\\_%"
             )
         ]
+        # The first message of each user in each room (seeded first: seqs 1..users; their
+        # content changes with every run's edits).
         own = {
             (r["user_id"], r["room_id"]): r["id"]
             for r in await conn.fetch(
-                "SELECT DISTINCT ON (room_id, user_id) id, room_id, user_id FROM messages"
-                " WHERE room_id = ANY($1) AND reply_to IS NULL AND content LIKE 'own %'"
-                " ORDER BY room_id, user_id, seq",
+                "SELECT id, room_id, user_id FROM messages WHERE room_id = ANY($1) AND seq <= $2",
                 rooms,
+                len(users),
             )
         }
         roots = [
@@ -152,7 +153,8 @@ async def build_fixture(url: str, sizes: Sizes, rounds: int) -> Fixture:
                 "SELECT root_id FROM threads WHERE room_id = ANY($1) ORDER BY room_id", rooms
             )
         ]
-        victims = await _victims(conn, sizes, users, rooms, rounds)
+        # Only the users the tasks act as delete.
+        victims = await _victims(conn, sizes, users[:concurrency], rooms, rounds)
     finally:
         await conn.close()
     return Fixture(users, rooms, own, roots, victims)
@@ -487,7 +489,7 @@ async def main() -> int:
     pool_size = min(concurrency, 20)
 
     url = await database(args.database_url, args.database_name, fresh=args.fresh)
-    fx = await build_fixture(url, sizes, args.rounds)
+    fx = await build_fixture(url, sizes, args.rounds, concurrency)
     app_url = urls.with_user(url, "chatapp_app", args.app_password or None)
     settings = Settings(database_url=app_url, redis_url=args.redis_url)
     raw_pool = await asyncpg.create_pool(
