@@ -1313,9 +1313,9 @@ class ChatKeep:
                         return False
                     logged = await self.change_log.last_change()
             else:
-                logging = self.reactions.react_logged if added else self.reactions.unreact_logged
+                write = self.reactions.react_logged if added else self.reactions.unreact_logged
                 with flow.writing_as(user, hide="message"):
-                    logged = await logging(key, user, emoji)
+                    logged = await write(key, user, emoji)
                 if logged is None:
                     return False
             if logged is not None:  # pragma: no branch - the trigger logs every change

@@ -53,7 +53,7 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
     ),
     18: (
         "write_flows_in_one_round_trip",
-        "e9c170017e8f2f09fad02de1f3a8c35b26e852728300b621c3f711f1b09e16ac",
+        "40a18dd5ac7e3743eb50f2d5c5c459d18127571ae5a42cff2d12fa3ed42f8b3e",
     ),
 }
 

@@ -2,8 +2,9 @@
 --
 -- edit_message, delete_message, react / unreact, mark_thread_read and follow_thread /
 -- unfollow_thread each paid BEGIN + set_config, their statements (the write, then a read of
--- the position the change log gave it), COMMIT: three to four round trips, and the room row
--- lock the log's trigger takes was held across the COMMIT's. Each is now one function, as
+-- the position the change log gave it; delete looked the message up first), COMMIT: three
+-- to five round trips, and the room row lock the log's trigger takes was held across the
+-- COMMIT's. Each is now one function, as
 -- 013's read flows are: SECURITY INVOKER (the default: the policies of 009/013/015 bind it
 -- as the caller, chatapp_app), starting with chatkeep_act_as(acting), which sets the acting
 -- user local to the statement's own implicit transaction. The body is the repository's
