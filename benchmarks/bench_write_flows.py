@@ -26,7 +26,10 @@ trigger takes is shared by few writers):
 
 Each round runs the three sides back to back (the order rotates every round); ops/s are
 the median round's, the ratios the median of per-round ratios, p50/p99 the single calls'
-latency over every round. Numbers only, no timed assertion.
+latency over every round. Then, unless ``--statement-calls 0``, the server's share alone:
+each flow's statements one call after another on one connection per side, with
+``synchronous_commit = off`` in those sessions (raw statement, the old transaction, the flow
+function; medians). Numbers only, no timed assertion.
 
 Run (PostgreSQL and Redis on this machine; the chatapp_* roles are made if missing)::
 
@@ -69,9 +72,10 @@ from chatkeep.realtime import (
     RedisClient,
 )
 from chatkeep.storage import Database
-from chatkeep.storage.messages import DELETE_AS, EDIT
-from chatkeep.storage.reactions import REACT, UNREACT
-from chatkeep.storage.threads import FOLLOW, MARK_THREAD_READ
+from chatkeep.storage.changes import LAST_CHANGE, LAST_POSITION
+from chatkeep.storage.messages import DELETE_AS, DELETE_LOGGED_AS, EDIT, EDIT_AS, SEQ_OF
+from chatkeep.storage.reactions import REACT, REACT_AS, UNREACT
+from chatkeep.storage.threads import FOLLOW, FOLLOW_AS, MARK_THREAD_READ, MARK_THREAD_READ_AS
 
 BENCH_DB = "chatkeep_bench_write_flows"
 OPERATIONS = ("edit", "delete", "react", "mark_thread_read", "follow")
@@ -87,6 +91,7 @@ SIDES = ("raw", "before", "facade")
 EMOJI = {"raw": "🔥", "before": "🎉", "facade": "👍"}
 
 Op = Callable[[int, random.Random], Awaitable[Any]]
+Statement = tuple[str, tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -426,6 +431,108 @@ def facade_ops(chat: ChatKeep, fx: Fixture) -> dict[str, Op]:
     }
 
 
+# -- the statements alone -------------------------------------------------------------------
+
+
+def _victim(fx: Fixture) -> tuple[uuid.UUID, uuid.UUID]:
+    """A message left to delete, and its author (whichever side's list still has one)."""
+    for side in SIDES:
+        for user, left in fx.victims[side].items():
+            if left:
+                return left.pop(), user
+    raise RuntimeError("no message left to delete: run with fewer --statement-calls")
+
+
+async def statement_costs(url: str, app_url: str, fx: Fixture, calls: int) -> None:
+    """Server work per flow without the commit's flush and without Python or Redis.
+
+    One connection per side, one call after another, ``synchronous_commit = off`` in these
+    sessions only (the WAL flush of each commit, the same for every side, would bury the
+    difference on a loaded disk): raw (the statement as a superuser), the old transaction
+    (BEGIN + set_config, the statements, COMMIT, as chatapp_app) and the flow function (as
+    chatapp_app). Medians in ms; the sides alternate call by call.
+    """
+    su = await asyncpg.connect(url)
+    app = await asyncpg.connect(app_url)
+    try:
+        for conn in (su, app):
+            await conn.execute("SET synchronous_commit = off")
+
+        async def old(user: uuid.UUID, statements: list[Statement]) -> None:
+            async with app.transaction():
+                await app.execute("SELECT set_config('app.user_id', $1, true)", str(user))
+                for sql, values in statements:
+                    await app.fetch(sql, *values)
+
+        rng = random.Random(7)
+        timed: dict[str, dict[str, list[float]]] = {}
+        for name in OPERATIONS:
+            timed[name] = {side: [] for side in SIDES}
+            for i in range(calls):
+                user = fx.users[i % len(fx.users)]
+                own, root = _own(fx, user, rng), rng.choice(fx.roots)
+                add = i % 2 == 0
+                victims = [_victim(fx) for _ in SIDES] if name == "delete" else []
+                # Per side: the statements, as (sql, arguments); "before" runs its own in
+                # a transaction acting as its user.
+                raw: Statement
+                before: tuple[uuid.UUID, list[Statement]]
+                facade: Statement
+                if name == "edit":
+                    raw = (EDIT, (own, user, "raw"))
+                    before = (user, [(EDIT, (own, user, "before")), (LAST_POSITION, ())])
+                    facade = (EDIT_AS, (user, own, "facade"))
+                elif name == "delete":
+                    (v_raw, u_raw), (v_old, u_old), (v_new, u_new) = victims
+                    raw = (DELETE_AS, (v_raw, u_raw))
+                    before = (
+                        u_old,
+                        [(SEQ_OF, (v_old,)), (DELETE_AS, (v_old, u_old)), (LAST_POSITION, ())],
+                    )
+                    facade = (DELETE_LOGGED_AS, (u_new, v_new))
+                elif name == "react":
+                    change = REACT if add else UNREACT
+                    raw = (change, (own, user, EMOJI["raw"]))
+                    before = (user, [(change, (own, user, EMOJI["before"])), (LAST_CHANGE, ())])
+                    facade = (REACT_AS, (user, own, EMOJI["facade"], add))
+                elif name == "mark_thread_read":
+                    raw = (MARK_THREAD_READ, (root, user))
+                    before = (user, [(MARK_THREAD_READ, (root, user))])
+                    facade = (MARK_THREAD_READ_AS, (user, root))
+                else:
+                    raw = (FOLLOW, (root, user, add))
+                    before = (user, [(FOLLOW, (root, user, add))])
+                    facade = (FOLLOW_AS, (user, root, add))
+                for side in SIDES:
+                    began = time.perf_counter()
+                    if side == "raw":
+                        await su.fetch(raw[0], *raw[1])
+                    elif side == "before":
+                        await old(before[0], before[1])
+                    else:
+                        await app.fetch(facade[0], *facade[1])
+                    timed[name][side].append(time.perf_counter() - began)
+    finally:
+        await su.close()
+        await app.close()
+    print(
+        f"\nthe statements alone ({calls} calls per side, one connection each, "
+        "synchronous_commit off; ms, medians): "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'operation':<26} {'raw':>7} {'before':>7} {'function':>9}"
+        f" {'before/raw':>11} {'function/raw':>13} {'before/function':>16}"
+    )
+    for name in OPERATIONS:
+        ms_raw, ms_old, ms_new = (statistics.median(timed[name][side]) * 1000 for side in SIDES)
+        print(
+            f"{LABELS[name]:<26} {ms_raw:>7.2f} {ms_old:>7.2f} {ms_new:>9.2f}"
+            f" {ms_old / ms_raw:>11.2f} {ms_new / ms_raw:>13.2f} {ms_old / ms_new:>16.2f}",
+            flush=True,
+        )
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
@@ -475,6 +582,12 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=OPERATIONS, default=None)
+    parser.add_argument(
+        "--statement-calls",
+        type=int,
+        default=300,
+        help="calls per side of each flow's statements alone, after the table (0: none)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny fixture, short rounds")
     parser.add_argument("--fresh", action="store_true", help="drop and rebuild the database")
     parser.add_argument("--drop", action="store_true", help="drop the database at the end")
@@ -483,6 +596,7 @@ async def main() -> int:
     sizes = FULL
     if args.tiny:
         sizes, args.seconds, args.rounds = TINY, 0.2, 1
+        args.statement_calls = min(args.statement_calls, 6)
     concurrency = min(args.concurrency, sizes.users) if args.tiny else args.concurrency
     if concurrency < 1:
         parser.error("--concurrency: at least 1")
@@ -556,6 +670,8 @@ async def main() -> int:
                     f"  {raw_l:>12} {bef_l:>15} {fac_l:>15}",
                     flush=True,
                 )
+        if args.statement_calls > 0:
+            await statement_costs(url, app_url, fx, args.statement_calls)
     finally:
         await raw_pool.close()
     if args.drop:

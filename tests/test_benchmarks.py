@@ -54,6 +54,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "react / unreact",
             "mark_thread_read",
             "follow / unfollow_thread",
+            "the statements alone",
+            "before/function",
         ],
     ),
     "bench_storage.py": (
