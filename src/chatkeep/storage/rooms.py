@@ -2,7 +2,7 @@
 
 Races are settled by the database: a room and its owner are one transaction; direct rooms
 are get-or-create on the unique pair; joins are ``ON CONFLICT DO NOTHING``; role changes
-and departures lock the room's owner rows (and the actor's and target's) in one
+and departures lock the room row, then its owner rows (and the actor's and target's), in one
 transaction before deciding, so two owners leaving at once cannot leave a room ownerless.
 """
 
@@ -80,6 +80,16 @@ SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_user_low = $1 AND direct_user_high
 """
 
 ROOM_FOR_MEMBERSHIP: Final = "SELECT type, is_active FROM rooms WHERE id = $1"
+# Every membership change takes the room row's lock before any membership row's: a send
+# locks the room row (its seq trigger) and then the sender's membership row (its
+# watermark), and a change's own log entry locks the room row after its membership rows,
+# so without this a member sending while being removed or demoted (or an owner sending
+# while someone else is) could deadlock. FOR NO KEY UPDATE is the lock the send and the
+# change log's UPDATE take (foreign key checks, FOR KEY SHARE, do not wait for it). Row
+# security filters it by rooms' update policy too (public rooms and the user's rooms):
+# where that hides a visible room, the actor is not a member and the change is refused
+# before anything is written, so nothing is left unordered.
+LOCK_ROOM: Final = "SELECT 1 FROM rooms WHERE id = $1 FOR NO KEY UPDATE"
 JOIN: Final = f"""
 INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, $3)
 ON CONFLICT (room_id, user_id) DO NOTHING
@@ -278,11 +288,7 @@ class RoomRepository(BaseRepository[Room]):
         actor = None if by is None else check_id("by", by)
         _check_role(role)
         async with self.db.transaction("rooms.add_member"):
-            found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
-            if found is None:
-                raise not_found("room", room)
-            if found["type"] == "direct":
-                raise InvalidInput("room_id", "direct rooms have fixed members")
+            found = await self._room_for_membership(room)
             if actor is not None:
                 if not found["is_active"]:
                     raise PermissionDenied("the room is archived")
@@ -377,14 +383,20 @@ class RoomRepository(BaseRepository[Room]):
             raise NotFound(f"user {user} is not a member of room {room}", entity="member")
         return RoomUser._from_row(row)
 
-    async def _lock_roles(
-        self, room: uuid.UUID, user: uuid.UUID, actor: uuid.UUID | None
-    ) -> tuple[dict[uuid.UUID, str], int]:
+    async def _room_for_membership(self, room: uuid.UUID) -> Any:
+        """The room's type and state, its row locked first (LOCK_ROOM); in a transaction."""
         found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
         if found is None:
             raise not_found("room", room)
         if found["type"] == "direct":
             raise InvalidInput("room_id", "direct rooms have fixed members")
+        await self.db.execute("rooms.lock_room", LOCK_ROOM, room)
+        return found
+
+    async def _lock_roles(
+        self, room: uuid.UUID, user: uuid.UUID, actor: uuid.UUID | None
+    ) -> tuple[dict[uuid.UUID, str], int]:
+        await self._room_for_membership(room)
         ids = [user] if actor is None else [user, actor]
         rows = await self.db.fetch("rooms.lock_roles", LOCK_ROLES, room, ids)
         roles = {row["user_id"]: row["role"] for row in rows}
