@@ -527,7 +527,9 @@ class ChatKeep:
         self.profiles: UserProfileCache[UserProfile] = UserProfileCache(
             redis, self._load_profile, JsonSerializer(UserProfile)
         )
-        self.members = RoomMembersCache(redis, self._load_members)
+        self.members = RoomMembersCache(
+            redis, self._load_members, lease_ttl=db.settings.member_cache_lease_ttl
+        )
         self.metrics = metrics
         # The relay :meth:`run_relay` runs, once started (for tests and metrics).
         self.relay: OutboxRelay | None = None
