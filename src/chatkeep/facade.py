@@ -704,6 +704,18 @@ class ChatKeep:
         if flow is not None and self.db.settings.replica_fence == "redis":
             flow.clean_up("the replica fence", lambda: self._mark_recent_write(user))
 
+    @contextlib.contextmanager
+    def _writing(self, user: uuid.UUID, flow: _Flow) -> Iterator[None]:
+        """Remember ``user`` as a recent writer when the block ends, as _Flow.acting_as does.
+
+        For a write in one round trip (``as_user``), even when it failed: a statement whose
+        answer was lost may have committed.
+        """
+        try:
+            yield
+        finally:
+            self._wrote(user, flow)
+
     async def _mark_recent_write(self, user: uuid.UUID) -> None:
         # Lives replica_max_lag: a process that no longer finds it only uses a replica
         # whose measured lag is at most that, so one that has this write. Its value names
@@ -1807,9 +1819,9 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.add_member(room, user, role=role, by=actor)
-                position = await self.change_log.last_position()
+            # One round trip as the actor (migration 022), the room row locked first.
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                member, position = await self.rooms.join_as(room, user, role=role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberJoined(room_id=room, user_id=user, role=member.role, position=position)
@@ -1837,10 +1849,10 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                if not await self.rooms.remove_member(room, user, by=actor):
-                    return False
-                position = await self.change_log.last_position()
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                removed, position = await self.rooms.remove_member_as(room, user, by=actor)
+            if not removed:
+                return False
             flow.invalidate_members(room)
             flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
             flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
@@ -1880,9 +1892,14 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = None if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.change_role(room, user, role, by=actor)
-                position = await self.change_log.last_position()
+            if actor is None:
+                # System work: no acting user, so not the acting user's function.
+                async with flow.acting_as(actor, hide="room"):
+                    member = await self.rooms.change_role(room, user, role, by=actor)
+                    position = await self.change_log.last_position()
+            else:
+                with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                    member, position = await self.rooms.change_role_as(room, user, role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberRoleChanged(room_id=room, user_id=user, role=member.role, position=position)

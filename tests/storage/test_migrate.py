@@ -85,7 +85,12 @@ def states(entries: list[Any]) -> dict[int, str]:
 def test_shipped_migrations_load_in_order_with_up_and_down() -> None:
     migrations = load_migrations()
     assert [m.label for m in migrations[:7]] == FOUNDATION
-    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    versions = [m.version for m in migrations]
+    # Ascending and unique. 017-021 are assigned to other branches of issue 12's work and
+    # 022 (membership flows) is shipped without them here: once merged, this is again
+    # list(range(1, len(migrations) + 1)).
+    assert versions == sorted(set(versions))
+    assert versions[:16] == list(range(1, 17))
     # 016 builds its search index concurrently, which no transaction may hold.
     assert [m.version for m in migrations if not m.transactional] == [16]
     for m in migrations:
