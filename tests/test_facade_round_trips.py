@@ -247,3 +247,64 @@ async def test_the_functions_refuse_to_switch_the_acting_user(
                 await db.fetch("t.switch", ROOMS_OF, setup.bob.id)
         with pytest.raises(InvalidInput):
             await db.fetch("t.nobody", ROOMS_OF, None)
+
+
+async def test_membership_flows_are_one_round_trip_and_keep_their_errors(setup: Setup) -> None:
+    chat, log, alice, bob, carol = setup.chat, setup.log, setup.alice, setup.bob, setup.carol
+    log.clear()
+    member = await chat.join(setup.public, carol.id)
+    only_statement(log, "chatkeep_join(")
+    assert (member.user_id, member.role) == (carol.id, "member")
+    log.clear()
+    assert await chat.join(setup.public, carol.id) == member  # already in: unchanged
+    only_statement(log, "chatkeep_join(")
+    log.clear()
+    promoted = await chat.change_role(setup.public, carol.id, "admin", by=alice.id)
+    only_statement(log, "chatkeep_change_role(")
+    assert (promoted.role, promoted.joined_at) == ("admin", member.joined_at)
+    log.clear()
+    assert await chat.leave(setup.public, carol.id) is True
+    only_statement(log, "chatkeep_remove_member(")
+    log.clear()
+    assert await chat.leave(setup.public, carol.id) is False
+    only_statement(log, "chatkeep_remove_member(")
+    # The position each returns is the one its change took in the room's log.
+    joined, position = await chat.rooms.join_as(setup.public, bob.id, by=alice.id)
+    assert joined.role == "member"
+    assert position == await chat.room_position(setup.public, alice.id)
+    removed, position = await chat.rooms.remove_member_as(setup.public, bob.id, by=alice.id)
+    assert removed
+    assert position == await chat.room_position(setup.public, alice.id)
+    # The same refusals as before, with the same text.
+    with pytest.raises(PermissionDenied, match=r"^only public rooms can be joined, as a member$"):
+        await chat.join(setup.public, carol.id, role="admin")
+    with pytest.raises(NotFound) as hidden:
+        await chat.remove_member(setup.room, bob.id, by=carol.id)
+    with pytest.raises(NotFound) as made_up:
+        await chat.remove_member(uuid.uuid4(), bob.id, by=carol.id)
+    assert str(hidden.value) == str(made_up.value) == "room not found"
+    with pytest.raises(PermissionDenied, match=r"^only owners and admins may add members$"):
+        await chat.join(setup.room, carol.id, by=bob.id)
+    with pytest.raises(PermissionDenied, match=r"^only owners and admins may remove members$"):
+        await chat.remove_member(setup.room, alice.id, by=bob.id)
+    with pytest.raises(PermissionDenied, match=r"^the last owner cannot leave"):
+        await chat.leave(setup.room, alice.id)
+    with pytest.raises(PermissionDenied, match=r"^only owners and admins may change roles$"):
+        await chat.change_role(setup.room, alice.id, "member", by=bob.id)
+    with pytest.raises(PermissionDenied, match=r"^the last owner cannot be demoted"):
+        await chat.change_role(setup.room, alice.id, "admin", by=alice.id)
+    with pytest.raises(NotFound, match="is not a member of room"):
+        await chat.change_role(setup.room, carol.id, "admin", by=alice.id)
+    await chat.change_role(setup.room, bob.id, "admin", by=alice.id)
+    with pytest.raises(PermissionDenied, match=r"^only owners may add admins or owners$"):
+        await chat.join(setup.room, carol.id, role="admin", by=bob.id)
+    with pytest.raises(PermissionDenied, match=r"^only owners may grant or revoke ownership$"):
+        await chat.change_role(setup.room, alice.id, "admin", by=bob.id)
+    with pytest.raises(PermissionDenied, match=r"^only owners may remove admins or owners"):
+        await chat.remove_member(setup.room, alice.id, by=bob.id)
+    with pytest.raises(InvalidInput, match="role"):
+        await chat.join(setup.room, carol.id, role="king", by=alice.id)  # type: ignore[arg-type]
+    # Inside a transaction acting as someone else, the repository refuses to act as ``by``.
+    async with chat.acting_as(bob.id):
+        with pytest.raises(InvalidInput, match="user_id"):
+            await chat.rooms.join_as(setup.public, carol.id, by=carol.id)
