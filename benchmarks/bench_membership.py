@@ -6,7 +6,9 @@ makes each one function call. This benchmark measures what an application calls:
 ``ChatKeep.join`` + ``ChatKeep.leave`` (a self-join and a leave of a public room) and
 ``ChatKeep.change_role`` twice (an owner promoting a member to admin and back), as
 ``chatapp_app`` with row security on and the facade's Redis work included (member-cache
-invalidation, the events), against raw asyncpg as a superuser doing the same change in
+invalidation, the events), and the PostgreSQL work alone in its two shapes (the
+transaction acting as the user, and migration 022's one function call, when the tree
+measured has it), against raw asyncpg as a superuser doing the same change in
 one statement each (``INSERT ... ON CONFLICT DO NOTHING RETURNING``, ``DELETE``,
 ``UPDATE ... RETURNING``; the change-log triggers fire for both). Alternating rounds, the
 median of per-round ratios, for one task alone and for ``--concurrency`` tasks (20), each
@@ -182,9 +184,24 @@ async def main() -> int:
             await redis.redis.flushdb()
             chat = ChatKeep(db, redis, node_id="bench")
 
+            rooms_repo, change_log = chat.rooms, chat.change_log
+            one_round_trip = hasattr(rooms_repo, "join_as")  # the tree measured has 022
+
             async def facade_join_leave(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
                 await chat.join(room, user)
                 await chat.leave(room, user)
+
+            async def tx_join_leave(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
+                async with db.acting_as(user, "bench.join"):
+                    await rooms_repo.add_member(room, user, by=user)
+                    await change_log.last_position()
+                async with db.acting_as(user, "bench.leave"):
+                    await rooms_repo.remove_member(room, user, by=user)
+                    await change_log.last_position()
+
+            async def one_join_leave(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
+                await rooms_repo.join_as(room, user, by=user)
+                await rooms_repo.remove_member_as(room, user, by=user)
 
             async def raw_join_leave(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
                 await raw.fetchrow(RAW_JOIN, room, user)
@@ -194,6 +211,16 @@ async def main() -> int:
                 await chat.change_role(room, user, "admin", by=owner)
                 await chat.change_role(room, user, "member", by=owner)
 
+            async def tx_roles(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
+                for role in ("admin", "member"):
+                    async with db.acting_as(owner, "bench.change_role"):
+                        await rooms_repo.change_role(room, user, role, by=owner)
+                        await change_log.last_position()
+
+            async def one_roles(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
+                await rooms_repo.change_role_as(room, user, "admin", by=owner)
+                await rooms_repo.change_role_as(room, user, "member", by=owner)
+
             async def raw_roles(owner: uuid.UUID, room: uuid.UUID, user: uuid.UUID) -> None:
                 await raw.fetchrow(RAW_ROLE, room, user, "admin")
                 await raw.fetchrow(RAW_ROLE, room, user, "member")
@@ -202,32 +229,68 @@ async def main() -> int:
                 f"{args.rounds} rounds of {args.seconds:g} s per side; {args.rooms} public rooms; "
                 "a cycle is two calls (join + leave, or promote + demote)"
             )
-            print(f"{'operation':<24} {'tasks':>5} {'facade/s':>9} {'raw/s':>9} {'facade/raw':>10}")
-            for name, facade, plain, needs_member in (
-                ("join + leave", facade_join_leave, raw_join_leave, False),
-                ("promote + demote", facade_roles, raw_roles, True),
+            print(
+                "facade: ChatKeep's flow (Redis work included); transaction: its PostgreSQL "
+                "work as BEGIN + set_config, statements, COMMIT; one call: the 022 function "
+                "(- where the tree has none); raw: superuser, one statement per call"
+            )
+            print(
+                f"{'operation':<18} {'tasks':>5} {'raw/s':>7} "
+                + " ".join(f"{side + '/raw':>16}" for side in ("facade", "transaction", "one call"))
+            )
+            for name, variants, needs_member in (
+                (
+                    "join + leave",
+                    {
+                        "facade": facade_join_leave,
+                        "transaction": tx_join_leave,
+                        "one call": one_join_leave,
+                        "raw": raw_join_leave,
+                    },
+                    False,
+                ),
+                (
+                    "promote + demote",
+                    {
+                        "facade": facade_roles,
+                        "transaction": tx_roles,
+                        "one call": one_roles,
+                        "raw": raw_roles,
+                    },
+                    True,
+                ),
             ):
+                if not one_round_trip:
+                    del variants["one call"]
                 if needs_member:
                     for i, user in enumerate(users):
                         await chat.join(rooms[i % len(rooms)], user)
                 for tasks in sorted({1, args.concurrency}):
-                    ours: list[float] = []
-                    theirs: list[float] = []
-                    ratios: list[float] = []
+                    rates: dict[str, list[float]] = {side: [] for side in variants}
+                    ratios: dict[str, list[float]] = {side: [] for side in variants}
+                    order = list(variants)
                     for round_ in range(args.rounds):
-                        sides = [("facade", facade), ("raw", plain)]
-                        if round_ % 2:
-                            sides.reverse()  # neither side always runs on a warmer server
+                        # Rotate: no side always runs first, on a warmer or cooler server.
+                        turn = order[round_ % len(order) :] + order[: round_ % len(order)]
                         got = {
-                            side: await rate(cycle, owner, rooms, users, tasks, args.seconds)
-                            for side, cycle in sides
+                            side: await rate(
+                                variants[side], owner, rooms, users, tasks, args.seconds
+                            )
+                            for side in turn
                         }
-                        ours.append(got["facade"])
-                        theirs.append(got["raw"])
-                        ratios.append(got["facade"] / got["raw"])
+                        for side in variants:
+                            rates[side].append(got[side])
+                            ratios[side].append(got[side] / got["raw"])
+                    cells = [
+                        f"{statistics.median(ratios[side]):>5.2f} "
+                        f"({statistics.median(rates[side]):>6,.0f}/s)"
+                        if side in variants
+                        else f"{'-':>16}"
+                        for side in ("facade", "transaction", "one call")
+                    ]
                     print(
-                        f"{name:<24} {tasks:>5} {statistics.median(ours):>9,.0f} "
-                        f"{statistics.median(theirs):>9,.0f} {statistics.median(ratios):>10.2f}"
+                        f"{name:<18} {tasks:>5} {statistics.median(rates['raw']):>7,.0f} "
+                        + " ".join(f"{cell:>16}" for cell in cells)
                     )
     finally:
         await raw.close()
