@@ -430,8 +430,10 @@ class RoomRepository(BaseRepository[Room]):
         around :meth:`add_member` (a function's acting user never reaches the workers).
 
         Raises:
-            As :meth:`add_member`; InvalidInput also when the task's transaction acts as
-            someone else.
+            NotFound: the room or the user does not exist (as :meth:`add_member`).
+            PermissionDenied: ``by`` may not add this member with this role.
+            InvalidInput: as :meth:`add_member`, or the task's transaction acts as someone
+                else.
         """
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
@@ -455,8 +457,10 @@ class RoomRepository(BaseRepository[Room]):
             position of the ``member.left``/``member.removed`` entry it logged.
 
         Raises:
-            As :meth:`remove_member`; InvalidInput also when the task's transaction acts
-            as someone else.
+            PermissionDenied: ``by`` may not remove this member, or it is the last owner.
+            NotFound: the room does not exist (or ``by`` cannot see it).
+            InvalidInput: a direct room, a bad id, or the task's transaction acts as
+                someone else.
         """
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
@@ -478,8 +482,10 @@ class RoomRepository(BaseRepository[Room]):
         """:meth:`change_role` as ``by``, in one round trip, with its change's position.
 
         Raises:
-            As :meth:`change_role`; InvalidInput also when the task's transaction acts
-            as someone else.
+            NotFound: the user is not a member (or the room does not exist).
+            PermissionDenied: ``by`` may not make this change, or it would leave no owner.
+            InvalidInput: unknown role, a direct room, a bad id, or the task's transaction
+                acts as someone else.
         """
         room = check_id("room_id", room_id)
         user = check_id("user_id", user_id)
