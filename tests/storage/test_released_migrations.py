@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    22: (
+        "membership_flows_in_one_round_trip",
+        "9b967987e43fda4dda84d9894f33341433d361eda8d716fe977f0cc7f5dc4400",
+    ),
 }
 
 
