@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    17: (
+        "history_reads_without_replanning",
+        "e1537d6a2b922c59d894dc38f73878be1c90fbc75505692942a0eb9bc8516614",
+    ),
 }
 
 
