@@ -161,6 +161,31 @@ async def test_history_around_a_message_id_is_one_round_trip(setup: Setup) -> No
     assert [m.id for m in inside.items] == [page.items[1].id, anchor.id]
 
 
+async def test_reaction_counts_on_every_kind_of_page(setup: Setup) -> None:
+    """017 counts a page's reactions in one scan: each message still gets its own."""
+    chat, room, alice, bob = setup.chat, setup.room, setup.alice.id, setup.bob.id
+    page = await chat.history(room, bob, limit=5)
+    one, two = page.items[1], page.items[3]
+    await chat.react(one.id, alice, "👍")
+    await chat.react(one.id, bob, "👍")
+    await chat.react(two.id, alice, "🎉")
+    await chat.react(two.id, alice, "👍")
+    pages = [
+        await chat.history(room, bob, limit=5),
+        await chat.history(room, bob, around=two.id, limit=5),
+        await chat.history(room, bob, around=two.seq, limit=5),
+        await chat.catch_up(room, bob, after_seq=0),
+    ]
+    for found in pages:
+        by_id = {m.id: m for m in found.items}
+        assert [(r.emoji, r.count, r.me) for r in by_id[one.id].reactions] == [("👍", 2, True)]
+        assert [(r.emoji, r.count, r.me) for r in by_id[two.id].reactions] == [
+            ("🎉", 1, False),
+            ("👍", 1, False),
+        ]
+        assert all(m.reactions == () for m in found.items if m.id not in (one.id, two.id))
+
+
 async def test_a_page_with_rows_asks_redis_nothing(setup: Setup) -> None:
     """A page with rows proves membership (017): not even a cold cache is consulted."""
     chat, log = setup.chat, setup.log
