@@ -310,52 +310,52 @@ BEGIN
     ALTER INDEX room_users_user_read_idx RENAME TO room_users_user_id_idx;
     ALTER TABLE thread_followers DROP COLUMN unread_mentions;
     ALTER TABLE room_users DROP COLUMN unread_mentions;
-    -- 015's badges, probing per room and per unread thread.
+    -- 015's badges, probing per room and per unread thread (its text exactly, unindented).
     EXECUTE $restore$
-    CREATE OR REPLACE FUNCTION chatkeep_badges(for_user uuid)
-    RETURNS TABLE (room_id uuid, unread bigint, mentions bigint, unread_threads bigint,
-                   thread_mentions bigint)
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
-    AS $body$
-    DECLARE
-        acting uuid := nullif(current_setting('app.user_id', true), '')::uuid;
-    BEGIN
-        IF acting IS DISTINCT FROM for_user THEN
-            RAISE EXCEPTION 'chatkeep_badges() answers for the acting user only'
-                USING ERRCODE = 'insufficient_privilege';
-        END IF;
-        RETURN QUERY
-        SELECT ru.room_id,
-               GREATEST(r.last_seq - ru.last_read_seq, 0),
-               -- A room read to the end has no unread mention: no probe at all.
-               CASE WHEN r.last_seq > ru.last_read_seq THEN
-                   (SELECT count(*) FROM public.message_mentions mm
-                     WHERE mm.user_id = acting AND mm.room_id = ru.room_id
-                       AND mm.seq > ru.last_read_seq)
-                   + (SELECT count(*) FROM public.message_mentions mm
-                       WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id
-                         AND mm.seq > ru.last_read_seq AND mm.author_id <> acting)
-               ELSE 0 END,
-               th.unread_threads,
-               th.thread_mentions
-          FROM public.room_users ru
-          JOIN public.rooms r ON r.id = ru.room_id
-          CROSS JOIN LATERAL (
-                -- One index-only range of the user's followed threads in the room, and a
-                -- mention probe for each thread with unread replies only.
-                SELECT count(*) AS unread_threads,
-                       coalesce(sum((SELECT count(*) FROM public.message_mentions mm
-                                      WHERE mm.root_id = f.root_id AND mm.user_id = acting
-                                        AND mm.seq > f.last_read_seq)), 0)::bigint
-                           AS thread_mentions
-                  FROM public.thread_followers f
-                 WHERE f.user_id = acting AND f.room_id = ru.room_id AND f.following
-                   AND f.thread_seq > f.last_read_seq
-               ) AS th
-         WHERE ru.user_id = acting;
-    END
-    $body$;
+CREATE OR REPLACE FUNCTION chatkeep_badges(for_user uuid)
+RETURNS TABLE (room_id uuid, unread bigint, mentions bigint, unread_threads bigint,
+               thread_mentions bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $body$
+DECLARE
+    acting uuid := nullif(current_setting('app.user_id', true), '')::uuid;
+BEGIN
+    IF acting IS DISTINCT FROM for_user THEN
+        RAISE EXCEPTION 'chatkeep_badges() answers for the acting user only'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN QUERY
+    SELECT ru.room_id,
+           GREATEST(r.last_seq - ru.last_read_seq, 0),
+           -- A room read to the end has no unread mention: no probe at all.
+           CASE WHEN r.last_seq > ru.last_read_seq THEN
+               (SELECT count(*) FROM public.message_mentions mm
+                 WHERE mm.user_id = acting AND mm.room_id = ru.room_id
+                   AND mm.seq > ru.last_read_seq)
+               + (SELECT count(*) FROM public.message_mentions mm
+                   WHERE mm.user_id IS NULL AND mm.room_id = ru.room_id
+                     AND mm.seq > ru.last_read_seq AND mm.author_id <> acting)
+           ELSE 0 END,
+           th.unread_threads,
+           th.thread_mentions
+      FROM public.room_users ru
+      JOIN public.rooms r ON r.id = ru.room_id
+      CROSS JOIN LATERAL (
+            -- One index-only range of the user's followed threads in the room, and a
+            -- mention probe for each thread with unread replies only.
+            SELECT count(*) AS unread_threads,
+                   coalesce(sum((SELECT count(*) FROM public.message_mentions mm
+                                  WHERE mm.root_id = f.root_id AND mm.user_id = acting
+                                    AND mm.seq > f.last_read_seq)), 0)::bigint
+                       AS thread_mentions
+              FROM public.thread_followers f
+             WHERE f.user_id = acting AND f.room_id = ru.room_id AND f.following
+               AND f.thread_seq > f.last_read_seq
+           ) AS th
+     WHERE ru.user_id = acting;
+END
+$body$
     $restore$;
 END
 $down$;
