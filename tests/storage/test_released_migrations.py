@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    20: (
+        "stored_badge_counters",
+        "d33550bdfd6afbc03d1ea31e3503302fbc729140793bb8e8bae35a2a572bdf30",
+    ),
 }
 
 
