@@ -50,7 +50,8 @@ SELECT ru.room_id,
 async def chat(
     make_settings: Callable[..., Settings], app_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
-    settings = make_settings(database_url=app_url)
+    # A small pool: the concurrent test queues on it (the server is shared).
+    settings = make_settings(database_url=app_url, pool_min_size=1, pool_max_size=6)
     async with ChatKeep.connect(
         settings, node_id="node-b", bcrypt_rounds=10, send_limit=UNLIMITED
     ) as facade:
