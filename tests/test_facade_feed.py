@@ -97,6 +97,10 @@ async def test_live_events_the_log_and_the_relay_read_carry_the_same_message_eve
     page = await chat.changes(room, dave, after=start)
     assert [c.data["mentions"] for c in page.items] == [(), (bob,), (dave,), ()]
     assert [c.data["mentions_room"] for c in page.items] == [False, True, False, False]
+    # The repository's own statement (in a transaction acting as the user) reads the same.
+    async with chat.acting_as(dave):
+        in_transaction = await ChangeRepository(chat.db).changes(room, after=start)
+    assert in_transaction.items == page.items
 
 
 async def test_an_edit_resolves_the_mentions_again_in_every_change_of_the_message(

@@ -33,6 +33,8 @@ def test_the_shipped_citus_part_is_attached_to_012_and_not_checksummed() -> None
     assert found[13].citus
     assert found[15].citus
     assert found[16].citus_ready  # an empty part: it runs on Citus unchanged
+    assert found[21].citus_ready  # an empty part, its up part all plain-only
+    assert found[21].citus_up == ()
     assert (DEFAULT_MIGRATIONS_DIR / "citus" / "012_distribute.sql").is_file()
 
 

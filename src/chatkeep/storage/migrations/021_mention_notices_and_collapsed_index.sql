@@ -52,10 +52,15 @@ BEGIN
     RETURN QUERY
     SELECT h.head, h.oldest,
            c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq,
-           CASE WHEN mn.users IS NULL AND NOT coalesce(mn.room_wide, false) THEN c.data
-                ELSE c.data || jsonb_build_object(
-                    'mentions', coalesce(to_jsonb(mn.users), '[]'::jsonb),
-                    'mentions_room', coalesce(mn.room_wide, false)) END,
+           -- Only a message with an '@' can mention anyone: CASE probes those alone.
+           CASE WHEN strpos(m.content, '@') > 0 THEN c.data || coalesce(
+                    (SELECT jsonb_build_object(
+                                'mentions', coalesce(jsonb_agg(mm.user_id ORDER BY mm.user_id)
+                                                     FILTER (WHERE mm.user_id IS NOT NULL), '[]'),
+                                'mentions_room', bool_or(mm.user_id IS NULL))
+                       FROM message_mentions mm WHERE mm.message_id = m.id
+                     HAVING count(*) > 0),
+                    '{}') ELSE c.data END,
            m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited, m.edited_at,
            m.created_at, m.reply_to
       FROM (SELECT r.position AS head,
@@ -71,15 +76,6 @@ BEGIN
            ) AS c ON true
       LEFT JOIN messages m
              ON m.room_id = chatkeep_changes.room AND m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
-      -- Only a message with an '@' can mention anyone (015's trigger condition): the
-      -- others cost no probe (a one-time filter).
-      LEFT JOIN LATERAL (
-            SELECT array_agg(mm.user_id ORDER BY mm.user_id)
-                       FILTER (WHERE mm.user_id IS NOT NULL) AS users,
-                   bool_or(mm.user_id IS NULL) AS room_wide
-              FROM message_mentions mm
-             WHERE mm.message_id = m.id AND strpos(m.content, '@') > 0
-           ) AS mn ON true
      ORDER BY c.position;
 END
 $$;
@@ -105,22 +101,20 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT c.room_id, c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq,
-           CASE WHEN mn.users IS NULL AND NOT coalesce(mn.room_wide, false) THEN c.data
-                ELSE c.data || jsonb_build_object(
-                    'mentions', coalesce(to_jsonb(mn.users), '[]'::jsonb),
-                    'mentions_room', coalesce(mn.room_wide, false)) END,
+           -- Only a message with an '@' can mention anyone: CASE probes those alone.
+           CASE WHEN strpos(m.content, '@') > 0 THEN c.data || coalesce(
+                    (SELECT jsonb_build_object(
+                                'mentions', coalesce(jsonb_agg(mm.user_id ORDER BY mm.user_id)
+                                                     FILTER (WHERE mm.user_id IS NOT NULL), '[]'),
+                                'mentions_room', bool_or(mm.user_id IS NULL))
+                       FROM public.message_mentions mm WHERE mm.message_id = m.id
+                     HAVING count(*) > 0),
+                    '{}') ELSE c.data END,
            m.id, m.user_id, m.content, m.type, m.client_msg_id, m.is_edited,
            m.edited_at, m.created_at, m.reply_to
       FROM public.room_changes c
       LEFT JOIN public.messages m
              ON m.id = c.message_id AND c.kind IN ('message.created', 'message.edited')
-      LEFT JOIN LATERAL (
-            SELECT array_agg(mm.user_id ORDER BY mm.user_id)
-                       FILTER (WHERE mm.user_id IS NOT NULL) AS users,
-                   bool_or(mm.user_id IS NULL) AS room_wide
-              FROM public.message_mentions mm
-             WHERE mm.message_id = m.id AND strpos(m.content, '@') > 0
-           ) AS mn ON true
      WHERE c.occurred_at >= since
      ORDER BY c.occurred_at, c.room_id, c.position
      LIMIT max_rows;
