@@ -264,13 +264,21 @@ class ChangeRepository:
         on Citus (no mentions kept) nothing.
 
         Raises:
-            InvalidInput: a bad id.
+            InvalidInput: ``sent`` is not a list or tuple of pairs (at most 1000), or holds
+                a bad id.
             PermissionDenied: called acting as a user who is not every message's author.
         """
-        if self.db.settings.citus or not sent:
-            return {}
+        given: object = sent
+        if not isinstance(given, list | tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 for pair in given
+        ):
+            raise InvalidInput("sent", "must be a list of (message_id, author_id) pairs")
+        if len(sent) > MAX_CHANGES_LIMIT:
+            raise InvalidInput("sent", f"at most {MAX_CHANGES_LIMIT} messages")
         ids = [check_id("message_id", m) for m, _ in sent]
         authors = [check_id("author_id", a) for _, a in sent]
+        if self.db.settings.citus or not sent:
+            return {}
         rows = await self.db.fetch("changes.sent_mentions", SENT_MENTIONS, ids, authors)
         return {
             row["message_id"]: (tuple(sorted(row["mentions"])), bool(row["mentions_room"]))
