@@ -9,6 +9,7 @@ same event through :func:`chatkeep.realtime.event_of_change`. Runs as ``chatapp_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from typing import Any
@@ -17,6 +18,7 @@ import asyncpg
 import pytest
 
 from chatkeep import ChatKeep, CreateRoomDto, InvalidInput, PermissionDenied
+from chatkeep.integrations.streams import room_stream
 from chatkeep.models import Change
 from chatkeep.realtime import (
     Event,
@@ -157,6 +159,37 @@ async def test_a_change_the_relay_announces_reads_as_the_event_its_writer_would_
     assert isinstance(direct, MessageCreated)
     assert (direct.reply_to, direct.mentions) == (root.id, (bob,))
     assert shape(event_of_change(item)) == shape(direct)
+
+
+async def test_the_room_stream_reads_a_message_the_relay_announces(
+    system: tuple[ChatKeep, str],
+) -> None:
+    """A message-only client (room_stream) gets a message whose writer's publish was lost."""
+    chat, relay_url = system
+    alice, bob = [await register(chat, name) for name in ("alice", "bob")]
+    room = await room_of(chat, alice, bob)
+    await chat.send_message(room, alice, "first")  # the stream's baseline position
+    silent = ChatKeep(chat.db, chat.redis, node_id="silent", bcrypt_rounds=ROUNDS)
+
+    async def lost(*events: Event) -> None:
+        return None
+
+    silent._publish = lost  # type: ignore[method-assign]
+    relay = asyncio.create_task(chat.run_relay(database_url=relay_url))
+    try:
+        async with contextlib.aclosing(room_stream(chat, room, bob)) as stream:
+            async with asyncio.timeout(10):
+                first = await anext(stream)
+                assert first["message"]["content"] == "first"
+                await chat.send_message(room, alice, "second")  # published: the baseline
+                assert (await anext(stream))["message"]["content"] == "second"
+                sent = await silent.send_message(room, alice, "@bob quiet")
+                item = await anext(stream)
+    finally:
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+    assert item["kind"] == "message"
+    assert item["message"]["id"] == str(sent.id)
 
 
 async def test_the_system_reads_are_refused_to_a_user_and_check_their_input(
