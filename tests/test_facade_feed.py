@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from chatkeep import ChatKeep, CreateRoomDto, InvalidInput, PermissionDenied
+from chatkeep import ChatKeep, CreateRoomDto, InvalidInput, PermissionDenied, Unavailable
 from chatkeep.integrations.streams import room_stream
 from chatkeep.models import Change
 from chatkeep.realtime import (
@@ -25,6 +25,7 @@ from chatkeep.realtime import (
     MessageCreated,
     MessageDeleted,
     MessageEdited,
+    RoomGap,
     encode_event,
     event_of_change,
 )
@@ -190,6 +191,37 @@ async def test_the_room_stream_reads_a_message_the_relay_announces(
         await asyncio.gather(relay, return_exceptions=True)
     assert item["kind"] == "message"
     assert item["message"]["id"] == str(sent.id)
+
+
+async def test_a_message_whose_mentions_cannot_be_read_is_left_to_the_log(
+    system: tuple[ChatKeep, str],
+) -> None:
+    """No live event that says "no mention" wrongly: subscribers see the gap and read the log."""
+    chat, _ = system
+    alice, bob = [await register(chat, name) for name in ("alice", "bob")]
+    room = await room_of(chat, alice, bob)
+    sub = await chat.subscribe(room)
+    await chat.send_message(room, alice, "hello")
+    baseline = await expect(sub, MessageCreated)
+
+    async def unreadable(sent: object) -> None:
+        raise Unavailable("the database went away")
+
+    chat.change_log.sent_mentions = unreadable  # type: ignore[method-assign,assignment]
+    try:
+        quiet = await chat.send_message(room, alice, "@bob are you there?")  # stored, unpublished
+        await chat.send_message(room, alice, "plain")  # no '@': published as ever
+    finally:
+        del chat.change_log.sent_mentions
+    gap = await expect(sub, RoomGap)
+    await expect(sub, MessageCreated)
+    await sub.aclose()
+    assert gap.reason == "position"
+    assert baseline.position is not None
+    assert gap.positions == {room: baseline.position}
+    (change, _) = (await chat.changes(room, bob, after=baseline.position)).items
+    assert change.message_id == quiet.id
+    assert change.data["mentions"] == (bob,)
 
 
 async def test_the_system_reads_are_refused_to_a_user_and_check_their_input(
