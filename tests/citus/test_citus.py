@@ -25,7 +25,7 @@ from chatkeep import (
     Settings,
 )
 from chatkeep.ids import uuid7
-from chatkeep.storage.changes import CHANGES
+from chatkeep.storage.changes import CHANGES_CITUS
 from chatkeep.storage.messages import (
     FIND_BY_CLIENT_ID,
     HISTORY_AFTER,
@@ -126,7 +126,7 @@ async def test_per_room_statements_are_single_shard_router_queries(
             ),
             "send: position": await _plan(conn, alice, ROOM_POSITION, room.id),
             "history": await _plan(conn, alice, HISTORY_BEFORE, room.id, 100, 50),
-            "change log": await _plan(conn, alice, CHANGES, room.id, 0, 50),
+            "change log": await _plan(conn, alice, CHANGES_CITUS, room.id, 0, 50),
             "catch-up": await _plan(conn, alice, HISTORY_AFTER, room.id, 0, 50),
             "mark-read": await _plan(conn, alice, MARK_READ_CITUS, room.id, alice, None),
             "mark-read: watermark": await _plan(conn, alice, READ_WATERMARK, room.id, alice),
