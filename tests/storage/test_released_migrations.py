@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    23: (
+        "threads_on_citus",
+        "9e58ff6d393f361de4d6c2dde95f842eddcfef81e646b871ce0583d297f4fe47",
+    ),
 }
 
 
