@@ -32,8 +32,10 @@ from chatkeep.storage.threads import (
     COLLAPSED_AROUND_CITUS,
     COLLAPSED_BEFORE_CITUS,
     FOLLOW_CITUS,
+    FOLLOWED_CITUS,
     LAST_REPLY_CITUS,
     MARK_THREAD_READ_CITUS,
+    MENTIONS_CITUS,
     ROOM_THREADS,
     SUMMARY_CITUS,
     THREAD_AFTER_CITUS,
@@ -392,3 +394,33 @@ async def test_thread_statements_are_single_shard_router_queries(
         assert "Custom Scan (Citus Adaptive)" in plan, (flow, plan)
         counts = [line.strip() for line in plan.splitlines() if "Task Count" in line]
         assert counts == ["Task Count: 1"], (flow, plan)
+    # On the shard, a thread page is a range of the (reply_to, seq) index, as on PostgreSQL.
+    assert "messages_reply_to_seq_idx" in plans["thread page"], plans["thread page"]
+
+
+async def test_the_cross_room_thread_reads_fan_out(
+    chat: ChatKeep, world: World, citus_database: str
+) -> None:
+    """The followed threads and the mentions inbox read all of a user's rooms: pushed down
+    to every shard in one statement (measured as a fan-out, not routed): said plainly."""
+    conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
+    try:
+        plans = {
+            "followed": await _plan(
+                conn, world.bob, FOLLOWED_CITUS, world.bob, None, None, None, 50
+            ),
+            "mentions": await _plan(conn, world.bob, MENTIONS_CITUS, world.bob, None, 50),
+        }
+        shards = await conn.fetchval(
+            "SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'messages'::regclass"
+        )
+    finally:
+        await conn.close()
+    for flow, plan in plans.items():
+        counts = [line.strip() for line in plan.splitlines() if "Task Count" in line]
+        assert counts, (flow, plan)
+        # Followed threads: one pushed-down join. Mentions: two distributed subplans (the
+        # user's mentions, the room mentions of their rooms), each on every shard, then
+        # merged on the coordinator (the last task).
+        assert f"Task Count: {shards}" in counts, (flow, plan)
+    assert "Distributed Subplan" in plans["mentions"], plans["mentions"]
