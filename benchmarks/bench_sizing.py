@@ -24,6 +24,9 @@ Three kinds of measurement, each printed with the machine's load average:
   calls per second per fully busy core of that component: on a machine whose cores are
   oversubscribed, each call's CPU time includes cache and scheduling losses, so these are
   floors.
+* **A Redis of its own**: with ``--start-cluster`` (and no ``--standalone-url``) every
+  Redis measurement runs on the throwaway single server the script starts beside the
+  cluster, not on ``--redis-url``, so that ``INFO cpu`` counts this run's work alone.
 * **Pub/sub** (with ``--cluster-url`` or ``--start-cluster PORT``): the cluster
   benchmark's modes (``bench_cluster_pubsub.run_mode``: one server, classic ``PUBLISH``
   on the cluster, sharded ``SPUBLISH``), each turned into deliveries per server
@@ -161,8 +164,27 @@ class Growth:
     rows: int  # rows of the phase's subject (users, memberships, messages...)
     by_relation: dict[str, tuple[Relation, int]]  # relation -> bytes grown
 
-    def per_row(self) -> float:
-        return sum(b for _, b in self.by_relation.values()) / self.rows
+    def per_row(self, tables: frozenset[str] | None = None) -> float:
+        """Bytes grown per row, in every relation or in ``tables`` and their indexes."""
+        return (
+            sum(
+                grown
+                for relation, grown in self.by_relation.values()
+                if tables is None or relation.owner in tables
+            )
+            / self.rows
+        )
+
+
+# The tables each phase appends rows to. Any other table that grew was updated (the room
+# row's last_seq and position, under its lock): its dead versions are reused once vacuumed,
+# so that growth is bounded churn (per room, not per row added), reported apart.
+APPENDED = {
+    "user": frozenset({"users"}),
+    "room": frozenset({"rooms"}),
+    "membership": frozenset({"room_users", "room_changes"}),
+    "message": frozenset({"messages", "room_changes"}),
+}
 
 
 def growth(
@@ -271,7 +293,13 @@ def print_storage(phases: list[Growth]) -> None:
             kind = "index" if relation.is_index else "table"
             label = name if not relation.is_index else f"{relation.owner}.{name}"
             print(f"{phase.phase:<11} {label:<42} {kind:<6} {grown / phase.rows:>10.1f}")
-        print(f"{phase.phase:<11} {'TOTAL':<42} {'':<6} {phase.per_row():>10.1f}")
+        appended = APPENDED[phase.phase]
+        label = "appended rows (" + ", ".join(sorted(appended)) + ")"
+        print(f"{phase.phase:<11} {label:<42} {'total':<6} {phase.per_row(appended):>10.1f}")
+        print(
+            f"{phase.phase:<11} {'every relation (with churn)':<42} {'total':<6} "
+            f"{phase.per_row():>10.1f}"
+        )
 
 
 # -- Redis bytes ----------------------------------------------------------------------------
@@ -604,6 +632,12 @@ async def run(args: argparse.Namespace, cluster_url: str | None, single_url: str
     print(f"PostgreSQL {version}; database {args.database_name} rebuilt", flush=True)
     phases = await measure_storage(url, shape)
     print_storage(phases)
+    own_redis = single_url is not None and args.redis_url == single_url
+    print(
+        f"Redis: {args.redis_url} "
+        + ("(this run's own server)" if own_redis else "(its CPU counts others' work too)"),
+        flush=True,
+    )
     by_kind, users = await measure_redis(args.redis_url, shape)
     print_redis(by_kind, users)
     print(f"load average {loadavg()}", flush=True)
@@ -611,6 +645,8 @@ async def run(args: argparse.Namespace, cluster_url: str | None, single_url: str
     print_throughput(results, concurrency)
     found = await run_pubsub(cluster_url, single_url or args.redis_url, args.tiny)
     print_pubsub(found, shared=single_url is None)
+    if not own_redis:
+        print("(the Redis CPU per call above is the whole shared server's: an upper bound)")
     print(f"load average at the end {loadavg()}")
     if args.drop:
         await drop_database(args.database_url, args.database_name)
@@ -648,6 +684,9 @@ def main() -> int:
     logging.getLogger("chatkeep").setLevel(logging.ERROR)
     if args.start_cluster is not None:
         with started_cluster(args.start_cluster) as (cluster_url, single_url):
+            if args.standalone_url is None:
+                # A server with nothing else on it: its INFO cpu is this run's work alone.
+                args.redis_url = single_url
             asyncio.run(run(args, cluster_url, args.standalone_url or single_url))
     else:
         asyncio.run(run(args, args.cluster_url, args.standalone_url))
