@@ -307,16 +307,21 @@ def print_storage(phases: list[Growth]) -> None:
 
 async def measure_redis(redis_url: str, shape: Shape) -> tuple[dict[str, int], int]:
     """Sessions and presence for ``redis_users`` users; MEMORY USAGE summed by key kind."""
-    async with RedisClient(redis_url) as client:
+    # Generous timeouts: on a loaded machine a burst of scripts may wait more than the
+    # default second, and this measures bytes, not latency.
+    async with RedisClient(redis_url, socket_timeout=30.0, operation_timeout=30.0) as client:
         await client.redis.flushdb()
+        server = await client.redis.info("server")
+        name = "valkey" if "valkey_version" in server else "redis"
+        print(f"{name} {server.get(f'{name}_version', server.get('redis_version'))}", flush=True)
         sessions = SessionStore(client)
         registry = SocketRegistry(client, node_id="sizing-node")
         presence = Presence(client, registry)
         rooms = [uuid7() for _ in range(max(1, shape.redis_users // 10))]
         rng = random.Random(5)
         users = [uuid7() for _ in range(shape.redis_users)]
-        for start in range(0, len(users), 100):
-            chunk = users[start : start + 100]
+        for start in range(0, len(users), 20):
+            chunk = users[start : start + 20]
             await asyncio.gather(
                 *(sessions.create(u, metadata={"device": "phone", "ip": "10.0.0.1"}) for u in chunk)
             )
