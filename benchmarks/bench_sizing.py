@@ -1,17 +1,18 @@
 """Per-node figures for sizing on paper (docs/scaling.md, "Capacity on paper").
 
-Three kinds of measurement, each printed with the machine's load average:
+What it measures, each printed with the machine's load average:
 
 * **Storage bytes** (PostgreSQL): in a fresh database migrated to the newest schema, seed
   users and rooms, then memberships, then messages (through the schema's own insert
   trigger, so every message also gets its change-log row, its seq under the room lock, and
   its search-index entries), ``VACUUM ANALYZE``, and measure every table and index with
-  ``pg_table_size`` / ``pg_relation_size`` after each phase. The growth of each relation in
-  a phase, divided by the rows that phase added, is the bytes per user, per room, per
-  membership and per message (heap, each index, change log, search index), with the page
+  ``pg_table_size`` / ``pg_relation_size`` after each phase (a table's and its indexes'
+  sum is its ``pg_total_relation_size``; apart, each index shows). The growth of each
+  relation in a phase, divided by the rows that phase added, is the bytes per user, per
+  room, per membership and per message (heap, each index, change log, search index), with the page
   and fill overheads included, as a database of that shape has them.
 * **Redis bytes**: sessions (``SessionStore.create``) and presence (``Presence.connect``
-  of one socket in a few rooms) for ``--redis-users`` users in the (flushed) logical
+  of one socket in 3 rooms) for 5,000 users (100 with ``--tiny``) in the (flushed) logical
   database of ``--redis-url``; every key's ``MEMORY USAGE`` (``SAMPLES 0``), summed by
   kind, divided by the users.
 * **Throughput per busy core**: the facade benchmark's own fixture and calls
