@@ -636,26 +636,28 @@ async def run(args: argparse.Namespace, cluster_url: str | None, single_url: str
     async with Database(Settings(database_url=url)) as probe:
         version = (await probe.health()).server_version.split()[0]
     print(f"PostgreSQL {version}; database {args.database_name} rebuilt", flush=True)
-    phases = await measure_storage(url, shape)
-    print_storage(phases)
-    own_redis = single_url is not None and args.redis_url == single_url
-    print(
-        f"Redis: {args.redis_url} "
-        + ("(this run's own server)" if own_redis else "(its CPU counts others' work too)"),
-        flush=True,
-    )
-    by_kind, users = await measure_redis(args.redis_url, shape)
-    print_redis(by_kind, users)
-    print(f"load average {loadavg()}", flush=True)
-    results, concurrency = await run_throughput(args, url, args.database_name, args.tiny)
-    print_throughput(results, concurrency)
-    found = await run_pubsub(cluster_url, single_url or args.redis_url, args.tiny)
-    print_pubsub(found, shared=single_url is None)
-    if not own_redis:
-        print("(the Redis CPU per call above is the whole shared server's: an upper bound)")
-    print(f"load average at the end {loadavg()}")
-    if args.drop:
-        await drop_database(args.database_url, args.database_name)
+    try:
+        phases = await measure_storage(url, shape)
+        print_storage(phases)
+        own_redis = single_url is not None and args.redis_url == single_url
+        print(
+            f"Redis: {args.redis_url} "
+            + ("(this run's own server)" if own_redis else "(its CPU counts others' work too)"),
+            flush=True,
+        )
+        by_kind, users = await measure_redis(args.redis_url, shape)
+        print_redis(by_kind, users)
+        print(f"load average {loadavg()}", flush=True)
+        results, concurrency = await run_throughput(args, url, args.database_name, args.tiny)
+        print_throughput(results, concurrency)
+        found = await run_pubsub(cluster_url, single_url or args.redis_url, args.tiny)
+        print_pubsub(found, shared=single_url is None)
+        if not own_redis:
+            print("(the Redis CPU per call above is the whole shared server's: an upper bound)")
+        print(f"load average at the end {loadavg()}")
+    finally:
+        if args.drop:
+            await drop_database(args.database_url, args.database_name)
 
 
 def main() -> int:
