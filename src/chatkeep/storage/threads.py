@@ -56,43 +56,28 @@ SELECT coalesce(m.reply_to, m.id) AS root_id, m.room_id FROM messages m WHERE m.
 
 
 # Thread pages: keyset over the (reply_to, seq) index, like room history over (room_id,
-# seq): the cost of a page does not depend on its depth.
-def _thread_page(where: str, order: str) -> str:
-    return (
-        f"SELECT {MESSAGE_COLUMNS} FROM messages"
-        f" WHERE reply_to = $1 AND {where} ORDER BY seq {order}"
-    )
-
-
-THREAD_BEFORE: Final = _with_authors(f"{_thread_page('seq < $2', 'DESC')} LIMIT $3", "DESC")
-THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC')} LIMIT $3", "ASC")
-THREAD_AROUND: Final = _with_authors(
-    f"({_thread_page('seq < $2', 'DESC')} LIMIT $3)"
-    f" UNION ALL ({_thread_page('seq >= $2', 'ASC')} LIMIT $4)",
-    "ASC",
-)
-
-
-# On Citus (migration 023) a thread page names its room as $1, the first parameter as in
-# room history (the authors' reactions read `r.room_id = $1`), and the root after the
-# limits: every table of the statement is then on the room's shard, a single-shard router
-# query. The room comes from the root's look-up (ThreadRepository.root_of).
-def _thread_page_citus(where: str, order: str, root: str) -> str:
+# seq): the cost of a page does not depend on its depth. A page names its room as $1, the
+# first parameter as in room history (the authors' reactions read `r.room_id = $1`: with
+# the root's id there, a thread page showed no reactions), and the root after the limits;
+# on Citus (migration 023) every table of the statement is then on the room's shard, a
+# single-shard router query. The room comes from the root's look-up
+# (ThreadRepository.root_of).
+def _thread_page(where: str, order: str, root: str) -> str:
     return (
         f"SELECT {MESSAGE_COLUMNS} FROM messages"
         f" WHERE room_id = $1 AND reply_to = {root} AND {where} ORDER BY seq {order}"
     )
 
 
-THREAD_BEFORE_CITUS: Final = _with_authors(
-    f"{_thread_page_citus('seq < $2', 'DESC', '$4')} LIMIT $3", "DESC"
+THREAD_BEFORE: Final = _with_authors(
+    f"{_thread_page('seq < $2', 'DESC', '$4')} LIMIT $3", "DESC"
 )
-THREAD_AFTER_CITUS: Final = _with_authors(
-    f"{_thread_page_citus('seq > $2', 'ASC', '$4')} LIMIT $3", "ASC"
+THREAD_AFTER: Final = _with_authors(
+    f"{_thread_page('seq > $2', 'ASC', '$4')} LIMIT $3", "ASC"
 )
-THREAD_AROUND_CITUS: Final = _with_authors(
-    f"({_thread_page_citus('seq < $2', 'DESC', '$5')} LIMIT $3)"
-    f" UNION ALL ({_thread_page_citus('seq >= $2', 'ASC', '$5')} LIMIT $4)",
+THREAD_AROUND: Final = _with_authors(
+    f"({_thread_page('seq < $2', 'DESC', '$5')} LIMIT $3)"
+    f" UNION ALL ({_thread_page('seq >= $2', 'ASC', '$5')} LIMIT $4)",
     "ASC",
 )
 
@@ -362,12 +347,11 @@ def _with_thread(rows: Any) -> tuple[MessageWithUser, ...]:
 # The history statement's columns (_messages unpacks exactly these).
 _HISTORY_WIDTH: Final = len(MESSAGE_COLUMNS.split(",")) + 5
 
-_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
 _COLLAPSED_PAGES: Final = _Pages(
     "threads.collapsed_history", COLLAPSED_BEFORE, COLLAPSED_AFTER, COLLAPSED_AROUND, _with_thread
 )
-_THREAD_PAGES_CITUS: Final = _Pages(
-    "threads.page", THREAD_BEFORE_CITUS, THREAD_AFTER_CITUS, THREAD_AROUND_CITUS, _messages
+_THREAD_PAGES: Final = _Pages(
+    "threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages
 )
 _COLLAPSED_PAGES_CITUS: Final = _Pages(
     "threads.collapsed_history",
@@ -573,20 +557,6 @@ class ThreadRepository:
             )
         decoded = None if cursor is None else decode_cursor(cursor)
         root, room = await self.root_of(root_message_id)
-        if self.db.settings.citus:
-            return await _paged(
-                self.db,
-                _THREAD_PAGES_CITUS,
-                root,
-                decoded,
-                before_seq,
-                after_seq,
-                around,
-                size,
-                other="belongs to another thread",
-                lead=room,
-                tail=(root,),
-            )
         return await _paged(
             self.db,
             _THREAD_PAGES,
@@ -597,6 +567,8 @@ class ThreadRepository:
             around,
             size,
             other="belongs to another thread",
+            lead=room,
+            tail=(root,),
         )
 
     async def collapsed_history(
