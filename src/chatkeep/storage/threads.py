@@ -69,12 +69,8 @@ def _thread_page(where: str, order: str, root: str) -> str:
     )
 
 
-THREAD_BEFORE: Final = _with_authors(
-    f"{_thread_page('seq < $2', 'DESC', '$4')} LIMIT $3", "DESC"
-)
-THREAD_AFTER: Final = _with_authors(
-    f"{_thread_page('seq > $2', 'ASC', '$4')} LIMIT $3", "ASC"
-)
+THREAD_BEFORE: Final = _with_authors(f"{_thread_page('seq < $2', 'DESC', '$4')} LIMIT $3", "DESC")
+THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC', '$4')} LIMIT $3", "ASC")
 THREAD_AROUND: Final = _with_authors(
     f"({_thread_page('seq < $2', 'DESC', '$5')} LIMIT $3)"
     f" UNION ALL ({_thread_page('seq >= $2', 'ASC', '$5')} LIMIT $4)",
@@ -350,9 +346,7 @@ _HISTORY_WIDTH: Final = len(MESSAGE_COLUMNS.split(",")) + 5
 _COLLAPSED_PAGES: Final = _Pages(
     "threads.collapsed_history", COLLAPSED_BEFORE, COLLAPSED_AFTER, COLLAPSED_AROUND, _with_thread
 )
-_THREAD_PAGES: Final = _Pages(
-    "threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages
-)
+_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
 _COLLAPSED_PAGES_CITUS: Final = _Pages(
     "threads.collapsed_history",
     COLLAPSED_BEFORE_CITUS,
