@@ -65,6 +65,20 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
         ["20 resumes (stream, shared reads)", "herd/one database time"],
     ),
+    "bench_sizing.py": (
+        ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
+        [
+            "PostgreSQL bytes per row",
+            "messages.messages_content_search_idx",
+            "membership  room_users ",
+            "Redis bytes per online user",
+            "session:*",
+            "send, one hot room",
+            "history page of 50",
+            "one server",
+            "load average at the end",
+        ],
+    ),
     "bench_realtime.py": (
         ["--url", "{redis}"],
         ["geometric mean", "heartbeat_many: 500 users", "cleaned up"],
