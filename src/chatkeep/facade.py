@@ -137,7 +137,7 @@ from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
 from chatkeep.storage.changes import DEFAULT_CHANGES_LIMIT, ChangeRepository
 from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transaction
-from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
+from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, SendResult, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
@@ -1183,6 +1183,7 @@ class ChatKeep:
             return
         events: list[Event] = []
         answers: list[tuple[PendingSend, tuple[Message, int | None] | ChatkeepError]] = []
+        mentioned = await self._sent_mentions(results)
         for pending, result in zip(allowed, results, strict=True):
             if isinstance(result, NotFound) and result.entity == "room":
                 # A room the sender cannot see answers as one that does not exist.
@@ -1191,6 +1192,9 @@ class ChatKeep:
             if isinstance(result, ChatkeepError):
                 continue
             message, position = result
+            if mentioned is None and "@" in message.content:
+                continue  # its mentions are unknown: subscribers read it from the log
+            mentions, room_wide = (mentioned or {}).get(message.id, ((), False))
             events.append(
                 MessageCreated(
                     position=position,
@@ -1201,6 +1205,8 @@ class ChatKeep:
                     client_msg_id=message.client_msg_id,
                     body=message.content,
                     reply_to=message.reply_to,
+                    mentions=mentions,
+                    mentions_room=room_wide,
                 )
             )
         if events:
@@ -1208,6 +1214,29 @@ class ChatKeep:
                 await self._publish(*events)
         for pending, result in answers:
             pending.answer(result)
+
+    async def _sent_mentions(
+        self, results: Sequence[SendResult]
+    ) -> dict[uuid.UUID, tuple[tuple[uuid.UUID, ...], bool]] | None:
+        """The mentions of the newly stored messages of a send batch, for their events.
+
+        Only a message with an ``@`` can mention anyone (migration 015's trigger reads no
+        other), so a batch without one costs nothing. ``None`` when they could not be read
+        (the messages are stored: their events are left out, and subscribers find them in
+        the log through the position gap or the outbox relay, mentions included).
+        """
+        sent = [
+            (message.id, message.user_id)
+            for message, _ in (r for r in results if not isinstance(r, ChatkeepError))
+            if "@" in message.content
+        ]
+        if not sent:
+            return {}
+        try:
+            return await self.change_log.sent_mentions(sent)
+        except ChatkeepError as exc:
+            logger.warning("mentions of sent messages not read, not published live: %s", exc)
+            return None
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str
@@ -1400,7 +1429,11 @@ class ChatKeep:
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
-        """Unread messages per room for every room of the user (one query).
+        """Unread messages per room for every room of the user (one query, one round trip).
+
+        A ``Mapping[UUID, int]`` of room to unread messages that also carries each room's
+        badge (``counts.badge(room_id)``: mentions, unread threads, thread mentions), read
+        by the same statement as :meth:`badges` (on Citus: the unread counts only).
 
         Raises:
             NotFound: no such user.
@@ -1408,7 +1441,11 @@ class ChatKeep:
         """
         async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            return await flow.read_as(user, lambda: self.messages.unread_counts(user))
+            return await flow.read_as(
+                user,
+                lambda: self.messages.unread_counts(user, as_user=user),
+                one_statement=True,
+            )
 
     async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
         """What to badge each of the user's rooms with, in one query (no background job).
@@ -1416,15 +1453,17 @@ class ChatKeep:
         Per room: ``unread`` (as :meth:`unread_counts`), ``mentions`` (unread messages
         naming the user, or the room by someone else), ``unread_threads`` (followed
         threads with replies after the user's thread watermark) and ``thread_mentions``.
-        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was.
+        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was (it
+        reads the same statement: ``counts.badge(room_id)``). One round trip.
 
         Raises:
             InvalidInput: a bad id.
         """
-        async with self._flow("badges", after_commit=False) as flow:
+        async with self._flow("badges", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.threads.badges(user)
+            return await flow.read_as(
+                user, lambda: self.threads.badges(user, as_user=user), one_statement=True
+            )
 
     # -- threads and mentions ---------------------------------------------------------------
 
