@@ -86,8 +86,14 @@ async def test_a_cold_herd_on_a_big_room_loads_its_members_once(
     members, outsider = users[:-1], users[-1]
     assert await chat.members.invalidate(room)
     before = member_loads(chat)
+    # Pages with rows prove membership themselves (migration 017): no load, no cache fill.
     pages = await asyncio.gather(*(chat.history(room, user, limit=50) for user in members[:50]))
     assert [len(page.items) for page in pages] == [3] * 50
+    assert member_loads(chat) == before
+    assert not await chat.redis.redis.exists(chat.members.key(room))
+    # Empty pages ask the cache: the cold herd loads the list once.
+    empty = await asyncio.gather(*(chat.catch_up(room, user, after_seq=3) for user in members[:50]))
+    assert [page.items for page in empty] == [()] * 50
     assert member_loads(chat) - before == 1
     key = chat.members.key(room)
     assert await chat.redis.redis.type(key) == b"set"
@@ -107,8 +113,9 @@ async def test_an_outsider_in_a_cold_herd_is_not_told_the_list(
     room, users = await big_room(conn, 200)
     members, outsider = users[:-1], users[-1]
     assert await chat.members.invalidate(room)
-    calls = [chat.history(room, user) for user in members[:20]]
-    calls.insert(10, chat.history(room, outsider))
+    # Empty catch-ups: the reads that ask the member cache (a page with rows does not).
+    calls = [chat.catch_up(room, user, after_seq=3) for user in members[:20]]
+    calls.insert(10, chat.catch_up(room, outsider, after_seq=3))
     results = await asyncio.gather(*calls, return_exceptions=True)
     hidden = results.pop(10)
     assert isinstance(hidden, NotFound)

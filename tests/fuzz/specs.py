@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatkeep import (
@@ -642,6 +642,16 @@ SPECS: dict[str, Spec] = {
         lambda w: {"room_id": w.public.id, "as_user": None},
         {"room_id": P(ID), "as_user": P(OPT_ID)},
     ),
+    "ChangeRepository.relay_changes": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"since": datetime.now(UTC) - timedelta(minutes=5), "limit": 100},
+        {"since": P(of(datetime)), "limit": P(INT)},
+    ),
+    "ChangeRepository.sent_mentions": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"sent": [(w.message.id, w.message.user_id)]},
+        {"sent": P(of(list, tuple), "message_id", "author_id")},
+    ),
     "ChangeRepository.last_position": Spec(lambda w: w.repos.changes, lambda w: {}),
     "ChangeRepository.last_change": Spec(lambda w: w.repos.changes, lambda w: {}),
     # Valid values that prune nothing the world holds (it is minutes old at most).
@@ -676,7 +686,9 @@ SPECS: dict[str, Spec] = {
         _messages, lambda w: {"message_id": w.message.id}, {"message_id": P(ID)}
     ),
     "MessageRepository.unread_counts": Spec(
-        _messages, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}
+        _messages,
+        lambda w: {"user_id": w.member.id, "as_user": None},
+        {"user_id": P(ID), "as_user": P(OPT_ID)},
     ),
     # -- the realtime services (the facade's own instances) ----------------------------------
     "SessionStore.create": Spec(
