@@ -1173,6 +1173,8 @@ class ChatKeep:
                     client_msg_id=message.client_msg_id,
                     body=message.content,
                     reply_to=message.reply_to,
+                    # Stamped here as the bus would (it would copy the event to do it).
+                    origin=self.node_id,
                 )
             )
         if events:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
-
 from chatkeep.errors import InvalidInput, RateLimited
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.clock import seconds
