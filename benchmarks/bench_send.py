@@ -24,6 +24,9 @@ Two ceilings run in the same rounds, as what bounds the facade on this machine:
   ``chatapp_app`` with batches of ``--batch-size`` (everything the facade's statement does,
   without the facade's client work or Redis).
 
+Each ceiling runs as many batches at once as the group commit has in flight (``--in-flight``):
+more full batches at once over 100 rooms mostly wait on each other's room locks.
+
 The facade with group commit also reports its client CPU per message (this process's CPU
 time over the messages it sent: what one Python process can carry), and a last part sends
 from one task alone: the lone send's latency through the facade against raw's single
@@ -427,7 +430,9 @@ async def main() -> int:
                         name: await (
                             measure(variants[name], place, hot, n, args.seconds)
                             if name in variants
-                            else measure_batches(ceilings[name], place, hot, n, args.seconds)
+                            else measure_batches(
+                                ceilings[name], place, hot, on.send_batches_in_flight, args.seconds
+                            )
                         )
                         for name in order
                     }
