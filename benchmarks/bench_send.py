@@ -27,6 +27,12 @@ Two ceilings run in the same rounds, as what bounds the facade on this machine:
 Each ceiling runs as many batches at once as the group commit has in flight (``--in-flight``):
 more full batches at once over 100 rooms mostly wait on each other's room locks.
 
+Last, ``redis work of a batch``: the rate-limit check and the publishes of a batch of 1, 4,
+16 and 64 sends (``RateLimiter.check_many``, ``EventBus.publish_many``), one batch after
+another, against Redis alone: wall time per batch and client CPU per message. It calls
+public methods only, so the same script run with another checkout's ``src`` first on
+``PYTHONPATH`` measures that checkout's Redis work (docs/performance.md compares two so).
+
 The facade with group commit also reports its client CPU per message (this process's CPU
 time over the messages it sent: what one Python process can carry), and a last part sends
 from one task alone: the lone send's latency through the facade against raw's single
@@ -297,6 +303,37 @@ async def measure(send: Send, place: Place, hot: bool, tasks: int, seconds: floa
     )
 
 
+async def redis_work(chat: ChatKeep, place: Place, batches: int) -> None:
+    """Time a batch's Redis work alone: the senders' rate limits, then the publishes."""
+    print(f"\nredis work of a batch ({batches} batches each, load average {_load()}):")
+    for size in (1, 4, 16, 64):
+        walls: list[float] = []
+        cpu = 0.0
+        for k in range(batches):
+            senders = [str(place.users[j % len(place.users)]) for j in range(size)]
+            events = [
+                MessageCreated(
+                    position=k * size + j + 1,
+                    room_id=place.rooms[(k * size + j) % len(place.rooms)],
+                    message_id=uuid7(),
+                    seq=k + 1,
+                    sender_id=place.users[j % len(place.users)],
+                    body="hello",
+                    origin="bench",
+                )
+                for j in range(size)
+            ]
+            started, used = time.perf_counter(), time.process_time()
+            await chat.limiter.check_many(senders, "send")
+            await chat.events.publish_many(events)
+            walls.append(time.perf_counter() - started)
+            cpu += time.process_time() - used
+        print(
+            f"batch of {size:>2}: wall per batch p50 {statistics.median(walls) * 1000:.2f} ms, "
+            f"client CPU {cpu / (batches * size) * 1e6:.0f} µs per message"
+        )
+
+
 def _load() -> str:
     try:
         with open("/proc/loadavg") as found:
@@ -471,6 +508,7 @@ async def main() -> int:
                 f"\nlone send (1 task, load average {_load()}): raw p50 {raw_p50:.2f} ms, "
                 f"facade p50 {on_p50:.2f} ms, facade ÷ raw latency {on_p50 / raw_p50:.2f}"
             )
+            await redis_work(chat_on, place, 30 if args.tiny else 300)
             batcher = chat_on.send_batcher
             assert batcher is not None
             print(
