@@ -137,7 +137,7 @@ from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
 from chatkeep.storage.changes import DEFAULT_CHANGES_LIMIT, ChangeRepository
 from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transaction
-from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
+from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, SendResult, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
@@ -1155,6 +1155,7 @@ class ChatKeep:
             return
         events: list[Event] = []
         answers: list[tuple[PendingSend, tuple[Message, int | None] | ChatkeepError]] = []
+        mentioned = await self._sent_mentions(results)
         for pending, result in zip(allowed, results, strict=True):
             if isinstance(result, NotFound) and result.entity == "room":
                 # A room the sender cannot see answers as one that does not exist.
@@ -1163,6 +1164,9 @@ class ChatKeep:
             if isinstance(result, ChatkeepError):
                 continue
             message, position = result
+            if mentioned is None and "@" in message.content:
+                continue  # its mentions are unknown: subscribers read it from the log
+            mentions, room_wide = (mentioned or {}).get(message.id, ((), False))
             events.append(
                 MessageCreated(
                     position=position,
@@ -1173,6 +1177,8 @@ class ChatKeep:
                     client_msg_id=message.client_msg_id,
                     body=message.content,
                     reply_to=message.reply_to,
+                    mentions=mentions,
+                    mentions_room=room_wide,
                     # Stamped here as the bus would (it would copy the event to do it).
                     origin=self.node_id,
                 )
@@ -1182,6 +1188,29 @@ class ChatKeep:
                 await self._publish(*events)
         for pending, result in answers:
             pending.answer(result)
+
+    async def _sent_mentions(
+        self, results: Sequence[SendResult]
+    ) -> dict[uuid.UUID, tuple[tuple[uuid.UUID, ...], bool]] | None:
+        """The mentions of the newly stored messages of a send batch, for their events.
+
+        Only a message with an ``@`` can mention anyone (migration 015's trigger reads no
+        other), so a batch without one costs nothing. ``None`` when they could not be read
+        (the messages are stored: their events are left out, and subscribers find them in
+        the log through the position gap or the outbox relay, mentions included).
+        """
+        sent = [
+            (message.id, message.user_id)
+            for message, _ in (r for r in results if not isinstance(r, ChatkeepError))
+            if "@" in message.content
+        ]
+        if not sent:
+            return {}
+        try:
+            return await self.change_log.sent_mentions(sent)
+        except ChatkeepError as exc:
+            logger.warning("mentions of sent messages not read, not published live: %s", exc)
+            return None
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str

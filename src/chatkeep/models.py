@@ -981,9 +981,12 @@ class Change(_Row):
 
     ==================== ==============================================================
     message.created      ``content``, ``type``, ``client_msg_id``, ``is_edited``,
-    message.edited       ``edited_at``, ``created_at``, ``user_id``, ``reply_to`` (the
-                         message as it is now: an edit made later shows in both;
-                         ``reply_to`` is its thread's root or ``None``)
+    message.edited       ``edited_at``, ``created_at``, ``user_id``, ``reply_to``,
+                         ``mentions``, ``mentions_room`` (the message as it is now: an
+                         edit made later shows in both; ``reply_to`` is its thread's
+                         root or ``None``; ``mentions`` the mentioned members' ids,
+                         sorted, members only; ``mentions_room`` an @room by an owner
+                         or admin)
     message.deleted      nothing: the content is gone (a tombstone)
     reaction.added       ``user_id``, ``emoji``, ``count`` (the emoji's count on the
     reaction.removed     message after the change)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatkeep import (
@@ -616,6 +616,16 @@ SPECS: dict[str, Spec] = {
         lambda w: w.repos.changes,
         lambda w: {"room_id": w.public.id, "as_user": None},
         {"room_id": P(ID), "as_user": P(OPT_ID)},
+    ),
+    "ChangeRepository.relay_changes": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"since": datetime.now(UTC) - timedelta(minutes=5), "limit": 100},
+        {"since": P(of(datetime)), "limit": P(INT)},
+    ),
+    "ChangeRepository.sent_mentions": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"sent": [(w.message.id, w.message.user_id)]},
+        {"sent": P(of(list, tuple), "message_id", "author_id")},
     ),
     "ChangeRepository.last_position": Spec(lambda w: w.repos.changes, lambda w: {}),
     "ChangeRepository.last_change": Spec(lambda w: w.repos.changes, lambda w: {}),

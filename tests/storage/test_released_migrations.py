@@ -51,6 +51,14 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    21: (
+        "mention_notices_and_collapsed_index",
+        "a0f7dcf0020a2c8e7804e1df2d68b8450d31ae8f75d83776897453e88d499a85",
+    ),
+    23: (
+        "threads_on_citus",
+        "9e58ff6d393f361de4d6c2dde95f842eddcfef81e646b871ce0583d297f4fe47",
+    ),
 }
 
 

@@ -43,6 +43,7 @@ from uuid import UUID, uuid4
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatkeep.errors import InvalidInput
+from chatkeep.models import Change
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.keys import validate_collection, validate_id
 from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
@@ -71,6 +72,7 @@ __all__ = [
     "TypingChanged",
     "decode_event",
     "encode_event",
+    "event_of_change",
 ]
 
 logger = logging.getLogger("chatkeep.realtime.events")
@@ -154,6 +156,14 @@ class MessageCreated(RoomEvent):
     body: str | None = None
     #: The root of the thread the message replies to, or ``None``.
     reply_to: UUID | None = None
+    #: The members the message mentions (sorted; members only: a name that is no
+    #: member's is never resolved, so never revealed). A receiver badges with it without
+    #: re-reading: ``user_id in mentions or mentions_room``. Events of nodes before
+    #: migration 021, and every event on Citus (no mentions kept), carry none.
+    mentions: tuple[UUID, ...] = ()
+    #: The message mentions the whole room (``@room``, ``@here``, ``@all`` by an owner or
+    #: admin): every member but the sender.
+    mentions_room: bool = False
 
 
 class MessageEdited(RoomEvent):
@@ -331,6 +341,80 @@ class RoomGap:
     reason: GapReason
     since: float
     positions: Mapping[UUID, int] = field(default_factory=dict, hash=False)
+
+
+def event_of_change(change: Change) -> Event | None:
+    """The event a writer publishes for ``change``, built from the log alone.
+
+    A change read from the log (:meth:`chatkeep.ChatKeep.changes`, the change stream,
+    the outbox relay's read) gives the event its writer published live, field for field
+    but for ``event_id``, ``occurred_at`` (the change's own time here) and ``origin``: a
+    ``message.created`` carries the message's body, ``reply_to`` and mentions as the log
+    shows them. ``None`` for a change no event stands for (``room.deleted``, or a
+    deletion by nobody, as a cascade of a deleted user's account makes).
+
+    Raises:
+        InvalidInput: ``change`` is not a :class:`~chatkeep.models.Change`.
+    """
+    if not isinstance(change, Change):
+        raise InvalidInput("change", "must be a chatkeep.models.Change")
+    data = change.data
+    common: dict[str, Any] = {
+        "room_id": change.room_id,
+        "position": change.position,
+        "occurred_at": change.occurred_at,
+    }
+    kind = change.kind
+    if kind == "message.created":
+        return MessageCreated(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            sender_id=data["user_id"],
+            client_msg_id=data.get("client_msg_id"),
+            body=data.get("content"),
+            reply_to=data.get("reply_to"),
+            mentions=tuple(data.get("mentions") or ()),
+            mentions_room=bool(data.get("mentions_room")),
+        )
+    if kind == "message.edited":
+        return MessageEdited(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            editor_id=change.actor_id or data["user_id"],
+            body=data.get("content"),
+        )
+    if kind == "message.deleted":
+        if change.actor_id is None:
+            return None
+        return MessageDeleted(
+            **common, message_id=change.message_id, seq=change.seq, deleted_by=change.actor_id
+        )
+    if kind in ("reaction.added", "reaction.removed"):
+        model = ReactionAdded if kind == "reaction.added" else ReactionRemoved
+        return model(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            user_id=data["user_id"],
+            emoji=data["emoji"],
+            count=data["count"],
+        )
+    if kind == "member.joined":
+        return MemberJoined(**common, user_id=data["user_id"], role=data.get("role"))
+    if kind in ("member.left", "member.removed"):
+        return MemberLeft(**common, user_id=data["user_id"])
+    if kind == "member.role_changed":
+        return MemberRoleChanged(**common, user_id=data["user_id"], role=data["role"])
+    if kind == "room.updated":
+        return RoomUpdated(
+            **common,
+            name=data["name"],
+            description=data.get("description"),
+            is_active=data.get("is_active", True),
+        )
+    return None
 
 
 def _check_event(event: object) -> Event:

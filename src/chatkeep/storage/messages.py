@@ -463,9 +463,6 @@ class MessageRepository(BaseRepository[Message]):
     async def _send_citus(
         self, dto: CreateMessageDto, args: tuple[object, ...]
     ) -> tuple[Message, int | None]:
-        if dto.reply_to is not None:
-            # 015's threads are not distributed yet: its Citus part refuses replies too.
-            raise InvalidInput("reply_to", "threads are not available on Citus yet")
         async with self.db.transaction("messages.send"):
             if dto.client_msg_id is not None:
                 first = await self.db.fetchrow(
@@ -482,7 +479,18 @@ class MessageRepository(BaseRepository[Message]):
             )
             if found is None or not found["member"] or not found["is_active"]:
                 await self._why_not_sent(dto.room_id, dto.user_id)
-            row = await self.db.fetchrow("messages.send", SEND_INSERT_CITUS, *args)
+            try:
+                row = await self.db.fetchrow("messages.send", SEND_INSERT_CITUS, *args)
+            except NotFound as exc:
+                # Citus relays a worker's error without its constraint name: the reply's
+                # check (trigger messages_thread_root, migration 023) is named here again,
+                # as PostgreSQL names it, for the facade's reply_to error.
+                if dto.reply_to is None or "reply_to:" not in str(exc.__cause__):
+                    raise
+                raise NotFound(
+                    "messages.send: a referenced row does not exist (messages_reply_to_fkey)",
+                    entity="messages",
+                ) from exc
             assert row is not None  # noqa: S101 - an INSERT ... VALUES returns its row
             await self.db.execute(
                 "messages.send_seen",
