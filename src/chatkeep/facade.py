@@ -1403,7 +1403,11 @@ class ChatKeep:
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
-        """Unread messages per room for every room of the user (one query).
+        """Unread messages per room for every room of the user (one query, one round trip).
+
+        A ``Mapping[UUID, int]`` of room to unread messages that also carries each room's
+        badge (``counts.badge(room_id)``: mentions, unread threads, thread mentions), read
+        by the same statement as :meth:`badges` (on Citus: the unread counts only).
 
         Raises:
             NotFound: no such user.
@@ -1411,7 +1415,11 @@ class ChatKeep:
         """
         async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            return await flow.read_as(user, lambda: self.messages.unread_counts(user))
+            return await flow.read_as(
+                user,
+                lambda: self.messages.unread_counts(user, as_user=user),
+                one_statement=True,
+            )
 
     async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
         """What to badge each of the user's rooms with, in one query (no background job).
@@ -1419,15 +1427,17 @@ class ChatKeep:
         Per room: ``unread`` (as :meth:`unread_counts`), ``mentions`` (unread messages
         naming the user, or the room by someone else), ``unread_threads`` (followed
         threads with replies after the user's thread watermark) and ``thread_mentions``.
-        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was.
+        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was (it
+        reads the same statement: ``counts.badge(room_id)``). One round trip.
 
         Raises:
             InvalidInput: a bad id.
         """
-        async with self._flow("badges", after_commit=False) as flow:
+        async with self._flow("badges", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.threads.badges(user)
+            return await flow.read_as(
+                user, lambda: self.threads.badges(user, as_user=user), one_statement=True
+            )
 
     # -- threads and mentions ---------------------------------------------------------------
 

@@ -661,7 +661,9 @@ SPECS: dict[str, Spec] = {
         _messages, lambda w: {"message_id": w.message.id}, {"message_id": P(ID)}
     ),
     "MessageRepository.unread_counts": Spec(
-        _messages, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}
+        _messages,
+        lambda w: {"user_id": w.member.id, "as_user": None},
+        {"user_id": P(ID), "as_user": P(OPT_ID)},
     ),
     # -- the realtime services (the facade's own instances) ----------------------------------
     "SessionStore.create": Spec(

@@ -51,6 +51,10 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    20: (
+        "stored_badge_counters",
+        "d33550bdfd6afbc03d1ea31e3503302fbc729140793bb8e8bae35a2a572bdf30",
+    ),
     21: (
         "mention_notices_and_collapsed_index",
         "a0f7dcf0020a2c8e7804e1df2d68b8450d31ae8f75d83776897453e88d499a85",

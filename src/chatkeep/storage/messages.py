@@ -275,6 +275,12 @@ SELECT ru.room_id, GREATEST(r.last_seq - ru.last_read_seq, 0) AS unread
   JOIN rooms r ON r.id = ru.room_id
  WHERE ru.user_id = $1
 """
+# The same as the acting user in one round trip, with each room's badge (migration 020:
+# chatkeep_unread sets the user for its own statement, then reads chatkeep_badges, which
+# reads only that user's memberships and the stored mention counters).
+UNREAD_AS: Final = """
+SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_unread($1)
+"""
 
 # -- cursors ------------------------------------------------------------------------------
 
@@ -779,17 +785,32 @@ class MessageRepository(BaseRepository[Message]):
             await self._require("message", key)
         return [MessageReadStatus._from_row(row) for row in rows]
 
-    async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
+    async def unread_counts(
+        self, user_id: uuid.UUID, *, as_user: uuid.UUID | None = None
+    ) -> UnreadCounts:
         """Unread messages per room for every room of the user, in one round trip.
 
         Returns a read-only ``Mapping[UUID, int]`` over the rows (see
-        :class:`~chatkeep.models.UnreadCounts`).
+        :class:`~chatkeep.models.UnreadCounts`). ``as_user`` (it must be ``user_id``): as
+        that user in one statement outside any transaction, with each room's badge
+        (``chatkeep_unread``, migration 020); on Citus the plain subtraction, acting as
+        the user.
 
         Raises:
             NotFound: no such user.
+            InvalidInput: a bad id, or ``as_user`` is someone else.
         """
         user = check_id("user_id", user_id)
-        rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user reads only their own unread counts")
+            if self.db.settings.citus:
+                async with self.db.acting_as(user, "messages.unread_counts"):
+                    rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
+            else:
+                rows = await self.db.fetch_as(user, "messages.unread_counts", UNREAD_AS)
+        else:
+            rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
         if not rows:
             await self._require("user", user)
         return UnreadCounts(rows)

@@ -305,6 +305,11 @@ LIMIT $3
 BADGES: Final = """
 SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_badges($1)
 """
+# The same in one round trip, outside any transaction: chatkeep_unread (migration 020)
+# acts as $1 for its own statement (MessageRepository.unread_counts reads it too).
+BADGES_AS: Final = """
+SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_unread($1)
+"""
 
 
 @dataclass(frozen=True)
@@ -722,16 +727,25 @@ class ThreadRepository:
         rows = await self.db.fetch("threads.mentions", query, user, older, size)
         return [Mention._from_row(row) for row in rows]
 
-    async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
+    async def badges(
+        self, user_id: uuid.UUID, *, as_user: uuid.UUID | None = None
+    ) -> dict[uuid.UUID, RoomBadges]:
         """Per room of the acting user: unread, mentions, unread threads, thread mentions.
 
         One statement (``chatkeep_badges``), for the acting user, who must be
-        ``user_id``. Empty for a user in no room (or no such user).
+        ``user_id``. Empty for a user in no room (or no such user). ``as_user`` (it must
+        be ``user_id``): as that user in one round trip, outside any transaction
+        (``chatkeep_unread``, migration 020).
 
         Raises:
-            InvalidInput: a bad id.
+            InvalidInput: a bad id, or ``as_user`` is someone else.
             PermissionDenied: ``user_id`` is not the acting user.
         """
         user = check_id("user_id", user_id)
-        rows = await self.db.fetch("threads.badges", BADGES, user)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user reads only their own badges")
+            rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
+        else:
+            rows = await self.db.fetch("threads.badges", BADGES, user)
         return {row["room_id"]: RoomBadges._from_row(row) for row in rows}
