@@ -65,6 +65,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
         ["20 resumes (stream, shared reads)", "herd/one database time"],
     ),
+    "bench_membership.py": (
+        ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
+        ["load average:", "facade/raw", "join + leave", "promote + demote"],
+    ),
     "bench_sizing.py": (
         ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
         [

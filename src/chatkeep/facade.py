@@ -527,7 +527,9 @@ class ChatKeep:
         self.profiles: UserProfileCache[UserProfile] = UserProfileCache(
             redis, self._load_profile, JsonSerializer(UserProfile)
         )
-        self.members = RoomMembersCache(redis, self._load_members)
+        self.members = RoomMembersCache(
+            redis, self._load_members, lease_ttl=db.settings.member_cache_lease_ttl
+        )
         self.metrics = metrics
         # The relay :meth:`run_relay` runs, once started (for tests and metrics).
         self.relay: OutboxRelay | None = None
@@ -702,6 +704,18 @@ class ChatKeep:
         if flow is not None and self.db.settings.replica_fence == "redis":
             flow.clean_up("the replica fence", lambda: self._mark_recent_write(user))
 
+    @contextlib.contextmanager
+    def _writing(self, user: uuid.UUID, flow: _Flow) -> Iterator[None]:
+        """Remember ``user`` as a recent writer when the block ends, as _Flow.acting_as does.
+
+        For a write in one round trip (``as_user``), even when it failed: a statement whose
+        answer was lost may have committed.
+        """
+        try:
+            yield
+        finally:
+            self._wrote(user, flow)
+
     async def _mark_recent_write(self, user: uuid.UUID) -> None:
         # Lives replica_max_lag: a process that no longer finds it only uses a replica
         # whose measured lag is at most that, so one that has this write. Its value names
@@ -869,6 +883,34 @@ class ChatKeep:
         # visible one falls through to here.
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
+
+    async def _member_page(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        read: Callable[[], Awaitable[CursorPage[MessageWithUser]]],
+    ) -> CursorPage[MessageWithUser]:
+        """The page ``read`` gives (as ``user_id``), for a member of the room only.
+
+        On PostgreSQL the page's function proves membership itself (migration 017: rows
+        only for a member, under any role), so a page with rows needs no other check and
+        the cache is asked only about an empty page (or a message not found), to answer a
+        non-member with PermissionDenied or NotFound as before: the common read is one
+        round trip to PostgreSQL and none to Redis, whatever the room's size. On Citus
+        (015's function, no such proof) the member check comes first, as before.
+        """
+        if self.db.settings.citus:
+            await self._require_member(room_id, user_id)
+            return await read()
+        try:
+            page = await read()
+        except NotFound as exc:
+            if exc.entity == "message":  # around a message: none, or not theirs to see
+                await self._require_member(room_id, user_id)
+            raise
+        if not page.items:
+            await self._require_member(room_id, user_id)
+        return page
 
     async def _require_member_or_hide(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
         # The change log is for members only: to anyone else, a public room is as absent
@@ -1665,7 +1707,8 @@ class ChatKeep:
 
         Args:
             room_id: the room.
-            user_id: the member asking (membership is checked through the cache).
+            user_id: the member asking (a page with messages proves membership by
+                itself; an empty one is checked through the member cache).
             after_seq: the last seq the client has (0: from the beginning).
             cursor: an ``after`` cursor of a previous page, instead of ``after_seq``.
             limit: messages per page, 1 to 200.
@@ -1684,11 +1727,13 @@ class ChatKeep:
                 raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
             if cursor is not None and decode_cursor(cursor)[2] != "after":
                 raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
-            await self._require_member(room, user)
-            with flow.as_user(user):
-                return await self.messages.history(
+            return await self._member_page(
+                room,
+                user,
+                lambda: self.messages.history(
                     room, after_seq=after_seq, cursor=cursor, limit=limit, as_user=user
-                )
+                ),
+            )
 
     async def history(
         self,
@@ -1717,17 +1762,20 @@ class ChatKeep:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
-            await self._require_member(room, user)
             return await flow.read_as(
                 user,
-                lambda: self.messages.history(
+                lambda: self._member_page(
                     room,
-                    cursor=cursor,
-                    before_seq=before_seq,
-                    after_seq=after_seq,
-                    around=around,
-                    limit=limit,
-                    as_user=user,
+                    user,
+                    lambda: self.messages.history(
+                        room,
+                        cursor=cursor,
+                        before_seq=before_seq,
+                        after_seq=after_seq,
+                        around=around,
+                        limit=limit,
+                        as_user=user,
+                    ),
                 ),
                 one_statement=True,
             )
@@ -1846,9 +1894,9 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.add_member(room, user, role=role, by=actor)
-                position = await self.change_log.last_position()
+            # One round trip as the actor (migration 022), the room row locked first.
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                member, position = await self.rooms.join_as(room, user, role=role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberJoined(room_id=room, user_id=user, role=member.role, position=position)
@@ -1876,10 +1924,10 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                if not await self.rooms.remove_member(room, user, by=actor):
-                    return False
-                position = await self.change_log.last_position()
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                removed, position = await self.rooms.remove_member_as(room, user, by=actor)
+            if not removed:
+                return False
             flow.invalidate_members(room)
             flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
             flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
@@ -1919,9 +1967,14 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = None if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.change_role(room, user, role, by=actor)
-                position = await self.change_log.last_position()
+            if actor is None:
+                # System work: no acting user, so not the acting user's function.
+                async with flow.acting_as(actor, hide="room"):
+                    member = await self.rooms.change_role(room, user, role, by=actor)
+                    position = await self.change_log.last_position()
+            else:
+                with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                    member, position = await self.rooms.change_role_as(room, user, role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberRoleChanged(room_id=room, user_id=user, role=member.role, position=position)

@@ -574,6 +574,31 @@ SPECS: dict[str, Spec] = {
         },
         {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(OPT_ID)},
     ),
+    "RoomRepository.join_as": Spec(
+        _rooms,
+        lambda w: {
+            "room_id": w.public.id,
+            "user_id": w.outsider.id,
+            "role": "member",
+            "by": w.outsider.id,
+        },
+        {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(ID)},
+    ),
+    "RoomRepository.remove_member_as": Spec(
+        _rooms,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "by": w.owner.id},
+        {"room_id": P(ID), "user_id": P(ID), "by": P(ID)},
+    ),
+    "RoomRepository.change_role_as": Spec(
+        _rooms,
+        lambda w: {
+            "room_id": w.public.id,
+            "user_id": w.member.id,
+            "role": "admin",
+            "by": w.owner.id,
+        },
+        {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(ID)},
+    ),
     "RoomRepository.members": Spec(_rooms, lambda w: {"room_id": w.public.id}, {"room_id": P(ID)}),
     "RoomRepository.rooms_of": Spec(
         _rooms,

@@ -149,6 +149,15 @@ def test_013_skips_its_policies_on_citus() -> None:
     assert "CREATE OR REPLACE FUNCTION chatkeep_history" in on_citus
 
 
+def test_017_adds_its_history_functions_on_plain_postgresql_only() -> None:
+    # Citus keeps 015's chatkeep_history in a transaction acting as the user (fetch_as).
+    found = {m.version: m for m in load_migrations()}
+    plain = "\n".join(s.sql for s in found[17].up_on(citus=False))
+    assert "CREATE FUNCTION chatkeep_history_page" in plain
+    assert "CREATE FUNCTION chatkeep_history_around" in plain
+    assert found[17].up_on(citus=True) == ()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

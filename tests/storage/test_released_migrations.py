@@ -51,6 +51,14 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    22: (
+        "membership_flows_in_one_round_trip",
+        "9b967987e43fda4dda84d9894f33341433d361eda8d716fe977f0cc7f5dc4400",
+    ),
+    17: (
+        "history_reads_without_replanning",
+        "e1537d6a2b922c59d894dc38f73878be1c90fbc75505692942a0eb9bc8516614",
+    ),
     20: (
         "stored_badge_counters",
         "d33550bdfd6afbc03d1ea31e3503302fbc729140793bb8e8bae35a2a572bdf30",
