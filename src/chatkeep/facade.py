@@ -1221,6 +1221,8 @@ class ChatKeep:
                     reply_to=message.reply_to,
                     mentions=mentions,
                     mentions_room=room_wide,
+                    # Stamped here as the bus would (it would copy the event to do it).
+                    origin=self.node_id,
                 )
             )
         if events:

@@ -84,10 +84,26 @@ WIRE_VERSION: Final = 1
 PUBLISHED_MARK_TTL_MS: Final = 7 * 24 * 3600 * 1000
 """How long a room's published mark outlives its last publish with a position (7 days)."""
 
-# The mark is a sorted set with one member, so ZADD GT raises it and never lowers it: a
-# plain command in the publish's pipeline (a script there would cost a SCRIPT EXISTS
-# round trip on every execute).
+# The mark is a sorted set with one member, so ZADD GT raises it and never lowers it (on a
+# cluster a plain command in the publish's pipeline: a script in a pipeline would cost a
+# SCRIPT EXISTS round trip on every execute; on one server, see _PUBLISH_MANY).
 _MARK_MEMBER: Final = "published"
+
+# publish_many on one server, in one command (a pipeline packed three commands per room
+# and event). KEYS: the rooms' published marks. ARGV: the mark's member, its TTL in ms,
+# one position per key, then channel and data of each event. Marks first, as there.
+_PUBLISH_MANY: Final = """
+local n = #KEYS
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], 'GT', ARGV[2 + i], ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+end
+local out = {}
+for j = n + 3, #ARGV, 2 do
+  out[#out + 1] = redis.call('PUBLISH', ARGV[j], ARGV[j + 1])
+end
+return out
+"""
 
 
 def _now() -> datetime:
@@ -605,6 +621,7 @@ class EventBus:
     def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
         self._client = client
         self._node = validate_id(node_id, "node_id") if node_id is not None else None
+        self._publish_script = client.script(_PUBLISH_MANY)
         # Optional observer of every event and gap its subscriptions hand out (metrics).
         self.on_receive: Callable[[Event | RoomGap], None] | None = None
 
@@ -697,6 +714,16 @@ class EventBus:
         for event in checked:
             if event.position is not None:
                 marks[event.room_id] = max(event.position, marks.get(event.room_id, 0))
+        if not self._client.cluster:
+            # One script call: one command to pack, run atomically (marks first, as below).
+            args: list[str | int | bytes] = [_MARK_MEMBER, PUBLISHED_MARK_TTL_MS]
+            args += marks.values()
+            for channel, data in encoded:
+                args += (channel, data)
+            keys = [self._client.keys.room_published(room) for room in marks]
+            with self._client.guard("events.publish_many"):
+                counts: list[Any] = await self._publish_script(keys=keys, args=args)
+            return [int(n) for n in counts]
         pipe = self._client.pipeline()
         # The marks go first: a reader that subscribed, then saw a mark below a change's
         # position, is sure to receive that change's publish (the facade's stream reuses a
