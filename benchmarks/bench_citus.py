@@ -1,12 +1,15 @@
-"""Sends and history pages on Citus against single-node PostgreSQL, as a ratio.
+"""Sends, history pages and thread pages on Citus against single-node PostgreSQL, as ratios.
 
 Both stores get the same workload through chatkeep's repositories, as ``chatapp_app`` with
 row security on (each call acting as the room's owner): ``--rooms`` rooms, each sent
 ``--sends`` messages one after another while the rooms run concurrently, then
-``--pages`` history pages of 50 per room. Printed per store: sends/s and pages/s, and the
-ratios Citus / single node, measured in the same run. Each pool connection makes one
-untimed call first: on Citus a connection's first statement opens the coordinator's
-connections to the workers, which takes seconds on the test cluster.
+``--pages`` history pages of 50 per room, then (after an untimed reply to every fifth
+message) ``--pages`` pages of 50 of one thread per room, named by its root's id as the
+facade's ``thread()`` takes it (on Citus: the root's room found on every shard, then the
+page on the room's shard; migration 023). Printed per store: sends/s, pages/s and thread
+pages/s, and the ratios Citus / single node, measured in the same run. Each pool
+connection makes one untimed call first: on Citus a connection's first statement opens
+the coordinator's connections to the workers, which takes seconds on the test cluster.
 
 What the ratio means, and what it does not: on this machine the coordinator, both workers
 and the single node share the same two cores, so Citus pays its extra hop (coordinator to
@@ -44,6 +47,7 @@ from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import ROLES, bootstrap
 from chatkeep.storage.citus import CITUS_ROLES, prepare_citus
 from chatkeep.storage.migrate import Migrator
+from chatkeep.storage.threads import ThreadRepository
 
 
 async def _drop(server_url: str, name: str, ports: Iterable[int] = ()) -> None:
@@ -110,14 +114,16 @@ async def seed(url: str, rooms: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
 
 async def measure(
     url: str, *, citus: bool, rooms: int, sends: int, pages: int
-) -> tuple[float, float]:
-    """(sends/s, pages/s) on the database at ``url``, as chatapp_app."""
+) -> tuple[float, float, float]:
+    """(sends/s, pages/s, thread pages/s) on the database at ``url``, as chatapp_app."""
     pairs = await seed(url, rooms)
     settings = Settings(database_url=urls.with_user(url, "chatapp_app"), citus=citus)
     db = Database(settings, min_size=max(rooms, 2), max_size=max(rooms, 2))
     await db.open()
     try:
         messages = MessageRepository(db)
+        threads = ThreadRepository(db)
+        roots: dict[uuid.UUID, uuid.UUID] = {}
 
         async def send_all(room: uuid.UUID, owner: uuid.UUID) -> None:
             for i in range(sends):
@@ -131,6 +137,26 @@ async def measure(
                 async with db.acting_as(owner):
                     page = await messages.history(room, limit=50)
                 assert page.items, "a page of the room's messages"
+
+        async def reply_all(room: uuid.UUID, owner: uuid.UUID) -> None:
+            async with db.acting_as(owner):
+                root = await messages.send(
+                    CreateMessageDto(room_id=room, user_id=owner, content="a thread root")
+                )
+            roots[room] = root.id
+            for i in range(max(sends // 5, 1)):
+                async with db.acting_as(owner):
+                    await messages.send(
+                        CreateMessageDto(
+                            room_id=room, user_id=owner, content=f"reply {i}", reply_to=root.id
+                        )
+                    )
+
+        async def read_threads(room: uuid.UUID, owner: uuid.UUID) -> None:
+            for _ in range(pages):
+                async with db.acting_as(owner):
+                    page = await threads.page(roots[room], limit=50)
+                assert page.items, "a page of the thread's replies"
 
         async def warm(room: uuid.UUID, owner: uuid.UUID) -> None:
             async with db.acting_as(owner):
@@ -146,9 +172,13 @@ async def measure(
         started = time.perf_counter()
         await asyncio.gather(*(read_all(r, o) for r, o in pairs))
         page_rate = rooms * pages / (time.perf_counter() - started)
+        await asyncio.gather(*(reply_all(r, o) for r, o in pairs))  # untimed
+        started = time.perf_counter()
+        await asyncio.gather(*(read_threads(r, o) for r, o in pairs))
+        thread_rate = rooms * pages / (time.perf_counter() - started)
     finally:
         await db.close()
-    return send_rate, page_rate
+    return send_rate, page_rate, thread_rate
 
 
 async def main(argv: list[str]) -> int:
@@ -164,7 +194,7 @@ async def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.rooms, args.sends, args.pages = 2, 5, 5
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, tuple[float, float, float]] = {}
     for label, server, citus in (
         ("single node", args.database_url, False),
         ("citus", args.citus_url, True),
@@ -178,11 +208,15 @@ async def main(argv: list[str]) -> int:
             if args.drop:
                 ports = await _worker_ports(server) if citus else []
                 await _drop(server, args.database_name, ports)
-        sends_s, pages_s = results[label]
-        print(f"{label:>11}: {sends_s:8.1f} sends/s  {pages_s:8.1f} pages/s")
-    (s1, p1), (s2, p2) = results["single node"], results["citus"]
+        sends_s, pages_s, threads_s = results[label]
+        print(
+            f"{label:>11}: {sends_s:8.1f} sends/s  {pages_s:8.1f} pages/s"
+            f"  {threads_s:8.1f} thread pages/s"
+        )
+    (s1, p1, t1), (s2, p2, t2) = results["single node"], results["citus"]
     print(
         f"ratio citus/single node: sends {s2 / s1:.2f}  pages {p2 / p1:.2f}"
+        f"  thread pages {t2 / t1:.2f}"
         f"  ({args.rooms} rooms x {args.sends} sends, {args.pages} pages each)"
     )
     return 0

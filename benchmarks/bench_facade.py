@@ -19,7 +19,7 @@ tasks, users are shared), every user a member of every room; each side has a poo
 * ``send_hot``: a message into one shared room (one row lock orders every writer);
 * ``history``: a page of 50 with its authors, before a random seq of a room of 10,000;
 * ``catch_up``: the 50 messages after a random seq of that room, with authors;
-* ``unread``: the unread counts of a user in 200 rooms;
+* ``unread``: the unread counts of a user in 200 rooms (``--rooms-per-user``: 10, 1000...);
 * ``mark_read``: move the user's watermark to the newest message of one of the 100 rooms.
 
 The facade calls are the plain public calls (``chat.send_message(room, user, text)``...),
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -439,12 +440,27 @@ async def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny fixture, short rounds")
     parser.add_argument("--fresh", action="store_true", help="drop and rebuild the database")
     parser.add_argument("--drop", action="store_true", help="drop the database at the end")
+    parser.add_argument(
+        "--rooms-per-user",
+        type=int,
+        default=None,
+        help="rooms each user is in (200; issue 12 measures unread at 10, 200 and 1000)",
+    )
     args = parser.parse_args()
     # Warnings (a slow call under load) would bury the table; errors still show.
     logging.getLogger("chatkeep").setLevel(logging.ERROR)
     sizes = FULL
     if args.tiny:
         sizes, args.seconds, args.rounds = TINY, 0.2, 1
+    if args.rooms_per_user is not None:
+        # The send rooms, the hot room and the history room are among the user's rooms.
+        if args.rooms_per_user < 3:
+            parser.error("--rooms-per-user: at least 3")
+        sizes = dataclasses.replace(
+            sizes,
+            rooms_per_user=args.rooms_per_user,
+            send_rooms=min(sizes.send_rooms, args.rooms_per_user - 2),
+        )
     concurrency = min(args.concurrency, sizes.users) if args.tiny else args.concurrency
     pool_size = args.pool_size or min(concurrency, 20)
     if concurrency < 1 or pool_size < 1:

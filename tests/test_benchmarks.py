@@ -66,9 +66,35 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--database-url", "{admin}", "--database-name", "{db}"],
         ["send/s: with the log", "catch-up of 100", "history(after_seq), pages of 200"],
     ),
+    "bench_collapsed.py": (
+        ["--database-url", "{admin}", "--database-name", "{db}"],
+        [
+            "index build (CREATE INDEX CONCURRENTLY)",
+            "page of 50 roots",
+            "behind a 2,000-reply thread, page before",
+        ],
+    ),
     "bench_stream.py": (
         ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
         ["20 resumes (stream, shared reads)", "herd/one database time"],
+    ),
+    "bench_membership.py": (
+        ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
+        ["load average:", "facade/raw", "join + leave", "promote + demote"],
+    ),
+    "bench_sizing.py": (
+        ["--database-url", "{admin}", "--redis-url", "{redis}", "--database-name", "{db}"],
+        [
+            "PostgreSQL bytes per row",
+            "messages.messages_content_search_idx",
+            "membership  room_users ",
+            "Redis bytes per online user",
+            "session:*",
+            "send, one hot room",
+            "history page of 50",
+            "one server",
+            "load average at the end",
+        ],
     ),
     "bench_realtime.py": (
         ["--url", "{redis}"],

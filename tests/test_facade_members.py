@@ -14,12 +14,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
-from chatkeep import ChatKeep, NotFound, Settings
+from chatkeep import ChatKeep, ConfigurationError, NotFound, Settings
 from chatkeep.ids import uuid7
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +31,13 @@ BIG = 5_000
 async def chat(
     make_settings: Callable[..., Settings], app_url: str, redis_url: str
 ) -> AsyncIterator[ChatKeep]:
-    """A facade connected as ``chatapp_app``, so row security binds every flow."""
-    settings = make_settings(database_url=app_url)
+    """A facade connected as ``chatapp_app``, so row security binds every flow.
+
+    The fill lease is raised from its 5 s default: on a machine shared with other test
+    runs the 5,000-member load has taken longer than 5 s, and a load that outlives its
+    lease (rightly) does not store its set, which is what the herd test checks it does.
+    """
+    settings = make_settings(database_url=app_url, member_cache_lease_ttl=120.0)
     async with ChatKeep.connect(settings, node_id="node-a", bcrypt_rounds=10) as facade:
         yield facade
 
@@ -80,8 +86,14 @@ async def test_a_cold_herd_on_a_big_room_loads_its_members_once(
     members, outsider = users[:-1], users[-1]
     assert await chat.members.invalidate(room)
     before = member_loads(chat)
+    # Pages with rows prove membership themselves (migration 017): no load, no cache fill.
     pages = await asyncio.gather(*(chat.history(room, user, limit=50) for user in members[:50]))
     assert [len(page.items) for page in pages] == [3] * 50
+    assert member_loads(chat) == before
+    assert not await chat.redis.redis.exists(chat.members.key(room))
+    # Empty pages ask the cache: the cold herd loads the list once.
+    empty = await asyncio.gather(*(chat.catch_up(room, user, after_seq=3) for user in members[:50]))
+    assert [page.items for page in empty] == [()] * 50
     assert member_loads(chat) - before == 1
     key = chat.members.key(room)
     assert await chat.redis.redis.type(key) == b"set"
@@ -101,8 +113,9 @@ async def test_an_outsider_in_a_cold_herd_is_not_told_the_list(
     room, users = await big_room(conn, 200)
     members, outsider = users[:-1], users[-1]
     assert await chat.members.invalidate(room)
-    calls = [chat.history(room, user) for user in members[:20]]
-    calls.insert(10, chat.history(room, outsider))
+    # Empty catch-ups: the reads that ask the member cache (a page with rows does not).
+    calls = [chat.catch_up(room, user, after_seq=3) for user in members[:20]]
+    calls.insert(10, chat.catch_up(room, outsider, after_seq=3))
     results = await asyncio.gather(*calls, return_exceptions=True)
     hidden = results.pop(10)
     assert isinstance(hidden, NotFound)
@@ -135,3 +148,39 @@ def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str, redis_url: str) -> 
     assert done.returncode == 0, done.stderr
     assert "ratio big/small" in done.stdout
     assert "10 concurrent first calls -> 1 member-list load(s)" in done.stdout
+
+
+async def test_the_fill_lease_is_the_settings_one(chat: ChatKeep, conn: asyncpg.Connection) -> None:
+    # The lease a miss takes is the one Settings.member_cache_lease_ttl names (120 s here):
+    # hold a load open and read the lease's TTL in Redis.
+    room, users = await big_room(conn, 3)
+    assert await chat.members.invalidate(room)
+    release = asyncio.Event()
+    loading = asyncio.Event()
+    load = chat.members._loader
+
+    async def slow(room_id: uuid.UUID, asking: uuid.UUID | None) -> Any:
+        loading.set()
+        await release.wait()
+        return await load(room_id, asking)
+
+    chat.members._loader = slow
+    try:
+        # A page with rows proves membership without the cache (migration 017); an empty
+        # catch-up (nothing after seq 3) is the read that still asks it.
+        call = asyncio.create_task(chat.catch_up(room, users[0], after_seq=3))
+        await asyncio.wait_for(loading.wait(), 30)  # fails, not hangs, if nothing loads
+        ttl = await chat.redis.redis.pttl(chat.members.key(room))
+        assert 110_000 < ttl <= 120_000
+        release.set()
+        assert len((await call).items) == 0
+    finally:
+        chat.members._loader = load
+    assert await chat.redis.redis.type(chat.members.key(room)) == b"set"
+
+
+def test_the_fill_lease_setting_is_bounded() -> None:
+    assert Settings(member_cache_lease_ttl=30).member_cache_lease_ttl == 30.0
+    for bad in (0, -1, 601):
+        with pytest.raises(ConfigurationError, match="member_cache_lease_ttl"):
+            Settings(member_cache_lease_ttl=bad)

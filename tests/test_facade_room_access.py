@@ -120,7 +120,7 @@ async def three_ways(chat: ChatKeep, s: Setup, name: str) -> list[tuple[str, str
     flow = FLOWS[name]
     assert await chat.members.invalidate(s.room)
     cold = await outcome(flow(chat, s, s.room, s.message.id))
-    await chat.history(s.room, s.member.id)  # a member fills the cache
+    await chat.members.is_member(s.room, s.member.id)  # a member fills the cache
     assert await chat.redis.redis.exists(chat.members.cache.key(s.room))
     warm = await outcome(flow(chat, s, s.room, s.message.id))
     absent = await outcome(flow(chat, s, uuid.uuid4(), uuid.uuid4()))
@@ -195,10 +195,11 @@ async def test_a_public_room_refuses_a_non_member_the_same_way_whatever_is_cache
 
 async def test_a_member_still_reads_through_the_cache(chat: ChatKeep) -> None:
     s = await setup(chat, "private")
-    await chat.history(s.room, s.member.id)
+    await chat.set_typing(s.room, s.owner.id)  # fills the cache
     loads = chat.members.cache.stats.loads
     await chat.set_typing(s.room, s.member.id)
     await chat.catch_up(s.room, s.owner.id, after_seq=0)
+    await chat.catch_up(s.room, s.member.id, after_seq=2**62)  # empty: asks the cache
     assert chat.members.cache.stats.loads == loads  # hits, no PostgreSQL read
     assert await chat.members.members(s.room, asking=s.member.id) == {s.owner.id, s.member.id}
 

@@ -154,6 +154,21 @@ async def test_thread_pages_by_keyset_in_both_directions(chat: ChatKeep, world: 
         await chat.thread(root.id, w.bob.id, limit=0)
 
 
+async def test_a_thread_page_shows_its_replies_reactions(chat: ChatKeep, world: World) -> None:
+    # The page's reactions are read by room (`r.room_id = $1`, as room history): a thread
+    # page once passed its root's id there and showed no reactions at all.
+    w = world
+    root = await chat.send_message(w.general.id, w.alice.id, "root")
+    reply = await chat.send_message(w.general.id, w.bob.id, "reply", reply_to=root.id)
+    assert await chat.react(reply.id, w.alice.id, "👍")
+    assert await chat.react(reply.id, w.dave.id, "👍")
+    page = await chat.thread(root.id, w.bob.id)
+    [shown] = page.items
+    assert [(r.emoji, r.count, r.me) for r in shown.reactions] == [("👍", 2, False)]
+    mine = await chat.thread(root.id, w.alice.id)
+    assert [(r.emoji, r.count, r.me) for r in mine.items[0].reactions] == [("👍", 2, True)]
+
+
 async def test_twenty_concurrent_replies_give_an_exact_count(chat: ChatKeep, world: World) -> None:
     w = world
     root = await chat.send_message(w.general.id, w.alice.id, "busy root")

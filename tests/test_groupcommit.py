@@ -497,6 +497,10 @@ def test_the_benchmark_runs_in_its_tiny_mode(admin_url: str, redis_url: str) -> 
     for name in ("raw ", "3 round trips", "facade, group commit off", "facade, group commit on"):
         assert sum(1 for line in lines if line.startswith(name)) == 2, done.stdout
     assert "sends in" in done.stdout
+    for line in ("ceiling: batched INSERT", "ceiling: send function"):
+        assert sum(1 for found in lines if found.startswith(line)) == 2, done.stdout
+    assert "facade ÷ raw latency" in done.stdout
+    assert sum(1 for line in lines if line.startswith("batch of ")) == 4, done.stdout
 
 
 # -- the batcher alone (no stores) -------------------------------------------------------------

@@ -449,6 +449,30 @@ def test_unread_counts_is_a_read_only_mapping() -> None:
     assert UnreadCounts() == {}
 
 
+def test_unread_counts_carry_badges_when_read_with_them() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    # Rows as chatkeep_unread returns them (migration 020): the mapping is unchanged.
+    counts = UnreadCounts([(a, 5, 2, 1, 1), (b, 0, 0, 0, 0)])
+    assert counts == {a: 5, b: 0}
+    assert counts.total() == 5
+    assert list(counts.items()) == [(a, 5), (b, 0)]
+    assert counts.has_badges
+    badge = counts.badge(a)
+    assert badge is not None
+    assert (badge.room_id, badge.unread, badge.mentions) == (a, 5, 2)
+    assert (badge.unread_threads, badge.thread_mentions) == (1, 1)
+    assert set(counts.badges()) == {a, b}
+    assert TypeAdapter(UnreadCounts).dump_python(counts) == {a: 5, b: 0}
+    with pytest.raises(KeyError):
+        counts.badge(uuid.uuid4())
+    # Pairs only (a repository call without as_user, Citus mode): no badges.
+    plain = UnreadCounts([(a, 5)])
+    assert not plain.has_badges
+    assert plain.badge(a) is None
+    assert plain.badges() == {}
+    assert not UnreadCounts().has_badges
+
+
 def test_unread_counts_serialise_through_pydantic_as_a_dict() -> None:
     # Before: pydantic had no schema for it, so FastAPI could not use it as a return type.
 

@@ -187,6 +187,16 @@ class Settings(BaseSettings):
         le=1000,
         description="Batches written at once before sends start to gather.",
     )
+    member_cache_lease_ttl: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description=(
+            "Seconds the member cache's fill lease lasts: the load of a room's member list "
+            "must finish within it, or its set is not stored (the next call loads again). "
+            "Raise it when big rooms load slowly (a busy server, rooms of many thousands)."
+        ),
+    )
     slow_query_threshold: PositiveSeconds = Field(
         default=0.5, description="Operations slower than this are logged at WARNING."
     )

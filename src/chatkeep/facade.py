@@ -137,7 +137,7 @@ from chatkeep.storage.base import check_id
 from chatkeep.storage.bootstrap import bootstrap
 from chatkeep.storage.changes import DEFAULT_CHANGES_LIMIT, ChangeRepository
 from chatkeep.storage.database import DatabaseHealth, IsolationLevel, Transaction
-from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, decode_cursor
+from chatkeep.storage.messages import DEFAULT_PAGE_SIZE, SendResult, decode_cursor
 from chatkeep.storage.migrate import migrate_up
 from chatkeep.storage.reactions import ReactionRepository
 from chatkeep.storage.search import DEFAULT_SEARCH_LIMIT, SearchOrder, SearchRepository
@@ -544,7 +544,9 @@ class ChatKeep:
         self.profiles: UserProfileCache[UserProfile] = UserProfileCache(
             redis, self._load_profile, JsonSerializer(UserProfile)
         )
-        self.members = RoomMembersCache(redis, self._load_members)
+        self.members = RoomMembersCache(
+            redis, self._load_members, lease_ttl=db.settings.member_cache_lease_ttl
+        )
         self.metrics = metrics
         # The relay :meth:`run_relay` runs, once started (for tests and metrics).
         self.relay: OutboxRelay | None = None
@@ -719,6 +721,18 @@ class ChatKeep:
         if flow is not None and self.db.settings.replica_fence == "redis":
             flow.clean_up("the replica fence", lambda: self._mark_recent_write(user))
 
+    @contextlib.contextmanager
+    def _writing(self, user: uuid.UUID, flow: _Flow) -> Iterator[None]:
+        """Remember ``user`` as a recent writer when the block ends, as _Flow.acting_as does.
+
+        For a write in one round trip (``as_user``), even when it failed: a statement whose
+        answer was lost may have committed.
+        """
+        try:
+            yield
+        finally:
+            self._wrote(user, flow)
+
     async def _mark_recent_write(self, user: uuid.UUID) -> None:
         # Lives replica_max_lag: a process that no longer finds it only uses a replica
         # whose measured lag is at most that, so one that has this write. Its value names
@@ -886,6 +900,34 @@ class ChatKeep:
         # visible one falls through to here.
         if not await self.members.is_member(room_id, user_id):
             raise PermissionDenied("only members of the room may do this")
+
+    async def _member_page(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        read: Callable[[], Awaitable[CursorPage[MessageWithUser]]],
+    ) -> CursorPage[MessageWithUser]:
+        """The page ``read`` gives (as ``user_id``), for a member of the room only.
+
+        On PostgreSQL the page's function proves membership itself (migration 017: rows
+        only for a member, under any role), so a page with rows needs no other check and
+        the cache is asked only about an empty page (or a message not found), to answer a
+        non-member with PermissionDenied or NotFound as before: the common read is one
+        round trip to PostgreSQL and none to Redis, whatever the room's size. On Citus
+        (015's function, no such proof) the member check comes first, as before.
+        """
+        if self.db.settings.citus:
+            await self._require_member(room_id, user_id)
+            return await read()
+        try:
+            page = await read()
+        except NotFound as exc:
+            if exc.entity == "message":  # around a message: none, or not theirs to see
+                await self._require_member(room_id, user_id)
+            raise
+        if not page.items:
+            await self._require_member(room_id, user_id)
+        return page
 
     async def _require_member_or_hide(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
         # The change log is for members only: to anyone else, a public room is as absent
@@ -1172,6 +1214,7 @@ class ChatKeep:
             return
         events: list[Event] = []
         answers: list[tuple[PendingSend, tuple[Message, int | None] | ChatkeepError]] = []
+        mentioned = await self._sent_mentions(results)
         for pending, result in zip(allowed, results, strict=True):
             if isinstance(result, NotFound) and result.entity == "room":
                 # A room the sender cannot see answers as one that does not exist.
@@ -1180,6 +1223,9 @@ class ChatKeep:
             if isinstance(result, ChatkeepError):
                 continue
             message, position = result
+            if mentioned is None and "@" in message.content:
+                continue  # its mentions are unknown: subscribers read it from the log
+            mentions, room_wide = (mentioned or {}).get(message.id, ((), False))
             events.append(
                 MessageCreated(
                     position=position,
@@ -1190,6 +1236,10 @@ class ChatKeep:
                     client_msg_id=message.client_msg_id,
                     body=message.content,
                     reply_to=message.reply_to,
+                    mentions=mentions,
+                    mentions_room=room_wide,
+                    # Stamped here as the bus would (it would copy the event to do it).
+                    origin=self.node_id,
                 )
             )
         if events:
@@ -1197,6 +1247,29 @@ class ChatKeep:
                 await self._publish(*events)
         for pending, result in answers:
             pending.answer(result)
+
+    async def _sent_mentions(
+        self, results: Sequence[SendResult]
+    ) -> dict[uuid.UUID, tuple[tuple[uuid.UUID, ...], bool]] | None:
+        """The mentions of the newly stored messages of a send batch, for their events.
+
+        Only a message with an ``@`` can mention anyone (migration 015's trigger reads no
+        other), so a batch without one costs nothing. ``None`` when they could not be read
+        (the messages are stored: their events are left out, and subscribers find them in
+        the log through the position gap or the outbox relay, mentions included).
+        """
+        sent = [
+            (message.id, message.user_id)
+            for message, _ in (r for r in results if not isinstance(r, ChatkeepError))
+            if "@" in message.content
+        ]
+        if not sent:
+            return {}
+        try:
+            return await self.change_log.sent_mentions(sent)
+        except ChatkeepError as exc:
+            logger.warning("mentions of sent messages not read, not published live: %s", exc)
+            return None
 
     async def edit_message(
         self, message_id: uuid.UUID, user_id: uuid.UUID, content: str
@@ -1409,7 +1482,11 @@ class ChatKeep:
         return watermark
 
     async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
-        """Unread messages per room for every room of the user (one query).
+        """Unread messages per room for every room of the user (one query, one round trip).
+
+        A ``Mapping[UUID, int]`` of room to unread messages that also carries each room's
+        badge (``counts.badge(room_id)``: mentions, unread threads, thread mentions), read
+        by the same statement as :meth:`badges` (on Citus: the unread counts only).
 
         Raises:
             NotFound: no such user.
@@ -1417,7 +1494,11 @@ class ChatKeep:
         """
         async with self._flow("unread_counts", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            return await flow.read_as(user, lambda: self.messages.unread_counts(user))
+            return await flow.read_as(
+                user,
+                lambda: self.messages.unread_counts(user, as_user=user),
+                one_statement=True,
+            )
 
     async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
         """What to badge each of the user's rooms with, in one query (no background job).
@@ -1425,15 +1506,17 @@ class ChatKeep:
         Per room: ``unread`` (as :meth:`unread_counts`), ``mentions`` (unread messages
         naming the user, or the room by someone else), ``unread_threads`` (followed
         threads with replies after the user's thread watermark) and ``thread_mentions``.
-        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was.
+        :meth:`unread_counts` stays the lazy ``room -> int`` mapping it always was (it
+        reads the same statement: ``counts.badge(room_id)``). One round trip.
 
         Raises:
             InvalidInput: a bad id.
         """
-        async with self._flow("badges", after_commit=False) as flow:
+        async with self._flow("badges", after_commit=False, reads=True) as flow:
             user = check_id("user_id", user_id)
-            async with flow.acting_as(user):
-                return await self.threads.badges(user)
+            return await flow.read_as(
+                user, lambda: self.threads.badges(user, as_user=user), one_statement=True
+            )
 
     # -- threads and mentions ---------------------------------------------------------------
 
@@ -1668,7 +1751,8 @@ class ChatKeep:
 
         Args:
             room_id: the room.
-            user_id: the member asking (membership is checked through the cache).
+            user_id: the member asking (a page with messages proves membership by
+                itself; an empty one is checked through the member cache).
             after_seq: the last seq the client has (0: from the beginning).
             cursor: an ``after`` cursor of a previous page, instead of ``after_seq``.
             limit: messages per page, 1 to 200.
@@ -1687,11 +1771,13 @@ class ChatKeep:
                 raise InvalidInput("after_seq", "give exactly one of after_seq and cursor")
             if cursor is not None and decode_cursor(cursor)[2] != "after":
                 raise InvalidInput("cursor", "must be an `after` cursor (catch-up reads forward)")
-            await self._require_member(room, user)
-            with flow.as_user(user):
-                return await self.messages.history(
+            return await self._member_page(
+                room,
+                user,
+                lambda: self.messages.history(
                     room, after_seq=after_seq, cursor=cursor, limit=limit, as_user=user
-                )
+                ),
+            )
 
     async def history(
         self,
@@ -1720,17 +1806,20 @@ class ChatKeep:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
-            await self._require_member(room, user)
             return await flow.read_as(
                 user,
-                lambda: self.messages.history(
+                lambda: self._member_page(
                     room,
-                    cursor=cursor,
-                    before_seq=before_seq,
-                    after_seq=after_seq,
-                    around=around,
-                    limit=limit,
-                    as_user=user,
+                    user,
+                    lambda: self.messages.history(
+                        room,
+                        cursor=cursor,
+                        before_seq=before_seq,
+                        after_seq=after_seq,
+                        around=around,
+                        limit=limit,
+                        as_user=user,
+                    ),
                 ),
                 one_statement=True,
             )
@@ -1849,9 +1938,9 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.add_member(room, user, role=role, by=actor)
-                position = await self.change_log.last_position()
+            # One round trip as the actor (migration 022), the room row locked first.
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                member, position = await self.rooms.join_as(room, user, role=role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberJoined(room_id=room, user_id=user, role=member.role, position=position)
@@ -1879,10 +1968,10 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = user if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                if not await self.rooms.remove_member(room, user, by=actor):
-                    return False
-                position = await self.change_log.last_position()
+            with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                removed, position = await self.rooms.remove_member_as(room, user, by=actor)
+            if not removed:
+                return False
             flow.invalidate_members(room)
             flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
             flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
@@ -1922,9 +2011,14 @@ class ChatKeep:
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
             actor = None if by is None else check_id("by", by)
-            async with flow.acting_as(actor, hide="room"):
-                member = await self.rooms.change_role(room, user, role, by=actor)
-                position = await self.change_log.last_position()
+            if actor is None:
+                # System work: no acting user, so not the acting user's function.
+                async with flow.acting_as(actor, hide="room"):
+                    member = await self.rooms.change_role(room, user, role, by=actor)
+                    position = await self.change_log.last_position()
+            else:
+                with flow.as_user(actor, hide="room"), self._writing(actor, flow):
+                    member, position = await self.rooms.change_role_as(room, user, role, by=actor)
             flow.invalidate_members(room)
             flow.publish(
                 MemberRoleChanged(room_id=room, user_id=user, role=member.role, position=position)

@@ -116,7 +116,7 @@ class SendBatcher:
         self._queue.append(pending)
         # Sent from the caller's task: a batch that leaves now runs in a copy of its
         # context (its trace span is the batch's parent).
-        self._pump(contextvars.copy_context())
+        self._pump(None)
         return await pending.future
 
     async def close(self) -> None:
@@ -126,8 +126,12 @@ class SendBatcher:
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    def _pump(self, context: contextvars.Context, *, drain: bool = False) -> None:
-        """Start every batch that may leave now; arm the window for the rest."""
+    def _pump(self, context: contextvars.Context | None, *, drain: bool = False) -> None:
+        """Start every batch that may leave now; arm the window for the rest.
+
+        ``context``: the context the batches run in; ``None``, a copy of the current one
+        (made only when a batch leaves).
+        """
         queue = self._queue
         while queue and (
             drain
@@ -142,6 +146,8 @@ class SendBatcher:
                     batch.append(pending)
             if not batch:
                 break
+            if context is None:
+                context = contextvars.copy_context()
             task = asyncio.get_running_loop().create_task(self._run(batch), context=context)
             self._running.add(task)
         if self._timer is not None:

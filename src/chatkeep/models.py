@@ -981,9 +981,12 @@ class Change(_Row):
 
     ==================== ==============================================================
     message.created      ``content``, ``type``, ``client_msg_id``, ``is_edited``,
-    message.edited       ``edited_at``, ``created_at``, ``user_id``, ``reply_to`` (the
-                         message as it is now: an edit made later shows in both;
-                         ``reply_to`` is its thread's root or ``None``)
+    message.edited       ``edited_at``, ``created_at``, ``user_id``, ``reply_to``,
+                         ``mentions``, ``mentions_room`` (the message as it is now: an
+                         edit made later shows in both; ``reply_to`` is its thread's
+                         root or ``None``; ``mentions`` the mentioned members' ids,
+                         sorted, members only; ``mentions_room`` an @room by an owner
+                         or admin)
     message.deleted      nothing: the content is gone (a tombstone)
     reaction.added       ``user_id``, ``emoji``, ``count`` (the emoji's count on the
     reaction.removed     message after the change)
@@ -1028,6 +1031,12 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
     ``__get_pydantic_core_schema__`` hook: it serialises as a ``dict[UUID, int]`` (a JSON
     object of room id to count) and validates from one.
 
+    Read by :meth:`chatkeep.ChatKeep.unread_counts` it also carries each room's badge
+    (mentions, unread threads, thread mentions; the same statement as
+    :meth:`chatkeep.ChatKeep.badges`, migration 020): :meth:`badge` and :meth:`badges`.
+    Counts built from ``(room_id, count)`` pairs (a repository call inside a transaction
+    of your own, Citus mode) have none: :meth:`badge` returns ``None``.
+
     Example:
         >>> room = uuid.UUID(int=1)
         >>> counts = UnreadCounts([(room, 3)])
@@ -1035,18 +1044,47 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
         (3, True, 1)
     """
 
-    __slots__ = ("_index", "_pairs")
+    __slots__ = ("_index", "_pairs", "_rows")
 
     def __init__(self, pairs: Sequence[Any] = ()) -> None:
-        # Each element unpacks as (room_id, count): a tuple or an asyncpg Record.
+        # Each element is (room_id, count, ...): a tuple or an asyncpg Record, with the
+        # badge columns (mentions, unread_threads, thread_mentions) after the count when
+        # the statement read them.
         self._pairs = pairs
         self._index: dict[uuid.UUID, int] | None = None
+        self._rows: dict[uuid.UUID, Any] | None = None
 
     def _lookup(self) -> dict[uuid.UUID, int]:
         index = self._index
         if index is None:
-            index = self._index = {room: count for room, count in self._pairs}  # noqa: C416
+            index = self._index = {row[0]: row[1] for row in self._pairs}
         return index
+
+    @property
+    def has_badges(self) -> bool:
+        """Whether the rows carry the badge columns (see :meth:`badge`)."""
+        pairs = self._pairs
+        return bool(pairs) and len(pairs[0]) >= _BADGE_WIDTH
+
+    def badge(self, room_id: uuid.UUID) -> RoomBadges | None:
+        """The room's :class:`RoomBadges`, or ``None`` when these counts carry no badges.
+
+        Raises:
+            KeyError: ``room_id`` is not one of the user's rooms.
+        """
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = {row[0]: row for row in self._pairs}
+        row = rows[room_id]
+        if len(row) < _BADGE_WIDTH:
+            return None
+        return _badge(row)
+
+    def badges(self) -> dict[uuid.UUID, RoomBadges]:
+        """Every room's :class:`RoomBadges` (empty when these counts carry no badges)."""
+        if not self.has_badges:
+            return {}
+        return {row[0]: _badge(row) for row in self._pairs}
 
     def __getitem__(self, room_id: uuid.UUID) -> int:
         return self._lookup()[room_id]
@@ -1055,7 +1093,7 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
         return room_id in self._lookup()
 
     def __iter__(self) -> Iterator[uuid.UUID]:
-        return (room for room, _ in self._pairs)
+        return (row[0] for row in self._pairs)
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -1070,7 +1108,7 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
 
     def total(self) -> int:
         """Unread messages over all rooms."""
-        return sum(count for _, count in self._pairs)
+        return sum(row[1] for row in self._pairs)
 
     def __repr__(self) -> str:
         return f"UnreadCounts({dict(self.items())!r})"
@@ -1094,6 +1132,22 @@ class UnreadCounts(Mapping[uuid.UUID, int]):
         )
 
 
+# room_id, unread, mentions, unread_threads, thread_mentions (chatkeep_unread, 020).
+_BADGE_WIDTH: Final = 5
+
+
+def _badge(row: Any) -> RoomBadges:
+    return RoomBadges._adopt(
+        {
+            "room_id": row[0],
+            "unread": row[1],
+            "mentions": row[2],
+            "unread_threads": row[3],
+            "thread_mentions": row[4],
+        }
+    )
+
+
 def _unread_from_dict(counts: dict[uuid.UUID, int]) -> UnreadCounts:
     return UnreadCounts(tuple(counts.items()))
 
@@ -1106,11 +1160,11 @@ class _PairItems(ItemsView[uuid.UUID, int]):
     _mapping: UnreadCounts
 
     def __iter__(self) -> Iterator[tuple[uuid.UUID, int]]:
-        return ((room, count) for room, count in self._mapping._pairs)
+        return ((row[0], row[1]) for row in self._mapping._pairs)
 
 
 class _PairValues(ValuesView[int]):
     _mapping: UnreadCounts
 
     def __iter__(self) -> Iterator[int]:
-        return (count for _, count in self._mapping._pairs)
+        return (row[1] for row in self._mapping._pairs)

@@ -35,3 +35,4 @@ def test_the_benchmark_runs_in_its_tiny_mode(citus_coordinator: str, admin_url: 
     assert done.returncode == 0, done.stderr
     assert "single node:" in done.stdout
     assert "ratio citus/single node: sends " in done.stdout
+    assert " thread pages " in done.stdout  # threads on Citus (migration 023)

@@ -19,13 +19,12 @@ from chatkeep import (
     ChatKeep,
     CreateRoomDto,
     CreateUserDto,
-    InvalidInput,
     NotFound,
     PermissionDenied,
     Settings,
 )
 from chatkeep.ids import uuid7
-from chatkeep.storage.changes import CHANGES
+from chatkeep.storage.changes import CHANGES_CITUS
 from chatkeep.storage.messages import (
     FIND_BY_CLIENT_ID,
     HISTORY_AFTER,
@@ -126,7 +125,7 @@ async def test_per_room_statements_are_single_shard_router_queries(
             ),
             "send: position": await _plan(conn, alice, ROOM_POSITION, room.id),
             "history": await _plan(conn, alice, HISTORY_BEFORE, room.id, 100, 50),
-            "change log": await _plan(conn, alice, CHANGES, room.id, 0, 50),
+            "change log": await _plan(conn, alice, CHANGES_CITUS, room.id, 0, 50),
             "catch-up": await _plan(conn, alice, HISTORY_AFTER, room.id, 0, 50),
             "mark-read": await _plan(conn, alice, MARK_READ_CITUS, room.id, alice, None),
             "mark-read: watermark": await _plan(conn, alice, READ_WATERMARK, room.id, alice),
@@ -277,30 +276,30 @@ async def test_search_finds_only_the_users_rooms(chat: ChatKeep, citus_database:
     assert (await chat.search(carol, "walrus")).items == ()
 
 
-async def test_replies_are_refused_on_citus(chat: ChatKeep, citus_database: str) -> None:
-    """015's threads are not distributed yet: a reply is refused, by the repository and by
-    015's Citus check for a hand-written statement, and nothing is stored."""
+async def test_a_hand_written_reply_keeps_its_thread(chat: ChatKeep, citus_database: str) -> None:
+    """Migration 023's triggers run on the shards for any statement, not only the
+    facade's: a reply to a reply inserted by hand attaches to the root and is counted
+    (tests/citus/test_citus_threads.py covers the facade's thread calls)."""
     (alice,) = await _users(chat, "alice")
-    room = await chat.create_room(CreateRoomDto(name="no threads", created_by=alice))
+    room = await chat.create_room(CreateRoomDto(name="threads", created_by=alice))
     root = await chat.send_message(room.id, alice, "root")
-    with pytest.raises(InvalidInput) as refused:
-        await chat.send_message(room.id, alice, "a reply", reply_to=root.id)
-    assert refused.value.field == "reply_to"
+    reply = await chat.send_message(room.id, alice, "a reply", reply_to=root.id)
     conn = await asyncpg.connect(citus_database)
     try:
-        with pytest.raises(asyncpg.CheckViolationError, match="messages_no_replies_on_citus"):
-            await conn.execute(
-                "INSERT INTO messages (id, room_id, user_id, content, reply_to)"
-                " VALUES ($1, $2, $3, 'x', $4)",
-                uuid7(),
-                room.id,
-                alice,
-                root.id,
-            )
-        stored = await conn.fetchval("SELECT count(*) FROM messages WHERE room_id = $1", room.id)
+        stored = await conn.fetchval(
+            "INSERT INTO messages (id, room_id, user_id, content, reply_to)"
+            " VALUES ($1, $2, $3, 'x', $4) RETURNING reply_to",
+            uuid7(),
+            room.id,
+            alice,
+            reply.id,
+        )
+        count = await conn.fetchval(
+            "SELECT reply_count FROM threads WHERE room_id = $1 AND root_id = $2", room.id, root.id
+        )
     finally:
         await conn.close()
-    assert stored == 1
+    assert (stored, count) == (root.id, 2)
 
 
 async def test_row_security_refuses_an_outsider(chat: ChatKeep, citus_database: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chatkeep import (
@@ -574,6 +574,31 @@ SPECS: dict[str, Spec] = {
         },
         {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(OPT_ID)},
     ),
+    "RoomRepository.join_as": Spec(
+        _rooms,
+        lambda w: {
+            "room_id": w.public.id,
+            "user_id": w.outsider.id,
+            "role": "member",
+            "by": w.outsider.id,
+        },
+        {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(ID)},
+    ),
+    "RoomRepository.remove_member_as": Spec(
+        _rooms,
+        lambda w: {"room_id": w.public.id, "user_id": w.member.id, "by": w.owner.id},
+        {"room_id": P(ID), "user_id": P(ID), "by": P(ID)},
+    ),
+    "RoomRepository.change_role_as": Spec(
+        _rooms,
+        lambda w: {
+            "room_id": w.public.id,
+            "user_id": w.member.id,
+            "role": "admin",
+            "by": w.owner.id,
+        },
+        {"room_id": P(ID), "user_id": P(ID), "role": P(STR), "by": P(ID)},
+    ),
     "RoomRepository.members": Spec(_rooms, lambda w: {"room_id": w.public.id}, {"room_id": P(ID)}),
     "RoomRepository.rooms_of": Spec(
         _rooms,
@@ -616,6 +641,16 @@ SPECS: dict[str, Spec] = {
         lambda w: w.repos.changes,
         lambda w: {"room_id": w.public.id, "as_user": None},
         {"room_id": P(ID), "as_user": P(OPT_ID)},
+    ),
+    "ChangeRepository.relay_changes": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"since": datetime.now(UTC) - timedelta(minutes=5), "limit": 100},
+        {"since": P(of(datetime)), "limit": P(INT)},
+    ),
+    "ChangeRepository.sent_mentions": Spec(
+        lambda w: w.repos.changes,
+        lambda w: {"sent": [(w.message.id, w.message.user_id)]},
+        {"sent": P(of(list, tuple), "message_id", "author_id")},
     ),
     "ChangeRepository.last_position": Spec(lambda w: w.repos.changes, lambda w: {}),
     "ChangeRepository.last_change": Spec(lambda w: w.repos.changes, lambda w: {}),
@@ -663,7 +698,9 @@ SPECS: dict[str, Spec] = {
         _messages, lambda w: {"message_id": w.message.id}, {"message_id": P(ID)}
     ),
     "MessageRepository.unread_counts": Spec(
-        _messages, lambda w: {"user_id": w.member.id}, {"user_id": P(ID)}
+        _messages,
+        lambda w: {"user_id": w.member.id, "as_user": None},
+        {"user_id": P(ID), "as_user": P(OPT_ID)},
     ),
     # -- the realtime services (the facade's own instances) ----------------------------------
     "SessionStore.create": Spec(

@@ -26,7 +26,7 @@ async def test_a_fresh_subject_gets_exactly_its_burst(client: RedisClient) -> No
 
 
 async def test_check_many_counts_each_subject_in_order(client: RedisClient) -> None:
-    # Standalone: one pipeline; on a cluster the subjects' keys sit in many slots.
+    # Standalone: one script call; on a cluster the subjects' keys sit in many slots.
     limiter = RateLimiter(client, {"send": RateLimit(5, 60.0, burst=2)})
     subjects = [f"batch-{i}" for i in range(12)]
     results = await limiter.check_many([*subjects, subjects[0], subjects[0]], "send")

@@ -174,11 +174,15 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_assign_message_seq",
         "chatkeep_audit_row",
         "chatkeep_badges",
+        "chatkeep_follower_mentions_recount",
         "chatkeep_log_change",
         "chatkeep_log_member",
         "chatkeep_log_message",
         "chatkeep_log_reaction",
         "chatkeep_log_room",
+        "chatkeep_member_mentions_recount",
+        "chatkeep_mention_added",
+        "chatkeep_mention_removed",
         "chatkeep_message_edited",
         "chatkeep_message_removed",
         "chatkeep_message_stored",
@@ -189,6 +193,7 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_search_messages",
         "chatkeep_thread_follower_room",
         "chatkeep_thread_root",
+        "chatkeep_unread",
     ]
     for row in rows:
         # A fixed search_path with no schema anyone else can create objects in.

@@ -142,6 +142,14 @@ EXPECTED_BY_TABLE: dict[str, dict[str, tuple[Expect, ...]]] = {
         "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
     },
+    # Migration 020: written by the mention trigger only, read by chatkeep_unread as the
+    # definer; chatapp_app holds no privilege on it.
+    "room_mention_heads": {
+        "select":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "update":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+        "delete":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
+    },
     "audit_log": {
         "select":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
         "insert":     row(DENIED, DENIED, DENIED, DENIED, DENIED,  DENIED,  DENIED),
@@ -402,6 +410,22 @@ STATEMENTS: dict[tuple[str, str], Statement] = {
     ),
     ("message_mentions", "delete"): lambda c, a, who: (
         "DELETE FROM message_mentions WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("room_mention_heads", "select"): lambda c, a, who: (
+        "SELECT count(*) FROM room_mention_heads WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("room_mention_heads", "insert"): lambda c, a, who: (
+        "INSERT INTO room_mention_heads (room_id, last_seq) VALUES ($1, 1)",
+        (c.room,),
+    ),
+    ("room_mention_heads", "update"): lambda c, a, who: (
+        "UPDATE room_mention_heads SET last_seq = 99 WHERE room_id = $1",
+        (c.room,),
+    ),
+    ("room_mention_heads", "delete"): lambda c, a, who: (
+        "DELETE FROM room_mention_heads WHERE room_id = $1",
         (c.room,),
     ),
     ("audit_log", "select"): lambda c, a, who: ("SELECT count(*) FROM audit_log", ()),

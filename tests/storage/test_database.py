@@ -42,11 +42,13 @@ async def test_pool_options_come_from_settings(database_url: str) -> None:
     assert options["command_timeout"] > 3
     assert options["server_settings"]["statement_timeout"] == "3000"
     assert options["server_settings"]["application_name"] == "ck-test"
+    assert options["server_settings"]["jit"] == "off"
     # The migrator's single connections keep their own options.
     assert "statement_timeout" not in connect_options(settings)["server_settings"]
     async with db:
         assert "open" in repr(db)
         assert await db.fetchval("t.show", "SHOW statement_timeout") == "3s"
+        assert await db.fetchval("t.jit", "SHOW jit") == "off"
         assert await db.fetchval("t.app", "SELECT current_setting('application_name')") == (
             "ck-test"
         )

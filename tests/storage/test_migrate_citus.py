@@ -33,6 +33,13 @@ def test_the_shipped_citus_part_is_attached_to_012_and_not_checksummed() -> None
     assert found[13].citus
     assert found[15].citus
     assert found[16].citus_ready  # an empty part: it runs on Citus unchanged
+    assert found[21].citus_ready  # an empty part, its up part all plain-only
+    assert found[21].citus_up == ()
+    # 023: the thread tables of 015 distributed by room; PostgreSQL keeps 015's shape.
+    part = "\n".join(s.sql for s in found[23].citus)
+    for table in ("threads", "thread_followers", "message_mentions"):
+        assert f"create_distributed_table('{table}', 'room_id', colocate_with => 'rooms')" in part
+    assert "CREATE TABLE" not in "\n".join(s.sql for s in found[23].up)
     assert (DEFAULT_MIGRATIONS_DIR / "citus" / "012_distribute.sql").is_file()
 
 
@@ -140,6 +147,15 @@ def test_013_skips_its_policies_on_citus() -> None:
     assert "ALTER POLICY" not in on_citus
     assert "CREATE FUNCTION chatkeep_history" in on_citus
     assert "CREATE OR REPLACE FUNCTION chatkeep_history" in on_citus
+
+
+def test_017_adds_its_history_functions_on_plain_postgresql_only() -> None:
+    # Citus keeps 015's chatkeep_history in a transaction acting as the user (fetch_as).
+    found = {m.version: m for m in load_migrations()}
+    plain = "\n".join(s.sql for s in found[17].up_on(citus=False))
+    assert "CREATE FUNCTION chatkeep_history_page" in plain
+    assert "CREATE FUNCTION chatkeep_history_around" in plain
+    assert found[17].up_on(citus=True) == ()
 
 
 @pytest.mark.parametrize(

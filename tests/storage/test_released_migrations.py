@@ -51,9 +51,29 @@ RELEASED: Final[dict[int, tuple[str, str]]] = {
         "message_search",
         "71eef86872240c769741e740eae6e4b3cbcd9fa81bfde442283d8a015e87ff9e",
     ),
+    17: (
+        "history_reads_without_replanning",
+        "e1537d6a2b922c59d894dc38f73878be1c90fbc75505692942a0eb9bc8516614",
+    ),
     18: (
         "write_flows_in_one_round_trip",
         "40a18dd5ac7e3743eb50f2d5c5c459d18127571ae5a42cff2d12fa3ed42f8b3e",
+    ),
+    20: (
+        "stored_badge_counters",
+        "d33550bdfd6afbc03d1ea31e3503302fbc729140793bb8e8bae35a2a572bdf30",
+    ),
+    21: (
+        "mention_notices_and_collapsed_index",
+        "a0f7dcf0020a2c8e7804e1df2d68b8450d31ae8f75d83776897453e88d499a85",
+    ),
+    22: (
+        "membership_flows_in_one_round_trip",
+        "9b967987e43fda4dda84d9894f33341433d361eda8d716fe977f0cc7f5dc4400",
+    ),
+    23: (
+        "threads_on_citus",
+        "9e58ff6d393f361de4d6c2dde95f842eddcfef81e646b871ce0583d297f4fe47",
     ),
 }
 

@@ -208,7 +208,7 @@ async def test_reads_go_to_the_replica_and_answer_as_the_primary(
         assert dict(unread) == {world.room: 1}
         assert replica_transactions(chat, "messages.history") == 1
         assert replica_transactions(chat, "rooms.rooms_of") == 1
-        assert replica_transactions(chat, "facade.unread_counts") == 1
+        assert replica_transactions(chat, "messages.unread_counts") == 1
         assert replicas_of(chat).reads["replica"] == 3
         # The same reads on the primary alone give the same answers.
         async with facade(settings(replica_urls="")) as plain:

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
+from chatkeep.errors import InvalidInput, NotFound, PermissionDenied, Unavailable
 from chatkeep.models import CreateMessageDto, CreateRoomDto, UpdateRoomDto
 from chatkeep.storage import Database, MessageRepository, RoomRepository
 
@@ -245,3 +245,56 @@ async def test_room_list_is_one_query(
     db.reset_stats()
     assert len(await rooms.rooms_of(user.id)) == 10
     assert sum(s.calls for s in db.stats.values()) == 1
+
+
+async def test_sends_racing_membership_changes_in_transactions_never_deadlock(
+    rooms: RoomRepository,
+    messages: MessageRepository,
+    make_user: MakeUser,
+    make_room: MakeRoom,
+) -> None:
+    # The transaction path (Citus, system work, a caller's own block): it locks the room
+    # row before any membership row too, as a send does. Before, a member sending while
+    # an owner changed their role or removed them deadlocked (40P01, an Unavailable).
+    owner = await make_user()
+    members = [await make_user() for _ in range(4)]
+    room = await make_room(owner, *members)
+    unavailable: list[Unavailable] = []
+    sent = 0
+    stop = asyncio.Event()
+
+    async def send(user: uuid.UUID) -> None:
+        nonlocal sent
+        while not stop.is_set():
+            try:
+                await messages.send(CreateMessageDto(room_id=room.id, user_id=user, content="hi"))
+                sent += 1
+            except Unavailable as exc:
+                unavailable.append(exc)
+            except (PermissionDenied, NotFound):
+                pass  # removed a moment ago
+
+    async def churn(user: uuid.UUID) -> None:
+        for _ in range(4):
+            for step in (
+                lambda: rooms.change_role(room.id, user, "admin", by=owner.id),
+                lambda: rooms.change_role(room.id, user, "member"),
+                lambda: rooms.remove_member(room.id, user, by=owner.id),
+                lambda: rooms.add_member(room.id, user, by=owner.id),
+            ):
+                try:
+                    await step()
+                except Unavailable as exc:
+                    unavailable.append(exc)
+                except (PermissionDenied, NotFound):
+                    pass  # a step after one that failed (not a member any more, say)
+
+    senders = [asyncio.create_task(send(u.id)) for u in [owner, *members]]
+    try:
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(churn(u.id) for u in members))
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+    assert sent > 0
+    assert unavailable == []

@@ -70,6 +70,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool, str]]] = {
         ("joined_at", TIMESTAMPTZ, True, "now()"),
         ("last_read_at", TIMESTAMPTZ, False, ""),
         ("last_read_seq", "bigint", True, "0"),
+        ("unread_mentions", "bigint", True, "0"),
     ],
     "message_read_status": [
         ("message_id", "uuid", True, ""),
@@ -343,7 +344,7 @@ async def test_deleting_a_user_cascades_to_everything_of_theirs(tx: asyncpg.Conn
         (
             "room_users_user_id_idx",
             "room_users",
-            "btree (user_id, room_id) INCLUDE (role, last_read_seq)",
+            "btree (user_id, room_id) INCLUDE (role, last_read_seq, unread_mentions)",
         ),
         ("message_read_status_user_id_idx", "message_read_status", "btree (user_id)"),
         ("room_changes_occurred_at_idx", "room_changes", "USING brin (occurred_at)"),

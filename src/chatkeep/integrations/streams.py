@@ -40,6 +40,9 @@ Its items:
 * ``{"kind": "gap"}``: events may have been missed (messages are caught up; edits,
   deletions and the rest are not, so a client re-reads what it shows).
 
+The outbox relay's notice (``ChangesAvailable``: a writer committed but never published)
+is not sent on: it makes the stream read the room's new messages from PostgreSQL.
+
 The stream ends when the user leaves (or is removed from) the room.
 
 It is built on :meth:`ChatKeep.subscribe <chatkeep.ChatKeep.subscribe>` and
@@ -57,7 +60,7 @@ from pydantic import TypeAdapter
 
 from chatkeep.facade import ChatKeep
 from chatkeep.models import Change, MessageWithUser
-from chatkeep.realtime import MemberLeft, MessageCreated, RoomGap
+from chatkeep.realtime import ChangesAvailable, MemberLeft, MessageCreated, RoomGap
 from chatkeep.stream import RoomClosed, RoomReset, StreamItem
 
 __all__ = ["change_item", "changes_stream", "room_stream"]
@@ -138,6 +141,8 @@ async def room_stream(
                     continue  # already sent from PostgreSQL
             elif isinstance(event, RoomGap):
                 yield {"kind": "gap"}
+            elif isinstance(event, ChangesAvailable):
+                pass  # the outbox relay: a writer's changes were never published; read them
             else:
                 yield {"kind": "event", "event": event.model_dump(mode="json")}
                 if isinstance(event, MemberLeft) and event.user_id == user_id:

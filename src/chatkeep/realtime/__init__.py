@@ -52,6 +52,7 @@ from chatkeep.realtime.events import (
     TypingChanged,
     decode_event,
     encode_event,
+    event_of_change,
 )
 from chatkeep.realtime.keys import KeySpace
 from chatkeep.realtime.presence import Heartbeat, OfflineHandler, OfflineUser, Presence
@@ -124,5 +125,6 @@ __all__ = [
     "UserProfileCache",
     "decode_event",
     "encode_event",
+    "event_of_change",
     "translate_error",
 ]

@@ -37,12 +37,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Annotated, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self
 from uuid import UUID, uuid4
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from chatkeep.errors import InvalidInput
+from chatkeep.models import Change
 from chatkeep.realtime.client import RedisClient
 from chatkeep.realtime.keys import validate_collection, validate_id
 from chatkeep.realtime.pubsub import ChannelSubscription, PubSubMessage, SubscriptionGap
@@ -71,6 +72,7 @@ __all__ = [
     "TypingChanged",
     "decode_event",
     "encode_event",
+    "event_of_change",
 ]
 
 logger = logging.getLogger("chatkeep.realtime.events")
@@ -82,10 +84,26 @@ WIRE_VERSION: Final = 1
 PUBLISHED_MARK_TTL_MS: Final = 7 * 24 * 3600 * 1000
 """How long a room's published mark outlives its last publish with a position (7 days)."""
 
-# The mark is a sorted set with one member, so ZADD GT raises it and never lowers it: a
-# plain command in the publish's pipeline (a script there would cost a SCRIPT EXISTS
-# round trip on every execute).
+# The mark is a sorted set with one member, so ZADD GT raises it and never lowers it (on a
+# cluster a plain command in the publish's pipeline: a script in a pipeline would cost a
+# SCRIPT EXISTS round trip on every execute; on one server, see _PUBLISH_MANY).
 _MARK_MEMBER: Final = "published"
+
+# publish_many on one server, in one command (a pipeline packed three commands per room
+# and event). KEYS: the rooms' published marks. ARGV: the mark's member, its TTL in ms,
+# one position per key, then channel and data of each event. Marks first, as there.
+_PUBLISH_MANY: Final = """
+local n = #KEYS
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], 'GT', ARGV[2 + i], ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+end
+local out = {}
+for j = n + 3, #ARGV, 2 do
+  out[#out + 1] = redis.call('PUBLISH', ARGV[j], ARGV[j + 1])
+end
+return out
+"""
 
 
 def _now() -> datetime:
@@ -138,6 +156,14 @@ class MessageCreated(RoomEvent):
     body: str | None = None
     #: The root of the thread the message replies to, or ``None``.
     reply_to: UUID | None = None
+    #: The members the message mentions (sorted; members only: a name that is no
+    #: member's is never resolved, so never revealed). A receiver badges with it without
+    #: re-reading: ``user_id in mentions or mentions_room``. Events of nodes before
+    #: migration 021, and every event on Citus (no mentions kept), carry none.
+    mentions: tuple[UUID, ...] = ()
+    #: The message mentions the whole room (``@room``, ``@here``, ``@all`` by an owner or
+    #: admin): every member but the sender.
+    mentions_room: bool = False
 
 
 class MessageEdited(RoomEvent):
@@ -315,6 +341,80 @@ class RoomGap:
     reason: GapReason
     since: float
     positions: Mapping[UUID, int] = field(default_factory=dict, hash=False)
+
+
+def event_of_change(change: Change) -> Event | None:
+    """The event a writer publishes for ``change``, built from the log alone.
+
+    A change read from the log (:meth:`chatkeep.ChatKeep.changes`, the change stream,
+    the outbox relay's read) gives the event its writer published live, field for field
+    but for ``event_id``, ``occurred_at`` (the change's own time here) and ``origin``: a
+    ``message.created`` carries the message's body, ``reply_to`` and mentions as the log
+    shows them. ``None`` for a change no event stands for (``room.deleted``, or a
+    deletion by nobody, as a cascade of a deleted user's account makes).
+
+    Raises:
+        InvalidInput: ``change`` is not a :class:`~chatkeep.models.Change`.
+    """
+    if not isinstance(change, Change):
+        raise InvalidInput("change", "must be a chatkeep.models.Change")
+    data = change.data
+    common: dict[str, Any] = {
+        "room_id": change.room_id,
+        "position": change.position,
+        "occurred_at": change.occurred_at,
+    }
+    kind = change.kind
+    if kind == "message.created":
+        return MessageCreated(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            sender_id=data["user_id"],
+            client_msg_id=data.get("client_msg_id"),
+            body=data.get("content"),
+            reply_to=data.get("reply_to"),
+            mentions=tuple(data.get("mentions") or ()),
+            mentions_room=bool(data.get("mentions_room")),
+        )
+    if kind == "message.edited":
+        return MessageEdited(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            editor_id=change.actor_id or data["user_id"],
+            body=data.get("content"),
+        )
+    if kind == "message.deleted":
+        if change.actor_id is None:
+            return None
+        return MessageDeleted(
+            **common, message_id=change.message_id, seq=change.seq, deleted_by=change.actor_id
+        )
+    if kind in ("reaction.added", "reaction.removed"):
+        model = ReactionAdded if kind == "reaction.added" else ReactionRemoved
+        return model(
+            **common,
+            message_id=change.message_id,
+            seq=change.seq,
+            user_id=data["user_id"],
+            emoji=data["emoji"],
+            count=data["count"],
+        )
+    if kind == "member.joined":
+        return MemberJoined(**common, user_id=data["user_id"], role=data.get("role"))
+    if kind in ("member.left", "member.removed"):
+        return MemberLeft(**common, user_id=data["user_id"])
+    if kind == "member.role_changed":
+        return MemberRoleChanged(**common, user_id=data["user_id"], role=data["role"])
+    if kind == "room.updated":
+        return RoomUpdated(
+            **common,
+            name=data["name"],
+            description=data.get("description"),
+            is_active=data.get("is_active", True),
+        )
+    return None
 
 
 def _check_event(event: object) -> Event:
@@ -521,6 +621,7 @@ class EventBus:
     def __init__(self, client: RedisClient, *, node_id: str | None = None) -> None:
         self._client = client
         self._node = validate_id(node_id, "node_id") if node_id is not None else None
+        self._publish_script = client.script(_PUBLISH_MANY)
         # Optional observer of every event and gap its subscriptions hand out (metrics).
         self.on_receive: Callable[[Event | RoomGap], None] | None = None
 
@@ -613,6 +714,16 @@ class EventBus:
         for event in checked:
             if event.position is not None:
                 marks[event.room_id] = max(event.position, marks.get(event.room_id, 0))
+        if not self._client.cluster:
+            # One script call: one command to pack, run atomically (marks first, as below).
+            args: list[str | int | bytes] = [_MARK_MEMBER, PUBLISHED_MARK_TTL_MS]
+            args += marks.values()
+            for channel, data in encoded:
+                args += (channel, data)
+            keys = [self._client.keys.room_published(room) for room in marks]
+            with self._client.guard("events.publish_many"):
+                counts: list[Any] = await self._publish_script(keys=keys, args=args)
+            return [int(n) for n in counts]
         pipe = self._client.pipeline()
         # The marks go first: a reader that subscribed, then saw a mark below a change's
         # position, is sure to receive that change's publish (the facade's stream reuses a

@@ -24,9 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final, cast
-
-from redis.asyncio.client import Pipeline
+from typing import Any, Final
 
 from chatkeep.errors import InvalidInput, RateLimited
 from chatkeep.realtime.client import RedisClient
@@ -58,6 +56,44 @@ if cost > 0 then
   redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
 end
 return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
+"""
+
+# The same for every key of KEYS in order, cost ARGV[3] each, under one TIME: a subject
+# named twice is counted twice. Returns the four numbers of each key, one flat list.
+_GCRA_MANY: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tolerance = interval * burst
+local out = {}
+local seen = {}
+for _, key in ipairs(KEYS) do
+  -- A key met again uses the exact TAT set here (its stored text is rounded).
+  local tat = seen[key] or tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval * cost
+  local allow_at = new_tat - tolerance
+  if allow_at > now then
+    local remaining = math.floor((tolerance - (tat - now)) / interval)
+    if remaining < 0 then remaining = 0 end
+    out[#out + 1] = 0
+    out[#out + 1] = remaining
+    out[#out + 1] = math.ceil(allow_at - now)
+    out[#out + 1] = math.ceil(tat - now)
+  else
+    if cost > 0 then
+      redis.call('SET', key, tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+      seen[key] = new_tat
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = math.floor((now - allow_at) / interval)
+    out[#out + 1] = 0
+    out[#out + 1] = math.ceil(new_tat - now)
+  end
+end
+return out
 """
 
 # KEYS: failures, lock, lockouts. ARGV: max failures, window ms, lockout ms, max lockout
@@ -147,6 +183,7 @@ class RateLimiter:
             if not isinstance(policy, RateLimit):
                 raise InvalidInput("policies", "values must be RateLimit objects")
         self._gcra = client.script(_GCRA)
+        self._gcra_many = client.script(_GCRA_MANY)
 
     def policy(self, action: str) -> RateLimit:
         """The configured limit of ``action``.
@@ -221,20 +258,21 @@ class RateLimiter:
             return []
         if self._client.cluster:
             return await self._check_many_on_a_cluster(subjects, action)
+        # One script call for the whole batch: one command to pack and one round trip (a
+        # pipeline of per-subject calls cost a SCRIPT EXISTS round trip more, and a
+        # command per subject).
+        keys = [self._client.keys.rate_limit(action, subject) for subject in subjects]
         args: list[str | int] = [repr(policy.emission_interval_ms), policy.effective_burst, 1]
-        # Reset on the way out: a pipeline cut off mid-execute (a timeout, Redis gone)
-        # would otherwise keep its connection until it is garbage collected.
-        async with self._client.pipeline() as pipe:
-            # One server here (a cluster took the branch above): a plain Pipeline.
-            replies = await self._run_pipeline(cast(Pipeline, pipe), subjects, action, args)
+        with self._client.guard("ratelimit.check_many"):
+            flat: list[Any] = await self._gcra_many(keys=keys, args=args)
         return [
             RateLimitResult(
-                allowed=bool(allowed),
-                remaining=int(remaining),
-                retry_after=int(retry_ms) / 1000.0,
-                reset_after=int(reset_ms) / 1000.0,
+                allowed=bool(flat[i]),
+                remaining=int(flat[i + 1]),
+                retry_after=int(flat[i + 2]) / 1000.0,
+                reset_after=int(flat[i + 3]) / 1000.0,
             )
-            for allowed, remaining, retry_ms, reset_ms in replies
+            for i in range(0, 4 * len(subjects), 4)
         ]
 
     async def _check_many_on_a_cluster(
@@ -253,21 +291,6 @@ class RateLimiter:
 
         await asyncio.gather(*(count(s, indexes) for s, indexes in places.items()))
         return [results[i] for i in range(len(subjects))]
-
-    async def _run_pipeline(
-        self,
-        pipe: Pipeline,
-        subjects: Sequence[str],
-        action: str,
-        args: list[str | int],
-    ) -> list[Any]:
-        for subject in subjects:
-            await self._gcra(
-                keys=[self._client.keys.rate_limit(action, subject)], args=args, client=pipe
-            )
-        with self._client.guard("ratelimit.check_many"):
-            replies: list[Any] = await pipe.execute()
-        return replies
 
     async def enforce(
         self, subject: str, action: str, *, limit: RateLimit | None = None, cost: int = 1

@@ -10,7 +10,8 @@ log") says why it has this shape.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from chatkeep.errors import InvalidInput, ResyncRequired
@@ -31,10 +32,11 @@ _MESSAGE_KINDS: Final = frozenset({"message.created", "message.edited"})
 # to the room's shard; correlated on r.id, Citus 13.2's planner crashed on it). Messages
 # are joined as they are now (the log keeps no content): created/edited changes of a
 # message deleted since come back without it and are dropped by the caller, as the
-# message's tombstone follows them.
-CHANGES: Final = """
+# message's tombstone follows them. {data} is the change's data, with the message's
+# mentions (migration 021; not on Citus, where mentions are not kept).
+_CHANGES: Final = """
 SELECT h.head, h.oldest,
-       c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, c.data,
+       c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, {data} AS data,
        m.id AS m_id, m.user_id AS m_user_id, m.content AS m_content, m.type AS m_type,
        m.client_msg_id AS m_client_msg_id, m.is_edited AS m_is_edited,
        m.edited_at AS m_edited_at, m.created_at AS m_created_at, m.reply_to AS m_reply_to
@@ -52,7 +54,25 @@ SELECT h.head, h.oldest,
         AND c.kind IN ('message.created', 'message.edited')
  ORDER BY c.position
 """
+# A message's mentions as it is now (members only: 015 records nobody else), merged into
+# the data of its created/edited change as migration 021's chatkeep_changes does. Only a
+# message with an '@' can mention anyone, and CASE runs the subquery for those alone (a
+# lateral join cost every row of the page its aggregate: 25% more for 1,000 changes).
+_MENTIONS_DATA: Final = """CASE WHEN strpos(m.content, '@') > 0 THEN c.data || coalesce(
+            (SELECT jsonb_build_object(
+                        'mentions', coalesce(jsonb_agg(mm.user_id ORDER BY mm.user_id)
+                                             FILTER (WHERE mm.user_id IS NOT NULL), '[]'),
+                        'mentions_room', bool_or(mm.user_id IS NULL))
+               FROM message_mentions mm WHERE mm.message_id = m.id HAVING count(*) > 0),
+            '{}') ELSE c.data END"""
+CHANGES: Final = _CHANGES.format(data=_MENTIONS_DATA)
+CHANGES_CITUS: Final = _CHANGES.format(data="c.data")
 POSITION: Final = "SELECT position FROM rooms WHERE id = $1"
+# The outbox relay's system read of every room's log (012, with reply_to and the mentions
+# since 021): refused acting as a user.
+RELAY_CHANGES: Final = "SELECT * FROM chatkeep_relay_changes($1, $2)"
+# The mentions of messages just sent, each read as its author (021).
+SENT_MENTIONS: Final = "SELECT * FROM chatkeep_sent_mentions($1::uuid[], $2::uuid[])"
 # The same as a user in one round trip (migration 013's flow functions).
 CHANGES_AS: Final = "SELECT * FROM chatkeep_changes($1, $2, $3, $4)"
 POSITION_AS: Final = "SELECT chatkeep_room_position($1, $2)"
@@ -93,9 +113,20 @@ def _limit(value: object) -> int:
     return value
 
 
+def mentions_of(data: Mapping[str, Any]) -> tuple[tuple[uuid.UUID, ...], bool]:
+    """The mentioned members (sorted) and the room mention flag in a log row's ``data``.
+
+    Migration 021's reads merge them into the data of message rows that mention anyone;
+    a row without them (no mention, Citus, an older read) mentions nobody.
+    """
+    users = data.get("mentions") or ()
+    return tuple(sorted(uuid.UUID(str(u)) for u in users)), bool(data.get("mentions_room"))
+
+
 def _data(row: Any, *, joined: bool = True) -> dict[str, Any]:
     # `joined`: the row carries the message as it is now (m_* columns).
     if joined and row["kind"] in _MESSAGE_KINDS:
+        mentions, room_wide = mentions_of(row["data"])
         return {
             "user_id": row["m_user_id"],
             "content": row["m_content"],
@@ -105,6 +136,8 @@ def _data(row: Any, *, joined: bool = True) -> dict[str, Any]:
             "edited_at": row["m_edited_at"],
             "created_at": row["m_created_at"],
             "reply_to": row["m_reply_to"],
+            "mentions": mentions,
+            "mentions_room": room_wide,
         }
     data: dict[str, Any] = dict(row["data"])
     if "user_id" in data:
@@ -156,7 +189,8 @@ class ChangeRepository:
         start = check_position("after", after)
         size = _limit(limit)
         if as_user is None:
-            rows = await self.db.fetch("changes.after", CHANGES, room, start, size)
+            statement = CHANGES_CITUS if self.db.settings.citus else CHANGES
+            rows = await self.db.fetch("changes.after", statement, room, start, size)
         else:
             rows = await self.db.fetch_as(
                 check_id("as_user", as_user), "changes.after", CHANGES_AS, room, start, size
@@ -189,6 +223,67 @@ class ChangeRepository:
         return ChangePage(
             room_id=room, items=items, position=head, next_after=last if last < head else None
         )
+
+    async def relay_changes(
+        self, since: datetime, *, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> list[Change]:
+        """Every room's changes logged since ``since``, oldest first: the relay's system read.
+
+        The changes are those :meth:`changes` returns (messages as they are now, with
+        ``reply_to`` and mentions; a created or edited change of a message deleted since
+        is left out), across rooms, ordered by ``occurred_at`` (the transaction's start,
+        not its commit: read with a margin). System work: call it outside any transaction
+        acting as a user, with a role that sees every room.
+
+        Raises:
+            InvalidInput: ``since`` is not an aware datetime, or ``limit`` is outside
+                1..1000.
+            PermissionDenied: called acting as a user.
+        """
+        if not isinstance(since, datetime) or since.utcoffset() is None:
+            raise InvalidInput("since", "a timezone-aware datetime")
+        size = _limit(limit)
+        rows = await self.db.fetch("changes.relay", RELAY_CHANGES, since, size)
+        found: list[Change] = []
+        for row in rows:
+            if row["kind"] in _MESSAGE_KINDS and row["m_id"] is None:
+                continue  # deleted since: its tombstone comes later in the log
+            # Citus keeps 012's form of the read, without reply_to.
+            values = {**dict(row), "m_reply_to": row.get("m_reply_to")}
+            found.append(_change(row["room_id"], values, _data(values)))
+        return found
+
+    async def sent_mentions(
+        self, sent: Sequence[tuple[uuid.UUID, uuid.UUID]]
+    ) -> dict[uuid.UUID, tuple[tuple[uuid.UUID, ...], bool]]:
+        """The mentions of messages just sent, for their ``message.created`` events.
+
+        ``sent`` holds ``(message_id, author_id)`` pairs; each message is read only as its
+        author, who must still be a member of its room. Returns, per message that
+        mentions anyone, the mentioned members (sorted) and whether it mentions the room;
+        on Citus (no mentions kept) nothing.
+
+        Raises:
+            InvalidInput: ``sent`` is not a list or tuple of pairs (at most 1000), or holds
+                a bad id.
+            PermissionDenied: called acting as a user who is not every message's author.
+        """
+        given: object = sent
+        if not isinstance(given, list | tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 for pair in given
+        ):
+            raise InvalidInput("sent", "must be a list of (message_id, author_id) pairs")
+        if len(sent) > MAX_CHANGES_LIMIT:
+            raise InvalidInput("sent", f"at most {MAX_CHANGES_LIMIT} messages")
+        ids = [check_id("message_id", m) for m, _ in sent]
+        authors = [check_id("author_id", a) for _, a in sent]
+        if self.db.settings.citus or not sent:
+            return {}
+        rows = await self.db.fetch("changes.sent_mentions", SENT_MENTIONS, ids, authors)
+        return {
+            row["message_id"]: (tuple(sorted(row["mentions"])), bool(row["mentions_room"]))
+            for row in rows
+        }
 
     async def position(self, room_id: uuid.UUID, *, as_user: uuid.UUID | None = None) -> int:
         """The room's current position (0 for a room that never changed).

@@ -335,6 +335,12 @@ class Database:
         server_settings["statement_timeout"] = str(statement_ms)
         # A transaction left open by a crashed task must not hold row locks forever.
         server_settings["idle_in_transaction_session_timeout"] = str(max(statement_ms * 2, 60_000))
+        # No JIT: chatkeep's statements are short, and the planner's cost of a branch it
+        # will never run (the send's retry look-up with a NULL client_msg_id, estimated as
+        # a scan of every message under row security) crossed jit_above_cost and made
+        # PostgreSQL compile ~100 functions for a 2 ms send: 0.7-1.8 s a call. A session
+        # that wants JIT for a report may still SET jit = on.
+        server_settings["jit"] = "off"
         options["server_settings"] = server_settings
         options.update(
             min_size=self._min_size,

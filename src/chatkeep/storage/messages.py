@@ -213,6 +213,12 @@ SEQ_OF: Final = "SELECT room_id, seq FROM messages WHERE id = $1"
 # acting user set for its own statement, ascending seq. before: (seq, n, 0); after:
 # (seq + 1, 0, n); around: (seq, n, n).
 HISTORY_AS: Final = "SELECT * FROM chatkeep_history($1, $2, $3, $4, $5)"
+# On PostgreSQL (not Citus), migration 017's forms of it: the same page planned once per
+# session (015's replanned every call), rows only for a member of the room; and the page
+# around a message id, its seq read in the same call. No row from either: an empty page, a
+# non-member, or (around) a message not in the room.
+HISTORY_PAGE_AS: Final = "SELECT * FROM chatkeep_history_page($1, $2, $3, $4, $5)"
+HISTORY_AROUND_ID_AS: Final = "SELECT * FROM chatkeep_history_around($1, $2, $3, $4, $5)"
 
 # The watermark moves forward only (GREATEST), never past the room's newest message, and
 # last_read_at changes only when it moves. rooms is read, not locked: marking read never
@@ -282,6 +288,12 @@ SELECT ru.room_id, GREATEST(r.last_seq - ru.last_read_seq, 0) AS unread
   FROM room_users ru
   JOIN rooms r ON r.id = ru.room_id
  WHERE ru.user_id = $1
+"""
+# The same as the acting user in one round trip, with each room's badge (migration 020:
+# chatkeep_unread sets the user for its own statement, then reads chatkeep_badges, which
+# reads only that user's memberships and the stored mention counters).
+UNREAD_AS: Final = """
+SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_unread($1)
 """
 
 # -- cursors ------------------------------------------------------------------------------
@@ -471,9 +483,6 @@ class MessageRepository(BaseRepository[Message]):
     async def _send_citus(
         self, dto: CreateMessageDto, args: tuple[object, ...]
     ) -> tuple[Message, int | None]:
-        if dto.reply_to is not None:
-            # 015's threads are not distributed yet: its Citus part refuses replies too.
-            raise InvalidInput("reply_to", "threads are not available on Citus yet")
         async with self.db.transaction("messages.send"):
             if dto.client_msg_id is not None:
                 first = await self.db.fetchrow(
@@ -490,7 +499,18 @@ class MessageRepository(BaseRepository[Message]):
             )
             if found is None or not found["member"] or not found["is_active"]:
                 await self._why_not_sent(dto.room_id, dto.user_id)
-            row = await self.db.fetchrow("messages.send", SEND_INSERT_CITUS, *args)
+            try:
+                row = await self.db.fetchrow("messages.send", SEND_INSERT_CITUS, *args)
+            except NotFound as exc:
+                # Citus relays a worker's error without its constraint name: the reply's
+                # check (trigger messages_thread_root, migration 023) is named here again,
+                # as PostgreSQL names it, for the facade's reply_to error.
+                if dto.reply_to is None or "reply_to:" not in str(exc.__cause__):
+                    raise
+                raise NotFound(
+                    "messages.send: a referenced row does not exist (messages_reply_to_fkey)",
+                    entity="messages",
+                ) from exc
             assert row is not None  # noqa: S101 - an INSERT ... VALUES returns its row
             await self.db.execute(
                 "messages.send_seen",
@@ -621,9 +641,11 @@ class MessageRepository(BaseRepository[Message]):
         half the page older than it, the rest from it on).
 
         ``as_user``: read as that user in one round trip, outside any transaction (the
-        flow function of migration 013, :meth:`Database.fetch_as`); ``None`` reads in the
-        caller's transaction, as whoever it acts as. An ``around`` message id costs a
-        second statement, so that case opens a transaction acting as the user.
+        flow functions of migrations 013 and 017, :meth:`Database.fetch_as`); ``None``
+        reads in the caller's transaction, as whoever it acts as. On PostgreSQL a page read
+        ``as_user`` holds rows only if that user is a member of the room (whatever the
+        role connected), and an ``around`` message id is one round trip too; on Citus
+        (``Settings.citus``) the around case opens a transaction acting as the user.
 
         Raises:
             InvalidInput: more than one position, a bad cursor (malformed, tampered with,
@@ -651,7 +673,7 @@ class MessageRepository(BaseRepository[Message]):
         if after_seq is not None:
             return await self._after(room, _seq("after_seq", after_seq), size, acting)
         if around is not None:
-            if acting is not None and isinstance(around, uuid.UUID):
+            if acting is not None and isinstance(around, uuid.UUID) and self.db.settings.citus:
                 async with self.db.acting_as(acting, "messages.history_around"):
                     return await self._around(room, around, size, None)
             return await self._around(room, around, size, acting)
@@ -664,7 +686,7 @@ class MessageRepository(BaseRepository[Message]):
             rows = await self.db.fetch("messages.history", HISTORY_BEFORE, room, seq, size + 1)
         else:  # ascending from the function: newest first, as HISTORY_BEFORE gives them
             found = await self.db.fetch_as(
-                acting, "messages.history", HISTORY_AS, room, seq, size + 1, 0
+                acting, "messages.history", self._history_as, room, seq, size + 1, 0
             )
             rows = found[::-1]
         more = len(rows) > size
@@ -691,7 +713,7 @@ class MessageRepository(BaseRepository[Message]):
             rows = []
         else:
             rows = await self.db.fetch_as(
-                acting, "messages.history_after", HISTORY_AS, room, seq + 1, 0, size + 1
+                acting, "messages.history_after", self._history_as, room, seq + 1, 0, size + 1
             )
         more = len(rows) > size
         items = _messages(rows[:size] if more else rows)
@@ -709,6 +731,22 @@ class MessageRepository(BaseRepository[Message]):
     async def _around(
         self, room: uuid.UUID, anchor: int | uuid.UUID, size: int, acting: uuid.UUID | None
     ) -> CursorPage[MessageWithUser]:
+        if isinstance(anchor, uuid.UUID) and acting is not None:
+            # One round trip: the anchor's seq is read in the function (Citus never gets
+            # here with a user: history() opened a transaction for it).
+            rows = await self.db.fetch_as(
+                acting,
+                "messages.history_around",
+                HISTORY_AROUND_ID_AS,
+                room,
+                anchor,
+                size + 1,
+                size + 1,
+            )
+            at = next((row["seq"] for row in rows if row["id"] == anchor), None)
+            if at is None:
+                raise NotFound(f"message {anchor} is not in room {room}", entity="message")
+            return _around_page(room, at, size, rows)
         if isinstance(anchor, uuid.UUID):
             found = await self.db.fetchrow("messages.seq_of", SEQ_OF, anchor)
             if found is None or found["room_id"] != room:
@@ -716,36 +754,20 @@ class MessageRepository(BaseRepository[Message]):
             seq: int = found["seq"]
         else:
             seq = _seq("around", anchor)
-        # Half the page on each side of the anchor; a short side lends its room to the
-        # other, so a page near either end of the room is still full.
         if acting is None:
             rows = await self.db.fetch(
                 "messages.history_around", HISTORY_AROUND, room, seq, size + 1, size + 1
             )
         else:
             rows = await self.db.fetch_as(
-                acting, "messages.history_around", HISTORY_AS, room, seq, size + 1, size + 1
+                acting, "messages.history_around", self._history_as, room, seq, size + 1, size + 1
             )
-        # UNION ALL keeps branch order in practice; SQL does not promise it, so sort.
-        rows = sorted(rows, key=lambda row: row["seq"])
-        split = sum(1 for row in rows if row["seq"] < seq)
-        found_older, found_newer = split, len(rows) - split
-        take_older = min(found_older, size // 2)
-        take_newer = min(found_newer, size - take_older)
-        take_older = min(found_older, size - take_newer)
-        more_before = found_older > take_older
-        more_after = found_newer > take_newer
-        kept = rows[split - take_older : split + take_newer]
-        items = _messages(kept)
-        if not items:
-            return CursorPage(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
-        first, last = items[0].seq, items[-1].seq
-        return CursorPage(
-            items=items,
-            before=encode_cursor(room, first, "before") if more_before else None,
-            after=encode_cursor(room, last, "after") if more_after else None,
-            newest=encode_cursor(room, last, "after"),
-        )
+        return _around_page(room, seq, size, rows)
+
+    @property
+    def _history_as(self) -> str:
+        # 017's function on PostgreSQL; 015's on Citus, where 017 made none.
+        return HISTORY_AS if self.db.settings.citus else HISTORY_PAGE_AS
 
     # -- read state -----------------------------------------------------------------------
 
@@ -830,17 +852,32 @@ class MessageRepository(BaseRepository[Message]):
             await self._require("message", key)
         return [MessageReadStatus._from_row(row) for row in rows]
 
-    async def unread_counts(self, user_id: uuid.UUID) -> UnreadCounts:
+    async def unread_counts(
+        self, user_id: uuid.UUID, *, as_user: uuid.UUID | None = None
+    ) -> UnreadCounts:
         """Unread messages per room for every room of the user, in one round trip.
 
         Returns a read-only ``Mapping[UUID, int]`` over the rows (see
-        :class:`~chatkeep.models.UnreadCounts`).
+        :class:`~chatkeep.models.UnreadCounts`). ``as_user`` (it must be ``user_id``): as
+        that user in one statement outside any transaction, with each room's badge
+        (``chatkeep_unread``, migration 020); on Citus the plain subtraction, acting as
+        the user.
 
         Raises:
             NotFound: no such user.
+            InvalidInput: a bad id, or ``as_user`` is someone else.
         """
         user = check_id("user_id", user_id)
-        rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user reads only their own unread counts")
+            if self.db.settings.citus:
+                async with self.db.acting_as(user, "messages.unread_counts"):
+                    rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
+            else:
+                rows = await self.db.fetch_as(user, "messages.unread_counts", UNREAD_AS)
+        else:
+            rows = await self.db.fetch("messages.unread_counts", UNREAD_COUNTS, user)
         if not rows:
             await self._require("user", user)
         return UnreadCounts(rows)
@@ -857,6 +894,34 @@ def _reactions(emoji: list[str], counts: list[int], mine: list[bool]) -> Iterato
 _SET_MESSAGE: Final = _dict_setter(MessageWithUser)
 _SET_PROFILE: Final = _dict_setter(UserProfile)
 _SET_REACTION: Final = _dict_setter(ReactionCount)
+
+
+def _around_page(
+    room: uuid.UUID, seq: int, size: int, rows: Sequence[Any]
+) -> CursorPage[MessageWithUser]:
+    """The page around ``seq`` from up to ``size + 1`` rows on each side of it."""
+    # UNION ALL keeps branch order in practice; SQL does not promise it, so sort.
+    rows = sorted(rows, key=lambda row: row["seq"])
+    split = sum(1 for row in rows if row["seq"] < seq)
+    found_older, found_newer = split, len(rows) - split
+    # Half the page on each side of the anchor; a short side lends its room to the
+    # other, so a page near either end of the room is still full.
+    take_older = min(found_older, size // 2)
+    take_newer = min(found_newer, size - take_older)
+    take_older = min(found_older, size - take_newer)
+    more_before = found_older > take_older
+    more_after = found_newer > take_newer
+    kept = rows[split - take_older : split + take_newer]
+    items = _messages(kept)
+    if not items:
+        return CursorPage(items=(), newest=encode_cursor(room, max(seq - 1, 0), "after"))
+    first, last = items[0].seq, items[-1].seq
+    return CursorPage(
+        items=items,
+        before=encode_cursor(room, first, "before") if more_before else None,
+        after=encode_cursor(room, last, "after") if more_after else None,
+        newest=encode_cursor(room, last, "after"),
+    )
 
 
 def _messages(rows: Any) -> tuple[MessageWithUser, ...]:

@@ -2,7 +2,7 @@
 
 Races are settled by the database: a room and its owner are one transaction; direct rooms
 are get-or-create on the unique pair; joins are ``ON CONFLICT DO NOTHING``; role changes
-and departures lock the room's owner rows (and the actor's and target's) in one
+and departures lock the room row, then its owner rows (and the actor's and target's), in one
 transaction before deciding, so two owners leaving at once cannot leave a room ownerless.
 """
 
@@ -13,7 +13,7 @@ import hashlib
 import uuid
 from typing import Any, ClassVar, Final, get_args
 
-from chatkeep.errors import InvalidInput, NotFound, PermissionDenied
+from chatkeep.errors import ChatkeepError, InvalidInput, NotFound, PermissionDenied
 from chatkeep.ids import uuid7
 from chatkeep.models import (
     CreateRoomDto,
@@ -39,6 +39,7 @@ ROOM_COLUMNS: Final = (
 )
 _R_COLUMNS: Final = ", ".join(f"r.{c.strip()}" for c in ROOM_COLUMNS.split(","))
 MEMBER_COLUMNS: Final = "room_id, user_id, role, joined_at, last_read_at, last_read_seq"
+_MEMBER_KEYS: Final = tuple(c.strip() for c in MEMBER_COLUMNS.split(","))
 
 # A room and its first members are two statements in one transaction, not one statement:
 # row security decides each membership by looking at the room, and a policy cannot see a
@@ -80,6 +81,16 @@ SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_user_low = $1 AND direct_user_high
 """
 
 ROOM_FOR_MEMBERSHIP: Final = "SELECT type, is_active FROM rooms WHERE id = $1"
+# Every membership change takes the room row's lock before any membership row's: a send
+# locks the room row (its seq trigger) and then the sender's membership row (its
+# watermark), and a change's own log entry locks the room row after its membership rows,
+# so without this a member sending while being removed or demoted (or an owner sending
+# while someone else is) could deadlock. FOR NO KEY UPDATE is the lock the send and the
+# change log's UPDATE take (foreign key checks, FOR KEY SHARE, do not wait for it). Row
+# security filters it by rooms' update policy too (public rooms and the user's rooms):
+# where that hides a visible room, the actor is not a member and the change is refused
+# before anything is written, so nothing is left unordered.
+LOCK_ROOM: Final = "SELECT 1 FROM rooms WHERE id = $1 FOR NO KEY UPDATE"
 JOIN: Final = f"""
 INSERT INTO room_users (room_id, user_id, role) VALUES ($1, $2, $3)
 ON CONFLICT (room_id, user_id) DO NOTHING
@@ -102,6 +113,34 @@ SET_ROLE: Final = f"""
 UPDATE room_users SET role = $3 WHERE room_id = $1 AND user_id = $2
 RETURNING {MEMBER_COLUMNS}
 """
+
+# The membership flows as the acting user in one round trip, the room row locked first
+# (migration 022): each makes the decisions of the method it stands for and answers a
+# refusal as an outcome (_REFUSALS), not an error.
+JOIN_AS: Final = "SELECT * FROM chatkeep_join($1, $2, $3, $4)"
+REMOVE_MEMBER_AS: Final = "SELECT * FROM chatkeep_remove_member($1, $2, $3)"
+CHANGE_ROLE_AS: Final = "SELECT * FROM chatkeep_change_role($1, $2, $3, $4)"
+LAST_POSITION: Final = "SELECT nullif(current_setting('chatkeep.position', true), '')::bigint"
+DIRECT_ROOM: Final = "direct rooms have fixed members"
+# What each flow said for each refusal before it was one function (the same text).
+_REFUSALS: Final[dict[str, dict[str, str]]] = {
+    "join": {
+        "archived": "the room is archived",
+        "self_join": "only public rooms can be joined, as a member",
+        "not_manager": "only owners and admins may add members",
+        "owner_only": "only owners may add admins or owners",
+    },
+    "remove": {
+        "not_manager": "only owners and admins may remove members",
+        "rank": "only owners may remove admins or owners; admins remove members",
+        "last_owner": "the last owner cannot leave; make another owner first",
+    },
+    "change_role": {
+        "not_manager": "only owners and admins may change roles",
+        "owner_only": "only owners may grant or revoke ownership",
+        "last_owner": "the last owner cannot be demoted; make another first",
+    },
+}
 
 MEMBERS: Final = f"""
 SELECT {_R_COLUMNS},
@@ -278,11 +317,7 @@ class RoomRepository(BaseRepository[Room]):
         actor = None if by is None else check_id("by", by)
         _check_role(role)
         async with self.db.transaction("rooms.add_member"):
-            found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
-            if found is None:
-                raise not_found("room", room)
-            if found["type"] == "direct":
-                raise InvalidInput("room_id", "direct rooms have fixed members")
+            found = await self._room_for_membership(room)
             if actor is not None:
                 if not found["is_active"]:
                     raise PermissionDenied("the room is archived")
@@ -377,14 +412,130 @@ class RoomRepository(BaseRepository[Room]):
             raise NotFound(f"user {user} is not a member of room {room}", entity="member")
         return RoomUser._from_row(row)
 
-    async def _lock_roles(
-        self, room: uuid.UUID, user: uuid.UUID, actor: uuid.UUID | None
-    ) -> tuple[dict[uuid.UUID, str], int]:
+    # -- the membership flows in one round trip (migration 022) -------------------------
+
+    async def join_as(
+        self,
+        room_id: uuid.UUID,
+        user_id: uuid.UUID,
+        *,
+        role: RoomRole = "member",
+        by: uuid.UUID,
+    ) -> tuple[RoomUser, int | None]:
+        """:meth:`add_member` as ``by``, in one round trip, with its change's position.
+
+        The position of the ``member.joined`` entry it logged (``None`` when ``user_id``
+        was a member already). Outside a transaction it commits on its own; inside one,
+        that transaction must act as ``by``. On Citus: a transaction acting as ``by``
+        around :meth:`add_member` (a function's acting user never reaches the workers).
+
+        Raises:
+            NotFound: the room or the user does not exist (as :meth:`add_member`).
+            PermissionDenied: ``by`` may not add this member with this role.
+            InvalidInput: as :meth:`add_member`, or the task's transaction acts as someone
+                else.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = check_id("by", by)
+        _check_role(role)
+        if self.db.settings.citus:
+            async with self.db.acting_as(actor, "rooms.join"):
+                member = await self.add_member(room, user, role=role, by=actor)
+                return member, await self._last_position()
+        row = await self.db.fetchrow_as(actor, "rooms.join", JOIN_AS, room, user, role)
+        done = self._refused("join", row, room, user)
+        return RoomUser._from_row({k: done[k] for k in _MEMBER_KEYS}), done["position"]
+
+    async def remove_member_as(
+        self, room_id: uuid.UUID, user_id: uuid.UUID, *, by: uuid.UUID
+    ) -> tuple[bool, int | None]:
+        """:meth:`remove_member` as ``by``, in one round trip, with its change's position.
+
+        Returns:
+            ``(False, None)`` if ``user_id`` was not a member; else ``True`` and the
+            position of the ``member.left``/``member.removed`` entry it logged.
+
+        Raises:
+            PermissionDenied: ``by`` may not remove this member, or it is the last owner.
+            NotFound: the room does not exist (or ``by`` cannot see it).
+            InvalidInput: a direct room, a bad id, or the task's transaction acts as
+                someone else.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = check_id("by", by)
+        if self.db.settings.citus:
+            async with self.db.acting_as(actor, "rooms.remove_member"):
+                if not await self.remove_member(room, user, by=actor):
+                    return False, None
+                return True, await self._last_position()
+        row = await self.db.fetchrow_as(actor, "rooms.remove_member", REMOVE_MEMBER_AS, room, user)
+        if row is not None and row["outcome"] == "not_member":
+            return False, None
+        done = self._refused("remove", row, room, user)
+        return True, done["position"]
+
+    async def change_role_as(
+        self, room_id: uuid.UUID, user_id: uuid.UUID, role: RoomRole, *, by: uuid.UUID
+    ) -> tuple[RoomUser, int | None]:
+        """:meth:`change_role` as ``by``, in one round trip, with its change's position.
+
+        Raises:
+            NotFound: the user is not a member (or the room does not exist).
+            PermissionDenied: ``by`` may not make this change, or it would leave no owner.
+            InvalidInput: unknown role, a direct room, a bad id, or the task's transaction
+                acts as someone else.
+        """
+        room = check_id("room_id", room_id)
+        user = check_id("user_id", user_id)
+        actor = check_id("by", by)
+        _check_role(role)
+        if self.db.settings.citus:
+            async with self.db.acting_as(actor, "rooms.change_role"):
+                member = await self.change_role(room, user, role, by=actor)
+                return member, await self._last_position()
+        row = await self.db.fetchrow_as(
+            actor, "rooms.change_role", CHANGE_ROLE_AS, room, user, role
+        )
+        done = self._refused("change_role", row, room, user)
+        return RoomUser._from_row({k: done[k] for k in _MEMBER_KEYS}), done["position"]
+
+    @staticmethod
+    def _refused(flow: str, row: Any, room: uuid.UUID, user: uuid.UUID) -> Any:
+        """``row`` if it was done; else raise what ``flow`` raised before for its refusal."""
+        outcome = None if row is None else row["outcome"]
+        if outcome in ("done", "existing"):
+            return row
+        if outcome == "no_room":
+            raise not_found("room", room)
+        if outcome == "direct":
+            raise InvalidInput("room_id", DIRECT_ROOM)
+        if outcome == "not_member":
+            raise NotFound(f"user {user} is not a member of room {room}", entity="member")
+        text = _REFUSALS[flow].get(str(outcome))
+        if text is None:  # pragma: no cover - the functions answer only the outcomes above
+            raise ChatkeepError(f"rooms.{flow}: unexpected outcome {outcome!r}")
+        raise PermissionDenied(text)
+
+    async def _last_position(self) -> int | None:
+        value = await self.db.fetchval("changes.last_position", LAST_POSITION)
+        return None if value is None else int(value)
+
+    async def _room_for_membership(self, room: uuid.UUID) -> Any:
+        """The room's type and state, its row locked first (LOCK_ROOM); in a transaction."""
         found = await self.db.fetchrow("rooms.room_for_membership", ROOM_FOR_MEMBERSHIP, room)
         if found is None:
             raise not_found("room", room)
         if found["type"] == "direct":
-            raise InvalidInput("room_id", "direct rooms have fixed members")
+            raise InvalidInput("room_id", DIRECT_ROOM)
+        await self.db.execute("rooms.lock_room", LOCK_ROOM, room)
+        return found
+
+    async def _lock_roles(
+        self, room: uuid.UUID, user: uuid.UUID, actor: uuid.UUID | None
+    ) -> tuple[dict[uuid.UUID, str], int]:
+        await self._room_for_membership(room)
         ids = [user] if actor is None else [user, actor]
         rows = await self.db.fetch("rooms.lock_roles", LOCK_ROLES, room, ids)
         roles = {row["user_id"]: row["role"] for row in rows}

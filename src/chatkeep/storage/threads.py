@@ -56,19 +56,24 @@ SELECT coalesce(m.reply_to, m.id) AS root_id, m.room_id FROM messages m WHERE m.
 
 
 # Thread pages: keyset over the (reply_to, seq) index, like room history over (room_id,
-# seq): the cost of a page does not depend on its depth.
-def _thread_page(where: str, order: str) -> str:
+# seq): the cost of a page does not depend on its depth. A page names its room as $1, the
+# first parameter as in room history (the authors' reactions read `r.room_id = $1`: with
+# the root's id there, a thread page showed no reactions), and the root after the limits;
+# on Citus (migration 023) every table of the statement is then on the room's shard, a
+# single-shard router query. The room comes from the root's look-up
+# (ThreadRepository.root_of).
+def _thread_page(where: str, order: str, root: str) -> str:
     return (
         f"SELECT {MESSAGE_COLUMNS} FROM messages"
-        f" WHERE reply_to = $1 AND {where} ORDER BY seq {order}"
+        f" WHERE room_id = $1 AND reply_to = {root} AND {where} ORDER BY seq {order}"
     )
 
 
-THREAD_BEFORE: Final = _with_authors(f"{_thread_page('seq < $2', 'DESC')} LIMIT $3", "DESC")
-THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC')} LIMIT $3", "ASC")
+THREAD_BEFORE: Final = _with_authors(f"{_thread_page('seq < $2', 'DESC', '$4')} LIMIT $3", "DESC")
+THREAD_AFTER: Final = _with_authors(f"{_thread_page('seq > $2', 'ASC', '$4')} LIMIT $3", "ASC")
 THREAD_AROUND: Final = _with_authors(
-    f"({_thread_page('seq < $2', 'DESC')} LIMIT $3)"
-    f" UNION ALL ({_thread_page('seq >= $2', 'ASC')} LIMIT $4)",
+    f"({_thread_page('seq < $2', 'DESC', '$5')} LIMIT $3)"
+    f" UNION ALL ({_thread_page('seq >= $2', 'ASC', '$5')} LIMIT $4)",
     "ASC",
 )
 
@@ -84,13 +89,16 @@ def _collapsed_page(where: str, order: str) -> str:
     )
 
 
-def _with_summaries(rows: str, order: str) -> str:
+def _with_summaries(rows: str, order: str, *, citus: bool = False) -> str:
+    # On Citus the join names the room as the parameter too (docs/design.md, "Citus mode",
+    # rule 5), so the page stays on one shard.
+    room = "t.room_id = $1 AND " if citus else ""
     return f"""
 SELECT p.*, t.root_seq AS t_root_seq, t.reply_count AS t_reply_count,
        t.last_reply_seq AS t_last_reply_seq, t.last_reply_at AS t_last_reply_at,
        t.participants AS t_participants
   FROM ({rows}) AS p
-  LEFT JOIN threads t ON t.root_id = p.id
+  LEFT JOIN threads t ON {room}t.root_id = p.id
  ORDER BY p.seq {order}
 """
 
@@ -110,11 +118,30 @@ COLLAPSED_AROUND: Final = _with_summaries(
     "ASC",
 )
 
+COLLAPSED_BEFORE_CITUS: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq < $2', 'DESC')} LIMIT $3", "DESC"), "DESC", citus=True
+)
+COLLAPSED_AFTER_CITUS: Final = _with_summaries(
+    _with_authors(f"{_collapsed_page('seq > $2', 'ASC')} LIMIT $3", "ASC"), "ASC", citus=True
+)
+COLLAPSED_AROUND_CITUS: Final = _with_summaries(
+    _with_authors(
+        f"({_collapsed_page('seq < $2', 'DESC')} LIMIT $3)"
+        f" UNION ALL ({_collapsed_page('seq >= $2', 'ASC')} LIMIT $4)",
+        "ASC",
+    ),
+    "ASC",
+    citus=True,
+)
+
 _SUMMARY_COLUMNS: Final = (
     "t.root_id, t.room_id, t.root_seq, t.reply_count, t.last_reply_seq, t.last_reply_at,"
     " t.participants"
 )
 SUMMARY: Final = f"SELECT {_SUMMARY_COLUMNS} FROM threads t WHERE t.root_id = $1"
+SUMMARY_CITUS: Final = (
+    f"SELECT {_SUMMARY_COLUMNS} FROM threads t WHERE t.room_id = $2 AND t.root_id = $1"
+)
 
 # A room's threads, latest reply first; last_reply_seq is unique in a room (it is the seq
 # of one message), so it is the whole keyset.
@@ -138,6 +165,27 @@ SELECT {_SUMMARY_COLUMNS}, f.last_read_seq,
            AND mm.seq > f.last_read_seq) AS mentions
   FROM thread_followers f
   JOIN threads t ON t.root_id = f.root_id
+ WHERE f.user_id = $1 AND f.following
+   AND ($2::uuid IS NULL OR f.room_id = $2)
+   AND ($3::timestamptz IS NULL OR (t.last_reply_at, t.root_id) < ($3, $4::uuid))
+ ORDER BY t.last_reply_at DESC, t.root_id DESC
+ LIMIT $5
+"""
+
+# On Citus every correlation names the room too, so the join of the user's followed
+# threads is pushed down to each shard (a colocated join); the unread count is capped
+# with LEAST, since Citus does not push down a correlated subquery with a LIMIT (the
+# count then reads all of a thread's unread replies, on the (reply_to, seq) index).
+FOLLOWED_CITUS: Final = f"""
+SELECT {_SUMMARY_COLUMNS}, f.last_read_seq,
+       LEAST((SELECT count(*) FROM messages m
+               WHERE m.room_id = t.room_id AND m.reply_to = t.root_id
+                 AND m.seq > f.last_read_seq), {UNREAD_CAP}) AS unread,
+       (SELECT count(*) FROM message_mentions mm
+         WHERE mm.room_id = t.room_id AND mm.root_id = t.root_id AND mm.user_id = $1
+           AND mm.seq > f.last_read_seq) AS mentions
+  FROM thread_followers f
+  JOIN threads t ON t.room_id = f.room_id AND t.root_id = f.root_id
  WHERE f.user_id = $1 AND f.following
    AND ($2::uuid IS NULL OR f.room_id = $2)
    AND ($3::timestamptz IS NULL OR (t.last_reply_at, t.root_id) < ($3, $4::uuid))
@@ -185,6 +233,28 @@ SELECT EXISTS (SELECT 1 FROM changed) AS found
 # Both as the user in one round trip (migration 018's flow functions: the statements above).
 MARK_THREAD_READ_AS: Final = "SELECT chatkeep_mark_thread_read($1, $2)"
 FOLLOW_AS: Final = "SELECT chatkeep_follow_thread($1, $2, $3)"
+# On Citus a data-modifying CTE is planned in several distributed steps, and a follower
+# row names its room (written by the application): the root and room are looked up first
+# (ROOT_OF), then the thread's last reply (LAST_REPLY_CITUS), then one single-shard upsert.
+LAST_REPLY_CITUS: Final = (
+    "SELECT t.last_reply_seq FROM threads t WHERE t.room_id = $1 AND t.root_id = $2"
+)
+MARK_THREAD_READ_CITUS: Final = """
+INSERT INTO thread_followers AS f
+       (room_id, root_id, user_id, following, last_read_seq, last_read_at)
+VALUES ($1, $2, $3, false, $4, now())
+ON CONFLICT (room_id, root_id, user_id) DO UPDATE
+   SET last_read_seq = GREATEST(f.last_read_seq, EXCLUDED.last_read_seq),
+       last_read_at = CASE WHEN EXCLUDED.last_read_seq > f.last_read_seq
+                           THEN EXCLUDED.last_read_at ELSE f.last_read_at END
+RETURNING f.last_read_seq
+"""
+FOLLOW_CITUS: Final = """
+INSERT INTO thread_followers AS f
+       (room_id, root_id, user_id, following, last_read_seq, last_read_at)
+VALUES ($1, $2, $3, $4, $5, now())
+ON CONFLICT (room_id, root_id, user_id) DO UPDATE SET following = EXCLUDED.following
+"""
 
 # The mentions inbox, newest first by message id (time-ordered), keyset on it: the user's
 # own mentions from their index, and room mentions (by someone else) of each of their
@@ -212,8 +282,36 @@ ORDER BY message_id DESC
 LIMIT $3
 """
 
+# On Citus the room mentions are a colocated join of the user's memberships with the
+# room mentions (pushed down to every shard, each shard's newest first), not a LATERAL
+# with a LIMIT per room, which Citus does not push down.
+MENTIONS_CITUS: Final = """
+SELECT message_id, room_id, seq, root_id, author_id, room_wide FROM (
+    (SELECT mm.message_id, mm.room_id, mm.seq, mm.root_id, mm.author_id, false AS room_wide
+       FROM message_mentions mm
+      WHERE mm.user_id = $1 AND ($2::uuid IS NULL OR mm.message_id < $2)
+      ORDER BY mm.message_id DESC
+      LIMIT $3)
+    UNION ALL
+    (SELECT mm.message_id, mm.room_id, mm.seq, mm.root_id, mm.author_id, true
+       FROM room_users ru
+       JOIN message_mentions mm ON mm.room_id = ru.room_id
+      WHERE ru.user_id = $1 AND mm.user_id IS NULL AND mm.author_id <> $1
+        AND ($2::uuid IS NULL OR mm.message_id < $2)
+      ORDER BY mm.message_id DESC
+      LIMIT $3)
+) AS both_kinds
+ORDER BY message_id DESC
+LIMIT $3
+"""
+
 BADGES: Final = """
 SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_badges($1)
+"""
+# The same in one round trip, outside any transaction: chatkeep_unread (migration 020)
+# acts as $1 for its own statement (MessageRepository.unread_counts reads it too).
+BADGES_AS: Final = """
+SELECT room_id, unread, mentions, unread_threads, thread_mentions FROM chatkeep_unread($1)
 """
 
 
@@ -253,9 +351,16 @@ def _with_thread(rows: Any) -> tuple[MessageWithUser, ...]:
 # The history statement's columns (_messages unpacks exactly these).
 _HISTORY_WIDTH: Final = len(MESSAGE_COLUMNS.split(",")) + 5
 
-_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
 _COLLAPSED_PAGES: Final = _Pages(
     "threads.collapsed_history", COLLAPSED_BEFORE, COLLAPSED_AFTER, COLLAPSED_AROUND, _with_thread
+)
+_THREAD_PAGES: Final = _Pages("threads.page", THREAD_BEFORE, THREAD_AFTER, THREAD_AROUND, _messages)
+_COLLAPSED_PAGES_CITUS: Final = _Pages(
+    "threads.collapsed_history",
+    COLLAPSED_BEFORE_CITUS,
+    COLLAPSED_AFTER_CITUS,
+    COLLAPSED_AROUND_CITUS,
+    _with_thread,
 )
 
 
@@ -270,27 +375,49 @@ async def _paged(
     size: int,
     *,
     other: str,
+    lead: uuid.UUID | None = None,
+    tail: tuple[object, ...] = (),
 ) -> CursorPage[MessageWithUser]:
+    # The statements take `lead` as $1 (the cursor's key unless given: the room of a
+    # thread on Citus), then the seq and limits, then `tail`.
+    args = _Args(key if lead is None else lead, tail)
     if decoded is not None:
         cursor_key, seq, direction = decoded
         if cursor_key != key:
             raise InvalidInput("cursor", other)
         if direction == "before":
-            return await _before(db, pages, key, seq, size, newest=False)
-        return await _after(db, pages, key, seq, size)
+            return await _before(db, pages, key, seq, size, newest=False, args=args)
+        return await _after(db, pages, key, seq, size, args=args)
     if before_seq is not None:
-        return await _before(db, pages, key, _seq("before_seq", before_seq), size, newest=False)
+        return await _before(
+            db, pages, key, _seq("before_seq", before_seq), size, newest=False, args=args
+        )
     if after_seq is not None:
-        return await _after(db, pages, key, _seq("after_seq", after_seq), size)
+        return await _after(db, pages, key, _seq("after_seq", after_seq), size, args=args)
     if around is not None:
-        return await _around(db, pages, key, _seq("around", around), size)
-    return await _before(db, pages, key, _MAX_SEQ, size, newest=True)
+        return await _around(db, pages, key, _seq("around", around), size, args=args)
+    return await _before(db, pages, key, _MAX_SEQ, size, newest=True, args=args)
+
+
+@dataclass(frozen=True)
+class _Args:
+    """A page statement's first parameter and those after its seq and limits."""
+
+    lead: uuid.UUID
+    tail: tuple[object, ...]
 
 
 async def _before(
-    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int, *, newest: bool
+    db: Database,
+    pages: _Pages,
+    key: uuid.UUID,
+    seq: int,
+    size: int,
+    *,
+    newest: bool,
+    args: _Args,
 ) -> CursorPage[MessageWithUser]:
-    rows = await db.fetch(pages.name, pages.before, key, seq, size + 1)
+    rows = await db.fetch(pages.name, pages.before, args.lead, seq, size + 1, *args.tail)
     more = len(rows) > size
     items = pages.items(rows[size - 1 :: -1] if more else rows[::-1])
     if not items:
@@ -305,9 +432,9 @@ async def _before(
 
 
 async def _after(
-    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int, *, args: _Args
 ) -> CursorPage[MessageWithUser]:
-    rows = await db.fetch(f"{pages.name}_after", pages.after, key, seq, size + 1)
+    rows = await db.fetch(f"{pages.name}_after", pages.after, args.lead, seq, size + 1, *args.tail)
     more = len(rows) > size
     items = pages.items(rows[:size] if more else rows)
     if not items:
@@ -322,9 +449,11 @@ async def _after(
 
 
 async def _around(
-    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int
+    db: Database, pages: _Pages, key: uuid.UUID, seq: int, size: int, *, args: _Args
 ) -> CursorPage[MessageWithUser]:
-    rows = await db.fetch(f"{pages.name}_around", pages.around, key, seq, size + 1, size + 1)
+    rows = await db.fetch(
+        f"{pages.name}_around", pages.around, args.lead, seq, size + 1, size + 1, *args.tail
+    )
     rows = sorted(rows, key=lambda row: row["seq"])
     split = sum(1 for row in rows if row["seq"] < seq)
     found_older, found_newer = split, len(rows) - split
@@ -386,14 +515,24 @@ class ThreadRepository:
             raise not_found("message", key)
         return row["root_id"], row["room_id"]
 
+    async def _last_reply(self, key: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID, int]:
+        # Citus: the thread's root, its room and its last reply seq (0 with no replies),
+        # for an upsert that names the room (FOLLOW_CITUS, MARK_THREAD_READ_CITUS).
+        root, room = await self.root_of(key)
+        seq = await self.db.fetchval("threads.last_reply", LAST_REPLY_CITUS, room, root)
+        return root, room, 0 if seq is None else int(seq)
+
     async def summary(self, root_message_id: uuid.UUID) -> ThreadSummary | None:
         """The thread's summary, or ``None`` while it has never had a reply.
 
         Raises:
             NotFound: no such message, or one the user cannot see.
         """
-        root, _ = await self.root_of(root_message_id)
-        row = await self.db.fetchrow("threads.summary", SUMMARY, root)
+        root, room = await self.root_of(root_message_id)
+        if self.db.settings.citus:
+            row = await self.db.fetchrow("threads.summary", SUMMARY_CITUS, root, room)
+        else:
+            row = await self.db.fetchrow("threads.summary", SUMMARY, root)
         return None if row is None else _summary(row)
 
     async def page(
@@ -424,7 +563,7 @@ class ThreadRepository:
                 "cursor", "give at most one of cursor, before_seq, after_seq, around"
             )
         decoded = None if cursor is None else decode_cursor(cursor)
-        root, _ = await self.root_of(root_message_id)
+        root, room = await self.root_of(root_message_id)
         return await _paged(
             self.db,
             _THREAD_PAGES,
@@ -435,6 +574,8 @@ class ThreadRepository:
             around,
             size,
             other="belongs to another thread",
+            lead=room,
+            tail=(root,),
         )
 
     async def collapsed_history(
@@ -465,7 +606,7 @@ class ThreadRepository:
         decoded = None if cursor is None else decode_cursor(cursor)
         return await _paged(
             self.db,
-            _COLLAPSED_PAGES,
+            _COLLAPSED_PAGES_CITUS if self.db.settings.citus else _COLLAPSED_PAGES,
             room,
             decoded,
             before_seq,
@@ -517,7 +658,8 @@ class ThreadRepository:
         size = _list_size(limit)
         at: datetime | None = None if before is None else before.last_reply_at
         after_root = None if before is None else before.root_id
-        rows = await self.db.fetch("threads.followed", FOLLOWED, user, room, at, after_root, size)
+        query = FOLLOWED_CITUS if self.db.settings.citus else FOLLOWED
+        rows = await self.db.fetch("threads.followed", query, user, room, at, after_root, size)
         return [
             FollowedThread._adopt(
                 {
@@ -551,6 +693,12 @@ class ThreadRepository:
             refuse_on_citus(self.db, "threads.mark_read(as_user=)", "threads.mark_read")
             row = await self.db.fetchrow_as(user, "threads.mark_read", MARK_THREAD_READ_AS, key)
             value = None if row is None else row[0]
+        elif self.db.settings.citus:
+            root, room, seq = await self._last_reply(key)
+            value = await self.db.fetchval(
+                "threads.mark_read", MARK_THREAD_READ_CITUS, room, root, user, seq
+            )
+            return int(value)
         else:
             value = await self.db.fetchval("threads.mark_read", MARK_THREAD_READ, key, user)
         if value is None:
@@ -583,6 +731,10 @@ class ThreadRepository:
             refuse_on_citus(self.db, "threads.follow(as_user=)", "threads.follow")
             row = await self.db.fetchrow_as(user, "threads.follow", FOLLOW_AS, key, following)
             found = None if row is None else row[0]
+        elif self.db.settings.citus:
+            root, room, seq = await self._last_reply(key)
+            await self.db.execute("threads.follow", FOLLOW_CITUS, room, root, user, following, seq)
+            return
         else:
             found = await self.db.fetchval("threads.follow", FOLLOW, key, user, following)
         if not found:
@@ -605,19 +757,29 @@ class ThreadRepository:
         user = check_id("user_id", user_id)
         older = None if before is None else check_id("before", before)
         size = _list_size(limit)
-        rows = await self.db.fetch("threads.mentions", MENTIONS, user, older, size)
+        query = MENTIONS_CITUS if self.db.settings.citus else MENTIONS
+        rows = await self.db.fetch("threads.mentions", query, user, older, size)
         return [Mention._from_row(row) for row in rows]
 
-    async def badges(self, user_id: uuid.UUID) -> dict[uuid.UUID, RoomBadges]:
+    async def badges(
+        self, user_id: uuid.UUID, *, as_user: uuid.UUID | None = None
+    ) -> dict[uuid.UUID, RoomBadges]:
         """Per room of the acting user: unread, mentions, unread threads, thread mentions.
 
         One statement (``chatkeep_badges``), for the acting user, who must be
-        ``user_id``. Empty for a user in no room (or no such user).
+        ``user_id``. Empty for a user in no room (or no such user). ``as_user`` (it must
+        be ``user_id``): as that user in one round trip, outside any transaction
+        (``chatkeep_unread``, migration 020).
 
         Raises:
-            InvalidInput: a bad id.
+            InvalidInput: a bad id, or ``as_user`` is someone else.
             PermissionDenied: ``user_id`` is not the acting user.
         """
         user = check_id("user_id", user_id)
-        rows = await self.db.fetch("threads.badges", BADGES, user)
+        if as_user is not None:
+            if check_id("as_user", as_user) != user:
+                raise InvalidInput("as_user", "a user reads only their own badges")
+            rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
+        else:
+            rows = await self.db.fetch("threads.badges", BADGES, user)
         return {row["room_id"]: RoomBadges._from_row(row) for row in rows}
