@@ -38,9 +38,9 @@ from chatkeep.storage.threads import (
     MENTIONS_CITUS,
     ROOM_THREADS,
     SUMMARY_CITUS,
-    THREAD_AFTER_CITUS,
-    THREAD_AROUND_CITUS,
-    THREAD_BEFORE_CITUS,
+    THREAD_AFTER,
+    THREAD_AROUND,
+    THREAD_BEFORE,
 )
 from chatkeep.testing import url_as
 
@@ -373,11 +373,9 @@ async def test_thread_statements_are_single_shard_router_queries(
     conn = await asyncpg.connect(url_as(citus_database, "chatapp_app"))
     try:
         plans = {
-            "thread page": await _plan(conn, w.bob, THREAD_BEFORE_CITUS, room, 100, 51, root.id),
-            "thread page after": await _plan(conn, w.bob, THREAD_AFTER_CITUS, room, 0, 51, root.id),
-            "thread page around": await _plan(
-                conn, w.bob, THREAD_AROUND_CITUS, room, 3, 26, 26, root.id
-            ),
+            "thread page": await _plan(conn, w.bob, THREAD_BEFORE, room, 100, 51, root.id),
+            "thread page after": await _plan(conn, w.bob, THREAD_AFTER, room, 0, 51, root.id),
+            "thread page around": await _plan(conn, w.bob, THREAD_AROUND, room, 3, 26, 26, root.id),
             "collapsed history": await _plan(conn, w.bob, COLLAPSED_BEFORE_CITUS, room, 100, 51),
             "collapsed around": await _plan(conn, w.bob, COLLAPSED_AROUND_CITUS, room, 3, 26, 26),
             "summary": await _plan(conn, w.bob, SUMMARY_CITUS, root.id, room),
