@@ -1476,7 +1476,9 @@ class ChatKeep:
             room = check_id("room_id", room_id)
             user = check_id("user_id", user_id)
             flow.about(room_id=room, user_id=user)
-            with flow.as_user(user, hide="room"):
+            # A write: the user's next reads (unread counts, badges) must see it, so it
+            # leaves the read-your-writes mark as every other write does.
+            with flow.writing_as(user, hide="room"):
                 watermark = await self.messages.mark_read(room, user, seq, as_user=user)
             flow.publish(MessagesRead(room_id=room, user_id=user, last_read_seq=watermark))
         return watermark

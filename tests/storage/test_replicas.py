@@ -286,6 +286,42 @@ async def test_the_fence_is_what_keeps_a_writer_off_a_replica_that_lacks_the_wri
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_unread_right_after_mark_read_is_read_from_the_primary(
+    settings: Callable[..., Settings], pair: Pair, redis_url: str
+) -> None:
+    # mark_read is a write: bob's unread counts right after it must not come from a
+    # replica that lacks it (replay paused, within the lag bound). Another process that
+    # shares the fence through Redis asks the primary too.
+    lax = {"replica_max_lag": 60.0}
+    async with (
+        facade(settings(**lax)) as chat,
+        Database(settings(**lax)) as db,
+        RedisClient(redis_url) as redis,
+    ):
+        other = ChatKeep(db, redis, bcrypt_rounds=ROUNDS)
+        world = await make_world(chat)
+        await chat.send_message(world.room, world.alice.id, "second")
+        for each in (chat, other):
+            await until_fresh(each)
+        # bob's last write (the join) is on the replica: it serves him, two unread.
+        assert dict(await chat.unread_counts(world.bob.id)) == {world.room: 2}
+        assert replica_transactions(chat, "messages.unread_counts") == 1
+        await as_superuser(pair.standby, "SELECT pg_wal_replay_pause()")
+        try:
+            assert await chat.mark_read(world.room, world.bob.id) == 2
+            assert (await chat.unread_counts(world.bob.id)).get(world.room, 0) == 0
+            badges = await chat.badges(world.bob.id)
+            assert badges.get(world.room) is None or badges[world.room].unread == 0
+            assert replica_transactions(chat, "messages.unread_counts") == 1
+            assert replicas_of(chat).fallbacks["own_write"] >= 2
+            elsewhere = await other.unread_counts(world.bob.id)
+            assert elsewhere.get(world.room, 0) == 0
+            assert replicas_of(other).fallbacks["own_write"] == 1
+        finally:
+            await as_superuser(pair.standby, "SELECT pg_wal_replay_resume()")
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_lagging_replica_is_bypassed_and_used_again_once_resumed(
     settings: Callable[..., Settings], pair: Pair
 ) -> None:
