@@ -383,8 +383,11 @@ async def rate(op: Op, concurrency: int, seconds: float, latencies: list[float])
         progressed.clear()
         await asyncio.sleep(seconds)
         # A loaded machine may finish no call in a short window: wait for the first one
-        # rather than report a rate of zero (and divide by it).
-        await progressed.wait()
+        # rather than report a rate of zero (and divide by it). A worker that failed
+        # already (in the warm-up, say) set the event before it was cleared: do not wait
+        # for it (that waited forever); the error is raised below.
+        if not any(task.done() for task in tasks):
+            await progressed.wait()
         done = sum(counts) - before
         elapsed = time.perf_counter() - start
     finally:
