@@ -9,13 +9,17 @@ flow's own statement.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from redis.asyncio.connection import AbstractConnection
 
 from chatkeep import (
     ChatKeep,
@@ -27,7 +31,15 @@ from chatkeep import (
     Settings,
     User,
 )
-from chatkeep.realtime import RedisClient
+from chatkeep.realtime import (
+    EventSubscription,
+    MemberJoined,
+    MemberLeft,
+    MemberRoleChanged,
+    PresenceChanged,
+    RedisClient,
+    TypingChanged,
+)
 from chatkeep.storage import Database
 
 ROUNDS = 10
@@ -85,6 +97,13 @@ async def setup(
             yield Setup(chat, log, alice, bob, carol, room.id, public.id)
         finally:
             await client.aclose()
+
+
+async def next_event(sub: EventSubscription, within: float = 5.0) -> object:
+    async with asyncio.timeout(within):
+        item = await sub.get()
+    assert item is not None, "subscription closed"
+    return item
 
 
 def only_statement(log: Logged, function: str) -> None:
@@ -417,3 +436,75 @@ async def test_membership_flows_are_one_round_trip_and_keep_their_errors(setup: 
     async with chat.acting_as(bob.id):
         with pytest.raises(InvalidInput, match="user_id"):
             await chat.rooms.join_as(setup.public, carol.id, by=carol.id)
+
+
+@dataclass
+class RedisTrips:
+    """Guarded Redis operations, and the requests written to Redis, since ``clear``."""
+
+    operations: list[str]
+    sends: int = 0
+
+    def clear(self) -> None:
+        self.operations.clear()
+        self.sends = 0
+
+
+async def test_membership_flows_do_their_redis_work_in_one_round_trip(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 12: after the one SQL round trip, the member-cache invalidation, the event
+    # (and for a leave the presence and typing clean-up) travel in one pipeline.
+    chat, carol = setup.chat, setup.carol
+    room = setup.public
+    sub = await chat.subscribe(room)
+    trips = RedisTrips([])
+    send = AbstractConnection.send_packed_command
+
+    async def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        trips.sends += 1
+        await send(self, command, check_health)
+
+    def timer(operation: str) -> contextlib.AbstractContextManager[object]:
+        trips.operations.append(operation)
+        return contextlib.nullcontext()
+
+    try:
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+        chat.redis.command_timer = timer
+
+        trips.clear()
+        await chat.join(room, carol.id)
+        assert (trips.operations, trips.sends) == (["facade.after_commit"], 1)
+        assert isinstance(await next_event(sub), MemberJoined)
+        assert await chat.members.is_member(room, carol.id)  # cached again: the join was seen
+
+        trips.clear()
+        await chat.change_role(room, carol.id, "admin", by=setup.alice.id)
+        assert (trips.operations, trips.sends) == (["facade.after_commit"], 1)
+        changed = await next_event(sub)
+        assert isinstance(changed, MemberRoleChanged)
+        assert changed.role == "admin"
+
+        await chat.connect_socket(carol.id, "carol-1", rooms=[room])
+        await chat.set_typing(room, carol.id)
+        assert carol.id in await chat.presence.in_room(room)
+        assert carol.id in await chat.typing.typers(room)
+        assert await chat.members.is_member(room, carol.id)  # cached
+        trips.clear()
+        assert await chat.leave(room, carol.id) is True
+        assert (trips.operations, trips.sends) == (["facade.after_commit"], 1)
+        assert carol.id not in await chat.presence.in_room(room)
+        assert carol.id not in await chat.typing.typers(room)
+        assert not await chat.members.is_member(room, carol.id)  # the cached set was dropped
+        seen = [await next_event(sub) for _ in range(3)]
+        assert [type(e) for e in seen] == [PresenceChanged, TypingChanged, MemberLeft]
+        left = seen[2]
+        assert isinstance(left, MemberLeft)
+        assert left.user_id == carol.id
+        # The published mark moved with the event, as publish_many moves it.
+        assert left.position is not None
+        assert await chat.events.published(room) == left.position
+    finally:
+        chat.redis.command_timer = None
+        await sub.aclose()

@@ -321,7 +321,9 @@ class _Flow:
         "_chat",
         "_cleanups",
         "_events",
+        "_left_rooms",
         "_member_rooms",
+        "_one_round_trip",
         "_profiles",
         "_user_named",
         "name",
@@ -344,6 +346,11 @@ class _Flow:
         self._member_rooms: list[uuid.UUID] = []
         self._profiles: list[uuid.UUID] = []
         self._cleanups: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        # (room, user) whose presence and typing indicator go (a leave), in the pipeline.
+        self._left_rooms: list[tuple[uuid.UUID, uuid.UUID]] = []
+        # Whether the member invalidations, room clean-ups and events travel in one
+        # pipeline (see one_round_trip).
+        self._one_round_trip = False
 
     @contextlib.asynccontextmanager
     async def acting_as(
@@ -447,22 +454,50 @@ class _Flow:
         """Run ``work`` (Redis-only state) after the commit; its failure is only logged."""
         self._cleanups.append((operation, work))
 
+    def left_room(self, room_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Drop ``user_id``'s presence and typing indicator in ``room_id`` after the commit."""
+        self._left_rooms.append((room_id, user_id))
+
+    def one_round_trip(self) -> None:
+        """Send the member invalidations, :meth:`left_room` clean-ups and events together.
+
+        One Redis pipeline after the commit, so one round trip on a single server (on a
+        cluster, one per node: the keys of one room share a slot). Other queued clean-ups
+        (the replica fence) still run on their own, before it.
+        """
+        self._one_round_trip = True
+
     async def after_commit(self) -> None:
         """Do the queued Redis work, invalidations first, within the best-effort budget."""
-        rooms, profiles, cleanups, events = (
+        rooms, profiles, cleanups, events, left = (
             self._member_rooms,
             self._profiles,
             self._cleanups,
             self._events,
+            self._left_rooms,
         )
-        if not (rooms or profiles or cleanups or events):
+        if not (rooms or profiles or cleanups or events or left):
             return
         # Taken, so that a flow that finishes early (before a required step) does not
         # repeat it when the block ends.
         self._member_rooms, self._profiles, self._cleanups, self._events = [], [], [], []
+        self._left_rooms = []
         chat = self._chat
         async with chat._best_effort(f"{self.name}'s cache invalidation and publish"):
+            if self._one_round_trip:
+                # The fence (if any) before the events, as below; then one pipeline.
+                for operation, work in cleanups:
+                    await chat._quietly(operation, work())
+                await chat._after_commit_together(self.name, rooms, left, events)
+                for user_id in profiles:
+                    await chat._invalidate_profile(user_id)
+                return
             await chat._invalidate_members(*rooms)
+            for room_id, user_id in left:
+                await chat._quietly(
+                    "presence.leave_room", chat.presence.leave_room(room_id, user_id)
+                )
+                await chat._quietly("typing.stop", chat.typing.stop(room_id, user_id))
             for user_id in profiles:
                 await chat._invalidate_profile(user_id)
             for operation, work in cleanups:
@@ -864,6 +899,51 @@ class ChatKeep:
                 len(room_ids),
                 extra={"rooms": len(room_ids)},
             )
+
+    async def _after_commit_together(
+        self,
+        flow: str,
+        rooms: Sequence[uuid.UUID],
+        left: Sequence[tuple[uuid.UUID, uuid.UUID]],
+        events: Sequence[Event],
+    ) -> None:
+        """Invalidate ``rooms``, drop the ``left`` presences and typing, publish ``events``.
+
+        In that order, in one pipeline: one round trip on a single server. A failure is
+        logged (and counted), never raised: the change is committed.
+        """
+        if not (rooms or left or events):
+            return
+        keys = self.redis.keys
+        pipe = self.redis.pipeline()
+        self.members.queue_invalidate(pipe, *rooms)
+        for room_id, user_id in left:
+            pipe.zrem(keys.room_presence(room_id), str(user_id))
+            pipe.zrem(keys.typing(room_id), str(user_id))
+        counts = self.events.queue_publish(pipe, events)
+        try:
+            with self.redis.guard("facade.after_commit"):
+                results = await pipe.execute()
+        except ChatkeepError as exc:
+            if rooms:
+                self.members.invalidated(exc)
+            # Entries expire with their TTL, presence with its timeout, typing with its
+            # TTL; subscribers see a gap and catch up by position.
+            logger.warning(
+                "%s's Redis work after the commit skipped (%d room(s) invalidated, "
+                "%d event(s)): %s",
+                flow,
+                len(rooms),
+                len(events),
+                exc,
+                extra={"rooms": len(rooms), "events": len(events)},
+            )
+            return
+        if rooms:
+            self.members.invalidated(None)
+        if self.metrics is not None:
+            for count in results[counts]:
+                self.metrics.published(int(count))
 
     async def _invalidate_profile(self, user_id: uuid.UUID) -> None:
         if not await self.profiles.invalidate(user_id):
@@ -1943,6 +2023,7 @@ class ChatKeep:
             # One round trip as the actor (migration 022), the room row locked first.
             with flow.as_user(actor, hide="room"), self._writing(actor, flow):
                 member, position = await self.rooms.join_as(room, user, role=role, by=actor)
+            flow.one_round_trip()
             flow.invalidate_members(room)
             flow.publish(
                 MemberJoined(room_id=room, user_id=user, role=member.role, position=position)
@@ -1974,9 +2055,9 @@ class ChatKeep:
                 removed, position = await self.rooms.remove_member_as(room, user, by=actor)
             if not removed:
                 return False
+            flow.one_round_trip()
             flow.invalidate_members(room)
-            flow.clean_up("presence.leave_room", lambda: self.presence.leave_room(room, user))
-            flow.clean_up("typing.stop", lambda: self.typing.stop(room, user))
+            flow.left_room(room, user)
             flow.publish(MemberLeft(room_id=room, user_id=user, position=position))
         return True
 
@@ -2021,6 +2102,7 @@ class ChatKeep:
             else:
                 with flow.as_user(actor, hide="room"), self._writing(actor, flow):
                     member, position = await self.rooms.change_role_as(room, user, role, by=actor)
+            flow.one_round_trip()
             flow.invalidate_members(room)
             flow.publish(
                 MemberRoleChanged(room_id=room, user_id=user, role=member.role, position=position)

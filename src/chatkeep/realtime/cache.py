@@ -31,6 +31,8 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from pydantic import TypeAdapter, ValidationError
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from chatkeep.errors import ChatkeepError, InvalidInput
 from chatkeep.realtime.client import RedisClient
@@ -743,6 +745,31 @@ class RoomMembersCache(_RedisCache):
         for room in room_ids:
             self._flights.pop(room, None)
         return await self._delete(keys)
+
+    def queue_invalidate(self, pipe: Pipeline | ClusterPipeline, *room_ids: UUID) -> None:
+        """:meth:`invalidate`, its deletions queued on ``pipe`` (sent with its other work).
+
+        Loads in flight are detached now; the caller reports the outcome of
+        ``pipe.execute()`` through :meth:`invalidated`.
+
+        Raises:
+            InvalidInput: an id is not a UUID (named ``room_ids``, as called).
+        """
+        try:
+            keys = [self.key(room) for room in room_ids]
+        except InvalidInput as exc:
+            raise InvalidInput("room_ids", exc.rule) from None
+        for room in room_ids:
+            self._flights.pop(room, None)
+        for key in keys:
+            pipe.delete(key)
+
+    def invalidated(self, error: BaseException | None) -> None:
+        """Record how deletions queued by :meth:`queue_invalidate` went (``None``: taken)."""
+        if error is None:
+            self._recovered()
+        else:
+            self._failed("invalidate", error)
 
 
 class UserProfileCache(ReadThroughCache[T]):

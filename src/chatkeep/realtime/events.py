@@ -41,6 +41,8 @@ from typing import Annotated, Any, Final, Literal, Self
 from uuid import UUID, uuid4
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from chatkeep.errors import InvalidInput
 from chatkeep.models import Change
@@ -725,6 +727,43 @@ class EventBus:
                 counts: list[Any] = await self._publish_script(keys=keys, args=args)
             return [int(n) for n in counts]
         pipe = self._client.pipeline()
+        counts_at = self._queue(pipe, encoded, marks)
+        with self._client.guard("events.publish_many"):
+            results = await pipe.execute()
+        return [int(n) for n in results[counts_at]]
+
+    def queue_publish(self, pipe: Pipeline | ClusterPipeline, events: Iterable[Event]) -> slice:
+        """Queue the publish of ``events`` on ``pipe``, after what it already holds.
+
+        For a caller that sends other commands in the same round trip (the facade's
+        membership flows). The commands are those :meth:`publish_many` sends on a cluster
+        (the published marks first, then one publish per event), so they are not atomic
+        together; nor need they be (see :meth:`published`).
+
+        Returns:
+            Where the receiver counts (one per event) are in ``pipe.execute()``'s results.
+
+        Raises:
+            InvalidInput: ``events`` is not a collection, or one is not an event model
+                (nothing is queued then).
+        """
+        checked = [_check_event(event) for event in validate_collection(events, "events")]
+        encoded = [
+            (self._client.keys.room_events(event.room_id), encode_event(self._stamp(event)))
+            for event in checked
+        ]
+        marks: dict[UUID, int] = {}
+        for event in checked:
+            if event.position is not None:
+                marks[event.room_id] = max(event.position, marks.get(event.room_id, 0))
+        return self._queue(pipe, encoded, marks)
+
+    def _queue(
+        self,
+        pipe: Pipeline | ClusterPipeline,
+        encoded: list[tuple[str, bytes]],
+        marks: dict[UUID, int],
+    ) -> slice:
         # The marks go first: a reader that subscribed, then saw a mark below a change's
         # position, is sure to receive that change's publish (the facade's stream reuses a
         # finished read of the log on that proof).
@@ -732,11 +771,10 @@ class EventBus:
             key = self._client.keys.room_published(room)
             pipe.zadd(key, {_MARK_MEMBER: position}, gt=True)
             pipe.pexpire(key, PUBLISHED_MARK_TTL_MS)
+        start = len(pipe)
         for channel, data in encoded:
             pipe.execute_command(self._client.publish_command, channel, data)
-        with self._client.guard("events.publish_many"):
-            results = await pipe.execute()
-        return [int(n) for n in results[2 * len(marks) :]]
+        return slice(start, len(pipe))
 
     async def subscribe(self, *room_ids: UUID) -> EventSubscription:
         """Subscribe to the events of ``room_ids`` (at least one).
