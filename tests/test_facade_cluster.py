@@ -10,6 +10,7 @@ reports once it has subscribed again on the promoted replica).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -19,7 +20,15 @@ import pytest_asyncio
 
 from chatkeep import ChatKeep, ChatkeepError, CreateRoomDto, Settings
 from chatkeep.models import Change
-from chatkeep.realtime import MessageCreated, RedisClient
+from chatkeep.realtime import (
+    MemberJoined,
+    MemberLeft,
+    MemberRoleChanged,
+    MessageCreated,
+    PresenceChanged,
+    RedisClient,
+    TypingChanged,
+)
 from chatkeep.stream import RoomClosed, RoomReset
 from tests.realtime.conftest import FAST, wait_until
 from tests.servers import RedisClusterServers
@@ -63,6 +72,48 @@ async def test_a_send_reaches_a_subscriber_through_sharded_pubsub(
     assert {room: event.message_id for room, event in received.items()} == {
         room: message.id for room, message in sent.items()
     }
+
+
+async def test_membership_flows_do_their_redis_work_in_one_pipeline_on_the_cluster(
+    cluster_system: tuple[ChatKeep, str],
+) -> None:
+    # join/leave/change_role queue the member-cache deletion, leave's presence and typing
+    # clean-up and the event (published mark, SPUBLISH) on one cluster pipeline: the
+    # keys of one room share a slot, so it goes to one node.
+    chat, _ = cluster_system
+    owner, guest = await register(chat, "mowner"), await register(chat, "mguest")
+    room = (await chat.create_room(CreateRoomDto(name="members", created_by=owner))).id
+    operations: list[str] = []
+
+    def timer(operation: str) -> contextlib.AbstractContextManager[object]:
+        operations.append(operation)
+        return contextlib.nullcontext()
+
+    async with await chat.subscribe(room) as sub:
+
+        async def next_event() -> object:
+            async with asyncio.timeout(10):
+                return await sub.get()
+
+        chat.redis.command_timer = timer
+        try:
+            await chat.join(room, guest)
+            await chat.change_role(room, guest, "admin", by=owner)
+            assert operations == ["facade.after_commit"] * 2
+        finally:
+            chat.redis.command_timer = None
+        assert isinstance(await next_event(), MemberJoined)
+        assert isinstance(await next_event(), MemberRoleChanged)
+        assert await chat.members.is_member(room, guest)  # cached now
+        await chat.connect_socket(guest, "guest-1", rooms=[room])
+        await chat.set_typing(room, guest)
+        assert await chat.leave(room, guest)
+        assert guest not in await chat.presence.in_room(room)
+        assert guest not in await chat.typing.typers(room)
+        assert not await chat.members.is_member(room, guest)
+        kinds = [type(await next_event()) for _ in range(3)]
+        assert kinds == [PresenceChanged, TypingChanged, MemberLeft]
+        assert await chat.events.published(room) == await chat.room_position(room, owner)
 
 
 async def test_clients_converge_under_churn_on_the_cluster(
