@@ -508,3 +508,17 @@ async def test_membership_flows_do_their_redis_work_in_one_round_trip(
     finally:
         chat.redis.command_timer = None
         await sub.aclose()
+
+
+async def test_queueing_on_a_pipeline_checks_its_input_and_queues_nothing_bad(
+    setup: Setup,
+) -> None:
+    chat = setup.chat
+    pipe = chat.redis.pipeline()
+    with pytest.raises(InvalidInput, match="events"):
+        chat.events.queue_publish(pipe, "not events")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="event"):
+        chat.events.queue_publish(pipe, [object()])  # type: ignore[list-item]
+    with pytest.raises(InvalidInput, match="room_ids"):
+        chat.members.queue_invalidate(pipe, setup.room, "not a uuid")  # type: ignore[arg-type]
+    assert len(pipe) == 0
