@@ -776,7 +776,7 @@ class MessageRoomCache(_RedisCache):
 
     On Citus a call that names a message by its id alone (a thread) must first find the
     message's room, and a look-up without the room reads every shard.
-    :class:`chatkeep.storage.threads.ThreadRepository` asks this cache first and checks
+    The thread repository (storage, ``RoomHints``) asks this cache first and checks
     what it says by a single-shard statement under row security, so an entry grants
     nothing: a stale or forged one costs a look-up and the answer is the database's. A
     message never changes room, so nothing is invalidated: entries just age out.
