@@ -824,7 +824,8 @@ class ThreadRepository:
         One statement (``chatkeep_badges``), for the acting user, who must be
         ``user_id``. Empty for a user in no room (or no such user). ``as_user`` (it must
         be ``user_id``): as that user in one round trip, outside any transaction
-        (``chatkeep_unread``, migration 020).
+        (``chatkeep_unread``, migration 020; on Citus, which has no 020, in a transaction
+        acting as the user).
 
         Raises:
             InvalidInput: a bad id, or ``as_user`` is someone else.
@@ -834,7 +835,13 @@ class ThreadRepository:
         if as_user is not None:
             if check_id("as_user", as_user) != user:
                 raise InvalidInput("as_user", "a user reads only their own badges")
-            rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
+            if self.db.settings.citus:
+                # No chatkeep_unread on Citus (020 is plain-only): 023's chatkeep_badges,
+                # in a transaction acting as the user.
+                async with self.db.acting_as(user, "threads.badges"):
+                    rows = await self.db.fetch("threads.badges", BADGES, user)
+            else:
+                rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
         else:
             rows = await self.db.fetch("threads.badges", BADGES, user)
         return {row["room_id"]: RoomBadges._from_row(row) for row in rows}
