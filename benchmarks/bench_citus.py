@@ -6,8 +6,12 @@ row security on (each call acting as the room's owner): ``--rooms`` rooms, each 
 ``--pages`` history pages of 50 per room, then (after an untimed reply to every fifth
 message) ``--pages`` pages of 50 of one thread per room, named by its root's id as the
 facade's ``thread()`` takes it (on Citus: the root's room found on every shard, then the
-page on the room's shard; migration 023). Printed per store: sends/s, pages/s and thread
-pages/s, and the ratios Citus / single node, measured in the same run. Each pool
+page on the room's shard; migration 023). With ``--redis-url`` (issue 17), Citus then
+pages the threads again as the facade does, the roots' rooms remembered in Redis
+(``MessageRoomCache``, cold: each room's first page fills it): one shard checks the
+remembered room instead of every shard looking for it. Printed per store: sends/s,
+pages/s and thread pages/s (and, on Citus, thread pages/s with the room cache), and the
+ratios Citus / single node, measured in the same run. Each pool
 connection makes one untimed call first: on Citus a connection's first statement opens
 the coordinator's connections to the workers, which takes seconds on the test cluster.
 
@@ -24,7 +28,8 @@ Run (the machine's PostgreSQL and the test cluster of ``../shared/citus/cluster.
 
 It works in its own database on each server (``--database-name``, default
 ``chatkeep_h8_bench_citus``), made afresh each run and dropped with ``--drop``. ``--tiny``
-runs in seconds. Numbers only: no timed assertion.
+runs in seconds. ``--redis-url`` names a Redis database for the room cache (its
+``bench_citus:`` keys are deleted before and after). Numbers only: no timed assertion.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from chatkeep import urls
 from chatkeep.config import Settings
 from chatkeep.ids import uuid7
 from chatkeep.models import CreateMessageDto
+from chatkeep.realtime import MessageRoomCache, RedisClient
 from chatkeep.storage import Database, MessageRepository
 from chatkeep.storage.bootstrap import ROLES, bootstrap
 from chatkeep.storage.citus import CITUS_ROLES, prepare_citus
@@ -113,9 +119,16 @@ async def seed(url: str, rooms: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
 
 
 async def measure(
-    url: str, *, citus: bool, rooms: int, sends: int, pages: int
-) -> tuple[float, float, float]:
-    """(sends/s, pages/s, thread pages/s) on the database at ``url``, as chatapp_app."""
+    url: str,
+    *,
+    citus: bool,
+    rooms: int,
+    sends: int,
+    pages: int,
+    redis: RedisClient | None = None,
+) -> tuple[float, float, float, float | None]:
+    """(sends/s, pages/s, thread pages/s, thread pages/s with the room cache or ``None``)
+    on the database at ``url``, as chatapp_app; the last only on Citus with ``redis``."""
     pairs = await seed(url, rooms)
     settings = Settings(database_url=urls.with_user(url, "chatapp_app"), citus=citus)
     db = Database(settings, min_size=max(rooms, 2), max_size=max(rooms, 2))
@@ -176,9 +189,17 @@ async def measure(
         started = time.perf_counter()
         await asyncio.gather(*(read_threads(r, o) for r, o in pairs))
         thread_rate = rooms * pages / (time.perf_counter() - started)
+        hinted_rate = None
+        if citus and redis is not None:
+            # The facade's thread(): the roots' rooms remembered in Redis (cold: each
+            # room's first page reads every shard and fills the cache).
+            threads = ThreadRepository(db, hints=MessageRoomCache(redis))
+            started = time.perf_counter()
+            await asyncio.gather(*(read_threads(r, o) for r, o in pairs))
+            hinted_rate = rooms * pages / (time.perf_counter() - started)
     finally:
         await db.close()
-    return send_rate, page_rate, thread_rate
+    return send_rate, page_rate, thread_rate, hinted_rate
 
 
 async def main(argv: list[str]) -> int:
@@ -189,37 +210,63 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--rooms", type=int, default=16)
     parser.add_argument("--sends", type=int, default=100)
     parser.add_argument("--pages", type=int, default=100)
+    parser.add_argument("--redis-url", help="Redis for the room cache (thread pages, Citus)")
     parser.add_argument("--tiny", action="store_true", help="a few rooms and calls: seconds")
     parser.add_argument("--drop", action="store_true", help="drop the databases afterwards")
     args = parser.parse_args(argv)
     if args.tiny:
         args.rooms, args.sends, args.pages = 2, 5, 5
-    results: dict[str, tuple[float, float, float]] = {}
-    for label, server, citus in (
-        ("single node", args.database_url, False),
-        ("citus", args.citus_url, True),
-    ):
-        url = await prepare(server, args.database_name, citus=citus)
-        try:
-            results[label] = await measure(
-                url, citus=citus, rooms=args.rooms, sends=args.sends, pages=args.pages
+    redis = None
+    if args.redis_url is not None:
+        redis = RedisClient(args.redis_url, key_prefix="bench_citus")
+        await redis.__aenter__()
+    results: dict[str, tuple[float, float, float, float | None]] = {}
+    try:
+        for label, server, citus in (
+            ("single node", args.database_url, False),
+            ("citus", args.citus_url, True),
+        ):
+            url = await prepare(server, args.database_name, citus=citus)
+            try:
+                if redis is not None:
+                    await _forget(redis)
+                results[label] = await measure(
+                    url,
+                    citus=citus,
+                    rooms=args.rooms,
+                    sends=args.sends,
+                    pages=args.pages,
+                    redis=redis,
+                )
+            finally:
+                if args.drop:
+                    ports = await _worker_ports(server) if citus else []
+                    await _drop(server, args.database_name, ports)
+            sends_s, pages_s, threads_s, hinted_s = results[label]
+            print(
+                f"{label:>11}: {sends_s:8.1f} sends/s  {pages_s:8.1f} pages/s"
+                f"  {threads_s:8.1f} thread pages/s"
+                + ("" if hinted_s is None else f"  {hinted_s:8.1f} with the room cache")
             )
-        finally:
-            if args.drop:
-                ports = await _worker_ports(server) if citus else []
-                await _drop(server, args.database_name, ports)
-        sends_s, pages_s, threads_s = results[label]
-        print(
-            f"{label:>11}: {sends_s:8.1f} sends/s  {pages_s:8.1f} pages/s"
-            f"  {threads_s:8.1f} thread pages/s"
-        )
-    (s1, p1, t1), (s2, p2, t2) = results["single node"], results["citus"]
+    finally:
+        if redis is not None:
+            await _forget(redis)
+            await redis.__aexit__(None, None, None)
+    (s1, p1, t1, _), (s2, p2, t2, h2) = results["single node"], results["citus"]
     print(
         f"ratio citus/single node: sends {s2 / s1:.2f}  pages {p2 / p1:.2f}"
         f"  thread pages {t2 / t1:.2f}"
-        f"  ({args.rooms} rooms x {args.sends} sends, {args.pages} pages each)"
+        + ("" if h2 is None else f" ({h2 / t1:.2f} with the room cache)")
+        + f"  ({args.rooms} rooms x {args.sends} sends, {args.pages} pages each)"
     )
     return 0
+
+
+async def _forget(redis: RedisClient) -> None:
+    """Delete the benchmark's room cache entries (its own key prefix only)."""
+    keys = [key async for key in redis.redis.scan_iter(match="bench_citus:*", count=1000)]
+    if keys:
+        await redis.redis.delete(*keys)
 
 
 if __name__ == "__main__":

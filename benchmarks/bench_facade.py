@@ -44,7 +44,6 @@ script in seconds (tests/test_benchmarks.py does). SQLAlchemy comes with the ``b
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
@@ -60,6 +59,7 @@ from typing import Any
 
 import asyncpg
 import bcrypt
+from _args import server_parser
 from bench_storage import bench_database
 
 from chatkeep import ChatKeep, urls
@@ -417,21 +417,7 @@ def _ratio(values: list[float]) -> str:
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"),
-        help="a superuser URL of the server; the benchmark uses its own database there",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/3"),
-        help="a Redis logical database of the benchmark's own (it is flushed)",
-    )
-    parser.add_argument(
-        "--database-name", default=BENCH_DB, help="the benchmark's own database on the server"
-    )
-    parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
+    parser = server_parser(__doc__, database_name=BENCH_DB, redis_db=3)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument(
         "--pool-size", type=int, default=None, help="connections per side (min(tasks, 20))"

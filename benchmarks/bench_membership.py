@@ -30,10 +30,8 @@ measures for a fraction of a second with few tasks, so a test or CI can run it i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import asyncpg
 import bcrypt
+from _args import server_parser
 from bench_members import database, drop_database
 
 from chatkeep import ChatKeep, urls
@@ -142,21 +141,7 @@ async def rate(
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"),
-        help="a superuser URL of the server; the benchmark uses its own database there",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14"),
-        help="a Redis logical database of the benchmark's own (it is flushed)",
-    )
-    parser.add_argument(
-        "--database-name", default=BENCH_DB, help="the benchmark's own database on the server"
-    )
-    parser.add_argument("--app-password", default=None, help="chatapp_app's password, if any")
+    parser = server_parser(__doc__, database_name=BENCH_DB, redis_db=14)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--rooms", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")

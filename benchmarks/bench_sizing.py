@@ -63,6 +63,7 @@ from pathlib import Path
 
 import asyncpg
 import bcrypt
+from _args import server_parser
 from bench_cluster_pubsub import Node, _cluster_nodes, run_mode
 from bench_facade import (
     FULL,
@@ -661,18 +662,7 @@ async def run(args: argparse.Namespace, cluster_url: str | None, single_url: str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres"),
-        help="a superuser URL of the server; the benchmark uses its own database there",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/7"),
-        help="a Redis logical database of the benchmark's own (it is flushed)",
-    )
-    parser.add_argument("--database-name", default=BENCH_DB)
+    parser = server_parser(__doc__, database_name=BENCH_DB, redis_db=7, app_password=False)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=3.0, help="per operation and round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from chatkeep import (
     CreateUserDto,
     InvalidInput,
     Room,
+    SearchHit,
     SearchPage,
     Settings,
     User,
@@ -115,6 +116,31 @@ async def test_finds_matching_messages_newest_first_with_snippets(
     assert [h.id for h in (await chat.search(world.alice.id, "report -late")).items] == [b.id]
     found = await chat.search(world.alice.id, "lunch or late")
     assert len(found.items) == 2
+
+
+async def test_hits_carry_their_thread_root(chat: ChatKeep, world: World) -> None:
+    """A reply found by search names its thread's root (so a client can open the thread);
+    a root, or a message outside any thread, carries ``None``. Both orders."""
+    root = await chat.send_message(world.general.id, world.alice.id, "the otter thread")
+    reply = await chat.send_message(
+        world.general.id, world.bob.id, "an otter reply", reply_to=root.id
+    )
+    # A reply to a reply belongs to the root's thread (threads are one level deep).
+    nested = await chat.send_message(
+        world.general.id, world.alice.id, "otter again", reply_to=reply.id
+    )
+    for order in ("newest", "rank"):
+        page = await chat.search(world.bob.id, "otter", order=order)
+        found = {h.id: h.reply_to for h in page.items}
+        assert found == {root.id: None, reply.id: root.id, nested.id: root.id}
+
+
+async def test_hits_carry_every_field_of_their_model(chat: ChatKeep, world: World) -> None:
+    """The search statement names every field of ``SearchHit``: a field it left out would
+    silently read as its default (``reply_to`` did, before it was selected)."""
+    await chat.send_message(world.general.id, world.alice.id, "every field of a walrus")
+    (hit,) = (await chat.search(world.alice.id, "walrus", order="rank")).items
+    assert set(vars(hit)) == {f.name for f in fields(SearchHit)}
 
 
 async def test_snippet_markers_in_the_content_are_never_taken_for_matches(

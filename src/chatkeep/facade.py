@@ -110,6 +110,7 @@ from chatkeep.realtime import (
     MessageCreated,
     MessageDeleted,
     MessageEdited,
+    MessageRoomCache,
     MessagesRead,
     OfflineUser,
     Presence,
@@ -565,7 +566,10 @@ class ChatKeep:
         self.search_index = SearchRepository(db)
         self.reactions = ReactionRepository(db)
         self.change_log = ChangeRepository(db)
-        self.threads = ThreadRepository(db)
+        # Citus: the rooms of message ids, so a thread call reads one shard, not all
+        # (ThreadRepository.root_of); plain PostgreSQL finds a message by its key anyway.
+        self.message_rooms = MessageRoomCache(redis, timeout=db.settings.redis_best_effort_timeout)
+        self.threads = ThreadRepository(db, hints=self.message_rooms if db.settings.citus else None)
         self.sessions = SessionStore(redis)
         self.tokens = RefreshTokenStore(redis)
         self.sockets = SocketRegistry(redis, node_id=self.node_id)
@@ -1325,6 +1329,14 @@ class ChatKeep:
         if events:
             async with self._best_effort("send_message's publish"):
                 await self._publish(*events)
+        if self.db.settings.citus:
+            # The send knows each message's room: remember it for the thread calls that
+            # will name the message by its id alone (a hint, so never raises).
+            await self.message_rooms.remember_many(
+                (result[0].id, result[0].room_id)
+                for _, result in answers
+                if not isinstance(result, ChatkeepError)
+            )
         for pending, result in answers:
             pending.answer(result)
 

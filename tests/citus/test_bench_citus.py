@@ -10,7 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_benchmark_runs_in_its_tiny_mode(citus_coordinator: str, admin_url: str) -> None:
+def test_the_benchmark_runs_in_its_tiny_mode(
+    citus_coordinator: str, admin_url: str, redis_url: str
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(
         [
@@ -24,6 +26,8 @@ def test_the_benchmark_runs_in_its_tiny_mode(citus_coordinator: str, admin_url: 
             citus_coordinator,
             "--database-name",
             f"chatkeep_h8_bench_citus_t{os.getpid()}",
+            "--redis-url",
+            redis_url,
         ],
         capture_output=True,
         text=True,
@@ -36,3 +40,4 @@ def test_the_benchmark_runs_in_its_tiny_mode(citus_coordinator: str, admin_url: 
     assert "single node:" in done.stdout
     assert "ratio citus/single node: sends " in done.stdout
     assert " thread pages " in done.stdout  # threads on Citus (migration 023)
+    assert " with the room cache" in done.stdout  # the message-room cache (issue 17)

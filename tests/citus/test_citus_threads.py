@@ -350,9 +350,10 @@ async def test_search_finds_replies_in_the_users_rooms_only(chat: ChatKeep, worl
     await chat.send_message(w.secret.id, w.carol, "a secret narwhal")
     found = await chat.search(w.dave, "narwhal ice")
     assert [h.id for h in found.items] == [reply.id]
+    assert found.items[0].reply_to == root.id  # issue 14: a hit names its thread
     assert {h.room_id for h in (await chat.search(w.bob, "narwhal")).items} == {w.general.id}
     in_room = await chat.search(w.dave, "narwhal", room_id=w.general.id, order="rank")
-    assert {h.id for h in in_room.items} == {root.id, reply.id}
+    assert {h.id: h.reply_to for h in in_room.items} == {root.id: None, reply.id: root.id}
     assert (await chat.search(w.dave, "narwhal", room_id=w.secret.id)).items == ()
 
 

@@ -191,6 +191,7 @@ async def test_definer_functions_are_locked_down(conn: asyncpg.Connection) -> No
         "chatkeep_relay_changes",
         "chatkeep_room_is_empty",
         "chatkeep_search_messages",
+        "chatkeep_sent_mentions",
         "chatkeep_thread_follower_room",
         "chatkeep_thread_root",
         "chatkeep_unread",

@@ -86,8 +86,9 @@ def test_shipped_migrations_load_in_order_with_up_and_down() -> None:
     migrations = load_migrations()
     assert [m.label for m in migrations[:7]] == FOUNDATION
     versions = [m.version for m in migrations]
-    assert versions == sorted(set(versions))
-    assert versions[:16] == list(range(1, 17))
+    # Numbered in order with no gap but one: 019 was assigned to work that needed no
+    # migration in the end (the runner orders by number; a gap changes nothing).
+    assert versions == [v for v in range(1, versions[-1] + 1) if v != 19]
     # 016 builds its search index concurrently, which no transaction may hold; so does
     # 021 (the collapsed view's roots index).
     assert [m.version for m in migrations if not m.transactional] == [16, 21]

@@ -43,6 +43,7 @@ __all__ = [
     "CacheStats",
     "JsonSerializer",
     "Loader",
+    "MessageRoomCache",
     "ReadThroughCache",
     "RoomMembersCache",
     "Serializer",
@@ -795,3 +796,91 @@ class UserProfileCache(ReadThroughCache[T]):
         super().__init__(
             client, "user", loader=loader, serializer=serializer, ttl=ttl, negative_ttl=negative_ttl
         )
+
+
+class MessageRoomCache(_RedisCache):
+    """The room of a message id (``cache:message_room:{messageId}``), a hint for Citus.
+
+    On Citus a call that names a message by its id alone (a thread) must first find the
+    message's room, and a look-up without the room reads every shard.
+    The thread repository (storage, ``RoomHints``) asks this cache first and checks
+    what it says by a single-shard statement under row security, so an entry grants
+    nothing: a stale or forged one costs a look-up and the answer is the database's. A
+    message never changes room, so nothing is invalidated: entries just age out.
+
+    Filled by the send (which knows the room) and by a look-up that had to read every
+    shard. Never raises: with Redis down :meth:`room_of` answers ``None`` and
+    :meth:`remember` forgets (logged once per outage, counted in :attr:`stats`).
+
+    Args:
+        client: the shared Redis connection.
+        ttl: how long an entry is kept (default one day).
+        timeout: seconds a call may wait for Redis (default: the client's operation
+            timeout); the caller is holding a transaction open meanwhile.
+    """
+
+    def __init__(
+        self, client: RedisClient, *, ttl: float = 86400.0, timeout: float | None = None
+    ) -> None:
+        super().__init__(client, "message_room", id_field="message_id")
+        self._ttl_ms = max(1, round(seconds(ttl, "ttl", maximum=30 * 86400.0) * 1000))
+        self._timeout = None if timeout is None else seconds(timeout, "timeout", maximum=60.0)
+
+    async def room_of(self, message_id: UUID) -> UUID | None:
+        """The room remembered for ``message_id``, or ``None`` (unknown, or Redis down).
+
+        Raises:
+            InvalidInput: ``message_id`` is not a UUID.
+        """
+        key = self.key(message_id)
+        try:
+            with self._client.guard("cache.message_room", timeout=self._timeout):
+                found = await self._client.redis.get(key)
+        except ChatkeepError as exc:
+            self._failed("get", exc)
+            return None
+        self._recovered()
+        if found is None:
+            self.stats.misses += 1
+            return None
+        try:
+            room = UUID(found.decode() if isinstance(found, bytes) else str(found))
+        except (ValueError, UnicodeDecodeError):
+            self.stats.misses += 1  # not ours: the next look-up overwrites it
+            return None
+        self.stats.hits += 1
+        return room
+
+    async def remember(self, room_id: UUID, *message_ids: UUID) -> None:
+        """Remember that ``message_ids`` are messages of ``room_id`` (one pipeline).
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+        """
+        await self.remember_many((message_id, room_id) for message_id in message_ids)
+
+    async def remember_many(self, pairs: Iterable[tuple[UUID, UUID]]) -> None:
+        """Remember each ``(message_id, room_id)`` pair, all in one pipeline.
+
+        Raises:
+            InvalidInput: an id is not a UUID.
+        """
+        entries: list[tuple[str, str]] = []
+        for message_id, room_id in pairs:
+            if not isinstance(room_id, UUID):
+                raise InvalidInput("room_id", "must be a UUID")
+            entries.append((self.key(message_id), str(room_id)))
+        if not entries:
+            return
+        try:
+            with self._client.guard("cache.message_room", timeout=self._timeout):
+                # One SET per key: in cluster mode the keys live in different slots.
+                pipe = self._client.pipeline()
+                for key, value in entries:
+                    pipe.set(key, value, px=self._ttl_ms)
+                await pipe.execute()
+        except ChatkeepError as exc:
+            self._failed("fill", exc)
+            return
+        self._recovered()
+        self.stats.fills += len(entries)

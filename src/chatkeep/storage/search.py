@@ -53,9 +53,12 @@ _HEADLINE_OPTIONS: Final = (
 
 # The function's page (one more row than asked, to know whether another page follows),
 # read back through messages' row security. The snippet is made here, for the page only.
+# Every field of SearchHit is named: one left out would read as its default (reply_to was,
+# until issue 14). reply_to comes from here, not from the function, which returns only
+# ids and sort keys: what the user sees of a message stays row security's to decide.
 SEARCH: Final = """
 SELECT m.id, m.room_id, m.user_id, m.seq, m.client_msg_id, m.content, m.type, m.is_edited,
-       m.edited_at, m.created_at, s.rank,
+       m.edited_at, m.created_at, m.reply_to, s.rank,
        ts_headline($1::regconfig, translate(m.content, $12, ''),
                    websearch_to_tsquery($1::regconfig, $2), $13) AS snippet
   FROM chatkeep_search_messages($1::regconfig, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) AS s

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from chatkeep.errors import InvalidInput
 from chatkeep.models import (
@@ -41,7 +41,13 @@ from chatkeep.storage.messages import (
     encode_cursor,
 )
 
-__all__ = ["DEFAULT_LIST_SIZE", "MAX_LIST_SIZE", "UNREAD_CAP", "ThreadRepository"]
+__all__ = [
+    "DEFAULT_LIST_SIZE",
+    "MAX_LIST_SIZE",
+    "UNREAD_CAP",
+    "RoomHints",
+    "ThreadRepository",
+]
 
 #: A followed thread's ``unread`` counts at most this many replies ("99+" on a badge).
 UNREAD_CAP: Final = 100
@@ -52,6 +58,15 @@ MAX_LIST_SIZE: Final = 200
 # security: a message the user cannot see (or a deleted one) is not found.
 ROOT_OF: Final = """
 SELECT coalesce(m.reply_to, m.id) AS root_id, m.room_id FROM messages m WHERE m.id = $1
+"""
+
+# Citus: ROOT_OF names no room, so Citus reads every shard of messages (32 by default) to
+# find the one row. Given the room (a hint, RoomHints), the same look-up names it: one
+# shard, the (room_id, id) key. Still through row security: a hint that is wrong, or a
+# message the user cannot see, finds no row, and root_of then asks ROOT_OF as before.
+ROOT_OF_IN_ROOM: Final = """
+SELECT coalesce(m.reply_to, m.id) AS root_id, m.room_id FROM messages m
+WHERE m.room_id = $1 AND m.id = $2
 """
 
 
@@ -497,23 +512,63 @@ def _only_self(as_user: uuid.UUID, user: uuid.UUID) -> None:
         raise InvalidInput("as_user", "a user marks and follows only their own threads")
 
 
-class ThreadRepository:
-    """A member's view of threads and mentions (call it acting as the member)."""
+class RoomHints(Protocol):
+    """Where a message id's room may be remembered (Citus: ``MessageRoomCache``).
 
-    def __init__(self, db: Database) -> None:
+    A hint only: :meth:`ThreadRepository.root_of` checks it with a statement under row
+    security, so a wrong or stale hint costs a look-up, never an answer. Neither method
+    raises (a store that is down answers ``None`` and forgets).
+    """
+
+    async def room_of(self, message_id: uuid.UUID) -> uuid.UUID | None:
+        """The room remembered for the message, or ``None``."""
+        ...
+
+    async def remember(self, room_id: uuid.UUID, *message_ids: uuid.UUID) -> None:
+        """Remember that the messages are in the room (a message never changes room)."""
+        ...
+
+
+class ThreadRepository:
+    """A member's view of threads and mentions (call it acting as the member).
+
+    Args:
+        db: the database.
+        hints: on Citus, where message ids' rooms are remembered, so that a thread call
+            reads one shard instead of all of them (:meth:`root_of`). Ignored on plain
+            PostgreSQL, where the look-up by the primary key is one index probe already.
+    """
+
+    def __init__(self, db: Database, *, hints: RoomHints | None = None) -> None:
         self.db = db
+        self.hints = hints
 
     async def root_of(self, message_id: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
         """The thread root a message id names (itself, or its root) and its room.
+
+        On Citus with :attr:`hints`: a remembered room is checked by one single-shard
+        look-up (ROOT_OF_IN_ROOM, under row security); without one, or when that finds
+        nothing, the look-up of every shard (ROOT_OF) answers, and the room it finds is
+        remembered. Either way the answer is the database's, never the hint's.
 
         Raises:
             NotFound: no such message, a deleted one, or one the user cannot see.
         """
         key = check_id("root_message_id", message_id)
+        hints = self.hints if self.db.settings.citus else None
+        if hints is not None:
+            room = await hints.room_of(key)
+            if room is not None:
+                row = await self.db.fetchrow("threads.root_in_room", ROOT_OF_IN_ROOM, room, key)
+                if row is not None:
+                    return row["root_id"], row["room_id"]
         row = await self.db.fetchrow("threads.root_of", ROOT_OF, key)
         if row is None:
             raise not_found("message", key)
-        return row["root_id"], row["room_id"]
+        root, room = row["root_id"], row["room_id"]
+        if hints is not None:
+            await hints.remember(room, *((key,) if key == root else (key, root)))
+        return root, room
 
     async def _last_reply(self, key: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID, int]:
         # Citus: the thread's root, its room and its last reply seq (0 with no replies),
@@ -769,7 +824,8 @@ class ThreadRepository:
         One statement (``chatkeep_badges``), for the acting user, who must be
         ``user_id``. Empty for a user in no room (or no such user). ``as_user`` (it must
         be ``user_id``): as that user in one round trip, outside any transaction
-        (``chatkeep_unread``, migration 020).
+        (``chatkeep_unread``, migration 020; on Citus, which has no 020, in a transaction
+        acting as the user).
 
         Raises:
             InvalidInput: a bad id, or ``as_user`` is someone else.
@@ -779,7 +835,13 @@ class ThreadRepository:
         if as_user is not None:
             if check_id("as_user", as_user) != user:
                 raise InvalidInput("as_user", "a user reads only their own badges")
-            rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
+            if self.db.settings.citus:
+                # No chatkeep_unread on Citus (020 is plain-only): 023's chatkeep_badges,
+                # in a transaction acting as the user.
+                async with self.db.acting_as(user, "threads.badges"):
+                    rows = await self.db.fetch("threads.badges", BADGES, user)
+            else:
+                rows = await self.db.fetch_as(user, "threads.badges", BADGES_AS)
         else:
             rows = await self.db.fetch("threads.badges", BADGES, user)
         return {row["room_id"]: RoomBadges._from_row(row) for row in rows}
