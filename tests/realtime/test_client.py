@@ -18,6 +18,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from chatkeep.config import Settings
 from chatkeep.errors import ChatkeepError, ConfigurationError, InvalidInput, Unavailable
 from chatkeep.realtime import RedisClient
+from chatkeep.realtime.client import _driver_faults_as_connection_errors
 from tests.realtime.conftest import ClientFactory
 
 MARKER = b"chk-marker"
@@ -180,3 +181,22 @@ async def test_client_is_an_async_context_manager(redis_url: str) -> None:
         assert await made.ping() >= 0
     with pytest.raises(Unavailable):
         await made.subscribe("x")
+
+
+async def test_a_fault_inside_redis_py_is_a_lost_connection() -> None:
+    # The cluster client's state when a master is killed under a pipeline: a connection
+    # whose socket is gone ('NoneType' object has no attribute 'writelines'). Its commands
+    # did not complete, as with a dropped socket: a ConnectionError, which the guard turns
+    # into Unavailable, never a raw AttributeError for the caller.
+    closed = Connection()
+    with pytest.raises(rex.ConnectionError, match="writelines") as caught:
+        await _driver_faults_as_connection_errors(
+            lambda: closed._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+        )
+    assert isinstance(caught.value.__cause__, AttributeError)
+
+    async def ours() -> None:
+        raise AttributeError("a bug of chatkeep's own stays a bug")
+
+    with pytest.raises(AttributeError, match="own stays"):
+        await _driver_faults_as_connection_errors(ours)

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+import traceback
 from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -162,13 +164,13 @@ class _RedisCluster(aioredis.RedisCluster):
 
     async def _with_permit(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         if _HOLDS_PERMIT.get():
-            return await work()
+            return await _driver_faults_as_connection_errors(work)
         async with self._permits:
             token = _HOLDS_PERMIT.set(True)
             try:
                 if self._initialize:
                     await self.initialize()
-                return await work()
+                return await _driver_faults_as_connection_errors(work)
             finally:
                 _HOLDS_PERMIT.reset(token)
 
@@ -183,6 +185,35 @@ class _RedisCluster(aioredis.RedisCluster):
         if shard_hint:
             raise rex.RedisClusterException("shard_hint is deprecated in cluster mode")
         return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+_REDIS_PACKAGE: Final = os.path.dirname(os.path.abspath(rex.__file__)) + os.sep
+
+
+def _raised_in_redis(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by redis-py's own code (its innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_REDIS_PACKAGE)
+
+
+async def _driver_faults_as_connection_errors(
+    work: Callable[[], Coroutine[Any, Any, Any]],
+) -> Any:
+    """Run ``work``, taking an AttributeError or TypeError inside redis-py as a lost link.
+
+    redis-py's cluster client can trip over its own state while a node fails or the slot
+    map changes: a connection closed under a pipeline (``'NoneType' object has no
+    attribute 'writelines'``, seen when a master was killed during a send load) or a slot
+    whose node is momentarily unknown (redis-py#3835). The command did not complete, just
+    as if the socket had dropped, so the caller gets the ConnectionError the guard turns
+    into ``Unavailable``; the same errors raised by chatkeep's own code stay bugs.
+    """
+    try:
+        return await work()
+    except (AttributeError, TypeError) as exc:
+        if not _raised_in_redis(exc):
+            raise
+        raise rex.ConnectionError(f"redis-py lost its connection mid-command: {exc}") from exc
 
 
 class _ClusterPipeline(ClusterPipeline):
