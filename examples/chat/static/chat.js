@@ -16,6 +16,7 @@ const state = {
   current: null, // the open room's id
   messages: new Map(), // the open room's shown messages: id -> message
   olderCursor: null,
+  olderLoads: 0, // pages loaded by loadOlder in the open room (a resync must not undo them)
   members: new Map(), // the open room's members: id -> {username, online}
   typing: new Map(), // user id -> timer that forgets them
   editing: null, // the id of the message being edited
@@ -174,6 +175,7 @@ async function openRoom(id) {
   sessionStorage.setItem("chatkeep.room", id);
   state.messages = new Map();
   state.olderCursor = null;
+  state.olderLoads = 0;
   state.typing.clear();
   cancelEdit();
   const entry = state.rooms.get(id);
@@ -320,14 +322,18 @@ async function resync() {
   const roomId = state.current;
   if (!roomId) return;
   const seqs = [...state.messages.values()].map((m) => m.seq);
+  const olderLoads = state.olderLoads;
   const fresh = new Map();
   let readUpTo = 0;
+  let readFrom = Infinity;
   if (seqs.length === 0) {
     const page = await api("GET", `/rooms/${roomId}/messages?limit=${PAGE}`);
     if (roomId !== state.current) return;
     for (const message of page.items) fresh.set(message.id, message);
-    state.olderCursor = page.before;
+    // An older page loaded while this one was on its way set the cursor further back.
+    if (state.olderLoads === olderLoads) state.olderCursor = page.before;
     readUpTo = Math.max(0, ...page.items.map((m) => m.seq));
+    readFrom = Math.min(readUpTo, ...page.items.map((m) => m.seq));
   } else {
     let path = `/rooms/${roomId}/messages?limit=200&after_seq=${Math.min(...seqs) - 1}`;
     for (;;) {
@@ -339,8 +345,12 @@ async function resync() {
       path = `/rooms/${roomId}/messages?limit=200&cursor=${encodeURIComponent(page.after)}`;
     }
   }
+  readFrom = Math.min(readFrom, ...seqs);
   for (const [id, message] of state.messages) {
-    if (message.seq > readUpTo && !fresh.has(id)) fresh.set(id, message);
+    // Kept: what arrived on the socket meanwhile, and older pages loaded meanwhile.
+    if ((message.seq > readUpTo || message.seq < readFrom) && !fresh.has(id)) {
+      fresh.set(id, message);
+    }
   }
   const entry = state.rooms.get(roomId);
   entry.lastSeq = Math.max(entry.lastSeq, readUpTo);
@@ -362,6 +372,7 @@ async function loadOlder() {
   if (roomId !== state.current) return;
   for (const message of page.items) state.messages.set(message.id, message);
   state.olderCursor = page.before;
+  state.olderLoads += 1;
   renderMessages();
   scroller.scrollTop = scroller.scrollHeight - before; // keep the reader's place
 }
