@@ -28,6 +28,7 @@ from chatkeep import (
     Settings,
 )
 from chatkeep.ids import uuid7
+from chatkeep.realtime import MessageCreated
 from chatkeep.storage.threads import (
     COLLAPSED_AROUND_CITUS,
     COLLAPSED_BEFORE_CITUS,
@@ -43,6 +44,7 @@ from chatkeep.storage.threads import (
     THREAD_BEFORE,
 )
 from chatkeep.testing import url_as
+from tests.test_facade import expect
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -423,3 +425,29 @@ async def test_the_cross_room_thread_reads_fan_out(
         # merged on the coordinator (the last task).
         assert f"Task Count: {shards}" in counts, (flow, plan)
     assert "Distributed Subplan" in plans["mentions"], plans["mentions"]
+
+
+async def test_mention_notices_on_events_and_changes(chat: ChatKeep, world: World) -> None:
+    # 023 keeps the mentions on Citus: the live message events and the room's changes say
+    # who a message mentions (members only), as on PostgreSQL (tests/test_facade_feed.py).
+    w = world
+    room = w.general.id
+    start = await chat.room_position(room, w.bob)
+    sub = await chat.subscribe(room)
+    await chat.send_message(room, w.alice, f"@{w.names[w.bob]} and @{w.names[w.carol]}: see @room")
+    await chat.send_message(room, w.bob, f"@room is an owner's word, @{w.names[w.dave]}")
+    await chat.send_message(room, w.dave, "nobody named here")
+    live = [await expect(sub, MessageCreated) for _ in range(3)]
+    await sub.aclose()
+    assert [(e.mentions, e.mentions_room) for e in live] == [
+        ((w.bob,), True),  # carol is no member of general: never named
+        ((w.dave,), False),
+        ((), False),
+    ]
+    page = await chat.changes(room, w.dave, after=start)
+    created = [c for c in page.items if c.kind == "message.created"]
+    assert [(c.data["mentions"], c.data["mentions_room"]) for c in created] == [
+        ((w.bob,), True),
+        ((w.dave,), False),
+        ((), False),
+    ]

@@ -33,7 +33,7 @@ _MESSAGE_KINDS: Final = frozenset({"message.created", "message.edited"})
 # are joined as they are now (the log keeps no content): created/edited changes of a
 # message deleted since come back without it and are dropped by the caller, as the
 # message's tombstone follows them. {data} is the change's data, with the message's
-# mentions (migration 021; not on Citus, where mentions are not kept).
+# mentions (migration 021; on Citus 023 keeps them by room, read on the room's shard).
 _CHANGES: Final = """
 SELECT h.head, h.oldest,
        c.position, c.kind, c.occurred_at, c.actor_id, c.message_id, c.seq, {data} AS data,
@@ -66,13 +66,22 @@ _MENTIONS_DATA: Final = """CASE WHEN strpos(m.content, '@') > 0 THEN c.data || c
                FROM message_mentions mm WHERE mm.message_id = m.id HAVING count(*) > 0),
             '{}') ELSE c.data END"""
 CHANGES: Final = _CHANGES.format(data=_MENTIONS_DATA)
-CHANGES_CITUS: Final = _CHANGES.format(data="c.data")
+# On Citus the mentions name the room too, so the whole read stays on the room's shard.
+CHANGES_CITUS: Final = _CHANGES.format(
+    data=_MENTIONS_DATA.replace("WHERE mm.message_id", "WHERE mm.room_id = $1 AND mm.message_id")
+)
 POSITION: Final = "SELECT position FROM rooms WHERE id = $1"
 # The outbox relay's system read of every room's log (012, with reply_to and the mentions
 # since 021): refused acting as a user.
 RELAY_CHANGES: Final = "SELECT * FROM chatkeep_relay_changes($1, $2)"
 # The mentions of messages just sent, each read as its author (021).
 SENT_MENTIONS: Final = "SELECT * FROM chatkeep_sent_mentions($1::uuid[], $2::uuid[])"
+# On Citus (no 021 there): an author's messages' mention rows, read in a transaction acting
+# as the author, so row security shows them only while the author is a member (023's
+# policies); a NULL user_id is a mention of the room.
+SENT_MENTIONS_CITUS: Final = (
+    "SELECT message_id, user_id FROM message_mentions WHERE message_id = ANY($1::uuid[])"
+)
 # The same as a user in one round trip (migration 013's flow functions).
 CHANGES_AS: Final = "SELECT * FROM chatkeep_changes($1, $2, $3, $4)"
 POSITION_AS: Final = "SELECT chatkeep_room_position($1, $2)"
@@ -191,6 +200,11 @@ class ChangeRepository:
         if as_user is None:
             statement = CHANGES_CITUS if self.db.settings.citus else CHANGES
             rows = await self.db.fetch("changes.after", statement, room, start, size)
+        elif self.db.settings.citus:
+            # 013's function on Citus predates the mentions (021 is plain-only): the
+            # statement, with them, in a transaction acting as the user.
+            async with self.db.acting_as(check_id("as_user", as_user), "changes.after"):
+                rows = await self.db.fetch("changes.after", CHANGES_CITUS, room, start, size)
         else:
             rows = await self.db.fetch_as(
                 check_id("as_user", as_user), "changes.after", CHANGES_AS, room, start, size
@@ -260,8 +274,8 @@ class ChangeRepository:
 
         ``sent`` holds ``(message_id, author_id)`` pairs; each message is read only as its
         author, who must still be a member of its room. Returns, per message that
-        mentions anyone, the mentioned members (sorted) and whether it mentions the room;
-        on Citus (no mentions kept) nothing.
+        mentions anyone, the mentioned members (sorted) and whether it mentions the room
+        (on Citus, read in a transaction acting as each author).
 
         Raises:
             InvalidInput: ``sent`` is not a list or tuple of pairs (at most 1000), or holds
@@ -277,13 +291,34 @@ class ChangeRepository:
             raise InvalidInput("sent", f"at most {MAX_CHANGES_LIMIT} messages")
         ids = [check_id("message_id", m) for m, _ in sent]
         authors = [check_id("author_id", a) for _, a in sent]
-        if self.db.settings.citus or not sent:
+        if not sent:
             return {}
+        if self.db.settings.citus:
+            return await self._sent_mentions_citus(ids, authors)
         rows = await self.db.fetch("changes.sent_mentions", SENT_MENTIONS, ids, authors)
         return {
             row["message_id"]: (tuple(sorted(row["mentions"])), bool(row["mentions_room"]))
             for row in rows
         }
+
+    async def _sent_mentions_citus(
+        self, ids: list[uuid.UUID], authors: list[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[tuple[uuid.UUID, ...], bool]]:
+        by_author: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for message, author in zip(ids, authors, strict=True):
+            by_author.setdefault(author, []).append(message)
+        users: dict[uuid.UUID, list[uuid.UUID]] = {}
+        room_wide: set[uuid.UUID] = set()
+        for author, messages in by_author.items():
+            async with self.db.acting_as(author, "changes.sent_mentions"):
+                rows = await self.db.fetch("changes.sent_mentions", SENT_MENTIONS_CITUS, messages)
+            for row in rows:
+                users.setdefault(row["message_id"], [])
+                if row["user_id"] is None:
+                    room_wide.add(row["message_id"])
+                else:
+                    users[row["message_id"]].append(row["user_id"])
+        return {m: (tuple(sorted(found)), m in room_wide) for m, found in users.items()}
 
     async def position(self, room_id: uuid.UUID, *, as_user: uuid.UUID | None = None) -> int:
         """The room's current position (0 for a room that never changed).
