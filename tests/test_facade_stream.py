@@ -219,7 +219,10 @@ async def writer(chat: ChatKeep, setup: Setup, me: uuid.UUID, ops: int, seed: in
 
 async def reader_client(chat: ChatKeep, client: Client, stop: asyncio.Event, seed: int) -> None:
     rng = random.Random(seed)
-    while not stop.is_set():
+    # At least one reconnect each, even when the writers finish before a reader's first
+    # session ends (a loaded machine's slow first subscribe, or fast group commits: CI saw
+    # a reader with one session): what it missed offline is then caught up on reconnect.
+    while not stop.is_set() or client.sessions < 2:
         await client.session(chat, rng.uniform(0.02, 0.3))
         await asyncio.sleep(rng.uniform(0, 0.1))  # offline for a moment
 
